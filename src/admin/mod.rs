@@ -1,0 +1,201 @@
+//! The admin listener (`PREAUTH_ADMIN_ADDR`, loopback by default). Endpoints:
+//!
+//! | method | path | auth |
+//! |---|---|---|
+//! | GET | `/healthz` | none — the process is up |
+//! | GET | `/readyz` | none — 503 until started, while the state store fails, and during shutdown |
+//! | GET | `/metrics` | none — Prometheus text |
+//! | GET | `/api/v1/enforcement/runtime` | bearer `ADMIN_API_KEY` |
+//! | PATCH | `/api/v1/enforcement/runtime` | bearer — applies at once, bumps `policy_version`, `reason` required |
+//!
+//! Without `ADMIN_API_KEY` every authenticated route answers 403 `admin_disabled`: mutating
+//! routes are off unless configured.
+//!
+//! Owns: `AdminApp`. Imports: state, store traits, telemetry, `admin::runtime`.
+
+pub mod runtime;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+
+use crate::state::AppState;
+use crate::telemetry::audit;
+
+/// Largest admin request body accepted.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+pub struct AdminApp {
+    state: Arc<AppState>,
+}
+
+impl AdminApp {
+    pub fn new(state: Arc<AppState>) -> AdminApp {
+        AdminApp { state }
+    }
+}
+
+fn json_response(status: u16, v: &Value) -> Response<Vec<u8>> {
+    let body = serde_json::to_vec(v).expect("JSON value serialises");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("cache-control", "no-store")
+        .header("content-length", body.len())
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+fn admin_error(status: u16, code: &str, message: &str) -> Response<Vec<u8>> {
+    json_response(status, &json!({"error": {"message": message, "type": "admin_error", "code": code}}))
+}
+
+/// Constant-time equality of two byte strings (length may leak, content does not).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_body(s: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+    let mut body = Vec::new();
+    loop {
+        match s.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(admin_error(413, "request_too_large", "Admin request bodies are limited to 64 KiB."));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(_) => return Err(admin_error(400, "invalid_request", "Could not read the request body.")),
+        }
+    }
+}
+
+impl AdminApp {
+    fn authorize(&self, s: &ServerSession) -> Result<(), Response<Vec<u8>>> {
+        let Some(key) = &self.state.config.admin_api_key else {
+            return Err(admin_error(
+                403,
+                "admin_disabled",
+                "The admin API is disabled: set ADMIN_API_KEY to enable it.",
+            ));
+        };
+        let given = s
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        if ct_eq(given.as_bytes(), key.expose().as_bytes()) {
+            Ok(())
+        } else {
+            Err(admin_error(
+                401,
+                "unauthorized",
+                "Missing or wrong admin key: send Authorization: Bearer $ADMIN_API_KEY.",
+            ))
+        }
+    }
+
+    async fn patch_runtime(&self, s: &mut ServerSession) -> Response<Vec<u8>> {
+        let body = match read_body(s).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let Ok(Value::Object(mut patch)) = serde_json::from_slice::<Value>(&body) else {
+            return admin_error(
+                400,
+                "invalid_request",
+                "Body must be a JSON object of runtime settings plus `reason`.",
+            );
+        };
+        let reason = match patch.remove("reason") {
+            Some(Value::String(r)) if !r.trim().is_empty() && r.len() <= 1000 => r,
+            _ => {
+                return admin_error(
+                    400,
+                    "invalid_request",
+                    "`reason` is required: say why this change is made (it is logged and kept with the change).",
+                )
+            }
+        };
+        if patch.is_empty() {
+            return admin_error(400, "invalid_request", "No setting to change: name at least one runtime setting.");
+        }
+        let mut probe = (*self.state.policy.current()).clone();
+        if let Err(e) = runtime::apply_patch(&mut probe, &patch) {
+            return admin_error(400, "invalid_request", &e);
+        }
+        let changes = Value::Object(patch.clone()).to_string();
+        let applied = self
+            .state
+            .policy
+            .update(Box::new(move |p| {
+                runtime::apply_patch(p, &patch).expect("patch validated above");
+            }))
+            .await;
+        match applied {
+            Ok(p) => {
+                let m = &self.state.metrics;
+                m.policy_version.set(p.version as i64);
+                m.kill_switch_enabled.set(i64::from(p.kill_switch));
+                audit::runtime_change(p.version, &reason, &changes);
+                json_response(200, &runtime::view(&p))
+            }
+            Err(e) => admin_error(503, "store_unavailable", &format!("The change was not applied: {e}. Retry.")),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, s: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = s.req_header().method.clone();
+        let path = s.req_header().uri.path().to_string();
+        match (method, path.as_str()) {
+            (Method::GET, "/healthz") => json_response(200, &json!({"status": "ok"})),
+            (Method::GET, "/readyz") => {
+                if self.state.is_ready() {
+                    json_response(200, &json!({"status": "ready"}))
+                } else {
+                    json_response(503, &json!({"status": "not_ready"}))
+                }
+            }
+            (Method::GET, "/metrics") => {
+                let body = self.state.metrics.encode();
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .header("content-length", body.len())
+                    .body(body)
+                    .expect("static response parts are valid")
+            }
+            (m, "/api/v1/enforcement/runtime") => {
+                if let Err(r) = self.authorize(s) {
+                    return r;
+                }
+                match m {
+                    Method::GET => json_response(200, &runtime::view(&self.state.policy.current())),
+                    Method::PATCH => self.patch_runtime(s).await,
+                    _ => admin_error(405, "method_not_allowed", "Use GET or PATCH."),
+                }
+            }
+            (_, p) if p.starts_with("/api/") => {
+                if let Err(r) = self.authorize(s) {
+                    return r;
+                }
+                admin_error(404, "not_found", "No such admin route.")
+            }
+            _ => admin_error(404, "not_found", "No such admin route."),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The runtime-policy document of `GET/PATCH /api/v1/enforcement/runtime`: rendering a policy
+//! snapshot and applying a validated patch to one. Pure (no I/O), so every rule is a unit test.
+//!
+//! Owns: `view`, `apply_patch`, `PATCHABLE`. Imports: decide policy types, config parsers.
+
+use serde_json::{json, Map, Value};
+
+use crate::config::parse_source_modes;
+use crate::decide::{Mode, Policy};
+
+/// Fields `PATCH` accepts (besides the required `reason`).
+pub const PATCHABLE: &[&str] = &[
+    "kill_switch",
+    "global_abuse_guards_enabled",
+    "global_abuse_per_minute_cap",
+    "global_abuse_unique_tenants_threshold",
+    "global_abuse_block_seconds",
+    "fair_use_guards_enabled",
+    "fair_use_per_minute_cap",
+    "fair_use_per_tenant_concurrency_cap",
+    "fair_use_concurrency_lease_ttl_seconds",
+    "fair_use_pro_daily_soft_cap",
+    "fair_use_enterprise_daily_soft_cap",
+    "fair_use_tokens_per_minute",
+    "enforcement_mode",
+    "source_modes",
+    "approval_issuance_frozen",
+    "audit_sample_rate",
+];
+
+/// The runtime document for a policy snapshot.
+pub fn view(p: &Policy) -> Value {
+    let sources: Map<String, Value> = p.source_modes.iter().map(|(s, m)| (s.clone(), json!(m.as_str()))).collect();
+    json!({
+        "policy_version": p.version,
+        "kill_switch": p.kill_switch,
+        "global_abuse_guards_enabled": p.global.enabled,
+        "global_abuse_per_minute_cap": p.global.per_minute_cap,
+        "global_abuse_unique_tenants_threshold": p.global.unique_tenants_threshold,
+        "global_abuse_block_seconds": p.global.block_seconds,
+        "fair_use_guards_enabled": p.fair_use.enabled,
+        "fair_use_per_minute_cap": p.fair_use.per_minute_cap,
+        "fair_use_per_tenant_concurrency_cap": p.fair_use.concurrency_cap,
+        "fair_use_concurrency_lease_ttl_seconds": p.fair_use.lease_ttl_seconds,
+        "fair_use_pro_daily_soft_cap": p.fair_use.pro_daily_soft_cap,
+        "fair_use_enterprise_daily_soft_cap": p.fair_use.enterprise_daily_soft_cap,
+        "fair_use_tokens_per_minute": p.fair_use.tokens_per_minute,
+        "enforcement_mode": p.mode.as_str(),
+        "source_modes": sources,
+        "approval_issuance_frozen": p.approval_issuance_frozen,
+        "audit_sample_rate": p.audit_sample_rate,
+    })
+}
+
+fn boolean(v: &Value, k: &str) -> Result<bool, String> {
+    v.as_bool().ok_or_else(|| format!("`{k}` must be true or false"))
+}
+
+fn int_in(v: &Value, k: &str, lo: i64, hi: i64) -> Result<i64, String> {
+    match v.as_i64() {
+        Some(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(format!("`{k}` must be an integer between {lo} and {hi}")),
+    }
+}
+
+/// Validates and applies `patch` (without `reason`) to `p`. Unknown fields are errors.
+pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), String> {
+    for (k, v) in patch {
+        match k.as_str() {
+            "kill_switch" => p.kill_switch = boolean(v, k)?,
+            "global_abuse_guards_enabled" => p.global.enabled = boolean(v, k)?,
+            "global_abuse_per_minute_cap" => p.global.per_minute_cap = int_in(v, k, 1, 100_000)? as u64,
+            "global_abuse_unique_tenants_threshold" => {
+                p.global.unique_tenants_threshold = int_in(v, k, 1, 10_000)? as u64
+            }
+            "global_abuse_block_seconds" => p.global.block_seconds = int_in(v, k, 30, 86_400)? as u64,
+            "fair_use_guards_enabled" => p.fair_use.enabled = boolean(v, k)?,
+            "fair_use_per_minute_cap" => p.fair_use.per_minute_cap = int_in(v, k, i64::MIN, i64::MAX)?,
+            "fair_use_per_tenant_concurrency_cap" => p.fair_use.concurrency_cap = int_in(v, k, i64::MIN, i64::MAX)?,
+            "fair_use_concurrency_lease_ttl_seconds" => p.fair_use.lease_ttl_seconds = int_in(v, k, 1, 86_400)? as u64,
+            "fair_use_pro_daily_soft_cap" => p.fair_use.pro_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?,
+            "fair_use_enterprise_daily_soft_cap" => {
+                p.fair_use.enterprise_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?
+            }
+            "fair_use_tokens_per_minute" => p.fair_use.tokens_per_minute = int_in(v, k, i64::MIN, i64::MAX)?,
+            "enforcement_mode" => {
+                p.mode =
+                    v.as_str().and_then(Mode::parse).ok_or_else(|| format!("`{k}` must be shadow, soft or hard"))?
+            }
+            "source_modes" => {
+                p.source_modes = match v {
+                    Value::String(s) => parse_source_modes(s)?,
+                    Value::Object(m) => {
+                        let joined: Vec<String> =
+                            m.iter().map(|(s, mode)| format!("{s}={}", mode.as_str().unwrap_or("?"))).collect();
+                        parse_source_modes(&joined.join(","))?
+                    }
+                    _ => return Err(format!("`{k}` must be an object like {{\"batch\": \"soft\"}}")),
+                }
+            }
+            "approval_issuance_frozen" => p.approval_issuance_frozen = boolean(v, k)?,
+            "audit_sample_rate" => match v.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => p.audit_sample_rate = r,
+                _ => return Err(format!("`{k}` must be a number between 0 and 1")),
+            },
+            other => {
+                return Err(format!("`{other}` is not a runtime setting (settable: {})", PATCHABLE.join(", ")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn applies_every_field() {
+        let mut p = Policy::for_test();
+        apply_patch(
+            &mut p,
+            &patch(json!({
+                "kill_switch": true, "global_abuse_per_minute_cap": 5, "fair_use_guards_enabled": true,
+                "fair_use_per_minute_cap": 2, "enforcement_mode": "soft", "source_modes": {"batch": "shadow"},
+                "audit_sample_rate": 1.0, "approval_issuance_frozen": true
+            })),
+        )
+        .unwrap();
+        assert!(p.kill_switch && p.fair_use.enabled && p.approval_issuance_frozen);
+        assert_eq!((p.global.per_minute_cap, p.fair_use.per_minute_cap, p.mode), (5, 2, Mode::Soft));
+        assert_eq!(p.source_modes, vec![("batch".to_string(), Mode::Shadow)]);
+        let v = view(&p);
+        assert_eq!(v["source_modes"]["batch"], "shadow");
+        assert_eq!(v["kill_switch"], true);
+    }
+
+    #[test]
+    fn rejects_bad_values_and_unknown_fields() {
+        let mut p = Policy::for_test();
+        for bad in [
+            json!({"kill_switch": "yes"}),
+            json!({"global_abuse_per_minute_cap": 0}),
+            json!({"global_abuse_block_seconds": 5}),
+            json!({"enforcement_mode": "strict"}),
+            json!({"audit_sample_rate": 3}),
+            json!({"nonsense": 1}),
+            json!({"source_modes": {"default": "soft"}}),
+        ] {
+            assert!(apply_patch(&mut p, &patch(bad.clone())).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The inspected LLM routes (CONTRACT §3) and what each requires of a request body.
+//!
+//! Owns: `Route`. Imports: std only.
+
+/// An inspected POST route. `GET /v1/models` is passed through and is not a `Route`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    ChatCompletions,
+    Completions,
+    Responses,
+    Embeddings,
+    /// Anthropic Messages API.
+    Messages,
+}
+
+impl Route {
+    pub const ALL: [Route; 5] =
+        [Route::ChatCompletions, Route::Completions, Route::Responses, Route::Embeddings, Route::Messages];
+
+    pub fn from_path(path: &str) -> Option<Route> {
+        Some(match path {
+            "/v1/chat/completions" => Route::ChatCompletions,
+            "/v1/completions" => Route::Completions,
+            "/v1/responses" => Route::Responses,
+            "/v1/embeddings" => Route::Embeddings,
+            "/v1/messages" => Route::Messages,
+            _ => return None,
+        })
+    }
+
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::ChatCompletions => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Responses => "/v1/responses",
+            Route::Embeddings => "/v1/embeddings",
+            Route::Messages => "/v1/messages",
+        }
+    }
+
+    /// Body fields that must be present (CONTRACT §10), besides `model`.
+    pub fn required_fields(self) -> &'static [&'static str] {
+        match self {
+            Route::ChatCompletions => &["model", "messages"],
+            Route::Completions => &["model", "prompt"],
+            Route::Responses => &["model", "input"],
+            Route::Embeddings => &["model", "input"],
+            Route::Messages => &["model", "messages", "max_tokens"],
+        }
+    }
+
+    /// Routes whose streaming responses only report usage when asked
+    /// (`stream_options.include_usage`).
+    pub fn wants_include_usage(self) -> bool {
+        matches!(self, Route::ChatCompletions | Route::Completions)
+    }
+
+    /// Routes that produce output tokens (embeddings do not).
+    pub fn has_output(self) -> bool {
+        !matches!(self, Route::Embeddings)
+    }
+}

@@ -1,0 +1,198 @@
+use super::*;
+use crate::decide::time::parse_rfc3339;
+
+fn at(s: &str) -> UnixMillis {
+    parse_rfc3339(s).unwrap()
+}
+
+fn facts(tier: Tier) -> Facts<'static> {
+    Facts { tenant: "t1", tier, source: "default", estimated_tokens: 100 }
+}
+
+fn fair_use_policy() -> Policy {
+    let mut p = Policy::for_test();
+    p.fair_use.enabled = true;
+    p.fair_use.per_minute_cap = 3;
+    p.fair_use.concurrency_cap = 2;
+    p
+}
+
+#[test]
+fn clean_request_is_allowed() {
+    let p = Policy::for_test();
+    let d = evaluate(&p, &facts(Tier::Pro), &CountersView::default(), Mode::Hard, at("2026-11-25T10:00:00Z"));
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(d.reason, None);
+    assert_eq!(d.path, DecisionPath::Normal);
+}
+
+#[test]
+fn kill_switch_applies_in_every_mode() {
+    let mut p = Policy::for_test();
+    assert!(kill_switch(&p, Mode::Hard).is_none());
+    p.kill_switch = true;
+    for mode in [Mode::Hard, Mode::Soft, Mode::Shadow] {
+        let d = kill_switch(&p, mode).unwrap();
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert_eq!(d.reason_label(), Some("global_abuse_kill_switch"));
+        assert_eq!(d.retry_after_seconds, Some(60));
+    }
+}
+
+#[test]
+fn global_burst_trips_at_cap_and_threshold() {
+    let mut p = Policy::for_test();
+    p.global.per_minute_cap = 5;
+    p.global.unique_tenants_threshold = 2;
+    p.global.block_seconds = 120;
+    let now = at("2026-11-25T10:00:00Z");
+    let mut v = CountersView::default();
+    v.global.requests_last_minute = 4;
+    v.global.distinct_tenants_last_minute = 3;
+    assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).is_allow(), "5th request is admitted");
+    v.global.requests_last_minute = 5;
+    let d = evaluate(&p, &facts(Tier::Free), &v, Mode::Shadow, now);
+    assert_eq!(d.verdict, Verdict::Deny, "the 6th request trips, even in shadow mode");
+    assert_eq!(d.reason, Some(Reason::GlobalTriggered));
+    assert_eq!(d.trip_global_block_until, Some(now + 120_000));
+    assert_eq!(d.retry_after_seconds, Some(120));
+    v.global.distinct_tenants_last_minute = 1;
+    assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).is_allow(), "one tenant alone never trips");
+    p.global.enabled = false;
+    v.global.distinct_tenants_last_minute = 3;
+    assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).is_allow(), "guards disabled");
+}
+
+#[test]
+fn global_block_expires() {
+    let p = Policy::for_test();
+    let now = at("2026-11-25T10:00:00Z");
+    let mut v = CountersView::default();
+    v.global.block_until = Some(now + 90_500);
+    let d = evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now);
+    assert_eq!(d.reason, Some(Reason::GlobalTemporalBlock));
+    assert_eq!(d.retry_after_seconds, Some(91), "rounded up");
+    assert_eq!(evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now + 90_499).retry_after_seconds, Some(1));
+    assert!(evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now + 90_500).is_allow(), "expired exactly at its end");
+}
+
+#[test]
+fn daily_quota_and_rollover() {
+    let p = Policy::for_test(); // free: 1 per day
+    let late = at("2026-11-25T23:59:30Z");
+    let mut v = CountersView::default();
+    assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, late).is_allow());
+    v.tenant.daily_requests = 1;
+    let d = evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, late);
+    assert_eq!(d.reason, Some(Reason::DailyTenantLimit));
+    assert_eq!(d.retry_after_seconds, Some(30), "until UTC midnight");
+    // The store resets daily counts at the UTC day boundary; the rule itself only compares.
+    assert_eq!(time::utc_day(late) + 1, time::utc_day(at("2026-11-26T00:00:00Z")));
+    v.tenant.daily_requests = 0;
+    assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, at("2026-11-26T00:00:00Z")).is_allow());
+}
+
+#[test]
+fn per_minute_window_edges() {
+    let p = fair_use_policy();
+    let now = at("2026-11-25T10:00:30Z");
+    let mut v = CountersView::default();
+    v.tenant.minute_requests = 2;
+    assert!(evaluate(&p, &facts(Tier::Growth), &v, Mode::Hard, now).is_allow());
+    v.tenant.minute_requests = 3;
+    v.tenant.minute_oldest = Some(at("2026-11-25T10:00:00Z"));
+    let d = evaluate(&p, &facts(Tier::Growth), &v, Mode::Hard, now);
+    assert_eq!(d.reason, Some(Reason::FairUsePerMinute));
+    assert_eq!(d.retry_after_seconds, Some(30), "oldest leaves the window at 10:01:00");
+    assert_eq!(d.reason.unwrap().gate(), Some(Gate::PerMinute));
+}
+
+#[test]
+fn concurrency_retry_after_is_bounded() {
+    let mut p = fair_use_policy();
+    let mut v = CountersView::default();
+    v.tenant.in_flight = 2;
+    let now = at("2026-11-25T10:00:00Z");
+    let d = evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now);
+    // Free tier's daily quota (1) is checked first: use a tier whose quota leaves room.
+    assert_eq!(d.reason, Some(Reason::FairUseConcurrency));
+    assert_eq!(d.retry_after_seconds, Some(60));
+    p.fair_use.lease_ttl_seconds = 2;
+    assert_eq!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).retry_after_seconds, Some(5));
+    p.fair_use.concurrency_cap = 0;
+    assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).is_allow(), "cap <= 0 disables the gate");
+}
+
+#[test]
+fn soft_daily_only_for_pro_and_enterprise() {
+    let mut p = fair_use_policy();
+    p.fair_use.pro_daily_soft_cap = 50;
+    let mut v = CountersView::default();
+    v.tenant.daily_requests = 50;
+    let now = at("2026-11-25T10:00:00Z");
+    assert_eq!(evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now).reason, Some(Reason::FairUseSoftDaily));
+    p.directory = std::sync::Arc::new(
+        policy::Directory::from_files(Some("[tiers.growth]\ndaily_request_quota = 0\n"), None).unwrap(),
+    );
+    assert!(evaluate(&p, &facts(Tier::Growth), &v, Mode::Hard, now).is_allow());
+}
+
+#[test]
+fn token_rate_counts_this_request() {
+    let mut p = Policy::for_test();
+    p.fair_use.tokens_per_minute = 1000;
+    let now = at("2026-11-25T10:00:10Z");
+    let mut v = CountersView::default();
+    v.tenant.tokens_last_minute = 900;
+    v.tenant.tokens_oldest = Some(at("2026-11-25T10:00:00Z"));
+    assert!(evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now).is_allow(), "900 + 100 fits");
+    v.tenant.tokens_last_minute = 901;
+    let d = evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now);
+    assert_eq!(d.reason, Some(Reason::FairUseTokenRate));
+    assert_eq!(d.retry_after_seconds, Some(50));
+}
+
+#[test]
+fn modes_transform_tenant_violations() {
+    let p = fair_use_policy();
+    let now = at("2026-11-25T10:00:00Z");
+    let mut v = CountersView::default();
+    v.tenant.minute_requests = 3;
+    let hard = evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now);
+    assert_eq!((hard.verdict, hard.reason_label()), (Verdict::Deny, Some("fair_use_per_minute")));
+    let soft = evaluate(&p, &facts(Tier::Pro), &v, Mode::Soft, now);
+    assert_eq!((soft.verdict, soft.reason_label()), (Verdict::RequireApproval, Some("soft_mode_fair_use_per_minute")));
+    assert_eq!(soft.retry_after_seconds, None);
+    let shadow = evaluate(&p, &facts(Tier::Pro), &v, Mode::Shadow, now);
+    assert_eq!(
+        (shadow.verdict, shadow.reason_label()),
+        (Verdict::Allow, Some("shadow_mode_fair_use_per_minute_override"))
+    );
+    assert!(shadow.is_would_deny());
+}
+
+#[test]
+fn failsafe_per_mode() {
+    let d = failsafe(Mode::Shadow);
+    assert_eq!(
+        (d.verdict, d.reason_label(), d.path),
+        (Verdict::Allow, Some("shadow_mode_fail_open"), DecisionPath::Failsafe)
+    );
+    let d = failsafe(Mode::Soft);
+    assert_eq!((d.verdict, d.reason_label()), (Verdict::RequireApproval, Some("soft_mode_fail_safe_escalation")));
+    let d = failsafe(Mode::Hard);
+    assert_eq!(
+        (d.verdict, d.reason_label(), d.retry_after_seconds),
+        (Verdict::Deny, Some("hard_mode_fail_closed"), Some(1))
+    );
+}
+
+#[test]
+fn every_reason_label_is_unique() {
+    let mut seen = std::collections::HashSet::new();
+    for r in Reason::ALL {
+        for t in [Transform::None, Transform::Soft, Transform::Shadow] {
+            assert!(seen.insert(r.label(t)), "{}", r.label(t));
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! `preauth-sidecar` binary: the composition root's command line. Parses the environment (exit
+//! 64 listing every bad variable before any port is bound), sets up logging and runs a command.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use pingora::server::RunArgs;
+use preauth_sidecar::clock::{Clock, SystemClock};
+use preauth_sidecar::config::{self, Config, Env, LogFormat, Purpose, Strings, EXIT_CONFIG};
+use preauth_sidecar::demo::{mint_tenant_jwt, upstream};
+use preauth_sidecar::server;
+
+const USAGE: &str = "\
+preauth-sidecar: pre-authorization sidecar for LLM gateways
+
+USAGE:
+    preauth-sidecar [run]        start the proxy, admin listener and workers (configured by env)
+    preauth-sidecar demo         start a built-in fake LLM upstream plus the sidecar, print examples
+    preauth-sidecar check-config validate the environment, print the effective config (secrets redacted)
+
+Configuration is environment only; see README.md and config/*.env.example.
+Exit codes: 0 ok, 64 configuration error, 69 upstream unresolvable.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None | Some("run") => run(&Env, Purpose::Run),
+        Some("demo") => demo(),
+        Some("check-config") => check_config(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Some("-V" | "--version" | "version") => {
+            println!("preauth-sidecar {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("unknown command `{other}`\n\n{USAGE}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+    }
+}
+
+fn parse_or_report(src: &dyn Strings, purpose: Purpose) -> Result<Config, ExitCode> {
+    config::parse(src, purpose).map_err(|errors| {
+        eprintln!("configuration error: {} bad variable(s); nothing was started", errors.len());
+        for e in &errors {
+            eprintln!("  {e}");
+        }
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn check_config() -> ExitCode {
+    match parse_or_report(&Env, Purpose::Run) {
+        Ok(c) => {
+            if let Err(e) = server::load_pricing(&c) {
+                eprintln!("configuration error: 1 bad variable(s)\n  {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            for (k, v) in config::describe(&c) {
+                println!("{k}={v}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_ansi(false).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn run(src: &dyn Strings, purpose: Purpose) -> ExitCode {
+    let config = match parse_or_report(src, purpose) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.log_format);
+    let (listen, admin) = (config.listen_addr, config.admin_addr);
+    let built = match server::build(config) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            let code = if e.contains("resolve") { 69 } else { EXIT_CONFIG as u8 };
+            return ExitCode::from(code);
+        }
+    };
+    tracing::info!(%listen, %admin, "preauth-sidecar starting");
+    built.server.run(RunArgs::default());
+    ExitCode::SUCCESS
+}
+
+/// The environment with demo defaults for whatever the user did not set.
+struct Overlay(HashMap<&'static str, String>);
+
+impl Strings for Overlay {
+    fn get(&self, key: &str) -> Option<String> {
+        Env.get(key).or_else(|| self.0.get(key).cloned())
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut s = String::new();
+    while s.len() < bytes * 2 {
+        s.push_str(&uuid::Uuid::new_v4().simple().to_string());
+    }
+    s.truncate(bytes * 2);
+    s
+}
+
+fn demo() -> ExitCode {
+    let (fake, _thread) = match upstream::spawn_on_thread("127.0.0.1:0") {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("demo: cannot start the fake upstream: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    fake.set_recording(false);
+    let secret = Env.get("SUPABASE_JWT_SECRET").unwrap_or_else(|| random_hex(32));
+    let admin_key = Env.get("ADMIN_API_KEY").unwrap_or_else(|| random_hex(16));
+    let mut defaults: HashMap<&'static str, String> = HashMap::new();
+    defaults.insert("PREAUTH_UPSTREAM_URL", fake.base_url());
+    defaults.insert("PREAUTH_LISTEN_ADDR", "127.0.0.1:8080".into());
+    defaults.insert("SUPABASE_JWT_SECRET", secret.clone());
+    defaults.insert("ADMIN_API_KEY", admin_key.clone());
+    defaults.insert("PREAUTH_LOG_FORMAT", "text".into());
+    defaults.insert("LLM_FAIR_USE_GUARDS_ENABLED", "true".into());
+    defaults.insert("LLM_FAIR_USE_PER_MINUTE_CAP", "5".into());
+    defaults.insert("PREAUTH_DATA_DIR", std::env::temp_dir().join("preauth-demo").display().to_string());
+    let overlay = Overlay(defaults);
+    let listen = overlay.get("PREAUTH_LISTEN_ADDR").unwrap_or_default();
+    let admin = overlay.get("PREAUTH_ADMIN_ADDR").unwrap_or_else(|| "127.0.0.1:9090".into());
+    let now = (SystemClock.now_ms() / 1000) as i64;
+    let pro = mint_tenant_jwt(&secret, "acme", "pro", now, 86_400);
+    let free = mint_tenant_jwt(&secret, "tiny-co", "free", now, 86_400);
+    println!(
+        r#"
+preauth-sidecar demo
+====================
+fake LLM upstream : {upstream}
+sidecar (proxy)   : http://{listen}
+admin API         : http://{admin}   (ADMIN_API_KEY={admin_key})
+
+Tenant JWTs (HS256, valid 24 h):
+  PRO  tenant "acme"    : {pro}
+  FREE tenant "tiny-co" : {free}
+
+Try these in another terminal:
+
+  export PRO={pro}
+  export FREE={free}
+
+  # 1. allowed: a chat completion through the sidecar
+  curl -s -i http://{listen}/v1/chat/completions -H "authorization: Bearer $PRO" \
+    -H 'content-type: application/json' \
+    -d '{{"model":"gpt-4o-mini","max_tokens":50,"messages":[{{"role":"user","content":"hello"}}]}}'
+
+  # 2. streamed (SSE passes through as the upstream emits it)
+  curl -s -N http://{listen}/v1/chat/completions -H "authorization: Bearer $PRO" \
+    -H 'content-type: application/json' -H 'x-mock-delay-ms: 300' \
+    -d '{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"hello"}}]}}'
+
+  # 3. denied: no token (401), then the free tier's daily quota of 1 request (second call: 402)
+  curl -s http://{listen}/v1/chat/completions -d '{{}}'
+  for i in 1 2; do curl -s -o /dev/null -w '%{{http_code}}\n' http://{listen}/v1/chat/completions \
+    -H "authorization: Bearer $FREE" -H 'content-type: application/json' \
+    -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done
+
+  # 4. denied: 6 calls in a minute for one tenant (demo sets LLM_FAIR_USE_PER_MINUTE_CAP=5) -> 429
+  for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}} ' http://{listen}/v1/chat/completions \
+    -H "authorization: Bearer $PRO" -H 'content-type: application/json' \
+    -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done; echo
+
+  # 5. the kill switch, flipped at runtime by the on-call engineer (and back)
+  curl -s -X PATCH http://{admin}/api/v1/enforcement/runtime -H "authorization: Bearer {admin_key}" \
+    -d '{{"kill_switch": true, "reason": "demo: incident drill"}}'
+  curl -s -X PATCH http://{admin}/api/v1/enforcement/runtime -H "authorization: Bearer {admin_key}" \
+    -d '{{"kill_switch": false, "reason": "demo: drill over"}}'
+
+  # 6. metrics
+  curl -s http://{admin}/metrics | grep ^valdrics_ops
+
+OpenAI SDK (Python: pip install openai):
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://{listen}/v1", api_key="{pro}")
+  print(client.chat.completions.create(model="gpt-4o-mini",
+        messages=[{{"role": "user", "content": "hello"}}]).choices[0].message.content)
+
+Ctrl-C stops the demo.
+"#,
+        upstream = fake.base_url(),
+    );
+    let code = run(&overlay, Purpose::Demo);
+    drop(fake);
+    code
+}

@@ -1,0 +1,71 @@
+//! Per-request context (`ProxyHttp::CTX`): what was learned in the request phases and is needed
+//! again when the response streams and in `logging`.
+//!
+//! Owns: `RequestCtx`. Imports: decide types, store ticket, bytes.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::extract::Caller;
+use super::respond::Rendered;
+use crate::decide::{Route, Tier, Verdict};
+use crate::store::Ticket;
+
+pub struct RequestCtx {
+    pub start: Instant,
+    pub request_id: String,
+    /// `Some` for inspected LLM routes.
+    pub route: Option<Route>,
+    /// `GET /v1/models`: forwarded after identity, no decision.
+    pub passthrough: bool,
+    pub caller: Option<Caller>,
+    pub tier: Tier,
+    /// Raw `x-preauth-source` header (resolved against the policy at decision time).
+    pub source_header: Option<String>,
+    /// The configured source the decision used (bounded label).
+    pub source: String,
+    pub verdict: Option<Verdict>,
+    /// Body decision deferred to `request_body_filter` (no `Content-Length`, or larger than the
+    /// 64 KiB that pingora can buffer before connecting upstream).
+    pub deferred: bool,
+    /// Body bytes held back while a deferred decision is pending.
+    pub held: BytesMut,
+    /// Replacement body to forward (include_usage injection).
+    pub new_body: Option<Bytes>,
+    /// Counters admission; its lease is released in `logging`.
+    pub ticket: Option<Ticket>,
+    /// A refusal decided in `request_body_filter`, written by `fail_to_proxy`.
+    pub pending_refusal: Option<Rendered>,
+    pub upstream_status: Option<u16>,
+    pub model: Option<String>,
+}
+
+impl RequestCtx {
+    pub fn new() -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: uuid::Uuid::now_v7().to_string(),
+            route: None,
+            passthrough: false,
+            caller: None,
+            tier: Tier::Free,
+            source_header: None,
+            source: String::from("default"),
+            verdict: None,
+            deferred: false,
+            held: BytesMut::new(),
+            new_body: None,
+            ticket: None,
+            pending_refusal: None,
+            upstream_status: None,
+            model: None,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,245 @@
+//! Request facts from headers and body: who the caller is, and what the LLM request asks for.
+//! Works on `http` types, not pingora's `Session`, so every rule here is a unit test.
+//!
+//! Owns: `Caller`, `identify`, `LlmRequest`, `parse_body`, `inject_include_usage`.
+//! Imports: config (identity settings), `decide::{jwt, route}`, serde_json.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use serde_json::{Map, Value};
+
+use crate::config::Identity;
+use crate::decide::jwt;
+use crate::decide::Route;
+
+/// Header names the sidecar reads or writes.
+pub mod names {
+    pub const REQUEST_ID: &str = "x-preauth-request-id";
+    pub const DECISION: &str = "x-preauth-decision";
+    pub const RESERVATION_ID: &str = "x-preauth-reservation-id";
+    pub const ERROR: &str = "x-preauth-error";
+    pub const SOURCE: &str = "x-preauth-source";
+    pub const APPROVAL_TOKEN: &str = "x-approval-token";
+    pub const TENANT_ID: &str = "x-tenant-id";
+    pub const TENANT_TIER: &str = "x-tenant-tier";
+    pub const USER_ID: &str = "x-user-id";
+}
+
+/// Longest tenant id accepted (ids are keys in every store).
+pub const MAX_TENANT_ID_LEN: usize = 128;
+
+/// The authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: String,
+    /// The tier named by the token (or `x-tenant-tier`), if any; the tenants file wins over it.
+    pub claimed_tier: Option<String>,
+    pub user: Option<String>,
+}
+
+fn valid_tenant(t: &str) -> bool {
+    !t.is_empty() && t.len() <= MAX_TENANT_ID_LEN && t.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Authenticates the caller. The error is a short machine reason for the 401's details.
+pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<Caller, &'static str> {
+    match identity {
+        Identity::Header => {
+            let tenant = header_str(headers, names::TENANT_ID).ok_or("missing_tenant_header")?;
+            if !valid_tenant(tenant) {
+                return Err("invalid_tenant_id");
+            }
+            Ok(Caller {
+                tenant: tenant.to_string(),
+                claimed_tier: header_str(headers, names::TENANT_TIER).map(str::to_string),
+                user: header_str(headers, names::USER_ID).map(str::to_string),
+            })
+        }
+        Identity::Jwt { secret, audience, tenant_claim, tier_claim } => {
+            let auth = header_str(headers, "authorization").ok_or("missing_bearer_token")?;
+            let token = auth
+                .strip_prefix("Bearer ")
+                .or_else(|| auth.strip_prefix("bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .ok_or("missing_bearer_token")?;
+            let v = jwt::verify_hs256(token, &[secret.expose().as_bytes()], now_s).map_err(|e| match e {
+                jwt::JwtError::Expired => "token_expired",
+                jwt::JwtError::NotYetValid => "token_not_yet_valid",
+                jwt::JwtError::Algorithm => "token_algorithm_not_allowed",
+                jwt::JwtError::Signature => "token_signature_invalid",
+                _ => "token_invalid",
+            })?;
+            if !jwt::audience_matches(&v.claims, audience) {
+                return Err("token_audience_mismatch");
+            }
+            let tenant = jwt::claim_str(&v.claims, tenant_claim).ok_or("token_missing_tenant_claim")?;
+            if !valid_tenant(&tenant) {
+                return Err("invalid_tenant_id");
+            }
+            Ok(Caller {
+                tenant,
+                claimed_tier: jwt::claim_str(&v.claims, tier_claim),
+                user: jwt::claim_str(&v.claims, "sub"),
+            })
+        }
+    }
+}
+
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// A parsed LLM request body.
+#[derive(Clone, Debug)]
+pub struct LlmRequest {
+    pub json: Value,
+    pub model: String,
+    pub stream: bool,
+}
+
+/// Parses and validates the body of an inspected route (CONTRACT §10 required fields).
+pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest, String> {
+    let json: Value = serde_json::from_slice(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let obj = json.as_object().ok_or("Request body must be a JSON object.")?;
+    for field in route.required_fields() {
+        match obj.get(*field) {
+            None | Some(Value::Null) => {
+                return Err(format!("Missing required field `{field}` for {}.", route.path()));
+            }
+            _ => {}
+        }
+    }
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .ok_or("Field `model` must be a non-empty string.")?
+        .to_string();
+    if route == Route::Messages && !obj.get("max_tokens").is_some_and(|v| v.as_u64().is_some()) {
+        return Err("Field `max_tokens` must be a non-negative integer.".to_string());
+    }
+    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    Ok(LlmRequest { json, model, stream })
+}
+
+/// For streaming OpenAI-shape requests without `stream_options.include_usage`, returns the body
+/// with `"stream_options":{"include_usage":true}` added, so the stream reports usage. When the
+/// body has no `stream_options` at all, the field is spliced in after the opening brace and every
+/// original byte is kept; otherwise the object is re-serialised.
+pub fn inject_include_usage(route: Route, req: &LlmRequest, original: &[u8]) -> Option<Bytes> {
+    if !req.stream || !route.wants_include_usage() {
+        return None;
+    }
+    let obj = req.json.as_object()?;
+    match obj.get("stream_options") {
+        None => {
+            let brace = original.iter().position(|b| *b == b'{')?;
+            const FIELD: &[u8] = br#""stream_options":{"include_usage":true},"#;
+            let mut out = Vec::with_capacity(original.len() + FIELD.len());
+            out.extend_from_slice(&original[..=brace]);
+            out.extend_from_slice(FIELD);
+            out.extend_from_slice(&original[brace + 1..]);
+            Some(Bytes::from(out))
+        }
+        Some(Value::Object(so)) if so.contains_key("include_usage") => None,
+        _ => {
+            let mut obj: Map<String, Value> = obj.clone();
+            let mut so = match obj.remove("stream_options") {
+                Some(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            so.insert("include_usage".into(), Value::Bool(true));
+            obj.insert("stream_options".into(), Value::Object(so));
+            serde_json::to_vec(&obj).ok().map(Bytes::from)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use http::HeaderValue;
+    use serde_json::json;
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+    fn jwt_identity() -> Identity {
+        Identity::Jwt {
+            secret: Secret::new(KEY),
+            audience: "authenticated".into(),
+            tenant_claim: "app_metadata.tenant_id".into(),
+            tier_claim: "tier".into(),
+        }
+    }
+
+    fn bearer(claims: Value) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let t = jwt::sign_hs256(&claims, KEY.as_bytes(), None);
+        h.insert("authorization", HeaderValue::from_str(&format!("Bearer {t}")).unwrap());
+        h
+    }
+
+    #[test]
+    fn jwt_identity_with_dotted_claims() {
+        let h =
+            bearer(json!({"exp": 2000, "aud": "authenticated", "app_metadata": {"tenant_id": "acme"}, "tier": "pro"}));
+        let c = identify(&jwt_identity(), &h, 1000).unwrap();
+        assert_eq!((c.tenant.as_str(), c.claimed_tier.as_deref()), ("acme", Some("pro")));
+    }
+
+    #[test]
+    fn jwt_rejections() {
+        let id = jwt_identity();
+        assert_eq!(identify(&id, &HeaderMap::new(), 1000), Err("missing_bearer_token"));
+        let h = bearer(json!({"exp": 2000, "aud": "anon", "app_metadata": {"tenant_id": "a"}}));
+        assert_eq!(identify(&id, &h, 1000), Err("token_audience_mismatch"));
+        let h = bearer(json!({"exp": 999, "aud": "authenticated", "app_metadata": {"tenant_id": "a"}}));
+        assert_eq!(identify(&id, &h, 1000), Err("token_expired"));
+        let h = bearer(json!({"exp": 2000, "aud": "authenticated"}));
+        assert_eq!(identify(&id, &h, 1000), Err("token_missing_tenant_claim"));
+    }
+
+    #[test]
+    fn header_identity() {
+        let mut h = HeaderMap::new();
+        assert_eq!(identify(&Identity::Header, &h, 0), Err("missing_tenant_header"));
+        h.insert("x-tenant-id", HeaderValue::from_static("t-1"));
+        h.insert("x-tenant-tier", HeaderValue::from_static("growth"));
+        let c = identify(&Identity::Header, &h, 0).unwrap();
+        assert_eq!((c.tenant.as_str(), c.claimed_tier.as_deref()), ("t-1", Some("growth")));
+    }
+
+    #[test]
+    fn required_fields() {
+        assert!(parse_body(Route::ChatCompletions, br#"{"model":"m","messages":[]}"#).is_ok());
+        assert!(parse_body(Route::ChatCompletions, br#"{"model":"m"}"#).unwrap_err().contains("messages"));
+        assert!(parse_body(Route::Messages, br#"{"model":"m","messages":[]}"#).unwrap_err().contains("max_tokens"));
+        assert!(parse_body(Route::Embeddings, br#"{"model":"m","input":"x"}"#).is_ok());
+        assert!(parse_body(Route::Responses, b"[1]").is_err());
+        assert!(parse_body(Route::Completions, b"{not json").is_err());
+    }
+
+    #[test]
+    fn include_usage_is_spliced_byte_exact() {
+        let raw = br#"  {"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        let out = inject_include_usage(Route::ChatCompletions, &req, raw).unwrap();
+        assert_eq!(
+            &out[..],
+            &br#"  {"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#[..]
+        );
+        let raw = br#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage":false}}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        assert!(inject_include_usage(Route::ChatCompletions, &req, raw).is_none(), "explicit choice kept");
+        let raw = br#"{"model":"m","stream":true,"messages":[],"stream_options":{}}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        let v: Value =
+            serde_json::from_slice(&inject_include_usage(Route::ChatCompletions, &req, raw).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let raw = br#"{"model":"m","messages":[]}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        assert!(inject_include_usage(Route::ChatCompletions, &req, raw).is_none(), "not streaming");
+    }
+}

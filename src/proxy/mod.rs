@@ -1,0 +1,493 @@
+//! The pingora glue: the only code that touches a `Session`. Per inspected request it extracts
+//! facts (identity, body), asks `decide`, acts on the store (admit/rollback/lease release),
+//! answers refusals through the one table in `respond`, and forwards the rest.
+//!
+//! Phases (pingora 0.9 order) and what each does here:
+//! - `request_filter`: route, identity, size; for bodies with `Content-Length` ≤ 64 KiB, reads the
+//!   body (retry buffer) and decides before any upstream contact. `Ok(true)` = answered here.
+//! - `upstream_peer`: the configured gateway (resolved at start).
+//! - `upstream_request_filter`: credentials, `accept-encoding` removed, request id, framing.
+//! - `request_body_filter`: swaps in a rewritten body; for deferred bodies (chunked or larger
+//!   than 64 KiB) holds every chunk back and decides at end of body — the upstream has the
+//!   headers then, but no body byte reaches it unless the request is admitted.
+//! - `response_filter`: `x-preauth-*` headers. `fail_to_proxy`: deferred refusals and 502.
+//! - `logging`: releases the concurrency lease (completion, error or client disconnect), counts.
+//!
+//! Imports: decide, store traits, telemetry, state, config. Nothing imports this but `server`.
+
+pub mod ctx;
+pub mod extract;
+pub mod respond;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use serde_json::{json, Map};
+use sha2::{Digest, Sha256};
+
+use crate::config::Identity;
+use crate::decide::pricing::worst_case_cost;
+use crate::decide::{self, estimate, Decision, Facts, Mode, Policy, Route, Verdict};
+use crate::state::AppState;
+use crate::store::{AdmitRequest, StoreError, Ticket};
+use crate::telemetry::{audit, status_class};
+pub use ctx::RequestCtx;
+use extract::names;
+use respond::{render, Refusal, Rendered};
+
+/// What pingora can buffer before connecting upstream (`BODY_BUF_LIMIT` in pingora-core 0.9).
+pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// The proxy service.
+pub struct PreauthProxy {
+    state: Arc<AppState>,
+    upstream_addr: SocketAddr,
+    upstream_tls: bool,
+    upstream_sni: String,
+    upstream_host_header: String,
+}
+
+impl PreauthProxy {
+    pub fn new(state: Arc<AppState>, upstream_addr: SocketAddr, tls: bool, host: &str, port: u16) -> PreauthProxy {
+        let default_port = if tls { 443 } else { 80 };
+        let host_header = if port == default_port { host.to_string() } else { format!("{host}:{port}") };
+        PreauthProxy {
+            state,
+            upstream_addr,
+            upstream_tls: tls,
+            upstream_sni: host.to_string(),
+            upstream_host_header: host_header,
+        }
+    }
+
+    /// Writes a sidecar-made error response.
+    async fn respond(&self, session: &mut Session, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
+        let mut resp = ResponseHeader::build(r.status, Some(8))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", r.body.len().to_string())?;
+        resp.insert_header("cache-control", "no-store")?;
+        resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+        resp.insert_header(names::DECISION, r.verdict.as_str())?;
+        resp.insert_header(names::ERROR, r.code)?;
+        if let Some(s) = r.retry_after {
+            resp.insert_header("retry-after", s.to_string())?;
+        }
+        if !session.is_body_done() {
+            // The unread body would poison a reused connection.
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(r.body.clone()), true).await?;
+        Ok(())
+    }
+
+    fn now_s(&self) -> i64 {
+        (self.state.clock.now_ms() / 1000) as i64
+    }
+
+    /// Steps 2–6 for a complete body. `Ok(())` = admitted (body rewrite in `ctx.new_body`).
+    async fn decide_body(&self, ctx: &mut RequestCtx, body: &[u8]) -> std::result::Result<(), Refusal> {
+        let route = ctx.route.expect("only inspected routes carry a body decision");
+        let req = extract::parse_body(route, body).map_err(Refusal::InvalidRequest)?;
+        let caller = ctx.caller.clone().expect("identity checked before the body");
+        let policy = self.state.policy.current();
+        let source = policy.source_of(ctx.source_header.as_deref()).to_string();
+        let mode = policy.mode_for(&source);
+        let tier = policy.directory.resolve_tier(&caller.tenant, caller.claimed_tier.as_deref());
+        ctx.tier = tier;
+        ctx.source = source;
+        ctx.model = Some(req.model.clone());
+
+        let pricing = self.state.pricing();
+        let est = estimate::estimate(route, &req.json);
+        let price = pricing.lookup(&req.model);
+        let max_output = estimate::max_output_tokens(est.requested_max_output, price.price, route);
+        let estimated_cost = worst_case_cost(price.price, est.prompt_tokens, max_output);
+        let facts = Facts {
+            tenant: &caller.tenant,
+            tier,
+            source: &ctx.source,
+            estimated_tokens: est.prompt_tokens + max_output,
+        };
+
+        let gate = Duration::from_millis(self.state.config.gate_timeout_ms);
+        let (decision, ticket) = match decide::kill_switch(&policy, mode) {
+            Some(d) => (d, None),
+            None => match tokio::time::timeout(gate, self.guard(&policy, &facts, mode)).await {
+                Ok(Ok((d, t))) => (d, Some(t)),
+                Ok(Err(e)) => {
+                    let failure = match e {
+                        StoreError::Timeout => "store_timeout",
+                        StoreError::Unavailable(_) => "store_error",
+                    };
+                    self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
+                    (decide::failsafe(mode), None)
+                }
+                Err(_) => {
+                    self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
+                    (decide::failsafe(mode), None)
+                }
+            },
+        };
+        let ticket = self.settle_admission(decision.is_allow(), ticket).await;
+        self.observe(ctx, &caller.tenant, &policy, &decision, route);
+        ctx.verdict = Some(decision.verdict);
+        if decision.is_allow() {
+            ctx.ticket = ticket;
+            ctx.new_body = extract::inject_include_usage(route, &req, body);
+            return Ok(());
+        }
+        let mut extra = Map::new();
+        if decision.verdict == Verdict::RequireApproval {
+            let now = self.state.clock.now_ms();
+            let expires = now + self.state.config.approvals.ttl_seconds * 1000;
+            extra.insert("approval_id".into(), json!(uuid::Uuid::now_v7().to_string()));
+            extra.insert("request_fingerprint".into(), json!(fingerprint(&caller.tenant, "POST", route.path(), body)));
+            extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
+            extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(expires)));
+        }
+        Err(Refusal::Decision { decision, policy_version: policy.version, extra })
+    }
+
+    /// Counts the request in the store and evaluates steps 4–6 on the counters it saw.
+    async fn guard(
+        &self,
+        policy: &Policy,
+        facts: &Facts<'_>,
+        mode: Mode,
+    ) -> std::result::Result<(Decision, Ticket), StoreError> {
+        let now = self.state.clock.now_ms();
+        let lease_ttl_ms = policy.wants_lease(facts.tenant).then(|| policy.fair_use.lease_ttl_seconds * 1000);
+        let req = AdmitRequest { tenant: facts.tenant, now, tokens: facts.estimated_tokens, lease_ttl_ms };
+        let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
+        let (ticket, view) = match tokio::time::timeout(store_timeout, self.state.counters.admit(&req)).await {
+            Ok(Ok(v)) => {
+                self.state.set_store_healthy(true);
+                v
+            }
+            Ok(Err(e)) => return Err(self.store_failed("admit", e)),
+            Err(_) => return Err(self.store_failed("admit", StoreError::Timeout)),
+        };
+        let decision = decide::evaluate(policy, facts, &view, mode, now);
+        if let Some(until) = decision.trip_global_block_until {
+            if let Err(e) = self.state.counters.set_global_block(until).await {
+                self.store_failed("set_global_block", e);
+            }
+        }
+        Ok((decision, ticket))
+    }
+
+    fn store_failed(&self, op: &str, e: StoreError) -> StoreError {
+        self.state.metrics.store_errors.with_label_values(&[op]).inc();
+        self.state.set_store_healthy(false);
+        tracing::warn!(op, error = %e, "state store operation failed; taking the failsafe path");
+        e
+    }
+
+    /// Keeps the admission of an allowed request; undoes it otherwise.
+    async fn settle_admission(&self, allowed: bool, ticket: Option<Ticket>) -> Option<Ticket> {
+        let ticket = ticket?;
+        if allowed {
+            return Some(ticket);
+        }
+        if let Err(e) = self.state.counters.rollback(&ticket).await {
+            self.store_failed("rollback", e);
+        }
+        None
+    }
+
+    /// Metrics and audit line for one decision.
+    fn observe(&self, ctx: &RequestCtx, tenant: &str, policy: &Policy, d: &Decision, route: Route) {
+        let m = &self.state.metrics;
+        m.record_decision(&ctx.source, ctx.tier, d, ctx.start.elapsed().as_secs_f64());
+        if d.trip_global_block_until.is_some() {
+            m.global_block_active.set(1);
+        }
+        let sample = f64::from(uuid_sample(&ctx.request_id)) / 65_536.0;
+        if !d.is_allow() || d.reason.is_some() || audit::sampled(policy.audit_sample_rate, sample) {
+            audit::decision(&audit::DecisionRecord {
+                request_id: &ctx.request_id,
+                tenant_id: tenant,
+                tenant_tier: ctx.tier.as_str(),
+                source: &ctx.source,
+                route: route.path(),
+                model: ctx.model.as_deref(),
+                policy_version: policy.version,
+                decision: d,
+            });
+        }
+    }
+}
+
+/// `request_fingerprint` of CONTRACT §5.
+pub fn fingerprint(tenant: &str, method: &str, path: &str, body: &[u8]) -> String {
+    let body_hash = hex(&Sha256::digest(body));
+    let mut h = Sha256::new();
+    h.update(tenant.as_bytes());
+    h.update(b"\n");
+    h.update(method.as_bytes());
+    h.update(b" ");
+    h.update(path.as_bytes());
+    h.update(b"\n");
+    h.update(body_hash.as_bytes());
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 0xf) as usize] as char);
+    }
+    s
+}
+
+/// 16 random bits of a v7 UUID string (its last hex digits), for audit sampling.
+fn uuid_sample(id: &str) -> u16 {
+    u16::from_str_radix(&id[id.len().saturating_sub(4)..], 16).unwrap_or(0)
+}
+
+#[async_trait]
+impl ProxyHttp for PreauthProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// Route, identity, size, and — for small bodies — the whole decision. `Ok(true)` = answered.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let (route, passthrough, content_length) = {
+            let h = session.req_header();
+            let path = h.uri.path();
+            let route = (h.method == http::Method::POST).then(|| Route::from_path(path)).flatten();
+            let passthrough =
+                h.method == http::Method::GET && (path == "/v1/models" || path.starts_with("/v1/models/"));
+            let cl = extract::header_str(&h.headers, "content-length").and_then(|v| v.parse::<u64>().ok());
+            (route, passthrough, cl)
+        };
+        if route.is_none() && !passthrough {
+            self.respond(session, ctx, &render(&Refusal::RouteNotFound, &ctx.request_id)).await?;
+            return Ok(true);
+        }
+        ctx.route = route;
+        ctx.passthrough = passthrough;
+
+        let caller = extract::identify(&self.state.config.identity, &session.req_header().headers, self.now_s());
+        match caller {
+            Ok(c) => ctx.caller = Some(c),
+            Err(why) => {
+                self.respond(session, ctx, &render(&Refusal::Unauthenticated(why), &ctx.request_id)).await?;
+                return Ok(true);
+            }
+        }
+        if passthrough {
+            return Ok(false);
+        }
+        ctx.source_header = extract::header_str(&session.req_header().headers, names::SOURCE).map(str::to_string);
+
+        let limit = self.state.config.max_body_bytes;
+        match content_length {
+            Some(n) if n > limit => {
+                self.respond(session, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await?;
+                Ok(true)
+            }
+            Some(n) if n <= RETRY_BUFFER_LIMIT => {
+                session.enable_retry_buffering();
+                let mut body = Vec::with_capacity(n as usize);
+                while let Some(chunk) = session.read_request_body().await? {
+                    body.extend_from_slice(&chunk);
+                }
+                match self.decide_body(ctx, &body).await {
+                    Ok(()) => Ok(false),
+                    Err(refusal) => {
+                        self.respond(session, ctx, &render(&refusal, &ctx.request_id)).await?;
+                        Ok(true)
+                    }
+                }
+            }
+            _ => {
+                ctx.deferred = true;
+                Ok(false)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let mut peer = HttpPeer::new(self.upstream_addr, self.upstream_tls, self.upstream_sni.clone());
+        let timeout = Duration::from_secs(self.state.config.upstream_timeout_seconds);
+        peer.options.connection_timeout = Some(Duration::from_secs(10));
+        peer.options.read_timeout = Some(timeout);
+        peer.options.write_timeout = Some(timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        up.insert_header("host", self.upstream_host_header.as_str())?;
+        up.remove_header("accept-encoding");
+        up.remove_header(names::APPROVAL_TOKEN);
+        match (&self.state.config.upstream_api_key, &self.state.config.identity) {
+            (Some(key), _) => {
+                up.insert_header("authorization", format!("Bearer {}", key.expose()))?;
+                if up.headers.contains_key("x-api-key") {
+                    up.insert_header("x-api-key", key.expose())?;
+                }
+            }
+            (None, Identity::Jwt { .. }) => {
+                up.remove_header("authorization");
+            }
+            (None, Identity::Header) => {}
+        }
+        up.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+        if ctx.deferred {
+            // Length unknown until the decision: frame the body ourselves.
+            up.remove_header("content-length");
+            if up.version != http::Version::HTTP_2 {
+                up.insert_header("transfer-encoding", "chunked")?;
+            }
+        } else if let Some(b) = &ctx.new_body {
+            up.insert_header("content-length", b.len().to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !ctx.deferred {
+            if end_of_stream {
+                if let Some(b) = ctx.new_body.take() {
+                    *body = Some(b);
+                }
+            }
+            return Ok(());
+        }
+        if let Some(chunk) = body.take() {
+            if ctx.held.len() as u64 + chunk.len() as u64 > self.state.config.max_body_bytes {
+                let limit = self.state.config.max_body_bytes;
+                ctx.pending_refusal = Some(render(&Refusal::TooLarge { limit }, &ctx.request_id));
+                return Error::e_explain(HTTPStatus(413), "request body over PREAUTH_MAX_BODY_BYTES");
+            }
+            ctx.held.extend_from_slice(&chunk);
+        }
+        if !end_of_stream {
+            *body = Some(Bytes::new()); // hold back; `None` would end the upstream body
+            return Ok(());
+        }
+        let full = std::mem::take(&mut ctx.held).freeze();
+        match self.decide_body(ctx, &full).await {
+            Ok(()) => {
+                *body = Some(ctx.new_body.take().unwrap_or(full));
+                Ok(())
+            }
+            Err(refusal) => {
+                let r = render(&refusal, &ctx.request_id);
+                let status = r.status;
+                ctx.pending_refusal = Some(r);
+                Error::e_explain(HTTPStatus(status), "request refused after reading its body")
+            }
+        }
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if ctx.route.is_some() {
+            resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+            resp.insert_header(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str())?;
+        }
+        Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if ctx.start.elapsed().as_secs() >= self.state.config.upstream_timeout_seconds {
+            return Error::e_explain(ReadTimedout, "PREAUTH_UPSTREAM_TIMEOUT_SECONDS exceeded");
+        }
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let rendered = match ctx.pending_refusal.take() {
+            Some(r) => Some(r),
+            None if session.response_written().is_some() => None,
+            None => match e.esource() {
+                ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
+                ErrorSource::Downstream => None,
+                _ => match e.etype() {
+                    HTTPStatus(400) => {
+                        Some(render(&Refusal::InvalidRequest("Malformed HTTP request.".into()), &ctx.request_id))
+                    }
+                    _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
+                },
+            },
+        };
+        let code = match rendered {
+            Some(r) => {
+                if let Err(we) = self.respond(session, ctx, &r).await {
+                    tracing::debug!(error = %we, "could not write error response; client gone");
+                }
+                r.status
+            }
+            None => 0,
+        };
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        // Refusals decided after reading the body travel as errors; they are not failures.
+        ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_))
+    }
+
+    /// Runs for every request, whatever happened: frees the concurrency lease and counts.
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(ticket) = ctx.ticket.take() {
+            if ticket.has_lease() {
+                if let Err(err) = self.state.counters.release_lease(&ticket).await {
+                    self.store_failed("release_lease", err);
+                }
+            }
+        }
+        if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
+            let class = match (ctx.upstream_status, e) {
+                (Some(s), _) => status_class(Some(s)),
+                (None, _) => "error",
+            };
+            self.state.metrics.upstream_responses.with_label_values(&[class]).inc();
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The one table from every refusal (a non-ALLOW decision or a request/upstream error) to HTTP:
+//! status, error `code`, message, `Retry-After`, and the JSON body of CONTRACT §3.
+//!
+//! Owns: `Refusal`, `Rendered`, `render`. Imports: `decide` types, serde_json, bytes.
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+
+use crate::decide::{Decision, Reason, Verdict};
+
+/// Why the sidecar answers instead of the upstream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Refusal {
+    /// 401: no or bad caller identity. The detail names what was wrong (never the token).
+    Unauthenticated(&'static str),
+    /// 400: body is not valid JSON or lacks required fields.
+    InvalidRequest(String),
+    /// 413: body larger than `PREAUTH_MAX_BODY_BYTES`.
+    TooLarge { limit: u64 },
+    /// 404: not an inspected route.
+    RouteNotFound,
+    /// A non-ALLOW decision.
+    Decision { decision: Decision, policy_version: u64, extra: Map<String, Value> },
+    /// 502: the upstream could not be reached or broke the protocol.
+    UpstreamUnavailable,
+}
+
+/// An error response ready to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    pub status: u16,
+    pub code: &'static str,
+    pub verdict: Verdict,
+    pub retry_after: Option<u64>,
+    pub body: Bytes,
+}
+
+/// Status, code and message of a decision's rule.
+fn decision_status(d: &Decision) -> (u16, &'static str, &'static str) {
+    if d.verdict == Verdict::RequireApproval {
+        return (
+            403,
+            "approval_required",
+            "This request needs an approval token: send it again with the x-approval-token header once approved.",
+        );
+    }
+    match d.reason {
+        Some(Reason::KillSwitch) => {
+            (429, "llm_fair_use_exceeded", "Global abuse protections are active. LLM analysis is temporarily unavailable.")
+        }
+        Some(Reason::GlobalTemporalBlock) => {
+            (429, "llm_fair_use_exceeded", "Global abuse protections are active. Retry shortly.")
+        }
+        Some(Reason::GlobalTriggered) => {
+            (429, "llm_fair_use_exceeded", "Global anti-abuse throttle is active. Retry shortly.")
+        }
+        Some(Reason::FairUseSoftDaily) => (
+            429,
+            "llm_fair_use_exceeded",
+            "Daily fair-use limit reached. Retry tomorrow or contact support to increase limits.",
+        ),
+        Some(Reason::FairUsePerMinute) => (
+            429,
+            "llm_fair_use_exceeded",
+            "Rate limit reached for this tenant. Retry after the Retry-After delay or contact support for higher throughput.",
+        ),
+        Some(Reason::FairUseConcurrency) => (
+            429,
+            "llm_fair_use_exceeded",
+            "Too many in-flight LLM requests for this tenant. Retry shortly or contact support for higher throughput.",
+        ),
+        Some(Reason::FairUseTokenRate) => (
+            429,
+            "llm_fair_use_exceeded",
+            "Token rate limit reached for this tenant. Retry after the Retry-After delay or send smaller requests.",
+        ),
+        Some(Reason::DailyTenantLimit) => {
+            (402, "budget_exceeded", "Daily request quota for this tenant's tier is used up. Retry tomorrow (UTC) or upgrade the tier.")
+        }
+        Some(Reason::HardDenyThreshold) => {
+            (402, "budget_exceeded", "The estimated cost of this request is above the hard limit for a single request.")
+        }
+        Some(Reason::BudgetExceeded) => {
+            (402, "budget_exceeded", "The estimated cost of this request exceeds the tenant's remaining monthly budget.")
+        }
+        Some(Reason::HardFailClosed) => (
+            503,
+            "enforcement_unavailable",
+            "The enforcement decision could not be made; the request was not forwarded. Retry shortly.",
+        ),
+        _ => (403, "approval_required", "This request was not admitted."),
+    }
+}
+
+/// Renders a refusal for request `request_id`.
+pub fn render(r: &Refusal, request_id: &str) -> Rendered {
+    let mut details = Map::new();
+    let (status, code, message, verdict, retry_after): (u16, &'static str, String, Verdict, Option<u64>) = match r {
+        Refusal::Unauthenticated(why) => {
+            details.insert("reason".into(), json!(why));
+            (
+                401,
+                "unauthenticated",
+                "Missing or invalid caller credentials: send Authorization: Bearer <tenant JWT>.".into(),
+                Verdict::Deny,
+                None,
+            )
+        }
+        Refusal::InvalidRequest(why) => {
+            details.insert("reason".into(), json!("invalid_request"));
+            (400, "invalid_request", why.clone(), Verdict::Deny, None)
+        }
+        Refusal::TooLarge { limit } => {
+            details.insert("reason".into(), json!("request_too_large"));
+            details.insert("max_body_bytes".into(), json!(limit));
+            (413, "request_too_large", format!("Request body is larger than {limit} bytes."), Verdict::Deny, None)
+        }
+        Refusal::RouteNotFound => {
+            details.insert("reason".into(), json!("route_not_found"));
+            (404, "route_not_found", "This path is not an LLM route served by this proxy.".into(), Verdict::Deny, None)
+        }
+        Refusal::UpstreamUnavailable => {
+            details.insert("reason".into(), json!("upstream_unavailable"));
+            (
+                502,
+                "upstream_unavailable",
+                "The LLM gateway could not be reached or broke the protocol.".into(),
+                Verdict::Deny,
+                None,
+            )
+        }
+        Refusal::Decision { decision, policy_version, extra } => {
+            let (status, code, message) = decision_status(decision);
+            details.insert("reason".into(), json!(decision.reason_label().unwrap_or("")));
+            details.insert("decision".into(), json!(decision.verdict.as_str()));
+            details.insert("mode".into(), json!(decision.mode.as_str()));
+            details.insert("policy_version".into(), json!(policy_version));
+            if let Some(gate) = decision.reason.and_then(|r| r.gate()) {
+                details.insert("gate".into(), json!(gate.as_str()));
+            }
+            let retry = decision.retry_after_seconds.filter(|_| matches!(status, 429 | 503));
+            if let Some(s) = decision.retry_after_seconds {
+                details.insert("retry_after_seconds".into(), json!(s));
+            }
+            details.extend(extra.clone());
+            (status, code, message.to_string(), decision.verdict, retry)
+        }
+    };
+    let body = json!({"error": {
+        "message": message,
+        "type": "preauth_error",
+        "code": code,
+        "id": request_id,
+        "details": Value::Object(details),
+    }});
+    Rendered {
+        status,
+        code,
+        verdict,
+        retry_after,
+        body: Bytes::from(serde_json::to_vec(&body).expect("JSON value serialises")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{failsafe, kill_switch, Mode, Policy};
+
+    fn parse(r: &Rendered) -> Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    #[test]
+    fn kill_switch_is_429_with_retry_after() {
+        let mut p = Policy::for_test();
+        p.kill_switch = true;
+        let d = kill_switch(&p, Mode::Hard).unwrap();
+        let r = render(&Refusal::Decision { decision: d, policy_version: 7, extra: Map::new() }, "rid");
+        assert_eq!((r.status, r.code, r.retry_after), (429, "llm_fair_use_exceeded", Some(60)));
+        let v = parse(&r);
+        assert_eq!(v["error"]["type"], "preauth_error");
+        assert_eq!(v["error"]["id"], "rid");
+        assert_eq!(v["error"]["details"]["reason"], "global_abuse_kill_switch");
+        assert_eq!(v["error"]["details"]["policy_version"], 7);
+        assert_eq!(v["error"]["details"]["decision"], "DENY");
+    }
+
+    #[test]
+    fn failsafe_hard_is_503_retry_1() {
+        let r =
+            render(&Refusal::Decision { decision: failsafe(Mode::Hard), policy_version: 1, extra: Map::new() }, "x");
+        assert_eq!((r.status, r.code, r.retry_after), (503, "enforcement_unavailable", Some(1)));
+        let r =
+            render(&Refusal::Decision { decision: failsafe(Mode::Soft), policy_version: 1, extra: Map::new() }, "x");
+        assert_eq!((r.status, r.code, r.retry_after), (403, "approval_required", None));
+    }
+
+    #[test]
+    fn plain_errors() {
+        assert_eq!(render(&Refusal::Unauthenticated("missing_token"), "x").status, 401);
+        assert_eq!(render(&Refusal::RouteNotFound, "x").code, "route_not_found");
+        assert_eq!(render(&Refusal::TooLarge { limit: 10 }, "x").status, 413);
+        assert_eq!(render(&Refusal::InvalidRequest("bad".into()), "x").status, 400);
+        assert_eq!(render(&Refusal::UpstreamUnavailable, "x").status, 502);
+    }
+}

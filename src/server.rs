@@ -1,0 +1,148 @@
+//! Composition root of a sidecar: builds the stores, the shared state and the pingora `Server`
+//! (proxy listener, admin listener, background services) from a `Config`, and runs it on a
+//! dedicated thread so tests and `demo` can start and stop servers in-process.
+//!
+//! Owns: `build`, `spawn`, `RunningServer`. Imports: everything (this is the wiring).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use tokio::sync::Notify;
+
+use crate::admin::AdminApp;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::decide::pricing::PriceTable;
+use crate::proxy::PreauthProxy;
+use crate::state::AppState;
+use crate::store::memory::{MemoryCounters, MemoryPolicy};
+use crate::worker::{Housekeeper, Reloader};
+
+/// Seconds pingora waits for in-flight requests after SIGTERM before stopping its runtimes.
+/// Kubernetes' `terminationGracePeriodSeconds` must exceed this plus the preStop delay.
+pub const GRACE_PERIOD_SECONDS: u64 = 10;
+
+/// A built, not yet running, sidecar.
+pub struct Built {
+    pub server: Server,
+    pub state: Arc<AppState>,
+}
+
+/// Loads the price table: built-in, overridden by `PREAUTH_PRICING_FILE`.
+pub fn load_pricing(config: &Config) -> Result<PriceTable, String> {
+    match &config.pricing_file {
+        None => Ok(PriceTable::builtin()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("PREAUTH_PRICING_FILE: cannot read {}: {e}", p.display()))?;
+            PriceTable::builtin_with_overrides(&text).map_err(|e| format!("PREAUTH_PRICING_FILE: {e}"))
+        }
+    }
+}
+
+/// Resolves the upstream once (pingora's `HttpPeer::new` would resolve per request and panic).
+pub fn resolve_upstream(config: &Config) -> Result<SocketAddr, String> {
+    let up = config.upstream.as_ref().ok_or("PREAUTH_UPSTREAM_URL is not set")?;
+    (up.host.as_str(), up.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("PREAUTH_UPSTREAM_URL: cannot resolve {}: {e}", up.host))?
+        .next()
+        .ok_or_else(|| format!("PREAUTH_UPSTREAM_URL: {} resolves to no address", up.host))
+}
+
+/// Builds the sidecar with the system clock.
+pub fn build(config: Config) -> Result<Built, String> {
+    build_with_clock(config, Arc::new(SystemClock))
+}
+
+pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Built, String> {
+    let pricing = Arc::new(load_pricing(&config)?);
+    let upstream_addr = resolve_upstream(&config)?;
+    let up = config.upstream.clone().expect("resolved above");
+
+    let policy = Arc::new(MemoryPolicy::new(config.policy.clone()));
+    let counters = Arc::new(MemoryCounters::new());
+    let listen = config.listen_addr.to_string();
+    let admin_addr = config.admin_addr.to_string();
+    let threads = config.threads;
+    let state = Arc::new(AppState::new(config, policy, counters, clock, pricing));
+
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(GRACE_PERIOD_SECONDS),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let proxy = PreauthProxy::new(state.clone(), upstream_addr, up.tls, &up.host, up.port);
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    let mut opts = HttpServerOptions::default();
+    opts.h2c = true;
+    if let Some(app) = svc.app_logic_mut() {
+        app.server_options = Some(opts);
+    }
+    svc.add_tcp(&listen);
+
+    let mut admin = Service::new("preauth admin".to_string(), AdminApp::new(state.clone()));
+    admin.add_tcp(&admin_addr);
+    admin.threads = Some(1);
+
+    let mut housekeeper = background_service("housekeeper", Housekeeper { state: state.clone() });
+    housekeeper.threads = Some(1);
+    let mut reloader = background_service("reloader", Reloader { state: state.clone() });
+    reloader.threads = Some(1);
+
+    server.add_service(svc);
+    server.add_service(admin);
+    server.add_service(housekeeper);
+    server.add_service(reloader);
+    Ok(Built { server, state })
+}
+
+struct NotifyShutdown(Arc<Notify>);
+
+#[async_trait]
+impl ShutdownSignalWatch for NotifyShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// A sidecar running on its own thread.
+pub struct RunningServer {
+    stop: Arc<Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub state: Arc<AppState>,
+}
+
+impl RunningServer {
+    /// Fast shutdown; returns once every service stopped.
+    pub fn stop(mut self) {
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs a built server on a dedicated thread (pingora builds its own runtimes; never call this
+/// from inside one). Stop it with [`RunningServer::stop`].
+pub fn spawn(built: Built) -> RunningServer {
+    let stop = Arc::new(Notify::new());
+    let signal = stop.clone();
+    let Built { server, state } = built;
+    let thread = std::thread::Builder::new()
+        .name("preauth-server".into())
+        .spawn(move || server.run(RunArgs { shutdown_signal: Box::new(NotifyShutdown(signal)) }))
+        .expect("spawn server thread");
+    RunningServer { stop, thread: Some(thread), state }
+}

@@ -1,0 +1,74 @@
+//! Shared state of one running sidecar: configuration, stores, metrics, clock. Built once by the
+//! composition root (`server`), shared as `Arc<AppState>` by the proxy, the admin API and the
+//! workers.
+//!
+//! Owns: `AppState`. Imports: config, store traits, telemetry, clock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::decide::pricing::PriceTable;
+use crate::store::{Counters, PolicyStore};
+use crate::telemetry::Metrics;
+
+pub struct AppState {
+    pub config: Config,
+    pub policy: Arc<dyn PolicyStore>,
+    pub counters: Arc<dyn Counters>,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn Clock>,
+    /// The price table; replaced whole on `SIGHUP`.
+    pricing: parking_lot::RwLock<Arc<PriceTable>>,
+    /// False while starting and once shutdown began (`/readyz` answers 503).
+    ready: AtomicBool,
+    /// Set while the state store is failing (`/readyz` answers 503).
+    store_unhealthy: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        policy: Arc<dyn PolicyStore>,
+        counters: Arc<dyn Counters>,
+        clock: Arc<dyn Clock>,
+        pricing: Arc<PriceTable>,
+    ) -> AppState {
+        let metrics = Metrics::new();
+        let p = policy.current();
+        metrics.policy_version.set(p.version as i64);
+        metrics.kill_switch_enabled.set(i64::from(p.kill_switch));
+        AppState {
+            config,
+            policy,
+            counters,
+            metrics,
+            clock,
+            pricing: parking_lot::RwLock::new(pricing),
+            ready: AtomicBool::new(false),
+            store_unhealthy: AtomicBool::new(false),
+        }
+    }
+
+    pub fn pricing(&self) -> Arc<PriceTable> {
+        self.pricing.read().clone()
+    }
+
+    pub fn set_pricing(&self, table: Arc<PriceTable>) {
+        *self.pricing.write() = table;
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.store_unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// Store health as seen by the last operation.
+    pub fn set_store_healthy(&self, healthy: bool) {
+        self.store_unhealthy.store(!healthy, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,96 @@
+//! State behind object-safe traits: request counters and concurrency leases ([`Counters`]) and the
+//! runtime policy ([`PolicyStore`]). The embedded default is [`memory`]; a shared (fleet)
+//! implementation plugs in behind the same traits without touching `decide/` or `proxy/`.
+//!
+//! Threshold logic stays out of backends: `Counters::admit` counts a request into every window
+//! atomically and returns the counters *as they were just before it*; the pure `decide` module
+//! compares them with the policy, and the glue calls `rollback` when the answer is not ALLOW.
+//! Because each admission sees its own pre-increment values, two concurrent requests can never
+//! both take the last slot of a cap.
+//!
+//! Owns: the traits, `StoreError`, `Ticket`. Imports: `decide` types, async-trait, std.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::decide::{CountersView, GlobalView, Policy, TenantView, UnixMillis};
+
+/// A store operation failed; the caller takes the failsafe path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store did not answer within the store timeout")]
+    Timeout,
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What to count for one request.
+#[derive(Clone, Copy, Debug)]
+pub struct AdmitRequest<'a> {
+    pub tenant: &'a str,
+    pub now: UnixMillis,
+    /// Estimated tokens (prompt + max output) for the token-rate window.
+    pub tokens: u64,
+    /// Take a concurrency lease expiring after this long (`None`: the gate is off).
+    pub lease_ttl_ms: Option<u64>,
+}
+
+/// Proof of one admission: what `rollback` undoes and `release_lease` frees. Opaque to callers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub(crate) seq: u64,
+    pub(crate) tenant: Arc<str>,
+    pub(crate) at: UnixMillis,
+    pub(crate) has_lease: bool,
+}
+
+impl Ticket {
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+    pub fn has_lease(&self) -> bool {
+        self.has_lease
+    }
+}
+
+/// Result of a sweep pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    pub leases_expired: u64,
+    pub tenants_reclaimed: u64,
+    pub tenants_tracked: u64,
+}
+
+/// Request counters, windows and concurrency leases.
+#[async_trait]
+pub trait Counters: Send + Sync {
+    /// Atomically counts the request into the global window, the tenant's day, minute and token
+    /// windows, and takes a lease if asked; returns the counters as they were just before it.
+    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError>;
+    /// Undoes an admission that was not allowed (counts and lease).
+    async fn rollback(&self, ticket: &Ticket) -> Result<(), StoreError>;
+    /// Frees the ticket's concurrency lease (request finished, failed or was abandoned).
+    async fn release_lease(&self, ticket: &Ticket) -> Result<(), StoreError>;
+    /// Records a global block until `until` (every tenant, every replica sharing the store).
+    async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError>;
+    /// Read-only views (admin API, gauges).
+    async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError>;
+    async fn global_view(&self, now: UnixMillis) -> Result<GlobalView, StoreError>;
+    /// Expires leases and windows and forgets idle tenants.
+    async fn sweep(&self, now: UnixMillis) -> Result<SweepStats, StoreError>;
+}
+
+/// A change to the runtime policy: applied to a copy of the current snapshot.
+pub type PolicyPatch = Box<dyn FnOnce(&mut Policy) + Send>;
+
+/// The runtime policy (kill switch, guards, caps, modes). Reads are synchronous and cheap: every
+/// request reads it; changes are rare and go through `update`.
+#[async_trait]
+pub trait PolicyStore: Send + Sync {
+    fn current(&self) -> Arc<Policy>;
+    /// Applies `patch` to the current snapshot, bumps `version`, publishes the result.
+    async fn update(&self, patch: PolicyPatch) -> Result<Arc<Policy>, StoreError>;
+}

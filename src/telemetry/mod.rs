@@ -1,0 +1,236 @@
+//! Every metric and the audit log, in one place. Metrics live in a [`Metrics`] registered into an
+//! injected `prometheus::Registry` (no globals: each server, and each test, has its own).
+//! Label values are bounded enums (sources are the configured set plus `default`; tenant ids
+//! never appear).
+//!
+//! Owns: `Metrics`, `audit`. Imports: `decide` label types, prometheus, tracing.
+
+pub mod audit;
+
+use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::decide::{Decision, Gate, Tier};
+
+/// Latency buckets, 100 µs to 5 s (CONTRACT §9).
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// All metrics of one server.
+pub struct Metrics {
+    pub registry: Registry,
+    pub gate_decisions: IntCounterVec,
+    pub gate_decision_reasons: IntCounterVec,
+    pub gate_failures: IntCounterVec,
+    pub gate_latency: HistogramVec,
+    pub pre_auth_denials: IntCounterVec,
+    pub fair_use_denials: IntCounterVec,
+    pub fair_use_evaluations: IntCounterVec,
+    pub fair_use_observed: IntGaugeVec,
+    pub spend_usd: prometheus::CounterVec,
+    pub drift_usd: prometheus::CounterVec,
+    pub reconciliations: IntCounterVec,
+    pub approval_token_events: IntCounterVec,
+    pub approval_queue_backlog: IntGauge,
+    pub kill_switch_enabled: IntGauge,
+    pub global_block_active: IntGauge,
+    pub policy_version: IntGauge,
+    pub reservations_active: IntGauge,
+    pub outbox_events: IntCounterVec,
+    pub outbox_depth: IntGauge,
+    pub outbox_oldest_age_seconds: Gauge,
+    pub store_errors: IntCounterVec,
+    pub upstream_responses: IntCounterVec,
+    pub tenants_tracked: GaugeVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn fcounter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::CounterVec {
+    let c = prometheus::CounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let gate_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "valdrics_ops_enforcement_gate_latency_seconds",
+                "Time to reach an enforcement decision (identity to decision, excluding the upstream).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["source", "path"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(gate_latency.clone())).expect("metric registered once");
+        let fair_use_observed = IntGaugeVec::new(
+            Opts::new("valdrics_ops_llm_fair_use_observed", "Last observed counter value per fair-use gate."),
+            &["gate", "tenant_tier"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(fair_use_observed.clone())).expect("metric registered once");
+        let outbox_oldest_age_seconds =
+            Gauge::new("preauth_outbox_oldest_age_seconds", "Age of the oldest undelivered outbox event.")
+                .expect("valid metric");
+        r.register(Box::new(outbox_oldest_age_seconds.clone())).expect("metric registered once");
+        let tenants_tracked = GaugeVec::new(
+            Opts::new("preauth_tenants_tracked", "Tenants with live counters in this replica's embedded store."),
+            &["store"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(tenants_tracked.clone())).expect("metric registered once");
+        Metrics {
+            gate_decisions: counter(
+                &r,
+                "valdrics_ops_enforcement_gate_decisions_total",
+                "Enforcement decisions by source, decision and path (normal|failsafe).",
+                &["source", "decision", "path"],
+            ),
+            gate_decision_reasons: counter(
+                &r,
+                "valdrics_ops_enforcement_gate_decision_reasons_total",
+                "Reason codes attached to decisions.",
+                &["source", "reason"],
+            ),
+            gate_failures: counter(
+                &r,
+                "valdrics_ops_enforcement_gate_failures_total",
+                "Decisions that could not be made normally (store error, timeout, internal error).",
+                &["source", "failure_type"],
+            ),
+            gate_latency,
+            pre_auth_denials: counter(
+                &r,
+                "valdrics_ops_llm_pre_auth_denials_total",
+                "LLM pre-authorization denials by reason and tier.",
+                &["reason", "tenant_tier"],
+            ),
+            fair_use_denials: counter(
+                &r,
+                "valdrics_ops_llm_fair_use_denials_total",
+                "Fair-use and global-abuse denials by gate and tier.",
+                &["gate", "tenant_tier"],
+            ),
+            fair_use_evaluations: counter(
+                &r,
+                "valdrics_ops_llm_fair_use_evaluations_total",
+                "Fair-use gate evaluations by outcome (allow|deny).",
+                &["gate", "outcome", "tenant_tier"],
+            ),
+            fair_use_observed,
+            spend_usd: fcounter(
+                &r,
+                "valdrics_ops_llm_spend_usd_total",
+                "Settled LLM spend in USD by tier, provider and model (models outside the price table: other).",
+                &["tenant_tier", "provider", "model"],
+            ),
+            drift_usd: fcounter(
+                &r,
+                "valdrics_ops_enforcement_reservation_drift_usd_total",
+                "Absolute settlement drift (actual - reserved) in USD by direction (overage|savings).",
+                &["direction"],
+            ),
+            reconciliations: counter(
+                &r,
+                "valdrics_ops_enforcement_reservation_reconciliations_total",
+                "Reservation reconciliations by trigger and status.",
+                &["trigger", "status"],
+            ),
+            approval_token_events: counter(
+                &r,
+                "valdrics_ops_enforcement_approval_token_events_total",
+                "Approval token events (issued, consumed, replay, expired, invalid, mismatch).",
+                &["event"],
+            ),
+            approval_queue_backlog: gauge(&r, "valdrics_ops_enforcement_approval_queue_backlog", "Pending approvals."),
+            kill_switch_enabled: gauge(&r, "preauth_kill_switch_enabled", "1 while the global kill switch is on."),
+            global_block_active: gauge(&r, "preauth_global_block_active", "1 while a global abuse block is in force."),
+            policy_version: gauge(&r, "preauth_policy_version", "Version of the runtime policy in force."),
+            reservations_active: gauge(&r, "preauth_reservations_active", "Reservations held and not yet settled."),
+            outbox_events: counter(
+                &r,
+                "preauth_outbox_events_total",
+                "Outbox events by state (appended|delivered|dropped).",
+                &["state"],
+            ),
+            outbox_depth: gauge(&r, "preauth_outbox_depth", "Events in the outbox not yet delivered."),
+            outbox_oldest_age_seconds,
+            store_errors: counter(
+                &r,
+                "preauth_store_errors_total",
+                "State store operation failures by operation.",
+                &["op"],
+            ),
+            upstream_responses: counter(
+                &r,
+                "preauth_upstream_responses_total",
+                "Upstream responses by status class (2xx|3xx|4xx|5xx|error).",
+                &["status_class"],
+            ),
+            tenants_tracked,
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        use prometheus::Encoder;
+        let mut buf = Vec::with_capacity(16 * 1024);
+        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        buf
+    }
+
+    /// Counts one decision everywhere it belongs.
+    pub fn record_decision(&self, source: &str, tier: Tier, d: &Decision, elapsed_s: f64) {
+        let path = d.path.as_str();
+        self.gate_decisions.with_label_values(&[source, d.verdict.as_str(), path]).inc();
+        self.gate_latency.with_label_values(&[source, path]).observe(elapsed_s);
+        let tier = tier.as_str();
+        for e in &d.evaluations {
+            let outcome = if e.allowed { "allow" } else { "deny" };
+            self.fair_use_evaluations.with_label_values(&[e.gate.as_str(), outcome, tier]).inc();
+            if e.gate != Gate::GlobalAbuse {
+                self.fair_use_observed.with_label_values(&[e.gate.as_str(), tier]).set(e.observed as i64);
+            }
+        }
+        if let Some(label) = d.reason_label() {
+            self.gate_decision_reasons.with_label_values(&[source, label]).inc();
+            if !d.is_allow() || d.is_would_deny() {
+                self.pre_auth_denials.with_label_values(&[label, tier]).inc();
+            }
+            if d.verdict == crate::decide::Verdict::Deny {
+                if let Some(gate) = d.reason.and_then(|r| r.gate()) {
+                    self.fair_use_denials.with_label_values(&[gate.as_str(), tier]).inc();
+                }
+            }
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `2xx` … `5xx`, or `error` when there was no response.
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "error",
+    }
+}

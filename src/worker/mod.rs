@@ -1,0 +1,108 @@
+//! Background services (pingora `BackgroundService`s) that honour shutdown:
+//! - [`Housekeeper`]: marks the replica ready, sweeps expired leases and idle tenants, refreshes
+//!   gauges, and marks it not ready when shutdown begins (so `/readyz` fails before listeners stop).
+//! - [`Reloader`]: on `SIGHUP` re-reads the tenants, tiers and pricing files; a bad file keeps the
+//!   old table and is logged.
+//!
+//! Owns: the services. Imports: state, store traits, config loaders, telemetry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config::load_directory;
+use crate::decide::pricing::PriceTable;
+use crate::state::AppState;
+
+/// How often the sweep runs.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Housekeeper {
+    pub state: Arc<AppState>,
+}
+
+impl Housekeeper {
+    async fn tick(&self) {
+        let now = self.state.clock.now_ms();
+        let m = &self.state.metrics;
+        match self.state.counters.sweep(now).await {
+            Ok(stats) => {
+                m.tenants_tracked.with_label_values(&["counters"]).set(stats.tenants_tracked as f64);
+            }
+            Err(e) => {
+                m.store_errors.with_label_values(&["sweep"]).inc();
+                tracing::warn!(error = %e, "sweep failed");
+            }
+        }
+        if let Ok(g) = self.state.counters.global_view(now).await {
+            m.global_block_active.set(i64::from(g.block_until.is_some_and(|u| u > now)));
+        }
+        let p = self.state.policy.current();
+        m.kill_switch_enabled.set(i64::from(p.kill_switch));
+        m.policy_version.set(p.version as i64);
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.state.set_ready(true);
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => self.tick().await,
+            }
+        }
+        self.state.set_ready(false);
+    }
+}
+
+pub struct Reloader {
+    pub state: Arc<AppState>,
+}
+
+impl Reloader {
+    /// Re-reads the files; returns what was reloaded or why not.
+    pub async fn reload(&self) -> Result<(), String> {
+        let c = &self.state.config;
+        let directory = load_directory(c.tiers_file.as_deref(), c.tenants_file.as_deref())
+            .map_err(|(var, e)| format!("{var}: {e}"))?;
+        let pricing = match &c.pricing_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                Some(PriceTable::builtin_with_overrides(&text).map_err(|e| format!("{}: {e}", path.display()))?)
+            }
+        };
+        let directory = Arc::new(directory);
+        self.state.policy.update(Box::new(move |p| p.directory = directory)).await.map_err(|e| e.to_string())?;
+        if let Some(t) = pricing {
+            self.state.set_pricing(Arc::new(t));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; file reload disabled");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = hup.recv() => match self.reload().await {
+                    Ok(()) => tracing::info!("SIGHUP: tenants, tiers and pricing files reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the previous tables"),
+                },
+            }
+        }
+    }
+}
