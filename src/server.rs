@@ -22,6 +22,7 @@ use crate::decide::pricing::PriceTable;
 use crate::proxy::PreauthProxy;
 use crate::state::AppState;
 use crate::store::memory::{MemoryCounters, MemoryPolicy};
+use crate::store::Counters;
 use crate::worker::{Housekeeper, Reloader};
 
 /// Seconds pingora waits for in-flight requests after SIGTERM before stopping its runtimes.
@@ -56,18 +57,31 @@ pub fn resolve_upstream(config: &Config) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("PREAUTH_UPSTREAM_URL: {} resolves to no address", up.host))
 }
 
-/// Builds the sidecar with the system clock.
-pub fn build(config: Config) -> Result<Built, String> {
-    build_with_clock(config, Arc::new(SystemClock))
+/// The replaceable parts of a sidecar: time and state backends.
+pub struct Parts {
+    pub clock: Arc<dyn Clock>,
+    pub counters: Arc<dyn Counters>,
 }
 
-pub fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Built, String> {
+impl Parts {
+    /// System clock and embedded in-process state (one replica).
+    pub fn embedded() -> Parts {
+        Parts { clock: Arc::new(SystemClock), counters: Arc::new(MemoryCounters::new()) }
+    }
+}
+
+/// Builds the sidecar with the system clock and embedded state.
+pub fn build(config: Config) -> Result<Built, String> {
+    build_with(config, Parts::embedded())
+}
+
+pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let pricing = Arc::new(load_pricing(&config)?);
     let upstream_addr = resolve_upstream(&config)?;
     let up = config.upstream.clone().expect("resolved above");
 
     let policy = Arc::new(MemoryPolicy::new(config.policy.clone()));
-    let counters = Arc::new(MemoryCounters::new());
+    let Parts { clock, counters } = parts;
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;

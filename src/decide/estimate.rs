@@ -6,10 +6,13 @@
 //!
 //! The heuristic mimics the pre-tokenisation of OpenAI's o200k/cl100k BPE tokenizers (words with
 //! their leading space, camelCase splits, digit groups of three, punctuation runs, whitespace runs)
-//! and charges each piece roughly what BPE would: one token for a word plus extra for long or
-//! non-ASCII words, one token per three digits, about one per two punctuation characters, ~0.8 per
-//! CJK character, ~2 per emoji. On the corpus in `tests/fixtures/token_corpus.json` (real o200k
-//! counts) it is within ~10% on average and leans towards over-estimation (see the corpus test).
+//! and charges each piece roughly what BPE would: one token per word plus a little for long or
+//! accented words, one per three digits, ~0.9 for a punctuation run plus ~0.35 per further
+//! character, ~0.8 per Han character, ~1.1 per kana, ~0.6 per Hangul, ~2 per emoji; the sum is
+//! scaled by 1.02 and rounded up. The constants were fitted against real o200k counts of the corpus
+//! in `tests/fixtures/token_corpus.json` (46 texts: prose, code, JSON, markdown, numbers, URLs,
+//! European and CJK languages, emoji): mean absolute error 8.7%, bias +3.8% (leaning high), worst
+//! case base64 (−37%). The corpus test prints and checks these numbers.
 
 use super::pricing::ModelPrice;
 use super::route::Route;

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod pricing;
 pub mod route;
 pub mod time;
+pub mod usage;
 pub mod usage_types;
 
 pub use decision::{Decision, DecisionPath, Gate, GateEval, Reason, Transform, Verdict};

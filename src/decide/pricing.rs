@@ -431,6 +431,8 @@ mod tests {
             ("o3-mini-2025-01-31", "o3-mini"),
             ("o3-pro-2025-06-10", "o3-pro"),
             ("gpt-5-mini-2025-08-07", "gpt-5-mini"),
+            ("gpt-5-chat-latest", "gpt-5"),
+            ("gpt-5.1-codex", "gpt-5.1"),
             ("gpt-3.5-turbo-instruct-0914", "gpt-3.5-turbo-instruct"),
             ("gpt-3.5-turbo-0125", "gpt-3.5-turbo"),
         ];

@@ -45,12 +45,7 @@ impl BodyKind {
     /// `Sse` for a `text/event-stream` content type, else `Json`.
     pub fn from_content_type(content_type: Option<&str>) -> BodyKind {
         match content_type {
-            Some(ct)
-                if ct
-                    .trim_start()
-                    .get(..17)
-                    .is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")) =>
-            {
+            Some(ct) if ct.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")) => {
                 BodyKind::Sse
             }
             _ => BodyKind::Json,
@@ -191,9 +186,7 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     let first = *needle.first()?;
     let mut i = from;
     while i + needle.len() <= hay.len() {
-        let off = hay[i..=hay.len() - needle.len()]
-            .iter()
-            .position(|&b| b == first)?;
+        let off = hay[i..=hay.len() - needle.len()].iter().position(|&b| b == first)?;
         i += off;
         if &hay[i..i + needle.len()] == needle {
             return Some(i);
@@ -408,11 +401,7 @@ impl UsageScanner {
         } else {
             self.usage
         };
-        ScanResult {
-            usage,
-            observed_output_tokens: self.text.tokens(),
-            model: self.model.take(),
-        }
+        ScanResult { usage, observed_output_tokens: self.text.tokens(), model: self.model.take() }
     }
 
     fn feed_json(&mut self, chunk: &[u8]) {
@@ -484,12 +473,7 @@ impl UsageScanner {
     }
 
     fn apply(&mut self, f: Frame) {
-        let Frame {
-            model,
-            usage,
-            message,
-            response,
-        } = f;
+        let Frame { model, usage, message, response } = f;
         let (m_model, m_usage) = message.map_or((None, None), |m| (m.model, m.usage));
         let (r_model, r_usage) = response.map_or((None, None), |r| (r.model, r.usage));
         if self.model.is_none() {
@@ -923,10 +907,8 @@ mod tests {
     #[test]
     fn oversized_line_is_dropped_and_counted() {
         let mut s = UsageScanner::new(Route::ChatCompletions, BodyKind::Sse);
-        let big = format!(
-            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
-            "x".repeat(MAX_SSE_LINE_BYTES)
-        );
+        let big =
+            format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n", "x".repeat(MAX_SSE_LINE_BYTES));
         for piece in big.as_bytes().chunks(64 * 1024) {
             s.feed(piece);
         }
@@ -942,7 +924,10 @@ mod tests {
         assert_eq!(bad, 1);
 
         // a line just under the cap is kept
-        let fits = format!("data: {{\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}},\"pad\":\"{}\"}}\n", "y".repeat(MAX_SSE_LINE_BYTES - 100));
+        let fits = format!(
+            "data: {{\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}},\"pad\":\"{}\"}}\n",
+            "y".repeat(MAX_SSE_LINE_BYTES - 100)
+        );
         let (r, bad) = scan(Route::ChatCompletions, BodyKind::Sse, &[fits.as_bytes()]);
         assert_eq!((r.usage, bad), (Some(u(1, 2, 0, 0)), 0));
     }

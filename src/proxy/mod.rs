@@ -107,7 +107,8 @@ impl PreauthProxy {
         let pricing = self.state.pricing();
         let est = estimate::estimate(route, &req.json);
         let price = pricing.lookup(&req.model);
-        let max_output = estimate::max_output_tokens(est.requested_max_output, price.price, route);
+        let max_output = estimate::max_output_tokens(est.requested_max_output, price.price, route)
+            * estimate::output_choices(route, &req.json);
         let estimated_cost = worst_case_cost(price.price, est.prompt_tokens, max_output);
         let facts = Facts {
             tenant: &caller.tenant,

@@ -1,0 +1,9 @@
+//! Black-box integration tests: the real pingora proxy on ephemeral loopback ports in front of
+//! the built-in fake upstream. One test binary (link once), one module per area.
+
+mod support;
+
+mod admin;
+mod cli;
+mod guards;
+mod proxy;

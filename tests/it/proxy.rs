@@ -1,0 +1,238 @@
+//! The request path: forwarding, headers, bodies, streaming, errors.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn allows_json_and_forwards_with_request_id() {
+    let s = start(&[]).await;
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    assert_eq!(r.status(), 200);
+    let rid = r.headers()["x-preauth-request-id"].to_str().unwrap().to_string();
+    assert_eq!(r.headers()["x-preauth-decision"], "ALLOW");
+    let v = json_of(r).await;
+    assert_eq!(v["object"], "chat.completion");
+    let seen = s.upstream.last_request().unwrap();
+    assert_eq!(seen.header("x-preauth-request-id"), Some(rid.as_str()), "request id forwarded upstream");
+    assert_eq!(seen.header("authorization"), None, "caller JWT never forwarded in jwt mode");
+    assert_eq!(seen.header("accept-encoding"), None);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_api_key_replaces_credentials() {
+    let s = start(&[("PREAUTH_UPSTREAM_API_KEY", "sk-gateway-key")]).await;
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-api-key", "caller-key")
+        .header("x-approval-token", "not-for-upstream")
+        .json(&json!({"model": "claude-3-5-haiku", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = s.upstream.last_request().unwrap();
+    assert_eq!(seen.header("authorization"), Some("Bearer sk-gateway-key"));
+    assert_eq!(seen.header("x-api-key"), Some("sk-gateway-key"));
+    assert_eq!(seen.header("x-approval-token"), None);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_bodies_arrive_byte_exact() {
+    let s = start(&[]).await;
+    let filler = "x".repeat(200 * 1024);
+    // Key order and spacing a serializer would not reproduce: the upstream must see these bytes.
+    let raw = format!(
+        "{{ \"messages\" : [{{\"role\":\"user\",\"content\":\"{filler}\"}}],\n \"model\":\"gpt-4o-mini\", \"max_tokens\": 5 }}"
+    );
+    for chunked in [false, true] {
+        let req = client().post(s.url("/v1/chat/completions")).bearer_auth(token("acme", "pro"));
+        let req = if chunked {
+            let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+                raw.as_bytes().chunks(7000).map(|c| Ok(c.to_vec())).collect();
+            req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(parts)))
+        } else {
+            req.body(raw.clone())
+        };
+        let r = req.header("content-type", "application/json").send().await.unwrap();
+        assert_eq!(r.status(), 200, "chunked={chunked}");
+        let seen = s.upstream.last_request().unwrap();
+        assert_eq!(seen.body.len(), raw.len(), "chunked={chunked}");
+        assert!(seen.body == raw.as_bytes(), "body forwarded byte-exact (chunked={chunked})");
+    }
+    // Small bodies too, including the exact 64 KiB boundary of the buffered path.
+    for n in [10usize, 64 * 1024 - 80, 64 * 1024 + 1] {
+        let raw = format!(
+            "{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+            "y".repeat(n)
+        );
+        let r = client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(token("acme", "pro"))
+            .header("content-type", "application/json")
+            .body(raw.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "n={n}");
+        assert!(s.upstream.last_request().unwrap().body == raw.as_bytes(), "n={n}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_denied_body_never_reaches_the_upstream() {
+    let s = start(&[("LLM_GLOBAL_ABUSE_KILL_SWITCH", "true")]).await;
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "z".repeat(150_000)}]});
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &big).await;
+    assert_error(r, 429, "llm_fair_use_exceeded").await;
+    assert!(s.upstream.requests().is_empty(), "no complete request reached the upstream");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_is_streamed_as_emitted_with_usage_injected() {
+    let s = start(&[]).await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-delay-ms", "150")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let start = Instant::now();
+    let mut stream = r.bytes_stream();
+    let mut arrivals = Vec::new();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        let events = String::from_utf8_lossy(&chunk).matches("data:").count();
+        for _ in 0..events {
+            arrivals.push(start.elapsed());
+        }
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(text.contains("\"usage\":{"), "include_usage was injected, usage chunk arrived");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let seen = s.upstream.last_request().unwrap().json().unwrap();
+    assert_eq!(seen["stream_options"]["include_usage"], true);
+    // Events were emitted 150 ms apart; they must arrive spread out, not batched.
+    assert!(arrivals.len() >= 7, "{arrivals:?}");
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(spread >= Duration::from_millis(700), "events arrived batched: {arrivals:?}");
+    let gaps_ok = arrivals.windows(2).filter(|w| w[1] - w[0] >= Duration::from_millis(100)).count();
+    assert!(gaps_ok >= 5, "per-event spacing preserved: {arrivals:?}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn h2c_downstream_works() {
+    let s = start(&[]).await;
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-preauth-decision"], "ALLOW");
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "q".repeat(100_000)}]});
+    let r = c.post(s.url("/v1/chat/completions")).bearer_auth(token("acme", "pro")).json(&big).send().await.unwrap();
+    assert_eq!(r.status(), 200, "large body over h2c");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_errors_have_codes_statuses_and_json() {
+    let s = start(&[("PREAUTH_MAX_BODY_BYTES", "300000")]).await;
+    let c = client();
+    // 401: missing, malformed, wrong key, expired.
+    let r = c.post(s.url("/v1/chat/completions")).json(&chat("m")).send().await.unwrap();
+    assert_error(r, 401, "unauthenticated").await;
+    let r = c.post(s.url("/v1/chat/completions")).bearer_auth("not.a.jwt").json(&chat("m")).send().await.unwrap();
+    assert_error(r, 401, "unauthenticated").await;
+    let wrong =
+        preauth_sidecar::demo::mint_tenant_jwt("another-secret-0123456789abcdef0123", "acme", "pro", 2_000_000_000, 60);
+    let r = c.post(s.url("/v1/chat/completions")).bearer_auth(wrong).json(&chat("m")).send().await.unwrap();
+    assert_error(r, 401, "unauthenticated").await;
+    let expired = preauth_sidecar::demo::mint_tenant_jwt(JWT_SECRET, "acme", "pro", 1_000_000, 60);
+    let r = c.post(s.url("/v1/chat/completions")).bearer_auth(expired).json(&chat("m")).send().await.unwrap();
+    let v = assert_error(r, 401, "unauthenticated").await;
+    assert_eq!(v["error"]["details"]["reason"], "token_expired");
+    // 404: not an inspected route (and no token needed to learn that).
+    let r = c.get(s.url("/admin/secret")).send().await.unwrap();
+    assert_error(r, 404, "route_not_found").await;
+    let r = c.get(s.url("/v1/chat/completions")).bearer_auth(token("acme", "pro")).send().await.unwrap();
+    assert_error(r, 404, "route_not_found").await;
+    // 400: not JSON, missing fields.
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("content-type", "application/json")
+        .body("{nope")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 400, "invalid_request").await;
+    let r = post(&s, "/v1/messages", "acme", "pro", &json!({"model": "claude-3-5-haiku", "messages": []})).await;
+    let v = assert_error(r, 400, "invalid_request").await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("max_tokens"));
+    // 413: declared and streamed (chunked) bodies over the limit.
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "a".repeat(400_000)}]});
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &big).await;
+    assert_error(r, 413, "request_too_large").await;
+    let bytes = serde_json::to_vec(&big).unwrap();
+    let parts: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(50_000).map(|c| Ok(c.to_vec())).collect();
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(parts)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 413, "request_too_large").await;
+    // GET /v1/models passes through after identity.
+    let r = c.get(s.url("/v1/models")).bearer_auth(token("acme", "pro")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.get(s.url("/v1/models")).send().await.unwrap();
+    assert_error(r, 401, "unauthenticated").await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_errors_pass_through_and_unreachable_is_502() {
+    let s = start(&[]).await;
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-status", "503")
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "upstream status passes through unchanged");
+    assert!(r.headers().get("x-preauth-error").is_none(), "not a sidecar-made error");
+    assert_eq!(json_of(r).await["error"]["code"], "mock_status");
+    s.stop().await;
+
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let s = start(&[("PREAUTH_UPSTREAM_URL", &dead)]).await;
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    assert_error(r, 502, "upstream_unavailable").await;
+    let m = metrics(&s).await;
+    assert!(m.contains("preauth_upstream_responses_total{status_class=\"error\"} 1"), "{m}");
+    s.stop().await;
+}

@@ -1,0 +1,136 @@
+//! Test support: a sidecar on free loopback ports in front of the built-in fake upstream,
+//! configured from a map (never the process environment), plus HTTP helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use preauth_sidecar::clock::{Clock, SystemClock};
+use preauth_sidecar::config::{self, Purpose};
+use preauth_sidecar::demo::mint_tenant_jwt;
+use preauth_sidecar::demo::upstream::FakeUpstream;
+use preauth_sidecar::server::{self, Parts, RunningServer};
+use preauth_sidecar::store::memory::MemoryCounters;
+use preauth_sidecar::store::Counters;
+
+pub const JWT_SECRET: &str = "test-secret-0123456789abcdef0123456789";
+pub const ADMIN_KEY: &str = "test-admin-key";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        assert!(Instant::now() < deadline, "{addr} did not start listening");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub struct Sidecar {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub upstream: FakeUpstream,
+    running: Option<RunningServer>,
+}
+
+impl Sidecar {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+    pub fn state(&self) -> &preauth_sidecar::state::AppState {
+        &self.running.as_ref().unwrap().state
+    }
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            tokio::task::spawn_blocking(move || r.stop()).await.unwrap();
+        }
+    }
+}
+
+/// Starts the fake upstream and a sidecar configured by `env` (on top of test defaults).
+pub async fn start(env: &[(&str, &str)]) -> Sidecar {
+    start_with(env, Arc::new(MemoryCounters::new())).await
+}
+
+pub async fn start_with(env: &[(&str, &str)], counters: Arc<dyn Counters>) -> Sidecar {
+    let upstream = FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut m: HashMap<String, String> = HashMap::new();
+    m.insert("PREAUTH_UPSTREAM_URL".into(), upstream.base_url());
+    m.insert("PREAUTH_LISTEN_ADDR".into(), proxy.to_string());
+    m.insert("PREAUTH_ADMIN_ADDR".into(), admin.to_string());
+    m.insert("SUPABASE_JWT_SECRET".into(), JWT_SECRET.into());
+    m.insert("ADMIN_API_KEY".into(), ADMIN_KEY.into());
+    m.insert("PREAUTH_THREADS".into(), "2".into());
+    for (k, v) in env {
+        if v.is_empty() {
+            m.remove(*k);
+        } else {
+            m.insert(k.to_string(), v.to_string());
+        }
+    }
+    let cfg = config::parse(&m, Purpose::Run).expect("test config is valid");
+    let built = server::build_with(cfg, Parts { clock: Arc::new(SystemClock), counters }).unwrap();
+    let running = server::spawn(built);
+    wait_listening(proxy);
+    wait_listening(admin);
+    Sidecar { proxy, admin, upstream, running: Some(running) }
+}
+
+pub fn token(tenant: &str, tier: &str) -> String {
+    let now = (SystemClock.now_ms() / 1000) as i64;
+    mint_tenant_jwt(JWT_SECRET, tenant, tier, now, 3600)
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap()
+}
+
+pub fn chat(model: &str) -> serde_json::Value {
+    serde_json::json!({"model": model, "max_tokens": 20, "messages": [{"role": "user", "content": "hello there"}]})
+}
+
+/// POST a JSON body to an LLM route as `tenant` of `tier`.
+pub async fn post(s: &Sidecar, path: &str, tenant: &str, tier: &str, body: &serde_json::Value) -> reqwest::Response {
+    client().post(s.url(path)).bearer_auth(token(tenant, tier)).json(body).send().await.unwrap()
+}
+
+pub async fn json_of(r: reqwest::Response) -> serde_json::Value {
+    let text = r.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+pub async fn patch_runtime(s: &Sidecar, body: serde_json::Value) -> reqwest::Response {
+    client().patch(s.admin_url("/api/v1/enforcement/runtime")).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap()
+}
+
+pub async fn metrics(s: &Sidecar) -> String {
+    client().get(s.admin_url("/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// Asserts a sidecar-made error: status, `code`, headers.
+pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+    assert_eq!(r.status().as_u16(), status, "status for {code}");
+    let h = r.headers().clone();
+    assert_eq!(h.get("x-preauth-error").and_then(|v| v.to_str().ok()), Some(code));
+    assert_eq!(h.get("content-type").and_then(|v| v.to_str().ok()), Some("application/json"));
+    let rid = h.get("x-preauth-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert!(rid.is_some(), "x-preauth-request-id on {code}");
+    if matches!(status, 429 | 503) {
+        assert!(h.get("retry-after").is_some(), "Retry-After on {status} {code}");
+    }
+    let v = json_of(r).await;
+    assert_eq!(v["error"]["code"], code);
+    assert_eq!(v["error"]["type"], "preauth_error");
+    assert_eq!(v["error"]["id"].as_str(), rid.as_deref());
+    assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    v
+}
