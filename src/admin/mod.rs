@@ -79,13 +79,13 @@ async fn read_body(s: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> 
 }
 
 impl AdminApp {
-    fn authorize(&self, s: &ServerSession) -> Result<(), Response<Vec<u8>>> {
+    fn authorize(&self, s: &ServerSession) -> Result<(), Box<Response<Vec<u8>>>> {
         let Some(key) = &self.state.config.admin_api_key else {
-            return Err(admin_error(
+            return Err(Box::new(admin_error(
                 403,
                 "admin_disabled",
                 "The admin API is disabled: set ADMIN_API_KEY to enable it.",
-            ));
+            )));
         };
         let given = s
             .req_header()
@@ -98,11 +98,11 @@ impl AdminApp {
         if ct_eq(given.as_bytes(), key.expose().as_bytes()) {
             Ok(())
         } else {
-            Err(admin_error(
+            Err(Box::new(admin_error(
                 401,
                 "unauthorized",
                 "Missing or wrong admin key: send Authorization: Bearer $ADMIN_API_KEY.",
-            ))
+            )))
         }
     }
 
@@ -181,7 +181,7 @@ impl ServeHttp for AdminApp {
             }
             (m, "/api/v1/enforcement/runtime") => {
                 if let Err(r) = self.authorize(s) {
-                    return r;
+                    return *r;
                 }
                 match m {
                     Method::GET => json_response(200, &runtime::view(&self.state.policy.current())),
@@ -191,7 +191,7 @@ impl ServeHttp for AdminApp {
             }
             (_, p) if p.starts_with("/api/") => {
                 if let Err(r) = self.authorize(s) {
-                    return r;
+                    return *r;
                 }
                 admin_error(404, "not_found", "No such admin route.")
             }

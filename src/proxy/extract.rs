@@ -116,7 +116,7 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest, String> {
         .filter(|m| !m.is_empty())
         .ok_or("Field `model` must be a non-empty string.")?
         .to_string();
-    if route == Route::Messages && !obj.get("max_tokens").is_some_and(|v| v.as_u64().is_some()) {
+    if route == Route::Messages && obj.get("max_tokens").is_none_or(|v| v.as_u64().is_none()) {
         return Err("Field `max_tokens` must be a non-negative integer.".to_string());
     }
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);

@@ -183,7 +183,7 @@ impl MemoryCounters {
         (ticket, CountersView { global: global_view, tenant: tenant_view })
     }
 
-    fn rollback_now(&self, t: &Ticket) {
+    pub fn rollback_now(&self, t: &Ticket) {
         {
             let mut shard = self.shard(&t.tenant).lock();
             if let Some(st) = shard.get_mut(&t.tenant) {
@@ -207,7 +207,7 @@ impl MemoryCounters {
         }
     }
 
-    fn release_now(&self, t: &Ticket) {
+    pub fn release_now(&self, t: &Ticket) {
         if !t.has_lease {
             return;
         }

@@ -1,0 +1,103 @@
+//! Criterion benchmarks of the per-request work that is not pingora's: the pure decision, the
+//! embedded store's admission with 100k tracked tenants, JWT verification, the estimator and
+//! the usage scanner.
+//!
+//! Run: `cargo bench --bench hot_path` (numbers go in the issue notes, never into tests).
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use preauth_sidecar::decide::estimate::estimate;
+use preauth_sidecar::decide::time::parse_rfc3339;
+use preauth_sidecar::decide::usage::{BodyKind, UsageScanner};
+use preauth_sidecar::decide::{evaluate, jwt, CountersView, Facts, Mode, Policy, Route, Tier};
+use preauth_sidecar::store::memory::MemoryCounters;
+use preauth_sidecar::store::AdmitRequest;
+use serde_json::json;
+
+fn policy() -> Policy {
+    let mut p = Policy::for_test();
+    p.fair_use.enabled = true;
+    p.fair_use.tokens_per_minute = 1_000_000;
+    p.global.per_minute_cap = 100_000;
+    p
+}
+
+fn bench_decision(c: &mut Criterion) {
+    let p = policy();
+    let now = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+    let facts = Facts { tenant: "tenant-42", tier: Tier::Pro, source: "default", estimated_tokens: 500 };
+    let mut view = CountersView::default();
+    view.tenant.minute_requests = 3;
+    view.global.requests_last_minute = 400;
+    c.bench_function("decide::evaluate (pure)", |b| {
+        b.iter(|| evaluate(black_box(&p), black_box(&facts), black_box(&view), Mode::Hard, now))
+    });
+
+    // Admission + decision over 100k tracked tenants, as the proxy does it (embedded store).
+    let store = MemoryCounters::new();
+    let tenants: Vec<String> = (0..100_000).map(|i| format!("tenant-{i:06}")).collect();
+    for (i, t) in tenants.iter().enumerate() {
+        store.admit_now(&AdmitRequest { tenant: t, now: now + i as u64 / 100, tokens: 100, lease_ttl_ms: None });
+    }
+    let mut i = 0usize;
+    let mut t = now + 1_000;
+    c.bench_function("store admit + evaluate + lease release, 100k tenants", |b| {
+        b.iter(|| {
+            i = (i + 7919) % tenants.len();
+            t += 1;
+            let tenant = &tenants[i];
+            let req = AdmitRequest { tenant, now: t, tokens: 100, lease_ttl_ms: Some(180_000) };
+            let (ticket, view) = store.admit_now(&req);
+            let f = Facts { tenant, tier: Tier::Pro, source: "default", estimated_tokens: 100 };
+            let d = evaluate(&p, &f, &view, Mode::Hard, t);
+            store.release_now(&ticket);
+            black_box(d)
+        })
+    });
+}
+
+fn bench_jwt(c: &mut Criterion) {
+    let key = b"0123456789abcdef0123456789abcdef";
+    let token = jwt::sign_hs256(
+        &json!({"sub": "u", "aud": "authenticated", "tenant_id": "acme", "tier": "pro", "exp": 4_000_000_000u64}),
+        key,
+        None,
+    );
+    c.bench_function("jwt::verify_hs256", |b| b.iter(|| jwt::verify_hs256(black_box(&token), &[key], 1_800_000_000)));
+}
+
+fn bench_estimate(c: &mut Criterion) {
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(100_000 / 45);
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]});
+    let mut g = c.benchmark_group("estimate");
+    g.throughput(Throughput::Bytes(prompt.len() as u64));
+    g.bench_function("100 KB prompt", |b| b.iter(|| estimate(Route::ChatCompletions, black_box(&body))));
+    g.finish();
+}
+
+fn bench_scanner(c: &mut Criterion) {
+    let mut sse = String::new();
+    let delta = r#"data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"hello world "},"finish_reason":null}],"usage":null}"#;
+    while sse.len() < 1 << 20 {
+        sse.push_str(delta);
+        sse.push_str("\n\n");
+    }
+    sse.push_str(r#"data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":5000,"total_tokens":5010}}"#);
+    sse.push_str("\n\ndata: [DONE]\n\n");
+    let mut g = c.benchmark_group("usage scanner");
+    g.throughput(Throughput::Bytes(sse.len() as u64));
+    g.bench_function("1 MiB SSE in 16 KiB chunks", |b| {
+        b.iter(|| {
+            let mut s = UsageScanner::new(Route::ChatCompletions, BodyKind::Sse);
+            for chunk in sse.as_bytes().chunks(16 * 1024) {
+                s.feed(chunk);
+            }
+            s.finish()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_decision, bench_jwt, bench_estimate, bench_scanner);
+criterion_main!(benches);

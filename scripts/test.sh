@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every check and test of preauth-sidecar: formatting, clippy (warnings are errors), unit
+# tests, integration tests through the real proxy, and compiles the benchmarks.
+# Usage: ./scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --locked --all-targets 2>&1 | tee /tmp/preauth-test.log
+echo "== summary"
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' /tmp/preauth-test.log

@@ -1,0 +1,148 @@
+//! Monthly budgets: the atomic money arithmetic behind pre-authorization (CONTRACT §4, §6).
+//!
+//! A request is admitted only when its worst-case cost *fits* the tenant's month —
+//! `spent + reserved + amount ≤ monthly_budget` — and the check and the hold happen in one atomic
+//! step ([`Budgets::reserve`]), so concurrent requests can never reserve more than what is left.
+//! Later the hold is either settled at its real cost ([`Budgets::settle`]: the actual cost is
+//! charged even above the hold, the rest is released, drift is reported), released with nothing
+//! charged ([`Budgets::release`], upstream errors) or released by the sweep once it is too old
+//! ([`Budgets::expire`]). Shadow mode charges usage without any hold ([`Budgets::charge`]).
+//!
+//! Months are UTC calendar months (`YYYY-MM`, [`Month::of`]); a reservation counts against the
+//! month it was created in, also when it is settled after the month ended. Time is always
+//! injected (`now`), never read here.
+//!
+//! Threshold logic (approval thresholds, hard/soft/shadow modes) is *not* here: backends only do
+//! the arithmetic, `decide` and the proxy glue decide what to ask for.
+//!
+//! Money arguments are never negative: a negative `amount`, `min_amount` or `actual` is treated
+//! as zero by every implementation.
+//!
+//! Owns: the [`Budgets`] trait and its request/outcome types. Imports: `store::StoreError`,
+//! `decide` money/time types, async-trait, std. The embedded implementation is
+//! [`super::budget_memory`].
+
+use async_trait::async_trait;
+
+use super::StoreError;
+use crate::decide::time::Month;
+use crate::decide::{Micros, UnixMillis};
+
+/// What to hold for one request.
+#[derive(Clone, Copy, Debug)]
+pub struct ReserveRequest<'a> {
+    pub tenant: &'a str,
+    pub tenant_tier: &'a str,
+    pub request_id: &'a str,
+    pub model: &'a str,
+    pub now: UnixMillis,
+    /// The tenant's budget for the month of `now`.
+    pub monthly_budget: Micros,
+    /// The worst-case (estimated) cost to hold.
+    pub amount: Micros,
+    /// Clamp mode: when `amount` does not fit, hold the largest amount `≥ min_amount` that does
+    /// (i.e. everything that is left). `None`: all of `amount` or nothing.
+    pub min_amount: Option<Micros>,
+}
+
+/// A hold on part of a tenant's month.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// UUID v7.
+    pub id: String,
+    pub tenant: String,
+    pub tenant_tier: String,
+    pub request_id: String,
+    pub model: String,
+    /// `YYYY-MM` (UTC) of `created_at`: the month this reservation counts against.
+    pub month: String,
+    /// The amount held (may be less than asked for in clamp mode).
+    pub amount: Micros,
+    pub created_at: UnixMillis,
+}
+
+/// The answer to [`Budgets::reserve`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    Reserved(Reservation),
+    /// Nothing was held. The figures are the tenant's month just before the attempt;
+    /// `remaining = max(0, budget − spent − reserved)`.
+    Insufficient { spent: Micros, reserved: Micros, remaining: Micros },
+}
+
+/// A settled reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settlement {
+    pub reservation: Reservation,
+    /// Charged to the reservation's month in full, even above the hold.
+    pub actual: Micros,
+    /// `max(0, reserved − actual)`: what went back to the budget.
+    pub released: Micros,
+    /// `actual − reserved`: overage when positive, savings when negative.
+    pub drift: Micros,
+}
+
+/// The answer to [`Budgets::settle`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled(Settlement),
+    /// No such reservation (never existed, or finished long enough ago to be forgotten).
+    NotFound,
+    /// The reservation exists but was already settled or released (duplicate settle → 409).
+    NotActive,
+}
+
+/// Where a reservation is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReservationState {
+    Active,
+    Settled { actual: Micros },
+    Released,
+}
+
+/// A tenant's month.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpendView {
+    /// Charged so far (settlements and direct charges).
+    pub spent: Micros,
+    /// Held by active reservations.
+    pub reserved: Micros,
+    pub active_reservations: u64,
+}
+
+impl SpendView {
+    /// `budget − spent − reserved`, never below zero.
+    pub fn remaining(&self, monthly_budget: Micros) -> Micros {
+        monthly_budget.saturating_sub(self.spent).saturating_sub(self.reserved).max(Micros::ZERO)
+    }
+}
+
+/// The month key (`YYYY-MM`) of an instant, as used by [`Reservation::month`] and
+/// [`Budgets::tenant_spend`].
+pub fn month_key(now: UnixMillis) -> String {
+    Month::of(now).to_string()
+}
+
+/// Atomic monthly budget arithmetic. Object-safe; every method is a single atomic step.
+#[async_trait]
+pub trait Budgets: Send + Sync {
+    /// Holds `amount` (or, in clamp mode, what is left if at least `min_amount`) against the
+    /// tenant's month of `now` if it fits; check and hold are one atomic step.
+    async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError>;
+    /// Charges `actual` to the reservation's month and releases the hold. Exactly once per
+    /// reservation: later calls answer `NotActive` (or `NotFound` once the record is forgotten).
+    async fn settle(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError>;
+    /// Releases the hold, charging nothing (upstream error). `None` if it is not active.
+    async fn release(&self, id: &str, now: UnixMillis) -> Result<Option<Reservation>, StoreError>;
+    /// Releases (charging nothing) every active reservation created before `older_than` and
+    /// returns them; each one is returned by exactly one call, also under concurrency.
+    async fn expire(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError>;
+    /// Adds spend without a reservation (shadow mode, admin adjustments).
+    async fn charge(&self, tenant: &str, month: &str, amount: Micros, now: UnixMillis) -> Result<(), StoreError>;
+    /// The tenant's month (`YYYY-MM`). Unknown tenant or month: zeros.
+    async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError>;
+    /// Up to `limit` active reservations, oldest first.
+    async fn active(&self, limit: usize) -> Result<Vec<Reservation>, StoreError>;
+    /// A reservation and its state. Settled and released ones are remembered for at least 24 h.
+    async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError>;
+}

@@ -1,0 +1,848 @@
+//! Embedded [`Budgets`]: state in memory behind one mutex, made durable by an append-only journal
+//! in a data directory (`<dir>/budgets.journal`).
+//!
+//! # Journal
+//! Every change (reserve, settle, release — also by `expire` —, charge) is one compact JSON line,
+//! written with a single `write_all` to a file opened with `O_APPEND` *before* the call returns and
+//! *before* the change becomes visible in memory; if the write fails the change is not made and the
+//! call answers `StoreError::Unavailable`. There is no fsync per change:
+//!
+//! - **Process crash or `SIGKILL`: nothing is lost.** Every acknowledged change is in the kernel's
+//!   page cache, which outlives the process; the next `open` replays it.
+//! - **Power loss or kernel crash: changes since the last successful [`MemoryBudgets::sync`] may be
+//!   lost** (and the last line may be torn; `open` ignores unreadable lines). Calling `sync`
+//!   periodically from a background worker is the caller's choice of durability window; it
+//!   fsyncs outside the state lock, so it does not stall requests.
+//!
+//! # Compaction
+//! `open` replays the journal and rewrites it as a snapshot (write to `budgets.journal.tmp`,
+//! fsync, rename, fsync the directory): the spend of the current and previous month per tenant
+//! (as of the latest `now` seen), the active reservations, and the settled/released records still
+//! remembered. While running, once the journal exceeds [`BudgetsOptions::compact_above_bytes`]
+//! (and twice its size right after the last compaction) a background thread compacts it the same
+//! way: it rebuilds the state from the journal file itself (no lock held), then, under the lock,
+//! appends what was written meanwhile, fsyncs and swaps files. The lock is held only for that
+//! short tail copy. [`MemoryBudgets::compact`] does the same on demand.
+//!
+//! One process per data directory: two processes appending to the same journal corrupt it.
+//!
+//! # Memory
+//! Settled and released reservations are remembered for [`BudgetsOptions::finished_retention_ms`]
+//! (24 h) so that a late duplicate settle answers `NotActive`, then forgotten; at most
+//! [`BudgetsOptions::max_finished`] are kept (oldest forgotten first). Months before the previous
+//! one are forgotten once time moves into a new month (unless they still hold reservations).
+//!
+//! Owns: `MemoryBudgets`, `BudgetsOptions`, the journal format. Imports: `store::budget`,
+//! `store::StoreError`, `decide` money/time types, parking_lot, serde/serde_json, uuid, tracing, std.
+
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::budget::{
+    month_key, Budgets, ReservationState, Reservation, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
+    SpendView,
+};
+use super::StoreError;
+use crate::decide::time::{Month, MS_PER_DAY};
+use crate::decide::{Micros, UnixMillis};
+
+/// The journal's file name inside the data directory.
+pub const JOURNAL_FILE: &str = "budgets.journal";
+const TMP_FILE: &str = "budgets.journal.tmp";
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// Tuning for [`MemoryBudgets`].
+#[derive(Clone, Debug)]
+pub struct BudgetsOptions {
+    /// How long settled/released reservations are remembered. Default 24 h.
+    pub finished_retention_ms: u64,
+    /// At most this many settled/released reservations are remembered. Default 1,000,000.
+    pub max_finished: usize,
+    /// Compact the journal in the background once it is larger than this. Default 64 MiB.
+    pub compact_above_bytes: u64,
+}
+
+impl Default for BudgetsOptions {
+    fn default() -> Self {
+        BudgetsOptions { finished_retention_ms: MS_PER_DAY, max_finished: 1_000_000, compact_above_bytes: 64 << 20 }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Journal format: one JSON object per line, tagged by "op". Money as integer micro-USD.
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Entry<'a> {
+    /// First line of a snapshot: the latest `now` the state had seen.
+    Snapshot { v: u32, now: UnixMillis },
+    Reserve {
+        id: Cow<'a, str>,
+        tenant: Cow<'a, str>,
+        tier: Cow<'a, str>,
+        request_id: Cow<'a, str>,
+        model: Cow<'a, str>,
+        month: Cow<'a, str>,
+        amount: i64,
+        at: UnixMillis,
+    },
+    Settle { id: Cow<'a, str>, actual: i64, at: UnixMillis },
+    Release { id: Cow<'a, str>, at: UnixMillis },
+    Charge { tenant: Cow<'a, str>, month: Cow<'a, str>, amount: i64, at: UnixMillis },
+    /// Snapshot: a month's spend (added, like a charge).
+    Spent { tenant: Cow<'a, str>, month: Cow<'a, str>, spent: i64 },
+    /// Snapshot: a settled (`actual` set) or released reservation; does not touch spend.
+    Done {
+        id: Cow<'a, str>,
+        tenant: Cow<'a, str>,
+        tier: Cow<'a, str>,
+        request_id: Cow<'a, str>,
+        model: Cow<'a, str>,
+        month: Cow<'a, str>,
+        amount: i64,
+        created: UnixMillis,
+        at: UnixMillis,
+        actual: Option<i64>,
+    },
+}
+
+fn reserve_entry(r: &Reservation) -> Entry<'_> {
+    Entry::Reserve {
+        id: Cow::Borrowed(&r.id),
+        tenant: Cow::Borrowed(&r.tenant),
+        tier: Cow::Borrowed(&r.tenant_tier),
+        request_id: Cow::Borrowed(&r.request_id),
+        model: Cow::Borrowed(&r.model),
+        month: Cow::Borrowed(&r.month),
+        amount: r.amount.0,
+        at: r.created_at,
+    }
+}
+
+fn push_line(out: &mut Vec<u8>, e: &Entry<'_>) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, e).map_err(io::Error::other)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+fn prev_month(m: Month) -> Month {
+    if m.month == 1 {
+        Month { year: m.year - 1, month: 12 }
+    } else {
+        Month { year: m.year, month: m.month - 1 }
+    }
+}
+
+/// Months kept: the previous one and later.
+fn keep_month(key: &str, prev: Month) -> bool {
+    Month::parse(key).is_some_and(|m| m >= prev)
+}
+
+// ---------------------------------------------------------------------------------------------
+// State: pure bookkeeping, no I/O. Replaying a journal and serving live calls use the same code.
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Acct {
+    spent: i64,
+    reserved: i64,
+    active: u64,
+}
+
+struct Finished {
+    res: Reservation,
+    state: ReservationState,
+    at: UnixMillis,
+}
+
+struct State {
+    retention_ms: u64,
+    max_finished: usize,
+    /// tenant → month → account.
+    accts: HashMap<String, HashMap<String, Acct>>,
+    active: HashMap<Arc<str>, Reservation>,
+    /// (created_at, id) of every active reservation.
+    by_age: BTreeSet<(UnixMillis, Arc<str>)>,
+    finished: HashMap<Arc<str>, Finished>,
+    /// (finished at, id) in finishing order; may hold stale pairs (checked against `finished`).
+    finished_order: VecDeque<(UnixMillis, Arc<str>)>,
+    last_now: UnixMillis,
+    month: Option<Month>,
+}
+
+impl State {
+    fn new(opts: &BudgetsOptions) -> State {
+        State {
+            retention_ms: opts.finished_retention_ms,
+            max_finished: opts.max_finished,
+            accts: HashMap::new(),
+            active: HashMap::new(),
+            by_age: BTreeSet::new(),
+            finished: HashMap::new(),
+            finished_order: VecDeque::new(),
+            last_now: 0,
+            month: None,
+        }
+    }
+
+    /// Rebuilds a state from journal bytes; unreadable lines are skipped and counted.
+    fn replay(bytes: &[u8], opts: &BudgetsOptions) -> (State, u64) {
+        let mut st = State::new(opts);
+        let mut skipped = 0;
+        for line in bytes.split(|b| *b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Entry<'_>>(line) {
+                Ok(e) => {
+                    st.apply(&e);
+                }
+                Err(_) => skipped += 1,
+            }
+        }
+        (st, skipped)
+    }
+
+    fn acct(&self, tenant: &str, month: &str) -> Acct {
+        self.accts.get(tenant).and_then(|m| m.get(month)).copied().unwrap_or_default()
+    }
+
+    fn acct_mut(&mut self, tenant: &str, month: &str) -> &mut Acct {
+        if !self.accts.contains_key(tenant) {
+            self.accts.insert(tenant.to_owned(), HashMap::new());
+        }
+        let months = self.accts.get_mut(tenant).expect("inserted above");
+        if !months.contains_key(month) {
+            months.insert(month.to_owned(), Acct::default());
+        }
+        months.get_mut(month).expect("inserted above")
+    }
+
+    /// Moves time forward: forgets old months and old finished records.
+    fn advance(&mut self, now: UnixMillis) {
+        if now <= self.last_now && self.month.is_some() {
+            return;
+        }
+        self.last_now = self.last_now.max(now);
+        let m = Month::of(self.last_now);
+        if self.month != Some(m) {
+            self.month = Some(m);
+            let prev = prev_month(m);
+            self.accts.retain(|_, months| {
+                months.retain(|k, a| a.active > 0 || keep_month(k, prev));
+                !months.is_empty()
+            });
+        }
+        let horizon = self.last_now.saturating_sub(self.retention_ms);
+        while self.finished_order.front().is_some_and(|(at, _)| *at < horizon) {
+            self.pop_finished();
+        }
+    }
+
+    fn pop_finished(&mut self) {
+        if let Some((at, id)) = self.finished_order.pop_front() {
+            if self.finished.get(&id).is_some_and(|f| f.at == at) {
+                self.finished.remove(&id);
+            }
+        }
+    }
+
+    fn insert_active(&mut self, r: Reservation) {
+        if self.active.contains_key(r.id.as_str()) || self.finished.contains_key(r.id.as_str()) {
+            return;
+        }
+        let acct = self.acct_mut(&r.tenant, &r.month);
+        acct.reserved = acct.reserved.saturating_add(r.amount.0);
+        acct.active += 1;
+        let id: Arc<str> = Arc::from(r.id.as_str());
+        self.by_age.insert((r.created_at, id.clone()));
+        self.active.insert(id, r);
+    }
+
+    /// Ends an active reservation: settled (`actual` charged) or released.
+    fn finish(&mut self, id: &str, at: UnixMillis, actual: Option<i64>) -> Option<Reservation> {
+        let (key, res) = self.active.remove_entry(id)?;
+        self.by_age.remove(&(res.created_at, key.clone()));
+        let acct = self.acct_mut(&res.tenant, &res.month);
+        acct.reserved = acct.reserved.saturating_sub(res.amount.0);
+        acct.active = acct.active.saturating_sub(1);
+        if let Some(a) = actual {
+            acct.spent = acct.spent.saturating_add(a);
+        }
+        let state = actual.map_or(ReservationState::Released, |a| ReservationState::Settled { actual: Micros(a) });
+        self.insert_finished(key, res.clone(), state, at);
+        Some(res)
+    }
+
+    fn insert_finished(&mut self, id: Arc<str>, res: Reservation, state: ReservationState, at: UnixMillis) {
+        self.finished.insert(id.clone(), Finished { res, state, at });
+        self.finished_order.push_back((at, id));
+        while self.finished.len() > self.max_finished {
+            self.pop_finished();
+        }
+    }
+
+    /// Applies one journal entry; returns the reservation a settle/release ended.
+    fn apply(&mut self, e: &Entry<'_>) -> Option<Reservation> {
+        match e {
+            Entry::Snapshot { now, .. } => {
+                self.advance(*now);
+                None
+            }
+            Entry::Reserve { id, tenant, tier, request_id, model, month, amount, at } => {
+                self.advance(*at);
+                self.insert_active(Reservation {
+                    id: id.to_string(),
+                    tenant: tenant.to_string(),
+                    tenant_tier: tier.to_string(),
+                    request_id: request_id.to_string(),
+                    model: model.to_string(),
+                    month: month.to_string(),
+                    amount: Micros(*amount),
+                    created_at: *at,
+                });
+                None
+            }
+            Entry::Settle { id, actual, at } => {
+                self.advance(*at);
+                self.finish(id, *at, Some(*actual))
+            }
+            Entry::Release { id, at } => {
+                self.advance(*at);
+                self.finish(id, *at, None)
+            }
+            Entry::Charge { tenant, month, amount, at } => {
+                self.advance(*at);
+                let a = self.acct_mut(tenant, month);
+                a.spent = a.spent.saturating_add(*amount);
+                None
+            }
+            Entry::Spent { tenant, month, spent } => {
+                let a = self.acct_mut(tenant, month);
+                a.spent = a.spent.saturating_add(*spent);
+                None
+            }
+            Entry::Done { id, tenant, tier, request_id, model, month, amount, created, at, actual } => {
+                self.advance(*at);
+                if !self.active.contains_key(&**id) {
+                    let res = Reservation {
+                        id: id.to_string(),
+                        tenant: tenant.to_string(),
+                        tenant_tier: tier.to_string(),
+                        request_id: request_id.to_string(),
+                        model: model.to_string(),
+                        month: month.to_string(),
+                        amount: Micros(*amount),
+                        created_at: *created,
+                    };
+                    let state =
+                        actual.map_or(ReservationState::Released, |a| ReservationState::Settled { actual: Micros(a) });
+                    self.insert_finished(Arc::from(&**id), res, state, *at);
+                }
+                None
+            }
+        }
+    }
+
+    /// Everything needed to rebuild this state, as journal lines.
+    fn snapshot(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        push_line(out, &Entry::Snapshot { v: SNAPSHOT_VERSION, now: self.last_now })?;
+        let prev = prev_month(Month::of(self.last_now));
+        for (tenant, months) in &self.accts {
+            for (month, a) in months {
+                if a.spent != 0 && (a.active > 0 || keep_month(month, prev)) {
+                    let e = Entry::Spent { tenant: Cow::Borrowed(tenant), month: Cow::Borrowed(month), spent: a.spent };
+                    push_line(out, &e)?;
+                }
+            }
+        }
+        for (_, id) in &self.by_age {
+            if let Some(r) = self.active.get(id) {
+                push_line(out, &reserve_entry(r))?;
+            }
+        }
+        for (at, id) in &self.finished_order {
+            let Some(f) = self.finished.get(id).filter(|f| f.at == *at) else { continue };
+            let r = &f.res;
+            let actual = match f.state {
+                ReservationState::Settled { actual } => Some(actual.0),
+                _ => None,
+            };
+            push_line(
+                out,
+                &Entry::Done {
+                    id: Cow::Borrowed(&r.id),
+                    tenant: Cow::Borrowed(&r.tenant),
+                    tier: Cow::Borrowed(&r.tenant_tier),
+                    request_id: Cow::Borrowed(&r.request_id),
+                    model: Cow::Borrowed(&r.model),
+                    month: Cow::Borrowed(&r.month),
+                    amount: r.amount.0,
+                    created: r.created_at,
+                    at: f.at,
+                    actual,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn spend_view(&self, tenant: &str, month: &str) -> SpendView {
+        let a = self.acct(tenant, month);
+        SpendView { spent: Micros(a.spent), reserved: Micros(a.reserved), active_reservations: a.active }
+    }
+
+    /// A canonical text form of everything observable (tests compare states with it).
+    #[cfg(test)]
+    fn dump(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let mut accts: Vec<_> = self
+            .accts
+            .iter()
+            .flat_map(|(t, ms)| ms.iter().map(move |(m, a)| (t, m, *a)))
+            .filter(|(_, _, a)| *a != Acct::default())
+            .collect();
+        accts.sort();
+        for (t, m, a) in accts {
+            let _ = writeln!(s, "acct {t} {m} spent={} reserved={} active={}", a.spent, a.reserved, a.active);
+        }
+        for (_, id) in &self.by_age {
+            let _ = writeln!(s, "active {:?}", self.active[id]);
+        }
+        let mut fin: Vec<_> = self.finished.values().collect();
+        fin.sort_by(|a, b| a.res.id.cmp(&b.res.id));
+        for f in fin {
+            let _ = writeln!(s, "done {:?} {:?} at={}", f.res, f.state, f.at);
+        }
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The journal file.
+
+struct Journal {
+    dir: PathBuf,
+    file: Arc<File>,
+    /// Bytes of complete, acknowledged lines.
+    len: u64,
+    /// Size right after the last compaction.
+    base_len: u64,
+    compact_above: u64,
+    /// A failed write could not be cut off: truncate to `len` before the next one.
+    dirty: bool,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    /// Appends `entries` with one `write_all`; on failure nothing of them stays in the file (if
+    /// the truncation fails too, it is retried before the next write). Returns whether the
+    /// journal has grown enough to be compacted.
+    fn append(&mut self, entries: &[Entry<'_>]) -> io::Result<bool> {
+        if self.dirty {
+            self.file.set_len(self.len)?;
+            self.dirty = false;
+        }
+        self.buf.clear();
+        for e in entries {
+            push_line(&mut self.buf, e)?;
+        }
+        if let Err(e) = (&*self.file).write_all(&self.buf) {
+            self.dirty = self.file.set_len(self.len).is_err();
+            return Err(e);
+        }
+        self.len += self.buf.len() as u64;
+        if self.buf.capacity() > 1 << 16 {
+            self.buf = Vec::new();
+        }
+        Ok(self.len > self.compact_above.max(self.base_len.saturating_mul(2)))
+    }
+}
+
+/// Creates `path` afresh, opened for appending.
+fn create_append(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    OpenOptions::new().create_new(true).append(true).open(path)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn unavailable(e: io::Error) -> StoreError {
+    StoreError::Unavailable(format!("budget journal: {e}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Inner {
+    state: State,
+    journal: Option<Journal>,
+}
+
+impl Inner {
+    /// Writes the entries (if durable). Returns whether a compaction is due.
+    fn log(&mut self, entries: &[Entry<'_>]) -> Result<bool, StoreError> {
+        match &mut self.journal {
+            Some(j) => j.append(entries).map_err(unavailable),
+            None => Ok(false),
+        }
+    }
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    opts: BudgetsOptions,
+    compacting: AtomicBool,
+}
+
+/// Embedded budgets: in memory, journaled to a data directory (see the module docs).
+pub struct MemoryBudgets {
+    shared: Arc<Shared>,
+}
+
+impl MemoryBudgets {
+    /// Opens (creating `dir` if needed) with default options: replays and compacts the journal.
+    pub fn open(dir: &Path) -> io::Result<MemoryBudgets> {
+        Self::open_with(dir, BudgetsOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: BudgetsOptions) -> io::Result<MemoryBudgets> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(JOURNAL_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let (state, skipped) = State::replay(&bytes, &opts);
+        if skipped > 0 {
+            tracing::warn!(skipped, path = %path.display(), "budget journal: ignored unreadable lines (torn last write?)");
+        }
+        drop(bytes);
+        let mut snap = Vec::new();
+        state.snapshot(&mut snap)?;
+        let tmp_path = dir.join(TMP_FILE);
+        let file = create_append(&tmp_path)?;
+        (&file).write_all(&snap)?;
+        file.sync_all()?;
+        fs::rename(&tmp_path, &path)?;
+        sync_dir(dir)?;
+        let len = snap.len() as u64;
+        let journal = Journal {
+            dir: dir.to_path_buf(),
+            file: Arc::new(file),
+            len,
+            base_len: len,
+            compact_above: opts.compact_above_bytes,
+            dirty: false,
+            buf: Vec::new(),
+        };
+        Ok(Self::build(state, Some(journal), opts))
+    }
+
+    /// No journal: nothing survives the process (tests, benches).
+    pub fn in_memory() -> MemoryBudgets {
+        Self::in_memory_with(BudgetsOptions::default())
+    }
+
+    pub fn in_memory_with(opts: BudgetsOptions) -> MemoryBudgets {
+        Self::build(State::new(&opts), None, opts)
+    }
+
+    fn build(state: State, journal: Option<Journal>, opts: BudgetsOptions) -> MemoryBudgets {
+        MemoryBudgets {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner { state, journal }),
+                opts,
+                compacting: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Flushes the journal to stable storage (fsync). Call it periodically from a background
+    /// worker: it bounds what a power loss can take. No-op without a journal.
+    pub fn sync(&self) -> io::Result<()> {
+        let file = self.shared.inner.lock().journal.as_ref().map(|j| j.file.clone());
+        match file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// Rewrites the journal as a snapshot now (returns at once if a compaction is running).
+    pub fn compact(&self) -> io::Result<()> {
+        if self.shared.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let r = self.shared.compact();
+        self.shared.compacting.store(false, Ordering::Release);
+        r
+    }
+
+    /// Current journal size in bytes (0 without a journal).
+    pub fn journal_len(&self) -> u64 {
+        self.shared.inner.lock().journal.as_ref().map_or(0, |j| j.len)
+    }
+
+    /// Synchronous core of [`Budgets::reserve`].
+    pub fn reserve_now(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+        let amount = r.amount.0.max(0);
+        let min = r.min_amount.map(|m| m.0.clamp(0, amount));
+        let mut res = Reservation {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant: r.tenant.to_owned(),
+            tenant_tier: r.tenant_tier.to_owned(),
+            request_id: r.request_id.to_owned(),
+            model: r.model.to_owned(),
+            month: month_key(r.now),
+            amount: Micros(amount),
+            created_at: r.now,
+        };
+        let mut g = self.shared.inner.lock();
+        let a = g.state.acct(r.tenant, &res.month);
+        let remaining = r.monthly_budget.0.saturating_sub(a.spent).saturating_sub(a.reserved);
+        let hold = match min {
+            _ if amount <= remaining => amount,
+            Some(m) if remaining >= m => remaining,
+            _ => {
+                return Ok(ReserveOutcome::Insufficient {
+                    spent: Micros(a.spent),
+                    reserved: Micros(a.reserved),
+                    remaining: Micros(remaining.max(0)),
+                })
+            }
+        };
+        res.amount = Micros(hold);
+        let compact = g.log(std::slice::from_ref(&reserve_entry(&res)))?;
+        g.state.advance(r.now);
+        g.state.insert_active(res.clone());
+        drop(g);
+        self.after_write(compact);
+        Ok(ReserveOutcome::Reserved(res))
+    }
+
+    /// Synchronous core of [`Budgets::settle`].
+    pub fn settle_now(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {
+        let actual = actual.max(Micros::ZERO);
+        let mut g = self.shared.inner.lock();
+        if !g.state.active.contains_key(id) {
+            let known = g.state.finished.contains_key(id);
+            return Ok(if known { SettleOutcome::NotActive } else { SettleOutcome::NotFound });
+        }
+        let entry = Entry::Settle { id: Cow::Borrowed(id), actual: actual.0, at: now };
+        let compact = g.log(std::slice::from_ref(&entry))?;
+        let ended = g.state.apply(&entry);
+        drop(g);
+        self.after_write(compact);
+        Ok(match ended {
+            Some(reservation) => SettleOutcome::Settled(Settlement {
+                released: reservation.amount.saturating_sub(actual).max(Micros::ZERO),
+                drift: actual.saturating_sub(reservation.amount),
+                actual,
+                reservation,
+            }),
+            None => SettleOutcome::NotFound,
+        })
+    }
+
+    /// Synchronous core of [`Budgets::release`].
+    pub fn release_now(&self, id: &str, now: UnixMillis) -> Result<Option<Reservation>, StoreError> {
+        let mut g = self.shared.inner.lock();
+        if !g.state.active.contains_key(id) {
+            return Ok(None);
+        }
+        let entry = Entry::Release { id: Cow::Borrowed(id), at: now };
+        let compact = g.log(std::slice::from_ref(&entry))?;
+        let ended = g.state.apply(&entry);
+        drop(g);
+        self.after_write(compact);
+        Ok(ended)
+    }
+
+    /// Synchronous core of [`Budgets::expire`].
+    pub fn expire_now(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
+        let mut g = self.shared.inner.lock();
+        let ids: Vec<Arc<str>> =
+            g.state.by_age.iter().take_while(|(at, _)| *at < older_than).map(|(_, id)| id.clone()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let entries: Vec<Entry<'_>> = ids.iter().map(|id| Entry::Release { id: Cow::Borrowed(id), at: now }).collect();
+        let compact = g.log(&entries)?;
+        let ended: Vec<Reservation> = entries.iter().filter_map(|e| g.state.apply(e)).collect();
+        drop(g);
+        self.after_write(compact);
+        Ok(ended)
+    }
+
+    /// Synchronous core of [`Budgets::charge`]. `month` must be `YYYY-MM`.
+    pub fn charge_now(&self, tenant: &str, month: &str, amount: Micros, now: UnixMillis) -> Result<(), StoreError> {
+        if Month::parse(month).is_none() {
+            return Err(StoreError::Unavailable(format!("budget charge: month {month:?} is not YYYY-MM")));
+        }
+        if amount.0 <= 0 {
+            return Ok(());
+        }
+        let entry = Entry::Charge { tenant: Cow::Borrowed(tenant), month: Cow::Borrowed(month), amount: amount.0, at: now };
+        let mut g = self.shared.inner.lock();
+        let compact = g.log(std::slice::from_ref(&entry))?;
+        g.state.apply(&entry);
+        drop(g);
+        self.after_write(compact);
+        Ok(())
+    }
+
+    pub fn tenant_spend_now(&self, tenant: &str, month: &str) -> SpendView {
+        self.shared.inner.lock().state.spend_view(tenant, month)
+    }
+
+    pub fn active_now(&self, limit: usize) -> Vec<Reservation> {
+        let g = self.shared.inner.lock();
+        g.state.by_age.iter().take(limit).filter_map(|(_, id)| g.state.active.get(id).cloned()).collect()
+    }
+
+    pub fn get_now(&self, id: &str) -> Option<(Reservation, ReservationState)> {
+        let g = self.shared.inner.lock();
+        if let Some(r) = g.state.active.get(id) {
+            return Some((r.clone(), ReservationState::Active));
+        }
+        g.state.finished.get(id).map(|f| (f.res.clone(), f.state))
+    }
+
+    fn after_write(&self, compact_due: bool) {
+        if compact_due {
+            self.shared.compact_in_background();
+        }
+    }
+
+    #[cfg(test)]
+    fn dump(&self) -> String {
+        self.shared.inner.lock().state.dump()
+    }
+
+    #[cfg(test)]
+    fn is_compacting(&self) -> bool {
+        self.shared.compacting.load(Ordering::Acquire)
+    }
+}
+
+impl Shared {
+    fn compact_in_background(self: &Arc<Self>) {
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shared = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("budgets-compact".into()).spawn(move || {
+            if let Err(e) = shared.compact() {
+                tracing::warn!(error = %e, "budget journal compaction failed; retrying when it has doubled");
+                if let Some(j) = shared.inner.lock().journal.as_mut() {
+                    j.base_len = j.base_len.max(j.len);
+                }
+            }
+            shared.compacting.store(false, Ordering::Release);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "budget journal compaction thread did not start");
+            self.compacting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Caller holds the `compacting` flag.
+    fn compact(&self) -> io::Result<()> {
+        // 1. Where the journal ends now (always at a line boundary).
+        let (dir, l0) = match &self.inner.lock().journal {
+            Some(j) => (j.dir.clone(), j.len),
+            None => return Ok(()),
+        };
+        let path = dir.join(JOURNAL_FILE);
+        // 2. No lock: the state as of `l0`, rebuilt from the file itself, written as a snapshot.
+        let mut prefix = Vec::new();
+        File::open(&path)?.take(l0).read_to_end(&mut prefix)?;
+        if prefix.len() as u64 != l0 {
+            return Err(io::Error::other("budget journal is shorter than what was written"));
+        }
+        let (state, _) = State::replay(&prefix, &self.opts);
+        drop(prefix);
+        let mut snap = Vec::new();
+        state.snapshot(&mut snap)?;
+        drop(state);
+        let tmp_path = dir.join(TMP_FILE);
+        let tmp = create_append(&tmp_path)?;
+        (&tmp).write_all(&snap)?;
+        tmp.sync_data()?;
+        // 3. Locked: append what was written meanwhile, make it durable, swap the files.
+        let mut g = self.inner.lock();
+        let Some(j) = g.journal.as_mut() else { return Ok(()) };
+        let mut tail = Vec::new();
+        if j.len > l0 {
+            let mut f = File::open(&path)?;
+            f.seek(SeekFrom::Start(l0))?;
+            f.take(j.len - l0).read_to_end(&mut tail)?;
+        }
+        (&tmp).write_all(&tail)?;
+        tmp.sync_data()?;
+        fs::rename(&tmp_path, &path)?;
+        sync_dir(&dir)?;
+        j.file = Arc::new(tmp);
+        j.len = (snap.len() + tail.len()) as u64;
+        j.base_len = j.len;
+        j.dirty = false;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Budgets for MemoryBudgets {
+    async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+        self.reserve_now(r)
+    }
+
+    async fn settle(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {
+        self.settle_now(id, actual, now)
+    }
+
+    async fn release(&self, id: &str, now: UnixMillis) -> Result<Option<Reservation>, StoreError> {
+        self.release_now(id, now)
+    }
+
+    async fn expire(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
+        self.expire_now(older_than, now)
+    }
+
+    async fn charge(&self, tenant: &str, month: &str, amount: Micros, now: UnixMillis) -> Result<(), StoreError> {
+        self.charge_now(tenant, month, amount, now)
+    }
+
+    async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError> {
+        Ok(self.tenant_spend_now(tenant, month))
+    }
+
+    async fn active(&self, limit: usize) -> Result<Vec<Reservation>, StoreError> {
+        Ok(self.active_now(limit))
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError> {
+        Ok(self.get_now(id))
+    }
+}
+
+#[cfg(test)]
+#[path = "budget_tests.rs"]
+mod tests;
