@@ -21,6 +21,8 @@ use crate::config::Config;
 use crate::decide::pricing::PriceTable;
 use crate::proxy::PreauthProxy;
 use crate::state::AppState;
+use crate::store::budget::Budgets;
+use crate::store::budget_memory::MemoryBudgets;
 use crate::store::memory::{MemoryCounters, MemoryPolicy};
 use crate::store::Counters;
 use crate::worker::{Housekeeper, Reloader};
@@ -61,18 +63,26 @@ pub fn resolve_upstream(config: &Config) -> Result<SocketAddr, String> {
 pub struct Parts {
     pub clock: Arc<dyn Clock>,
     pub counters: Arc<dyn Counters>,
+    pub budgets: Arc<dyn Budgets>,
 }
 
 impl Parts {
-    /// System clock and embedded in-process state (one replica).
-    pub fn embedded() -> Parts {
-        Parts { clock: Arc::new(SystemClock), counters: Arc::new(MemoryCounters::new()) }
+    /// System clock and embedded in-process state (one replica), durable in `PREAUTH_DATA_DIR`.
+    pub fn embedded(config: &Config) -> Result<Parts, String> {
+        let budgets = MemoryBudgets::open(&config.data_dir)
+            .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
+        Ok(Parts {
+            clock: Arc::new(SystemClock),
+            counters: Arc::new(MemoryCounters::new()),
+            budgets: Arc::new(budgets),
+        })
     }
 }
 
 /// Builds the sidecar with the system clock and embedded state.
 pub fn build(config: Config) -> Result<Built, String> {
-    build_with(config, Parts::embedded())
+    let parts = Parts::embedded(&config)?;
+    build_with(config, parts)
 }
 
 pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
@@ -81,11 +91,11 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let up = config.upstream.clone().expect("resolved above");
 
     let policy = Arc::new(MemoryPolicy::new(config.policy.clone()));
-    let Parts { clock, counters } = parts;
+    let Parts { clock, counters, budgets } = parts;
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;
-    let state = Arc::new(AppState::new(config, policy, counters, clock, pricing));
+    let state = Arc::new(AppState::new(config, policy, counters, budgets, clock, pricing));
 
     let conf = ServerConf {
         threads,

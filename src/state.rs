@@ -10,17 +10,24 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
+use crate::store::budget::Budgets;
 use crate::store::{Counters, PolicyStore};
 use crate::telemetry::Metrics;
+
+/// Bound on the tenant → tier memo (cleared when full; it only feeds the admin view).
+const MAX_TIERS_SEEN: usize = 200_000;
 
 pub struct AppState {
     pub config: Config,
     pub policy: Arc<dyn PolicyStore>,
     pub counters: Arc<dyn Counters>,
+    pub budgets: Arc<dyn Budgets>,
     pub metrics: Metrics,
     pub clock: Arc<dyn Clock>,
     /// The price table; replaced whole on `SIGHUP`.
     pricing: parking_lot::RwLock<Arc<PriceTable>>,
+    /// The tier each tenant was last seen with (for the admin tenant view), bounded.
+    tiers_seen: parking_lot::Mutex<std::collections::HashMap<String, crate::decide::Tier>>,
     /// False while starting and once shutdown began (`/readyz` answers 503).
     ready: AtomicBool,
     /// Set while the state store is failing (`/readyz` answers 503).
@@ -32,6 +39,7 @@ impl AppState {
         config: Config,
         policy: Arc<dyn PolicyStore>,
         counters: Arc<dyn Counters>,
+        budgets: Arc<dyn Budgets>,
         clock: Arc<dyn Clock>,
         pricing: Arc<PriceTable>,
     ) -> AppState {
@@ -43,7 +51,9 @@ impl AppState {
             config,
             policy,
             counters,
+            budgets,
             metrics,
+            tiers_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,
             pricing: parking_lot::RwLock::new(pricing),
             ready: AtomicBool::new(false),
@@ -57,6 +67,21 @@ impl AppState {
 
     pub fn set_pricing(&self, table: Arc<PriceTable>) {
         *self.pricing.write() = table;
+    }
+
+    /// Remembers the tier a tenant's last request resolved to (admin tenant view).
+    pub fn note_tier(&self, tenant: &str, tier: crate::decide::Tier) {
+        let mut m = self.tiers_seen.lock();
+        if m.get(tenant) != Some(&tier) {
+            if m.len() >= MAX_TIERS_SEEN {
+                m.clear();
+            }
+            m.insert(tenant.to_string(), tier);
+        }
+    }
+
+    pub fn tier_seen(&self, tenant: &str) -> Option<crate::decide::Tier> {
+        self.tiers_seen.lock().get(tenant).copied()
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -143,11 +143,18 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>, view: &CountersView, mode: M
     }
 
     let t = &view.tenant;
-    let violation = first_tenant_violation(policy, facts, t, now, &mut evaluations);
-    let Some((reason, retry)) = violation else {
-        return Decision { evaluations, ..Decision::allow(mode) };
-    };
+    match first_tenant_violation(policy, facts, t, now, &mut evaluations) {
+        None => Decision { evaluations, ..Decision::allow(mode) },
+        Some((reason, retry)) => Decision { evaluations, ..violation(mode, reason, Some(retry)) },
+    }
+}
+
+/// A violation of steps 5–9 as the mode turns it (CONTRACT §3): `hard` keeps it (a deny, or
+/// REQUIRE_APPROVAL for `approval_required`), `soft` escalates to REQUIRE_APPROVAL, `shadow`
+/// lets the request through as a would-deny.
+pub fn violation(mode: Mode, reason: Reason, retry_after_seconds: Option<u64>) -> Decision {
     let (verdict, transform) = match mode {
+        Mode::Hard if reason == Reason::ApprovalRequired => (Verdict::RequireApproval, Transform::None),
         Mode::Hard => (Verdict::Deny, Transform::None),
         Mode::Soft => (Verdict::RequireApproval, Transform::Soft),
         Mode::Shadow => (Verdict::Allow, Transform::Shadow),
@@ -156,9 +163,20 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>, view: &CountersView, mode: M
         verdict,
         reason: Some(reason),
         transform,
-        retry_after_seconds: (verdict == Verdict::Deny).then_some(retry),
-        evaluations,
+        retry_after_seconds: retry_after_seconds.filter(|_| verdict == Verdict::Deny),
         ..Decision::allow(mode)
+    }
+}
+
+/// Step 7: the estimated cost against the per-request thresholds. `approved` = the request
+/// carries a valid approval token (it lifts the approval threshold, never the hard limit).
+pub fn spend_threshold(policy: &Policy, estimated_cost: Micros, approved: bool) -> Option<Reason> {
+    if estimated_cost > policy.spend.hard_deny_above {
+        Some(Reason::HardDenyThreshold)
+    } else if estimated_cost > policy.spend.require_approval_above && !approved {
+        Some(Reason::ApprovalRequired)
+    } else {
+        None
     }
 }
 

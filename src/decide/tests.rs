@@ -114,7 +114,6 @@ fn concurrency_retry_after_is_bounded() {
     v.tenant.in_flight = 2;
     let now = at("2026-11-25T10:00:00Z");
     let d = evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now);
-    // Free tier's daily quota (1) is checked first: use a tier whose quota leaves room.
     assert_eq!(d.reason, Some(Reason::FairUseConcurrency));
     assert_eq!(d.retry_after_seconds, Some(60));
     p.fair_use.lease_ttl_seconds = 2;
@@ -195,4 +194,24 @@ fn every_reason_label_is_unique() {
             assert!(seen.insert(r.label(t)), "{}", r.label(t));
         }
     }
+}
+
+#[test]
+fn spend_thresholds_and_their_modes() {
+    let p = Policy::for_test(); // approval above 1.00, hard deny above 50.00
+    assert_eq!(spend_threshold(&p, Micros(1_000_000), false), None, "exactly at the threshold is fine");
+    assert_eq!(spend_threshold(&p, Micros(1_000_001), false), Some(Reason::ApprovalRequired));
+    assert_eq!(spend_threshold(&p, Micros(1_000_001), true), None, "a valid token lifts the approval threshold");
+    assert_eq!(spend_threshold(&p, Micros(50_000_001), true), Some(Reason::HardDenyThreshold), "never the hard limit");
+    let hard = violation(Mode::Hard, Reason::ApprovalRequired, None);
+    assert_eq!((hard.verdict, hard.reason_label()), (Verdict::RequireApproval, Some("approval_required")));
+    let hard = violation(Mode::Hard, Reason::BudgetExceeded, None);
+    assert_eq!((hard.verdict, hard.reason_label()), (Verdict::Deny, Some("budget_exceeded")));
+    let soft = violation(Mode::Soft, Reason::BudgetExceeded, None);
+    assert_eq!((soft.verdict, soft.reason_label()), (Verdict::RequireApproval, Some("soft_mode_budget_exceeded")));
+    let shadow = violation(Mode::Shadow, Reason::HardDenyThreshold, None);
+    assert_eq!(
+        (shadow.verdict, shadow.reason_label()),
+        (Verdict::Allow, Some("shadow_mode_hard_deny_threshold_exceeded_override"))
+    );
 }

@@ -39,6 +39,8 @@ pub struct RequestCtx {
     pub pending_refusal: Option<Rendered>,
     pub upstream_status: Option<u16>,
     pub model: Option<String>,
+    /// Cost, hold and usage scanner of an admitted request; settled in `logging`.
+    pub spend: Option<super::spend::SpendCtx>,
 }
 
 impl RequestCtx {
@@ -60,6 +62,7 @@ impl RequestCtx {
             pending_refusal: None,
             upstream_status: None,
             model: None,
+            spend: None,
         }
     }
 }

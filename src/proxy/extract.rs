@@ -156,6 +156,31 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest, original: &[u8]) -> 
     }
 }
 
+/// The request body with its max output tokens lowered to `max_output` (clamp-to-budget),
+/// re-serialised; `include_usage` is injected at the same time when the request needs it.
+/// The field the request used is rewritten (`max_tokens`, `max_completion_tokens`,
+/// `max_output_tokens`); when it named none, the route's field is added.
+pub fn clamp_body(route: Route, req: &LlmRequest, max_output: u64) -> Option<Bytes> {
+    let mut obj = req.json.as_object()?.clone();
+    let field = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .into_iter()
+        .find(|f| obj.contains_key(*f))
+        .unwrap_or(if route == Route::Responses { "max_output_tokens" } else { "max_tokens" });
+    obj.insert(field.to_string(), Value::from(max_output));
+    if req.stream
+        && route.wants_include_usage()
+        && !obj.get("stream_options").is_some_and(|so| so.get("include_usage").is_some())
+    {
+        let mut so = match obj.remove("stream_options") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        so.insert("include_usage".into(), Value::Bool(true));
+        obj.insert("stream_options".into(), Value::Object(so));
+    }
+    serde_json::to_vec(&obj).ok().map(Bytes::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +244,20 @@ mod tests {
         assert!(parse_body(Route::Embeddings, br#"{"model":"m","input":"x"}"#).is_ok());
         assert!(parse_body(Route::Responses, b"[1]").is_err());
         assert!(parse_body(Route::Completions, b"{not json").is_err());
+    }
+
+    #[test]
+    fn clamp_rewrites_the_field_in_use() {
+        let raw = br#"{"model":"m","max_completion_tokens":4000,"stream":true,"messages":[]}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        let v: Value = serde_json::from_slice(&clamp_body(Route::ChatCompletions, &req, 300).unwrap()).unwrap();
+        assert_eq!(v["max_completion_tokens"], 300);
+        assert!(v.get("max_tokens").is_none());
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let raw = br#"{"model":"m","input":"x"}"#;
+        let req = parse_body(Route::Responses, raw).unwrap();
+        let v: Value = serde_json::from_slice(&clamp_body(Route::Responses, &req, 64).unwrap()).unwrap();
+        assert_eq!(v["max_output_tokens"], 64);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 pub mod ctx;
 pub mod extract;
 pub mod respond;
+pub mod spend;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,14 +33,16 @@ use serde_json::{json, Map};
 use sha2::{Digest, Sha256};
 
 use crate::config::Identity;
-use crate::decide::pricing::worst_case_cost;
-use crate::decide::{self, estimate, Decision, Facts, Mode, Policy, Route, Verdict};
+use crate::decide::pricing::{max_output_that_fits, worst_case_cost};
+use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, Verdict};
 use crate::state::AppState;
+use crate::store::budget::{ReserveOutcome, ReserveRequest};
 use crate::store::{AdmitRequest, StoreError, Ticket};
 use crate::telemetry::{audit, status_class};
 pub use ctx::RequestCtx;
 use extract::names;
 use respond::{render, Refusal, Rendered};
+use spend::SpendCtx;
 
 /// What pingora can buffer before connecting upstream (`BODY_BUF_LIMIT` in pingora-core 0.9).
 pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
@@ -91,7 +94,8 @@ impl PreauthProxy {
         (self.state.clock.now_ms() / 1000) as i64
     }
 
-    /// Steps 2–6 for a complete body. `Ok(())` = admitted (body rewrite in `ctx.new_body`).
+    /// Steps 2–9 for a complete body. `Ok(())` = admitted (body rewrite in `ctx.new_body`, the
+    /// hold in `ctx.spend`).
     async fn decide_body(&self, ctx: &mut RequestCtx, body: &[u8]) -> std::result::Result<(), Refusal> {
         let route = ctx.route.expect("only inspected routes carry a body decision");
         let req = extract::parse_body(route, body).map_err(Refusal::InvalidRequest)?;
@@ -100,6 +104,7 @@ impl PreauthProxy {
         let source = policy.source_of(ctx.source_header.as_deref()).to_string();
         let mode = policy.mode_for(&source);
         let tier = policy.directory.resolve_tier(&caller.tenant, caller.claimed_tier.as_deref());
+        self.state.note_tier(&caller.tenant, tier);
         ctx.tier = tier;
         ctx.source = source;
         ctx.model = Some(req.model.clone());
@@ -107,9 +112,22 @@ impl PreauthProxy {
         let pricing = self.state.pricing();
         let est = estimate::estimate(route, &req.json);
         let price = pricing.lookup(&req.model);
-        let max_output = estimate::max_output_tokens(est.requested_max_output, price.price, route)
-            * estimate::output_choices(route, &req.json);
+        let choices = estimate::output_choices(route, &req.json).max(1);
+        let max_output = estimate::max_output_tokens(est.requested_max_output, price.price, route) * choices;
         let estimated_cost = worst_case_cost(price.price, est.prompt_tokens, max_output);
+        let mut spend = SpendCtx {
+            route,
+            tier,
+            tenant: caller.tenant.clone(),
+            model_label: if price.known { price.name.to_string() } else { "other".to_string() },
+            provider: price.price.provider.clone(),
+            price: price.price.clone(),
+            prompt_tokens: est.prompt_tokens,
+            estimated_cost,
+            reservation: None,
+            charge_only: false,
+            scanner: None,
+        };
         let facts = Facts {
             tenant: &caller.tenant,
             tier,
@@ -118,30 +136,63 @@ impl PreauthProxy {
         };
 
         let gate = Duration::from_millis(self.state.config.gate_timeout_ms);
-        let (decision, ticket) = match decide::kill_switch(&policy, mode) {
-            Some(d) => (d, None),
-            None => match tokio::time::timeout(gate, self.guard(&policy, &facts, mode)).await {
-                Ok(Ok((d, t))) => (d, Some(t)),
-                Ok(Err(e)) => {
-                    let failure = match e {
-                        StoreError::Timeout => "store_timeout",
-                        StoreError::Unavailable(_) => "store_error",
-                    };
-                    self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
-                    (decide::failsafe(mode), None)
+        let decided = tokio::time::timeout(gate, async {
+            if let Some(d) = decide::kill_switch(&policy, mode) {
+                return Ok((d, None, None));
+            }
+            let (mut d, ticket) = self.guard(&policy, &facts, mode).await?;
+            let mut clamp_to = None;
+            if d.is_allow() && !d.is_would_deny() {
+                if let Some(reason) = decide::spend_threshold(&policy, estimated_cost, false) {
+                    d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
                 }
-                Err(_) => {
-                    self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
-                    (decide::failsafe(mode), None)
+            }
+            if d.is_allow() && !d.is_would_deny() {
+                let budget = policy.directory.monthly_budget(&caller.tenant, tier);
+                let step = self.reserve(ctx, &policy, &mut spend, budget, max_output, choices, mode).await?;
+                if let Some(reason) = step.violation {
+                    d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
+                } else if let Some(n) = step.clamped_to {
+                    d.reason = Some(Reason::MaxTokensClamped);
+                    clamp_to = Some(n);
                 }
-            },
+            }
+            Ok::<_, StoreError>((d, Some(ticket), clamp_to))
+        })
+        .await;
+        let (decision, ticket, clamp_to) = match decided {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let failure = match e {
+                    StoreError::Timeout => "store_timeout",
+                    StoreError::Unavailable(_) => "store_error",
+                };
+                self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
+                (decide::failsafe(mode), None, None)
+            }
+            Err(_) => {
+                self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
+                (decide::failsafe(mode), None, None)
+            }
         };
         let ticket = self.settle_admission(decision.is_allow(), ticket).await;
+        if !decision.is_allow() {
+            if let Some(r) = spend.reservation.take() {
+                // A hold taken before a later failure: give it back at once.
+                let _ = self.state.budgets.release(&r.id, self.state.clock.now_ms()).await;
+            }
+        }
         self.observe(ctx, &caller.tenant, &policy, &decision, route);
         ctx.verdict = Some(decision.verdict);
         if decision.is_allow() {
             ctx.ticket = ticket;
-            ctx.new_body = extract::inject_include_usage(route, &req, body);
+            // Shadow mode and fail-open hold nothing but still settle usage into spend.
+            spend.charge_only = spend.reservation.is_none();
+            ctx.new_body = match clamp_to {
+                Some(n) => extract::clamp_body(route, &req, n),
+                None => extract::inject_include_usage(route, &req, body),
+            };
+            ctx.spend = Some(spend);
             return Ok(());
         }
         let mut extra = Map::new();
@@ -150,10 +201,70 @@ impl PreauthProxy {
             let expires = now + self.state.config.approvals.ttl_seconds * 1000;
             extra.insert("approval_id".into(), json!(uuid::Uuid::now_v7().to_string()));
             extra.insert("request_fingerprint".into(), json!(fingerprint(&caller.tenant, "POST", route.path(), body)));
-            extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
             extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(expires)));
         }
+        extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
         Err(Refusal::Decision { decision, policy_version: policy.version, extra })
+    }
+
+    /// Step 9: holds the worst-case cost against the tenant's month (in shadow mode: only checks
+    /// whether it would fit). With clamp-to-budget, holds what fits down to the minimum output.
+    #[allow(clippy::too_many_arguments)]
+    async fn reserve(
+        &self,
+        ctx: &RequestCtx,
+        policy: &Policy,
+        spend: &mut SpendCtx,
+        budget: Micros,
+        max_output: u64,
+        choices: u64,
+        mode: Mode,
+    ) -> std::result::Result<ReserveStep, StoreError> {
+        let now = self.state.clock.now_ms();
+        let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
+        if mode == Mode::Shadow {
+            let month = crate::store::budget::month_key(now);
+            let view = match tokio::time::timeout(store_timeout, self.state.budgets.tenant_spend(&spend.tenant, &month))
+                .await
+            {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.store_failed("tenant_spend", e)),
+                Err(_) => return Err(self.store_failed("tenant_spend", StoreError::Timeout)),
+            };
+            let fits = view.remaining(budget) >= spend.estimated_cost;
+            return Ok(ReserveStep { violation: (!fits).then_some(Reason::BudgetExceeded), clamped_to: None });
+        }
+        let min_output = policy.spend.clamp_min_output_tokens * choices;
+        let min_amount =
+            (policy.spend.clamp_max_tokens_to_budget && spend.route.has_output() && max_output > min_output)
+                .then(|| worst_case_cost(&spend.price, spend.prompt_tokens, min_output));
+        let req = ReserveRequest {
+            tenant: &spend.tenant,
+            tenant_tier: spend.tier.as_str(),
+            request_id: &ctx.request_id,
+            model: ctx.model.as_deref().unwrap_or(""),
+            now,
+            monthly_budget: budget,
+            amount: spend.estimated_cost,
+            min_amount,
+        };
+        let outcome = match tokio::time::timeout(store_timeout, self.state.budgets.reserve(&req)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(self.store_failed("reserve", e)),
+            Err(_) => return Err(self.store_failed("reserve", StoreError::Timeout)),
+        };
+        match outcome {
+            ReserveOutcome::Insufficient { .. } => {
+                Ok(ReserveStep { violation: Some(Reason::BudgetExceeded), clamped_to: None })
+            }
+            ReserveOutcome::Reserved(r) => {
+                let clamped = r.amount < spend.estimated_cost;
+                let clamped_to = clamped
+                    .then(|| (max_output_that_fits(&spend.price, spend.prompt_tokens, r.amount) / choices).max(1));
+                spend.reservation = Some(r);
+                Ok(ReserveStep { violation: None, clamped_to })
+            }
+        }
     }
 
     /// Counts the request in the store and evaluates steps 4–6 on the counters it saw.
@@ -224,6 +335,13 @@ impl PreauthProxy {
             });
         }
     }
+}
+
+/// What step 9 found.
+struct ReserveStep {
+    violation: Option<Reason>,
+    /// Clamp-to-budget lowered the max output tokens to this.
+    clamped_to: Option<u64>,
 }
 
 /// `request_fingerprint` of CONTRACT §5.
@@ -412,7 +530,13 @@ impl ProxyHttp for PreauthProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.upstream_status = Some(resp.status.as_u16());
+        let status = resp.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if (200..300).contains(&status) {
+            if let Some(spend) = ctx.spend.as_mut() {
+                spend.start_scan(resp.headers.get("content-type").and_then(|v| v.to_str().ok()));
+            }
+        }
         Ok(())
     }
 
@@ -425,6 +549,9 @@ impl ProxyHttp for PreauthProxy {
         if ctx.route.is_some() {
             resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
             resp.insert_header(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str())?;
+            if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
+                resp.insert_header(names::RESERVATION_ID, r.id.as_str())?;
+            }
         }
         Ok(())
     }
@@ -432,10 +559,14 @@ impl ProxyHttp for PreauthProxy {
     fn response_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
+        // Read-only: the chunk goes to the client unchanged and at once.
+        if let (Some(chunk), Some(scanner)) = (body.as_ref(), ctx.spend.as_mut().and_then(|s| s.scanner.as_mut())) {
+            scanner.feed(chunk);
+        }
         if ctx.start.elapsed().as_secs() >= self.state.config.upstream_timeout_seconds {
             return Error::e_explain(ReadTimedout, "PREAUTH_UPSTREAM_TIMEOUT_SECONDS exceeded");
         }
@@ -476,6 +607,9 @@ impl ProxyHttp for PreauthProxy {
 
     /// Runs for every request, whatever happened: frees the concurrency lease and counts.
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(mut s) = ctx.spend.take() {
+            spend::settle(&self.state, &mut s, ctx.upstream_status).await;
+        }
         if let Some(ticket) = ctx.ticket.take() {
             if ticket.has_lease() {
                 if let Err(err) = self.state.counters.release_lease(&ticket).await {

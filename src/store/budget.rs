@@ -67,7 +67,11 @@ pub enum ReserveOutcome {
     Reserved(Reservation),
     /// Nothing was held. The figures are the tenant's month just before the attempt;
     /// `remaining = max(0, budget − spent − reserved)`.
-    Insufficient { spent: Micros, reserved: Micros, remaining: Micros },
+    Insufficient {
+        spent: Micros,
+        reserved: Micros,
+        remaining: Micros,
+    },
 }
 
 /// A settled reservation.
@@ -137,7 +141,8 @@ pub trait Budgets: Send + Sync {
     /// Releases (charging nothing) every active reservation created before `older_than` and
     /// returns them; each one is returned by exactly one call, also under concurrency.
     async fn expire(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError>;
-    /// Adds spend without a reservation (shadow mode, admin adjustments).
+    /// Adds spend without a reservation (shadow mode, admin adjustments). `month` must be
+    /// `YYYY-MM` (else `Unavailable`), usually [`month_key`]`(now)`.
     async fn charge(&self, tenant: &str, month: &str, amount: Micros, now: UnixMillis) -> Result<(), StoreError>;
     /// The tenant's month (`YYYY-MM`). Unknown tenant or month: zeros.
     async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError>;
@@ -145,4 +150,9 @@ pub trait Budgets: Send + Sync {
     async fn active(&self, limit: usize) -> Result<Vec<Reservation>, StoreError>;
     /// A reservation and its state. Settled and released ones are remembered for at least 24 h.
     async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError>;
+    /// Makes every change so far durable against power loss (fsync). Called about once a second
+    /// by the housekeeper; a SIGKILL loses nothing even without it.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -20,9 +20,13 @@
 //! (as of the latest `now` seen), the active reservations, and the settled/released records still
 //! remembered. While running, once the journal exceeds [`BudgetsOptions::compact_above_bytes`]
 //! (and twice its size right after the last compaction) a background thread compacts it the same
-//! way: it rebuilds the state from the journal file itself (no lock held), then, under the lock,
-//! appends what was written meanwhile, fsyncs and swaps files. The lock is held only for that
-//! short tail copy. [`MemoryBudgets::compact`] does the same on demand.
+//! way: it rebuilds the state from the journal file itself and writes and fsyncs the snapshot with
+//! no lock held; then, under the lock, it appends the lines written meanwhile, fsyncs again
+//! (only that tail is dirty), renames and swaps the file handle. [`MemoryBudgets::compact`] does
+//! the same on demand. A crash at any point leaves either the old or the new journal complete.
+//!
+//! Dropping a `MemoryBudgets` syncs the journal (clean shutdown loses nothing, even on a later
+//! power loss); a background compaction still running finishes on its own thread.
 //!
 //! One process per data directory: two processes appending to the same journal corrupt it.
 //!
@@ -48,7 +52,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::budget::{
-    month_key, Budgets, ReservationState, Reservation, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
+    month_key, Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
     SpendView,
 };
 use super::StoreError;
@@ -84,7 +88,10 @@ impl Default for BudgetsOptions {
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Entry<'a> {
     /// First line of a snapshot: the latest `now` the state had seen.
-    Snapshot { v: u32, now: UnixMillis },
+    Snapshot {
+        v: u32,
+        now: UnixMillis,
+    },
     Reserve {
         id: Cow<'a, str>,
         tenant: Cow<'a, str>,
@@ -95,11 +102,27 @@ enum Entry<'a> {
         amount: i64,
         at: UnixMillis,
     },
-    Settle { id: Cow<'a, str>, actual: i64, at: UnixMillis },
-    Release { id: Cow<'a, str>, at: UnixMillis },
-    Charge { tenant: Cow<'a, str>, month: Cow<'a, str>, amount: i64, at: UnixMillis },
+    Settle {
+        id: Cow<'a, str>,
+        actual: i64,
+        at: UnixMillis,
+    },
+    Release {
+        id: Cow<'a, str>,
+        at: UnixMillis,
+    },
+    Charge {
+        tenant: Cow<'a, str>,
+        month: Cow<'a, str>,
+        amount: i64,
+        at: UnixMillis,
+    },
     /// Snapshot: a month's spend (added, like a charge).
-    Spent { tenant: Cow<'a, str>, month: Cow<'a, str>, spent: i64 },
+    Spent {
+        tenant: Cow<'a, str>,
+        month: Cow<'a, str>,
+        spent: i64,
+    },
     /// Snapshot: a settled (`actual` set) or released reservation; does not touch spend.
     Done {
         id: Cow<'a, str>,
@@ -150,7 +173,7 @@ fn keep_month(key: &str, prev: Month) -> bool {
 // ---------------------------------------------------------------------------------------------
 // State: pure bookkeeping, no I/O. Replaying a journal and serving live calls use the same code.
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 struct Acct {
     spent: i64,
     reserved: i64,
@@ -700,7 +723,8 @@ impl MemoryBudgets {
         if amount.0 <= 0 {
             return Ok(());
         }
-        let entry = Entry::Charge { tenant: Cow::Borrowed(tenant), month: Cow::Borrowed(month), amount: amount.0, at: now };
+        let entry =
+            Entry::Charge { tenant: Cow::Borrowed(tenant), month: Cow::Borrowed(month), amount: amount.0, at: now };
         let mut g = self.shared.inner.lock();
         let compact = g.log(std::slice::from_ref(&entry))?;
         g.state.apply(&entry);
@@ -740,6 +764,14 @@ impl MemoryBudgets {
     #[cfg(test)]
     fn is_compacting(&self) -> bool {
         self.shared.compacting.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for MemoryBudgets {
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e, "budget journal: final sync failed");
+        }
     }
 }
 
@@ -810,6 +842,10 @@ impl Shared {
 
 #[async_trait]
 impl Budgets for MemoryBudgets {
+    async fn sync(&self) -> Result<(), StoreError> {
+        MemoryBudgets::sync(self).map_err(|e| StoreError::Unavailable(format!("budget journal fsync: {e}")))
+    }
+
     async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
         self.reserve_now(r)
     }

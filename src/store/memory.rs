@@ -367,9 +367,9 @@ mod tests {
         let (_, v) = c.admit_now(&req("a", t0 + 2, Some(5_000)));
         assert_eq!(v.tenant.in_flight, 1, "released lease is gone, second one still live");
         let (_, v) = c.admit_now(&req("a", t0 + 5_001, Some(5_000)));
-        assert_eq!(v.tenant.in_flight, 1, "leases of t0+1 expired, the one from t0+2 lives until t0+5002");
+        assert_eq!(v.tenant.in_flight, 1, "the t0+1 lease expired at t0+5001; the t0+2 one lives until t0+5002");
         let (_, v) = c.admit_now(&req("a", t0 + 5_002, Some(5_000)));
-        assert_eq!(v.tenant.in_flight, 1, "only the t0+5001 lease is left");
+        assert_eq!(v.tenant.in_flight, 1, "the t0+2 lease expired; only the one taken at t0+5001 is live");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!
 //! Owns: the traits, `StoreError`, `Ticket`. Imports: `decide` types, async-trait, std.
 
+pub mod budget;
+pub mod budget_memory;
 pub mod memory;
 
 use std::sync::Arc;

@@ -40,10 +40,57 @@ impl Housekeeper {
         if let Ok(g) = self.state.counters.global_view(now).await {
             m.global_block_active.set(i64::from(g.block_until.is_some_and(|u| u > now)));
         }
+        self.release_overdue(now).await;
+        if let Err(e) = self.state.budgets.sync().await {
+            m.store_errors.with_label_values(&["sync"]).inc();
+            tracing::error!(error = %e, "budget journal fsync failed");
+        }
         let p = self.state.policy.current();
         m.kill_switch_enabled.set(i64::from(p.kill_switch));
         m.policy_version.set(p.version as i64);
     }
+}
+
+impl Housekeeper {
+    /// Releases reservations older than `PREAUTH_RESERVATION_TTL_SECONDS` (nothing charged;
+    /// reason `reservation_auto_released_sla`) and refreshes the active-reservations gauge.
+    pub async fn release_overdue(&self, now: crate::decide::UnixMillis) -> Vec<crate::store::budget::Reservation> {
+        release_overdue(&self.state, self.state.config.reservation_ttl_seconds, now).await
+    }
+}
+
+/// The sweep: releases every active reservation older than `older_than_seconds`.
+pub async fn release_overdue(
+    state: &AppState,
+    older_than_seconds: u64,
+    now: crate::decide::UnixMillis,
+) -> Vec<crate::store::budget::Reservation> {
+    let m = &state.metrics;
+    let cutoff = now.saturating_sub(older_than_seconds * 1000);
+    let released = match state.budgets.expire(cutoff, now).await {
+        Ok(r) => r,
+        Err(e) => {
+            m.store_errors.with_label_values(&["expire"]).inc();
+            tracing::warn!(error = %e, "reservation sweep failed; retrying next tick");
+            Vec::new()
+        }
+    };
+    for r in &released {
+        m.reconciliations.with_label_values(&["auto", "auto_release"]).inc();
+        tracing::warn!(
+            target: "audit",
+            event = "reservation_released",
+            reason = "reservation_auto_released_sla",
+            reservation_id = %r.id,
+            tenant_id = %r.tenant,
+            reserved_usd = %r.amount,
+            age_seconds = now.saturating_sub(r.created_at) / 1000,
+        );
+    }
+    if let Ok(active) = state.budgets.active(usize::MAX).await {
+        m.reservations_active.set(active.len() as i64);
+    }
+    released
 }
 
 #[async_trait]

@@ -12,6 +12,7 @@ use preauth_sidecar::config::{self, Purpose};
 use preauth_sidecar::demo::mint_tenant_jwt;
 use preauth_sidecar::demo::upstream::FakeUpstream;
 use preauth_sidecar::server::{self, Parts, RunningServer};
+use preauth_sidecar::store::budget_memory::MemoryBudgets;
 use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::Counters;
 
@@ -60,6 +61,19 @@ pub async fn start(env: &[(&str, &str)]) -> Sidecar {
 }
 
 pub async fn start_with(env: &[(&str, &str)], counters: Arc<dyn Counters>) -> Sidecar {
+    let dir = temp_dir();
+    start_in(env, counters, &dir).await
+}
+
+/// A fresh data directory for one sidecar.
+pub fn temp_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("preauth-it-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Starts a sidecar whose embedded state lives in `dir` (restart tests reuse it).
+pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &std::path::Path) -> Sidecar {
     let upstream = FakeUpstream::start("127.0.0.1:0").await.unwrap();
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -70,6 +84,7 @@ pub async fn start_with(env: &[(&str, &str)], counters: Arc<dyn Counters>) -> Si
     m.insert("SUPABASE_JWT_SECRET".into(), JWT_SECRET.into());
     m.insert("ADMIN_API_KEY".into(), ADMIN_KEY.into());
     m.insert("PREAUTH_THREADS".into(), "2".into());
+    m.insert("PREAUTH_DATA_DIR".into(), dir.display().to_string());
     for (k, v) in env {
         if v.is_empty() {
             m.remove(*k);
@@ -78,7 +93,8 @@ pub async fn start_with(env: &[(&str, &str)], counters: Arc<dyn Counters>) -> Si
         }
     }
     let cfg = config::parse(&m, Purpose::Run).expect("test config is valid");
-    let built = server::build_with(cfg, Parts { clock: Arc::new(SystemClock), counters }).unwrap();
+    let budgets = Arc::new(MemoryBudgets::open(&cfg.data_dir).unwrap());
+    let built = server::build_with(cfg, Parts { clock: Arc::new(SystemClock), counters, budgets }).unwrap();
     let running = server::spawn(built);
     wait_listening(proxy);
     wait_listening(admin);

@@ -1,0 +1,127 @@
+//! Spend glue (CONTRACT §3 steps 7 and 9, §6): what the proxy remembers about a request's cost,
+//! the reservation it holds, the usage scanner fed by the response, and settlement when the
+//! response ends. The arithmetic lives in `decide::pricing`; the atomic hold in `store::budget`.
+//!
+//! Owns: `SpendCtx`, `settle`. Imports: decide (pricing, usage), store::budget, telemetry, state.
+
+use crate::decide::pricing::{cost, ModelPrice};
+use crate::decide::usage::{BodyKind, UsageScanner};
+use crate::decide::usage_types::Usage;
+use crate::decide::{Micros, Route, Tier};
+use crate::state::AppState;
+use crate::store::budget::{Reservation, SettleOutcome};
+
+/// Cost facts of one admitted request.
+pub struct SpendCtx {
+    pub route: Route,
+    pub tier: Tier,
+    pub tenant: String,
+    /// Price-table key for metrics (`other` for models outside the table).
+    pub model_label: String,
+    pub provider: String,
+    pub price: ModelPrice,
+    pub prompt_tokens: u64,
+    pub estimated_cost: Micros,
+    /// The hold, when one was taken (not in shadow mode or on the failsafe path).
+    pub reservation: Option<Reservation>,
+    /// No hold, but settle the real usage into spend (shadow mode, fail-open).
+    pub charge_only: bool,
+    pub scanner: Option<UsageScanner>,
+}
+
+impl SpendCtx {
+    /// Starts scanning a 2xx response whose content type is `content_type`.
+    pub fn start_scan(&mut self, content_type: Option<&str>) {
+        self.scanner = Some(UsageScanner::new(self.route, BodyKind::from_content_type(content_type)));
+    }
+}
+
+/// What settlement did (for the ledger and tests).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settled {
+    /// Usage charged; `drift` = actual − reserved (zero for charge-only).
+    Charged { actual: Micros, reserved: Micros, drift: Micros, usage: Usage, usage_source: &'static str },
+    /// Hold released, nothing charged (upstream non-2xx or no response).
+    Released { reserved: Micros },
+    /// Nothing to do.
+    Nothing,
+}
+
+/// Settles a finished request: charge the real cost and release the rest, or release everything
+/// when the upstream did not answer 2xx.
+pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>) -> Settled {
+    let now = state.clock.now_ms();
+    let m = &state.metrics;
+    let ok = upstream_status.is_some_and(|s| (200..300).contains(&s));
+    let reservation = spend.reservation.take();
+    if !ok {
+        let Some(r) = reservation else { return Settled::Nothing };
+        return match state.budgets.release(&r.id, now).await {
+            Ok(_) => {
+                m.reconciliations.with_label_values(&["usage", "released"]).inc();
+                Settled::Released { reserved: r.amount }
+            }
+            Err(e) => {
+                m.store_errors.with_label_values(&["release"]).inc();
+                tracing::warn!(error = %e, reservation_id = %r.id, "release failed; the sweep will release it after PREAUTH_RESERVATION_TTL_SECONDS");
+                Settled::Nothing
+            }
+        };
+    }
+    if reservation.is_none() && !spend.charge_only {
+        return Settled::Nothing;
+    }
+    let scan = spend.scanner.take().map(|mut s| s.finish());
+    let (usage, usage_source) = match scan.as_ref().and_then(|s| s.usage) {
+        Some(u) => (u, "reported"),
+        None => (
+            Usage {
+                prompt_tokens: spend.prompt_tokens,
+                completion_tokens: scan.as_ref().map_or(0, |s| s.observed_output_tokens),
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+            },
+            "estimated",
+        ),
+    };
+    let actual = cost(&spend.price, &usage);
+    let settled = match reservation {
+        Some(r) => match state.budgets.settle(&r.id, actual, now).await {
+            Ok(SettleOutcome::Settled(s)) => {
+                let status = match s.drift.0 {
+                    0 => "matched",
+                    d if d > 0 => "overage",
+                    _ => "savings",
+                };
+                m.reconciliations.with_label_values(&["usage", status]).inc();
+                if s.drift.0 != 0 {
+                    m.drift_usd.with_label_values(&[status]).inc_by(Micros(s.drift.0.abs()).as_usd_f64());
+                }
+                Settled::Charged { actual, reserved: r.amount, drift: s.drift, usage, usage_source }
+            }
+            Ok(_) => {
+                // Released by the sweep or reconciled by an operator meanwhile: never charge twice.
+                tracing::warn!(reservation_id = %r.id, "reservation no longer active at settlement; not charged again");
+                return Settled::Nothing;
+            }
+            Err(e) => {
+                m.store_errors.with_label_values(&["settle"]).inc();
+                tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; the sweep will release the hold");
+                return Settled::Nothing;
+            }
+        },
+        None => {
+            let month = crate::store::budget::month_key(now);
+            if let Err(e) = state.budgets.charge(&spend.tenant, &month, actual, now).await {
+                m.store_errors.with_label_values(&["charge"]).inc();
+                tracing::error!(error = %e, "charging shadow-mode usage failed");
+                return Settled::Nothing;
+            }
+            Settled::Charged { actual, reserved: Micros::ZERO, drift: Micros::ZERO, usage, usage_source }
+        }
+    };
+    m.spend_usd
+        .with_label_values(&[spend.tier.as_str(), &spend.provider, &spend.model_label])
+        .inc_by(actual.as_usd_f64());
+    settled
+}
