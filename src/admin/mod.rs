@@ -7,6 +7,10 @@
 //! | GET | `/metrics` | none — Prometheus text |
 //! | GET | `/api/v1/enforcement/runtime` | bearer `ADMIN_API_KEY` |
 //! | PATCH | `/api/v1/enforcement/runtime` | bearer — applies at once, bumps `policy_version`, `reason` required |
+//! | GET | `/api/v1/enforcement/tenants/{id}` | bearer — tier, budget, spend, reserved, counters |
+//! | GET | `/api/v1/enforcement/reservations?active=true` | bearer — `{"items": [...]}`, oldest first |
+//! | POST | `/api/v1/enforcement/reservations/{id}/reconcile` | bearer — settle by hand, idempotent by key |
+//! | POST | `/api/v1/enforcement/reservations/reconcile-overdue` | bearer — run the TTL sweep now |
 //!
 //! Without `ADMIN_API_KEY` every authenticated route answers 403 `admin_disabled`: mutating
 //! routes are off unless configured.
@@ -14,6 +18,7 @@
 //! Owns: `AdminApp`. Imports: state, store traits, telemetry, `admin::runtime`.
 
 pub mod runtime;
+pub mod spend;
 
 use std::sync::Arc;
 
@@ -31,11 +36,43 @@ const MAX_ADMIN_BODY: usize = 64 * 1024;
 
 pub struct AdminApp {
     state: Arc<AppState>,
+    reconciles: spend::ReconcileMemo,
 }
 
 impl AdminApp {
     pub fn new(state: Arc<AppState>) -> AdminApp {
-        AdminApp { state }
+        AdminApp { state, reconciles: spend::ReconcileMemo::default() }
+    }
+
+    /// Authenticated routes under `/api/v1/enforcement/` other than `runtime`.
+    async fn enforcement(&self, s: &mut ServerSession, method: &Method, rest: &str, query: &str) -> Response<Vec<u8>> {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let (status, body) = match (method, parts.as_slice()) {
+            (&Method::GET, ["tenants", id]) if !id.is_empty() => spend::tenant(&self.state, id).await,
+            (&Method::GET, ["reservations"]) => spend::list(&self.state, query).await,
+            (&Method::POST, ["reservations", "reconcile-overdue"]) => match read_json(s).await {
+                Ok(v) => spend::reconcile_overdue(&self.state, &v).await,
+                Err(r) => return r,
+            },
+            (&Method::POST, ["reservations", id, "reconcile"]) => match read_json(s).await {
+                Ok(v) => spend::reconcile(&self.state, &self.reconciles, id, &v).await,
+                Err(r) => return r,
+            },
+            _ => return admin_error(404, "not_found", "No such admin route."),
+        };
+        json_response(status, &body)
+    }
+}
+
+/// Reads a JSON object body (an empty body is `{}`).
+async fn read_json(s: &mut ServerSession) -> Result<Value, Response<Vec<u8>>> {
+    let body = read_body(s).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        _ => Err(admin_error(400, "invalid_request", "Body must be a JSON object.")),
     }
 }
 
@@ -161,6 +198,7 @@ impl ServeHttp for AdminApp {
     async fn response(&self, s: &mut ServerSession) -> Response<Vec<u8>> {
         let method = s.req_header().method.clone();
         let path = s.req_header().uri.path().to_string();
+        let query = s.req_header().uri.query().unwrap_or("").to_string();
         match (method, path.as_str()) {
             (Method::GET, "/healthz") => json_response(200, &json!({"status": "ok"})),
             (Method::GET, "/readyz") => {
@@ -189,11 +227,14 @@ impl ServeHttp for AdminApp {
                     _ => admin_error(405, "method_not_allowed", "Use GET or PATCH."),
                 }
             }
-            (_, p) if p.starts_with("/api/") => {
+            (m, p) if p.starts_with("/api/") => {
                 if let Err(r) = self.authorize(s) {
                     return *r;
                 }
-                admin_error(404, "not_found", "No such admin route.")
+                match p.strip_prefix("/api/v1/enforcement/") {
+                    Some(rest) => self.enforcement(s, &m, rest, &query).await,
+                    None => admin_error(404, "not_found", "No such admin route."),
+                }
             }
             _ => admin_error(404, "not_found", "No such admin route."),
         }

@@ -169,7 +169,7 @@ pub fn clamp_body(route: Route, req: &LlmRequest, max_output: u64) -> Option<Byt
     obj.insert(field.to_string(), Value::from(max_output));
     if req.stream
         && route.wants_include_usage()
-        && !obj.get("stream_options").is_some_and(|so| so.get("include_usage").is_some())
+        && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none())
     {
         let mut so = match obj.remove("stream_options") {
             Some(Value::Object(m)) => m,

@@ -7,3 +7,4 @@ mod admin;
 mod cli;
 mod guards;
 mod proxy;
+mod spend;

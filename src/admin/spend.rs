@@ -1,0 +1,203 @@
+//! Admin routes over budgets and reservations (CONTRACT §8, §10):
+//! `GET /tenants/{id}`, `GET /reservations?active=true`, `POST /reservations/{id}/reconcile`,
+//! `POST /reservations/reconcile-overdue`. Answers are JSON values; `admin::mod` writes them.
+//!
+//! Owns: the handlers and the reconcile idempotency memo. Imports: state, store::budget, worker.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+
+use crate::decide::time::rfc3339_seconds;
+use crate::decide::Micros;
+use crate::state::AppState;
+use crate::store::budget::{month_key, Reservation, SettleOutcome};
+
+/// An admin answer: status and JSON body.
+pub type Answer = (u16, Value);
+
+fn err(status: u16, code: &str, message: &str) -> Answer {
+    (status, json!({"error": {"message": message, "type": "admin_error", "code": code}}))
+}
+
+fn reservation_json(r: &Reservation, now: u64) -> Value {
+    json!({
+        "reservation_id": r.id,
+        "tenant_id": r.tenant,
+        "tenant_tier": r.tenant_tier,
+        "request_id": r.request_id,
+        "model": r.model,
+        "month": r.month,
+        "reserved_usd": r.amount,
+        "created_at": rfc3339_seconds(r.created_at),
+        "age_seconds": now.saturating_sub(r.created_at) / 1000,
+    })
+}
+
+/// `GET /api/v1/enforcement/tenants/{tenant_id}`.
+pub async fn tenant(state: &AppState, tenant: &str) -> Answer {
+    let now = state.clock.now_ms();
+    let policy = state.policy.current();
+    let tier = policy
+        .directory
+        .tenant(tenant)
+        .and_then(|t| t.tier)
+        .or_else(|| state.tier_seen(tenant))
+        .unwrap_or(crate::decide::Tier::Free);
+    let budget = policy.directory.monthly_budget(tenant, tier);
+    let month = month_key(now);
+    let spend = match state.budgets.tenant_spend(tenant, &month).await {
+        Ok(s) => s,
+        Err(e) => return err(503, "store_unavailable", &format!("Spend could not be read: {e}. Retry.")),
+    };
+    let counters = state.counters.tenant_view(tenant, now).await.unwrap_or_default();
+    (
+        200,
+        json!({
+            "tenant_id": tenant,
+            "tier": tier.as_str(),
+            "month": month,
+            "monthly_budget_usd": budget,
+            "spent_usd": spend.spent,
+            "reserved_usd": spend.reserved,
+            "remaining_usd": spend.remaining(budget),
+            "daily_requests": counters.daily_requests,
+            "requests_last_minute": counters.minute_requests,
+            "in_flight": counters.in_flight,
+            "active_reservations": spend.active_reservations,
+            "policy_version": policy.version,
+        }),
+    )
+}
+
+/// `GET /api/v1/enforcement/reservations?active=true` (only active reservations are listed).
+pub async fn list(state: &AppState, query: &str) -> Answer {
+    let active = query_param(query, "active").unwrap_or("true");
+    if !matches!(active, "true" | "1") {
+        return err(400, "invalid_request", "Only active reservations are listed: use ?active=true.");
+    }
+    let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(1000).clamp(1, 10_000);
+    let now = state.clock.now_ms();
+    match state.budgets.active(limit).await {
+        Ok(items) => (200, json!({"items": items.iter().map(|r| reservation_json(r, now)).collect::<Vec<_>>()})),
+        Err(e) => err(503, "store_unavailable", &format!("Reservations could not be read: {e}. Retry.")),
+    }
+}
+
+/// What a reconcile call stored, for idempotent replays.
+#[derive(Clone)]
+struct Reconciled {
+    key: String,
+    actual: Micros,
+    notes: Option<String>,
+    answer: Value,
+}
+
+/// Serialises reconciles (they are rare) and remembers keyed answers for replays.
+#[derive(Default)]
+pub struct ReconcileMemo {
+    inner: tokio::sync::Mutex<HashMap<String, Reconciled>>,
+}
+
+/// Bound on remembered reconcile answers.
+const MAX_MEMO: usize = 100_000;
+
+fn money_field(v: &Value) -> Option<Micros> {
+    match v {
+        Value::String(s) => Micros::from_usd_str(s).ok(),
+        Value::Number(n) => Micros::from_usd_str(&n.to_string()).ok(),
+        _ => None,
+    }
+}
+
+/// `POST /api/v1/enforcement/reservations/{id}/reconcile` `{actual_cost_usd, idempotency_key, notes}`.
+pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &Value) -> Answer {
+    let Some(actual) = body.get("actual_cost_usd").and_then(money_field).filter(|m| m.0 >= 0) else {
+        return err(400, "invalid_request", "`actual_cost_usd` is required: a non-negative decimal like \"0.012500\".");
+    };
+    let key = body.get("idempotency_key").and_then(Value::as_str).map(str::trim).filter(|k| !k.is_empty());
+    let notes = body.get("notes").and_then(Value::as_str).map(str::to_string);
+    let m = &state.metrics;
+    let mut memo = memo.inner.lock().await;
+    if let (Some(prev), Some(k)) = (memo.get(id), key) {
+        if prev.key == k {
+            if prev.actual != actual || notes.as_ref().is_some_and(|n| Some(n) != prev.notes.as_ref()) {
+                return err(
+                    409,
+                    "idempotency_key_mismatch",
+                    "This idempotency key was already used for this reservation with a different payload.",
+                );
+            }
+            let status = prev.answer["status"].as_str().unwrap_or("matched").to_string();
+            m.reconciliations.with_label_values(&["manual_replay", &status]).inc();
+            return (200, prev.answer.clone());
+        }
+    }
+    let now = state.clock.now_ms();
+    match state.budgets.settle(id, actual, now).await {
+        Ok(SettleOutcome::Settled(s)) => {
+            let status = match s.drift.0 {
+                0 => "matched",
+                d if d > 0 => "overage",
+                _ => "savings",
+            };
+            m.reconciliations.with_label_values(&["manual", status]).inc();
+            if s.drift.0 != 0 {
+                m.drift_usd.with_label_values(&[status]).inc_by(Micros(s.drift.0.abs()).as_usd_f64());
+            }
+            let answer = json!({
+                "reservation_id": id,
+                "tenant_id": s.reservation.tenant,
+                "status": status,
+                "reserved_usd": s.reservation.amount,
+                "actual_cost_usd": s.actual,
+                "released_usd": s.released,
+                "drift_usd": s.drift,
+                "reconciled_at": rfc3339_seconds(now),
+                "idempotency_key": key,
+                "notes": notes,
+            });
+            tracing::warn!(target: "audit", event = "reservation_reconciled", reservation_id = id, status, actual = %s.actual, drift = %s.drift);
+            if let Some(k) = key {
+                if memo.len() >= MAX_MEMO {
+                    memo.clear();
+                }
+                memo.insert(id.to_string(), Reconciled { key: k.to_string(), actual, notes, answer: answer.clone() });
+            }
+            (200, answer)
+        }
+        Ok(SettleOutcome::NotActive) => {
+            err(409, "reservation_not_active", "Reservation is not active (already settled or released).")
+        }
+        Ok(SettleOutcome::NotFound) => err(404, "reservation_not_found", "No such reservation."),
+        Err(e) => err(503, "store_unavailable", &format!("Reservation could not be reconciled: {e}. Retry.")),
+    }
+}
+
+/// `POST /api/v1/enforcement/reservations/reconcile-overdue` `{older_than_seconds?}`: runs the sweep now.
+pub async fn reconcile_overdue(state: &AppState, body: &Value) -> Answer {
+    let older = match body.get("older_than_seconds") {
+        None | Some(Value::Null) => state.config.reservation_ttl_seconds,
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= 7 * 86_400 => n,
+            _ => return err(400, "invalid_request", "`older_than_seconds` must be an integer between 0 and 604800."),
+        },
+    };
+    let now = state.clock.now_ms();
+    let released = crate::worker::release_overdue(state, older, now).await;
+    let total = released.iter().fold(Micros::ZERO, |acc, r| acc.saturating_add(r.amount));
+    (
+        200,
+        json!({
+            "released_count": released.len(),
+            "total_released_usd": total,
+            "reservation_ids": released.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+            "older_than_seconds": older,
+        }),
+    )
+}
+
+/// A query parameter's raw value.
+pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
+}

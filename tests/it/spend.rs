@@ -1,0 +1,386 @@
+//! Spend through the real proxy: exact charges, atomic reservations under concurrency, upstream
+//! errors, cut streams, restart, sweep, clamp, and the admin reconcile API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use preauth_sidecar::decide::pricing::{cost, PriceTable};
+use preauth_sidecar::decide::usage_types::Usage;
+use preauth_sidecar::decide::Micros;
+use preauth_sidecar::store::memory::MemoryCounters;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+async fn tenant_view(s: &Sidecar, tenant: &str) -> Value {
+    let r = client()
+        .get(s.admin_url(&format!("/api/v1/enforcement/tenants/{tenant}")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    json_of(r).await
+}
+
+fn usd(v: &Value) -> Micros {
+    Micros::from_usd_str(v.as_str().unwrap_or_else(|| panic!("not a money string: {v}"))).unwrap()
+}
+
+fn price_cost(model: &str, u: Usage) -> Micros {
+    let t = PriceTable::builtin();
+    cost(t.lookup(model).price, &u)
+}
+
+/// The sidecar's worst-case estimate for a chat body (estimator + built-in prices).
+fn worst_case(model: &str, body: &Value, max_output: u64) -> Micros {
+    let t = PriceTable::builtin();
+    let e = preauth_sidecar::decide::estimate::estimate(preauth_sidecar::decide::Route::ChatCompletions, body);
+    preauth_sidecar::decide::pricing::worst_case_cost(t.lookup(model).price, e.prompt_tokens, max_output)
+}
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spend_equals_the_price_of_reported_usage_json_and_sse() {
+    let s = start(&[]).await;
+    let usage = Usage { prompt_tokens: 1200, completion_tokens: 300, cached_tokens: 200, reasoning_tokens: 50 };
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-prompt-tokens", "1200")
+        .header("x-mock-completion-tokens", "300")
+        .header("x-mock-cached-tokens", "200")
+        .header("x-mock-reasoning-tokens", "50")
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-preauth-reservation-id").is_some(), "allowed request holds a reservation");
+    r.bytes().await.unwrap();
+    let one = price_cost("gpt-4o-mini", usage);
+    wait_for("JSON settlement", || async { usd(&tenant_view(&s, "acme").await["spent_usd"]) == one }).await;
+
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-prompt-tokens", "1200")
+        .header("x-mock-completion-tokens", "300")
+        .header("x-mock-cached-tokens", "200")
+        .header("x-mock-reasoning-tokens", "50")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    wait_for("SSE settlement", || async {
+        let v = tenant_view(&s, "acme").await;
+        usd(&v["spent_usd"]) == Micros(one.0 * 2) && usd(&v["reserved_usd"]) == Micros::ZERO
+    })
+    .await;
+
+    // Anthropic and the Responses API are priced from their own usage shapes.
+    let r = client()
+        .post(s.url("/v1/messages"))
+        .bearer_auth(token("anth", "pro"))
+        .header("x-mock-prompt-tokens", "1000")
+        .header("x-mock-completion-tokens", "100")
+        .json(&json!({"model": "claude-3-5-haiku", "max_tokens": 200, "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    let want =
+        price_cost("claude-3-5-haiku", Usage { prompt_tokens: 1000, completion_tokens: 100, ..Usage::default() });
+    wait_for("Anthropic SSE settlement", || async { usd(&tenant_view(&s, "anth").await["spent_usd"]) == want }).await;
+    let m = metrics(&s).await;
+    assert!(
+        m.contains("valdrics_ops_llm_spend_usd_total{model=\"gpt-4o-mini\",provider=\"openai\",tenant_tier=\"pro\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("valdrics_ops_enforcement_reservation_reconciliations_total{status=\"savings\",trigger=\"usage\"}"),
+        "{m}"
+    );
+    assert!(m.contains("valdrics_ops_enforcement_reservation_drift_usd_total{direction=\"savings\"}"), "{m}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_never_overspend() {
+    // One request's worst case, as the sidecar estimates it: the budget fits exactly 10.
+    let body = json!({"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "concurrency"}]});
+    let est = worst_case("gpt-4o", &body, 1000);
+    for round in 0..3 {
+        let dir = temp_dir();
+        let budget = Micros(est.0 * 10 + est.0 / 2);
+        let tenants = dir.join("tenants.toml");
+        std::fs::write(
+            &tenants,
+            format!("[tenants.\"race\"]\ntier = \"enterprise\"\nmonthly_budget_usd = \"{budget}\"\ndaily_request_quota = 0\n"),
+        )
+        .unwrap();
+        let s = start_in(
+            &[("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap()), ("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "50")],
+            Arc::new(MemoryCounters::new()),
+            &dir,
+        )
+        .await;
+        let tok = token("race", "enterprise");
+        let mut tasks = Vec::new();
+        for _ in 0..200 {
+            let (url, tok, body) = (s.url("/v1/chat/completions"), tok.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .bearer_auth(tok)
+                    .header("x-mock-delay-ms", "300")
+                    .header("x-mock-completion-tokens", "1000")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let code = r.headers().get("x-preauth-error").map(|v| v.to_str().unwrap().to_string());
+                r.bytes().await.unwrap();
+                (status, code)
+            }));
+        }
+        let mut peak_reserved = Micros::ZERO;
+        let mut results = Vec::new();
+        for t in tasks {
+            let v = tenant_view(&s, "race").await;
+            peak_reserved = peak_reserved.max(usd(&v["reserved_usd"]));
+            assert!(usd(&v["spent_usd"]).saturating_add(usd(&v["reserved_usd"])) <= budget, "round {round}: {v}");
+            results.push(t.await.unwrap());
+        }
+        let admitted = results.iter().filter(|(s, _)| *s == 200).count();
+        let denied = results.iter().filter(|(s, c)| *s == 402 && c.as_deref() == Some("budget_exceeded")).count();
+        assert_eq!((admitted, denied), (10, 190), "round {round}");
+        assert!(peak_reserved <= budget);
+        s.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
+    let s = start(&[]).await;
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-status", "500")
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    r.bytes().await.unwrap();
+    wait_for("release", || async {
+        let v = tenant_view(&s, "acme").await;
+        usd(&v["reserved_usd"]) == Micros::ZERO && v["active_reservations"] == 0
+    })
+    .await;
+    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros::ZERO, "upstream 500: nothing charged");
+
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 2000, "messages": [{"role": "user", "content": "tell me a story"}]});
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-cut-after", "3")
+        .header("x-mock-chunks", "10")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await; // the stream breaks
+    wait_for("estimated charge", || async {
+        let v = tenant_view(&s, "acme").await;
+        usd(&v["spent_usd"]).is_positive() && usd(&v["reserved_usd"]) == Micros::ZERO
+    })
+    .await;
+    let spent = usd(&tenant_view(&s, "acme").await["spent_usd"]);
+    let worst = price_cost("gpt-4o-mini", Usage { prompt_tokens: 50, completion_tokens: 2000, ..Usage::default() });
+    assert!(spent < worst, "charged from what was observed ({spent}), not the worst case ({worst})");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_keeps_spend_and_active_reservations() {
+    let dir = temp_dir();
+    let s = start_in(&[], Arc::new(MemoryCounters::new()), &dir).await;
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-prompt-tokens", "1000")
+        .header("x-mock-completion-tokens", "1000")
+        .json(&chat("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    let want = price_cost("gpt-4o", Usage { prompt_tokens: 1000, completion_tokens: 1000, ..Usage::default() });
+    wait_for("settlement", || async { usd(&tenant_view(&s, "acme").await["spent_usd"]) == want }).await;
+    s.stop().await;
+    let s = start_in(&[], Arc::new(MemoryCounters::new()), &dir).await;
+    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), want, "spend survived the restart");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sweep_releases_an_orphaned_reservation_and_reconcile_api() {
+    let s = start(&[("PREAUTH_RESERVATION_TTL_SECONDS", "1")]).await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "slow"}]});
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-delay-ms", "400")
+        .header("x-mock-chunks", "20")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let rid = r.headers()["x-preauth-reservation-id"].to_str().unwrap().to_string();
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let list = |s: &Sidecar| {
+        let url = s.admin_url("/api/v1/enforcement/reservations?active=true");
+        async move { json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await }
+    };
+    let items = list(&s).await;
+    assert_eq!(items["items"][0]["reservation_id"], rid.as_str());
+    wait_for("the sweep", || async { list(&s).await["items"].as_array().unwrap().is_empty() }).await;
+    assert!(metrics(&s).await.contains(
+        "valdrics_ops_enforcement_reservation_reconciliations_total{status=\"auto_release\",trigger=\"auto\"} 1"
+    ));
+    drop(stream);
+    // Settlement after the sweep must not charge: the hold is gone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros::ZERO);
+    s.stop().await;
+
+    // Manual reconcile: idempotent by key, 409 on payload change or inactive reservation.
+    let s = start(&[]).await;
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-delay-ms", "2000")
+        .json(&chat("gpt-4o-mini"))
+        .send();
+    let pending = tokio::spawn(r);
+    let mut rid = None;
+    for _ in 0..100 {
+        if let Some(id) = list(&s).await["items"][0]["reservation_id"].as_str() {
+            rid = Some(id.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rid = rid.expect("a reservation is held while the upstream is slow");
+    let url = s.admin_url(&format!("/api/v1/enforcement/reservations/{rid}/reconcile"));
+    let call = |body: Value| {
+        let url = url.clone();
+        async move { client().post(url).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap() }
+    };
+    let first = call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k1", "notes": "manual"})).await;
+    assert_eq!(first.status(), 200);
+    let first = json_of(first).await;
+    assert_eq!(first["actual_cost_usd"], "0.001000");
+    let again = call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k1", "notes": "manual"})).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(json_of(again).await, first, "same key and payload: same answer");
+    assert_eq!(call(json!({"actual_cost_usd": "0.002000", "idempotency_key": "k1"})).await.status(), 409);
+    assert_eq!(call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k2"})).await.status(), 409);
+    assert_eq!(call(json!({"idempotency_key": "k3"})).await.status(), 400);
+    let overdue = client()
+        .post(s.admin_url("/api/v1/enforcement/reservations/reconcile-overdue"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"older_than_seconds": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(overdue).await["released_count"], 0);
+    pending.await.unwrap().unwrap().bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros(1000), "reconciled amount, not charged twice");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clamp_mode_rewrites_max_tokens_to_what_fits() {
+    let dir = temp_dir();
+    let tenants = dir.join("tenants.toml");
+    // gpt-4o output is 10 USD/Mtok: 0.01 USD buys ~1000 output tokens; the request asks 16000.
+    std::fs::write(&tenants, "[tenants.\"small\"]\ntier = \"pro\"\nmonthly_budget_usd = \"0.01\"\n").unwrap();
+    let s = start_in(
+        &[("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap()), ("PREAUTH_CLAMP_MAX_TOKENS_TO_BUDGET", "true")],
+        Arc::new(MemoryCounters::new()),
+        &dir,
+    )
+    .await;
+    let body = json!({"model": "gpt-4o", "max_tokens": 16000, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(&s, "/v1/chat/completions", "small", "pro", &body).await;
+    assert_eq!(r.status(), 200);
+    let seen = s.upstream.last_request().unwrap().json().unwrap();
+    let clamped = seen["max_tokens"].as_u64().unwrap();
+    assert!((64..1000).contains(&clamped), "clamped to what fits: {clamped}");
+    let m = metrics(&s).await;
+    assert!(m.contains("reason=\"max_tokens_clamped_to_budget\""), "{m}");
+    // Without clamp mode the same request is refused.
+    s.stop().await;
+    let s =
+        start_in(&[("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap())], Arc::new(MemoryCounters::new()), &temp_dir())
+            .await;
+    let r = post(&s, "/v1/chat/completions", "small", "pro", &body).await;
+    let v = assert_error(r, 402, "budget_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "budget_exceeded");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thresholds_and_shadow_mode_spend() {
+    let s = start(&[("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "0.05"), ("PREAUTH_HARD_DENY_ABOVE_USD", "0.50")]).await;
+    let mid = json!({"model": "gpt-4o", "max_tokens": 10000, "messages": [{"role": "user", "content": "x"}]});
+    let r = post(&s, "/v1/chat/completions", "acme", "enterprise", &mid).await;
+    assert_eq!(r.headers()["x-preauth-decision"], "REQUIRE_APPROVAL");
+    let v = assert_error(r, 403, "approval_required").await;
+    assert_eq!(v["error"]["details"]["reason"], "approval_required");
+    assert_eq!(v["error"]["details"]["estimated_cost_usd"], worst_case("gpt-4o", &mid, 10_000).to_string());
+    let big = json!({"model": "gpt-4o", "max_tokens": 16384, "n": 4, "messages": [{"role": "user", "content": "x"}]});
+    let r = post(&s, "/v1/chat/completions", "acme", "enterprise", &big).await;
+    let v = assert_error(r, 402, "budget_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "hard_deny_threshold_exceeded");
+    s.stop().await;
+
+    // Shadow: over the threshold but let through, nothing reserved, usage still charged.
+    let s = start(&[("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "0.05"), ("PREAUTH_ENFORCEMENT_MODE", "shadow")]).await;
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "enterprise"))
+        .header("x-mock-prompt-tokens", "100")
+        .header("x-mock-completion-tokens", "100")
+        .json(&mid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-preauth-reservation-id").is_none(), "shadow reserves nothing");
+    r.bytes().await.unwrap();
+    let want = price_cost("gpt-4o", Usage { prompt_tokens: 100, completion_tokens: 100, ..Usage::default() });
+    wait_for("shadow charge", || async { usd(&tenant_view(&s, "acme").await["spent_usd"]) == want }).await;
+    assert!(metrics(&s).await.contains("reason=\"shadow_mode_approval_required_override\""));
+    s.stop().await;
+}
