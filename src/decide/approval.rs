@@ -500,7 +500,10 @@ mod tests {
             let got = check(&with(claims(), name, v.clone()));
             assert_eq!(got, Err(ApprovalError::Invalid(want)), "{name}={v}");
         }
-        assert_eq!(verify(&hand_token(&header(), &claims(), KEY), &[KEY], "other-issuer", NOW).unwrap_err().code(), "approval_token_invalid");
+        assert_eq!(
+            verify(&hand_token(&header(), &claims(), KEY), &[KEY], "other-issuer", NOW).unwrap_err().code(),
+            "approval_token_invalid"
+        );
     }
 
     #[test]
@@ -536,7 +539,10 @@ mod tests {
         let other_fp = "0".repeat(64);
         assert_eq!(check_binding(&c, "globex", FP, Micros(1)), Err(ApprovalError::Mismatch("tenant_id")));
         assert_eq!(check_binding(&c, "acm", FP, Micros(1)), Err(ApprovalError::Mismatch("tenant_id")));
-        assert_eq!(check_binding(&c, "acme", &other_fp, Micros(1)), Err(ApprovalError::Mismatch("request_fingerprint")));
+        assert_eq!(
+            check_binding(&c, "acme", &other_fp, Micros(1)),
+            Err(ApprovalError::Mismatch("request_fingerprint"))
+        );
         assert_eq!(check_binding(&c, "acme", FP, Micros(2_500_001)), Err(ApprovalError::Mismatch("max_cost_usd")));
         let e = ApprovalError::Mismatch("tenant_id");
         assert_eq!((e.code(), e.status(), e.metric_event()), ("approval_token_mismatch", 403, "mismatch"));

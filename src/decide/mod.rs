@@ -16,6 +16,7 @@
 //!
 //! May import: std, serde, thiserror, toml, hmac/sha2/base64 (token checks). Nothing else.
 
+pub mod approval;
 pub mod decision;
 pub mod estimate;
 pub mod jwt;

@@ -10,6 +10,8 @@
 //!
 //! Owns: the traits, `StoreError`, `Ticket`. Imports: `decide` types, async-trait, std.
 
+pub mod approvals;
+pub mod approvals_memory;
 pub mod budget;
 pub mod budget_memory;
 pub mod memory;
