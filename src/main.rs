@@ -17,6 +17,9 @@ USAGE:
     preauth-sidecar [run]        start the proxy, admin listener and workers (configured by env)
     preauth-sidecar demo         start a built-in fake LLM upstream plus the sidecar, print examples
     preauth-sidecar check-config validate the environment, print the effective config (secrets redacted)
+    preauth-sidecar mint-approval --tenant T --fingerprint F --max-cost-usd X [--ttl-seconds S] [--approval-id ID]
+                                 print an approval token signed with ENFORCEMENT_APPROVAL_TOKEN_SECRET
+                                 (exit 1 while ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true)
 
 Configuration is environment only; see README.md and config/*.env.example.
 Exit codes: 0 ok, 64 configuration error, 69 upstream unresolvable.";
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
         None | Some("run") => run(&Env, Purpose::Run),
         Some("demo") => demo(),
         Some("check-config") => check_config(),
+        Some("mint-approval") => mint_approval(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -66,6 +70,73 @@ fn check_config() -> ExitCode {
         }
         Err(code) => code,
     }
+}
+
+/// `mint-approval`: signs an approval token offline with the primary secret.
+fn mint_approval(args: &[String]) -> ExitCode {
+    use preauth_sidecar::decide::approval::{mint, MintRequest};
+    use preauth_sidecar::decide::Micros;
+    let usage = "usage: preauth-sidecar mint-approval --tenant T --fingerprint F --max-cost-usd X [--ttl-seconds S] [--approval-id ID]";
+    let mut opts: HashMap<&str, &str> = HashMap::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let known = ["--tenant", "--fingerprint", "--max-cost-usd", "--ttl-seconds", "--approval-id"];
+        match (known.contains(&flag.as_str()), it.next()) {
+            (true, Some(v)) => {
+                opts.insert(flag.as_str(), v.as_str());
+            }
+            _ => {
+                eprintln!("unknown or incomplete option `{flag}`\n{usage}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        }
+    }
+    let config = match parse_or_report(&Env, Purpose::Tool) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if config.policy.approval_issuance_frozen {
+        eprintln!("approval issuance is frozen (ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true): no token minted");
+        return ExitCode::from(1);
+    }
+    let Some(secret) = config.approvals.secret.as_ref() else {
+        eprintln!("ENFORCEMENT_APPROVAL_TOKEN_SECRET is not set: it signs approval tokens (at least 32 characters)");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let (Some(tenant), Some(fingerprint), Some(cost)) =
+        (opts.get("--tenant"), opts.get("--fingerprint"), opts.get("--max-cost-usd"))
+    else {
+        eprintln!("--tenant, --fingerprint and --max-cost-usd are required\n{usage}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let Ok(max_cost) = Micros::from_usd_str(cost) else {
+        eprintln!("--max-cost-usd `{cost}` is not a decimal amount like 2.50");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let ttl_seconds = match opts.get("--ttl-seconds").map(|t| t.parse::<u64>()) {
+        None => config.approvals.ttl_seconds,
+        Some(Ok(t)) if (60..=86_400).contains(&t) => t,
+        Some(_) => {
+            eprintln!("--ttl-seconds must be a whole number between 60 and 86400");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let generated = uuid::Uuid::now_v7().to_string();
+    let req = MintRequest {
+        issuer: &config.approvals.issuer,
+        tenant_id: tenant,
+        approval_id: opts.get("--approval-id").copied().unwrap_or(&generated),
+        request_fingerprint: fingerprint,
+        max_cost,
+        now_s: (SystemClock.now_ms() / 1000) as i64,
+        ttl_seconds,
+    };
+    if let Err(field) = req.validate() {
+        eprintln!("invalid {field} (the fingerprint is 64 lowercase hex characters; ids are at most 256 characters)");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    println!("{}", mint(&req, secret.expose().as_bytes(), config.approvals.kid.as_deref()));
+    ExitCode::SUCCESS
 }
 
 fn init_logging(format: LogFormat) {

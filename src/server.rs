@@ -21,6 +21,8 @@ use crate::config::Config;
 use crate::decide::pricing::PriceTable;
 use crate::proxy::PreauthProxy;
 use crate::state::AppState;
+use crate::store::approvals::Approvals;
+use crate::store::approvals_memory::MemoryApprovals;
 use crate::store::budget::Budgets;
 use crate::store::budget_memory::MemoryBudgets;
 use crate::store::memory::{MemoryCounters, MemoryPolicy};
@@ -64,6 +66,7 @@ pub struct Parts {
     pub clock: Arc<dyn Clock>,
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
+    pub approvals: Arc<dyn Approvals>,
 }
 
 impl Parts {
@@ -71,10 +74,13 @@ impl Parts {
     pub fn embedded(config: &Config) -> Result<Parts, String> {
         let budgets = MemoryBudgets::open(&config.data_dir)
             .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
+        let approvals = MemoryApprovals::open(&config.data_dir)
+            .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
         Ok(Parts {
             clock: Arc::new(SystemClock),
             counters: Arc::new(MemoryCounters::new()),
             budgets: Arc::new(budgets),
+            approvals: Arc::new(approvals),
         })
     }
 }
@@ -91,11 +97,11 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let up = config.upstream.clone().expect("resolved above");
 
     let policy = Arc::new(MemoryPolicy::new(config.policy.clone()));
-    let Parts { clock, counters, budgets } = parts;
+    let Parts { clock, counters, budgets, approvals } = parts;
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;
-    let state = Arc::new(AppState::new(config, policy, counters, budgets, clock, pricing));
+    let state = Arc::new(AppState::new(config, policy, counters, budgets, approvals, clock, pricing));
 
     let conf = ServerConf {
         threads,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
+use crate::store::approvals::Approvals;
 use crate::store::budget::Budgets;
 use crate::store::{Counters, PolicyStore};
 use crate::telemetry::Metrics;
@@ -22,6 +23,7 @@ pub struct AppState {
     pub policy: Arc<dyn PolicyStore>,
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
+    pub approvals: Arc<dyn Approvals>,
     pub metrics: Metrics,
     pub clock: Arc<dyn Clock>,
     /// The price table; replaced whole on `SIGHUP`.
@@ -40,6 +42,7 @@ impl AppState {
         policy: Arc<dyn PolicyStore>,
         counters: Arc<dyn Counters>,
         budgets: Arc<dyn Budgets>,
+        approvals: Arc<dyn Approvals>,
         clock: Arc<dyn Clock>,
         pricing: Arc<PriceTable>,
     ) -> AppState {
@@ -52,6 +55,7 @@ impl AppState {
             policy,
             counters,
             budgets,
+            approvals,
             metrics,
             tiers_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,

@@ -11,12 +11,16 @@
 //! | GET | `/api/v1/enforcement/reservations?active=true` | bearer — `{"items": [...]}`, oldest first |
 //! | POST | `/api/v1/enforcement/reservations/{id}/reconcile` | bearer — settle by hand, idempotent by key |
 //! | POST | `/api/v1/enforcement/reservations/reconcile-overdue` | bearer — run the TTL sweep now |
+//! | GET | `/api/v1/enforcement/approvals?status=pending` | bearer — the approval queue |
+//! | POST | `/api/v1/enforcement/approvals/{id}/approve` | bearer — `{approval_token, expires_at}`; 423 while frozen |
+//! | POST | `/api/v1/enforcement/approvals/{id}/deny` | bearer — `{reason?}` |
 //!
 //! Without `ADMIN_API_KEY` every authenticated route answers 403 `admin_disabled`: mutating
 //! routes are off unless configured.
 //!
 //! Owns: `AdminApp`. Imports: state, store traits, telemetry, `admin::runtime`.
 
+pub mod approvals;
 pub mod runtime;
 pub mod spend;
 
@@ -50,6 +54,12 @@ impl AdminApp {
         let (status, body) = match (method, parts.as_slice()) {
             (&Method::GET, ["tenants", id]) if !id.is_empty() => spend::tenant(&self.state, id).await,
             (&Method::GET, ["reservations"]) => spend::list(&self.state, query).await,
+            (&Method::GET, ["approvals"]) => approvals::list(&self.state, query).await,
+            (&Method::POST, ["approvals", id, "approve"]) => approvals::approve(&self.state, id).await,
+            (&Method::POST, ["approvals", id, "deny"]) => match read_json(s).await {
+                Ok(v) => approvals::deny(&self.state, id, &v).await,
+                Err(r) => return r,
+            },
             (&Method::POST, ["reservations", "reconcile-overdue"]) => match read_json(s).await {
                 Ok(v) => spend::reconcile_overdue(&self.state, &v).await,
                 Err(r) => return r,

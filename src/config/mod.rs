@@ -138,6 +138,9 @@ pub enum Purpose {
     Run,
     /// `demo`: the upstream is the built-in fake, set after parsing.
     Demo,
+    /// Offline tools (`mint-approval`, `migrate`): no listener, so neither the upstream nor the
+    /// caller-identity secret is required.
+    Tool,
 }
 
 /// Parses everything, collecting every error.
@@ -154,7 +157,7 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
                 None
             }
         },
-        (None, Purpose::Demo) => None,
+        (None, Purpose::Demo | Purpose::Tool) => None,
         (None, Purpose::Run) => {
             r.error(ENV_UPSTREAM_URL, "is required: the URL of the LLM gateway, e.g. http://127.0.0.1:4000");
             None
@@ -169,7 +172,7 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
     let identity = match r.string(ENV_IDENTITY, "jwt").to_ascii_lowercase().as_str() {
         "jwt" => {
             let secret = r.secret(ENV_JWT_SECRET, MIN_SECRET_LEN);
-            if secret.is_none() && r.raw(ENV_JWT_SECRET).is_none() {
+            if secret.is_none() && r.raw(ENV_JWT_SECRET).is_none() && purpose != Purpose::Tool {
                 r.error(
                     ENV_JWT_SECRET,
                     "is required with PREAUTH_IDENTITY=jwt (the HS256 secret callers' tokens are signed with)",

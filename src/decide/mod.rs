@@ -169,6 +169,28 @@ pub fn violation(mode: Mode, reason: Reason, retry_after_seconds: Option<u64>) -
     }
 }
 
+/// Step 8: a presented approval token that failed verification, binding or single use. Not
+/// transformed by the mode: a bad token is refused in every mode.
+pub fn token_refusal(mode: Mode, e: approval::ApprovalError) -> Decision {
+    let reason = match e {
+        approval::ApprovalError::Invalid(_) => Reason::ApprovalTokenInvalid,
+        approval::ApprovalError::Expired => Reason::ApprovalTokenExpired,
+        approval::ApprovalError::Mismatch(_) => Reason::ApprovalTokenMismatch,
+        approval::ApprovalError::Replayed => Reason::ApprovalTokenReplayed,
+    };
+    Decision { verdict: Verdict::Deny, reason: Some(reason), ..Decision::allow(mode) }
+}
+
+/// A valid approval token lifts soft-mode escalations of the guard steps (CONTRACT §5): the
+/// request is admitted, the escalated reason stays on record.
+pub fn lift_soft_escalation(d: Decision) -> Decision {
+    if d.verdict == Verdict::RequireApproval && d.transform == Transform::Soft {
+        Decision { verdict: Verdict::Allow, ..d }
+    } else {
+        d
+    }
+}
+
 /// Step 7: the estimated cost against the per-request thresholds. `approved` = the request
 /// carries a valid approval token (it lifts the approval threshold, never the hard limit).
 pub fn spend_threshold(policy: &Policy, estimated_cost: Micros, approved: bool) -> Option<Reason> {

@@ -24,6 +24,8 @@ pub mod outbox;
 pub mod postgres;
 pub mod relay;
 pub mod sink;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,11 +76,10 @@ impl LedgerFilter {
             }
             match k {
                 "limit" => {
-                    f.limit = v
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| (1..=Self::MAX_LIMIT).contains(n))
-                        .ok_or_else(|| format!("limit must be an integer from 1 to {}, got `{v}`", Self::MAX_LIMIT))?;
+                    f.limit =
+                        v.parse::<usize>().ok().filter(|n| (1..=Self::MAX_LIMIT).contains(n)).ok_or_else(|| {
+                            format!("limit must be an integer from 1 to {}, got `{v}`", Self::MAX_LIMIT)
+                        })?;
                 }
                 "start_at" => f.start_at_ms = Some(parse_time("start_at", &v)?),
                 "end_at" => f.end_at_ms = Some(parse_time("end_at", &v)?),
@@ -170,7 +171,9 @@ impl LedgerSource {
     /// Newest first, at most `filter.limit` events.
     pub async fn query(&self, filter: &LedgerFilter) -> Result<Vec<Event>, LedgerQueryError> {
         match self {
-            LedgerSource::Postgres(pg) => pg.query(filter).await.map_err(|e| LedgerQueryError::Unavailable(e.to_string())),
+            LedgerSource::Postgres(pg) => {
+                pg.query(filter).await.map_err(|e| LedgerQueryError::Unavailable(e.to_string()))
+            }
             LedgerSource::Local(dir) => {
                 let (dir, filter) = (dir.clone(), filter.clone());
                 tokio::task::spawn_blocking(move || local::query_local(&dir, &filter))
@@ -183,7 +186,7 @@ impl LedgerSource {
 }
 
 #[cfg(test)]
-mod tests {
+mod filter_tests {
     use super::*;
 
     #[test]

@@ -39,6 +39,10 @@ pub struct RequestCtx {
     pub pending_refusal: Option<Rendered>,
     pub upstream_status: Option<u16>,
     pub model: Option<String>,
+    /// `x-approval-token`, when sent.
+    pub approval_token: Option<String>,
+    /// The approval this request consumed.
+    pub approval_id: Option<String>,
     /// Cost, hold and usage scanner of an admitted request; settled in `logging`.
     pub spend: Option<super::spend::SpendCtx>,
 }
@@ -63,6 +67,8 @@ impl RequestCtx {
             upstream_status: None,
             model: None,
             spend: None,
+            approval_token: None,
+            approval_id: None,
         }
     }
 }

@@ -33,9 +33,11 @@ use serde_json::{json, Map};
 use sha2::{Digest, Sha256};
 
 use crate::config::Identity;
+use crate::decide::approval::{self, ApprovalClaims, ApprovalError};
 use crate::decide::pricing::{max_output_that_fits, worst_case_cost};
 use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, Verdict};
 use crate::state::AppState;
+use crate::store::approvals::{ConsumeOutcome, NewApproval};
 use crate::store::budget::{ReserveOutcome, ReserveRequest};
 use crate::store::{AdmitRequest, StoreError, Ticket};
 use crate::telemetry::{audit, status_class};
@@ -135,32 +137,65 @@ impl PreauthProxy {
             estimated_tokens: est.prompt_tokens + max_output,
         };
 
+        // The fingerprint binds approvals to this exact body; computed only when needed.
+        let needs_fingerprint = ctx.approval_token.is_some();
+        let mut fp = needs_fingerprint.then(|| fingerprint(&caller.tenant, "POST", route.path(), body));
         let gate = Duration::from_millis(self.state.config.gate_timeout_ms);
+        let now_s = self.now_s();
         let decided = tokio::time::timeout(gate, async {
             if let Some(d) = decide::kill_switch(&policy, mode) {
-                return Ok((d, None, None));
+                return Ok((d, None, None, None));
             }
             let (mut d, ticket) = self.guard(&policy, &facts, mode).await?;
+            if d.verdict == Verdict::Deny {
+                return Ok((d, Some(ticket), None, None));
+            }
+            // Step 8, verification: a presented token is checked before the thresholds it lifts.
+            let mut approval = None;
+            if let (Some(token), Some(fp)) = (ctx.approval_token.as_deref(), fp.as_deref()) {
+                match self.verify_approval(token, &caller.tenant, fp, estimated_cost, now_s) {
+                    Ok(claims) => {
+                        d = decide::lift_soft_escalation(d);
+                        approval = Some(claims);
+                    }
+                    Err(e) => {
+                        let refusal = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, e) };
+                        return Ok((refusal, Some(ticket), None, None));
+                    }
+                }
+            }
+            let approved = approval.is_some();
             let mut clamp_to = None;
             if d.is_allow() && !d.is_would_deny() {
-                if let Some(reason) = decide::spend_threshold(&policy, estimated_cost, false) {
+                if let Some(reason) = decide::spend_threshold(&policy, estimated_cost, approved) {
                     d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
                 }
             }
             if d.is_allow() && !d.is_would_deny() {
                 let budget = policy.directory.monthly_budget(&caller.tenant, tier);
-                let step = self.reserve(ctx, &policy, &mut spend, budget, max_output, choices, mode).await?;
+                let over_budget_ok = approved && mode == Mode::Soft;
+                let step =
+                    self.reserve(ctx, &policy, &mut spend, budget, max_output, choices, mode, over_budget_ok).await?;
                 if let Some(reason) = step.violation {
                     d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
+                } else if step.over_budget {
+                    d.reason = Some(Reason::ApprovedOverBudget);
                 } else if let Some(n) = step.clamped_to {
                     d.reason = Some(Reason::MaxTokensClamped);
                     clamp_to = Some(n);
                 }
             }
-            Ok::<_, StoreError>((d, Some(ticket), clamp_to))
+            // Step 8, consumption: only an admitted request uses its token up.
+            if let (true, Some(claims)) = (d.is_allow(), approval.as_ref()) {
+                if self.consume_approval(claims).await? {
+                    d = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, ApprovalError::Replayed) };
+                }
+            }
+            let consumed = approval.filter(|_| d.is_allow()).map(|c| c.approval_id);
+            Ok::<_, StoreError>((d, Some(ticket), clamp_to, consumed))
         })
         .await;
-        let (decision, ticket, clamp_to) = match decided {
+        let (decision, ticket, clamp_to, consumed_approval) = match decided {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let failure = match e {
@@ -168,17 +203,18 @@ impl PreauthProxy {
                     StoreError::Unavailable(_) => "store_error",
                 };
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
-                (decide::failsafe(mode), None, None)
+                (decide::failsafe(mode), None, None, None)
             }
             Err(_) => {
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
-                (decide::failsafe(mode), None, None)
+                (decide::failsafe(mode), None, None, None)
             }
         };
+        ctx.approval_id = consumed_approval;
         let ticket = self.settle_admission(decision.is_allow(), ticket).await;
         if !decision.is_allow() {
             if let Some(r) = spend.reservation.take() {
-                // A hold taken before a later failure: give it back at once.
+                // A hold taken before a later refusal: give it back at once.
                 let _ = self.state.budgets.release(&r.id, self.state.clock.now_ms()).await;
             }
         }
@@ -196,15 +232,92 @@ impl PreauthProxy {
             return Ok(());
         }
         let mut extra = Map::new();
-        if decision.verdict == Verdict::RequireApproval {
-            let now = self.state.clock.now_ms();
-            let expires = now + self.state.config.approvals.ttl_seconds * 1000;
-            extra.insert("approval_id".into(), json!(uuid::Uuid::now_v7().to_string()));
-            extra.insert("request_fingerprint".into(), json!(fingerprint(&caller.tenant, "POST", route.path(), body)));
-            extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(expires)));
-        }
         extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
+        if decision.verdict == Verdict::RequireApproval {
+            let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body)).clone();
+            let now = self.state.clock.now_ms();
+            let pending = self
+                .state
+                .approvals
+                .create_pending(NewApproval {
+                    tenant_id: caller.tenant.clone(),
+                    tenant_tier: tier.as_str().to_string(),
+                    request_id: ctx.request_id.clone(),
+                    route: route.path().to_string(),
+                    model: req.model.clone(),
+                    request_fingerprint: fp.clone(),
+                    estimated_cost,
+                    reasons: decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default(),
+                    now,
+                    expires_at: now + self.state.config.approvals.ttl_seconds * 1000,
+                })
+                .await;
+            match pending {
+                Ok(a) => {
+                    // The housekeeper recounts the backlog every second; this keeps it current meanwhile.
+                    self.state.metrics.approval_queue_backlog.inc();
+                    extra.insert("approval_id".into(), json!(a.approval_id));
+                    extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(a.expires_at)));
+                }
+                Err(e) => {
+                    self.store_failed("create_pending", e);
+                }
+            }
+            extra.insert("request_fingerprint".into(), json!(fp));
+        }
         Err(Refusal::Decision { decision, policy_version: policy.version, extra })
+    }
+
+    /// Verifies an approval token (primary secret, then fallbacks) and binds it to this request.
+    fn verify_approval(
+        &self,
+        token: &str,
+        tenant: &str,
+        fingerprint: &str,
+        estimated_cost: Micros,
+        now_s: i64,
+    ) -> std::result::Result<ApprovalClaims, ApprovalError> {
+        let a = &self.state.config.approvals;
+        let keys: Vec<&[u8]> =
+            a.secret.iter().chain(a.fallback_secrets.iter()).map(|s| s.expose().as_bytes()).collect();
+        let result = if keys.is_empty() {
+            Err(ApprovalError::Invalid("no_signing_secret_configured"))
+        } else {
+            approval::verify(token, &keys, &a.issuer, now_s)
+                .and_then(|c| approval::check_binding(&c, tenant, fingerprint, estimated_cost).map(|()| c))
+        };
+        if let Err(e) = &result {
+            self.state.metrics.approval_token_events.with_label_values(&[e.metric_event()]).inc();
+            tracing::warn!(
+                target: "audit",
+                event = "approval_token_rejected",
+                tenant_id = tenant,
+                code = e.code(),
+                detail = e.detail().unwrap_or(""),
+            );
+        }
+        result
+    }
+
+    /// Uses a verified token up (single use by `jti`, across replicas sharing the store).
+    /// `Ok(true)` = it had been used before.
+    async fn consume_approval(&self, claims: &ApprovalClaims) -> std::result::Result<bool, StoreError> {
+        let now = self.state.clock.now_ms();
+        let outcome = match tokio::time::timeout(
+            Duration::from_millis(self.state.config.store_timeout_ms),
+            self.state.approvals.consume(&claims.jti, claims.exp, now),
+        )
+        .await
+        {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(self.store_failed("consume_approval", e)),
+            Err(_) => return Err(self.store_failed("consume_approval", StoreError::Timeout)),
+        };
+        let replayed = outcome == ConsumeOutcome::Replayed;
+        let event = if replayed { "replay" } else { "consumed" };
+        self.state.metrics.approval_token_events.with_label_values(&[event]).inc();
+        tracing::info!(target: "audit", event = "approval_token_consumed", approval_id = %claims.approval_id, replayed);
+        Ok(replayed)
     }
 
     /// Step 9: holds the worst-case cost against the tenant's month (in shadow mode: only checks
@@ -219,6 +332,7 @@ impl PreauthProxy {
         max_output: u64,
         choices: u64,
         mode: Mode,
+        over_budget_ok: bool,
     ) -> std::result::Result<ReserveStep, StoreError> {
         let now = self.state.clock.now_ms();
         let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
@@ -232,12 +346,16 @@ impl PreauthProxy {
                 Err(_) => return Err(self.store_failed("tenant_spend", StoreError::Timeout)),
             };
             let fits = view.remaining(budget) >= spend.estimated_cost;
-            return Ok(ReserveStep { violation: (!fits).then_some(Reason::BudgetExceeded), clamped_to: None });
+            return Ok(ReserveStep { violation: (!fits).then_some(Reason::BudgetExceeded), ..ReserveStep::default() });
         }
         let min_output = policy.spend.clamp_min_output_tokens * choices;
-        let min_amount =
-            (policy.spend.clamp_max_tokens_to_budget && spend.route.has_output() && max_output > min_output)
-                .then(|| worst_case_cost(&spend.price, spend.prompt_tokens, min_output));
+        let clamp = policy.spend.clamp_max_tokens_to_budget && spend.route.has_output() && max_output > min_output;
+        // Soft mode + a valid approval admits over budget: hold whatever is left (maybe nothing).
+        let min_amount = if over_budget_ok {
+            Some(Micros::ZERO)
+        } else {
+            clamp.then(|| worst_case_cost(&spend.price, spend.prompt_tokens, min_output))
+        };
         let req = ReserveRequest {
             tenant: &spend.tenant,
             tenant_tier: spend.tier.as_str(),
@@ -255,14 +373,19 @@ impl PreauthProxy {
         };
         match outcome {
             ReserveOutcome::Insufficient { .. } => {
-                Ok(ReserveStep { violation: Some(Reason::BudgetExceeded), clamped_to: None })
+                Ok(ReserveStep { violation: Some(Reason::BudgetExceeded), ..ReserveStep::default() })
             }
             ReserveOutcome::Reserved(r) => {
-                let clamped = r.amount < spend.estimated_cost;
-                let clamped_to = clamped
-                    .then(|| (max_output_that_fits(&spend.price, spend.prompt_tokens, r.amount) / choices).max(1));
+                let short = r.amount < spend.estimated_cost;
+                let step = if short && over_budget_ok {
+                    ReserveStep { over_budget: true, ..ReserveStep::default() }
+                } else {
+                    let clamped_to = short
+                        .then(|| (max_output_that_fits(&spend.price, spend.prompt_tokens, r.amount) / choices).max(1));
+                    ReserveStep { clamped_to, ..ReserveStep::default() }
+                };
                 spend.reservation = Some(r);
-                Ok(ReserveStep { violation: None, clamped_to })
+                Ok(step)
             }
         }
     }
@@ -338,10 +461,13 @@ impl PreauthProxy {
 }
 
 /// What step 9 found.
+#[derive(Default)]
 struct ReserveStep {
     violation: Option<Reason>,
     /// Clamp-to-budget lowered the max output tokens to this.
     clamped_to: Option<u64>,
+    /// Admitted over budget on an approval (soft mode).
+    over_budget: bool,
 }
 
 /// `request_fingerprint` of CONTRACT §5.
@@ -411,6 +537,8 @@ impl ProxyHttp for PreauthProxy {
             return Ok(false);
         }
         ctx.source_header = extract::header_str(&session.req_header().headers, names::SOURCE).map(str::to_string);
+        ctx.approval_token =
+            extract::header_str(&session.req_header().headers, names::APPROVAL_TOKEN).map(str::to_string);
 
         let limit = self.state.config.max_body_bytes;
         match content_length {

@@ -83,6 +83,22 @@ fn decision_status(d: &Decision) -> (u16, &'static str, &'static str) {
         Some(Reason::BudgetExceeded) => {
             (402, "budget_exceeded", "The estimated cost of this request exceeds the tenant's remaining monthly budget.")
         }
+        Some(Reason::ApprovalTokenInvalid) => (
+            401,
+            "approval_token_invalid",
+            "The x-approval-token is not a valid approval token (signature, algorithm, audience, issuer or claims).",
+        ),
+        Some(Reason::ApprovalTokenExpired) => {
+            (409, "approval_token_expired", "The approval token has expired: ask for a new approval.")
+        }
+        Some(Reason::ApprovalTokenMismatch) => (
+            403,
+            "approval_token_mismatch",
+            "The approval token was issued for another tenant, another request body or a lower cost.",
+        ),
+        Some(Reason::ApprovalTokenReplayed) => {
+            (409, "approval_token_replayed", "The approval token has already been used: each token admits one request.")
+        }
         Some(Reason::HardFailClosed) => (
             503,
             "enforcement_unavailable",

@@ -195,4 +195,8 @@ pub trait Approvals: Send + Sync {
     async fn consume(&self, jti: &str, exp_s: i64, now: UnixMillis) -> Result<ConsumeOutcome, StoreError>;
     /// Pending, unexpired approvals (`valdrics_ops_enforcement_approval_queue_backlog`).
     async fn backlog(&self, now: UnixMillis) -> Result<u64, StoreError>;
+    /// Makes every change so far durable against power loss (fsync); called by the housekeeper.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

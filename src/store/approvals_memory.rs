@@ -624,6 +624,10 @@ impl Shared {
 
 #[async_trait]
 impl Approvals for MemoryApprovals {
+    async fn sync(&self) -> Result<(), StoreError> {
+        MemoryApprovals::sync(self).map_err(|e| StoreError::Unavailable(format!("approvals journal fsync: {e}")))
+    }
+
     async fn create_pending(&self, a: NewApproval) -> Result<Approval, StoreError> {
         self.create_pending_now(a)
     }

@@ -41,6 +41,13 @@ impl Housekeeper {
             m.global_block_active.set(i64::from(g.block_until.is_some_and(|u| u > now)));
         }
         self.release_overdue(now).await;
+        if let Ok(n) = self.state.approvals.backlog(now).await {
+            m.approval_queue_backlog.set(n as i64);
+        }
+        if let Err(e) = self.state.approvals.sync().await {
+            m.store_errors.with_label_values(&["sync"]).inc();
+            tracing::error!(error = %e, "approvals journal fsync failed");
+        }
         if let Err(e) = self.state.budgets.sync().await {
             m.store_errors.with_label_values(&["sync"]).inc();
             tracing::error!(error = %e, "budget journal fsync failed");

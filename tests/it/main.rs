@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod approvals;
 mod cli;
 mod guards;
 mod proxy;

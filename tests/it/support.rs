@@ -12,6 +12,7 @@ use preauth_sidecar::config::{self, Purpose};
 use preauth_sidecar::demo::mint_tenant_jwt;
 use preauth_sidecar::demo::upstream::FakeUpstream;
 use preauth_sidecar::server::{self, Parts, RunningServer};
+use preauth_sidecar::store::approvals_memory::MemoryApprovals;
 use preauth_sidecar::store::budget_memory::MemoryBudgets;
 use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::Counters;
@@ -94,7 +95,8 @@ pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &s
     }
     let cfg = config::parse(&m, Purpose::Run).expect("test config is valid");
     let budgets = Arc::new(MemoryBudgets::open(&cfg.data_dir).unwrap());
-    let built = server::build_with(cfg, Parts { clock: Arc::new(SystemClock), counters, budgets }).unwrap();
+    let approvals = Arc::new(MemoryApprovals::open(&cfg.data_dir).unwrap());
+    let built = server::build_with(cfg, Parts { clock: Arc::new(SystemClock), counters, budgets, approvals }).unwrap();
     let running = server::spawn(built);
     wait_listening(proxy);
     wait_listening(admin);

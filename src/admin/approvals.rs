@@ -1,0 +1,104 @@
+//! Admin routes over the approval queue (CONTRACT §8, §10): list, approve (returns a signed
+//! single-use token), deny. Approving is refused while issuance is frozen (423) — the runbook's
+//! key-compromise response — and for anything not pending (409 `approval_not_pending`).
+//!
+//! Owns: the handlers. Imports: state, store::approvals, decide::approval.
+
+use serde_json::{json, Value};
+
+use super::spend::{query_param, Answer};
+use crate::decide::approval::{mint, MintRequest};
+use crate::decide::time::rfc3339_seconds;
+use crate::state::AppState;
+use crate::store::approvals::{ApprovalStatus, ApprovalTransitionError};
+
+fn err(status: u16, code: &str, message: &str) -> Answer {
+    (status, json!({"error": {"message": message, "type": "admin_error", "code": code}}))
+}
+
+fn transition_error(e: ApprovalTransitionError) -> Answer {
+    match e {
+        ApprovalTransitionError::NotFound => err(404, "approval_not_found", "No such approval."),
+        ApprovalTransitionError::NotPending(s) => err(
+            409,
+            "approval_not_pending",
+            &format!("The approval is {}: only pending, unexpired approvals can be approved or denied.", s.as_str()),
+        ),
+        ApprovalTransitionError::Store(e) => err(503, "store_unavailable", &format!("{e}. Retry.")),
+    }
+}
+
+/// `GET /api/v1/enforcement/approvals?status=pending&limit=200`.
+pub async fn list(state: &AppState, query: &str) -> Answer {
+    let status = match query_param(query, "status") {
+        None | Some("") | Some("all") => None,
+        Some(s) => match ApprovalStatus::parse(s) {
+            Some(st) => Some(st),
+            None => {
+                return err(400, "invalid_request", "`status` must be pending, approved, denied, expired or consumed.")
+            }
+        },
+    };
+    let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(200).clamp(1, 1000);
+    let now = state.clock.now_ms();
+    match state.approvals.list(status, now, limit).await {
+        Ok(items) => (200, json!({"items": items.iter().map(|a| a.to_json(now)).collect::<Vec<_>>()})),
+        Err(e) => err(503, "store_unavailable", &format!("{e}. Retry.")),
+    }
+}
+
+/// `POST /api/v1/enforcement/approvals/{id}/approve` → `{approval_token, expires_at}`.
+pub async fn approve(state: &AppState, id: &str) -> Answer {
+    if state.policy.current().approval_issuance_frozen {
+        return err(
+            423,
+            "approval_issuance_frozen",
+            "Approval issuance is frozen (ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN / runtime approval_issuance_frozen).",
+        );
+    }
+    let Some(secret) = state.config.approvals.secret.as_ref() else {
+        return err(
+            503,
+            "approval_signing_unavailable",
+            "No signing secret: set ENFORCEMENT_APPROVAL_TOKEN_SECRET (at least 32 characters) to issue approval tokens.",
+        );
+    };
+    let now = state.clock.now_ms();
+    let a = match state.approvals.approve(id, now).await {
+        Ok(a) => a,
+        Err(e) => return transition_error(e),
+    };
+    let cfg = &state.config.approvals;
+    let req = MintRequest {
+        issuer: &cfg.issuer,
+        tenant_id: &a.tenant_id,
+        approval_id: &a.approval_id,
+        request_fingerprint: &a.request_fingerprint,
+        max_cost: a.estimated_cost,
+        now_s: (now / 1000) as i64,
+        ttl_seconds: cfg.ttl_seconds,
+    };
+    if let Err(field) = req.validate() {
+        return err(500, "approval_invalid", &format!("The approval cannot be turned into a token ({field})."));
+    }
+    let token = mint(&req, secret.expose().as_bytes(), cfg.kid.as_deref());
+    let expires_at = rfc3339_seconds(req.claims().expires_at_ms());
+    state.metrics.approval_token_events.with_label_values(&["issued"]).inc();
+    state.metrics.approval_queue_backlog.dec();
+    tracing::warn!(target: "audit", event = "approval_granted", approval_id = %a.approval_id, tenant_id = %a.tenant_id, max_cost_usd = %a.estimated_cost);
+    (200, json!({"approval_id": a.approval_id, "approval_token": token, "expires_at": expires_at}))
+}
+
+/// `POST /api/v1/enforcement/approvals/{id}/deny` `{reason?}`.
+pub async fn deny(state: &AppState, id: &str, body: &Value) -> Answer {
+    let reason = body.get("reason").and_then(Value::as_str);
+    let now = state.clock.now_ms();
+    match state.approvals.deny(id, reason, now).await {
+        Ok(a) => {
+            state.metrics.approval_queue_backlog.dec();
+            tracing::warn!(target: "audit", event = "approval_denied", approval_id = %a.approval_id, tenant_id = %a.tenant_id, reason = reason.unwrap_or(""));
+            (200, a.to_json(now))
+        }
+        Err(e) => transition_error(e),
+    }
+}

@@ -1,0 +1,150 @@
+//! HTTP ledger sink: CloudEvents 1.0 in batched mode (`content-type:
+//! application/cloudevents-batch+json`), one POST per outbox batch. Each element:
+//! `{"specversion":"1.0","id":<event_id>,"source":"preauth-sidecar/<instance_id>",
+//! "type":"dev.preauth.<event_type>","time":<occurred_at>,"datacontenttype":"application/json",
+//! "data":<the CONTRACT §7 event object>}`.
+//!
+//! Outcome: 2xx acknowledges the batch. 408, 429, 5xx, connection errors and timeouts are
+//! retryable (the relay backs off). Any other status (other 4xx, and 3xx: redirects are not
+//! followed, configure the final URL) rejects the batch: it is parked, never looped on.
+//! Receivers deduplicate by `id` (delivery is at-least-once).
+//!
+//! Owns: the CloudEvents mapping. Imports: event, sink, reqwest.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::ledger::event::Event;
+use crate::ledger::sink::{Sink, SinkError};
+
+pub const CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One CloudEvents 1.0 envelope (structured JSON).
+#[derive(Serialize)]
+pub struct CloudEvent<'a> {
+    pub specversion: &'static str,
+    pub id: &'a str,
+    pub source: &'a str,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub time: &'a str,
+    pub datacontenttype: &'static str,
+    pub data: &'a Event,
+}
+
+impl<'a> CloudEvent<'a> {
+    pub fn of(e: &'a Event, source: &'a str) -> CloudEvent<'a> {
+        CloudEvent {
+            specversion: "1.0",
+            id: &e.event_id,
+            source,
+            kind: format!("dev.preauth.{}", e.event_type.as_str()),
+            time: &e.occurred_at,
+            datacontenttype: "application/json",
+            data: e,
+        }
+    }
+}
+
+/// The JSON body of one batch POST.
+pub fn batch_body(batch: &[Event], source: &str) -> Vec<u8> {
+    let envelopes: Vec<CloudEvent<'_>> = batch.iter().map(|e| CloudEvent::of(e, source)).collect();
+    serde_json::to_vec(&envelopes).expect("events serialise")
+}
+
+pub struct HttpSink {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    source: String,
+}
+
+impl HttpSink {
+    pub fn new(url: &str, instance_id: &str) -> Result<HttpSink, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("invalid ledger URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err("the HTTP ledger URL must be http:// or https://".into());
+        }
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("preauth-sidecar/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(HttpSink { client, url, source: format!("preauth-sidecar/{instance_id}") })
+    }
+
+    /// Host and path only (credentials in the URL are never logged).
+    pub fn endpoint(&self) -> String {
+        format!("{}://{}{}", self.url.scheme(), self.url.host_str().unwrap_or(""), self.url.path())
+    }
+}
+
+/// How a response status is treated.
+pub fn classify_status(status: u16) -> Option<bool> {
+    match status {
+        200..=299 => None,
+        408 | 429 | 500..=599 => Some(true),
+        _ => Some(false),
+    }
+}
+
+#[async_trait]
+impl Sink for HttpSink {
+    async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let body = batch_body(batch, &self.source);
+        let resp = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SinkError::Retryable(format!("{}: {}", self.endpoint(), e.without_url())))?;
+        let status = resp.status().as_u16();
+        match classify_status(status) {
+            None => Ok(()),
+            Some(retryable) => {
+                let text = resp.text().await.unwrap_or_default();
+                let snippet: String = text.chars().take(300).collect();
+                let msg = format!("{} answered {status}: {snippet}", self.endpoint());
+                Err(if retryable { SinkError::Retryable(msg) } else { SinkError::Rejected(msg) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::event::EventType;
+
+    #[test]
+    fn envelope_fields() {
+        let mut e = Event::new(EventType::ReservationSettled, "i-1", 1_795_600_000_123_456, 3);
+        e.actual_cost_usd = Some(crate::decide::Micros(1_500));
+        let v: serde_json::Value = serde_json::from_slice(&batch_body(&[e.clone()], "preauth-sidecar/i-1")).unwrap();
+        let ce = &v[0];
+        assert_eq!(ce["specversion"], "1.0");
+        assert_eq!(ce["id"], e.event_id.as_str());
+        assert_eq!(ce["source"], "preauth-sidecar/i-1");
+        assert_eq!(ce["type"], "dev.preauth.reservation_settled");
+        assert_eq!(ce["time"], e.occurred_at.as_str());
+        assert_eq!(ce["datacontenttype"], "application/json");
+        assert_eq!(ce["data"]["actual_cost_usd"], "0.001500");
+        assert_eq!(serde_json::from_value::<Event>(ce["data"].clone()).unwrap(), e);
+        assert_eq!(classify_status(204), None);
+        assert_eq!(classify_status(429), Some(true));
+        assert_eq!(classify_status(503), Some(true));
+        assert_eq!(classify_status(408), Some(true));
+        assert_eq!(classify_status(400), Some(false));
+        assert_eq!(classify_status(301), Some(false));
+    }
+}

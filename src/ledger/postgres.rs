@@ -1,0 +1,299 @@
+//! The central Postgres ledger (CONTRACT §7): table `enforcement_ledger`, append-only.
+//!
+//! - [`migrate`] creates (idempotently, under an advisory lock, in one transaction) the table,
+//!   its indexes — `(tenant_id, occurred_at)`, `(reservation_id)` and `(occurred_at)` for the
+//!   unfiltered newest-first listing — and the triggers rejecting `UPDATE`, `DELETE` and
+//!   `TRUNCATE`.
+//! - [`PostgresSink`] inserts a whole batch in one statement (`INSERT … SELECT FROM UNNEST(text
+//!   arrays) ON CONFLICT (event_id) DO NOTHING`), so a replayed batch stores each `event_id`
+//!   exactly once. A small pool ([`POOL_SIZE`] connections) is connected lazily and reconnected
+//!   after any connection error; the relay owns retry and backoff.
+//! - [`query`] / [`PostgresSink::query`] serve `GET /api/v1/enforcement/ledger`.
+//!
+//! Values are passed as text and cast by the server (`::uuid`, `::timestamptz`, `::jsonb`):
+//! the crate builds tokio-postgres without its uuid/json/chrono features. `payload` is the event
+//! object of CONTRACT §7 (money stays a six-decimal string inside it).
+//!
+//! TLS: connections are made without TLS (`NoTls`); a URL with `sslmode=require` fails to
+//! connect. Run the ledger on a private network or a local socket proxy.
+//!
+//! Owns: the ledger schema and its SQL. Imports: event, sink, LedgerFilter, tokio-postgres.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+
+use crate::decide::time::rfc3339_micros;
+use crate::ledger::event::Event;
+use crate::ledger::sink::{Sink, SinkError};
+use crate::ledger::LedgerFilter;
+
+/// Connections per sink (one for the relay, one for admin queries).
+pub const POOL_SIZE: usize = 2;
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one insert or query round trip.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Idempotent schema. Serialised by an advisory lock so concurrent `migrate`s do not race.
+const MIGRATION: &str = r#"
+SELECT pg_advisory_xact_lock(4242001001);
+CREATE TABLE IF NOT EXISTS enforcement_ledger (
+    event_id       uuid        PRIMARY KEY,
+    event_type     text        NOT NULL,
+    occurred_at    timestamptz NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    tenant_id      text,
+    reservation_id text,
+    decision       text,
+    payload        jsonb       NOT NULL
+);
+CREATE INDEX IF NOT EXISTS enforcement_ledger_tenant_occurred_idx ON enforcement_ledger (tenant_id, occurred_at);
+CREATE INDEX IF NOT EXISTS enforcement_ledger_reservation_idx ON enforcement_ledger (reservation_id);
+CREATE INDEX IF NOT EXISTS enforcement_ledger_occurred_idx ON enforcement_ledger (occurred_at);
+CREATE OR REPLACE FUNCTION enforcement_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'enforcement_ledger is append-only: % is not allowed', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$fn$;
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'enforcement_ledger_no_update_delete'
+                   AND tgrelid = 'enforcement_ledger'::regclass) THEN
+        CREATE TRIGGER enforcement_ledger_no_update_delete BEFORE UPDATE OR DELETE ON enforcement_ledger
+            FOR EACH ROW EXECUTE FUNCTION enforcement_ledger_append_only();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'enforcement_ledger_no_truncate'
+                   AND tgrelid = 'enforcement_ledger'::regclass) THEN
+        CREATE TRIGGER enforcement_ledger_no_truncate BEFORE TRUNCATE ON enforcement_ledger
+            FOR EACH STATEMENT EXECUTE FUNCTION enforcement_ledger_append_only();
+    END IF;
+END
+$do$;
+"#;
+
+const INSERT: &str = "INSERT INTO enforcement_ledger \
+     (event_id, event_type, occurred_at, tenant_id, reservation_id, decision, payload) \
+     SELECT u.event_id::uuid, u.event_type, u.occurred_at::timestamptz, u.tenant_id, u.reservation_id, \
+            u.decision, u.payload::jsonb \
+     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[]) \
+          AS u(event_id, event_type, occurred_at, tenant_id, reservation_id, decision, payload) \
+     ON CONFLICT (event_id) DO NOTHING";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("invalid PREAUTH_LEDGER_URL: {0}")]
+    Url(String),
+    #[error("postgres: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("postgres: timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("ledger row with an unreadable payload: {0}")]
+    Payload(String),
+}
+
+fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
+    let mut c = tokio_postgres::Config::from_str(url).map_err(|e| PgError::Url(e.to_string()))?;
+    if c.get_connect_timeout().is_none() {
+        c.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if c.get_application_name().is_none() {
+        c.application_name("preauth-sidecar");
+    }
+    Ok(c)
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
+    let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls))
+        .await
+        .map_err(|_| PgError::Timeout(CONNECT_TIMEOUT))??;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "ledger postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+async fn timed<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, PgError> {
+    Ok(tokio::time::timeout(STATEMENT_TIMEOUT, f).await.map_err(|_| PgError::Timeout(STATEMENT_TIMEOUT))??)
+}
+
+/// Creates or completes the ledger schema (`preauth-sidecar migrate`). Safe to run again, and
+/// concurrently.
+pub async fn migrate(url: &str) -> Result<(), PgError> {
+    let mut client = connect(&parse_url(url)?).await?;
+    let tx = client.transaction().await?;
+    timed(tx.batch_execute(MIGRATION)).await?;
+    timed(tx.commit()).await?;
+    Ok(())
+}
+
+/// One ledger query on a fresh connection (see [`PostgresSink::query`] for the pooled one).
+pub async fn query(url: &str, filter: &LedgerFilter) -> Result<Vec<Event>, PgError> {
+    let client = connect(&parse_url(url)?).await?;
+    run_query(&client, filter).await
+}
+
+async fn run_query(client: &Client, f: &LedgerFilter) -> Result<Vec<Event>, PgError> {
+    let mut sql = String::from("SELECT payload::text FROM enforcement_ledger WHERE true");
+    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut add = |sql: &mut String, cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+        params.push(v);
+        sql.push_str(&cond.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(t) = f.start_at_ms {
+        add(&mut sql, " AND occurred_at >= ?::text::timestamptz", Box::new(rfc3339_micros(t * 1000)));
+    }
+    if let Some(t) = f.end_at_ms {
+        // Inclusive to the millisecond the filter names.
+        add(&mut sql, " AND occurred_at <= ?::text::timestamptz", Box::new(rfc3339_micros(t * 1000 + 999)));
+    }
+    if let Some(t) = &f.tenant_id {
+        add(&mut sql, " AND tenant_id = ?", Box::new(t.clone()));
+    }
+    if let Some(t) = f.event_type {
+        add(&mut sql, " AND event_type = ?", Box::new(t.as_str().to_string()));
+    }
+    if let Some(r) = &f.reservation_id {
+        add(&mut sql, " AND reservation_id = ?", Box::new(r.clone()));
+    }
+    let limit = f.limit.clamp(1, LedgerFilter::MAX_LIMIT) as i64;
+    add(&mut sql, " ORDER BY occurred_at DESC, event_id DESC LIMIT ?", Box::new(limit));
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+    let rows = timed(client.query(sql.as_str(), &refs)).await?;
+    rows.iter()
+        .map(|row| {
+            let text: String = row.get(0);
+            serde_json::from_str(&text).map_err(|e| PgError::Payload(e.to_string()))
+        })
+        .collect()
+}
+
+struct Conn {
+    client: Client,
+    insert: Statement,
+}
+
+/// Batched idempotent inserts into `enforcement_ledger` over a small lazily connected pool.
+pub struct PostgresSink {
+    config: tokio_postgres::Config,
+    slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    next: AtomicUsize,
+}
+
+impl PostgresSink {
+    /// Parses the URL; connects on first use.
+    pub fn new(url: &str) -> Result<PostgresSink, String> {
+        let config = parse_url(url).map_err(|e| e.to_string())?;
+        Ok(PostgresSink {
+            config,
+            slots: (0..POOL_SIZE).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// A connection slot: a free one if any, else the next in turn.
+    async fn slot(&self) -> tokio::sync::MutexGuard<'_, Option<Conn>> {
+        for s in &self.slots {
+            if let Ok(g) = s.try_lock() {
+                return g;
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        self.slots[i].lock().await
+    }
+
+    async fn ensure<'a>(&self, slot: &'a mut Option<Conn>) -> Result<&'a Conn, PgError> {
+        if slot.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *slot = None;
+        }
+        if slot.is_none() {
+            let client = connect(&self.config).await?;
+            let insert = timed(client.prepare(INSERT)).await?;
+            *slot = Some(Conn { client, insert });
+        }
+        Ok(slot.as_ref().expect("connected above"))
+    }
+
+    /// Inserts `batch`; returns the rows actually added (duplicates of stored ids are skipped).
+    pub async fn insert(&self, batch: &[Event]) -> Result<u64, PgError> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let n = batch.len();
+        let (mut ids, mut types, mut times) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut tenants, mut reservations, mut decisions, mut payloads) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for e in batch {
+            ids.push(e.event_id.as_str());
+            types.push(e.event_type.as_str());
+            times.push(e.occurred_at.as_str());
+            tenants.push(e.tenant_id.as_deref());
+            reservations.push(e.reservation_id.as_deref());
+            decisions.push(e.decision.as_deref());
+            payloads.push(serde_json::to_string(e).map_err(|e| PgError::Payload(e.to_string()))?);
+        }
+        let mut guard = self.slot().await;
+        let result = match self.ensure(&mut guard).await {
+            Ok(conn) => {
+                timed(
+                    conn.client
+                        .execute(&conn.insert, &[&ids, &types, &times, &tenants, &reservations, &decisions, &payloads]),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            // A server-side error leaves the connection usable; anything else (I/O, timeout,
+            // closed) gets a fresh connection next time.
+            if !matches!(e, PgError::Db(db) if db.as_db_error().is_some()) {
+                *guard = None;
+            }
+        }
+        result
+    }
+
+    /// Ledger query on the pool.
+    pub async fn query(&self, filter: &LedgerFilter) -> Result<Vec<Event>, PgError> {
+        let mut guard = self.slot().await;
+        let result = match self.ensure(&mut guard).await {
+            Ok(conn) => run_query(&conn.client, filter).await,
+            Err(e) => Err(e),
+        };
+        if matches!(&result, Err(PgError::Timeout(_)))
+            || matches!(&result, Err(PgError::Db(db)) if db.as_db_error().is_none())
+        {
+            *guard = None;
+        }
+        result
+    }
+}
+
+/// Retryable unless the server refused the data itself (SQLSTATE class 22 data exception or 23
+/// integrity violation): those would fail the same way forever.
+fn classify(e: PgError) -> SinkError {
+    match &e {
+        PgError::Db(db) => match db.as_db_error() {
+            Some(d) if d.code().code().starts_with("22") || d.code().code().starts_with("23") => {
+                SinkError::Rejected(format!("{}: {}", d.code().code(), d.message()))
+            }
+            Some(d) => SinkError::Retryable(format!("{}: {}", d.code().code(), d.message())),
+            None => SinkError::Retryable(e.to_string()),
+        },
+        PgError::Payload(_) | PgError::Url(_) => SinkError::Rejected(e.to_string()),
+        PgError::Timeout(_) => SinkError::Retryable(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl Sink for PostgresSink {
+    async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError> {
+        self.insert(batch).await.map(|_| ()).map_err(classify)
+    }
+}

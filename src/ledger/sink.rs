@@ -1,0 +1,82 @@
+//! Where the relay delivers outbox batches: the [`Sink`] trait, its error contract, and the
+//! choice of sink from `PREAUTH_LEDGER_URL` (`postgres://…` / `postgresql://…` → the
+//! `enforcement_ledger` table; `http://…` / `https://…` → CloudEvents batches).
+//!
+//! A sink must be idempotent per `event_id`: delivery is at-least-once (a batch whose
+//! acknowledgement was lost, or that was in flight at a crash, is delivered again).
+//!
+//! Owns: `Sink`, `SinkError`, `LedgerTarget`, `sink_from_url`. Imports: event, postgres, http_sink.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::ledger::event::Event;
+
+/// Why a batch was not delivered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Transient (connection refused, timeout, 5xx, 408, 429, database unavailable): retried with
+    /// backoff until it succeeds.
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// The receiver refuses this batch for good (4xx, invalid data): the relay parks the batch in
+    /// `outbox/parked/`, logs an error and moves on instead of looping.
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+/// A ledger receiver. `deliver` returns `Ok` only once every event of `batch` is stored.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError>;
+}
+
+/// What `PREAUTH_LEDGER_URL` points at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerTarget {
+    Postgres,
+    Http,
+}
+
+impl LedgerTarget {
+    /// Classifies a ledger URL by scheme; the error is a sentence for the config report.
+    pub fn of(url: &str) -> Result<LedgerTarget, String> {
+        let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("postgres" | "postgresql") => Ok(LedgerTarget::Postgres),
+            Some("http" | "https") => Ok(LedgerTarget::Http),
+            _ => Err("must start with postgres://, postgresql://, http:// or https://".to_string()),
+        }
+    }
+}
+
+/// `true` for `postgres://` and `postgresql://` URLs.
+pub fn is_postgres_url(url: &str) -> bool {
+    LedgerTarget::of(url) == Ok(LedgerTarget::Postgres)
+}
+
+/// The sink for `url`. Nothing is connected yet (the relay connects, and reconnects, on use), so
+/// this succeeds while the ledger is down; it fails only on a malformed URL.
+pub fn sink_from_url(url: &str, instance_id: &str) -> Result<Arc<dyn Sink>, String> {
+    Ok(match LedgerTarget::of(url)? {
+        LedgerTarget::Postgres => Arc::new(crate::ledger::postgres::PostgresSink::new(url)?),
+        LedgerTarget::Http => Arc::new(crate::ledger::http_sink::HttpSink::new(url, instance_id)?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_by_scheme() {
+        assert_eq!(LedgerTarget::of("postgres://u@h/db"), Ok(LedgerTarget::Postgres));
+        assert_eq!(LedgerTarget::of("PostgreSQL://u@h/db"), Ok(LedgerTarget::Postgres));
+        assert_eq!(LedgerTarget::of("https://ledger.example/ingest"), Ok(LedgerTarget::Http));
+        assert!(LedgerTarget::of("ftp://x").is_err());
+        assert!(LedgerTarget::of("nonsense").is_err());
+        assert!(sink_from_url("postgres://postgres@127.0.0.1:1/x", "i").is_ok());
+        assert!(sink_from_url("http://127.0.0.1:1/ingest", "i").is_ok());
+    }
+}

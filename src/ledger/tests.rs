@@ -1,0 +1,425 @@
+//! Ledger tests against real receivers: Postgres on 127.0.0.1:5432 (a fresh database per test,
+//! dropped afterwards) and a tiny HTTP receiver on 127.0.0.1:0, with the relay driven directly.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_postgres::NoTls;
+
+use super::event::Event;
+use super::http_sink::HttpSink;
+use super::outbox::tests::{event, TempDir};
+use super::outbox::{Outbox, OutboxOptions};
+use super::postgres::{self, PostgresSink};
+use super::relay::{Relay, RelayConfig};
+use super::sink::Sink;
+use super::LedgerFilter;
+use crate::config::OutboxFullPolicy;
+
+const ADMIN_DSN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
+
+/// A fresh database `ledger_test_<uuid>`, dropped (forcibly) when this value is dropped.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn new() -> TestDb {
+        let name = format!("ledger_test_{}", uuid::Uuid::new_v4().simple());
+        let (c, conn) = tokio_postgres::connect(ADMIN_DSN, NoTls).await.expect("postgres on 127.0.0.1:5432");
+        tokio::spawn(conn);
+        c.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        TestDb { url: format!("postgres://postgres@127.0.0.1:5432/{name}"), name }
+    }
+
+    async fn client(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok((c, conn)) = tokio_postgres::connect(ADMIN_DSN, NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn fast_relay() -> RelayConfig {
+    RelayConfig {
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(400),
+        idle_poll: Duration::from_millis(50),
+        drain_timeout: Duration::from_secs(2),
+        ..RelayConfig::default()
+    }
+}
+
+/// Runs `relay` until `done()` holds or `limit` passes, then shuts it down; true if done.
+async fn run_relay_until(relay: Arc<Relay>, limit: Duration, done: impl Fn() -> bool) -> bool {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.run(rx).await }
+    });
+    let start = Instant::now();
+    let mut ok = false;
+    while start.elapsed() < limit {
+        if done() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("relay stops on shutdown").unwrap();
+    ok
+}
+
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migrate_idempotent_inserts_append_only_and_queries() {
+    let db = TestDb::new().await;
+    postgres::migrate(&db.url).await.unwrap();
+    postgres::migrate(&db.url).await.expect("migrate twice is fine");
+    let c = db.client().await;
+    let idx = count(
+        &c,
+        "SELECT count(*) FROM pg_indexes WHERE tablename = 'enforcement_ledger' AND indexname IN \
+         ('enforcement_ledger_tenant_occurred_idx', 'enforcement_ledger_reservation_idx')",
+    )
+    .await;
+    assert_eq!(idx, 2);
+
+    let sink = PostgresSink::new(&db.url).unwrap();
+    let events: Vec<Event> = (0..15).map(event).collect();
+    assert_eq!(sink.insert(&events[..10]).await.unwrap(), 10);
+    assert_eq!(sink.insert(&events[..10]).await.unwrap(), 0, "a replayed batch adds nothing");
+    sink.deliver(&events[5..]).await.unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM enforcement_ledger").await, 15);
+    assert_eq!(count(&c, "SELECT count(DISTINCT event_id) FROM enforcement_ledger").await, 15);
+
+    // Columns and payload; money keeps six decimals.
+    let row = c
+        .query_one(
+            "SELECT event_type, tenant_id, decision, payload->>'estimated_cost_usd', payload->>'reserved_usd', \
+             payload::text, occurred_at = $2::text::timestamptz \
+             FROM enforcement_ledger WHERE event_id = $1::text::uuid",
+            &[&events[3].event_id, &events[3].occurred_at],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "decision");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("tenant-0"));
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("ALLOW"));
+    assert_eq!(row.get::<_, String>(3), "0.000153");
+    assert_eq!(row.get::<_, String>(4), "0.000150");
+    assert!(row.get::<_, String>(5).contains("\"reserved_usd\": \"0.000150\""));
+    assert!(row.get::<_, bool>(6), "occurred_at stored to the microsecond");
+
+    // Append-only.
+    for sql in [
+        "UPDATE enforcement_ledger SET decision = 'DENY'",
+        "DELETE FROM enforcement_ledger",
+        "TRUNCATE enforcement_ledger",
+    ] {
+        let err = c.batch_execute(sql).await.expect_err(sql);
+        assert!(format!("{err:?}").contains("append-only"), "{sql}: {err:?}");
+    }
+    assert_eq!(count(&c, "SELECT count(*) FROM enforcement_ledger").await, 15);
+
+    // Queries: newest first, limit, filters.
+    let all = sink.query(&LedgerFilter { limit: 1000, ..LedgerFilter::default() }).await.unwrap();
+    assert_eq!(all.len(), 15);
+    assert_eq!(all[0], events[14]);
+    assert!(all.windows(2).all(|w| w[0].occurred_at > w[1].occurred_at));
+    let q = |s: &str| LedgerFilter::from_query(s).unwrap();
+    assert_eq!(sink.query(&q("limit=2")).await.unwrap(), vec![events[14].clone(), events[13].clone()]);
+    assert_eq!(postgres::query(&db.url, &q("tenant_id=tenant-1")).await.unwrap().len(), 5);
+    assert_eq!(sink.query(&q("event_type=decision&limit=1000")).await.unwrap().len(), 15);
+    assert_eq!(sink.query(&q("event_type=runtime_changed")).await.unwrap().len(), 0);
+    let window = format!("start_at={}&end_at={}", events[4].occurred_at, events[6].occurred_at);
+    assert_eq!(sink.query(&q(&window)).await.unwrap(), vec![events[6].clone(), events[5].clone(), events[4].clone()]);
+}
+
+/// A TCP port with nothing listening (until a forwarder is started on it).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Forwards every connection on `port` to Postgres.
+async fn forward_to_postgres(port: u16) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("port still free");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut out) = TcpStream::connect("127.0.0.1:5432").await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_then_recovery_delivers_every_event_once() {
+    let db = TestDb::new().await;
+    postgres::migrate(&db.url).await.unwrap();
+    let port = closed_port();
+    let via_port = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
+    let dir = TempDir::new("relay-pg");
+    let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
+    let sink: Arc<dyn Sink> = Arc::new(PostgresSink::new(&via_port).unwrap());
+    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+
+    // 1,000 events while the ledger is unreachable, more arriving during the outage.
+    for i in 0..1000 {
+        outbox.append(&event(i)).unwrap();
+    }
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.run(rx).await }
+    });
+    for i in 1000..1200 {
+        outbox.append(&event(i)).unwrap();
+        if i % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(outbox.depth(), 1200, "nothing delivered while the ledger is down");
+    assert!(outbox.stats().oldest_undelivered_ms.is_some());
+
+    // The database comes back on the same URL: the relay resumes by itself.
+    let fwd = forward_to_postgres(port).await;
+    let start = Instant::now();
+    while outbox.depth() > 0 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    fwd.abort();
+    assert_eq!(outbox.depth(), 0, "backlog drained after recovery in {:?}", start.elapsed());
+    let c = db.client().await;
+    assert_eq!(count(&c, "SELECT count(*) FROM enforcement_ledger").await, 1200);
+    assert_eq!(count(&c, "SELECT count(DISTINCT event_id) FROM enforcement_ledger").await, 1200);
+    let s = outbox.stats();
+    assert_eq!((s.delivered, s.parked, s.undelivered_bytes), (1200, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sink_sustained_throughput() {
+    let db = TestDb::new().await;
+    postgres::migrate(&db.url).await.unwrap();
+    let dir = TempDir::new("relay-pg-bench");
+    let outbox = Arc::new(Outbox::open(&dir.0, 1 << 32, OutboxFullPolicy::Failsafe).unwrap());
+    let n = 20_000u64;
+    for i in 0..n {
+        outbox.append(&event(i)).unwrap();
+    }
+    let sink: Arc<dyn Sink> = Arc::new(PostgresSink::new(&db.url).unwrap());
+    sink.deliver(&[event(n + 1)]).await.unwrap(); // connect and prepare outside the timing
+    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+    let start = Instant::now();
+    let o = outbox.clone();
+    assert!(run_relay_until(relay, Duration::from_secs(120), move || o.depth() == 0).await);
+    let secs = start.elapsed().as_secs_f64();
+    let c = db.client().await;
+    assert_eq!(count(&c, "SELECT count(*) FROM enforcement_ledger").await, n as i64 + 1);
+    println!(
+        "postgres sink sustained throughput (relay, batches of 500, outbox -> enforcement_ledger): \
+         {n} events in {secs:.2} s = {:.0} events/s",
+        n as f64 / secs
+    );
+}
+
+/// A minimal HTTP/1.1 receiver: answers `fail_status` to the first `fail_first` batches, then
+/// `ok_status`; records every request.
+struct Receiver {
+    fail_first: usize,
+    fail_status: u16,
+    ok_status: u16,
+    seen: AtomicUsize,
+    /// (status answered, content-type, body)
+    log: Mutex<Vec<(u16, String, serde_json::Value)>>,
+}
+
+impl Receiver {
+    async fn start(fail_first: usize, fail_status: u16, ok_status: u16) -> (Arc<Receiver>, String) {
+        let r = Arc::new(Receiver {
+            fail_first,
+            fail_status,
+            ok_status,
+            seen: AtomicUsize::new(0),
+            log: Mutex::new(Vec::new()),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/ingest", listener.local_addr().unwrap());
+        let rr = r.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(rr.clone().serve(s));
+            }
+        });
+        (r, url)
+    }
+
+    async fn serve(self: Arc<Self>, mut s: TcpStream) {
+        let mut buf = Vec::new();
+        let mut tmp = vec![0u8; 64 * 1024];
+        loop {
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+            let header = |name: &str| {
+                head.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+            };
+            let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let ct = header("content-type").unwrap_or_default();
+            while buf.len() < head_end + len {
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+            let body: serde_json::Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+            buf.drain(..head_end + len);
+            let k = self.seen.fetch_add(1, Ordering::SeqCst);
+            let status = if k < self.fail_first { self.fail_status } else { self.ok_status };
+            self.log.lock().push((status, ct, body));
+            let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nno");
+            if s.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Ids of events in batches answered 2xx.
+    fn accepted_ids(&self) -> Vec<String> {
+        let log = self.log.lock();
+        log.iter()
+            .filter(|(st, _, _)| (200..300).contains(st))
+            .flat_map(|(_, _, b)| b.as_array().cloned().unwrap_or_default())
+            .map(|ce| ce["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_retries_503_then_delivers_everything_once() {
+    let (recv, url) = Receiver::start(4, 503, 200).await;
+    let dir = TempDir::new("relay-http");
+    let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
+    let events: Vec<Event> = (0..1234).map(event).collect();
+    for e in &events {
+        outbox.append(e).unwrap();
+    }
+    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
+    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+    let o = outbox.clone();
+    assert!(run_relay_until(relay, Duration::from_secs(30), move || o.depth() == 0).await, "drained");
+
+    let accepted = recv.accepted_ids();
+    let unique: HashSet<&String> = accepted.iter().collect();
+    assert_eq!(accepted.len(), events.len(), "each event accepted exactly once");
+    assert_eq!(unique.len(), events.len());
+    assert!(events.iter().all(|e| unique.contains(&e.event_id)));
+    let log = recv.log.lock();
+    assert_eq!(log.iter().filter(|(s, _, _)| *s == 503).count(), 4);
+    assert!(log.iter().all(|(_, ct, _)| ct == "application/cloudevents-batch+json"));
+    assert!(log.iter().all(|(_, _, b)| b.as_array().is_some_and(|a| !a.is_empty() && a.len() <= 500)));
+    let first = &log.last().unwrap().2[0];
+    let e = events.iter().find(|e| e.event_id == first["id"].as_str().unwrap()).unwrap();
+    assert_eq!(first["specversion"], "1.0");
+    assert_eq!(first["source"], "preauth-sidecar/i-test");
+    assert_eq!(first["type"], "dev.preauth.decision");
+    assert_eq!(first["time"], e.occurred_at.as_str());
+    assert_eq!(first["datacontenttype"], "application/json");
+    assert_eq!(serde_json::from_value::<Event>(first["data"].clone()).unwrap(), *e);
+    assert_eq!(first["data"]["reserved_usd"], "0.000150");
+    assert_eq!(outbox.stats().delivered, 1234);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_400_parks_the_batch_without_looping() {
+    let (recv, url) = Receiver::start(usize::MAX, 400, 200).await;
+    let dir = TempDir::new("relay-http-400");
+    let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
+    for i in 0..750 {
+        outbox.append(&event(i)).unwrap();
+    }
+    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
+    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+    let o = outbox.clone();
+    assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await);
+    // Give a looping relay the chance to misbehave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(recv.seen.load(Ordering::SeqCst), 2, "two batches (500 + 250), each posted once");
+    let s = outbox.stats();
+    assert_eq!((s.parked, s.delivered, s.depth), (750, 0, 0));
+    let parked: Vec<_> = std::fs::read_dir(dir.0.join("parked"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let batches: Vec<_> = parked.iter().filter(|n| n.ends_with(".ndjson")).collect();
+    assert_eq!(batches.len(), 2, "{parked:?}");
+    let lines: usize =
+        batches.iter().map(|n| std::fs::read_to_string(dir.0.join("parked").join(n)).unwrap().lines().count()).sum();
+    assert_eq!(lines, 750);
+    assert!(parked.iter().any(|n| n.ends_with(".reason")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_resumes_from_the_cursor_after_a_restart() {
+    let (recv, url) = Receiver::start(0, 503, 200).await;
+    let dir = TempDir::new("relay-restart");
+    let opts = OutboxOptions { retention: None, ..OutboxOptions::new(1 << 30, OutboxFullPolicy::Failsafe) };
+    {
+        let outbox = Arc::new(Outbox::open_with(&dir.0, opts.clone()).unwrap());
+        for i in 0..800 {
+            outbox.append(&event(i)).unwrap();
+        }
+        // Deliver one batch, then "crash" (drop everything without shutdown).
+        let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
+        let relay = Relay::with_config(outbox.clone(), sink, fast_relay());
+        assert_eq!(relay.step().await, super::relay::Step::Delivered(500));
+    }
+    let outbox = Arc::new(Outbox::open_with(&dir.0, opts).unwrap());
+    assert_eq!(outbox.depth(), 300);
+    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
+    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+    let o = outbox.clone();
+    assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await);
+    let ids = recv.accepted_ids();
+    assert_eq!(ids.len(), 800);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 800);
+}

@@ -1,0 +1,29 @@
+-- KEYS: 1 spend hash, 2 active index
+-- ARGV: 1 base, 2 id, 3 tenant, 4 tier, 5 request_id, 6 model, 7 month, 8 now, 9 budget,
+--       10 amount, 11 min amount (-1: all or nothing), 12 spend ttl ms, 13 active record ttl ms
+-- Returns {1, held} or {0, spent, reserved, remaining}
+local a = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
+local spent = tonumber(a[1] or '0')
+local reserved = tonumber(a[2] or '0')
+local budget = tonumber(ARGV[9])
+local amount = tonumber(ARGV[10])
+local min = tonumber(ARGV[11])
+local remaining = budget - spent - reserved
+local hold
+if amount <= remaining then
+  hold = amount
+elseif min >= 0 and remaining >= min then
+  hold = remaining
+else
+  if remaining < 0 then remaining = 0 end
+  return {0, spent, reserved, remaining}
+end
+local rk = rec_key(ARGV[1], ARGV[2])
+redis.call('HSET', rk, 'tenant', ARGV[3], 'tier', ARGV[4], 'request_id', ARGV[5], 'model', ARGV[6],
+  'month', ARGV[7], 'amount', hold, 'created_at', ARGV[8], 'state', 'active')
+redis.call('PEXPIRE', rk, tonumber(ARGV[13]))
+redis.call('HINCRBY', KEYS[1], 'reserved', hold)
+redis.call('HINCRBY', KEYS[1], 'active', 1)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[12]))
+redis.call('ZADD', KEYS[2], ARGV[8], ARGV[2])
+return {1, hold}
