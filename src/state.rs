@@ -30,6 +30,8 @@ pub struct AppState {
     pricing: parking_lot::RwLock<Arc<PriceTable>>,
     /// The tier each tenant was last seen with (for the admin tenant view), bounded.
     tiers_seen: parking_lot::Mutex<std::collections::HashMap<String, crate::decide::Tier>>,
+    /// Concurrency leases of gate-API holds, released when the caller settles (or by TTL).
+    gate_leases: parking_lot::Mutex<std::collections::HashMap<String, crate::store::Ticket>>,
     /// False while starting and once shutdown began (`/readyz` answers 503).
     ready: AtomicBool,
     /// Set while the state store is failing (`/readyz` answers 503).
@@ -58,6 +60,7 @@ impl AppState {
             approvals,
             metrics,
             tiers_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            gate_leases: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,
             pricing: parking_lot::RwLock::new(pricing),
             ready: AtomicBool::new(false),
@@ -86,6 +89,20 @@ impl AppState {
 
     pub fn tier_seen(&self, tenant: &str) -> Option<crate::decide::Tier> {
         self.tiers_seen.lock().get(tenant).copied()
+    }
+
+    /// Keeps a gate-API hold's lease until the caller settles it.
+    pub fn hold_gate_lease(&self, reservation_id: &str, ticket: crate::store::Ticket) {
+        let mut m = self.gate_leases.lock();
+        if m.len() >= MAX_TIERS_SEEN {
+            // Unbounded callers that never settle: forget the oldest bookkeeping; leases expire by TTL.
+            m.clear();
+        }
+        m.insert(reservation_id.to_string(), ticket);
+    }
+
+    pub fn take_gate_lease(&self, reservation_id: &str) -> Option<crate::store::Ticket> {
+        self.gate_leases.lock().remove(reservation_id)
     }
 
     pub fn set_ready(&self, ready: bool) {

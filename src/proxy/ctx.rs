@@ -43,6 +43,14 @@ pub struct RequestCtx {
     pub approval_token: Option<String>,
     /// The approval this request consumed.
     pub approval_id: Option<String>,
+    /// Gate API call: decide and hold, never forward or settle.
+    pub gate: bool,
+    /// The decision's reason label, mode and policy version (events, gate answers).
+    pub reason_label: Option<&'static str>,
+    pub mode: Option<crate::decide::Mode>,
+    pub policy_version: u64,
+    pub estimated_cost: Option<crate::decide::Micros>,
+    pub fingerprint: Option<String>,
     /// Cost, hold and usage scanner of an admitted request; settled in `logging`.
     pub spend: Option<super::spend::SpendCtx>,
 }
@@ -69,6 +77,12 @@ impl RequestCtx {
             spend: None,
             approval_token: None,
             approval_id: None,
+            gate: false,
+            reason_label: None,
+            mode: None,
+            policy_version: 0,
+            estimated_cost: None,
+            fingerprint: None,
         }
     }
 }

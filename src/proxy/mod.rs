@@ -17,6 +17,7 @@
 
 pub mod ctx;
 pub mod extract;
+pub mod gate;
 pub mod respond;
 pub mod spend;
 
@@ -220,6 +221,11 @@ impl PreauthProxy {
         }
         self.observe(ctx, &caller.tenant, &policy, &decision, route);
         ctx.verdict = Some(decision.verdict);
+        ctx.reason_label = decision.reason_label();
+        ctx.mode = Some(mode);
+        ctx.policy_version = policy.version;
+        ctx.estimated_cost = Some(estimated_cost);
+        ctx.fingerprint = fp.clone();
         if decision.is_allow() {
             ctx.ticket = ticket;
             // Shadow mode and fail-open hold nothing but still settle usage into spend.
@@ -264,6 +270,10 @@ impl PreauthProxy {
                 }
             }
             extra.insert("request_fingerprint".into(), json!(fp));
+            ctx.fingerprint = Some(fp);
+        }
+        if let Some(id) = extra.get("approval_id").and_then(|v| v.as_str()) {
+            ctx.approval_id = Some(id.to_string());
         }
         Err(Refusal::Decision { decision, policy_version: policy.version, extra })
     }
@@ -518,7 +528,8 @@ impl ProxyHttp for PreauthProxy {
             let cl = extract::header_str(&h.headers, "content-length").and_then(|v| v.parse::<u64>().ok());
             (route, passthrough, cl)
         };
-        if route.is_none() && !passthrough {
+        let gate = gate::GateRoute::parse(&session.req_header().method, session.req_header().uri.path());
+        if route.is_none() && !passthrough && gate.is_none() {
             self.respond(session, ctx, &render(&Refusal::RouteNotFound, &ctx.request_id)).await?;
             return Ok(true);
         }
@@ -535,6 +546,10 @@ impl ProxyHttp for PreauthProxy {
         }
         if passthrough {
             return Ok(false);
+        }
+        if let Some(g) = gate {
+            self.serve_gate(session, ctx, g).await?;
+            return Ok(true);
         }
         ctx.source_header = extract::header_str(&session.req_header().headers, names::SOURCE).map(str::to_string);
         ctx.approval_token =
@@ -735,7 +750,12 @@ impl ProxyHttp for PreauthProxy {
 
     /// Runs for every request, whatever happened: frees the concurrency lease and counts.
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if let Some(mut s) = ctx.spend.take() {
+        if ctx.gate {
+            // Gate API: the caller settles its own hold later; the lease lives until then.
+            if let (Some(t), Some(r)) = (ctx.ticket.take(), ctx.spend.as_ref().and_then(|s| s.reservation.as_ref())) {
+                self.state.hold_gate_lease(&r.id, t);
+            }
+        } else if let Some(mut s) = ctx.spend.take() {
             spend::settle(&self.state, &mut s, ctx.upstream_status).await;
         }
         if let Some(ticket) = ctx.ticket.take() {

@@ -23,6 +23,8 @@ pub enum Refusal {
     Decision { decision: Decision, policy_version: u64, extra: Map<String, Value> },
     /// 502: the upstream could not be reached or broke the protocol.
     UpstreamUnavailable,
+    /// Any other sidecar answer (gate API): status, code and message.
+    Other { status: u16, code: &'static str, message: String },
 }
 
 /// An error response ready to write.
@@ -134,6 +136,10 @@ pub fn render(r: &Refusal, request_id: &str) -> Rendered {
         Refusal::RouteNotFound => {
             details.insert("reason".into(), json!("route_not_found"));
             (404, "route_not_found", "This path is not an LLM route served by this proxy.".into(), Verdict::Deny, None)
+        }
+        Refusal::Other { status, code, message } => {
+            details.insert("reason".into(), json!(code));
+            (*status, *code, message.clone(), Verdict::Deny, None)
         }
         Refusal::UpstreamUnavailable => {
             details.insert("reason".into(), json!("upstream_unavailable"));

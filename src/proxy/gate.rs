@@ -1,0 +1,196 @@
+//! The gate API on the proxy listener (CONTRACT §8, §10), for gateways that call out instead of
+//! proxying: `POST /api/v1/enforcement/gate/llm` decides — same steps, metrics and audit as the
+//! proxy path — and holds a reservation on ALLOW; `POST /api/v1/enforcement/reservations/{id}/settle`
+//! lets the caller settle its own hold. Identity is the caller's, as for LLM calls.
+//!
+//! Owns: `GateRoute`, `PreauthProxy::serve_gate`. Imports: proxy internals, decide, store::budget.
+
+use bytes::Bytes;
+use http::Method;
+use pingora::prelude::*;
+use serde_json::{json, Value};
+
+use super::respond::{render, Refusal};
+use super::{PreauthProxy, RequestCtx};
+use crate::decide::pricing::cost;
+use crate::decide::usage_types::Usage;
+use crate::decide::{Micros, Route};
+use crate::store::budget::SettleOutcome;
+
+/// Largest gate-API body read (the embedded request plus a little).
+const MAX_GATE_BODY: usize = 16 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GateRoute {
+    Decide,
+    Settle(String),
+}
+
+impl GateRoute {
+    pub fn parse(method: &Method, path: &str) -> Option<GateRoute> {
+        if method != Method::POST {
+            return None;
+        }
+        if path == "/api/v1/enforcement/gate/llm" {
+            return Some(GateRoute::Decide);
+        }
+        let id = path.strip_prefix("/api/v1/enforcement/reservations/")?.strip_suffix("/settle")?;
+        (!id.is_empty() && !id.contains('/')).then(|| GateRoute::Settle(id.to_string()))
+    }
+}
+
+fn other(status: u16, code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal::Other { status, code, message: message.into() }
+}
+
+impl PreauthProxy {
+    /// Answers a gate-API call completely (the caller already passed identity).
+    pub(super) async fn serve_gate(&self, session: &mut Session, ctx: &mut RequestCtx, route: GateRoute) -> Result<()> {
+        let limit = (self.state.config.max_body_bytes as usize).min(MAX_GATE_BODY);
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > limit {
+                let r = render(&Refusal::TooLarge { limit: limit as u64 }, &ctx.request_id);
+                return self.respond(session, ctx, &r).await;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let answer = match route {
+            GateRoute::Decide => self.gate_decide(ctx, &body).await,
+            GateRoute::Settle(id) => self.gate_settle(ctx, &id, &body).await,
+        };
+        match answer {
+            Ok(v) => self.respond_json(session, ctx, 200, &v).await,
+            Err(refusal) => self.respond(session, ctx, &render(&refusal, &ctx.request_id)).await,
+        }
+    }
+
+    async fn respond_json(&self, session: &mut Session, ctx: &RequestCtx, status: u16, v: &Value) -> Result<()> {
+        let body = Bytes::from(serde_json::to_vec(v).expect("JSON value serialises"));
+        let mut resp = pingora::http::ResponseHeader::build(status, Some(5))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.insert_header("cache-control", "no-store")?;
+        resp.insert_header(super::names::REQUEST_ID, ctx.request_id.as_str())?;
+        if let Some(v) = ctx.verdict {
+            resp.insert_header(super::names::DECISION, v.as_str())?;
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// `{"route": "/v1/chat/completions", "request": {...}}` → the decision, HTTP 200 for every
+    /// decision. The fingerprint hashes `request` as compact JSON with sorted keys.
+    async fn gate_decide(&self, ctx: &mut RequestCtx, body: &[u8]) -> std::result::Result<Value, Refusal> {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| Refusal::InvalidRequest(format!("Gate body is not valid JSON: {e}")))?;
+        let path = v.get("route").and_then(Value::as_str).unwrap_or("/v1/chat/completions");
+        let route = Route::from_path(path)
+            .ok_or_else(|| Refusal::InvalidRequest(format!("`route` `{path}` is not an inspected LLM route.")))?;
+        let request = v.get("request").filter(|r| r.is_object()).ok_or_else(|| {
+            Refusal::InvalidRequest("`request` must be the LLM request body (a JSON object).".to_string())
+        })?;
+        // serde_json's map is ordered by key: this is the compact, sorted-key serialisation.
+        let canonical = serde_json::to_vec(request).expect("JSON value serialises");
+        ctx.route = Some(route);
+        ctx.gate = true;
+        let outcome = self.decide_body(ctx, &canonical).await;
+        let fingerprint = ctx.fingerprint.clone().unwrap_or_else(|| {
+            super::fingerprint(&ctx.caller.as_ref().map_or("", |c| c.tenant.as_str()), "POST", route.path(), &canonical)
+        });
+        let reservation = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref());
+        match outcome {
+            Ok(()) | Err(Refusal::Decision { .. }) => Ok(json!({
+                "decision": ctx.verdict.map(|v| v.as_str()),
+                "reasons": ctx.reason_label.map(|r| vec![r]).unwrap_or_default(),
+                "request_id": ctx.request_id,
+                "reservation_id": reservation.map(|r| r.id.clone()),
+                "estimated_cost_usd": ctx.estimated_cost.map(|c| c.to_string()),
+                "approval_id": ctx.approval_id,
+                "request_fingerprint": fingerprint,
+                "mode": ctx.mode.map(|m| m.as_str()),
+                "policy_version": ctx.policy_version,
+            })),
+            Err(other) => Err(other),
+        }
+    }
+
+    /// `{"usage": {...}}` or `{"actual_cost_usd": "…"}` → the settlement of the caller's own hold.
+    async fn gate_settle(&self, ctx: &mut RequestCtx, id: &str, body: &[u8]) -> std::result::Result<Value, Refusal> {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| Refusal::InvalidRequest(format!("Settle body is not valid JSON: {e}")))?;
+        let tenant = ctx.caller.as_ref().map(|c| c.tenant.clone()).unwrap_or_default();
+        let not_found = || other(404, "reservation_not_found", "No such reservation for this tenant.");
+        let (reservation, _) = match self.state.budgets.get(id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(not_found()),
+            Err(e) => {
+                self.store_failed("get_reservation", e);
+                return Err(other(503, "enforcement_unavailable", "The reservation could not be read. Retry."));
+            }
+        };
+        if reservation.tenant != tenant {
+            return Err(not_found());
+        }
+        let pricing = self.state.pricing();
+        let price = pricing.lookup(&reservation.model);
+        let (actual, usage) = if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            let field = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let usage = Usage {
+                prompt_tokens: field("prompt_tokens"),
+                completion_tokens: field("completion_tokens"),
+                cached_tokens: field("cached_tokens"),
+                reasoning_tokens: field("reasoning_tokens"),
+            };
+            (cost(price.price, &usage), Some(usage))
+        } else if let Some(a) = v.get("actual_cost_usd") {
+            let text = a.as_str().map(str::to_string).unwrap_or_else(|| a.to_string());
+            let amount = Micros::from_usd_str(&text).ok().filter(|m| m.0 >= 0).ok_or_else(|| {
+                Refusal::InvalidRequest("`actual_cost_usd` must be a non-negative decimal like \"0.012500\".".into())
+            })?;
+            (amount, None)
+        } else {
+            return Err(Refusal::InvalidRequest(
+                "Send `usage` {prompt_tokens, completion_tokens, …} or `actual_cost_usd`.".into(),
+            ));
+        };
+        let now = self.state.clock.now_ms();
+        let m = &self.state.metrics;
+        match self.state.budgets.settle(id, actual, now).await {
+            Ok(SettleOutcome::Settled(s)) => {
+                if let Some(t) = self.state.take_gate_lease(id) {
+                    let _ = self.state.counters.release_lease(&t).await;
+                }
+                let status = match s.drift.0 {
+                    0 => "matched",
+                    d if d > 0 => "overage",
+                    _ => "savings",
+                };
+                m.reconciliations.with_label_values(&["usage", status]).inc();
+                if s.drift.0 != 0 {
+                    m.drift_usd.with_label_values(&[status]).inc_by(Micros(s.drift.0.abs()).as_usd_f64());
+                }
+                let model_label = if price.known { price.name } else { "other" };
+                m.spend_usd
+                    .with_label_values(&[&reservation.tenant_tier, &price.price.provider, model_label])
+                    .inc_by(actual.as_usd_f64());
+                Ok(json!({
+                    "reservation_id": id,
+                    "actual_cost_usd": s.actual,
+                    "reserved_usd": s.reservation.amount,
+                    "drift_usd": s.drift,
+                    "released_usd": s.released,
+                    "usage": usage,
+                }))
+            }
+            Ok(SettleOutcome::NotActive) => {
+                Err(other(409, "reservation_not_active", "This reservation was already settled or released."))
+            }
+            Ok(SettleOutcome::NotFound) => Err(not_found()),
+            Err(e) => {
+                self.store_failed("settle", e);
+                Err(other(503, "enforcement_unavailable", "The settlement could not be recorded. Retry."))
+            }
+        }
+    }
+}

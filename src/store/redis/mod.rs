@@ -1,0 +1,730 @@
+//! Fleet mode: every store trait backed by one shared Redis (or Redis Cluster), so many replicas
+//! enforce one global cap, one budget per tenant, single-use approval tokens and one runtime
+//! policy (CONTRACT §2 `PREAUTH_REDIS_URL`).
+//!
+//! # One handle, four trait objects
+//! [`RedisStore`] is a cheap, cloneable handle that implements [`Counters`](super::Counters),
+//! [`Budgets`](super::budget::Budgets) and [`Approvals`](super::approvals::Approvals);
+//! [`RedisStore::policy_store`] makes the [`PolicyStore`](super::PolicyStore) ([`RedisPolicy`]).
+//!
+//! # Keys (all under the prefix `P` = `PREAUTH_REDIS_KEY_PREFIX`)
+//! Redis Cluster hash tags keep what one script touches in one slot:
+//! - tenant counters, tag `{<tenant>}`: `P t:{T}:minute` (zset seq → ms), `…:tokens` (zset
+//!   `seq:n` → ms) and `…:tokens_sum`, `…:day:<YYYYMMDD>` (counter), `…:leases` (zset seq → expiry);
+//! - global counters, tag `{global}`: `P{global}:window` (zset `seq|tenant` → ms),
+//!   `P{global}:window_tenants` (hash tenant → entries), `P{global}:block`, `P{global}:seq`,
+//!   and the runtime policy `P{global}:policy` (JSON) published on channel `P policy`;
+//! - budgets, tag `{budget}`: `P{budget}:s:<tenant>:<YYYY-MM>` (hash spent/reserved/active),
+//!   `P{budget}:r:<id>` (reservation record), `P{budget}:active` (zset id → created_at);
+//! - approvals, tag `{approvals}`: `P{approvals}:a:<id>`, `…:by_created`, `…:pending`,
+//!   `…:pkey:<tenant>\n<fingerprint>`, and consumed token ids `P{approvals}:jti:<jti>`.
+//!
+//! A tenant name that is empty or contains `{`, `}` or `%` is percent-encoded in its tag
+//! (injective, so tenants never share keys). TTLs (server clock) bound every key that can be
+//! orphaned: windows 120 s after the last write, day counters 2 days, leases their TTL + 60 s,
+//! month spend 70 days after the last write, active reservation records 35 days, finished ones
+//! 24 h, consumed token ids until the token's `exp` + 5 min, approvals 24 h after they end.
+//! Everything the logic compares uses the caller's injected `now`, never the server clock.
+//!
+//! Budgets and approvals each live in one slot (`{budget}`, `{approvals}`): settling by id must
+//! find the record and the tenant's month in one atomic script without knowing the tenant. In
+//! a cluster that puts all budget traffic on one shard (one reserve and one settle script per
+//! request), which a single shard serves well beyond typical sidecar fleets.
+//!
+//! # Round trips
+//! Single node: `admit` is one `EVALSHA` (global window + tenant windows + day + lease, atomic),
+//! `reserve` one, `settle` one. Cluster: the global and the tenant halves of `admit` are two
+//! scripts in two slots, sent concurrently (two commands, about one round trip of latency); the
+//! sequence then is a random 53-bit number (unique per tenant with overwhelming probability;
+//! global members carry the tenant too) instead of the single-node `INCR`.
+//!
+//! # Failures
+//! Every operation is bounded by `op_timeout` (`PREAUTH_STORE_TIMEOUT_MS`) → `StoreError::Timeout`;
+//! other errors → `StoreError::Unavailable`. A [`Breaker`] fails calls in microseconds while
+//! Redis is down; a background task on the store's own runtime pings every 500 ms (probing the
+//! half-open breaker, so recovery is noticed without traffic) and replaces the connection once
+//! per breaker opening (a connection wedged by a silent network loss cannot survive). The
+//! connection manager reconnects on I/O errors on its own. [`RedisStore::healthy`] feeds
+//! readiness; [`RedisStore::error_counts`] counts failures per operation.
+//!
+//! The store owns a small tokio runtime (one worker, `preauth-redis`) that hosts the connection
+//! drivers, reconnects, the health task and the policy sync; commands themselves are awaited on
+//! the caller's runtime (no extra hop).
+//!
+//! Owns: `RedisStore`, key layout, Lua scripts (`scripts/`). Imports: store traits, `decide`
+//! types, redis, tokio, parking_lot, serde_json, uuid, tracing.
+
+mod approvals;
+pub mod breaker;
+mod budgets;
+mod counters;
+mod policy;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value};
+
+pub use breaker::{Breaker, BreakerConfig, BreakerState};
+pub use policy::RedisPolicy;
+
+use super::StoreError;
+
+/// How often the health task pings (and probes a half-open breaker).
+const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// Bound on establishing a connection (initial and replacement).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tuning beyond the URL, prefix and timeout (defaults are production values).
+#[derive(Clone, Debug)]
+pub struct RedisOptions {
+    pub breaker: BreakerConfig,
+    /// Wait for the first connection in `connect` up to this long (an unreachable Redis does not
+    /// fail `connect`: the store starts unhealthy and recovers on its own).
+    pub connect_wait: Duration,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions { breaker: BreakerConfig::default(), connect_wait: CONNECT_TIMEOUT }
+    }
+}
+
+/// A connection to a single node or to a cluster; both speak `ConnectionLike`.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where to connect.
+#[derive(Clone)]
+enum Target {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
+
+/// The Lua scripts, each with the library it needs prepended.
+pub(crate) struct Scripts {
+    pub admit: Script,
+    pub admit_global: Script,
+    pub admit_tenant: Script,
+    pub rollback: Script,
+    pub rollback_global: Script,
+    pub rollback_tenant: Script,
+    pub global_view: Script,
+    pub tenant_view: Script,
+    pub set_block: Script,
+    pub reserve: Script,
+    pub finish: Script,
+    pub expire: Script,
+    pub active: Script,
+    pub approval_create: Script,
+    pub approval_decide: Script,
+    pub approval_consume: Script,
+    pub approval_list: Script,
+    pub policy_cas: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let counters = include_str!("scripts/counters_lib.lua");
+        let budget = include_str!("scripts/budget_lib.lua");
+        let approvals = include_str!("scripts/approvals_lib.lua");
+        let with = |lib: &str, body: &str| Script::new(&format!("{lib}\n{body}"));
+        Scripts {
+            admit: with(counters, include_str!("scripts/admit.lua")),
+            admit_global: with(counters, include_str!("scripts/admit_global.lua")),
+            admit_tenant: with(counters, include_str!("scripts/admit_tenant.lua")),
+            rollback: with(counters, include_str!("scripts/rollback.lua")),
+            rollback_global: with(counters, include_str!("scripts/rollback_global.lua")),
+            rollback_tenant: with(counters, include_str!("scripts/rollback_tenant.lua")),
+            global_view: with(counters, include_str!("scripts/global_view.lua")),
+            tenant_view: with(counters, include_str!("scripts/tenant_view.lua")),
+            set_block: with(counters, include_str!("scripts/set_block.lua")),
+            reserve: with(budget, include_str!("scripts/reserve.lua")),
+            finish: with(budget, include_str!("scripts/finish.lua")),
+            expire: with(budget, include_str!("scripts/expire.lua")),
+            active: with(budget, include_str!("scripts/active.lua")),
+            approval_create: with(approvals, include_str!("scripts/approval_create.lua")),
+            approval_decide: with(approvals, include_str!("scripts/approval_decide.lua")),
+            approval_consume: with(approvals, include_str!("scripts/approval_consume.lua")),
+            approval_list: with(approvals, include_str!("scripts/approval_list.lua")),
+            policy_cas: Script::new(include_str!("scripts/policy_cas.lua")),
+        }
+    }
+
+    fn all(&self) -> [&Script; 18] {
+        [
+            &self.admit,
+            &self.admit_global,
+            &self.admit_tenant,
+            &self.rollback,
+            &self.rollback_global,
+            &self.rollback_tenant,
+            &self.global_view,
+            &self.tenant_view,
+            &self.set_block,
+            &self.reserve,
+            &self.finish,
+            &self.expire,
+            &self.active,
+            &self.approval_create,
+            &self.approval_decide,
+            &self.approval_consume,
+            &self.approval_list,
+            &self.policy_cas,
+        ]
+    }
+}
+
+/// Key names (see the module docs).
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The hash-tag content for a tenant: the name itself, or percent-encoded when it is empty or
+    /// holds a character that would end the tag early (`{`, `}`) or the escape (`%`).
+    fn tenant_tag(tenant: &str) -> std::borrow::Cow<'_, str> {
+        if tenant.is_empty() {
+            return "%00".into();
+        }
+        if !tenant.contains(['{', '}', '%']) {
+            return tenant.into();
+        }
+        let mut s = String::with_capacity(tenant.len() + 8);
+        for c in tenant.chars() {
+            match c {
+                '{' => s.push_str("%7B"),
+                '}' => s.push_str("%7D"),
+                '%' => s.push_str("%25"),
+                c => s.push(c),
+            }
+        }
+        s.into()
+    }
+
+    pub fn tenant(&self, tenant: &str, name: &str) -> String {
+        format!("{}t:{{{}}}:{name}", self.prefix, Self::tenant_tag(tenant))
+    }
+
+    pub fn global(&self, name: &str) -> String {
+        format!("{}{{global}}:{name}", self.prefix)
+    }
+
+    /// The base of every budget key (`P{budget}:`).
+    pub fn budget_base(&self) -> String {
+        format!("{}{{budget}}:", self.prefix)
+    }
+
+    /// The base of every approval key (`P{approvals}:`).
+    pub fn approvals_base(&self) -> String {
+        format!("{}{{approvals}}:", self.prefix)
+    }
+
+    pub fn policy_channel(&self) -> String {
+        format!("{}policy", self.prefix)
+    }
+}
+
+/// Failures per operation name (for metrics and tests; the proxy also counts its own).
+#[derive(Default)]
+struct ErrorCounts {
+    by_op: Mutex<HashMap<&'static str, u64>>,
+}
+
+impl ErrorCounts {
+    fn add(&self, op: &'static str) {
+        *self.by_op.lock().entry(op).or_insert(0) += 1;
+    }
+}
+
+pub(crate) struct Inner {
+    pub keys: Keys,
+    pub scripts: Scripts,
+    pub cluster: bool,
+    op_timeout: Duration,
+    target: Target,
+    /// `None` until a cluster connection could be made.
+    conn: RwLock<Option<Conn>>,
+    breaker: Breaker,
+    errors: ErrorCounts,
+    /// Openings of the breaker already answered with a fresh connection.
+    reset_openings: AtomicU64,
+    /// Commands sent, for measuring round trips (a script call is one).
+    commands: AtomicU64,
+    handle: tokio::runtime::Handle,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The shared (fleet) store. Clone it freely; every clone shares one connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.keys.prefix)
+            .field("cluster", &self.inner.cluster)
+            .field("op_timeout", &self.inner.op_timeout)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Parses `redis://`, `rediss://` and `redis+cluster://host:port[,host:port…]`.
+fn target_for(url: &str) -> Result<Target, StoreError> {
+    let bad = |e: RedisError| StoreError::Unavailable(format!("PREAUTH_REDIS_URL: {e}"));
+    if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a), h),
+            None => (None, rest),
+        };
+        let (hosts, path) = match hosts.split_once('/') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hosts, None),
+        };
+        let seeds: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| {
+                let mut s = String::from("redis://");
+                if let Some(a) = auth {
+                    s.push_str(a);
+                    s.push('@');
+                }
+                s.push_str(h.trim());
+                if let Some(p) = path {
+                    s.push('/');
+                    s.push_str(p);
+                }
+                s
+            })
+            .collect();
+        if seeds.is_empty() {
+            return Err(StoreError::Unavailable("PREAUTH_REDIS_URL: redis+cluster:// names no node".into()));
+        }
+        let client = ClusterClient::builder(seeds)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .retries(1)
+            .build()
+            .map_err(bad)?;
+        return Ok(Target::Cluster(client));
+    }
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(StoreError::Unavailable(
+            "PREAUTH_REDIS_URL: expected redis://, rediss:// or redis+cluster://".into(),
+        ));
+    }
+    redis::Client::open(url).map(Target::Single).map_err(bad)
+}
+
+impl RedisStore {
+    /// Connects with default options. Fails only on a bad URL (or when no runtime thread can be
+    /// started); an unreachable Redis gives a store that starts unhealthy and recovers by itself.
+    pub async fn connect(url: &str, key_prefix: &str, op_timeout: Duration) -> Result<RedisStore, StoreError> {
+        Self::connect_with(url, key_prefix, op_timeout, RedisOptions::default()).await
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        key_prefix: &str,
+        op_timeout: Duration,
+        opts: RedisOptions,
+    ) -> Result<RedisStore, StoreError> {
+        let store = Self::build(url, key_prefix, op_timeout, opts.clone())?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let s = store.clone();
+        store.inner.handle.spawn(async move {
+            let _ = tx.send(s.establish(opts.connect_wait).await);
+        });
+        let _ = rx.await;
+        Ok(store)
+    }
+
+    /// [`connect`](Self::connect) for synchronous callers (the composition root, before pingora
+    /// starts its runtimes). Must not be called from inside an async task.
+    pub fn connect_blocking(url: &str, key_prefix: &str, op_timeout: Duration) -> Result<RedisStore, StoreError> {
+        let opts = RedisOptions::default();
+        let store = Self::build(url, key_prefix, op_timeout, opts.clone())?;
+        let s = store.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.inner.handle.spawn(async move {
+            let _ = tx.send(s.establish(opts.connect_wait).await);
+        });
+        let _ = rx.recv();
+        Ok(store)
+    }
+
+    fn build(url: &str, key_prefix: &str, op_timeout: Duration, opts: RedisOptions) -> Result<RedisStore, StoreError> {
+        let target = target_for(url)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("preauth-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| unavailable(format!("cannot start the redis runtime: {e}")))?;
+        let inner = Arc::new(Inner {
+            keys: Keys { prefix: key_prefix.to_string() },
+            scripts: Scripts::new(),
+            cluster: matches!(target, Target::Cluster(_)),
+            op_timeout: op_timeout.max(Duration::from_millis(1)),
+            target,
+            conn: RwLock::new(None),
+            breaker: Breaker::new(opts.breaker),
+            errors: ErrorCounts::default(),
+            reset_openings: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+        });
+        let store = RedisStore { inner };
+        if let Target::Single(client) = &store.inner.target {
+            // Lazily connecting manager, made inside the store's runtime so its reconnects run there.
+            let _guard = store.inner.handle.enter();
+            let mgr = ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
+                .map_err(|e| unavailable(format!("redis connection manager: {e}")))?;
+            *store.inner.conn.write() = Some(Conn::Single(mgr));
+        }
+        let weak = Arc::downgrade(&store.inner);
+        store.inner.handle.spawn(health_task(weak));
+        Ok(store)
+    }
+
+    /// First connection (on the store runtime): connect, load the scripts, count the outcome.
+    async fn establish(&self, wait: Duration) {
+        let ok = tokio::time::timeout(wait, async {
+            if self.inner.conn.read().is_none() {
+                self.replace_connection().await?;
+            }
+            let mut conn = self.inner.conn.read().clone().ok_or_else(|| unavailable("not connected"))?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await.map_err(unavailable)?;
+            for s in self.inner.scripts.all() {
+                s.load_async(&mut conn).await.map_err(unavailable)?;
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await;
+        match ok {
+            Ok(Ok(())) => tracing::info!(cluster = self.inner.cluster, "connected to the shared state store (redis)"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "shared state store (redis) not reachable at start; retrying in the background");
+                self.mark_down();
+            }
+            Err(_) => {
+                tracing::warn!("shared state store (redis) did not answer at start; retrying in the background");
+                self.mark_down();
+            }
+        }
+    }
+
+    /// Opens the breaker (start-up failure): requests fail fast until the health task's probe.
+    fn mark_down(&self) {
+        for _ in 0..self.inner.breaker.config().failure_threshold {
+            if let Some(p) = self.inner.breaker.try_acquire() {
+                p.failure();
+            }
+        }
+    }
+
+    /// A fresh connection replaces the current one (single: a new lazy manager; cluster: a new
+    /// cluster connection, kept only if it could be made).
+    async fn replace_connection(&self) -> Result<(), StoreError> {
+        match &self.inner.target {
+            Target::Single(client) => {
+                let mgr = {
+                    let _guard = self.inner.handle.enter();
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config())
+                        .map_err(|e| unavailable(format!("redis connection manager: {e}")))?
+                };
+                *self.inner.conn.write() = Some(Conn::Single(mgr));
+                Ok(())
+            }
+            Target::Cluster(client) => {
+                let c = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
+                    .await
+                    .map_err(|_| StoreError::Timeout)?
+                    .map_err(unavailable)?;
+                *self.inner.conn.write() = Some(Conn::Cluster(c));
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the store is usable: the breaker is closed (fewer than the threshold of
+    /// consecutive failures). Feed it to readiness.
+    pub fn healthy(&self) -> bool {
+        self.inner.breaker.is_closed()
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.inner.breaker.state()
+    }
+
+    /// Failed operations so far, by operation name.
+    pub fn error_counts(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = self.inner.errors.by_op.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort();
+        v
+    }
+
+    /// Commands sent to Redis so far (a script call or a pipeline is one round trip).
+    pub fn commands_sent(&self) -> u64 {
+        self.inner.commands.load(Ordering::Relaxed)
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.inner.cluster
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.inner.keys.prefix
+    }
+
+    /// Runs one store operation: breaker, timeout, error mapping, accounting. `round_trips` is
+    /// how many commands `f` sends (for [`commands_sent`](Self::commands_sent)).
+    pub(crate) async fn exec<T, F, Fut>(&self, op: &'static str, round_trips: u64, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let Some(permit) = self.inner.breaker.try_acquire() else {
+            self.inner.errors.add(op);
+            return Err(StoreError::Unavailable("circuit open".into()));
+        };
+        let Some(conn) = self.inner.conn.read().clone() else {
+            permit.failure();
+            self.inner.errors.add(op);
+            return Err(StoreError::Unavailable("not connected".into()));
+        };
+        self.inner.commands.fetch_add(round_trips, Ordering::Relaxed);
+        match tokio::time::timeout(self.inner.op_timeout, f(conn)).await {
+            Ok(Ok(v)) => {
+                permit.success();
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.inner.errors.add(op);
+                if is_connectivity(&e) {
+                    permit.failure();
+                } else {
+                    // Redis answered (a script or data error): not a reason to stop talking to it.
+                    permit.success();
+                    tracing::error!(op, error = %e, "state store command failed");
+                }
+                Err(if e.is_timeout() { StoreError::Timeout } else { unavailable(format!("{op}: {e}")) })
+            }
+            Err(_) => {
+                permit.failure();
+                self.inner.errors.add(op);
+                Err(StoreError::Timeout)
+            }
+        }
+    }
+
+    /// Deletes every key under this store's prefix (tests, `rebuild` tooling). SCAN + DEL; single
+    /// node only.
+    pub async fn delete_all_keys(&self) -> Result<u64, StoreError> {
+        let pattern = format!("{}*", glob_escape(&self.inner.keys.prefix));
+        let mut conn = self.inner.conn.read().clone().ok_or_else(|| unavailable("not connected"))?;
+        let mut cursor: u64 = 0;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("DEL").arg(&keys).query_async::<u64>(&mut conn).await.map_err(unavailable)?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    // Short, bounded reconnect attempts: the breaker and the health task decide when to retry.
+    ConnectionManagerConfig::new()
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(50))
+        .set_max_delay(Duration::from_millis(250))
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None)
+}
+
+/// Errors that mean "cannot talk to Redis" (count towards opening the breaker).
+fn is_connectivity(e: &RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ReadOnly
+            ) | ErrorKind::Client
+                | ErrorKind::AuthenticationFailed
+                | ErrorKind::ClusterConnectionNotFound
+        )
+}
+
+/// Pings every [`HEALTH_INTERVAL`]; replaces the connection once per breaker opening; the ping
+/// is the half-open probe, so recovery is noticed without traffic. Ends with the store.
+async fn health_task(weak: Weak<Inner>) {
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let store = RedisStore { inner };
+        let openings = store.inner.breaker.openings();
+        let need_reset = store.inner.conn.read().is_none()
+            || (!store.inner.breaker.is_closed() && store.inner.reset_openings.load(Ordering::Relaxed) < openings);
+        if need_reset && store.inner.breaker.state() != BreakerState::Open {
+            store.inner.reset_openings.store(openings, Ordering::Relaxed);
+            if let Err(e) = store.replace_connection().await {
+                tracing::debug!(error = %e, "state store reconnect failed");
+            }
+        }
+        if store.inner.breaker.state() == BreakerState::Open {
+            continue;
+        }
+        let _ = store
+            .exec("ping", 0, |mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
+            .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reply decoding helpers.
+
+pub(crate) fn proto(msg: impl Into<String>) -> RedisError {
+    RedisError::from((redis::ErrorKind::Parse, "unexpected reply from a preauth script", msg.into()))
+}
+
+pub(crate) fn as_i64(v: &Value) -> RedisResult<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or_else(|| proto(format!("not an integer: {:?}", String::from_utf8_lossy(b)))),
+        Value::SimpleString(s) => s.parse::<i64>().map_err(|_| proto(format!("not an integer: {s:?}"))),
+        other => Err(proto(format!("not an integer: {other:?}"))),
+    }
+}
+
+pub(crate) fn as_string(v: &Value) -> RedisResult<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| proto("not UTF-8")),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::Int(i) => Ok(i.to_string()),
+        other => Err(proto(format!("not a string: {other:?}"))),
+    }
+}
+
+pub(crate) fn as_array(v: Value) -> RedisResult<Vec<Value>> {
+    match v {
+        Value::Array(a) | Value::Set(a) => Ok(a),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(proto(format!("not an array: {other:?}"))),
+    }
+}
+
+/// A flat `field, value, …` reply (HGETALL, or a Lua table of pairs) as a map.
+pub(crate) fn as_map(v: Value) -> RedisResult<HashMap<String, String>> {
+    match v {
+        Value::Map(pairs) => pairs.iter().map(|(k, v)| Ok((as_string(k)?, as_string(v)?))).collect(),
+        other => {
+            let a = as_array(other)?;
+            let mut m = HashMap::with_capacity(a.len() / 2);
+            for kv in a.chunks(2) {
+                if let [k, v] = kv {
+                    m.insert(as_string(k)?, as_string(v)?);
+                }
+            }
+            Ok(m)
+        }
+    }
+}
+
+/// `-1` from a script means "none".
+pub(crate) fn opt_ms(v: i64) -> Option<u64> {
+    (v >= 0).then_some(v as u64)
+}

@@ -1,0 +1,81 @@
+//! The gate API on the proxy listener: decide-and-hold, then the caller settles.
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::support::*;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn gate(s: &Sidecar, tenant: &str, body: &serde_json::Value) -> reqwest::Response {
+    client()
+        .post(s.url("/api/v1/enforcement/gate/llm"))
+        .bearer_auth(token(tenant, "enterprise"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gate_decides_holds_and_the_caller_settles() {
+    let s = start(&[("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "0.05")]).await;
+    // Keys out of order and spaced: the fingerprint is over the compact sorted-key form.
+    let request = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100});
+    let r = gate(&s, "acme", &json!({"route": "/v1/chat/completions", "request": request})).await;
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(v["decision"], "ALLOW");
+    assert_eq!(v["mode"], "hard");
+    assert!(v["estimated_cost_usd"].as_str().unwrap().contains('.'));
+    let canonical = br#"{"max_tokens":100,"messages":[{"content":"hi","role":"user"}],"model":"gpt-4o-mini"}"#;
+    let inner = hex(&Sha256::digest(canonical));
+    let want = hex(&Sha256::digest(format!("acme\nPOST /v1/chat/completions\n{inner}").as_bytes()));
+    assert_eq!(v["request_fingerprint"], want.as_str());
+    let rid = v["reservation_id"].as_str().expect("ALLOW holds a reservation").to_string();
+    assert!(s.upstream.requests().is_empty(), "the gate never forwards");
+
+    let settle = |body: serde_json::Value, tenant: &'static str| {
+        let url = s.url(&format!("/api/v1/enforcement/reservations/{rid}/settle"));
+        async move { client().post(url).bearer_auth(token(tenant, "enterprise")).json(&body).send().await.unwrap() }
+    };
+    let usage =
+        json!({"usage": {"prompt_tokens": 10, "completion_tokens": 20, "cached_tokens": 0, "reasoning_tokens": 0}});
+    assert_eq!(settle(usage.clone(), "globex").await.status(), 404, "another tenant cannot settle it");
+    let r = settle(usage.clone(), "acme").await;
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(v["actual_cost_usd"], "0.000014", "10 × 0.15 + 20 × 0.60 per Mtok, rounded up");
+    assert!(v["drift_usd"].as_str().unwrap().starts_with('-'));
+    assert!(v["released_usd"].as_str().is_some());
+    assert_error(settle(usage, "acme").await, 409, "reservation_not_active").await;
+
+    // Denials and escalations are answers too (HTTP 200), with reasons and approval ids.
+    let big =
+        json!({"route": "/v1/chat/completions", "request": {"model": "gpt-4o", "max_tokens": 10000, "messages": []}});
+    let v = json_of(gate(&s, "acme", &big).await).await;
+    assert_eq!(v["decision"], "REQUIRE_APPROVAL");
+    assert_eq!(v["reasons"], json!(["approval_required"]));
+    assert!(v["approval_id"].as_str().is_some() && v["reservation_id"].is_null());
+    patch_runtime(&s, json!({"kill_switch": true, "reason": "gate test"})).await;
+    let v = json_of(
+        gate(
+            &s,
+            "acme",
+            &json!({"route": "/v1/embeddings", "request": {"model": "text-embedding-3-small", "input": "x"}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((v["decision"].as_str(), v["reasons"][0].as_str()), (Some("DENY"), Some("global_abuse_kill_switch")));
+    // Bad input is a 400, unauthenticated a 401.
+    let r = gate(&s, "acme", &json!({"route": "/v1/nope", "request": {}})).await;
+    assert_error(r, 400, "invalid_request").await;
+    let r = client().post(s.url("/api/v1/enforcement/gate/llm")).json(&big).send().await.unwrap();
+    assert_error(r, 401, "unauthenticated").await;
+    let m = metrics(&s).await;
+    assert!(m.contains("valdrics_ops_enforcement_gate_decisions_total{decision=\"REQUIRE_APPROVAL\",path=\"normal\",source=\"default\"} 1"), "{m}");
+    s.stop().await;
+}
