@@ -96,7 +96,7 @@ impl PreauthProxy {
         ctx.gate = true;
         let outcome = self.decide_body(ctx, &canonical).await;
         let fingerprint = ctx.fingerprint.clone().unwrap_or_else(|| {
-            super::fingerprint(&ctx.caller.as_ref().map_or("", |c| c.tenant.as_str()), "POST", route.path(), &canonical)
+            super::fingerprint(ctx.caller.as_ref().map_or("", |c| c.tenant.as_str()), "POST", route.path(), &canonical)
         });
         let reservation = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref());
         match outcome {
