@@ -20,6 +20,7 @@ USAGE:
     preauth-sidecar mint-approval --tenant T --fingerprint F --max-cost-usd X [--ttl-seconds S] [--approval-id ID]
                                  print an approval token signed with ENFORCEMENT_APPROVAL_TOKEN_SECRET
                                  (exit 1 while ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true)
+    preauth-sidecar migrate      create/update the enforcement_ledger schema at PREAUTH_LEDGER_URL (Postgres)
 
 Configuration is environment only; see README.md and config/*.env.example.
 Exit codes: 0 ok, 64 configuration error, 69 upstream unresolvable.";
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         Some("demo") => demo(),
         Some("check-config") => check_config(),
         Some("mint-approval") => mint_approval(&args[1..]),
+        Some("migrate") => migrate(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -69,6 +71,29 @@ fn check_config() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(code) => code,
+    }
+}
+
+/// `migrate`: creates or updates the central ledger schema (idempotent).
+fn migrate() -> ExitCode {
+    let config = match parse_or_report(&Env, Purpose::Tool) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(url) = config.ledger_url.as_deref().filter(|u| preauth_sidecar::ledger::sink::is_postgres_url(u)) else {
+        eprintln!("PREAUTH_LEDGER_URL must be a postgres:// URL for `migrate`");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(preauth_sidecar::ledger::postgres::migrate(url)) {
+        Ok(()) => {
+            println!("enforcement_ledger schema is up to date");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("migrate failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -19,6 +19,11 @@ use crate::admin::AdminApp;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
+use crate::ledger::outbox::{Outbox, OutboxMetrics, OutboxSyncer};
+use crate::ledger::postgres::PostgresSink;
+use crate::ledger::relay::Relay;
+use crate::ledger::sink::{is_postgres_url, sink_from_url, Sink};
+use crate::ledger::LedgerSource;
 use crate::proxy::PreauthProxy;
 use crate::state::AppState;
 use crate::store::approvals::Approvals;
@@ -101,7 +106,23 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;
-    let state = Arc::new(AppState::new(config, policy, counters, budgets, approvals, clock, pricing));
+    let outbox = Arc::new(
+        Outbox::open_from_config(&config)
+            .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open the outbox in {}: {e}", config.data_dir.display()))?,
+    );
+    let (ledger, sink): (LedgerSource, Option<Arc<dyn Sink>>) = match config.ledger_url.as_deref() {
+        Some(url) if is_postgres_url(url) => {
+            let pg = Arc::new(PostgresSink::new(url).map_err(|e| format!("PREAUTH_LEDGER_URL: {e}"))?);
+            (LedgerSource::Postgres(pg.clone()), Some(pg))
+        }
+        Some(url) => (
+            LedgerSource::Local(outbox.dir().to_path_buf()),
+            Some(sink_from_url(url, &config.instance_id).map_err(|e| format!("PREAUTH_LEDGER_URL: {e}"))?),
+        ),
+        None => (LedgerSource::Local(outbox.dir().to_path_buf()), None),
+    };
+    let state =
+        Arc::new(AppState::new(config, policy, counters, budgets, approvals, outbox.clone(), ledger, clock, pricing));
 
     let conf = ServerConf {
         threads,
@@ -130,6 +151,17 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let mut reloader = background_service("reloader", Reloader { state: state.clone() });
     reloader.threads = Some(1);
 
+    let mut syncer = background_service(
+        "outbox-syncer",
+        OutboxSyncer::new(outbox.clone(), Some(OutboxMetrics::new(&state.metrics))),
+    );
+    syncer.threads = Some(1);
+    server.add_service(syncer);
+    if let Some(sink) = sink {
+        let mut relay = background_service("ledger-relay", Relay::new(outbox, sink));
+        relay.threads = Some(1);
+        server.add_service(relay);
+    }
     server.add_service(svc);
     server.add_service(admin);
     server.add_service(housekeeper);

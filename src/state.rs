@@ -10,6 +10,9 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
+use crate::ledger::event::{Event, EventType};
+use crate::ledger::outbox::Outbox;
+use crate::ledger::LedgerSource;
 use crate::store::approvals::Approvals;
 use crate::store::budget::Budgets;
 use crate::store::{Counters, PolicyStore};
@@ -24,6 +27,10 @@ pub struct AppState {
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
     pub approvals: Arc<dyn Approvals>,
+    /// Durable local outbox of ledger events (`PREAUTH_DATA_DIR/outbox`).
+    pub outbox: Arc<Outbox>,
+    /// Where `GET /ledger` reads from: Postgres when that is the sink, else the local ledger.
+    pub ledger: LedgerSource,
     pub metrics: Metrics,
     pub clock: Arc<dyn Clock>,
     /// The price table; replaced whole on `SIGHUP`.
@@ -45,6 +52,8 @@ impl AppState {
         counters: Arc<dyn Counters>,
         budgets: Arc<dyn Budgets>,
         approvals: Arc<dyn Approvals>,
+        outbox: Arc<Outbox>,
+        ledger: LedgerSource,
         clock: Arc<dyn Clock>,
         pricing: Arc<PriceTable>,
     ) -> AppState {
@@ -58,6 +67,8 @@ impl AppState {
             counters,
             budgets,
             approvals,
+            outbox,
+            ledger,
             metrics,
             tiers_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
             gate_leases: parking_lot::Mutex::new(std::collections::HashMap::new()),
@@ -89,6 +100,36 @@ impl AppState {
 
     pub fn tier_seen(&self, tenant: &str) -> Option<crate::decide::Tier> {
         self.tiers_seen.lock().get(tenant).copied()
+    }
+
+    /// A blank event stamped now, by this replica.
+    pub fn event(&self, event_type: EventType, policy_version: u64) -> Event {
+        Event::new(event_type, &self.config.instance_id, self.clock.now_us(), policy_version)
+    }
+
+    /// An event about reservation `r` (settlement or release) with its identifying fields.
+    pub fn reservation_event(&self, r: &crate::store::budget::Reservation, event_type: EventType) -> Event {
+        let mut e = self.event(event_type, self.policy.current().version);
+        e.request_id = Some(r.request_id.clone());
+        e.tenant_id = Some(r.tenant.clone());
+        e.tenant_tier = Some(r.tenant_tier.clone());
+        e.model = Some(r.model.clone());
+        e.reservation_id = Some(r.id.clone());
+        e.reserved_usd = Some(r.amount);
+        e
+    }
+
+    /// Appends `e` to the outbox (written to the OS before this returns). `false` when it could
+    /// not be recorded (outbox full under the `failsafe` policy, disk error): the caller takes
+    /// the failsafe path for decisions; other events are logged as lost.
+    pub fn emit(&self, e: &Event) -> bool {
+        match self.outbox.append(e) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(error = %err, event_type = e.event_type.as_str(), event_id = %e.event_id, "ledger event not recorded");
+                false
+            }
+        }
     }
 
     /// Keeps a gate-API hold's lease until the caller settles it.

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::spend::{query_param, Answer};
 use crate::decide::approval::{mint, MintRequest};
 use crate::decide::time::rfc3339_seconds;
+use crate::ledger::event::EventType;
 use crate::state::AppState;
 use crate::store::approvals::{ApprovalStatus, ApprovalTransitionError};
 
@@ -85,6 +86,15 @@ pub async fn approve(state: &AppState, id: &str) -> Answer {
     let expires_at = rfc3339_seconds(req.claims().expires_at_ms());
     state.metrics.approval_token_events.with_label_values(&["issued"]).inc();
     state.metrics.approval_queue_backlog.dec();
+    let mut e = state.event(EventType::ApprovalGranted, state.policy.current().version);
+    e.tenant_id = Some(a.tenant_id.clone());
+    e.tenant_tier = Some(a.tenant_tier.clone());
+    e.request_id = Some(a.request_id.clone());
+    e.model = Some(a.model.clone());
+    e.approval_id = Some(a.approval_id.clone());
+    e.request_fingerprint = Some(a.request_fingerprint.clone());
+    e.estimated_cost_usd = Some(a.estimated_cost);
+    state.emit(&e);
     tracing::warn!(target: "audit", event = "approval_granted", approval_id = %a.approval_id, tenant_id = %a.tenant_id, max_cost_usd = %a.estimated_cost);
     (200, json!({"approval_id": a.approval_id, "approval_token": token, "expires_at": expires_at}))
 }
@@ -96,6 +106,13 @@ pub async fn deny(state: &AppState, id: &str, body: &Value) -> Answer {
     match state.approvals.deny(id, reason, now).await {
         Ok(a) => {
             state.metrics.approval_queue_backlog.dec();
+            let mut e = state.event(EventType::ApprovalDenied, state.policy.current().version);
+            e.tenant_id = Some(a.tenant_id.clone());
+            e.request_id = Some(a.request_id.clone());
+            e.approval_id = Some(a.approval_id.clone());
+            e.request_fingerprint = Some(a.request_fingerprint.clone());
+            e.details = Some(json!({"reason": reason}));
+            state.emit(&e);
             tracing::warn!(target: "audit", event = "approval_denied", approval_id = %a.approval_id, tenant_id = %a.tenant_id, reason = reason.unwrap_or(""));
             (200, a.to_json(now))
         }

@@ -12,6 +12,7 @@
 //! | POST | `/api/v1/enforcement/reservations/{id}/reconcile` | bearer — settle by hand, idempotent by key |
 //! | POST | `/api/v1/enforcement/reservations/reconcile-overdue` | bearer — run the TTL sweep now |
 //! | GET | `/api/v1/enforcement/approvals?status=pending` | bearer — the approval queue |
+//! | GET | `/api/v1/enforcement/ledger?limit=&start_at=&end_at=&tenant_id=&event_type=&reservation_id=` | bearer — newest first |
 //! | POST | `/api/v1/enforcement/approvals/{id}/approve` | bearer — `{approval_token, expires_at}`; 423 while frozen |
 //! | POST | `/api/v1/enforcement/approvals/{id}/deny` | bearer — `{reason?}` |
 //!
@@ -32,6 +33,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use crate::ledger::event::EventType;
 use crate::state::AppState;
 use crate::telemetry::audit;
 
@@ -55,6 +57,16 @@ impl AdminApp {
             (&Method::GET, ["tenants", id]) if !id.is_empty() => spend::tenant(&self.state, id).await,
             (&Method::GET, ["reservations"]) => spend::list(&self.state, query).await,
             (&Method::GET, ["approvals"]) => approvals::list(&self.state, query).await,
+            (&Method::GET, ["ledger"]) => match crate::ledger::LedgerFilter::from_query(query) {
+                Ok(f) => match self.state.ledger.query(&f).await {
+                    Ok(items) => (200, json!({ "items": items })),
+                    Err(e) => (
+                        503,
+                        json!({"error": {"message": format!("The ledger could not be read: {e}. Retry."), "type": "admin_error", "code": "ledger_unavailable"}}),
+                    ),
+                },
+                Err(e) => (400, json!({"error": {"message": e, "type": "admin_error", "code": "invalid_request"}})),
+            },
             (&Method::POST, ["approvals", id, "approve"]) => approvals::approve(&self.state, id).await,
             (&Method::POST, ["approvals", id, "deny"]) => match read_json(s).await {
                 Ok(v) => approvals::deny(&self.state, id, &v).await,
@@ -196,6 +208,11 @@ impl AdminApp {
                 m.policy_version.set(p.version as i64);
                 m.kill_switch_enabled.set(i64::from(p.kill_switch));
                 audit::runtime_change(p.version, &reason, &changes);
+                let mut e = self.state.event(EventType::RuntimeChanged, p.version);
+                e.details = Some(
+                    json!({"reason": reason, "changes": serde_json::from_str::<Value>(&changes).unwrap_or(Value::Null)}),
+                );
+                self.state.emit(&e);
                 json_response(200, &runtime::view(&p))
             }
             Err(e) => admin_error(503, "store_unavailable", &format!("The change was not applied: {e}. Retry.")),

@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 
 use crate::decide::time::rfc3339_seconds;
 use crate::decide::Micros;
+use crate::ledger::event::EventType;
 use crate::state::AppState;
-use crate::store::budget::{month_key, Reservation, SettleOutcome};
+use crate::store::budget::{month_key, Reservation, ReservationState, SettleOutcome};
 
 /// An admin answer: status and JSON body.
 pub type Answer = (u16, Value);
@@ -134,6 +135,20 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
         }
     }
     let now = state.clock.now_ms();
+    // The settlement reaches the outbox before the hold is released.
+    let active = match state.budgets.get(id).await {
+        Ok(Some((r, ReservationState::Active))) => Some(r),
+        Ok(_) => None,
+        Err(e) => return err(503, "store_unavailable", &format!("Reservation could not be read: {e}. Retry.")),
+    };
+    if let Some(r) = &active {
+        let mut e = state.reservation_event(r, EventType::ReservationSettled);
+        e.actual_cost_usd = Some(actual);
+        e.drift_usd = Some(Micros(actual.0 - r.amount.0));
+        e.usage_source = Some("manual".to_string());
+        e.details = Some(json!({"trigger": "manual", "idempotency_key": key, "notes": notes}));
+        state.emit(&e);
+    }
     match state.budgets.settle(id, actual, now).await {
         Ok(SettleOutcome::Settled(s)) => {
             let status = match s.drift.0 {

@@ -15,7 +15,8 @@ use super::{PreauthProxy, RequestCtx};
 use crate::decide::pricing::cost;
 use crate::decide::usage_types::Usage;
 use crate::decide::{Micros, Route};
-use crate::store::budget::SettleOutcome;
+use crate::ledger::event::EventType;
+use crate::store::budget::{ReservationState, SettleOutcome};
 
 /// Largest gate-API body read (the embedded request plus a little).
 const MAX_GATE_BODY: usize = 16 << 20;
@@ -121,8 +122,12 @@ impl PreauthProxy {
             .map_err(|e| Refusal::InvalidRequest(format!("Settle body is not valid JSON: {e}")))?;
         let tenant = ctx.caller.as_ref().map(|c| c.tenant.clone()).unwrap_or_default();
         let not_found = || other(404, "reservation_not_found", "No such reservation for this tenant.");
-        let (reservation, _) = match self.state.budgets.get(id).await {
-            Ok(Some(found)) => found,
+        let reservation = match self.state.budgets.get(id).await {
+            Ok(Some((r, ReservationState::Active))) => r,
+            Ok(Some((r, _))) if r.tenant == tenant => {
+                return Err(other(409, "reservation_not_active", "This reservation was already settled or released."))
+            }
+            Ok(Some(_)) => return Err(not_found()),
             Ok(None) => return Err(not_found()),
             Err(e) => {
                 self.store_failed("get_reservation", e);
@@ -156,6 +161,15 @@ impl PreauthProxy {
         };
         let now = self.state.clock.now_ms();
         let m = &self.state.metrics;
+        let mut e = self.state.reservation_event(&reservation, EventType::ReservationSettled);
+        e.actual_cost_usd = Some(actual);
+        e.drift_usd = Some(Micros(actual.0 - reservation.amount.0));
+        e.usage = usage;
+        e.usage_source = Some(if usage.is_some() { "reported" } else { "caller" }.to_string());
+        e.details = Some(json!({"trigger": "gate_settle"}));
+        if !self.state.emit(&e) {
+            return Err(other(503, "enforcement_unavailable", "The settlement could not be recorded. Retry."));
+        }
         match self.state.budgets.settle(id, actual, now).await {
             Ok(SettleOutcome::Settled(s)) => {
                 if let Some(t) = self.state.take_gate_lease(id) {

@@ -37,6 +37,7 @@ use crate::config::Identity;
 use crate::decide::approval::{self, ApprovalClaims, ApprovalError};
 use crate::decide::pricing::{max_output_that_fits, worst_case_cost};
 use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, Verdict};
+use crate::ledger::event::EventType;
 use crate::state::AppState;
 use crate::store::approvals::{ConsumeOutcome, NewApproval};
 use crate::store::budget::{ReserveOutcome, ReserveRequest};
@@ -130,6 +131,7 @@ impl PreauthProxy {
             reservation: None,
             charge_only: false,
             scanner: None,
+            event: None,
         };
         let facts = Facts {
             tenant: &caller.tenant,
@@ -211,7 +213,87 @@ impl PreauthProxy {
                 (decide::failsafe(mode), None, None, None)
             }
         };
-        ctx.approval_id = consumed_approval;
+        let mut decision = decision;
+        let mut extra = Map::new();
+        if decision.verdict == Verdict::RequireApproval {
+            let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body)).clone();
+            let reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
+            let now = self.state.clock.now_ms();
+            let pending = self
+                .state
+                .approvals
+                .create_pending(NewApproval {
+                    tenant_id: caller.tenant.clone(),
+                    tenant_tier: tier.as_str().to_string(),
+                    request_id: ctx.request_id.clone(),
+                    route: route.path().to_string(),
+                    model: req.model.clone(),
+                    request_fingerprint: fp.clone(),
+                    estimated_cost,
+                    reasons,
+                    now,
+                    expires_at: now + self.state.config.approvals.ttl_seconds * 1000,
+                })
+                .await;
+            match pending {
+                Ok(a) => {
+                    // The housekeeper recounts the backlog every second; this keeps it current meanwhile.
+                    self.state.metrics.approval_queue_backlog.inc();
+                    extra.insert("approval_id".into(), json!(a.approval_id));
+                    extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(a.expires_at)));
+                    let mut e = self.state.event(EventType::ApprovalRequested, policy.version);
+                    e.request_id = Some(ctx.request_id.clone());
+                    e.tenant_id = Some(caller.tenant.clone());
+                    e.tenant_tier = Some(tier.as_str().to_string());
+                    e.source = Some(ctx.source.clone());
+                    e.mode = Some(mode.as_str().to_string());
+                    e.model = Some(req.model.clone());
+                    e.estimated_cost_usd = Some(estimated_cost);
+                    e.request_fingerprint = Some(fp.clone());
+                    e.approval_id = Some(a.approval_id.clone());
+                    e.reasons = a.reasons.clone();
+                    self.state.emit(&e);
+                    ctx.approval_id = Some(a.approval_id);
+                }
+                Err(e) => {
+                    self.store_failed("create_pending", e);
+                }
+            }
+            extra.insert("request_fingerprint".into(), json!(fp));
+        } else {
+            ctx.approval_id = consumed_approval.clone();
+        }
+
+        // The decision reaches the outbox (the OS) before anything is forwarded; when it cannot,
+        // no decision can be recorded and the failsafe path applies.
+        let reservation = spend.reservation.as_ref();
+        let mut ev = self.state.event(EventType::Decision, policy.version);
+        ev.request_id = Some(ctx.request_id.clone());
+        ev.tenant_id = Some(caller.tenant.clone());
+        ev.tenant_tier = Some(tier.as_str().to_string());
+        ev.source = Some(ctx.source.clone());
+        ev.mode = Some(mode.as_str().to_string());
+        ev.decision = Some(decision.verdict.as_str().to_string());
+        ev.reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
+        ev.model = Some(req.model.clone());
+        ev.reservation_id = reservation.map(|r| r.id.clone());
+        ev.estimated_cost_usd = Some(estimated_cost);
+        ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));
+        ev.request_fingerprint = fp.clone();
+        ev.approval_id = ctx.approval_id.clone();
+        if !self.state.emit(&ev) {
+            self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "outbox_unavailable"]).inc();
+            decision = decide::failsafe(mode);
+        }
+        if let (true, Some(id)) = (decision.is_allow(), consumed_approval) {
+            let mut e = self.state.event(EventType::ApprovalConsumed, policy.version);
+            e.request_id = Some(ctx.request_id.clone());
+            e.tenant_id = Some(caller.tenant.clone());
+            e.approval_id = Some(id);
+            e.request_fingerprint = fp.clone();
+            self.state.emit(&e);
+        }
+
         let ticket = self.settle_admission(decision.is_allow(), ticket).await;
         if !decision.is_allow() {
             if let Some(r) = spend.reservation.take() {
@@ -230,6 +312,7 @@ impl PreauthProxy {
             ctx.ticket = ticket;
             // Shadow mode and fail-open hold nothing but still settle usage into spend.
             spend.charge_only = spend.reservation.is_none();
+            spend.event = Some(ev);
             ctx.new_body = match clamp_to {
                 Some(n) => extract::clamp_body(route, &req, n),
                 None => extract::inject_include_usage(route, &req, body),
@@ -237,44 +320,7 @@ impl PreauthProxy {
             ctx.spend = Some(spend);
             return Ok(());
         }
-        let mut extra = Map::new();
         extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
-        if decision.verdict == Verdict::RequireApproval {
-            let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body)).clone();
-            let now = self.state.clock.now_ms();
-            let pending = self
-                .state
-                .approvals
-                .create_pending(NewApproval {
-                    tenant_id: caller.tenant.clone(),
-                    tenant_tier: tier.as_str().to_string(),
-                    request_id: ctx.request_id.clone(),
-                    route: route.path().to_string(),
-                    model: req.model.clone(),
-                    request_fingerprint: fp.clone(),
-                    estimated_cost,
-                    reasons: decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default(),
-                    now,
-                    expires_at: now + self.state.config.approvals.ttl_seconds * 1000,
-                })
-                .await;
-            match pending {
-                Ok(a) => {
-                    // The housekeeper recounts the backlog every second; this keeps it current meanwhile.
-                    self.state.metrics.approval_queue_backlog.inc();
-                    extra.insert("approval_id".into(), json!(a.approval_id));
-                    extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(a.expires_at)));
-                }
-                Err(e) => {
-                    self.store_failed("create_pending", e);
-                }
-            }
-            extra.insert("request_fingerprint".into(), json!(fp));
-            ctx.fingerprint = Some(fp);
-        }
-        if let Some(id) = extra.get("approval_id").and_then(|v| v.as_str()) {
-            ctx.approval_id = Some(id.to_string());
-        }
         Err(Refusal::Decision { decision, policy_version: policy.version, extra })
     }
 

@@ -8,6 +8,7 @@ use crate::decide::pricing::{cost, ModelPrice};
 use crate::decide::usage::{BodyKind, UsageScanner};
 use crate::decide::usage_types::Usage;
 use crate::decide::{Micros, Route, Tier};
+use crate::ledger::event::{Event, EventType};
 use crate::state::AppState;
 use crate::store::budget::{Reservation, SettleOutcome};
 
@@ -27,6 +28,8 @@ pub struct SpendCtx {
     /// No hold, but settle the real usage into spend (shadow mode, fail-open).
     pub charge_only: bool,
     pub scanner: Option<UsageScanner>,
+    /// The decision event, the template of this request's settlement or release event.
+    pub event: Option<Event>,
 }
 
 impl SpendCtx {
@@ -56,6 +59,14 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     let reservation = spend.reservation.take();
     if !ok {
         let Some(r) = reservation else { return Settled::Nothing };
+        if let Some(mut e) = follow_up(state, spend, EventType::ReservationReleased) {
+            e.reserved_usd = Some(r.amount);
+            e.upstream_status = upstream_status;
+            e.details = Some(
+                serde_json::json!({"reason": if upstream_status.is_some() { "upstream_error" } else { "no_response" }}),
+            );
+            state.emit(&e);
+        }
         return match state.budgets.release(&r.id, now).await {
             Ok(_) => {
                 m.reconciliations.with_label_values(&["usage", "released"]).inc();
@@ -85,6 +96,17 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         ),
     };
     let actual = cost(&spend.price, &usage);
+    // The settlement reaches the outbox before the hold is released.
+    if let Some(mut e) = follow_up(state, spend, EventType::ReservationSettled) {
+        let reserved = reservation.as_ref().map_or(Micros::ZERO, |r| r.amount);
+        e.reserved_usd = Some(reserved);
+        e.actual_cost_usd = Some(actual);
+        e.drift_usd = Some(Micros(actual.0 - reserved.0));
+        e.usage = Some(usage);
+        e.usage_source = Some(usage_source.to_string());
+        e.upstream_status = upstream_status;
+        state.emit(&e);
+    }
     let settled = match reservation {
         Some(r) => match state.budgets.settle(&r.id, actual, now).await {
             Ok(SettleOutcome::Settled(s)) => {
@@ -124,4 +146,18 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         .with_label_values(&[spend.tier.as_str(), &spend.provider, &spend.model_label])
         .inc_by(actual.as_usd_f64());
     settled
+}
+
+/// A follow-up event of this request (settlement, release), built from its decision event.
+fn follow_up(state: &AppState, spend: &SpendCtx, event_type: EventType) -> Option<Event> {
+    let template = spend.event.as_ref()?;
+    let fresh = state.event(event_type, template.policy_version);
+    Some(Event {
+        event_id: fresh.event_id,
+        event_type,
+        occurred_at: fresh.occurred_at,
+        reasons: Vec::new(),
+        decision: None,
+        ..template.clone()
+    })
 }

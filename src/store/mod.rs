@@ -15,6 +15,7 @@ pub mod approvals_memory;
 pub mod budget;
 pub mod budget_memory;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 

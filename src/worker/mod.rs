@@ -15,6 +15,7 @@ use pingora::services::background::BackgroundService;
 
 use crate::config::load_directory;
 use crate::decide::pricing::PriceTable;
+use crate::ledger::event::EventType;
 use crate::state::AppState;
 
 /// How often the sweep runs.
@@ -83,6 +84,13 @@ pub async fn release_overdue(
         }
     };
     for r in &released {
+        // Exactly one replica's expire claims each hold, so each release is recorded once.
+        let mut e = state.reservation_event(r, EventType::ReservationReleased);
+        e.reasons = vec!["reservation_auto_released_sla".to_string()];
+        e.details = Some(
+            serde_json::json!({"reason": "reservation_auto_released_sla", "older_than_seconds": older_than_seconds}),
+        );
+        state.emit(&e);
         m.reconciliations.with_label_values(&["auto", "auto_release"]).inc();
         tracing::warn!(
             target: "audit",

@@ -8,5 +8,6 @@ mod approvals;
 mod cli;
 mod gate;
 mod guards;
+mod ledger;
 mod proxy;
 mod spend;

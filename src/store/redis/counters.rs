@@ -113,17 +113,14 @@ impl Counters for RedisStore {
             t.arg(seq).arg(req.now).arg(req.tokens).arg(lease);
             self.exec("admit", 2, |c| async move {
                 let (mut c1, mut c2) = (c.clone(), c);
-                let (gv, tv) =
-                    futures_util::future::try_join(g.invoke_async::<Value>(&mut c1), t.invoke_async::<Value>(&mut c2))
-                        .await?;
+                let (gv, tv) = tokio::try_join!(g.invoke_async::<Value>(&mut c1), t.invoke_async::<Value>(&mut c2))?;
                 let global = global_view(&as_array(gv)?)?;
                 let tenant = tenant_view(&as_array(tv)?)?;
                 Ok((seq, CountersView { global, tenant }))
             })
             .await?
         };
-        let ticket =
-            Ticket { seq, tenant: Arc::from(req.tenant), at: req.now, has_lease: req.lease_ttl_ms.is_some() };
+        let ticket = Ticket { seq, tenant: Arc::from(req.tenant), at: req.now, has_lease: req.lease_ttl_ms.is_some() };
         Ok((ticket, view))
     }
 
@@ -148,7 +145,7 @@ impl Counters for RedisStore {
             t.arg(ticket.seq).arg(ticket.at);
             self.exec("rollback", 2, |c| async move {
                 let (mut c1, mut c2) = (c.clone(), c);
-                futures_util::future::try_join(g.invoke_async::<()>(&mut c1), t.invoke_async::<()>(&mut c2)).await?;
+                tokio::try_join!(g.invoke_async::<()>(&mut c1), t.invoke_async::<()>(&mut c2))?;
                 Ok(())
             })
             .await

@@ -139,7 +139,8 @@ impl ConnectionLike for Conn {
 #[derive(Clone)]
 enum Target {
     Single(redis::Client),
-    Cluster(ClusterClient),
+    /// The cluster, and a plain client for its first seed (pub/sub is cluster-wide).
+    Cluster(ClusterClient, redis::Client),
 }
 
 /// The Lua scripts, each with the library it needs prepended.
@@ -356,12 +357,10 @@ fn target_for(url: &str) -> Result<Target, StoreError> {
         if seeds.is_empty() {
             return Err(StoreError::Unavailable("PREAUTH_REDIS_URL: redis+cluster:// names no node".into()));
         }
-        let client = ClusterClient::builder(seeds)
-            .connection_timeout(CONNECT_TIMEOUT)
-            .retries(1)
-            .build()
-            .map_err(bad)?;
-        return Ok(Target::Cluster(client));
+        let first = redis::Client::open(seeds[0].as_str()).map_err(bad)?;
+        let client =
+            ClusterClient::builder(seeds).connection_timeout(CONNECT_TIMEOUT).retries(1).build().map_err(bad)?;
+        return Ok(Target::Cluster(client, first));
     }
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         return Err(StoreError::Unavailable(
@@ -419,7 +418,7 @@ impl RedisStore {
         let inner = Arc::new(Inner {
             keys: Keys { prefix: key_prefix.to_string() },
             scripts: Scripts::new(),
-            cluster: matches!(target, Target::Cluster(_)),
+            cluster: matches!(target, Target::Cluster(..)),
             op_timeout: op_timeout.max(Duration::from_millis(1)),
             target,
             conn: RwLock::new(None),
@@ -492,7 +491,7 @@ impl RedisStore {
                 *self.inner.conn.write() = Some(Conn::Single(mgr));
                 Ok(())
             }
-            Target::Cluster(client) => {
+            Target::Cluster(client, _) => {
                 let c = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection())
                     .await
                     .map_err(|_| StoreError::Timeout)?
@@ -665,9 +664,7 @@ async fn health_task(weak: Weak<Inner>) {
         if store.inner.breaker.state() == BreakerState::Open {
             continue;
         }
-        let _ = store
-            .exec("ping", 0, |mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await })
-            .await;
+        let _ = store.exec("ping", 0, |mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await }).await;
     }
 }
 

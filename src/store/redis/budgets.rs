@@ -1,0 +1,280 @@
+//! [`Budgets`] on Redis with the semantics of `store::budget_memory` (read its tests): reserve is
+//! one script that checks `spent + reserved + amount ≤ budget` and holds (clamp mode: what is
+//! left if at least `min_amount`); settle / release / expire end a reservation by a state
+//! transition inside one script, so each happens exactly once across replicas; expire walks
+//! the active index oldest first and claims each reservation by that transition, so two
+//! replicas' sweeps never release one twice and never miss one.
+//!
+//! Money is integer micro-USD; the hold arithmetic runs in Lua doubles (exact below 2^53
+//! micro-USD, i.e. 9 billion USD; larger budgets are treated as 2^53), the stored sums use
+//! `HINCRBY` (exact 64-bit).
+//!
+//! Owns: the `Budgets` impl. Imports: `store::redis` core, `store::budget` types, `decide` money.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use redis::Value;
+
+use super::{as_array, as_i64, as_map, as_string, proto, RedisStore};
+use crate::decide::time::{Month, MS_PER_DAY};
+use crate::decide::{Micros, UnixMillis};
+use crate::store::budget::{
+    month_key, Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
+    SpendView,
+};
+use crate::store::StoreError;
+
+/// Month spend lives this long after its last change.
+const SPEND_TTL_MS: u64 = 70 * MS_PER_DAY;
+/// An active reservation record outlives any reservation TTL by far (the sweep ends it first).
+const ACTIVE_RECORD_TTL_MS: u64 = 35 * MS_PER_DAY;
+/// Settled and released reservations are remembered this long (duplicate settle → NotActive).
+const FINISHED_TTL_MS: u64 = MS_PER_DAY;
+/// Reservations released per expire script call (the call loops until a batch is short).
+const EXPIRE_BATCH: usize = 500;
+/// Money above this is not exact in Lua doubles; budgets are capped to it.
+const MAX_EXACT: i64 = (1i64 << 53) - 1;
+
+impl RedisStore {
+    fn spend_key(&self, tenant: &str, month: &str) -> String {
+        format!("{}s:{tenant}:{month}", self.inner.keys.budget_base())
+    }
+
+    fn active_key(&self) -> String {
+        format!("{}active", self.inner.keys.budget_base())
+    }
+}
+
+/// `{id, tenant, tier, request_id, model, month, amount, created_at}`.
+fn reservation(v: &[Value]) -> redis::RedisResult<Reservation> {
+    if v.len() < 8 {
+        return Err(proto(format!("reservation of {} fields", v.len())));
+    }
+    Ok(Reservation {
+        id: as_string(&v[0])?,
+        tenant: as_string(&v[1])?,
+        tenant_tier: as_string(&v[2])?,
+        request_id: as_string(&v[3])?,
+        model: as_string(&v[4])?,
+        month: as_string(&v[5])?,
+        amount: Micros(as_i64(&v[6])?),
+        created_at: as_i64(&v[7])?.max(0) as u64,
+    })
+}
+
+fn reservation_from_map(id: &str, m: &HashMap<String, String>) -> redis::RedisResult<Reservation> {
+    let f = |k: &str| m.get(k).cloned().ok_or_else(|| proto(format!("reservation {id} lacks {k}")));
+    let n = |k: &str| f(k)?.parse::<i64>().map_err(|_| proto(format!("reservation {id}: bad {k}")));
+    Ok(Reservation {
+        id: id.to_string(),
+        tenant: f("tenant")?,
+        tenant_tier: f("tier")?,
+        request_id: f("request_id")?,
+        model: f("model")?,
+        month: f("month")?,
+        amount: Micros(n("amount")?),
+        created_at: n("created_at")?.max(0) as u64,
+    })
+}
+
+impl RedisStore {
+    /// Settle (`actual = Some`) or release one reservation. `Err(code)`: 0 unknown, -1 not active.
+    async fn finish(
+        &self,
+        op: &'static str,
+        id: &str,
+        actual: Option<Micros>,
+        now: UnixMillis,
+    ) -> Result<Result<Reservation, i64>, StoreError> {
+        let mut inv = self.inner.scripts.finish.prepare_invoke();
+        inv.key(self.active_key())
+            .arg(self.inner.keys.budget_base())
+            .arg(id)
+            .arg(actual.map_or(-1, |a| a.0.max(0)))
+            .arg(now)
+            .arg(FINISHED_TTL_MS)
+            .arg(SPEND_TTL_MS);
+        self.exec(op, 1, |mut c| async move {
+            let v = as_array(inv.invoke_async(&mut c).await?)?;
+            let code = v.first().map(as_i64).transpose()?.ok_or_else(|| proto("empty finish reply"))?;
+            if code != 1 {
+                return Ok(Err(code));
+            }
+            let rec = as_array(v.into_iter().nth(1).ok_or_else(|| proto("finish reply lacks the record"))?)?;
+            Ok(Ok(reservation(&rec)?))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Budgets for RedisStore {
+    async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+        let amount = r.amount.0.clamp(0, MAX_EXACT);
+        let min = r.min_amount.map_or(-1, |m| m.0.clamp(0, amount));
+        let mut res = Reservation {
+            id: uuid::Uuid::now_v7().to_string(),
+            tenant: r.tenant.to_owned(),
+            tenant_tier: r.tenant_tier.to_owned(),
+            request_id: r.request_id.to_owned(),
+            model: r.model.to_owned(),
+            month: month_key(r.now),
+            amount: Micros(amount),
+            created_at: r.now,
+        };
+        let mut inv = self.inner.scripts.reserve.prepare_invoke();
+        inv.key(self.spend_key(r.tenant, &res.month))
+            .key(self.active_key())
+            .arg(self.inner.keys.budget_base())
+            .arg(&res.id)
+            .arg(&res.tenant)
+            .arg(&res.tenant_tier)
+            .arg(&res.request_id)
+            .arg(&res.model)
+            .arg(&res.month)
+            .arg(r.now)
+            .arg(r.monthly_budget.0.clamp(i64::MIN / 2, MAX_EXACT))
+            .arg(amount)
+            .arg(min)
+            .arg(SPEND_TTL_MS)
+            .arg(ACTIVE_RECORD_TTL_MS);
+        let reply = self
+            .exec("reserve", 1, |mut c| async move {
+                let v = as_array(inv.invoke_async(&mut c).await?)?;
+                v.iter().map(as_i64).collect::<redis::RedisResult<Vec<i64>>>()
+            })
+            .await?;
+        match reply.as_slice() {
+            [1, hold] => {
+                res.amount = Micros(*hold);
+                Ok(ReserveOutcome::Reserved(res))
+            }
+            [0, spent, reserved, remaining] => Ok(ReserveOutcome::Insufficient {
+                spent: Micros(*spent),
+                reserved: Micros(*reserved),
+                remaining: Micros(*remaining),
+            }),
+            other => Err(StoreError::Unavailable(format!("reserve: unexpected reply {other:?}"))),
+        }
+    }
+
+    async fn settle(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {
+        let actual = actual.max(Micros::ZERO);
+        Ok(match self.finish("settle", id, Some(actual), now).await? {
+            Ok(reservation) => SettleOutcome::Settled(Settlement {
+                released: reservation.amount.saturating_sub(actual).max(Micros::ZERO),
+                drift: actual.saturating_sub(reservation.amount),
+                actual,
+                reservation,
+            }),
+            Err(0) => SettleOutcome::NotFound,
+            Err(_) => SettleOutcome::NotActive,
+        })
+    }
+
+    async fn release(&self, id: &str, now: UnixMillis) -> Result<Option<Reservation>, StoreError> {
+        Ok(self.finish("release", id, None, now).await?.ok())
+    }
+
+    async fn expire(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
+        let mut out = Vec::new();
+        loop {
+            let mut inv = self.inner.scripts.expire.prepare_invoke();
+            inv.key(self.active_key())
+                .arg(self.inner.keys.budget_base())
+                .arg(older_than)
+                .arg(now)
+                .arg(EXPIRE_BATCH)
+                .arg(FINISHED_TTL_MS)
+                .arg(SPEND_TTL_MS);
+            let (scanned, batch) = self
+                .exec("expire", 1, |mut c| async move {
+                    let mut v = as_array(inv.invoke_async(&mut c).await?)?.into_iter();
+                    let scanned = as_i64(&v.next().ok_or_else(|| proto("expire: empty reply"))?)?;
+                    let rows = as_array(v.next().unwrap_or(Value::Nil))?;
+                    let mut batch = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        batch.push(reservation(&as_array(row)?)?);
+                    }
+                    Ok((scanned, batch))
+                })
+                .await?;
+            out.extend(batch);
+            if (scanned as usize) < EXPIRE_BATCH {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn charge(&self, tenant: &str, month: &str, amount: Micros, _now: UnixMillis) -> Result<(), StoreError> {
+        if Month::parse(month).is_none() {
+            return Err(StoreError::Unavailable(format!("budget charge: month {month:?} is not YYYY-MM")));
+        }
+        if amount.0 <= 0 {
+            return Ok(());
+        }
+        let key = self.spend_key(tenant, month);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HINCRBY")
+            .arg(&key)
+            .arg("spent")
+            .arg(amount.0)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(SPEND_TTL_MS)
+            .ignore();
+        self.exec("charge", 1, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+    }
+
+    async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError> {
+        let key = self.spend_key(tenant, month);
+        let (spent, reserved, active): (Option<i64>, Option<i64>, Option<i64>) = self
+            .exec("tenant_spend", 1, |mut c| async move {
+                redis::cmd("HMGET").arg(&key).arg("spent").arg("reserved").arg("active").query_async(&mut c).await
+            })
+            .await?;
+        Ok(SpendView {
+            spent: Micros(spent.unwrap_or(0)),
+            reserved: Micros(reserved.unwrap_or(0)),
+            active_reservations: active.unwrap_or(0).max(0) as u64,
+        })
+    }
+
+    async fn active(&self, limit: usize) -> Result<Vec<Reservation>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inv = self.inner.scripts.active.prepare_invoke();
+        inv.key(self.active_key()).arg(self.inner.keys.budget_base()).arg(limit.min(100_000));
+        self.exec("active", 1, |mut c| async move {
+            let rows = as_array(inv.invoke_async(&mut c).await?)?;
+            rows.into_iter().map(|r| reservation(&as_array(r)?)).collect()
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError> {
+        let key = format!("{}r:{id}", self.inner.keys.budget_base());
+        let id = id.to_string();
+        self.exec("get_reservation", 1, |mut c| async move {
+            let m = as_map(redis::cmd("HGETALL").arg(&key).query_async::<Value>(&mut c).await?)?;
+            if m.is_empty() {
+                return Ok(None);
+            }
+            let r = reservation_from_map(&id, &m)?;
+            let state = match m.get("state").map(String::as_str) {
+                Some("active") => ReservationState::Active,
+                Some("settled") => ReservationState::Settled {
+                    actual: Micros(m.get("actual").and_then(|a| a.parse().ok()).unwrap_or(0)),
+                },
+                Some("released") => ReservationState::Released,
+                other => return Err(proto(format!("reservation {id}: state {other:?}"))),
+            };
+            Ok(Some((r, state)))
+        })
+        .await
+    }
+}

@@ -1,0 +1,425 @@
+//! [`PolicyStore`] for a fleet: the runtime knobs (kill switch, global and fair-use guards, modes,
+//! source modes, approval issuance freeze, audit sample rate) are one JSON document at
+//! `P{global}:policy` with an integer `version`; everything else in [`Policy`] (the tenants/tiers
+//! directory, spend thresholds) stays local to each replica.
+//!
+//! - Reads are synchronous and never touch Redis: each replica keeps the current `Arc<Policy>`.
+//! - `update` applies the patch to the stored document with optimistic concurrency (a Lua
+//!   compare-and-set on `version`; on a conflict the fields the patch changed are re-applied to
+//!   the newer document), then the script publishes the document on channel `P policy`.
+//! - Every replica subscribes to that channel on a dedicated connection (reconnecting on error)
+//!   and also re-reads the document every 2 s as a safety net, so a change on one replica is
+//!   visible on all within milliseconds, at worst ~2 s after a lost message.
+//! - On start, a missing document is initialised from the local configuration (`SET NX`); an
+//!   existing one overrides the local knobs. A document that disappears (Redis lost its data) is
+//!   re-created from the replica's current knobs, so a kill switch survives a flush.
+//! - Each document carries an `epoch` (random, set when it is created): a replica applies a
+//!   document of a newer version, or any document of another epoch (a re-created one).
+//! - A patch that changes only local parts (a `SIGHUP` directory reload) is applied locally,
+//!   without Redis and without a version bump, so reloads work while Redis is down.
+//!
+//! Owns: `RedisPolicy`, the document format. Imports: `store::redis` core, `decide::policy`,
+//! serde_json, tokio, futures-util, parking_lot.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use super::{RedisStore, Target};
+use crate::decide::{Mode, Policy};
+use crate::store::{PolicyPatch, PolicyStore, StoreError};
+
+/// The safety-net re-read period.
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
+/// Compare-and-set attempts before `update` gives up.
+const CAS_ATTEMPTS: usize = 16;
+
+/// The shared runtime knobs. Field names are the document's (stable across versions; unknown
+/// fields are ignored and missing ones keep the local value).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Knobs {
+    kill_switch: bool,
+    global_abuse_guards_enabled: bool,
+    global_abuse_per_minute_cap: u64,
+    global_abuse_unique_tenants_threshold: u64,
+    global_abuse_block_seconds: u64,
+    fair_use_guards_enabled: bool,
+    fair_use_per_minute_cap: i64,
+    fair_use_per_tenant_concurrency_cap: i64,
+    fair_use_concurrency_lease_ttl_seconds: u64,
+    fair_use_pro_daily_soft_cap: i64,
+    fair_use_enterprise_daily_soft_cap: i64,
+    fair_use_tokens_per_minute: i64,
+    enforcement_mode: String,
+    source_modes: Vec<(String, String)>,
+    approval_issuance_frozen: bool,
+    audit_sample_rate: f64,
+}
+
+impl Knobs {
+    fn of(p: &Policy) -> Knobs {
+        Knobs {
+            kill_switch: p.kill_switch,
+            global_abuse_guards_enabled: p.global.enabled,
+            global_abuse_per_minute_cap: p.global.per_minute_cap,
+            global_abuse_unique_tenants_threshold: p.global.unique_tenants_threshold,
+            global_abuse_block_seconds: p.global.block_seconds,
+            fair_use_guards_enabled: p.fair_use.enabled,
+            fair_use_per_minute_cap: p.fair_use.per_minute_cap,
+            fair_use_per_tenant_concurrency_cap: p.fair_use.concurrency_cap,
+            fair_use_concurrency_lease_ttl_seconds: p.fair_use.lease_ttl_seconds,
+            fair_use_pro_daily_soft_cap: p.fair_use.pro_daily_soft_cap,
+            fair_use_enterprise_daily_soft_cap: p.fair_use.enterprise_daily_soft_cap,
+            fair_use_tokens_per_minute: p.fair_use.tokens_per_minute,
+            enforcement_mode: p.mode.as_str().to_string(),
+            source_modes: p.source_modes.iter().map(|(s, m)| (s.clone(), m.as_str().to_string())).collect(),
+            approval_issuance_frozen: p.approval_issuance_frozen,
+            audit_sample_rate: p.audit_sample_rate,
+        }
+    }
+
+    fn apply(&self, p: &mut Policy) {
+        p.kill_switch = self.kill_switch;
+        p.global.enabled = self.global_abuse_guards_enabled;
+        p.global.per_minute_cap = self.global_abuse_per_minute_cap;
+        p.global.unique_tenants_threshold = self.global_abuse_unique_tenants_threshold;
+        p.global.block_seconds = self.global_abuse_block_seconds;
+        p.fair_use.enabled = self.fair_use_guards_enabled;
+        p.fair_use.per_minute_cap = self.fair_use_per_minute_cap;
+        p.fair_use.concurrency_cap = self.fair_use_per_tenant_concurrency_cap;
+        p.fair_use.lease_ttl_seconds = self.fair_use_concurrency_lease_ttl_seconds;
+        p.fair_use.pro_daily_soft_cap = self.fair_use_pro_daily_soft_cap;
+        p.fair_use.enterprise_daily_soft_cap = self.fair_use_enterprise_daily_soft_cap;
+        p.fair_use.tokens_per_minute = self.fair_use_tokens_per_minute;
+        if let Some(m) = Mode::parse(&self.enforcement_mode) {
+            p.mode = m;
+        }
+        p.source_modes = self.source_modes.iter().filter_map(|(s, m)| Mode::parse(m).map(|m| (s.clone(), m))).collect();
+        p.approval_issuance_frozen = self.approval_issuance_frozen;
+        p.audit_sample_rate = self.audit_sample_rate;
+    }
+
+    fn to_map(&self) -> Map<String, Json> {
+        match serde_json::to_value(self) {
+            Ok(Json::Object(m)) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// The knobs of `base` with the fields of `over` laid on top (unknown fields ignored).
+    fn merged(base: &Knobs, over: &Map<String, Json>) -> Knobs {
+        let mut m = base.to_map();
+        for (k, v) in over {
+            if m.contains_key(k) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        serde_json::from_value(Json::Object(m)).unwrap_or_else(|_| base.clone())
+    }
+}
+
+/// The stored document.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Doc {
+    version: u64,
+    epoch: String,
+    #[serde(default)]
+    updated_at_ms: u64,
+    knobs: Map<String, Json>,
+}
+
+impl Doc {
+    fn new(p: &Policy) -> Doc {
+        Doc {
+            version: p.version,
+            epoch: uuid::Uuid::new_v4().simple().to_string(),
+            updated_at_ms: now_ms(),
+            knobs: Knobs::of(p).to_map(),
+        }
+    }
+
+    /// The document's knobs over `local`'s (fields it lacks keep the local value).
+    fn knobs_over(&self, local: &Policy) -> Knobs {
+        Knobs::merged(&Knobs::of(local), &self.knobs)
+    }
+
+    fn parse(text: &str) -> Option<Doc> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Shared {
+    store: RedisStore,
+    doc_key: String,
+    channel: String,
+    current: RwLock<Arc<Policy>>,
+    /// The local parts (directory, spend thresholds); its knobs are only the fallback.
+    local: Mutex<Policy>,
+    /// Epoch of the document the current policy came from.
+    epoch: Mutex<String>,
+    /// Serialises this replica's updates (the CAS serialises the fleet's).
+    write: tokio::sync::Mutex<()>,
+}
+
+/// The fleet's runtime policy as seen by one replica (see the module docs).
+pub struct RedisPolicy {
+    shared: Arc<Shared>,
+}
+
+impl RedisStore {
+    /// The runtime policy shared through this store, starting from the local configuration's
+    /// policy: initialises the document if absent (else adopts its knobs), subscribes to changes
+    /// and starts the 2 s re-read. Never fails: with Redis down it starts from `local` and
+    /// catches up once Redis answers.
+    pub async fn policy_store(&self, local: Policy) -> Arc<RedisPolicy> {
+        let shared = Arc::new(Shared {
+            store: self.clone(),
+            doc_key: self.inner.keys.global("policy"),
+            channel: self.inner.keys.policy_channel(),
+            current: RwLock::new(Arc::new(local.clone())),
+            local: Mutex::new(local),
+            epoch: Mutex::new(String::new()),
+            write: tokio::sync::Mutex::new(()),
+        });
+        if let Err(e) = shared.refresh().await {
+            tracing::warn!(error = %e, "runtime policy: shared store not reachable; using the local configuration until it is");
+        }
+        let weak = Arc::downgrade(&shared);
+        self.inner.handle.spawn(refresh_task(weak.clone()));
+        self.inner.handle.spawn(subscribe_task(weak, self.inner.target.clone()));
+        Arc::new(RedisPolicy { shared })
+    }
+
+    /// [`policy_store`](Self::policy_store) for synchronous callers (not from inside a task).
+    pub fn policy_store_blocking(&self, local: Policy) -> Arc<RedisPolicy> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = self.clone();
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(s.policy_store(local).await);
+        });
+        rx.recv().expect("the redis runtime runs while the store exists")
+    }
+}
+
+impl Shared {
+    async fn get_doc(&self) -> Result<Option<String>, StoreError> {
+        let key = self.doc_key.clone();
+        self.store
+            .exec("policy_read", 1, |mut c| async move {
+                redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut c).await
+            })
+            .await
+    }
+
+    /// Writes `doc` if the stored version is `expected` (-1: absent, -2: unreadable).
+    async fn cas(&self, expected: i64, doc: &Doc) -> Result<bool, StoreError> {
+        let text = serde_json::to_string(doc).map_err(|e| StoreError::Unavailable(format!("policy: {e}")))?;
+        let mut inv = self.store.inner.scripts.policy_cas.prepare_invoke();
+        inv.key(&self.doc_key).arg(expected).arg(text).arg(&self.channel);
+        self.store
+            .exec("policy_update", 1, |mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|r| r == 1)
+    }
+
+    /// Adopts `doc` if it is newer (or from another epoch) than what this replica runs.
+    fn adopt(&self, doc: &Doc) {
+        let mut epoch = self.epoch.lock();
+        let cur = self.current.read().clone();
+        if *epoch == doc.epoch && doc.version <= cur.version {
+            return;
+        }
+        let mut next = self.local.lock().clone();
+        doc.knobs_over(&next).apply(&mut next);
+        next.version = doc.version;
+        if *epoch != doc.epoch || Knobs::of(&next) != Knobs::of(&cur) || next.version != cur.version {
+            tracing::info!(
+                version = doc.version,
+                kill_switch = next.kill_switch,
+                "runtime policy changed (shared store)"
+            );
+        }
+        *epoch = doc.epoch.clone();
+        *self.current.write() = Arc::new(next);
+    }
+
+    /// Reads the document and adopts it; creates it from the current knobs if it is absent.
+    async fn refresh(&self) -> Result<(), StoreError> {
+        match self.get_doc().await? {
+            Some(text) => match Doc::parse(&text) {
+                Some(doc) => self.adopt(&doc),
+                None => {
+                    tracing::error!(key = %self.doc_key, "runtime policy document is unreadable; keeping the current policy")
+                }
+            },
+            None => {
+                let doc = Doc::new(&self.current.read());
+                if self.cas(-1, &doc).await? {
+                    tracing::info!(version = doc.version, "runtime policy document created from this replica's policy");
+                    self.adopt(&doc);
+                } else if let Some(doc) = self.get_doc().await?.as_deref().and_then(Doc::parse) {
+                    self.adopt(&doc);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PolicyStore for RedisPolicy {
+    fn current(&self) -> Arc<Policy> {
+        self.shared.current.read().clone()
+    }
+
+    async fn update(&self, patch: PolicyPatch) -> Result<Arc<Policy>, StoreError> {
+        let sh = &self.shared;
+        let _w = sh.write.lock().await;
+        // What the patch changes, worked out once against the current snapshot.
+        let before = (*sh.current.read().clone()).clone();
+        let mut after = before.clone();
+        patch(&mut after);
+        after.version = before.version;
+        let (k0, k1) = (Knobs::of(&before), Knobs::of(&after));
+        let changed: Map<String, Json> = {
+            let (m0, m1) = (k0.to_map(), k1.to_map());
+            m1.into_iter().filter(|(k, v)| m0.get(k) != Some(v)).collect()
+        };
+        let local_changed = {
+            let mut a = after.clone();
+            k0.apply(&mut a);
+            a != before
+        };
+        if local_changed {
+            *sh.local.lock() = after.clone();
+        }
+        if changed.is_empty() && local_changed {
+            // Local only (directory reload): no shared change, no version bump.
+            let mut next = after;
+            k0.apply(&mut next);
+            let next = Arc::new(next);
+            *sh.current.write() = next.clone();
+            return Ok(next);
+        }
+        for _ in 0..CAS_ATTEMPTS {
+            let text = sh.get_doc().await?;
+            let stored = text.as_deref().map(Doc::parse);
+            let (expected, base) = match stored {
+                None => (-1, Doc::new(&before)),
+                Some(None) => (-2, Doc::new(&before)),
+                Some(Some(d)) => (d.version as i64, d),
+            };
+            let local = sh.local.lock().clone();
+            let knobs = Knobs::merged(&base.knobs_over(&local), &changed);
+            let doc = Doc {
+                version: base.version + 1,
+                epoch: base.epoch.clone(),
+                updated_at_ms: now_ms(),
+                knobs: knobs.to_map(),
+            };
+            if sh.cas(expected, &doc).await? {
+                sh.adopt(&doc);
+                return Ok(sh.current.read().clone());
+            }
+        }
+        Err(StoreError::Unavailable("runtime policy: too many concurrent updates; retry".into()))
+    }
+}
+
+async fn refresh_task(weak: Weak<Shared>) {
+    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(sh) = weak.upgrade() else { return };
+        if let Err(e) = sh.refresh().await {
+            tracing::debug!(error = %e, "runtime policy re-read failed");
+        }
+    }
+}
+
+/// Follows the policy channel on a dedicated RESP3 connection (pushes arrive on a channel);
+/// reconnects after errors. A message is the whole document. After every (re)subscription the
+/// document is re-read (messages may have been missed meanwhile).
+async fn subscribe_task(weak: Weak<Shared>, target: Target) {
+    use redis::{PushKind, Value};
+    // Classic pub/sub is cluster-wide: in a cluster any node will do, the first seed is used.
+    let base = match target {
+        Target::Single(c) | Target::Cluster(_, c) => c,
+    };
+    let info = base.get_connection_info().clone();
+    let settings = info.redis_settings().clone().set_protocol(redis::ProtocolVersion::RESP3);
+    let client = match redis::Client::open(info.set_redis_settings(settings)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "runtime policy: cannot subscribe; relying on the 2 s re-read");
+            return;
+        }
+    };
+    loop {
+        let channel = match weak.upgrade() {
+            Some(sh) => sh.channel.clone(),
+            None => return,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let config = redis::AsyncConnectionConfig::new().set_push_sender(tx);
+        let attempt = async {
+            let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+            conn.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(conn)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(conn)) => {
+                if let Some(sh) = weak.upgrade() {
+                    let _ = sh.refresh().await;
+                }
+                loop {
+                    // Wake up now and then to notice the policy store was dropped.
+                    let push = match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                        Ok(Some(p)) => p,
+                        Ok(None) => break,
+                        Err(_) => {
+                            if weak.strong_count() == 0 {
+                                return;
+                            }
+                            continue;
+                        }
+                    };
+                    match push.kind {
+                        PushKind::Disconnection => break,
+                        PushKind::Message => {
+                            let Some(sh) = weak.upgrade() else { return };
+                            let doc = match push.data.get(1) {
+                                Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(Doc::parse),
+                                _ => None,
+                            };
+                            match doc {
+                                Some(doc) => sh.adopt(&doc),
+                                None => {
+                                    let _ = sh.refresh().await;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                drop(conn);
+                tracing::debug!("runtime policy subscription ended; reconnecting");
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "runtime policy subscription failed"),
+            Err(_) => tracing::debug!("runtime policy subscription timed out"),
+        }
+        if weak.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

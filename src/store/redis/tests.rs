@@ -1,0 +1,765 @@
+//! Tests against a real Redis (`PREAUTH_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`); each
+//! test uses its own key prefix and deletes its keys at the end. Without a reachable Redis the
+//! tests print a note and pass (nothing to test against).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::decide::time::{parse_rfc3339, MS_PER_DAY};
+use crate::decide::{CountersView, Facts, GlobalView, Micros, Mode, Policy, TenantView, Tier, UnixMillis, Verdict};
+use crate::store::approvals::{ApprovalStatus, ApprovalTransitionError, Approvals, ConsumeOutcome, NewApproval};
+use crate::store::budget::{Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome};
+use crate::store::{AdmitRequest, Counters, PolicyStore};
+
+fn url() -> String {
+    std::env::var("PREAUTH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn prefix() -> String {
+    format!("test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// A store on a fresh prefix, or `None` (test skipped) when no Redis answers.
+async fn store_at(prefix: &str) -> Option<RedisStore> {
+    let s = RedisStore::connect(&url(), prefix, Duration::from_millis(500)).await.expect("valid url");
+    if !s.healthy() {
+        eprintln!("no Redis at {}: skipping", url());
+        return None;
+    }
+    Some(s)
+}
+
+async fn cleanup(s: &RedisStore) {
+    s.delete_all_keys().await.expect("cleanup");
+}
+
+fn t0() -> UnixMillis {
+    parse_rfc3339("2026-11-25T10:00:00Z").unwrap()
+}
+
+fn req(tenant: &str, now: UnixMillis, lease: Option<u64>) -> AdmitRequest<'_> {
+    AdmitRequest { tenant, now, tokens: 10, lease_ttl_ms: lease }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Counters (mirror of the memory store's tests)
+
+#[tokio::test]
+async fn admit_returns_pre_increment_views() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    let (_, v1) = c.admit(&req("a", t0, None)).await.unwrap();
+    assert_eq!(v1, CountersView::default());
+    let (_, v2) = c.admit(&req("b", t0 + 1, None)).await.unwrap();
+    assert_eq!(v2.global.requests_last_minute, 1);
+    assert_eq!(v2.global.distinct_tenants_last_minute, 1);
+    let (_, v3) = c.admit(&req("a", t0 + 2, None)).await.unwrap();
+    assert_eq!((v3.tenant.daily_requests, v3.tenant.minute_requests, v3.tenant.tokens_last_minute), (1, 1, 10));
+    assert_eq!(v3.tenant.minute_oldest, Some(t0));
+    assert_eq!(v3.tenant.tokens_oldest, Some(t0));
+    assert_eq!((v3.global.requests_last_minute, v3.global.distinct_tenants_last_minute), (2, 2));
+    let tv = c.tenant_view("a", t0 + 3).await.unwrap();
+    assert_eq!((tv.daily_requests, tv.minute_requests, tv.tokens_last_minute), (2, 2, 20));
+    let gv = c.global_view(t0 + 3).await.unwrap();
+    assert_eq!((gv.requests_last_minute, gv.distinct_tenants_last_minute), (3, 2));
+    cleanup(&c).await;
+}
+
+#[tokio::test]
+async fn windows_slide_exactly_at_sixty_seconds() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    c.admit(&req("a", t0, None)).await.unwrap();
+    let (_, v) = c.admit(&req("a", t0 + 59_999, None)).await.unwrap();
+    assert_eq!(v.tenant.minute_requests, 1);
+    assert_eq!(v.tenant.tokens_last_minute, 10);
+    assert_eq!(v.global.requests_last_minute, 1);
+    let (_, v) = c.admit(&req("a", t0 + 60_000, None)).await.unwrap();
+    assert_eq!(v.tenant.minute_requests, 1, "the first entry left at exactly 60 s");
+    assert_eq!(v.tenant.minute_oldest, Some(t0 + 59_999));
+    assert_eq!((v.tenant.tokens_last_minute, v.tenant.tokens_oldest), (10, Some(t0 + 59_999)));
+    assert_eq!((v.global.requests_last_minute, v.global.distinct_tenants_last_minute), (1, 1));
+    assert_eq!(v.tenant.daily_requests, 2);
+    let gv = c.global_view(t0 + 200_000).await.unwrap();
+    assert_eq!(gv, GlobalView::default(), "everything left the window; the tenant count too");
+    cleanup(&c).await;
+}
+
+#[tokio::test]
+async fn daily_counts_reset_at_utc_midnight() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let late = parse_rfc3339("2026-11-25T23:59:59Z").unwrap();
+    c.admit(&req("a", late, None)).await.unwrap();
+    let (_, v) = c.admit(&req("a", late + 999, None)).await.unwrap();
+    assert_eq!(v.tenant.daily_requests, 1);
+    let (_, v) = c.admit(&req("a", late + 1000, None)).await.unwrap();
+    assert_eq!(v.tenant.daily_requests, 0, "new UTC day");
+    cleanup(&c).await;
+}
+
+#[tokio::test]
+async fn leases_expire_and_release() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    let (t1, _) = c.admit(&req("a", t0, Some(5_000))).await.unwrap();
+    let (_t2, v) = c.admit(&req("a", t0 + 1, Some(5_000))).await.unwrap();
+    assert_eq!(v.tenant.in_flight, 1);
+    c.release_lease(&t1).await.unwrap();
+    let (_, v) = c.admit(&req("a", t0 + 2, Some(5_000))).await.unwrap();
+    assert_eq!(v.tenant.in_flight, 1, "released lease is gone, second one still live");
+    let (_, v) = c.admit(&req("a", t0 + 5_001, Some(5_000))).await.unwrap();
+    assert_eq!(v.tenant.in_flight, 1, "the t0+1 lease expired at t0+5001; the t0+2 one lives until t0+5002");
+    let (_, v) = c.admit(&req("a", t0 + 5_002, Some(5_000))).await.unwrap();
+    assert_eq!(v.tenant.in_flight, 1, "the t0+2 lease expired; only the one taken at t0+5001 is live");
+    // The lease key carries a TTL (lease TTL + 60 s) so an abandoned one cannot linger.
+    let mut conn = c.inner.conn.read().clone().unwrap();
+    let pttl: i64 = redis::cmd("PTTL").arg(c.inner.keys.tenant("a", "leases")).query_async(&mut conn).await.unwrap();
+    assert!(pttl > 60_000 && pttl <= 65_000, "{pttl}");
+    cleanup(&c).await;
+}
+
+#[tokio::test]
+async fn rollback_undoes_everything() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    let (t, _) = c.admit(&req("a", t0, Some(1000))).await.unwrap();
+    c.rollback(&t).await.unwrap();
+    let (_, v) = c.admit(&req("b", t0 + 1, Some(1000))).await.unwrap();
+    assert_eq!(v.global, GlobalView::default());
+    let (_, v) = c.admit(&req("a", t0 + 2, Some(1000))).await.unwrap();
+    assert_eq!(v.tenant, TenantView::default());
+    cleanup(&c).await;
+}
+
+#[tokio::test]
+async fn global_block_keeps_the_later_end_and_expires_by_the_callers_clock() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    c.set_global_block(t0 + 120_000).await.unwrap();
+    c.set_global_block(t0 + 60_000).await.unwrap();
+    assert_eq!(c.global_view(t0).await.unwrap().block_until, Some(t0 + 120_000), "the later one is kept");
+    let (_, v) = c.admit(&req("a", t0 + 1, None)).await.unwrap();
+    assert_eq!(v.global.block_until, Some(t0 + 120_000));
+    assert_eq!(c.global_view(t0 + 120_000).await.unwrap().block_until, None, "over at its end");
+    cleanup(&c).await;
+}
+
+#[tokio::test]
+async fn odd_tenant_names_get_their_own_keys() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    for t in ["", "%00", "a{b}", "a%7Bb}", "x|y:z"] {
+        let (_, v) = c.admit(&req(t, t0, None)).await.unwrap();
+        assert_eq!(v.tenant, TenantView::default(), "{t:?} shares keys with another tenant");
+    }
+    let gv = c.global_view(t0 + 1).await.unwrap();
+    assert_eq!((gv.requests_last_minute, gv.distinct_tenants_last_minute), (5, 5));
+    cleanup(&c).await;
+}
+
+/// Three replicas: the global guard sees the fleet's total (cap 5 → the 6th request trips).
+#[tokio::test]
+async fn three_replicas_trip_the_global_cap_on_the_fleet_total() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let (b, c) = (store_at(&p).await.unwrap(), store_at(&p).await.unwrap());
+    let replicas = [&a, &b, &c];
+    let mut policy = Policy::for_test();
+    policy.global.per_minute_cap = 5;
+    policy.global.unique_tenants_threshold = 3;
+    let now = t0();
+    let mut tripped_at = None;
+    for i in 0..6u64 {
+        let tenant = format!("tenant-{}", i % 3);
+        let r = replicas[i as usize % 3];
+        let (ticket, view) = r.admit(&req(&tenant, now + i, None)).await.unwrap();
+        let facts = Facts { tenant: &tenant, tier: Tier::Pro, source: "default", estimated_tokens: 10 };
+        let d = crate::decide::evaluate(&policy, &facts, &view, Mode::Hard, now + i);
+        if d.verdict != Verdict::Allow {
+            tripped_at = Some((i, view.global.requests_last_minute));
+            r.rollback(&ticket).await.unwrap();
+            if let Some(until) = d.trip_global_block_until {
+                r.set_global_block(until).await.unwrap();
+            }
+            break;
+        }
+    }
+    assert_eq!(tripped_at, Some((5, 5)), "each replica saw 2 requests, the fleet 5: the 6th trips");
+    let (_, v) = b.admit(&req("tenant-9", now + 10, None)).await.unwrap();
+    assert!(v.global.block_until.is_some(), "the block is visible on every replica");
+    cleanup(&a).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Budgets (mirror of budget_tests.rs where it applies)
+
+const BUDGET: Micros = Micros(1_000_000);
+
+fn rreq<'a>(tenant: &'a str, now: UnixMillis, budget: Micros, amount: i64, min: Option<i64>) -> ReserveRequest<'a> {
+    ReserveRequest {
+        tenant,
+        tenant_tier: "pro",
+        request_id: "req-1",
+        model: "gpt-4o",
+        now,
+        monthly_budget: budget,
+        amount: Micros(amount),
+        min_amount: min.map(Micros),
+    }
+}
+
+fn reserved(o: ReserveOutcome) -> Reservation {
+    match o {
+        ReserveOutcome::Reserved(r) => r,
+        other => panic!("expected Reserved, got {other:?}"),
+    }
+}
+
+async fn spend(b: &RedisStore, tenant: &str, month: &str) -> (i64, i64, u64) {
+    let v = b.tenant_spend(tenant, month).await.unwrap();
+    (v.spent.0, v.reserved.0, v.active_reservations)
+}
+
+#[tokio::test]
+async fn budget_arithmetic_clamp_settle_release() {
+    let Some(b) = store_at(&prefix()).await else { return };
+    let now = t0();
+    let r1 = reserved(b.reserve(&rreq("acme", now, BUDGET, 300_000, None)).await.unwrap());
+    assert_eq!((r1.amount, r1.month.as_str(), r1.created_at), (Micros(300_000), "2026-11", now));
+    assert_eq!(uuid::Uuid::parse_str(&r1.id).unwrap().get_version_num(), 7);
+    let r2 = reserved(b.reserve(&rreq("acme", now + 1, BUDGET, 700_000, None)).await.unwrap());
+    assert_eq!(r2.amount, Micros(700_000), "exact fit is allowed");
+    assert_eq!(
+        b.reserve(&rreq("acme", now + 2, BUDGET, 1, None)).await.unwrap(),
+        ReserveOutcome::Insufficient { spent: Micros(0), reserved: Micros(1_000_000), remaining: Micros(0) }
+    );
+    assert_eq!(spend(&b, "acme", "2026-11").await, (0, 1_000_000, 2));
+
+    // Settle: actual charged, rest released, drift; exactly once.
+    let SettleOutcome::Settled(s) = b.settle(&r1.id, Micros(100_000), now + 10).await.unwrap() else { panic!() };
+    assert_eq!((s.actual, s.released, s.drift), (Micros(100_000), Micros(200_000), Micros(-200_000)));
+    assert_eq!(s.reservation, r1);
+    assert_eq!(b.settle(&r1.id, Micros(100_000), now + 11).await.unwrap(), SettleOutcome::NotActive);
+    assert_eq!(b.release(&r1.id, now + 11).await.unwrap(), None);
+    assert_eq!(
+        Budgets::get(&b, &r1.id).await.unwrap(),
+        Some((r1.clone(), ReservationState::Settled { actual: Micros(100_000) }))
+    );
+    assert_eq!(b.release(&r2.id, now + 12).await.unwrap(), Some(r2.clone()));
+    assert_eq!(b.settle(&r2.id, Micros(1), now + 13).await.unwrap(), SettleOutcome::NotActive);
+    assert_eq!(Budgets::get(&b, &r2.id).await.unwrap().unwrap().1, ReservationState::Released);
+    assert_eq!(b.settle("nope", Micros(1), now).await.unwrap(), SettleOutcome::NotFound);
+    assert_eq!(Budgets::get(&b, "nope").await.unwrap(), None);
+    assert_eq!(spend(&b, "acme", "2026-11").await, (100_000, 0, 0));
+
+    // Clamp: the full amount if it fits, else what is left if at least the minimum.
+    let budget = Micros(1_000);
+    reserved(b.reserve(&rreq("c", now, budget, 700, None)).await.unwrap());
+    assert_eq!(reserved(b.reserve(&rreq("c", now, budget, 100, Some(50))).await.unwrap()).amount, Micros(100));
+    let clamped = reserved(b.reserve(&rreq("c", now, budget, 500, Some(200))).await.unwrap());
+    assert_eq!(clamped.amount, Micros(200), "exactly the minimum is still enough");
+    b.release(&clamped.id, now).await.unwrap().unwrap();
+    assert_eq!(
+        b.reserve(&rreq("c", now, budget, 500, Some(201))).await.unwrap(),
+        ReserveOutcome::Insufficient { spent: Micros(0), reserved: Micros(800), remaining: Micros(200) }
+    );
+    // Overspent: nothing fits, not even zero; charge rejects bad months.
+    b.charge("o", "2026-11", Micros(1_200_000), now).await.unwrap();
+    b.charge("o", "2026-11", Micros(-5), now).await.unwrap();
+    assert_eq!(
+        b.reserve(&rreq("o", now, BUDGET, 0, None)).await.unwrap(),
+        ReserveOutcome::Insufficient { spent: Micros(1_200_000), reserved: Micros(0), remaining: Micros(0) }
+    );
+    assert!(matches!(b.charge("o", "November", Micros(1), now).await, Err(StoreError::Unavailable(_))));
+    // A reservation settled after the month ended charges its own month.
+    let late = parse_rfc3339("2026-11-30T23:59:59Z").unwrap();
+    let r = reserved(b.reserve(&rreq("m", late, BUDGET, 500, None)).await.unwrap());
+    b.settle(&r.id, Micros(400), late + 5_000).await.unwrap();
+    assert_eq!(spend(&b, "m", "2026-11").await, (400, 0, 0));
+    assert_eq!(spend(&b, "m", "2026-12").await, (0, 0, 0));
+    // Finished records are kept for 24 h (server clock).
+    let mut conn = b.inner.conn.read().clone().unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{}r:{}", b.inner.keys.budget_base(), r.id))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > (MS_PER_DAY - 60_000) as i64 && pttl <= MS_PER_DAY as i64, "{pttl}");
+    cleanup(&b).await;
+}
+
+#[tokio::test]
+async fn expire_releases_only_old_ones_oldest_first() {
+    let Some(b) = store_at(&prefix()).await else { return };
+    let now = t0();
+    let a = reserved(b.reserve(&rreq("acme", now, BUDGET, 10, None)).await.unwrap());
+    let c = reserved(b.reserve(&rreq("acme", now + 10, BUDGET, 20, None)).await.unwrap());
+    let d = reserved(b.reserve(&rreq("acme", now + 20, BUDGET, 30, None)).await.unwrap());
+    assert_eq!(b.active(10).await.unwrap(), vec![a.clone(), c.clone(), d.clone()], "oldest first");
+    assert_eq!(b.active(1).await.unwrap(), vec![a.clone()]);
+    assert_eq!(b.expire(now + 10, now + 100).await.unwrap(), vec![a.clone()], "strictly older than");
+    assert_eq!(b.expire(now + 20, now + 100).await.unwrap(), vec![c.clone()]);
+    assert!(b.expire(now + 20, now + 100).await.unwrap().is_empty());
+    assert_eq!(spend(&b, "acme", "2026-11").await, (0, 30, 1), "expiry charges nothing");
+    assert_eq!(b.settle(&a.id, Micros(5), now + 200).await.unwrap(), SettleOutcome::NotActive);
+    assert_eq!(b.active(10).await.unwrap(), vec![d]);
+    cleanup(&b).await;
+}
+
+/// 300 concurrent reservations spread over three replicas; the budget fits 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_300_concurrent_reserves_exactly_10_fit() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let replicas: Vec<Arc<dyn Budgets>> =
+        vec![Arc::new(a.clone()), Arc::new(store_at(&p).await.unwrap()), Arc::new(store_at(&p).await.unwrap())];
+    let now = t0();
+    let start = Arc::new(tokio::sync::Barrier::new(300));
+    let tasks: Vec<_> = (0..300u64)
+        .map(|i| {
+            let (b, start) = (replicas[i as usize % 3].clone(), start.clone());
+            tokio::spawn(async move {
+                let rid = format!("r{i}");
+                start.wait().await;
+                let r = ReserveRequest { request_id: &rid, ..rreq("acme", now + i, BUDGET, BUDGET.0 / 10, None) };
+                b.reserve(&r).await.unwrap()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if let ReserveOutcome::Reserved(r) = t.await.unwrap() {
+            assert_eq!(r.amount, Micros(100_000));
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 10);
+    assert_eq!(spend(&a, "acme", "2026-11").await, (0, BUDGET.0, 10));
+    cleanup(&a).await;
+}
+
+/// Concurrent sweeps on three replicas: each expired reservation is released exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sweeps_on_replicas_release_each_reservation_once() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let replicas = [a.clone(), store_at(&p).await.unwrap(), store_at(&p).await.unwrap()];
+    let now = t0();
+    for i in 0..600 {
+        reserved(a.reserve(&rreq("acme", now + i, Micros(i64::MAX), 1, None)).await.unwrap());
+    }
+    let mut tasks = Vec::new();
+    for k in 0..6u64 {
+        let b = replicas[k as usize % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for step in 0..=30u64 {
+                got.extend(b.expire(now + step * 20 + k, now + 1_000).await.unwrap());
+            }
+            got
+        }));
+    }
+    let mut ids = HashSet::new();
+    for t in tasks {
+        for r in t.await.unwrap() {
+            assert!(ids.insert(r.id), "released twice");
+        }
+    }
+    assert_eq!(ids.len(), 600, "none lost");
+    assert_eq!(spend(&a, "acme", "2026-11").await, (0, 0, 0));
+    assert!(a.active(10).await.unwrap().is_empty());
+    cleanup(&a).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Approvals
+
+fn new_approval(tenant: &str, fp: &str, now: UnixMillis) -> NewApproval {
+    NewApproval {
+        tenant_id: tenant.into(),
+        tenant_tier: "pro".into(),
+        request_id: format!("req-{now}"),
+        route: "/v1/chat/completions".into(),
+        model: "gpt-4o".into(),
+        request_fingerprint: fp.into(),
+        estimated_cost: Micros(2_500_000),
+        reasons: vec![],
+        now,
+        expires_at: now + 900_000,
+    }
+}
+
+#[tokio::test]
+async fn approvals_queue_decide_and_expire() {
+    let Some(s) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    let a = s.create_pending(new_approval("acme", "f1", t0)).await.unwrap();
+    let b = s.create_pending(new_approval("acme", "f2", t0 + 1)).await.unwrap();
+    assert_eq!(a.status, ApprovalStatus::Pending);
+    assert_eq!(s.create_pending(new_approval("acme", "f1", t0 + 5)).await.unwrap().approval_id, a.approval_id);
+    let pending = s.list(Some(ApprovalStatus::Pending), t0 + 2, 10).await.unwrap();
+    assert_eq!(pending.iter().map(|x| x.approval_id.as_str()).collect::<Vec<_>>(), [&b.approval_id, &a.approval_id]);
+    assert_eq!(pending[1], a, "round trip through the store keeps every field");
+    assert_eq!(s.backlog(t0 + 2).await.unwrap(), 2);
+    let ok = s.approve(&a.approval_id, t0 + 10).await.unwrap();
+    assert_eq!((ok.status, ok.decided_at), (ApprovalStatus::Approved, Some(t0 + 10)));
+    let no = s.deny(&b.approval_id, Some("too expensive"), t0 + 11).await.unwrap();
+    assert_eq!((no.status, no.decided_reason.as_deref()), (ApprovalStatus::Denied, Some("too expensive")));
+    assert_eq!(s.backlog(t0 + 12).await.unwrap(), 0);
+    use ApprovalTransitionError::*;
+    assert_eq!(s.approve(&b.approval_id, t0 + 12).await, Err(NotPending(ApprovalStatus::Denied)));
+    assert_eq!(s.deny(&a.approval_id, None, t0 + 12).await, Err(NotPending(ApprovalStatus::Approved)));
+    assert_eq!(s.approve("nope", t0 + 12).await, Err(NotFound));
+    // A denied request asked again is queued anew; an expired one cannot be approved.
+    let c = s.create_pending(new_approval("acme", "f2", t0 + 20)).await.unwrap();
+    assert_ne!(c.approval_id, b.approval_id);
+    let at = t0 + 20 + 900_000;
+    assert_eq!(s.list(Some(ApprovalStatus::Expired), at, 10).await.unwrap().len(), 1);
+    assert_eq!(s.approve(&c.approval_id, at).await, Err(NotPending(ApprovalStatus::Expired)));
+    assert_eq!(s.backlog(at).await.unwrap(), 0);
+    assert_eq!(s.backlog(at - 1).await.unwrap(), 1);
+    cleanup(&s).await;
+}
+
+/// A token consumed on one replica is refused on another; 50 concurrent uses: one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_consumed_on_one_replica_is_replayed_on_another() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let b = store_at(&p).await.unwrap();
+    let now = now_ms();
+    let exp_s = (now / 1000 + 900) as i64;
+    let ap = a.create_pending(new_approval("acme", "f1", now)).await.unwrap();
+    b.approve(&ap.approval_id, now + 1).await.unwrap();
+    assert_eq!(a.consume(&ap.approval_id, exp_s, now + 2).await.unwrap(), ConsumeOutcome::Consumed);
+    assert_eq!(b.consume(&ap.approval_id, exp_s, now + 3).await.unwrap(), ConsumeOutcome::Replayed);
+    let got = Approvals::get(&b, &ap.approval_id, now + 3).await.unwrap().unwrap();
+    assert_eq!((got.status, got.consumed_at), (ApprovalStatus::Consumed, Some(now + 2)));
+    // The consumed id is remembered until exp + 5 min (server clock).
+    let mut conn = a.inner.conn.read().clone().unwrap();
+    let key = format!("{}jti:{}", a.inner.keys.approvals_base(), ap.approval_id);
+    let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+    assert!(pttl > 1_190_000 && pttl <= 1_200_000, "{pttl}");
+
+    let replicas = [a.clone(), b.clone(), store_at(&p).await.unwrap()];
+    let start = Arc::new(tokio::sync::Barrier::new(60));
+    let tasks: Vec<_> = (0..60)
+        .map(|i| {
+            let (s, start) = (replicas[i % 3].clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                s.consume("cli-token", exp_s, now).await.unwrap()
+            })
+        })
+        .collect();
+    let mut consumed = 0;
+    for t in tasks {
+        consumed += usize::from(t.await.unwrap() == ConsumeOutcome::Consumed);
+    }
+    assert_eq!(consumed, 1);
+    cleanup(&a).await;
+}
+
+fn now_ms() -> UnixMillis {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+// ------------------------------------------------------------------------------------------------
+// Runtime policy
+
+async fn wait_until(deadline: Duration, f: impl Fn() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if f() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_update_on_one_replica_is_seen_by_all_within_a_second() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let (b, c) = (store_at(&p).await.unwrap(), store_at(&p).await.unwrap());
+    let mut local = Policy::for_test();
+    local.global.per_minute_cap = 700;
+    let pa = a.policy_store(local.clone()).await;
+    // Another replica's local config differs: the stored document wins.
+    let mut other = Policy::for_test();
+    other.global.per_minute_cap = 1;
+    other.fair_use.enabled = true;
+    let pb = b.policy_store(other.clone()).await;
+    let pc = c.policy_store(other).await;
+    for x in [&pb, &pc] {
+        assert_eq!((x.current().global.per_minute_cap, x.current().fair_use.enabled), (700, false));
+        assert_eq!(x.current().version, 1);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await; // subscriptions up
+
+    let started = Instant::now();
+    let v = pa.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+    let update_took = started.elapsed();
+    assert_eq!((v.version, v.kill_switch), (2, true));
+    let lat_b = wait_until(Duration::from_secs(1), || pb.current().kill_switch).await;
+    let lat_c = wait_until(Duration::from_secs(1), || pc.current().kill_switch).await;
+    eprintln!(
+        "kill switch: update took {update_took:?}; then visible on replica b after {lat_b:?}, c after {lat_c:?} \
+         (total from the update call: {:?})",
+        started.elapsed()
+    );
+    assert!(lat_b.is_some() && lat_c.is_some(), "seen by all within 1 s");
+    assert_eq!(pb.current().version, 2);
+
+    // Concurrent updates from two replicas: neither is lost, versions are consecutive.
+    let (r1, r2) = tokio::join!(
+        pb.update(Box::new(|p| p.global.block_seconds = 300)),
+        pc.update(Box::new(|p| p.audit_sample_rate = 0.5))
+    );
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    assert_eq!(r1.version.max(r2.version), 4);
+    let both = wait_until(Duration::from_secs(1), || {
+        let x = pa.current();
+        x.global.block_seconds == 300 && x.audit_sample_rate == 0.5 && x.kill_switch && x.version == 4
+    })
+    .await;
+    assert!(both.is_some(), "both changes everywhere: {:?}", pa.current());
+
+    // Lifting the switch restores all.
+    pc.update(Box::new(|p| p.kill_switch = false)).await.unwrap();
+    assert!(wait_until(Duration::from_secs(1), || !pa.current().kill_switch && !pb.current().kill_switch)
+        .await
+        .is_some());
+
+    // A local-only change (directory reload) bumps nothing and stays local.
+    let before = pa.current().version;
+    let dir = Arc::new(
+        crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 3\n"), None).unwrap(),
+    );
+    let v = pa.update(Box::new(move |p| p.directory = dir)).await.unwrap();
+    assert_eq!(v.version, before);
+    assert_eq!(v.directory.daily_quota("x", Tier::Free), Some(3));
+    assert_eq!(pb.current().directory.daily_quota("x", Tier::Free), Some(1), "directories stay local");
+    // Later shared changes keep the reloaded local directory.
+    pb.update(Box::new(|p| p.audit_sample_rate = 0.25)).await.unwrap();
+    assert!(wait_until(Duration::from_secs(1), || pa.current().audit_sample_rate == 0.25).await.is_some());
+    assert_eq!(pa.current().directory.daily_quota("x", Tier::Free), Some(3));
+
+    // A replica starting later adopts the stored knobs.
+    let pd = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
+    assert_eq!((pd.current().global.block_seconds, pd.current().version), (300, 6));
+    cleanup(&a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_document_lost_is_recreated_from_the_running_policy() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let pa = a.policy_store(Policy::for_test()).await;
+    pa.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+    cleanup(&a).await; // Redis "lost its data"
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // the 2 s re-read re-creates it
+    let pb = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
+    assert!(pb.current().kill_switch, "the kill switch survived the flush");
+    cleanup(&a).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Failures
+
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    port
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_fast_then_in_microseconds_once_open() {
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let opts = RedisOptions { connect_wait: Duration::from_millis(300), ..RedisOptions::default() };
+    let started = Instant::now();
+    let s = RedisStore::connect_with(&url, &prefix(), Duration::from_millis(20), opts).await.unwrap();
+    eprintln!("connect to a closed port returned in {:?}", started.elapsed());
+    assert!(!s.healthy(), "starts unhealthy");
+    let now = t0();
+    let mut worst = Duration::ZERO;
+    for i in 0..1000 {
+        let t = Instant::now();
+        let r = s.admit(&req("a", now + i, None)).await;
+        worst = worst.max(t.elapsed());
+        assert!(matches!(r, Err(StoreError::Unavailable(_) | StoreError::Timeout)), "{r:?}");
+    }
+    eprintln!("breaker open: worst admit of 1000 took {worst:?}");
+    assert!(worst < Duration::from_millis(1), "{worst:?}");
+    let r = s.reserve(&rreq("a", now, BUDGET, 1, None)).await;
+    assert_eq!(r, Err(StoreError::Unavailable("circuit open".into())));
+    assert!(s.error_counts().iter().any(|(op, n)| *op == "admit" && *n == 1000));
+}
+
+/// A TCP relay to the real Redis that can be cut and restored (Redis "dies" and "comes back").
+struct Relay {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(port: u16) -> Relay {
+        let target = url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let target = target.clone();
+                conns.spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task: Some(task) }
+    }
+
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort(); // drops the listener and, with the JoinSet, every relayed connection
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_coming_back_is_picked_up_within_seconds() {
+    if store_at(&prefix()).await.is_none() {
+        return;
+    }
+    let mut relay = Relay::start(0).await;
+    let port = relay.port;
+    let p = prefix();
+    let s = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), &p, Duration::from_millis(50)).await.unwrap();
+    let now = t0();
+    s.admit(&req("a", now, None)).await.unwrap();
+    relay.cut();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut errors = 0;
+    for i in 0..10 {
+        errors += usize::from(s.admit(&req("a", now + i, None)).await.is_err());
+    }
+    assert!(errors >= 5 && !s.healthy(), "errors {errors}");
+    let _relay = Relay::start(port).await;
+    let back = Instant::now();
+    let mut recovered = None;
+    while back.elapsed() < Duration::from_secs(10) {
+        if s.admit(&req("a", now + 100, None)).await.is_ok() {
+            recovered = Some(back.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("recovered {recovered:?} after Redis came back");
+    assert!(recovered.is_some_and(|d| d < Duration::from_secs(5)), "{recovered:?}");
+    assert!(s.healthy());
+    cleanup(&s).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Measurements: round trips per admitted request, admit + reserve latency.
+
+/// Server-wide (EVALSHA + EVAL + ZREM + HMGET calls, all calls) from `INFO commandstats`: the
+/// client-visible commands of the hot path (scripts, ZREM of the lease) and everything else.
+async fn server_calls(s: &RedisStore) -> (u64, u64) {
+    let mut conn = s.inner.conn.read().clone().unwrap();
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    let calls = |l: &str| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok();
+    let mut scripts = 0;
+    let mut all = 0;
+    for l in info.lines().filter(|l| l.starts_with("cmdstat_")) {
+        let n = calls(l).unwrap_or(0);
+        all += n;
+        if l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:") {
+            scripts += n;
+        }
+    }
+    (scripts, all)
+}
+
+#[tokio::test]
+async fn measure_round_trips_and_latency() {
+    let Some(s) = store_at(&prefix()).await else { return };
+    // Warm up (scripts cached, connection up).
+    let now = now_ms();
+    for i in 0..50 {
+        let (t, _) = s.admit(&req(&format!("w{}", i % 5), now, Some(60_000))).await.unwrap();
+        s.release_lease(&t).await.unwrap();
+    }
+    // Round trips for one admitted request: admit, reserve, settle, release lease.
+    let n = 200u64;
+    let (c0, srv0) = (s.commands_sent(), server_calls(&s).await);
+    for i in 0..n {
+        let tenant = format!("t{}", i % 20);
+        let (ticket, _) = s.admit(&req(&tenant, now + i, Some(60_000))).await.unwrap();
+        let r = reserved(s.reserve(&rreq(&tenant, now + i, Micros(i64::MAX), 1_000, None)).await.unwrap());
+        s.settle(&r.id, Micros(900), now + i + 1).await.unwrap();
+        s.release_lease(&ticket).await.unwrap();
+    }
+    let (c1, srv1) = (s.commands_sent(), server_calls(&s).await);
+    let per = (c1 - c0) as f64 / n as f64;
+    // Server-wide deltas: they include any other client of this Redis (run this test alone).
+    eprintln!(
+        "round trips per admitted request (admit + reserve + settle + lease release): {per:.2} client-side \
+         [admit 1, reserve 1, settle 1, release 1]; server-side script calls per request {:.2}, \
+         all server-side calls per request (incl. those inside scripts) {:.1}",
+        (srv1.0 - srv0.0) as f64 / n as f64,
+        (srv1.1 - srv0.1) as f64 / n as f64
+    );
+    assert_eq!(c1 - c0, 4 * n);
+
+    // Latency of admit + reserve (the hot path before forwarding), 2,000 calls, sequential.
+    let mut lat = Vec::with_capacity(2000);
+    let mut admit_only = Vec::with_capacity(2000);
+    for i in 0..2000u64 {
+        let tenant = format!("l{}", i % 50);
+        let t = Instant::now();
+        let (ticket, _) = s.admit(&req(&tenant, now + i, Some(60_000))).await.unwrap();
+        let a = t.elapsed();
+        let r = s.reserve(&rreq(&tenant, now + i, Micros(i64::MAX), 1_000, None)).await.unwrap();
+        lat.push(t.elapsed());
+        admit_only.push(a);
+        if let ReserveOutcome::Reserved(r) = r {
+            s.release(&r.id, now + i).await.unwrap();
+        }
+        s.release_lease(&ticket).await.unwrap();
+    }
+    lat.sort();
+    admit_only.sort();
+    let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    eprintln!(
+        "admit+reserve latency over 2000 calls: p50 {:?} p99 {:?} max {:?}; admit alone p50 {:?} p99 {:?}",
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat[lat.len() - 1],
+        pct(&admit_only, 0.5),
+        pct(&admit_only, 0.99)
+    );
+
+    // The embedded stores for comparison.
+    let mc = crate::store::memory::MemoryCounters::new();
+    let mb = crate::store::budget_memory::MemoryBudgets::in_memory();
+    let mut mem = Vec::with_capacity(2000);
+    for i in 0..2000u64 {
+        let tenant = format!("l{}", i % 50);
+        let t = Instant::now();
+        let (ticket, _) = mc.admit(&req(&tenant, now + i, Some(60_000))).await.unwrap();
+        let _ = mb.reserve(&rreq(&tenant, now + i, Micros(i64::MAX), 1_000, None)).await.unwrap();
+        mem.push(t.elapsed());
+        mc.release_lease(&ticket).await.unwrap();
+    }
+    mem.sort();
+    eprintln!("embedded admit+reserve: p50 {:?} p99 {:?}", pct(&mem, 0.5), pct(&mem, 0.99));
+    cleanup(&s).await;
+}
