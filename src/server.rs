@@ -25,7 +25,7 @@ use crate::ledger::relay::Relay;
 use crate::ledger::sink::{is_postgres_url, sink_from_url, Sink};
 use crate::ledger::LedgerSource;
 use crate::proxy::PreauthProxy;
-use crate::state::AppState;
+use crate::state::{AppState, Ledger, Stores};
 use crate::store::approvals::Approvals;
 use crate::store::approvals_memory::MemoryApprovals;
 use crate::store::budget::Budgets;
@@ -121,8 +121,13 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
         ),
         None => (LedgerSource::Local(outbox.dir().to_path_buf()), None),
     };
-    let state =
-        Arc::new(AppState::new(config, policy, counters, budgets, approvals, outbox.clone(), ledger, clock, pricing));
+    let state = Arc::new(AppState::new(
+        config,
+        Stores { policy, counters, budgets, approvals },
+        Ledger { outbox: outbox.clone(), source: ledger },
+        clock,
+        pricing,
+    ));
 
     let conf = ServerConf {
         threads,

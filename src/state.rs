@@ -45,18 +45,30 @@ pub struct AppState {
     store_unhealthy: AtomicBool,
 }
 
+/// The state backends of one sidecar (embedded or shared).
+pub struct Stores {
+    pub policy: Arc<dyn PolicyStore>,
+    pub counters: Arc<dyn Counters>,
+    pub budgets: Arc<dyn Budgets>,
+    pub approvals: Arc<dyn Approvals>,
+}
+
+/// Where events go: the durable outbox and the ledger the admin API reads.
+pub struct Ledger {
+    pub outbox: Arc<Outbox>,
+    pub source: LedgerSource,
+}
+
 impl AppState {
     pub fn new(
         config: Config,
-        policy: Arc<dyn PolicyStore>,
-        counters: Arc<dyn Counters>,
-        budgets: Arc<dyn Budgets>,
-        approvals: Arc<dyn Approvals>,
-        outbox: Arc<Outbox>,
-        ledger: LedgerSource,
+        stores: Stores,
+        ledger: Ledger,
         clock: Arc<dyn Clock>,
         pricing: Arc<PriceTable>,
     ) -> AppState {
+        let Stores { policy, counters, budgets, approvals } = stores;
+        let Ledger { outbox, source: ledger } = ledger;
         let metrics = Metrics::new();
         let p = policy.current();
         metrics.policy_version.set(p.version as i64);
