@@ -41,6 +41,7 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub upstream_responses: IntCounterVec,
     pub tenants_tracked: GaugeVec,
+    pub config_reloads: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -179,6 +180,12 @@ impl Metrics {
                 &["status_class"],
             ),
             tenants_tracked,
+            config_reloads: counter(
+                &r,
+                "preauth_config_reloads_total",
+                "SIGHUP reloads of the tenants, tiers and pricing files by result (ok|error; error keeps the old tables).",
+                &["result"],
+            ),
             registry: r,
         }
     }

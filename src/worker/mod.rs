@@ -150,6 +150,20 @@ impl Reloader {
     }
 }
 
+impl Reloader {
+    /// `reload`, logged and counted in `preauth_config_reloads_total{result}`.
+    pub async fn reload_and_count(&self) -> Result<(), String> {
+        let r = self.reload().await;
+        match &r {
+            Ok(()) => tracing::info!("SIGHUP: tenants, tiers and pricing files reloaded"),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the previous tables"),
+        }
+        let result = if r.is_ok() { "ok" } else { "error" };
+        self.state.metrics.config_reloads.with_label_values(&[result]).inc();
+        r
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Reloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -160,10 +174,9 @@ impl BackgroundService for Reloader {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = hup.recv() => match self.reload().await {
-                    Ok(()) => tracing::info!("SIGHUP: tenants, tiers and pricing files reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the previous tables"),
-                },
+                _ = hup.recv() => {
+                    let _ = self.reload_and_count().await;
+                }
             }
         }
     }

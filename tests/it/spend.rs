@@ -384,3 +384,45 @@ async fn thresholds_and_shadow_mode_spend() {
     assert!(metrics(&s).await.contains("reason=\"shadow_mode_approval_required_override\""));
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reload_swaps_prices_and_keeps_them_on_a_bad_file() {
+    use preauth_sidecar::worker::Reloader;
+    let dir = temp_dir();
+    let pricing = dir.join("pricing.toml");
+    let tenants = dir.join("tenants.toml");
+    std::fs::write(&pricing, "[models.\"house-model\"]\nprovider = \"house\"\ninput_per_mtok = \"1.00\"\ncached_input_per_mtok = \"0.50\"\noutput_per_mtok = \"2.00\"\ndefault_max_output_tokens = 100\nmax_output_tokens = 1000\n").unwrap();
+    std::fs::write(&tenants, "[tenants.\"acme\"]\ntier = \"pro\"\n").unwrap();
+    let s = start_in(
+        &[("PREAUTH_PRICING_FILE", pricing.to_str().unwrap()), ("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap())],
+        Arc::new(MemoryCounters::new()),
+        &dir,
+    )
+    .await;
+    let body = json!({"model": "house-model", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]});
+    let gate = |b: Value| {
+        let url = s.url("/api/v1/enforcement/gate/llm");
+        async move {
+            let r =
+                client().post(url).bearer_auth(token("acme", "pro")).json(&json!({"request": b})).send().await.unwrap();
+            json_of(r).await
+        }
+    };
+    let before = usd(&gate(body.clone()).await["estimated_cost_usd"]);
+    std::fs::write(&pricing, "[models.\"house-model\"]\nprovider = \"house\"\ninput_per_mtok = \"1.00\"\ncached_input_per_mtok = \"0.50\"\noutput_per_mtok = \"20.00\"\ndefault_max_output_tokens = 100\nmax_output_tokens = 1000\n").unwrap();
+    std::fs::write(&tenants, "[tenants.\"acme\"]\ntier = \"enterprise\"\n").unwrap();
+    let reloader = Reloader { state: s.state() };
+    reloader.reload_and_count().await.unwrap();
+    let after = usd(&gate(body.clone()).await["estimated_cost_usd"]);
+    assert!(after.0 > before.0 * 5, "new prices in force: {before} -> {after}");
+    assert_eq!(tenant_view(&s, "acme").await["tier"], "enterprise", "tenants file reloaded");
+    std::fs::write(&pricing, "[models.\"house-model\"]\nunknown_key = 1\n").unwrap();
+    assert!(reloader.reload_and_count().await.is_err());
+    assert_eq!(usd(&gate(body).await["estimated_cost_usd"]), after, "a bad file keeps the old table");
+    let m = metrics(&s).await;
+    assert!(
+        m.contains("preauth_config_reloads_total{result=\"error\"} 1")
+            && m.contains("preauth_config_reloads_total{result=\"ok\"} 1")
+    );
+    s.stop().await;
+}

@@ -46,8 +46,8 @@ impl Sidecar {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
-    pub fn state(&self) -> &preauth_sidecar::state::AppState {
-        &self.running.as_ref().unwrap().state
+    pub fn state(&self) -> Arc<preauth_sidecar::state::AppState> {
+        self.running.as_ref().unwrap().state.clone()
     }
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {

@@ -140,7 +140,7 @@ impl ConnectionLike for Conn {
 enum Target {
     Single(redis::Client),
     /// The cluster, and a plain client for its first seed (pub/sub is cluster-wide).
-    Cluster(ClusterClient, redis::Client),
+    Cluster(Box<ClusterClient>, redis::Client),
 }
 
 /// The Lua scripts, each with the library it needs prepended.
@@ -360,7 +360,7 @@ fn target_for(url: &str) -> Result<Target, StoreError> {
         let first = redis::Client::open(seeds[0].as_str()).map_err(bad)?;
         let client =
             ClusterClient::builder(seeds).connection_timeout(CONNECT_TIMEOUT).retries(1).build().map_err(bad)?;
-        return Ok(Target::Cluster(client, first));
+        return Ok(Target::Cluster(Box::new(client), first));
     }
     if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
         return Err(StoreError::Unavailable(
@@ -387,7 +387,8 @@ impl RedisStore {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let s = store.clone();
         store.inner.handle.spawn(async move {
-            let _ = tx.send(s.establish(opts.connect_wait).await);
+            s.establish(opts.connect_wait).await;
+            let _ = tx.send(());
         });
         let _ = rx.await;
         Ok(store)
@@ -401,7 +402,8 @@ impl RedisStore {
         let s = store.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         store.inner.handle.spawn(async move {
-            let _ = tx.send(s.establish(opts.connect_wait).await);
+            s.establish(opts.connect_wait).await;
+            let _ = tx.send(());
         });
         let _ = rx.recv();
         Ok(store)

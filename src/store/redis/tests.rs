@@ -551,6 +551,7 @@ async fn policy_update_on_one_replica_is_seen_by_all_within_a_second() {
     // A replica starting later adopts the stored knobs.
     let pd = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
     assert_eq!((pd.current().global.block_seconds, pd.current().version), (300, 6));
+    drop((pa, pb, pc, pd)); // stop the re-reads (they would re-create the document)
     cleanup(&a).await;
 }
 
@@ -564,6 +565,7 @@ async fn policy_document_lost_is_recreated_from_the_running_policy() {
     tokio::time::sleep(Duration::from_millis(2_500)).await; // the 2 s re-read re-creates it
     let pb = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
     assert!(pb.current().kill_switch, "the kill switch survived the flush");
+    drop((pa, pb));
     cleanup(&a).await;
 }
 
