@@ -31,7 +31,8 @@ use crate::store::approvals_memory::MemoryApprovals;
 use crate::store::budget::Budgets;
 use crate::store::budget_memory::MemoryBudgets;
 use crate::store::memory::{MemoryCounters, MemoryPolicy};
-use crate::store::Counters;
+use crate::store::redis::RedisStore;
+use crate::store::{Counters, HealthProbe, PolicyStore};
 use crate::worker::{Housekeeper, Reloader};
 
 /// Seconds pingora waits for in-flight requests after SIGTERM before stopping its runtimes.
@@ -72,6 +73,10 @@ pub struct Parts {
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
     pub approvals: Arc<dyn Approvals>,
+    /// `None`: the runtime policy lives in this process (embedded).
+    pub policy: Option<Arc<dyn PolicyStore>>,
+    /// Polled by the housekeeper for `/readyz` while idle.
+    pub health: Option<HealthProbe>,
 }
 
 impl Parts {
@@ -86,13 +91,42 @@ impl Parts {
             counters: Arc::new(MemoryCounters::new()),
             budgets: Arc::new(budgets),
             approvals: Arc::new(approvals),
+            policy: None,
+            health: None,
         })
+    }
+
+    /// Fleet mode: every shared state in Redis (`PREAUTH_REDIS_URL`), one store for all four
+    /// traits. Redis being down at start is not fatal: the store reports unhealthy (failsafe
+    /// path, `/readyz` 503) and recovers by itself.
+    pub fn fleet(config: &Config, url: &str) -> Result<Parts, String> {
+        let timeout = std::time::Duration::from_millis(config.store_timeout_ms);
+        let rs = RedisStore::connect_blocking(url, &config.redis_key_prefix, timeout)
+            .map_err(|e| format!("PREAUTH_REDIS_URL: {e}"))?;
+        let policy: Arc<dyn PolicyStore> = rs.policy_store_blocking(config.policy.clone());
+        let probe = rs.clone();
+        Ok(Parts {
+            clock: Arc::new(SystemClock),
+            counters: Arc::new(rs.clone()),
+            budgets: Arc::new(rs.clone()),
+            approvals: Arc::new(rs),
+            policy: Some(policy),
+            health: Some(Arc::new(move || probe.healthy())),
+        })
+    }
+
+    /// Embedded or fleet, as the configuration says.
+    pub fn from_config(config: &Config) -> Result<Parts, String> {
+        match config.redis_url.as_deref() {
+            Some(url) => Parts::fleet(config, url),
+            None => Parts::embedded(config),
+        }
     }
 }
 
-/// Builds the sidecar with the system clock and embedded state.
+/// Builds the sidecar with the system clock and the configured state (embedded or Redis).
 pub fn build(config: Config) -> Result<Built, String> {
-    let parts = Parts::embedded(&config)?;
+    let parts = Parts::from_config(&config)?;
     build_with(config, parts)
 }
 
@@ -101,8 +135,8 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let upstream_addr = resolve_upstream(&config)?;
     let up = config.upstream.clone().expect("resolved above");
 
-    let policy = Arc::new(MemoryPolicy::new(config.policy.clone()));
-    let Parts { clock, counters, budgets, approvals } = parts;
+    let Parts { clock, counters, budgets, approvals, policy, health } = parts;
+    let policy = policy.unwrap_or_else(|| Arc::new(MemoryPolicy::new(config.policy.clone())));
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;
@@ -151,7 +185,7 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     admin.add_tcp(&admin_addr);
     admin.threads = Some(1);
 
-    let mut housekeeper = background_service("housekeeper", Housekeeper { state: state.clone() });
+    let mut housekeeper = background_service("housekeeper", Housekeeper { state: state.clone(), health });
     housekeeper.threads = Some(1);
     let mut reloader = background_service("reloader", Reloader { state: state.clone() });
     reloader.threads = Some(1);

@@ -3,7 +3,9 @@
 #   1. promtool check rules deploy/prometheus/alerts.yml        (syntax, PromQL, templates)
 #   2. promtool test rules  deploy/prometheus/alerts_test.yml   (unit tests)
 #   3. every alert has summary/description/runbook_url, its runbook_url anchor exists as a
-#      heading in deploy/RUNBOOK.md, and alerts_test.yml has a firing AND a silent case for it.
+#      heading in deploy/RUNBOOK.md, and alerts_test.yml has a firing AND a silent case for it;
+#   4. every metric used by the rules and the Grafana dashboard is exported by
+#      src/telemetry/mod.rs; the dashboard is valid JSON and each of its queries parses.
 # Installs promtool (Debian package `prometheus`) when it is missing. Exit non-zero on failure.
 # Usage: deploy/prometheus/check.sh   (from anywhere; it works from the repository root)
 set -euo pipefail
@@ -86,6 +88,74 @@ while IFS= read -r alert; do
         fi
     done
 done <<<"$alerts"
+
+# Every metric the rules and the dashboard use must be one the sidecar exports
+# (src/telemetry/mod.rs; CONTRACT §9), so a rename cannot silently blind an alert.
+TELEMETRY=src/telemetry/mod.rs
+DASHBOARD=deploy/grafana/preauth-sidecar.json
+if [ -f "$TELEMETRY" ]; then
+    exported=$(grep -o '"\(valdrics_ops\|preauth\)_[a-z0-9_]*"' "$TELEMETRY" | tr -d '"' | sort -u)
+    used=$(cat "$RULES" "$DASHBOARD" 2>/dev/null | grep -o '\b\(valdrics_ops\|preauth\)_[a-z0-9_]*' | sort -u)
+    while IFS= read -r m; do
+        [ -n "$m" ] || continue
+        base=$(sed 's/_\(bucket\|sum\|count\)$//' <<<"$m")
+        if ! grep -qx -- "$m" <<<"$exported" && ! grep -qx -- "$base" <<<"$exported"; then
+            log "metric $m is used in $RULES or $DASHBOARD but not exported by $TELEMETRY"; fail=1
+        fi
+    done <<<"$used"
+else
+    log "note: $TELEMETRY not found, metric-name cross-check skipped"
+fi
+
+# The Grafana dashboard: valid JSON, and every query parses as PromQL (template variables
+# replaced by plain values, each query checked by promtool as a recording rule).
+if [ -f "$DASHBOARD" ]; then
+    if command -v python3 >/dev/null 2>&1; then
+        tmp_rules=$(mktemp --suffix=.yml)
+        if python3 - "$DASHBOARD" >"$tmp_rules" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+exprs = []
+def walk(o):
+    if isinstance(o, dict):
+        if isinstance(o.get("expr"), str):
+            exprs.append(o["expr"])
+        for v in o.values():
+            walk(v)
+    elif isinstance(o, list):
+        for v in o:
+            walk(v)
+walk(d)
+for t in d.get("templating", {}).get("list", []):
+    q = t.get("query")
+    if isinstance(q, dict) and q.get("query", "").startswith("label_values("):
+        inner = q["query"][len("label_values("):].rsplit(",", 1)[0]
+        exprs.append(inner)
+sub = {"$__rate_interval": "5m", "$__range": "6h", "$__interval": "1m", "$job": ".*", "$instance": ".*", "$source": ".*"}
+print("groups:\n  - name: dashboard-queries\n    rules:")
+for i, e in enumerate(exprs):
+    for k, v in sub.items():
+        e = e.replace(k, v)
+    print(f"      - record: dashboard:query_{i}")
+    print("        expr: " + json.dumps(e))
+sys.stderr.write(f"{len(exprs)} dashboard queries\n")
+PY
+        then
+            if promtool check rules "$tmp_rules" >/dev/null 2>"$tmp_rules.err"; then
+                log "dashboard: valid JSON, $(grep -c 'record:' "$tmp_rules") queries parse as PromQL"
+            else
+                cat "$tmp_rules.err" >&2
+                promtool check rules "$tmp_rules" >&2 || true
+                log "dashboard queries do not parse"; fail=1
+            fi
+        else
+            log "$DASHBOARD is not valid JSON"; fail=1
+        fi
+        rm -f "$tmp_rules" "$tmp_rules.err"
+    else
+        log "note: python3 not found, dashboard check skipped"
+    fi
+fi
 
 if [ "$fail" -ne 0 ]; then
     log "FAILED"

@@ -88,6 +88,9 @@ pub trait Counters: Send + Sync {
     async fn sweep(&self, now: UnixMillis) -> Result<SweepStats, StoreError>;
 }
 
+/// Store health as a backend sees it (fleet mode: the Redis circuit breaker is closed).
+pub type HealthProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// A change to the runtime policy: applied to a copy of the current snapshot.
 pub type PolicyPatch = Box<dyn FnOnce(&mut Policy) + Send>;
 

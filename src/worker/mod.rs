@@ -23,11 +23,16 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Housekeeper {
     pub state: Arc<AppState>,
+    /// The backend's own health (fleet mode), so `/readyz` follows the store while idle too.
+    pub health: Option<crate::store::HealthProbe>,
 }
 
 impl Housekeeper {
     async fn tick(&self) {
         let now = self.state.clock.now_ms();
+        if let Some(probe) = &self.health {
+            self.state.set_store_healthy(probe());
+        }
         let m = &self.state.metrics;
         match self.state.counters.sweep(now).await {
             Ok(stats) => {

@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod approvals;
 mod cli;
+mod fleet;
 mod gate;
 mod guards;
 mod ledger;

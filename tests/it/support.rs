@@ -96,7 +96,8 @@ pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &s
     let cfg = config::parse(&m, Purpose::Run).expect("test config is valid");
     let budgets = Arc::new(MemoryBudgets::open(&cfg.data_dir).unwrap());
     let approvals = Arc::new(MemoryApprovals::open(&cfg.data_dir).unwrap());
-    let built = server::build_with(cfg, Parts { clock: Arc::new(SystemClock), counters, budgets, approvals }).unwrap();
+    let parts = Parts { clock: Arc::new(SystemClock), counters, budgets, approvals, policy: None, health: None };
+    let built = server::build_with(cfg, parts).unwrap();
     let running = server::spawn(built);
     wait_listening(proxy);
     wait_listening(admin);
@@ -151,4 +152,32 @@ pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> serd
     assert_eq!(v["error"]["id"].as_str(), rid.as_deref());
     assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
     v
+}
+
+/// Starts a sidecar in fleet mode: all shared state in the Redis at 127.0.0.1:6379 (or `redis_url`)
+/// under `prefix`, so several sidecars in one test are replicas of one fleet.
+pub async fn start_fleet(env: &[(&str, &str)], redis_url: &str, prefix: &str) -> Sidecar {
+    let upstream = FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let dir = temp_dir();
+    let mut m: HashMap<String, String> = HashMap::new();
+    m.insert("PREAUTH_UPSTREAM_URL".into(), upstream.base_url());
+    m.insert("PREAUTH_LISTEN_ADDR".into(), proxy.to_string());
+    m.insert("PREAUTH_ADMIN_ADDR".into(), admin.to_string());
+    m.insert("SUPABASE_JWT_SECRET".into(), JWT_SECRET.into());
+    m.insert("ADMIN_API_KEY".into(), ADMIN_KEY.into());
+    m.insert("PREAUTH_THREADS".into(), "2".into());
+    m.insert("PREAUTH_DATA_DIR".into(), dir.display().to_string());
+    m.insert("PREAUTH_REDIS_URL".into(), redis_url.to_string());
+    m.insert("PREAUTH_REDIS_KEY_PREFIX".into(), prefix.to_string());
+    for (k, v) in env {
+        m.insert(k.to_string(), v.to_string());
+    }
+    let cfg = config::parse(&m, Purpose::Run).expect("test config is valid");
+    let parts = Parts::fleet(&cfg, redis_url).unwrap();
+    let running = server::spawn(server::build_with(cfg, parts).unwrap());
+    wait_listening(proxy);
+    wait_listening(admin);
+    Sidecar { proxy, admin, upstream, running: Some(running) }
 }

@@ -1,0 +1,323 @@
+//! Fleet mode: three sidecars sharing one Redis enforce one global cap, one budget, single-use
+//! approvals and one kill switch; and fail safe when Redis is gone, recovering when it is back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+const REDIS: &str = "redis://127.0.0.1:6379";
+
+fn prefix() -> String {
+    format!("it:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// Deletes every key under `prefix` (test isolation on the shared Redis).
+async fn cleanup(prefix: &str) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut c).await.unwrap();
+    for k in keys {
+        let _: () = redis::cmd("DEL").arg(&k).query_async(&mut c).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
+    let p = prefix();
+    let dir = temp_dir();
+    let tenants = dir.join("tenants.toml");
+    // gpt-4o, 1000 output tokens: ~0.01 USD worst case each; 0.105 fits exactly 10.
+    std::fs::write(
+        &tenants,
+        "[tenants.\"race\"]\ntier = \"enterprise\"\nmonthly_budget_usd = \"0.105\"\ndaily_request_quota = 0\n",
+    )
+    .unwrap();
+    let env = [
+        ("LLM_GLOBAL_ABUSE_PER_MINUTE_CAP", "5"),
+        ("LLM_GLOBAL_ABUSE_UNIQUE_TENANTS_THRESHOLD", "2"),
+        ("LLM_GLOBAL_ABUSE_BLOCK_SECONDS", "30"),
+        ("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap()),
+        ("PREAUTH_STORE_TIMEOUT_MS", "500"),
+        ("PREAUTH_GATE_TIMEOUT_MS", "2000"),
+    ];
+    let fleet =
+        [start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await];
+
+    // The global cap counts the fleet's total: 5 admitted across replicas, the 6th trips.
+    for i in 0..5 {
+        let r = post(
+            &fleet[i % 3],
+            "/v1/embeddings",
+            &format!("t{i}"),
+            "enterprise",
+            &json!({"model": "text-embedding-3-small", "input": "x"}),
+        )
+        .await;
+        assert_eq!(r.status(), 200, "request {i}");
+    }
+    let r = post(
+        &fleet[2],
+        "/v1/embeddings",
+        "t9",
+        "enterprise",
+        &json!({"model": "text-embedding-3-small", "input": "x"}),
+    )
+    .await;
+    let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "global_abuse_triggered");
+    let r = post(
+        &fleet[0],
+        "/v1/embeddings",
+        "t1",
+        "enterprise",
+        &json!({"model": "text-embedding-3-small", "input": "x"}),
+    )
+    .await;
+    let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "global_abuse_temporal_block", "the block is fleet-wide");
+    let r = patch_runtime(&fleet[1], json!({"global_abuse_guards_enabled": false, "reason": "next part of the test"}))
+        .await;
+    assert_eq!(r.status(), 200);
+
+    // One budget: 300 concurrent requests over three replicas, exactly 10 admitted.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !json_of(
+        client().get(fleet[2].admin_url("/api/v1/enforcement/runtime")).bearer_auth(ADMIN_KEY).send().await.unwrap(),
+    )
+    .await["global_abuse_guards_enabled"]
+        .as_bool()
+        .is_some_and(|on| !on)
+    {
+        assert!(Instant::now() < deadline, "runtime change not propagated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = json!({"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]});
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let (url, body) = (fleet[i % 3].url("/v1/chat/completions"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = client()
+                .post(url)
+                .bearer_auth(token("race", "enterprise"))
+                .header("x-mock-delay-ms", "500")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status().as_u16();
+            r.bytes().await.unwrap();
+            s
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        if t.await.unwrap() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10, "a budget that fits 10 admits exactly 10 across the fleet");
+
+    // One kill switch: flipped on one replica, it acts on all within 1 s; lifting restores all.
+    let r = patch_runtime(&fleet[0], json!({"kill_switch": true, "reason": "drill"})).await;
+    assert_eq!(r.status(), 200);
+    let t0 = Instant::now();
+    for s in &fleet {
+        loop {
+            let r = post(
+                s,
+                "/v1/embeddings",
+                "t1",
+                "enterprise",
+                &json!({"model": "text-embedding-3-small", "input": "x"}),
+            )
+            .await;
+            if r.status() == 429 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(1), "kill switch not on every replica within 1 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    patch_runtime(&fleet[2], json!({"kill_switch": false, "reason": "drill over"})).await;
+    let t0 = Instant::now();
+    for s in &fleet {
+        loop {
+            let r = post(
+                s,
+                "/v1/embeddings",
+                "t1",
+                "enterprise",
+                &json!({"model": "text-embedding-3-small", "input": "x"}),
+            )
+            .await;
+            if r.status() == 200 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(1), "lifting the kill switch did not reach every replica");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for s in fleet {
+        s.stop().await;
+    }
+    cleanup(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_tokens_are_single_use_across_replicas() {
+    let p = prefix();
+    let env = [
+        ("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "0.05"),
+        ("ENFORCEMENT_APPROVAL_TOKEN_SECRET", "fleet-approval-secret-0123456789abcdef"),
+        ("PREAUTH_STORE_TIMEOUT_MS", "500"),
+        ("PREAUTH_GATE_TIMEOUT_MS", "2000"),
+    ];
+    let a = start_fleet(&env, REDIS, &p).await;
+    let b = start_fleet(&env, REDIS, &p).await;
+    let body = json!({"model": "gpt-4o", "max_tokens": 10000, "messages": [{"role": "user", "content": "x"}]});
+    let v = assert_error(post(&a, "/v1/chat/completions", "acme", "enterprise", &body).await, 403, "approval_required")
+        .await;
+    let id = v["error"]["details"]["approval_id"].as_str().unwrap().to_string();
+    // The queue is shared: replica B approves what replica A queued.
+    let r = client()
+        .post(b.admin_url(&format!("/api/v1/enforcement/approvals/{id}/approve")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tok = json_of(r).await["approval_token"].as_str().unwrap().to_string();
+    let send = |s: &Sidecar| {
+        let (url, tok, body) = (s.url("/v1/chat/completions"), tok.clone(), body.clone());
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(token("acme", "enterprise"))
+                .header("x-approval-token", tok)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = send(&a).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_error(send(&b).await, 409, "approval_token_replayed").await;
+    a.stop().await;
+    b.stop().await;
+    cleanup(&p).await;
+}
+
+/// A TCP relay to Redis that can cut every connection and refuse new ones ("Redis gone").
+struct Switch {
+    port: u16,
+    up: Arc<AtomicBool>,
+}
+
+async fn switchable_redis() -> Switch {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let up = Arc::new(AtomicBool::new(true));
+    let up2 = up.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else { return };
+            if !up2.load(Ordering::SeqCst) {
+                continue; // dropped: connection closed at once
+            }
+            let up3 = up2.clone();
+            tokio::spawn(async move {
+                let Ok(mut server) = TcpStream::connect("127.0.0.1:6379").await else { return };
+                let pipe = tokio::io::copy_bidirectional(&mut client, &mut server);
+                let cut = async {
+                    while up3.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                };
+                tokio::select! { _ = pipe => {}, _ = cut => {} }
+            });
+        }
+    });
+    Switch { port, up }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_outage_fails_safe_per_mode_and_recovers() {
+    let p = prefix();
+    let sw = switchable_redis().await;
+    let url = format!("redis://127.0.0.1:{}", sw.port);
+    let s = start_fleet(&[("PREAUTH_SOURCE_MODES", "evals=shadow")], &url, &p).await;
+    assert_eq!(
+        post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
+            .await
+            .status(),
+        200
+    );
+    sw.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Trip the breaker, then every hard-mode request fails closed fast.
+    for _ in 0..10 {
+        let _ =
+            post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
+                .await;
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let r =
+            post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
+                .await;
+        worst = worst.max(t.elapsed());
+        let v = assert_error(r, 503, "enforcement_unavailable").await;
+        assert_eq!(v["error"]["details"]["reason"], "hard_mode_fail_closed");
+    }
+    assert!(worst < Duration::from_millis(100), "breaker open: {worst:?} per request");
+    let r = client()
+        .post(s.url("/v1/embeddings"))
+        .bearer_auth(token("acme", "enterprise"))
+        .header("x-preauth-source", "evals")
+        .json(&json!({"model": "text-embedding-3-small", "input": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "shadow fails open");
+    let m = metrics(&s).await;
+    assert!(
+        m.contains(
+            "valdrics_ops_enforcement_gate_decisions_total{decision=\"ALLOW\",path=\"failsafe\",source=\"evals\"} 1"
+        ),
+        "{m}"
+    );
+    assert!(m.contains("preauth_store_errors_total"), "{m}");
+    assert_eq!(
+        client().get(s.admin_url("/readyz")).send().await.unwrap().status(),
+        503,
+        "not ready while Redis is gone"
+    );
+    // Redis back: normal decisions within 5 s, no restart.
+    sw.up.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    loop {
+        let r =
+            post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
+                .await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "no recovery within 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t0 = Instant::now();
+    while client().get(s.admin_url("/readyz")).send().await.unwrap().status() != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "readiness did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+    cleanup(&p).await;
+}
