@@ -21,6 +21,8 @@ USAGE:
                                  print an approval token signed with ENFORCEMENT_APPROVAL_TOKEN_SECRET
                                  (exit 1 while ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true)
     preauth-sidecar migrate      create/update the enforcement_ledger schema at PREAUTH_LEDGER_URL (Postgres)
+    preauth-sidecar rebuild-spend [--month YYYY-MM]
+                                 restore each tenant's month spend in Redis from the Postgres ledger
 
 Configuration is environment only; see README.md and config/*.env.example.
 Exit codes: 0 ok, 64 configuration error, 69 upstream unresolvable.";
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         Some("check-config") => check_config(),
         Some("mint-approval") => mint_approval(&args[1..]),
         Some("migrate") => migrate(),
+        Some("rebuild-spend") => rebuild_spend(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -92,6 +95,102 @@ fn migrate() -> ExitCode {
         }
         Err(e) => {
             eprintln!("migrate failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `rebuild-spend`: after the shared store lost data, restores each tenant's month spend from
+/// the settlements in the Postgres ledger. Only raises spend (a store ahead of the ledger, e.g.
+/// events not yet delivered, is left alone and reported).
+fn rebuild_spend(args: &[String]) -> ExitCode {
+    use preauth_sidecar::decide::time::Month;
+    use preauth_sidecar::decide::Micros;
+    use preauth_sidecar::store::budget::Budgets;
+    let month = match args {
+        [] => Month::of(SystemClock.now_ms()),
+        [flag, m] if flag == "--month" => match Month::parse(m) {
+            Some(m) => m,
+            None => {
+                eprintln!("--month `{m}` is not YYYY-MM");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        },
+        _ => {
+            eprintln!("usage: preauth-sidecar rebuild-spend [--month YYYY-MM]");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let config = match parse_or_report(&Env, Purpose::Tool) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (Some(redis_url), Some(ledger)) = (config.redis_url.clone(), config.ledger_url.clone()) else {
+        eprintln!("rebuild-spend needs PREAUTH_REDIS_URL (the store to restore) and a postgres:// PREAUTH_LEDGER_URL");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    };
+    let timeout = std::time::Duration::from_millis(config.store_timeout_ms.max(1000));
+    let store = match preauth_sidecar::store::redis::RedisStore::connect_blocking(
+        &redis_url,
+        &config.redis_key_prefix,
+        timeout,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("PREAUTH_REDIS_URL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let result: Result<Vec<(String, Micros, Micros)>, String> = rt.block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&ledger, tokio_postgres::NoTls).await.map_err(|e| format!("ledger: {e}"))?;
+        tokio::spawn(conn);
+        let start = preauth_sidecar::decide::time::rfc3339_seconds(month.start());
+        let end = preauth_sidecar::decide::time::rfc3339_seconds(month.next().start());
+        let rows = client
+            .query(
+                "SELECT tenant_id, sum(round((payload->>'actual_cost_usd')::numeric * 1000000))::bigint \
+                 FROM enforcement_ledger WHERE event_type = 'reservation_settled' AND tenant_id IS NOT NULL \
+                 AND payload->>'actual_cost_usd' IS NOT NULL \
+                 AND occurred_at >= $1::text::timestamptz AND occurred_at < $2::text::timestamptz GROUP BY tenant_id",
+                &[&start, &end],
+            )
+            .await
+            .map_err(|e| format!("ledger query: {e}"))?;
+        let mut out = Vec::new();
+        let key = month.to_string();
+        for row in rows {
+            let tenant: String = row.get(0);
+            let ledger_total = Micros(row.get::<_, i64>(1));
+            let current = store.tenant_spend(&tenant, &key).await.map_err(|e| format!("store: {e}"))?.spent;
+            if ledger_total > current {
+                store
+                    .charge(&tenant, &key, Micros(ledger_total.0 - current.0), SystemClock.now_ms())
+                    .await
+                    .map_err(|e| format!("store: {e}"))?;
+            }
+            out.push((tenant, current, ledger_total));
+        }
+        Ok(out)
+    });
+    match result {
+        Ok(rows) => {
+            println!("month {month}: {} tenant(s)", rows.len());
+            for (tenant, before, ledger_total) in rows {
+                let note = if ledger_total > before {
+                    "restored"
+                } else if ledger_total == before {
+                    "ok"
+                } else {
+                    "store ahead of ledger; left as is"
+                };
+                println!("{tenant}\tstore {before}\tledger {ledger_total}\t{note}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rebuild-spend failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -86,13 +86,19 @@ async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
 
     // One budget: 300 concurrent requests over three replicas, exactly 10 admitted.
     let deadline = Instant::now() + Duration::from_secs(2);
-    while !json_of(
-        client().get(fleet[2].admin_url("/api/v1/enforcement/runtime")).bearer_auth(ADMIN_KEY).send().await.unwrap(),
-    )
-    .await["global_abuse_guards_enabled"]
-        .as_bool()
-        .is_some_and(|on| !on)
-    {
+    loop {
+        let v = json_of(
+            client()
+                .get(fleet[2].admin_url("/api/v1/enforcement/runtime"))
+                .bearer_auth(ADMIN_KEY)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if v["global_abuse_guards_enabled"] == json!(false) {
+            break;
+        }
         assert!(Instant::now() < deadline, "runtime change not propagated");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -320,4 +326,47 @@ async fn redis_outage_fails_safe_per_mode_and_recovers() {
     }
     s.stop().await;
     cleanup(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
+    let p = prefix();
+    let db = crate::ledger::fresh_db().await;
+    let ledger_url = crate::ledger::url_for(&db, 5432);
+    crate::ledger::migrate(&ledger_url);
+    let s = start_fleet(&[("PREAUTH_LEDGER_URL", &ledger_url)], REDIS, &p).await;
+    for _ in 0..3 {
+        let r = client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(token("acme", "enterprise"))
+            .header("x-mock-prompt-tokens", "1000")
+            .header("x-mock-completion-tokens", "500")
+            .json(&chat("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        r.bytes().await.unwrap();
+    }
+    crate::ledger::wait_rows(&db, 6, Duration::from_secs(20)).await;
+    let view = |s: &Sidecar| {
+        let url = s.admin_url("/api/v1/enforcement/tenants/acme");
+        async move { json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await }
+    };
+    let before = view(&s).await["spent_usd"].as_str().unwrap().to_string();
+    assert_ne!(before, "0.000000");
+    cleanup(&p).await; // Redis lost its data
+    assert_eq!(view(&s).await["spent_usd"], "0.000000");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
+        .arg("rebuild-spend")
+        .env("PREAUTH_REDIS_URL", REDIS)
+        .env("PREAUTH_REDIS_KEY_PREFIX", &p)
+        .env("PREAUTH_LEDGER_URL", &ledger_url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("acme"));
+    assert_eq!(view(&s).await["spent_usd"].as_str().unwrap(), before, "spend restored from the ledger");
+    s.stop().await;
+    cleanup(&p).await;
+    crate::ledger::drop_db(&db).await;
 }

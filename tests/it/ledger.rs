@@ -22,7 +22,7 @@ use crate::support::*;
 const PG_ADMIN: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
 
 /// A fresh database for one test; dropped by `drop_db`.
-async fn fresh_db() -> String {
+pub async fn fresh_db() -> String {
     let name = format!("ledger_it_{}", uuid::Uuid::new_v4().simple());
     let (client, conn) =
         tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await.expect("postgres at 127.0.0.1:5432");
@@ -31,13 +31,13 @@ async fn fresh_db() -> String {
     name
 }
 
-async fn drop_db(name: &str) {
+pub async fn drop_db(name: &str) {
     let (client, conn) = tokio_postgres::connect(PG_ADMIN, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
 }
 
-fn url_for(db: &str, port: u16) -> String {
+pub fn url_for(db: &str, port: u16) -> String {
     format!("postgres://postgres@127.0.0.1:{port}/{db}")
 }
 
@@ -51,7 +51,7 @@ async fn db_client(db: &str) -> tokio_postgres::Client {
 }
 
 /// (event_id, event_type, request_id, payload) of every row.
-async fn rows(db: &str) -> Vec<(String, String, Option<String>, Value)> {
+pub async fn rows(db: &str) -> Vec<(String, String, Option<String>, Value)> {
     let c = db_client(db).await;
     c.query("SELECT event_id::text, event_type, payload->>'request_id', payload::text FROM enforcement_ledger", &[])
         .await
@@ -61,7 +61,7 @@ async fn rows(db: &str) -> Vec<(String, String, Option<String>, Value)> {
         .collect()
 }
 
-async fn wait_rows(db: &str, want: usize, within: Duration) -> Vec<(String, String, Option<String>, Value)> {
+pub async fn wait_rows(db: &str, want: usize, within: Duration) -> Vec<(String, String, Option<String>, Value)> {
     let deadline = Instant::now() + within;
     loop {
         let r = rows(db).await;
@@ -72,7 +72,7 @@ async fn wait_rows(db: &str, want: usize, within: Duration) -> Vec<(String, Stri
     }
 }
 
-fn migrate(url: &str) {
+pub fn migrate(url: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
         .arg("migrate")
         .env("PREAUTH_LEDGER_URL", url)
