@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod approvals;
 mod cli;
+mod drills;
 mod fleet;
 mod gate;
 mod guards;

@@ -181,3 +181,123 @@ pub async fn start_fleet(env: &[(&str, &str)], redis_url: &str, prefix: &str) ->
     wait_listening(admin);
     Sidecar { proxy, admin, upstream, running: Some(running) }
 }
+
+/// The real binary (`preauth-sidecar run`) on free loopback ports, in front of a fake upstream
+/// that lives in the test. Killed (SIGKILL) on drop.
+pub struct Binary {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub env: Vec<(String, String)>,
+    child: Option<std::process::Child>,
+}
+
+impl Binary {
+    pub fn start(upstream: &FakeUpstream, dir: &std::path::Path, extra: &[(&str, &str)]) -> Binary {
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut env: Vec<(String, String)> = vec![
+            ("PREAUTH_UPSTREAM_URL".into(), upstream.base_url()),
+            ("PREAUTH_LISTEN_ADDR".into(), proxy.to_string()),
+            ("PREAUTH_ADMIN_ADDR".into(), admin.to_string()),
+            ("SUPABASE_JWT_SECRET".into(), JWT_SECRET.into()),
+            ("ADMIN_API_KEY".into(), ADMIN_KEY.into()),
+            ("PREAUTH_DATA_DIR".into(), dir.display().to_string()),
+            ("PREAUTH_THREADS".into(), "2".into()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut b = Binary { proxy, admin, env, child: None };
+        b.spawn();
+        b
+    }
+
+    /// (Re)starts the process with `self.env`.
+    pub fn spawn(&mut self) {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"));
+        c.arg("run").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).env("RUST_LOG", "warn");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        self.child = Some(c.spawn().unwrap());
+        wait_listening(self.proxy);
+        wait_listening(self.admin);
+    }
+
+    pub fn restart_with(&mut self, set: &[(&str, &str)], unset: &[&str]) {
+        self.kill();
+        for (k, v) in set {
+            self.env.retain(|(ek, _)| ek != k);
+            self.env.push((k.to_string(), v.to_string()));
+        }
+        self.env.retain(|(k, _)| !unset.contains(&k.as_str()));
+        // The old process is gone; wait for its ports to be free again.
+        std::thread::sleep(Duration::from_millis(100));
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub async fn metrics(&self) -> String {
+        client().get(self.admin_url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
+    pub async fn patch(&self, body: serde_json::Value) -> serde_json::Value {
+        let r = client()
+            .patch(self.admin_url("/api/v1/enforcement/runtime"))
+            .bearer_auth(ADMIN_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "PATCH {body}");
+        json_of(r).await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
+        json_of(client().get(self.admin_url(path)).bearer_auth(ADMIN_KEY).send().await.unwrap()).await
+    }
+
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        client().post(self.admin_url(path)).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap()
+    }
+
+    /// An LLM call as `tenant` with extra headers.
+    pub async fn call(&self, tenant: &str, body: &serde_json::Value, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut r = client().post(self.url("/v1/chat/completions")).bearer_auth(token(tenant, "enterprise")).json(body);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.unwrap()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The value of one Prometheus sample (`name{labels}`), 0 when absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
