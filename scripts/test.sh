@@ -10,6 +10,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== deploy checks (promtool rules and unit tests, dashboard, runbook, Kubernetes manifests)"
+cargo build --locked --bin preauth-sidecar
+deploy/prometheus/check.sh
+deploy/kubernetes/check.sh
 echo "== cargo test"
 cargo test --locked --all-targets 2>&1 | tee /tmp/preauth-test.log
 echo "== summary"

@@ -32,7 +32,7 @@ use crate::store::budget::Budgets;
 use crate::store::budget_memory::MemoryBudgets;
 use crate::store::memory::{MemoryCounters, MemoryPolicy};
 use crate::store::redis::RedisStore;
-use crate::store::{Counters, HealthProbe, PolicyStore};
+use crate::store::{Counters, Gatekeeper, HealthProbe, PolicyStore, Sequential};
 use crate::worker::{Housekeeper, Reloader};
 
 /// Seconds pingora waits for in-flight requests after SIGTERM before stopping its runtimes.
@@ -75,6 +75,8 @@ pub struct Parts {
     pub approvals: Arc<dyn Approvals>,
     /// `None`: the runtime policy lives in this process (embedded).
     pub policy: Option<Arc<dyn PolicyStore>>,
+    /// `None`: admit, then reserve, in-process (`store::Sequential`).
+    pub gatekeeper: Option<Arc<dyn Gatekeeper>>,
     /// Polled by the housekeeper for `/readyz` while idle.
     pub health: Option<HealthProbe>,
 }
@@ -92,6 +94,7 @@ impl Parts {
             budgets: Arc::new(budgets),
             approvals: Arc::new(approvals),
             policy: None,
+            gatekeeper: None,
             health: None,
         })
     }
@@ -109,7 +112,8 @@ impl Parts {
             clock: Arc::new(SystemClock),
             counters: Arc::new(rs.clone()),
             budgets: Arc::new(rs.clone()),
-            approvals: Arc::new(rs),
+            approvals: Arc::new(rs.clone()),
+            gatekeeper: Some(Arc::new(rs)),
             policy: Some(policy),
             health: Some(Arc::new(move || probe.healthy())),
         })
@@ -135,7 +139,9 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let upstream_addr = resolve_upstream(&config)?;
     let up = config.upstream.clone().expect("resolved above");
 
-    let Parts { clock, counters, budgets, approvals, policy, health } = parts;
+    let Parts { clock, counters, budgets, approvals, policy, gatekeeper, health } = parts;
+    let gatekeeper =
+        gatekeeper.unwrap_or_else(|| Arc::new(Sequential { counters: counters.clone(), budgets: budgets.clone() }));
     let policy = policy.unwrap_or_else(|| Arc::new(MemoryPolicy::new(config.policy.clone())));
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
@@ -157,7 +163,7 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     };
     let state = Arc::new(AppState::new(
         config,
-        Stores { policy, counters, budgets, approvals },
+        Stores { policy, gatekeeper, counters, budgets, approvals },
         Ledger { outbox: outbox.clone(), source: ledger },
         clock,
         pricing,

@@ -15,7 +15,7 @@ use crate::ledger::outbox::Outbox;
 use crate::ledger::LedgerSource;
 use crate::store::approvals::Approvals;
 use crate::store::budget::Budgets;
-use crate::store::{Counters, PolicyStore};
+use crate::store::{Counters, Gatekeeper, PolicyStore};
 use crate::telemetry::Metrics;
 
 /// Bound on the tenant → tier memo (cleared when full; it only feeds the admin view).
@@ -27,6 +27,7 @@ pub struct AppState {
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
     pub approvals: Arc<dyn Approvals>,
+    pub gatekeeper: Arc<dyn Gatekeeper>,
     /// Durable local outbox of ledger events (`PREAUTH_DATA_DIR/outbox`).
     pub outbox: Arc<Outbox>,
     /// Where `GET /ledger` reads from: Postgres when that is the sink, else the local ledger.
@@ -48,6 +49,8 @@ pub struct AppState {
 /// The state backends of one sidecar (embedded or shared).
 pub struct Stores {
     pub policy: Arc<dyn PolicyStore>,
+    /// Admission + reservation in one step (one round trip on a shared store).
+    pub gatekeeper: Arc<dyn Gatekeeper>,
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
     pub approvals: Arc<dyn Approvals>,
@@ -67,7 +70,7 @@ impl AppState {
         clock: Arc<dyn Clock>,
         pricing: Arc<PriceTable>,
     ) -> AppState {
-        let Stores { policy, counters, budgets, approvals } = stores;
+        let Stores { policy, gatekeeper, counters, budgets, approvals } = stores;
         let Ledger { outbox, source: ledger } = ledger;
         let metrics = Metrics::new();
         let p = policy.current();
@@ -79,6 +82,7 @@ impl AppState {
             counters,
             budgets,
             approvals,
+            gatekeeper,
             outbox,
             ledger,
             metrics,

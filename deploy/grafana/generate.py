@@ -277,9 +277,12 @@ timeseries(l, 8, "State store errors by operation",
 timeseries(l, 8, "Upstream responses by status class",
            targets((f"sum by (status_class) (rate(preauth_upstream_responses_total{{{SEL}}}[$__rate_interval]))", "{{status_class}}")),
            unit="reqps", stack=True, desc="error = no response (upstream unreachable or protocol error: 502 upstream_unavailable).")
-timeseries(l, 8, "Tenants tracked",
+timeseries(l, 12, "Tenants tracked",
            targets((f"sum by (instance, store) (preauth_tenants_tracked{{{SEL}}})", "{{instance}} {{store}}")),
            unit="short")
+timeseries(l, 12, "Config reloads (SIGHUP) by result",
+           targets((f"sum by (instance, result) (increase(preauth_config_reloads_total{{{SEL}}}[$__rate_interval]))", "{{instance}} {{result}}")),
+           unit="short", desc="result=error: the tenants/tiers/pricing file was rejected and the old tables stay in force.")
 l.end()
 
 

@@ -214,7 +214,7 @@ def check_workload(where, d, ctx):
                 elif ref.get("key") not in sec and not ref.get("optional"):
                     err(ew, f"key {ref.get('key')!r} missing from Secret {ref.get('name')!r}")
                 elif ref.get("key") not in sec:
-                    err(ew, f"key {ref.get('key')!r} not documented in secret.example.yaml")
+                    NOTES.append(f"{ew}: optional key {ref.get('key')!r} not set in secret.example.yaml")
             if "configMapKeyRef" in vf:
                 ref = vf["configMapKeyRef"]
                 cm = ctx["configmaps"].get(ref.get("name"))

@@ -5,7 +5,8 @@
 #   3. every alert has summary/description/runbook_url, its runbook_url anchor exists as a
 #      heading in deploy/RUNBOOK.md, and alerts_test.yml has a firing AND a silent case for it;
 #   4. every metric used by the rules and the Grafana dashboard is exported by
-#      src/telemetry/mod.rs; the dashboard is valid JSON and each of its queries parses.
+#      src/telemetry/mod.rs; the dashboard is valid JSON; every PromQL query of the dashboard
+#      and of the runbook parses.
 # Installs promtool (Debian package `prometheus`) when it is missing. Exit non-zero on failure.
 # Usage: deploy/prometheus/check.sh   (from anywhere; it works from the repository root)
 set -euo pipefail
@@ -107,54 +108,71 @@ else
     log "note: $TELEMETRY not found, metric-name cross-check skipped"
 fi
 
-# The Grafana dashboard: valid JSON, and every query parses as PromQL (template variables
-# replaced by plain values, each query checked by promtool as a recording rule).
-if [ -f "$DASHBOARD" ]; then
-    if command -v python3 >/dev/null 2>&1; then
-        tmp_rules=$(mktemp --suffix=.yml)
-        if python3 - "$DASHBOARD" >"$tmp_rules" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-exprs = []
-def walk(o):
-    if isinstance(o, dict):
-        if isinstance(o.get("expr"), str):
-            exprs.append(o["expr"])
-        for v in o.values():
-            walk(v)
-    elif isinstance(o, list):
-        for v in o:
-            walk(v)
-walk(d)
-for t in d.get("templating", {}).get("list", []):
-    q = t.get("query")
-    if isinstance(q, dict) and q.get("query", "").startswith("label_values("):
-        inner = q["query"][len("label_values("):].rsplit(",", 1)[0]
-        exprs.append(inner)
-sub = {"$__rate_interval": "5m", "$__range": "6h", "$__interval": "1m", "$job": ".*", "$instance": ".*", "$source": ".*"}
-print("groups:\n  - name: dashboard-queries\n    rules:")
-for i, e in enumerate(exprs):
+# The Grafana dashboard is valid JSON, and every PromQL query of the dashboard (template
+# variables replaced by plain values) and of the runbook's ```promql blocks parses: each is
+# checked by promtool as a recording rule.
+if command -v python3 >/dev/null 2>&1; then
+    tmp_rules=$(mktemp --suffix=.yml)
+    if python3 - "$DASHBOARD" "$RUNBOOK" >"$tmp_rules" <<'PY'
+import json, os, re, sys, textwrap
+dashboard, runbook = sys.argv[1], sys.argv[2]
+exprs = []  # (origin, expr)
+if os.path.exists(dashboard):
+    try:
+        d = json.load(open(dashboard, encoding="utf-8"))
+    except ValueError as e:
+        sys.stderr.write(f"[prometheus-check] {dashboard} is not valid JSON: {e}\n")
+        sys.exit(1)
+    def walk(o):
+        if isinstance(o, dict):
+            if isinstance(o.get("expr"), str):
+                exprs.append(("dashboard", o["expr"]))
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+    walk(d)
+    for t in d.get("templating", {}).get("list", []):
+        q = t.get("query")
+        if isinstance(q, dict) and q.get("query", "").startswith("label_values("):
+            exprs.append(("dashboard variable", q["query"][len("label_values("):].rsplit(",", 1)[0]))
+if os.path.exists(runbook):
+    for block in re.findall(r"```promql\n(.*?)```", open(runbook, encoding="utf-8").read(), re.S):
+        cur = None
+        for line in textwrap.dedent(block).splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if line[0] in " \t" and cur is not None:
+                cur += "\n" + line            # continuation of a multi-line expression
+            else:
+                if cur:
+                    exprs.append(("runbook", cur))
+                cur = line
+        if cur:
+            exprs.append(("runbook", cur))
+sub = {"$__rate_interval": "5m", "$__range": "6h", "$__interval": "1m",
+       "$job": ".*", "$instance": ".*", "$source": ".*"}
+print("groups:\n  - name: dashboard-and-runbook-queries\n    rules:")
+for i, (origin, e) in enumerate(exprs):
     for k, v in sub.items():
         e = e.replace(k, v)
-    print(f"      - record: dashboard:query_{i}")
+    print(f"      - record: {origin.split()[0]}:query_{i}")
     print("        expr: " + json.dumps(e))
-sys.stderr.write(f"{len(exprs)} dashboard queries\n")
 PY
-        then
-            if promtool check rules "$tmp_rules" >/dev/null 2>"$tmp_rules.err"; then
-                log "dashboard: valid JSON, $(grep -c 'record:' "$tmp_rules") queries parse as PromQL"
-            else
-                cat "$tmp_rules.err" >&2
-                promtool check rules "$tmp_rules" >&2 || true
-                log "dashboard queries do not parse"; fail=1
-            fi
+    then
+        if promtool check rules "$tmp_rules" >"$tmp_rules.out" 2>&1; then
+            log "dashboard JSON valid; $(grep -c 'record: dashboard' "$tmp_rules") dashboard and $(grep -c 'record: runbook' "$tmp_rules") runbook PromQL queries parse"
         else
-            log "$DASHBOARD is not valid JSON"; fail=1
+            cat "$tmp_rules.out" >&2
+            log "dashboard or runbook PromQL does not parse (query_N = Nth query, see above)"; fail=1
         fi
-        rm -f "$tmp_rules" "$tmp_rules.err"
     else
-        log "note: python3 not found, dashboard check skipped"
+        fail=1
     fi
+    rm -f "$tmp_rules" "$tmp_rules.out"
+else
+    log "note: python3 not found, dashboard and runbook query check skipped"
 fi
 
 if [ "$fail" -ne 0 ]; then

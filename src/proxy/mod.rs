@@ -149,36 +149,51 @@ impl PreauthProxy {
             if let Some(d) = decide::kill_switch(&policy, mode) {
                 return Ok((d, None, None, None));
             }
-            let (mut d, ticket) = self.guard(&policy, &facts, mode).await?;
+            // Pure pre-checks first, so the store is asked once: the approval token (verified and
+            // bound, not yet used; step 8) and the thresholds it may lift (step 7).
+            let token_check = match (ctx.approval_token.as_deref(), fp.as_deref()) {
+                (Some(token), Some(fp)) => Some(self.verify_approval(token, &caller.tenant, fp, estimated_cost, now_s)),
+                _ => None,
+            };
+            let approved = matches!(token_check, Some(Ok(_)));
+            let threshold = decide::spend_threshold(&policy, estimated_cost, approved);
+            let over_budget_ok = approved && mode == Mode::Soft;
+            let budget = policy.directory.monthly_budget(&caller.tenant, tier);
+            // Steps 4–6 and 9 in one store step: count the request and, when it may be admitted,
+            // hold its cost. A request the guards then refuse gives both back.
+            let wants_hold = mode != Mode::Shadow && threshold.is_none() && !matches!(token_check, Some(Err(_)));
+            let hold = wants_hold
+                .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok));
+            let (mut d, ticket, held) = self.guard(&policy, &facts, mode, hold.as_ref()).await?;
+            if let Some(ReserveOutcome::Reserved(r)) = held.clone() {
+                spend.reservation = Some(r);
+            }
             if d.verdict == Verdict::Deny {
                 return Ok((d, Some(ticket), None, None));
             }
-            // Step 8, verification: a presented token is checked before the thresholds it lifts.
             let mut approval = None;
-            if let (Some(token), Some(fp)) = (ctx.approval_token.as_deref(), fp.as_deref()) {
-                match self.verify_approval(token, &caller.tenant, fp, estimated_cost, now_s) {
-                    Ok(claims) => {
-                        d = decide::lift_soft_escalation(d);
-                        approval = Some(claims);
-                    }
-                    Err(e) => {
-                        let refusal = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, e) };
-                        return Ok((refusal, Some(ticket), None, None));
-                    }
+            match token_check {
+                Some(Ok(claims)) => {
+                    d = decide::lift_soft_escalation(d);
+                    approval = Some(claims);
                 }
+                Some(Err(e)) => {
+                    let refusal = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, e) };
+                    return Ok((refusal, Some(ticket), None, None));
+                }
+                None => {}
             }
-            let approved = approval.is_some();
             let mut clamp_to = None;
             if d.is_allow() && !d.is_would_deny() {
-                if let Some(reason) = decide::spend_threshold(&policy, estimated_cost, approved) {
+                if let Some(reason) = threshold {
                     d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
                 }
             }
             if d.is_allow() && !d.is_would_deny() {
-                let budget = policy.directory.monthly_budget(&caller.tenant, tier);
-                let over_budget_ok = approved && mode == Mode::Soft;
-                let step =
-                    self.reserve(ctx, &policy, &mut spend, budget, max_output, choices, mode, over_budget_ok).await?;
+                let step = match held {
+                    Some(outcome) => self.reserve_step(&spend, outcome, choices, over_budget_ok),
+                    None => self.shadow_fit(&spend, budget).await?,
+                };
                 if let Some(reason) = step.violation {
                     d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
                 } else if step.over_budget {
@@ -376,102 +391,107 @@ impl PreauthProxy {
         Ok(replayed)
     }
 
-    /// Step 9: holds the worst-case cost against the tenant's month (in shadow mode: only checks
-    /// whether it would fit). With clamp-to-budget, holds what fits down to the minimum output.
+    /// Step 9's hold: the worst-case cost against the tenant's month. With clamp-to-budget the
+    /// store holds what fits down to the minimum output; with an approval in soft mode, whatever
+    /// is left.
     #[allow(clippy::too_many_arguments)]
-    async fn reserve(
+    fn reserve_request<'a>(
         &self,
-        ctx: &RequestCtx,
+        ctx: &'a RequestCtx,
         policy: &Policy,
-        spend: &mut SpendCtx,
+        spend: &'a SpendCtx,
         budget: Micros,
         max_output: u64,
         choices: u64,
-        mode: Mode,
         over_budget_ok: bool,
-    ) -> std::result::Result<ReserveStep, StoreError> {
-        let now = self.state.clock.now_ms();
-        let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
-        if mode == Mode::Shadow {
-            let month = crate::store::budget::month_key(now);
-            let view = match tokio::time::timeout(store_timeout, self.state.budgets.tenant_spend(&spend.tenant, &month))
-                .await
-            {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => return Err(self.store_failed("tenant_spend", e)),
-                Err(_) => return Err(self.store_failed("tenant_spend", StoreError::Timeout)),
-            };
-            let fits = view.remaining(budget) >= spend.estimated_cost;
-            return Ok(ReserveStep { violation: (!fits).then_some(Reason::BudgetExceeded), ..ReserveStep::default() });
-        }
+    ) -> ReserveRequest<'a> {
         let min_output = policy.spend.clamp_min_output_tokens * choices;
         let clamp = policy.spend.clamp_max_tokens_to_budget && spend.route.has_output() && max_output > min_output;
-        // Soft mode + a valid approval admits over budget: hold whatever is left (maybe nothing).
         let min_amount = if over_budget_ok {
             Some(Micros::ZERO)
         } else {
             clamp.then(|| worst_case_cost(&spend.price, spend.prompt_tokens, min_output))
         };
-        let req = ReserveRequest {
+        ReserveRequest {
             tenant: &spend.tenant,
             tenant_tier: spend.tier.as_str(),
             request_id: &ctx.request_id,
             model: ctx.model.as_deref().unwrap_or(""),
-            now,
+            now: self.state.clock.now_ms(),
             monthly_budget: budget,
             amount: spend.estimated_cost,
             min_amount,
-        };
-        let outcome = match tokio::time::timeout(store_timeout, self.state.budgets.reserve(&req)).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => return Err(self.store_failed("reserve", e)),
-            Err(_) => return Err(self.store_failed("reserve", StoreError::Timeout)),
-        };
+        }
+    }
+
+    /// What the store's answer to the hold means for the decision.
+    fn reserve_step(
+        &self,
+        spend: &SpendCtx,
+        outcome: ReserveOutcome,
+        choices: u64,
+        over_budget_ok: bool,
+    ) -> ReserveStep {
         match outcome {
             ReserveOutcome::Insufficient { .. } => {
-                Ok(ReserveStep { violation: Some(Reason::BudgetExceeded), ..ReserveStep::default() })
+                ReserveStep { violation: Some(Reason::BudgetExceeded), ..ReserveStep::default() }
             }
             ReserveOutcome::Reserved(r) => {
                 let short = r.amount < spend.estimated_cost;
-                let step = if short && over_budget_ok {
+                if short && over_budget_ok {
                     ReserveStep { over_budget: true, ..ReserveStep::default() }
                 } else {
                     let clamped_to = short
                         .then(|| (max_output_that_fits(&spend.price, spend.prompt_tokens, r.amount) / choices).max(1));
                     ReserveStep { clamped_to, ..ReserveStep::default() }
-                };
-                spend.reservation = Some(r);
-                Ok(step)
+                }
             }
         }
     }
 
-    /// Counts the request in the store and evaluates steps 4–6 on the counters it saw.
+    /// Shadow mode holds nothing; it only checks whether the request would have fitted.
+    async fn shadow_fit(&self, spend: &SpendCtx, budget: Micros) -> std::result::Result<ReserveStep, StoreError> {
+        let month = crate::store::budget::month_key(self.state.clock.now_ms());
+        let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
+        let view =
+            match tokio::time::timeout(store_timeout, self.state.budgets.tenant_spend(&spend.tenant, &month)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => return Err(self.store_failed("tenant_spend", e)),
+                Err(_) => return Err(self.store_failed("tenant_spend", StoreError::Timeout)),
+            };
+        let fits = view.remaining(budget) >= spend.estimated_cost;
+        Ok(ReserveStep { violation: (!fits).then_some(Reason::BudgetExceeded), ..ReserveStep::default() })
+    }
+
+    /// Counts the request in the store (and holds its cost when asked) in one step, then
+    /// evaluates steps 4–6 on the counters it saw.
     async fn guard(
         &self,
         policy: &Policy,
         facts: &Facts<'_>,
         mode: Mode,
-    ) -> std::result::Result<(Decision, Ticket), StoreError> {
+        hold: Option<&ReserveRequest<'_>>,
+    ) -> std::result::Result<(Decision, Ticket, Option<ReserveOutcome>), StoreError> {
         let now = self.state.clock.now_ms();
         let lease_ttl_ms = policy.wants_lease(facts.tenant).then(|| policy.fair_use.lease_ttl_seconds * 1000);
         let req = AdmitRequest { tenant: facts.tenant, now, tokens: facts.estimated_tokens, lease_ttl_ms };
         let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
-        let (ticket, view) = match tokio::time::timeout(store_timeout, self.state.counters.admit(&req)).await {
-            Ok(Ok(v)) => {
-                self.state.set_store_healthy(true);
-                v
-            }
-            Ok(Err(e)) => return Err(self.store_failed("admit", e)),
-            Err(_) => return Err(self.store_failed("admit", StoreError::Timeout)),
-        };
+        let (ticket, view, held) =
+            match tokio::time::timeout(store_timeout, self.state.gatekeeper.admit_reserve(&req, hold)).await {
+                Ok(Ok(v)) => {
+                    self.state.set_store_healthy(true);
+                    v
+                }
+                Ok(Err(e)) => return Err(self.store_failed("admit", e)),
+                Err(_) => return Err(self.store_failed("admit", StoreError::Timeout)),
+            };
         let decision = decide::evaluate(policy, facts, &view, mode, now);
         if let Some(until) = decision.trip_global_block_until {
             if let Err(e) = self.state.counters.set_global_block(until).await {
                 self.store_failed("set_global_block", e);
             }
         }
-        Ok((decision, ticket))
+        Ok((decision, ticket, held))
     }
 
     fn store_failed(&self, op: &str, e: StoreError) -> StoreError {

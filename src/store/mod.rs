@@ -88,6 +88,44 @@ pub trait Counters: Send + Sync {
     async fn sweep(&self, now: UnixMillis) -> Result<SweepStats, StoreError>;
 }
 
+/// Admission and reservation of one request as one step: a shared store sends both in one
+/// network round trip (the hot path of an admitted request). The counters view is the one of
+/// `Counters::admit`; the reservation outcome that of `Budgets::reserve`. When the guards then
+/// refuse the request, the caller rolls back both.
+#[async_trait]
+pub trait Gatekeeper: Send + Sync {
+    async fn admit_reserve(
+        &self,
+        admit: &AdmitRequest<'_>,
+        reserve: Option<&budget::ReserveRequest<'_>>,
+    ) -> Result<(Ticket, CountersView, Option<budget::ReserveOutcome>), StoreError>;
+}
+
+/// The gatekeeper of stores that are not shared: admit, then reserve (both in-process).
+pub struct Sequential {
+    pub counters: Arc<dyn Counters>,
+    pub budgets: Arc<dyn budget::Budgets>,
+}
+
+#[async_trait]
+impl Gatekeeper for Sequential {
+    async fn admit_reserve(
+        &self,
+        admit: &AdmitRequest<'_>,
+        reserve: Option<&budget::ReserveRequest<'_>>,
+    ) -> Result<(Ticket, CountersView, Option<budget::ReserveOutcome>), StoreError> {
+        let (ticket, view) = self.counters.admit(admit).await?;
+        let Some(r) = reserve else { return Ok((ticket, view, None)) };
+        match self.budgets.reserve(r).await {
+            Ok(o) => Ok((ticket, view, Some(o))),
+            Err(e) => {
+                let _ = self.counters.rollback(&ticket).await;
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Store health as a backend sees it (fleet mode: the Redis circuit breaker is closed).
 pub type HealthProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 

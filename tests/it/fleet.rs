@@ -258,7 +258,8 @@ async fn redis_outage_fails_safe_per_mode_and_recovers() {
     let p = prefix();
     let sw = switchable_redis().await;
     let url = format!("redis://127.0.0.1:{}", sw.port);
-    let s = start_fleet(&[("PREAUTH_SOURCE_MODES", "evals=shadow")], &url, &p).await;
+    let s =
+        start_fleet(&[("PREAUTH_SOURCE_MODES", "evals=shadow"), ("PREAUTH_STORE_TIMEOUT_MS", "50")], &url, &p).await;
     assert_eq!(
         post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
             .await

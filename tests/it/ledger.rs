@@ -215,6 +215,8 @@ async fn sigkill_under_streaming_load_loses_no_event() {
         ("PREAUTH_DATA_DIR", dir.display().to_string()),
         ("PREAUTH_LEDGER_URL", url.clone()),
         ("PREAUTH_RESERVATION_TTL_SECONDS", "2".to_string()),
+        ("PREAUTH_GATE_TIMEOUT_MS", "5000".to_string()),
+        ("PREAUTH_STORE_TIMEOUT_MS", "2000".to_string()),
     ];
     let mut child = spawn_binary(&env);
     wait_listening(proxy);

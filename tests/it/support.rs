@@ -86,6 +86,10 @@ pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &s
     m.insert("ADMIN_API_KEY".into(), ADMIN_KEY.into());
     m.insert("PREAUTH_THREADS".into(), "2".into());
     m.insert("PREAUTH_DATA_DIR".into(), dir.display().to_string());
+    // The suite runs many servers at once on 2 cores: decisions must not hit the production
+    // deadlines by scheduling delay alone (tests that exercise deadlines set their own).
+    m.insert("PREAUTH_GATE_TIMEOUT_MS".into(), "5000".into());
+    m.insert("PREAUTH_STORE_TIMEOUT_MS".into(), "2000".into());
     for (k, v) in env {
         if v.is_empty() {
             m.remove(*k);
@@ -96,7 +100,15 @@ pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &s
     let cfg = config::parse(&m, Purpose::Run).expect("test config is valid");
     let budgets = Arc::new(MemoryBudgets::open(&cfg.data_dir).unwrap());
     let approvals = Arc::new(MemoryApprovals::open(&cfg.data_dir).unwrap());
-    let parts = Parts { clock: Arc::new(SystemClock), counters, budgets, approvals, policy: None, health: None };
+    let parts = Parts {
+        clock: Arc::new(SystemClock),
+        counters,
+        budgets,
+        approvals,
+        policy: None,
+        gatekeeper: None,
+        health: None,
+    };
     let built = server::build_with(cfg, parts).unwrap();
     let running = server::spawn(built);
     wait_listening(proxy);
@@ -171,6 +183,8 @@ pub async fn start_fleet(env: &[(&str, &str)], redis_url: &str, prefix: &str) ->
     m.insert("PREAUTH_DATA_DIR".into(), dir.display().to_string());
     m.insert("PREAUTH_REDIS_URL".into(), redis_url.to_string());
     m.insert("PREAUTH_REDIS_KEY_PREFIX".into(), prefix.to_string());
+    m.insert("PREAUTH_GATE_TIMEOUT_MS".into(), "5000".into());
+    m.insert("PREAUTH_STORE_TIMEOUT_MS".into(), "1000".into());
     for (k, v) in env {
         m.insert(k.to_string(), v.to_string());
     }
@@ -203,6 +217,8 @@ impl Binary {
             ("ADMIN_API_KEY".into(), ADMIN_KEY.into()),
             ("PREAUTH_DATA_DIR".into(), dir.display().to_string()),
             ("PREAUTH_THREADS".into(), "2".into()),
+            ("PREAUTH_GATE_TIMEOUT_MS".into(), "5000".into()),
+            ("PREAUTH_STORE_TIMEOUT_MS".into(), "2000".into()),
         ];
         for (k, v) in extra {
             env.retain(|(ek, _)| ek != k);

@@ -108,12 +108,13 @@ impl RedisStore {
     }
 }
 
-#[async_trait]
-impl Budgets for RedisStore {
-    async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+impl RedisStore {
+    /// Prepares the atomic check-and-hold of `r` without sending it: the reservation it would
+    /// create and the script call.
+    pub(crate) fn plan_reserve(&self, r: &ReserveRequest<'_>) -> (Reservation, redis::ScriptInvocation<'_>) {
         let amount = r.amount.0.clamp(0, MAX_EXACT);
         let min = r.min_amount.map_or(-1, |m| m.0.clamp(0, amount));
-        let mut res = Reservation {
+        let res = Reservation {
             id: uuid::Uuid::now_v7().to_string(),
             tenant: r.tenant.to_owned(),
             tenant_tier: r.tenant_tier.to_owned(),
@@ -139,24 +140,38 @@ impl Budgets for RedisStore {
             .arg(min)
             .arg(SPEND_TTL_MS)
             .arg(ACTIVE_RECORD_TTL_MS);
-        let reply = self
-            .exec("reserve", 1, |mut c| async move {
-                let v = as_array(inv.invoke_async(&mut c).await?)?;
-                v.iter().map(as_i64).collect::<redis::RedisResult<Vec<i64>>>()
-            })
-            .await?;
-        match reply.as_slice() {
-            [1, hold] => {
-                res.amount = Micros(*hold);
-                Ok(ReserveOutcome::Reserved(res))
-            }
-            [0, spent, reserved, remaining] => Ok(ReserveOutcome::Insufficient {
-                spent: Micros(*spent),
-                reserved: Micros(*reserved),
-                remaining: Micros(*remaining),
-            }),
-            other => Err(StoreError::Unavailable(format!("reserve: unexpected reply {other:?}"))),
+        (res, inv)
+    }
+}
+
+/// Sends a prepared reserve call.
+pub(crate) async fn run_reserve(inv: redis::ScriptInvocation<'_>, c: &mut super::Conn) -> redis::RedisResult<Vec<i64>> {
+    let v = as_array(inv.invoke_async(c).await?)?;
+    v.iter().map(as_i64).collect::<redis::RedisResult<Vec<i64>>>()
+}
+
+/// Interprets the reserve script's reply for the reservation it would create.
+pub(crate) fn reserve_outcome(mut res: Reservation, reply: &[i64]) -> Result<ReserveOutcome, StoreError> {
+    match reply {
+        [1, hold] => {
+            res.amount = Micros(*hold);
+            Ok(ReserveOutcome::Reserved(res))
         }
+        [0, spent, reserved, remaining] => Ok(ReserveOutcome::Insufficient {
+            spent: Micros(*spent),
+            reserved: Micros(*reserved),
+            remaining: Micros(*remaining),
+        }),
+        other => Err(StoreError::Unavailable(format!("reserve: unexpected reply {other:?}"))),
+    }
+}
+
+#[async_trait]
+impl Budgets for RedisStore {
+    async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+        let (res, inv) = self.plan_reserve(r);
+        let reply = self.exec("reserve", 1, |mut c| async move { run_reserve(inv, &mut c).await }).await?;
+        reserve_outcome(res, &reply)
     }
 
     async fn settle(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {

@@ -78,20 +78,28 @@ fn random_seq() -> u64 {
     ((uuid::Uuid::new_v4().as_u128() as u64) & ((1u64 << 53) - 1)).max(1)
 }
 
-#[async_trait]
-impl Counters for RedisStore {
-    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError> {
-        let s = &self.inner.scripts;
-        let tk = tenant_keys(self, req.tenant, req.now);
-        let gk = global_keys(self);
-        let lease = req.lease_ttl_ms.map_or(-1i64, |t| t.min(i64::MAX as u64) as i64);
-        let (seq, view) = if !self.inner.cluster {
-            let mut inv = s.admit.prepare_invoke();
-            for k in gk.iter().chain(tk.iter()) {
-                inv.key(k);
-            }
-            inv.arg(req.tenant).arg(req.now).arg(req.tokens).arg(lease);
-            self.exec("admit", 1, |mut c| async move {
+/// The admission script(s) of one request, ready to send: one script on a single node; the
+/// global and tenant halves sent together (pipelined, one round trip) in cluster mode.
+pub(crate) struct AdmitPlan<'a> {
+    single: Option<redis::ScriptInvocation<'a>>,
+    halves: Option<(redis::ScriptInvocation<'a>, redis::ScriptInvocation<'a>)>,
+    seq: u64,
+}
+
+impl AdmitPlan<'_> {
+    pub(crate) fn round_trip_commands(&self) -> u64 {
+        if self.single.is_some() {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Sends the plan on `c` and parses `(seq, view)`.
+    pub(crate) async fn run(self, c: super::Conn) -> redis::RedisResult<(u64, CountersView)> {
+        match (self.single, self.halves) {
+            (Some(inv), _) => {
+                let mut c = c;
                 let v = as_array(inv.invoke_async::<Value>(&mut c).await?)?;
                 if v.len() < 10 {
                     return Err(proto(format!("admit reply of {} fields", v.len())));
@@ -100,8 +108,37 @@ impl Counters for RedisStore {
                 let tenant = tenant_view(&v[1..7])?;
                 let global = global_view(&v[7..10])?;
                 Ok((seq, CountersView { global, tenant }))
-            })
-            .await?
+            }
+            (None, Some((g, t))) => {
+                let (mut c1, mut c2) = (c.clone(), c);
+                let (gv, tv) = tokio::try_join!(g.invoke_async::<Value>(&mut c1), t.invoke_async::<Value>(&mut c2))?;
+                let global = global_view(&as_array(gv)?)?;
+                let tenant = tenant_view(&as_array(tv)?)?;
+                Ok((self.seq, CountersView { global, tenant }))
+            }
+            (None, None) => Err(proto("empty admit plan")),
+        }
+    }
+}
+
+pub(crate) fn ticket_of(req: &AdmitRequest<'_>, seq: u64) -> Ticket {
+    Ticket { seq, tenant: Arc::from(req.tenant), at: req.now, has_lease: req.lease_ttl_ms.is_some() }
+}
+
+impl RedisStore {
+    /// Prepares the admission of `req` without sending it.
+    pub(crate) fn plan_admit(&self, req: &AdmitRequest<'_>) -> AdmitPlan<'_> {
+        let s = &self.inner.scripts;
+        let tk = tenant_keys(self, req.tenant, req.now);
+        let gk = global_keys(self);
+        let lease = req.lease_ttl_ms.map_or(-1i64, |t| t.min(i64::MAX as u64) as i64);
+        if !self.inner.cluster {
+            let mut inv = s.admit.prepare_invoke();
+            for k in gk.iter().chain(tk.iter()) {
+                inv.key(k);
+            }
+            inv.arg(req.tenant).arg(req.now).arg(req.tokens).arg(lease);
+            AdmitPlan { single: Some(inv), halves: None, seq: 0 }
         } else {
             let seq = random_seq();
             let mut g = s.admit_global.prepare_invoke();
@@ -111,17 +148,17 @@ impl Counters for RedisStore {
                 t.key(k);
             }
             t.arg(seq).arg(req.now).arg(req.tokens).arg(lease);
-            self.exec("admit", 2, |c| async move {
-                let (mut c1, mut c2) = (c.clone(), c);
-                let (gv, tv) = tokio::try_join!(g.invoke_async::<Value>(&mut c1), t.invoke_async::<Value>(&mut c2))?;
-                let global = global_view(&as_array(gv)?)?;
-                let tenant = tenant_view(&as_array(tv)?)?;
-                Ok((seq, CountersView { global, tenant }))
-            })
-            .await?
-        };
-        let ticket = Ticket { seq, tenant: Arc::from(req.tenant), at: req.now, has_lease: req.lease_ttl_ms.is_some() };
-        Ok((ticket, view))
+            AdmitPlan { single: None, halves: Some((g, t)), seq }
+        }
+    }
+}
+
+#[async_trait]
+impl Counters for RedisStore {
+    async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError> {
+        let plan = self.plan_admit(req);
+        let (seq, view) = self.exec("admit", plan.round_trip_commands(), |c| plan.run(c)).await?;
+        Ok((ticket_of(req, seq), view))
     }
 
     async fn rollback(&self, ticket: &Ticket) -> Result<(), StoreError> {

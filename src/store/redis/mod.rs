@@ -727,3 +727,50 @@ pub(crate) fn as_map(v: Value) -> RedisResult<HashMap<String, String>> {
 pub(crate) fn opt_ms(v: i64) -> Option<u64> {
     (v >= 0).then_some(v as u64)
 }
+
+// === impl Gatekeeper ===
+
+#[async_trait::async_trait]
+impl crate::store::Gatekeeper for RedisStore {
+    /// Admission and reservation pipelined on the multiplexed connection: one network round trip.
+    async fn admit_reserve(
+        &self,
+        admit: &crate::store::AdmitRequest<'_>,
+        reserve: Option<&crate::store::budget::ReserveRequest<'_>>,
+    ) -> Result<
+        (crate::store::Ticket, crate::decide::CountersView, Option<crate::store::budget::ReserveOutcome>),
+        StoreError,
+    > {
+        use crate::store::budget::Budgets;
+        use crate::store::budget::ReserveOutcome;
+        use crate::store::Counters;
+        let Some(r) = reserve else {
+            let (t, v) = self.admit(admit).await?;
+            return Ok((t, v, None));
+        };
+        let plan = self.plan_admit(admit);
+        let (res, inv) = self.plan_reserve(r);
+        let commands = plan.round_trip_commands() + 1;
+        let (a, b) = self
+            .exec("admit_reserve", commands, |c| async move {
+                let mut c2 = c.clone();
+                // Both futures write before either reads: the commands share one round trip.
+                Ok(tokio::join!(plan.run(c), budgets::run_reserve(inv, &mut c2)))
+            })
+            .await?;
+        let outcome =
+            b.map_err(|e| unavailable(format!("reserve: {e}"))).and_then(|reply| budgets::reserve_outcome(res, &reply));
+        match (a, outcome) {
+            (Ok((seq, view)), Ok(o)) => Ok((counters::ticket_of(admit, seq), view, Some(o))),
+            (Ok((seq, _)), Err(e)) => {
+                let _ = self.rollback(&counters::ticket_of(admit, seq)).await;
+                Err(e)
+            }
+            (Err(e), Ok(ReserveOutcome::Reserved(held))) => {
+                let _ = self.release(&held.id, r.now).await;
+                Err(unavailable(format!("admit: {e}")))
+            }
+            (Err(e), _) => Err(unavailable(format!("admit: {e}"))),
+        }
+    }
+}
