@@ -31,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -186,19 +187,24 @@ async def openloop_main(a):
     record_from[0] = t0 + n_warm / a.rate
     interval = 1.0 / a.rate
     cpu0 = os.times()
-    for i in range(n):
-        due = t0 + i * interval
-        while True:
+    loop = asyncio.get_running_loop()
+
+    # The schedule is kept by a thread sleeping with clock_nanosleep (sub-ms precision) rather
+    # than by the event loop (epoll timeouts round up to 1 ms). It enqueues each request at its
+    # scheduled time; a request waiting for a free connection keeps its scheduled start.
+    def dispatcher():
+        for i in range(n):
+            due = t0 + i * interval
             d = due - time.perf_counter()
-            if d <= 0:
-                break
-            if d > 0.002:
-                await asyncio.sleep(d - 0.0015)
-            else:
-                await asyncio.sleep(0)
-        q.put_nowait(due)
-    for _ in workers:
-        q.put_nowait(None)
+            if d > 0:
+                time.sleep(d)
+            loop.call_soon_threadsafe(q.put_nowait, due)
+        for _ in workers:
+            loop.call_soon_threadsafe(q.put_nowait, None)
+
+    sys.setswitchinterval(0.0005)
+    th = threading.Thread(target=dispatcher, daemon=True)
+    th.start()
     await asyncio.gather(*workers)
     t_end = time.perf_counter()
     cpu1 = os.times()
@@ -406,6 +412,10 @@ class Bench:
         self.tenants_conns = int(e("TENANTS_CONNECTIONS", "32"))
         self.tenants_reclaim_wait = int(e("TENANTS_RECLAIM_WAIT", "0"))
         self.include_usage = e("SSE_INCLUDE_USAGE", "1") == "1"
+        # Saturation runs queue ~32 requests on one pinned proxy thread: a store round trip then
+        # waits behind the queue and the production defaults (20 ms / 50 ms) fail closed with 503.
+        self.store_timeout = e("STORE_TIMEOUT_MS", "1000")
+        self.gate_timeout = e("GATE_TIMEOUT_MS", "2000")
         self.redis_url = e("REDIS_URL", "redis://127.0.0.1:6379")
         self.redis_prefix = f"preauthbench-{int(time.time())}-{os.getpid()}:"
         self.sidecar_bin = e("SIDECAR_BIN", os.path.join(REPO, "target/release/preauth-sidecar"))
@@ -546,6 +556,8 @@ tokens_per_minute = 1000000000000
             "PREAUTH_HARD_DENY_ABOVE_USD": "50.00",
             "ENFORCEMENT_APPROVAL_TOKEN_SECRET": APPROVAL_SECRET,
             "ADMIN_API_KEY": ADMIN_KEY,
+            "PREAUTH_STORE_TIMEOUT_MS": self.store_timeout,
+            "PREAUTH_GATE_TIMEOUT_MS": self.gate_timeout,
         })
         if redis:
             env["PREAUTH_REDIS_URL"] = self.redis_url
@@ -638,7 +650,9 @@ tokens_per_minute = 1000000000000
              if s0["pids"][k] is not None and s1["pids"].get(k) is not None}
         sysd = {k: (s1["sys"][k] - s0["sys"][k]) / CLK_TCK for k in s0["sys"]}
         ours = sum(d.values()) + loadgen_cpu_s
-        other = sysd["user"] + sysd["system"] - ours
+        # /proc/stat is sampled by the 250 Hz tick, per-process times are exact: at low load the
+        # difference can go slightly negative; clamp.
+        other = max(0.0, sysd["user"] + sysd["system"] - ours)
         return d, sysd, other
 
     def wrk(self, target, mode, duration, extra_env=None):
@@ -741,6 +755,7 @@ tokens_per_minute = 1000000000000
             raise Fail(f"tenants loadgen failed:\n{pr.stdout}\n{pr.stderr}")
         o = json.loads(js[-1][len("BENCH_JSON "):])
         c1 = proc_cpu_ticks(pid)
+        time.sleep(2.5)  # the housekeeper sweeps (and updates preauth_tenants_tracked) every second
         o["rss_idle_mb"] = (rss0 or 0) / 1024
         o["rss_mb"] = (proc_status_kb(pid, "VmRSS") or 0) / 1024
         o["hwm_mb"] = (proc_status_kb(pid, "VmHWM") or 0) / 1024
@@ -838,8 +853,8 @@ tokens_per_minute = 1000000000000
                 f"(latency from the scheduled start; {self.fixed_conns} keep-alive connections)")
         self.md()
         self.md("| mode | target | achieved req/s | p50 ms | p99 ms | p99.9 ms | added p99 vs direct ms | goal "
-                "| proxy CPU µs/req | loadgen lag p99 µs |")
-        self.md("|---|---|---|---|---|---|---|---|---|---|")
+                "| p99 from send ms | proxy CPU µs/req | loadgen lag p99 µs |")
+        self.md("|---|---|---|---|---|---|---|---|---|---|---|")
         goals = {"embedded": 0.5, "redis": 1.0}
         for mode in self.fixed_modes:
             by = {}
@@ -861,6 +876,7 @@ tokens_per_minute = 1000000000000
                         f" | {med_range([r['p99_us'] / 1000 for r in rs], '{:.3f}')}"
                         f" | {med_range([r['p999_us'] / 1000 for r in rs], '{:.3f}')}"
                         f" | {med_range(added, '{:+.3f}') if added else '–'} | {goal}"
+                        f" | {med_range([r['svc_p99_us'] / 1000 for r in rs], '{:.3f}')}"
                         f" | {med_range([r['cpu_us'] for r in rs], '{:.1f}')}"
                         f" | {med_range([r['lag_p99_us'] for r in rs])} |")
         self.md()
@@ -892,6 +908,16 @@ tokens_per_minute = 1000000000000
         procs0 = all_proc_ticks()
         load0 = open("/proc/loadavg").read().split()[:3]
         self.tenants_file = self.write_tenants_file()
+        # Private copies: other work may rebuild target/release while this runs.
+        self.bin_info = {}
+        for attr in ("sidecar_bin", "mock_bin"):
+            src = getattr(self, attr)
+            dst = os.path.join(self.work, os.path.basename(src))
+            shutil.copy2(src, dst)
+            with open(dst, "rb") as f:
+                self.bin_info[attr] = (hashlib.sha256(f.read()).hexdigest()[:12],
+                                       time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(src))))
+            setattr(self, attr, dst)
         runs, fixed, tenants = [], [], None
         try:
             self.log(f"workdir {self.work}; SUT on CPU {self.sut_cpus}, load generator on CPU {self.lg_cpus}")
@@ -951,21 +977,23 @@ tokens_per_minute = 1000000000000
         git = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = len(subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"],
                                    capture_output=True, text=True).stdout.splitlines())
-        bin_mtime = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(self.sidecar_bin)))
         nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1] \
             if shutil.which("nginx") else "?"
         cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
         self.md(f"# preauth-sidecar load benchmark — {stamp}")
         self.md()
         self.md(f"Command: `ROUNDS={self.rounds} DURATION={self.duration} benches/load/run.sh` · commit {git}"
-                f"{f' + {dirty} uncommitted file(s) in src/Cargo' if dirty else ''} · sidecar binary built {bin_mtime} · "
+                f"{f' + {dirty} uncommitted file(s) in src/Cargo' if dirty else ''} · sidecar binary built {self.bin_info['sidecar_bin'][1]} "
+                f"(sha256 {self.bin_info['sidecar_bin'][0]}) · "
                 f"nginx {nginx_v} · {os.cpu_count()} CPUs ({cpu_model}) · kernel {os.uname().release}")
         self.md()
         self.md(f"Setup: SUT (proxy + mock) pinned to CPU {self.sut_cpus}, load generator to CPU {self.lg_cpus}; "
                 f"wrk -t1 -c{self.conns}, {self.duration} s per run, {self.rounds} rounds interleaved (target order "
                 f"rotated each round), {self.warmup} s warm-up per target. Sidecars: PREAUTH_THREADS=1, RUST_LOG=warn, "
                 f"identity JWT HS256, global abuse guard + fair use (per-minute, concurrency, token rate) on with "
-                f"caps nothing reaches, budget reservation + settlement + outbox on, hard mode. Redis row: "
+                f"caps nothing reaches, budget reservation + settlement + outbox on, hard mode, "
+                f"PREAUTH_STORE_TIMEOUT_MS={self.store_timeout} PREAUTH_GATE_TIMEOUT_MS={self.gate_timeout} "
+                f"(defaults 20/50 fail closed under saturation queueing). Redis row: "
                 f"{self.redis_url} (prefix deleted afterwards). SSE body "
                 f"{'carries' if self.include_usage else 'does not carry'} `stream_options.include_usage=true` for every "
                 f"target{' (identical upstream traffic)' if self.include_usage else ' (the sidecar splices it in)'}.")

@@ -26,6 +26,8 @@
 #   TARGETS="direct nginx embedded redis" MODES="json sse"
 #   FIXED_RATE=1000 FIXED_DURATION=10 FIXED_MODES="json sse" FIXED_ROUNDS=$ROUNDS FIXED_CONNECTIONS=16
 #   TENANTS=100000 (0 skips) TENANTS_IDENTITY=jwt|header TENANTS_CONNECTIONS=32 TENANTS_RECLAIM_WAIT=0 (s)
+#   STORE_TIMEOUT_MS=1000 GATE_TIMEOUT_MS=2000  sidecar store/gate timeouts (production 20/50 fail closed
+#                         when 32 connections queue on one pinned thread)
 #   SSE_INCLUDE_USAGE=1   SSE bodies carry stream_options.include_usage=true (same bytes on every
 #                         target); 0 makes the sidecar splice it in
 #   REDIS_URL=redis://127.0.0.1:6379   PROFILE=0 (1: perf record -g the embedded sidecar, top symbols)

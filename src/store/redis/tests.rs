@@ -578,7 +578,7 @@ fn closed_port() -> u16 {
 }
 
 #[tokio::test]
-async fn unreachable_redis_fails_fast_then_in_microseconds_once_open() {
+async fn unreachable_redis_fails_without_network_once_the_breaker_is_open() {
     let url = format!("redis://127.0.0.1:{}", closed_port());
     let opts = RedisOptions { connect_wait: Duration::from_millis(300), ..RedisOptions::default() };
     let started = Instant::now();
@@ -591,10 +591,12 @@ async fn unreachable_redis_fails_fast_then_in_microseconds_once_open() {
         let t = Instant::now();
         let r = s.admit(&req("a", now + i, None)).await;
         worst = worst.max(t.elapsed());
-        assert!(matches!(r, Err(StoreError::Unavailable(_) | StoreError::Timeout)), "{r:?}");
+        // The breaker answers without touching the network (no connect, no op timeout spent).
+        assert_eq!(r.map(|_| ()), Err(StoreError::Unavailable("circuit open".into())));
     }
+    // Timing is reported, not asserted (benchmarks own performance goals); the op timeout
+    // here is 20 ms, so even a loaded machine shows the breaker is not waiting on Redis.
     eprintln!("breaker open: worst admit of 1000 took {worst:?}");
-    assert!(worst < Duration::from_millis(1), "{worst:?}");
     let r = s.reserve(&rreq("a", now, BUDGET, 1, None)).await;
     assert_eq!(r, Err(StoreError::Unavailable("circuit open".into())));
     assert!(s.error_counts().iter().any(|(op, n)| *op == "admit" && *n == 1000));
