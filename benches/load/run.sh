@@ -30,7 +30,11 @@
 #                         when 32 connections queue on one pinned thread)
 #   SSE_INCLUDE_USAGE=1   SSE bodies carry stream_options.include_usage=true (same bytes on every
 #                         target); 0 makes the sidecar splice it in
-#   REDIS_URL=redis://127.0.0.1:6379   PROFILE=0 (1: perf record -g the embedded sidecar, top symbols)
+#   BENCH_NICE=-10        nice level of everything it starts (SUT and load generators; root only) so that
+#                         other work on the machine preempts the measurement less
+#   REDIS_URL=redis://127.0.0.1:6379
+#   PROFILE=0             1: also perf record -g the embedded sidecar under wrk (JSON) and list the top
+#                         15 self-cost symbols (installs linux-perf if missing)
 #   SKIP_BUILD=0  SKIP_INSTALL=0  KEEP_WORKDIR=0  RESULTS_DIR=benches/load/results
 set -euo pipefail
 cd "$(dirname "$0")/../.."

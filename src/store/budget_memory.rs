@@ -165,11 +165,6 @@ fn prev_month(m: Month) -> Month {
     }
 }
 
-/// Months kept: the previous one and later.
-fn keep_month(key: &str, prev: Month) -> bool {
-    Month::parse(key).is_some_and(|m| m >= prev)
-}
-
 // ---------------------------------------------------------------------------------------------
 // State: pure bookkeeping, no I/O. Replaying a journal and serving live calls use the same code.
 
@@ -189,8 +184,9 @@ struct Finished {
 struct State {
     retention_ms: u64,
     max_finished: usize,
-    /// tenant → month → account.
-    accts: HashMap<String, HashMap<String, Acct>>,
+    /// tenant → (month, account) for the few months kept (a short list, not a map: one tenant
+    /// rarely has more than two, and 100k tenants must stay small).
+    accts: HashMap<String, Vec<(Month, Acct)>>,
     active: HashMap<Arc<str>, Reservation>,
     /// (created_at, id) of every active reservation.
     by_age: BTreeSet<(UnixMillis, Arc<str>)>,
@@ -235,18 +231,26 @@ impl State {
     }
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
-        self.accts.get(tenant).and_then(|m| m.get(month)).copied().unwrap_or_default()
+        let Some(m) = Month::parse(month) else { return Acct::default() };
+        self.accts.get(tenant).and_then(|ms| ms.iter().find(|(k, _)| *k == m)).map(|(_, a)| *a).unwrap_or_default()
     }
 
+    /// The account of `tenant` in `month`; a month that does not parse (only possible from a
+    /// damaged journal line) books into year 0, which the month pruning drops.
     fn acct_mut(&mut self, tenant: &str, month: &str) -> &mut Acct {
+        let m = Month::parse(month).unwrap_or(Month { year: 0, month: 1 });
         if !self.accts.contains_key(tenant) {
-            self.accts.insert(tenant.to_owned(), HashMap::new());
+            self.accts.insert(tenant.to_owned(), Vec::with_capacity(1));
         }
         let months = self.accts.get_mut(tenant).expect("inserted above");
-        if !months.contains_key(month) {
-            months.insert(month.to_owned(), Acct::default());
-        }
-        months.get_mut(month).expect("inserted above")
+        let i = match months.iter().position(|(k, _)| *k == m) {
+            Some(i) => i,
+            None => {
+                months.push((m, Acct::default()));
+                months.len() - 1
+            }
+        };
+        &mut months[i].1
     }
 
     /// Moves time forward: forgets old months and old finished records.
@@ -260,7 +264,7 @@ impl State {
             self.month = Some(m);
             let prev = prev_month(m);
             self.accts.retain(|_, months| {
-                months.retain(|k, a| a.active > 0 || keep_month(k, prev));
+                months.retain(|(k, a)| a.active > 0 || *k >= prev);
                 !months.is_empty()
             });
         }
@@ -381,8 +385,12 @@ impl State {
         let prev = prev_month(Month::of(self.last_now));
         for (tenant, months) in &self.accts {
             for (month, a) in months {
-                if a.spent != 0 && (a.active > 0 || keep_month(month, prev)) {
-                    let e = Entry::Spent { tenant: Cow::Borrowed(tenant), month: Cow::Borrowed(month), spent: a.spent };
+                if a.spent != 0 && (a.active > 0 || *month >= prev) {
+                    let e = Entry::Spent {
+                        tenant: Cow::Borrowed(tenant),
+                        month: Cow::Owned(month.to_string()),
+                        spent: a.spent,
+                    };
                     push_line(out, &e)?;
                 }
             }
@@ -402,7 +410,7 @@ impl State {
             push_line(
                 out,
                 &Entry::Done {
-                    id: Cow::Borrowed(&r.id),
+                    id: Cow::Borrowed(id),
                     tenant: Cow::Borrowed(&r.tenant),
                     tier: Cow::Borrowed(&r.tenant_tier),
                     request_id: Cow::Borrowed(&r.request_id),
@@ -431,7 +439,7 @@ impl State {
         let mut accts: Vec<_> = self
             .accts
             .iter()
-            .flat_map(|(t, ms)| ms.iter().map(move |(m, a)| (t, m, *a)))
+            .flat_map(|(t, ms)| ms.iter().map(move |(m, a)| (t, m.to_string(), *a)))
             .filter(|(_, _, a)| *a != Acct::default())
             .collect();
         accts.sort();

@@ -65,10 +65,9 @@ impl GlobalState {
 struct TenantState {
     day: u32,
     daily: u64,
-    /// (admitted at, seq), oldest first.
-    minute: VecDeque<(UnixMillis, u64)>,
-    /// (admitted at, seq, tokens), oldest first.
-    tokens: VecDeque<(UnixMillis, u64, u64)>,
+    /// (admitted at, seq, estimated tokens) of the last 60 s, oldest first: both the per-minute
+    /// and the token-rate window.
+    minute: VecDeque<(UnixMillis, u64, u64)>,
     tokens_sum: u64,
     /// (seq, expires at).
     leases: Vec<(u64, UnixMillis)>,
@@ -82,18 +81,21 @@ impl TenantState {
             self.daily = 0;
         }
         let horizon = now.saturating_sub(MS_PER_MINUTE);
-        while self.minute.front().is_some_and(|(at, _)| *at <= horizon) {
-            self.minute.pop_front();
-        }
-        while let Some((at, _, n)) = self.tokens.front() {
+        while let Some((at, _, n)) = self.minute.front() {
             if *at > horizon {
                 break;
             }
             self.tokens_sum -= n;
-            self.tokens.pop_front();
+            self.minute.pop_front();
+        }
+        if self.minute.is_empty() && self.minute.capacity() > 0 {
+            self.minute = VecDeque::new();
         }
         let before = self.leases.len();
         self.leases.retain(|(_, exp)| *exp > now);
+        if self.leases.is_empty() && self.leases.capacity() > 0 {
+            self.leases = Vec::new();
+        }
         (before - self.leases.len()) as u64
     }
 
@@ -101,15 +103,15 @@ impl TenantState {
         TenantView {
             daily_requests: self.daily,
             minute_requests: self.minute.len() as u64,
-            minute_oldest: self.minute.front().map(|(at, _)| *at),
+            minute_oldest: self.minute.front().map(|(at, _, _)| *at),
             in_flight: self.leases.len() as u64,
             tokens_last_minute: self.tokens_sum,
-            tokens_oldest: self.tokens.front().map(|(at, _, _)| *at),
+            tokens_oldest: self.minute.iter().find(|(_, _, n)| *n > 0).map(|(at, _, _)| *at),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.daily == 0 && self.minute.is_empty() && self.tokens.is_empty() && self.leases.is_empty()
+        self.daily == 0 && self.minute.is_empty() && self.leases.is_empty()
     }
 }
 
@@ -161,11 +163,8 @@ impl MemoryCounters {
             st.prune(req.now);
             let view = st.view();
             st.daily += 1;
-            st.minute.push_back((req.now, seq));
-            if req.tokens > 0 {
-                st.tokens.push_back((req.now, seq, req.tokens));
-                st.tokens_sum += req.tokens;
-            }
+            st.minute.push_back((req.now, seq, req.tokens));
+            st.tokens_sum += req.tokens;
             if let Some(ttl) = req.lease_ttl_ms {
                 st.leases.push((seq, req.now + ttl));
             }
@@ -190,11 +189,8 @@ impl MemoryCounters {
                 if st.day == utc_day(t.at) {
                     st.daily = st.daily.saturating_sub(1);
                 }
-                if let Some(i) = st.minute.iter().rposition(|(_, s)| *s == t.seq) {
-                    st.minute.remove(i);
-                }
-                if let Some(i) = st.tokens.iter().rposition(|(_, s, _)| *s == t.seq) {
-                    let (_, _, n) = st.tokens.remove(i).expect("index from rposition");
+                if let Some(i) = st.minute.iter().rposition(|(_, s, _)| *s == t.seq) {
+                    let (_, _, n) = st.minute.remove(i).expect("index from rposition");
                     st.tokens_sum -= n;
                 }
                 st.leases.retain(|(s, _)| *s != t.seq);
@@ -214,6 +210,9 @@ impl MemoryCounters {
         let mut shard = self.shard(&t.tenant).lock();
         if let Some(st) = shard.get_mut(&t.tenant) {
             st.leases.retain(|(s, _)| *s != t.seq);
+            if st.leases.is_empty() {
+                st.leases = Vec::new();
+            }
         }
     }
 
