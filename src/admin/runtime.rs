@@ -76,13 +76,19 @@ pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), Str
             "global_abuse_block_seconds" => p.global.block_seconds = int_in(v, k, 30, 86_400)? as u64,
             "fair_use_guards_enabled" => p.fair_use.enabled = boolean(v, k)?,
             "fair_use_per_minute_cap" => p.fair_use.per_minute_cap = int_in(v, k, i64::MIN, i64::MAX)?,
-            "fair_use_per_tenant_concurrency_cap" => p.fair_use.concurrency_cap = int_in(v, k, i64::MIN, i64::MAX)?,
+            // `fair_use_concurrency_cap` is accepted as a shorter spelling.
+            "fair_use_per_tenant_concurrency_cap" | "fair_use_concurrency_cap" => {
+                p.fair_use.concurrency_cap = int_in(v, k, i64::MIN, i64::MAX)?
+            }
             "fair_use_concurrency_lease_ttl_seconds" => p.fair_use.lease_ttl_seconds = int_in(v, k, 1, 86_400)? as u64,
             "fair_use_pro_daily_soft_cap" => p.fair_use.pro_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?,
             "fair_use_enterprise_daily_soft_cap" => {
                 p.fair_use.enterprise_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?
             }
-            "fair_use_tokens_per_minute" => p.fair_use.tokens_per_minute = int_in(v, k, i64::MIN, i64::MAX)?,
+            // `tenant_tokens_per_minute` mirrors the env name PREAUTH_TENANT_TOKENS_PER_MINUTE.
+            "fair_use_tokens_per_minute" | "tenant_tokens_per_minute" => {
+                p.fair_use.tokens_per_minute = int_in(v, k, i64::MIN, i64::MAX)?
+            }
             "enforcement_mode" => {
                 p.mode =
                     v.as_str().and_then(Mode::parse).ok_or_else(|| format!("`{k}` must be shadow, soft or hard"))?
