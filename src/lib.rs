@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod decide;
 pub mod demo;
+pub mod ids;
 pub mod ledger;
 pub mod proxy;
 pub mod server;

@@ -800,6 +800,9 @@ tokens_per_minute = 1000000000000
         except (OSError, ValueError) as e:
             return {"error": str(e)}
 
+    SYSCALLS = ["sendto", "writev", "write", "recvfrom", "read", "getrandom", "getpeername", "getsockopt",
+                "epoll_wait", "fdatasync", "futex"]
+
     def perf_profile(self):
         if not shutil.which("perf"):
             self.log("PROFILE=1 but perf is not installed; skipped")
@@ -814,7 +817,26 @@ tokens_per_minute = 1000000000000
         rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "sym", "--stdio",
                               "--percent-limit", "0.5", "-g", "none"], capture_output=True, text=True)
         lines = [l for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#")][:15]
-        return lines, w
+        # System calls and context switches per request (perf tracepoints), sidecar vs nginx.
+        per_req = {}
+        for t in ("nginx", "embedded"):
+            if t not in self.pids:
+                continue
+            events = ",".join(f"syscalls:sys_enter_{c}" for c in self.SYSCALLS) + ",context-switches"
+            st = subprocess.Popen(["perf", "stat", "-x", ",", "-e", events, "-p", str(self.pids[t]), "--",
+                                   "sleep", str(max(1, self.duration - 1))],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            self.procs.append(("perf-stat", st))
+            ww, _, _ = self.wrk(t, "json", self.duration)
+            err = st.communicate()[1]
+            reqs = ww["requests"] * max(1, self.duration - 1) / self.duration  # approx. requests in the window
+            counts = {}
+            for l in err.splitlines():
+                f = l.split(",")
+                if len(f) > 2 and f[0].strip().isdigit():
+                    counts[f[2].replace("syscalls:sys_enter_", "")] = int(f[0]) / max(1, reqs)
+            per_req[t] = counts
+        return lines, w, per_req
 
     # -- report ------------------------------------------------------------------------------
     def md(self, line=""):
@@ -1016,7 +1038,7 @@ tokens_per_minute = 1000000000000
         if tenants:
             self.report_tenants(tenants)
         if prof:
-            lines, w = prof
+            lines, w, per_req = prof
             self.md(f"### perf: sidecar embedded, JSON, {self.duration} s under wrk (top self-cost symbols)")
             self.md()
             self.md("```")
@@ -1024,6 +1046,17 @@ tokens_per_minute = 1000000000000
                 self.md(l.rstrip())
             self.md("```")
             self.md()
+            if per_req:
+                names = [c for c in self.SYSCALLS + ["context-switches"]
+                         if any(v.get(c, 0) >= 0.005 for v in per_req.values())]
+                self.md("System calls and context switches per request (perf tracepoints, JSON, under wrk):")
+                self.md()
+                self.md("| process | " + " | ".join(names) + " | total syscalls |")
+                self.md("|---|" + "---|" * (len(names) + 1))
+                for t, v in per_req.items():
+                    tot = sum(x for k, x in v.items() if k != "context-switches")
+                    self.md(f"| {t} | " + " | ".join(f"{v.get(c, 0):.2f}" for c in names) + f" | {tot:.2f} |")
+                self.md()
         self.md("### Noise and checks")
         self.md()
         steal = sum(r["steal_s"] for r in runs)

@@ -25,7 +25,7 @@
 #   SUT_CPUS=0 LOADGEN_CPUS=1                         taskset CPU lists: proxies + mock / load generators
 #   TARGETS="direct nginx embedded redis" MODES="json sse"
 #   FIXED_RATE=1000 FIXED_DURATION=10 FIXED_MODES="json sse" FIXED_ROUNDS=$ROUNDS FIXED_CONNECTIONS=16
-#   TENANTS=100000 (0 skips) TENANTS_IDENTITY=jwt|header TENANTS_CONNECTIONS=32 TENANTS_RECLAIM_WAIT=0 (s)
+#   TENANTS=100000 (0 skips; at most 100000: the global guard cap is 100000/min) TENANTS_IDENTITY=jwt|header TENANTS_CONNECTIONS=32 TENANTS_RECLAIM_WAIT=0 (s)
 #   STORE_TIMEOUT_MS=1000 GATE_TIMEOUT_MS=2000  sidecar store/gate timeouts (production 20/50 fail closed
 #                         when 32 connections queue on one pinned thread)
 #   SSE_INCLUDE_USAGE=1   SSE bodies carry stream_options.include_usage=true (same bytes on every

@@ -90,7 +90,7 @@ impl Event {
     /// A blank event of `event_type` with a fresh v7 id, stamped `occurred_at_us` (Unix µs).
     pub fn new(event_type: EventType, instance_id: &str, occurred_at_us: u64, policy_version: u64) -> Event {
         Event {
-            event_id: uuid::Uuid::now_v7().to_string(),
+            event_id: crate::ids::v7(),
             event_type,
             occurred_at: crate::decide::time::rfc3339_micros(occurred_at_us),
             instance_id: instance_id.to_string(),

@@ -59,7 +59,7 @@ impl RequestCtx {
     pub fn new() -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
-            request_id: uuid::Uuid::now_v7().to_string(),
+            request_id: crate::ids::v7(),
             route: None,
             passthrough: false,
             caller: None,

@@ -499,7 +499,7 @@ impl MemoryApprovals {
             return Ok(State::view(existing, a.now));
         }
         let approval = Approval {
-            approval_id: uuid::Uuid::now_v7().to_string(),
+            approval_id: crate::ids::v7(),
             tenant_id: a.tenant_id,
             tenant_tier: a.tenant_tier,
             request_id: a.request_id,

@@ -33,7 +33,8 @@
 //! # Memory
 //! Settled and released reservations are remembered for [`BudgetsOptions::finished_retention_ms`]
 //! (24 h) so that a late duplicate settle answers `NotActive`, then forgotten; at most
-//! [`BudgetsOptions::max_finished`] are kept (oldest forgotten first). Months before the previous
+//! [`BudgetsOptions::max_finished`] (50,000) are kept (oldest forgotten first), so memory stays
+//! bounded whatever the request rate; a settle for a forgotten one answers `NotFound`. Months before the previous
 //! one are forgotten once time moves into a new month (unless they still hold reservations).
 //!
 //! Owns: `MemoryBudgets`, `BudgetsOptions`, the journal format. Imports: `store::budget`,
@@ -69,7 +70,8 @@ const SNAPSHOT_VERSION: u32 = 1;
 pub struct BudgetsOptions {
     /// How long settled/released reservations are remembered. Default 24 h.
     pub finished_retention_ms: u64,
-    /// At most this many settled/released reservations are remembered. Default 1,000,000.
+    /// At most this many settled/released reservations are remembered. Default 50,000 (≈ 25 MB):
+    /// memory must not grow with request volume; at high rates records age out sooner than 24 h.
     pub max_finished: usize,
     /// Compact the journal in the background once it is larger than this. Default 64 MiB.
     pub compact_above_bytes: u64,
@@ -77,7 +79,7 @@ pub struct BudgetsOptions {
 
 impl Default for BudgetsOptions {
     fn default() -> Self {
-        BudgetsOptions { finished_retention_ms: MS_PER_DAY, max_finished: 1_000_000, compact_above_bytes: 64 << 20 }
+        BudgetsOptions { finished_retention_ms: MS_PER_DAY, max_finished: 50_000, compact_above_bytes: 64 << 20 }
     }
 }
 
@@ -637,7 +639,7 @@ impl MemoryBudgets {
         let amount = r.amount.0.max(0);
         let min = r.min_amount.map(|m| m.0.clamp(0, amount));
         let mut res = Reservation {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: crate::ids::v7(),
             tenant: r.tenant.to_owned(),
             tenant_tier: r.tenant_tier.to_owned(),
             request_id: r.request_id.to_owned(),

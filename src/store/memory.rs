@@ -21,8 +21,12 @@ const SHARDS: usize = 32;
 
 #[derive(Default)]
 struct GlobalState {
-    /// (admitted at, ticket seq, tenant), oldest first.
-    window: VecDeque<(UnixMillis, u64, Arc<str>)>,
+    /// (admitted at, requests, tenant), oldest first. Admissions of one tenant in the same
+    /// millisecond share an entry: exact at the clock's resolution, and memory is bounded by
+    /// time (≤ one entry per tenant per ms) instead of growing with the request rate.
+    window: VecDeque<(UnixMillis, u32, Arc<str>)>,
+    /// Requests in `window`.
+    requests: u64,
     /// Requests per tenant inside `window`.
     tenants: HashMap<Arc<str>, u32>,
     block_until: Option<UnixMillis>,
@@ -35,17 +39,42 @@ impl GlobalState {
             if *at > horizon {
                 break;
             }
-            let (_, _, tenant) = self.window.pop_front().expect("front exists");
-            self.forget_one(&tenant);
+            let (_, n, tenant) = self.window.pop_front().expect("front exists");
+            self.forget(&tenant, n);
+        }
+        if self.window.is_empty() && self.window.capacity() > 1024 {
+            self.window = VecDeque::new();
         }
         if self.block_until.is_some_and(|u| u <= now) {
             self.block_until = None;
         }
     }
 
-    fn forget_one(&mut self, tenant: &Arc<str>) {
+    fn add(&mut self, at: UnixMillis, tenant: &Arc<str>) {
+        match self.window.back_mut() {
+            Some((t, n, who)) if *t == at && Arc::ptr_eq(who, tenant) => *n += 1,
+            _ => self.window.push_back((at, 1, tenant.clone())),
+        }
+        self.requests += 1;
+        *self.tenants.entry(tenant.clone()).or_insert(0) += 1;
+    }
+
+    /// Takes one admission at `at` by `tenant` back out.
+    fn remove(&mut self, at: UnixMillis, tenant: &Arc<str>) {
+        if let Some(i) = self.window.iter().rposition(|(t, _, who)| *t == at && **who == **tenant) {
+            let entry = &mut self.window[i];
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                self.window.remove(i);
+            }
+            self.forget(tenant, 1);
+        }
+    }
+
+    fn forget(&mut self, tenant: &Arc<str>, requests: u32) {
+        self.requests = self.requests.saturating_sub(u64::from(requests));
         if let Some(n) = self.tenants.get_mut(tenant) {
-            *n -= 1;
+            *n = n.saturating_sub(requests);
             if *n == 0 {
                 self.tenants.remove(tenant);
             }
@@ -54,7 +83,7 @@ impl GlobalState {
 
     fn view(&self) -> GlobalView {
         GlobalView {
-            requests_last_minute: self.window.len() as u64,
+            requests_last_minute: self.requests,
             distinct_tenants_last_minute: self.tenants.len() as u64,
             block_until: self.block_until,
         }
@@ -65,9 +94,10 @@ impl GlobalState {
 struct TenantState {
     day: u32,
     daily: u64,
-    /// (admitted at, seq, estimated tokens) of the last 60 s, oldest first: both the per-minute
-    /// and the token-rate window.
-    minute: VecDeque<(UnixMillis, u64, u64)>,
+    /// (admitted at, requests, estimated tokens) of the last 60 s, oldest first: both the
+    /// per-minute and the token-rate window; admissions in the same millisecond share an entry.
+    minute: VecDeque<(UnixMillis, u32, u64)>,
+    minute_count: u64,
     tokens_sum: u64,
     /// (seq, expires at).
     leases: Vec<(u64, UnixMillis)>,
@@ -81,10 +111,11 @@ impl TenantState {
             self.daily = 0;
         }
         let horizon = now.saturating_sub(MS_PER_MINUTE);
-        while let Some((at, _, n)) = self.minute.front() {
+        while let Some((at, count, n)) = self.minute.front() {
             if *at > horizon {
                 break;
             }
+            self.minute_count -= u64::from(*count);
             self.tokens_sum -= n;
             self.minute.pop_front();
         }
@@ -102,7 +133,7 @@ impl TenantState {
     fn view(&self) -> TenantView {
         TenantView {
             daily_requests: self.daily,
-            minute_requests: self.minute.len() as u64,
+            minute_requests: self.minute_count,
             minute_oldest: self.minute.front().map(|(at, _, _)| *at),
             in_flight: self.leases.len() as u64,
             tokens_last_minute: self.tokens_sum,
@@ -163,7 +194,14 @@ impl MemoryCounters {
             st.prune(req.now);
             let view = st.view();
             st.daily += 1;
-            st.minute.push_back((req.now, seq, req.tokens));
+            match st.minute.back_mut() {
+                Some((at, count, tokens)) if *at == req.now => {
+                    *count += 1;
+                    *tokens += req.tokens;
+                }
+                _ => st.minute.push_back((req.now, 1, req.tokens)),
+            }
+            st.minute_count += 1;
             st.tokens_sum += req.tokens;
             if let Some(ttl) = req.lease_ttl_ms {
                 st.leases.push((seq, req.now + ttl));
@@ -174,11 +212,11 @@ impl MemoryCounters {
             let mut g = self.global.lock();
             g.prune(req.now);
             let view = g.view();
-            g.window.push_back((req.now, seq, tenant_key.clone()));
-            *g.tenants.entry(tenant_key.clone()).or_insert(0) += 1;
+            g.add(req.now, &tenant_key);
             view
         };
-        let ticket = Ticket { seq, tenant: tenant_key, at: req.now, has_lease: req.lease_ttl_ms.is_some() };
+        let ticket =
+            Ticket { seq, tenant: tenant_key, at: req.now, tokens: req.tokens, has_lease: req.lease_ttl_ms.is_some() };
         (ticket, CountersView { global: global_view, tenant: tenant_view })
     }
 
@@ -189,18 +227,20 @@ impl MemoryCounters {
                 if st.day == utc_day(t.at) {
                     st.daily = st.daily.saturating_sub(1);
                 }
-                if let Some(i) = st.minute.iter().rposition(|(_, s, _)| *s == t.seq) {
-                    let (_, _, n) = st.minute.remove(i).expect("index from rposition");
-                    st.tokens_sum -= n;
+                if let Some(i) = st.minute.iter().rposition(|(at, _, _)| *at == t.at) {
+                    let entry = &mut st.minute[i];
+                    entry.1 -= 1;
+                    entry.2 = entry.2.saturating_sub(t.tokens);
+                    if entry.1 == 0 {
+                        st.minute.remove(i);
+                    }
+                    st.minute_count -= 1;
+                    st.tokens_sum = st.tokens_sum.saturating_sub(t.tokens);
                 }
                 st.leases.retain(|(s, _)| *s != t.seq);
             }
         }
-        let mut g = self.global.lock();
-        if let Some(i) = g.window.iter().rposition(|(_, s, _)| *s == t.seq) {
-            let (_, _, tenant) = g.window.remove(i).expect("index from rposition");
-            g.forget_one(&tenant);
-        }
+        self.global.lock().remove(t.at, &t.tenant);
     }
 
     pub fn release_now(&self, t: &Ticket) {
@@ -381,6 +421,25 @@ mod tests {
         assert_eq!(v.global, GlobalView::default());
         let (_, v) = c.admit_now(&req("a", t0 + 2, Some(1000)));
         assert_eq!(v.tenant, TenantView::default());
+    }
+
+    #[test]
+    fn same_millisecond_admissions_share_an_entry_and_roll_back_exactly() {
+        let c = MemoryCounters::new();
+        let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        let (_, _) = c.admit_now(&req("a", t0, None));
+        let (t2, _) = c.admit_now(&req("a", t0, None));
+        let (_, v) = c.admit_now(&req("a", t0, None));
+        assert_eq!((v.tenant.minute_requests, v.tenant.tokens_last_minute, v.global.requests_last_minute), (2, 20, 2));
+        assert_eq!(c.global.lock().window.len(), 1, "one entry for one tenant and millisecond");
+        c.rollback_now(&t2);
+        let (_, v) = c.admit_now(&req("b", t0, None));
+        assert_eq!((v.global.requests_last_minute, v.global.distinct_tenants_last_minute), (2, 1));
+        let (_, v) = c.admit_now(&req("a", t0 + 1, None));
+        assert_eq!((v.tenant.minute_requests, v.tenant.daily_requests, v.tenant.tokens_last_minute), (2, 2, 20));
+        let (_, v) = c.admit_now(&req("a", t0 + 60_000, None));
+        assert_eq!(v.tenant.minute_requests, 1, "the t0 entry (2 requests) left the window together");
+        assert_eq!(v.global.requests_last_minute, 1);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Ticket {
     pub(crate) seq: u64,
     pub(crate) tenant: Arc<str>,
     pub(crate) at: UnixMillis,
+    /// Estimated tokens it added to the token window (rollback takes them back out).
+    pub(crate) tokens: u64,
     pub(crate) has_lease: bool,
 }
 

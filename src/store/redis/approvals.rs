@@ -116,7 +116,7 @@ impl RedisStore {
 impl Approvals for RedisStore {
     async fn create_pending(&self, a: NewApproval) -> Result<Approval, StoreError> {
         let approval = Approval {
-            approval_id: uuid::Uuid::now_v7().to_string(),
+            approval_id: crate::ids::v7(),
             tenant_id: a.tenant_id,
             tenant_tier: a.tenant_tier,
             request_id: a.request_id,

@@ -115,7 +115,7 @@ impl RedisStore {
         let amount = r.amount.0.clamp(0, MAX_EXACT);
         let min = r.min_amount.map_or(-1, |m| m.0.clamp(0, amount));
         let res = Reservation {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: crate::ids::v7(),
             tenant: r.tenant.to_owned(),
             tenant_tier: r.tenant_tier.to_owned(),
             request_id: r.request_id.to_owned(),

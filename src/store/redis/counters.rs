@@ -122,7 +122,13 @@ impl AdmitPlan<'_> {
 }
 
 pub(crate) fn ticket_of(req: &AdmitRequest<'_>, seq: u64) -> Ticket {
-    Ticket { seq, tenant: Arc::from(req.tenant), at: req.now, has_lease: req.lease_ttl_ms.is_some() }
+    Ticket {
+        seq,
+        tenant: Arc::from(req.tenant),
+        at: req.now,
+        tokens: req.tokens,
+        has_lease: req.lease_ttl_ms.is_some(),
+    }
 }
 
 impl RedisStore {
