@@ -151,15 +151,7 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
     }
     match state.budgets.settle(id, actual, now).await {
         Ok(SettleOutcome::Settled(s)) => {
-            let status = match s.drift.0 {
-                0 => "matched",
-                d if d > 0 => "overage",
-                _ => "savings",
-            };
-            m.reconciliations.with_label_values(&["manual", status]).inc();
-            if s.drift.0 != 0 {
-                m.drift_usd.with_label_values(&[status]).inc_by(Micros(s.drift.0.abs()).as_usd_f64());
-            }
+            let status = m.record_settlement("manual", s.drift);
             let answer = json!({
                 "reservation_id": id,
                 "tenant_id": s.reservation.tenant,

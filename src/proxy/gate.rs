@@ -175,15 +175,7 @@ impl PreauthProxy {
                 if let Some(t) = self.state.take_gate_lease(id) {
                     let _ = self.state.counters.release_lease(&t).await;
                 }
-                let status = match s.drift.0 {
-                    0 => "matched",
-                    d if d > 0 => "overage",
-                    _ => "savings",
-                };
-                m.reconciliations.with_label_values(&["usage", status]).inc();
-                if s.drift.0 != 0 {
-                    m.drift_usd.with_label_values(&[status]).inc_by(Micros(s.drift.0.abs()).as_usd_f64());
-                }
+                m.record_settlement("usage", s.drift);
                 let model_label = if price.known { price.name } else { "other" };
                 m.spend_usd
                     .with_label_values(&[&reservation.tenant_tier, &price.price.provider, model_label])

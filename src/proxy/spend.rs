@@ -110,15 +110,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     let settled = match reservation {
         Some(r) => match state.budgets.settle(&r.id, actual, now).await {
             Ok(SettleOutcome::Settled(s)) => {
-                let status = match s.drift.0 {
-                    0 => "matched",
-                    d if d > 0 => "overage",
-                    _ => "savings",
-                };
-                m.reconciliations.with_label_values(&["usage", status]).inc();
-                if s.drift.0 != 0 {
-                    m.drift_usd.with_label_values(&[status]).inc_by(Micros(s.drift.0.abs()).as_usd_f64());
-                }
+                m.record_settlement("usage", s.drift);
                 Settled::Charged { actual, reserved: r.amount, drift: s.drift, usage, usage_source }
             }
             Ok(_) => {

@@ -198,6 +198,21 @@ impl Metrics {
         buf
     }
 
+    /// Counts a settlement by `trigger` (`usage`, `manual`) with its drift (actual − reserved);
+    /// returns the status label (`matched`, `overage`, `savings`).
+    pub fn record_settlement(&self, trigger: &str, drift: crate::decide::Micros) -> &'static str {
+        let status = match drift.0 {
+            0 => "matched",
+            d if d > 0 => "overage",
+            _ => "savings",
+        };
+        self.reconciliations.with_label_values(&[trigger, status]).inc();
+        if drift.0 != 0 {
+            self.drift_usd.with_label_values(&[status]).inc_by(crate::decide::Micros(drift.0.abs()).as_usd_f64());
+        }
+        status
+    }
+
     /// Counts one decision everywhere it belongs.
     pub fn record_decision(&self, source: &str, tier: Tier, d: &Decision, elapsed_s: f64) {
         let path = d.path.as_str();
