@@ -371,3 +371,76 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     cleanup(&p).await;
     crate::ledger::drop_db(&db).await;
 }
+
+/// A throw-away TLS Redis (Debian's redis-server is built with TLS) with a self-signed cert.
+struct TlsRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_redis() -> TlsRedis {
+    let dir = temp_dir();
+    let ok = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl CLI")
+        .success();
+    assert!(ok, "openssl could not make a test certificate");
+    let port = free_port();
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(dir.join("cert.pem"))
+        .arg("--tls-key-file")
+        .arg(dir.join("key.pem"))
+        .arg("--tls-ca-cert-file")
+        .arg(dir.join("cert.pem"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server binary (installed with Redis on this machine kind)");
+    wait_listening(format!("127.0.0.1:{port}").parse().unwrap());
+    TlsRedis { port, child }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rediss_urls_speak_tls() {
+    let redis = tls_redis();
+    // `#insecure`: the test certificate is self-signed (production: a CA-signed certificate
+    // verified against the system roots).
+    let url = format!("rediss://127.0.0.1:{}/#insecure", redis.port);
+    let s = start_fleet(&[], &url, &prefix()).await;
+    let r = post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
+        .await;
+    assert_eq!(r.status(), 200, "decided through a TLS connection to Redis");
+    let v = json_of(
+        client().get(s.admin_url("/api/v1/enforcement/tenants/acme")).bearer_auth(ADMIN_KEY).send().await.unwrap(),
+    )
+    .await;
+    assert_eq!(v["daily_requests"], 1, "the counter lives in the TLS Redis");
+    s.stop().await;
+}
