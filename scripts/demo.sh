@@ -5,5 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo build --bin preauth-sidecar
-exec ./target/debug/preauth-sidecar demo
+exec cargo run --quiet --bin preauth-sidecar -- demo
