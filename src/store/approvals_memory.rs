@@ -32,9 +32,9 @@
 //! `store::StoreError`, `decide` money/time types, parking_lot, serde/serde_json, uuid, tracing, std.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -43,6 +43,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::approvals::{Approval, ApprovalStatus, ApprovalTransitionError, Approvals, ConsumeOutcome, NewApproval};
+use super::journal::{create_append, push_line, sync_dir, Journal};
 use super::StoreError;
 use crate::decide::time::MS_PER_DAY;
 use crate::decide::UnixMillis;
@@ -106,12 +107,6 @@ impl Entry {
             Entry::Approve { at, .. } | Entry::Deny { at, .. } | Entry::Consume { at, .. } => *at,
         }
     }
-}
-
-fn push_line(out: &mut Vec<u8>, e: &Entry) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, e).map_err(io::Error::other)?;
-    out.push(b'\n');
-    Ok(())
 }
 
 fn pending_key(tenant: &str, fingerprint: &str) -> String {
@@ -312,58 +307,6 @@ impl State {
 // ---------------------------------------------------------------------------------------------
 // The journal file.
 
-struct Journal {
-    dir: PathBuf,
-    file: Arc<File>,
-    /// Bytes of complete, acknowledged lines.
-    len: u64,
-    /// Size right after the last compaction.
-    base_len: u64,
-    compact_above: u64,
-    /// A failed write could not be cut off: truncate to `len` before the next one.
-    dirty: bool,
-    buf: Vec<u8>,
-}
-
-impl Journal {
-    /// Appends one line with one `write_all`; on failure nothing of it stays in the file.
-    /// Returns whether a compaction is due.
-    fn append(&mut self, e: &Entry) -> io::Result<bool> {
-        if self.dirty {
-            self.file.set_len(self.len)?;
-            self.dirty = false;
-        }
-        self.buf.clear();
-        push_line(&mut self.buf, e)?;
-        if let Err(err) = (&*self.file).write_all(&self.buf) {
-            self.dirty = self.file.set_len(self.len).is_err();
-            return Err(err);
-        }
-        self.len += self.buf.len() as u64;
-        if self.buf.capacity() > 1 << 16 {
-            self.buf = Vec::new();
-        }
-        Ok(self.len > self.compact_above.max(self.base_len.saturating_mul(2)))
-    }
-}
-
-/// Creates `path` afresh, opened for appending.
-fn create_append(path: &Path) -> io::Result<File> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    OpenOptions::new().create_new(true).append(true).open(path)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
 fn unavailable(e: io::Error) -> StoreError {
     StoreError::Unavailable(format!("approvals journal: {e}"))
 }
@@ -379,7 +322,7 @@ impl Inner {
     /// Journals `e` (if durable), then applies it. Returns whether a compaction is due.
     fn commit(&mut self, e: Entry) -> Result<bool, StoreError> {
         let due = match &mut self.journal {
-            Some(j) => j.append(&e).map_err(unavailable)?,
+            Some(j) => j.append(std::slice::from_ref(&e)).map_err(unavailable)?,
             None => false,
         };
         self.state.apply(e);
@@ -424,22 +367,7 @@ impl MemoryApprovals {
         }
         let mut snap = Vec::new();
         state.snapshot(&mut snap)?;
-        let tmp_path = dir.join(TMP_FILE);
-        let file = create_append(&tmp_path)?;
-        (&file).write_all(&snap)?;
-        file.sync_all()?;
-        fs::rename(&tmp_path, &path)?;
-        sync_dir(dir)?;
-        let len = snap.len() as u64;
-        let journal = Journal {
-            dir: dir.to_path_buf(),
-            file: Arc::new(file),
-            len,
-            base_len: len,
-            compact_above,
-            dirty: false,
-            buf: Vec::new(),
-        };
+        let journal = Journal::install(dir, TMP_FILE, &path, &snap, compact_above)?;
         Ok(Self::build(state, Some(journal)))
     }
 
@@ -600,10 +528,7 @@ impl Shared {
         // 3. Under the lock: append what was written meanwhile, fsync, rename, swap.
         let mut inner = self.inner.lock();
         let Some(j) = inner.journal.as_mut() else { return Ok(()) };
-        if j.dirty {
-            j.file.set_len(j.len)?;
-            j.dirty = false;
-        }
+        j.repair()?;
         let path = dir.join(JOURNAL_FILE);
         let tail_len = j.len - start_len;
         if tail_len > 0 {
@@ -683,6 +608,8 @@ impl Approvals for MemoryApprovals {
 mod tests {
     use super::*;
     use crate::decide::Micros;
+    use std::fs::OpenOptions;
+    use std::path::PathBuf;
 
     const T0: UnixMillis = 1_800_000_000_000;
     const TTL: UnixMillis = 900_000;

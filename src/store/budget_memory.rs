@@ -42,9 +42,9 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -56,6 +56,7 @@ use super::budget::{
     month_key, Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
     SpendView,
 };
+use super::journal::{create_append, push_line, sync_dir, Journal};
 use super::StoreError;
 use crate::decide::time::{Month, MS_PER_DAY};
 use crate::decide::{Micros, UnixMillis};
@@ -151,12 +152,6 @@ fn reserve_entry(r: &Reservation) -> Entry<'_> {
         amount: r.amount.0,
         at: r.created_at,
     }
-}
-
-fn push_line(out: &mut Vec<u8>, e: &Entry<'_>) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, e).map_err(io::Error::other)?;
-    out.push(b'\n');
-    Ok(())
 }
 
 fn prev_month(m: Month) -> Month {
@@ -463,61 +458,6 @@ impl State {
 // ---------------------------------------------------------------------------------------------
 // The journal file.
 
-struct Journal {
-    dir: PathBuf,
-    file: Arc<File>,
-    /// Bytes of complete, acknowledged lines.
-    len: u64,
-    /// Size right after the last compaction.
-    base_len: u64,
-    compact_above: u64,
-    /// A failed write could not be cut off: truncate to `len` before the next one.
-    dirty: bool,
-    buf: Vec<u8>,
-}
-
-impl Journal {
-    /// Appends `entries` with one `write_all`; on failure nothing of them stays in the file (if
-    /// the truncation fails too, it is retried before the next write). Returns whether the
-    /// journal has grown enough to be compacted.
-    fn append(&mut self, entries: &[Entry<'_>]) -> io::Result<bool> {
-        if self.dirty {
-            self.file.set_len(self.len)?;
-            self.dirty = false;
-        }
-        self.buf.clear();
-        for e in entries {
-            push_line(&mut self.buf, e)?;
-        }
-        if let Err(e) = (&*self.file).write_all(&self.buf) {
-            self.dirty = self.file.set_len(self.len).is_err();
-            return Err(e);
-        }
-        self.len += self.buf.len() as u64;
-        if self.buf.capacity() > 1 << 16 {
-            self.buf = Vec::new();
-        }
-        Ok(self.len > self.compact_above.max(self.base_len.saturating_mul(2)))
-    }
-}
-
-/// Creates `path` afresh, opened for appending.
-fn create_append(path: &Path) -> io::Result<File> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    OpenOptions::new().create_new(true).append(true).open(path)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    #[cfg(unix)]
-    File::open(dir)?.sync_all()?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
-}
-
 fn unavailable(e: io::Error) -> StoreError {
     StoreError::Unavailable(format!("budget journal: {e}"))
 }
@@ -571,22 +511,7 @@ impl MemoryBudgets {
         drop(bytes);
         let mut snap = Vec::new();
         state.snapshot(&mut snap)?;
-        let tmp_path = dir.join(TMP_FILE);
-        let file = create_append(&tmp_path)?;
-        (&file).write_all(&snap)?;
-        file.sync_all()?;
-        fs::rename(&tmp_path, &path)?;
-        sync_dir(dir)?;
-        let len = snap.len() as u64;
-        let journal = Journal {
-            dir: dir.to_path_buf(),
-            file: Arc::new(file),
-            len,
-            base_len: len,
-            compact_above: opts.compact_above_bytes,
-            dirty: false,
-            buf: Vec::new(),
-        };
+        let journal = Journal::install(dir, TMP_FILE, &path, &snap, opts.compact_above_bytes)?;
         Ok(Self::build(state, Some(journal), opts))
     }
 

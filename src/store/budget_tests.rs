@@ -3,6 +3,7 @@
 //! durability of the journal.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -1,0 +1,109 @@
+//! The append-only journal shared by the embedded stores (budgets, approvals): one JSON line per
+//! change, written with one `write_all` before the store answers (so a SIGKILL loses nothing),
+//! a failed write cut off again, and the compaction threshold. Snapshot contents, replay and
+//! compaction policy stay with each store.
+//!
+//! Owns: `Journal`, `push_line`, `create_append`, `sync_dir`, `install`. Imports: std, serde.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An open journal file and what is known about its length.
+pub(crate) struct Journal {
+    pub(crate) dir: PathBuf,
+    pub(crate) file: Arc<File>,
+    /// Bytes of complete, acknowledged lines.
+    pub(crate) len: u64,
+    /// Size right after the last compaction.
+    pub(crate) base_len: u64,
+    pub(crate) compact_above: u64,
+    /// A failed write could not be cut off: truncate to `len` before the next one.
+    pub(crate) dirty: bool,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    /// Writes `snapshot` to `tmp_name`, fsyncs it and renames it over `path` (then fsyncs the
+    /// directory): a crash leaves either the old or the new journal complete. The result is open
+    /// for appending.
+    pub(crate) fn install(
+        dir: &Path,
+        tmp_name: &str,
+        path: &Path,
+        snapshot: &[u8],
+        compact_above: u64,
+    ) -> io::Result<Journal> {
+        let tmp_path = dir.join(tmp_name);
+        let file = create_append(&tmp_path)?;
+        (&file).write_all(snapshot)?;
+        file.sync_all()?;
+        fs::rename(&tmp_path, path)?;
+        sync_dir(dir)?;
+        let len = snapshot.len() as u64;
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            file: Arc::new(file),
+            len,
+            base_len: len,
+            compact_above,
+            dirty: false,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Cuts off what a failed write left, if that could not be done at the time.
+    pub(crate) fn repair(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.set_len(self.len)?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Appends `entries` with one `write_all`; on failure nothing of them stays in the file (if
+    /// the truncation fails too, it is retried before the next write). Returns whether the
+    /// journal has grown enough to be compacted.
+    pub(crate) fn append<T: serde::Serialize>(&mut self, entries: &[T]) -> io::Result<bool> {
+        self.repair()?;
+        self.buf.clear();
+        for e in entries {
+            push_line(&mut self.buf, e)?;
+        }
+        if let Err(e) = (&*self.file).write_all(&self.buf) {
+            self.dirty = self.file.set_len(self.len).is_err();
+            return Err(e);
+        }
+        self.len += self.buf.len() as u64;
+        if self.buf.capacity() > 1 << 16 {
+            self.buf = Vec::new();
+        }
+        Ok(self.len > self.compact_above.max(self.base_len.saturating_mul(2)))
+    }
+}
+
+/// One compact JSON line.
+pub(crate) fn push_line<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, e: &T) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, e).map_err(io::Error::other)?;
+    out.push(b'\n');
+    Ok(())
+}
+
+/// Creates `path` afresh, opened for appending.
+pub(crate) fn create_append(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    OpenOptions::new().create_new(true).append(true).open(path)
+}
+
+/// Makes a rename in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
