@@ -37,7 +37,7 @@ use crate::config::Identity;
 use crate::decide::approval::{self, ApprovalClaims, ApprovalError};
 use crate::decide::pricing::{max_output_that_fits, worst_case_cost};
 use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, Verdict};
-use crate::ledger::event::EventType;
+use crate::ledger::event::{Event, EventType};
 use crate::state::AppState;
 use crate::store::approvals::{ConsumeOutcome, NewApproval};
 use crate::store::budget::{ReserveOutcome, ReserveRequest};
@@ -213,7 +213,7 @@ impl PreauthProxy {
             Ok::<_, StoreError>((d, Some(ticket), clamp_to, consumed))
         })
         .await;
-        let (decision, ticket, clamp_to, consumed_approval) = match decided {
+        let (mut decision, ticket, clamp_to, consumed_approval) = match decided {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let failure = match e {
@@ -228,7 +228,19 @@ impl PreauthProxy {
                 (decide::failsafe(mode), None, None, None)
             }
         };
-        let mut decision = decision;
+        // The fields every event of this request carries.
+        let mut base = self.state.event(EventType::Decision, policy.version);
+        base.request_id = Some(ctx.request_id.clone());
+        base.tenant_id = Some(caller.tenant.clone());
+        base.tenant_tier = Some(tier.as_str().to_string());
+        base.source = Some(ctx.source.clone());
+        base.mode = Some(mode.as_str().to_string());
+        base.model = Some(req.model.clone());
+        base.estimated_cost_usd = Some(estimated_cost);
+        let event_of = |event_type: EventType| {
+            let fresh = self.state.event(event_type, policy.version);
+            Event { event_id: fresh.event_id, occurred_at: fresh.occurred_at, event_type, ..base.clone() }
+        };
         let mut extra = Map::new();
         if decision.verdict == Verdict::RequireApproval {
             let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body)).clone();
@@ -256,14 +268,7 @@ impl PreauthProxy {
                     self.state.metrics.approval_queue_backlog.inc();
                     extra.insert("approval_id".into(), json!(a.approval_id));
                     extra.insert("expires_at".into(), json!(decide::time::rfc3339_seconds(a.expires_at)));
-                    let mut e = self.state.event(EventType::ApprovalRequested, policy.version);
-                    e.request_id = Some(ctx.request_id.clone());
-                    e.tenant_id = Some(caller.tenant.clone());
-                    e.tenant_tier = Some(tier.as_str().to_string());
-                    e.source = Some(ctx.source.clone());
-                    e.mode = Some(mode.as_str().to_string());
-                    e.model = Some(req.model.clone());
-                    e.estimated_cost_usd = Some(estimated_cost);
+                    let mut e = event_of(EventType::ApprovalRequested);
                     e.request_fingerprint = Some(fp.clone());
                     e.approval_id = Some(a.approval_id.clone());
                     e.reasons = a.reasons.clone();
@@ -282,17 +287,10 @@ impl PreauthProxy {
         // The decision reaches the outbox (the OS) before anything is forwarded; when it cannot,
         // no decision can be recorded and the failsafe path applies.
         let reservation = spend.reservation.as_ref();
-        let mut ev = self.state.event(EventType::Decision, policy.version);
-        ev.request_id = Some(ctx.request_id.clone());
-        ev.tenant_id = Some(caller.tenant.clone());
-        ev.tenant_tier = Some(tier.as_str().to_string());
-        ev.source = Some(ctx.source.clone());
-        ev.mode = Some(mode.as_str().to_string());
+        let mut ev = base.clone();
         ev.decision = Some(decision.verdict.as_str().to_string());
         ev.reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
-        ev.model = Some(req.model.clone());
         ev.reservation_id = reservation.map(|r| r.id.clone());
-        ev.estimated_cost_usd = Some(estimated_cost);
         ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));
         ev.request_fingerprint = fp.clone();
         ev.approval_id = ctx.approval_id.clone();
@@ -301,9 +299,7 @@ impl PreauthProxy {
             decision = decide::failsafe(mode);
         }
         if let (true, Some(id)) = (decision.is_allow(), consumed_approval) {
-            let mut e = self.state.event(EventType::ApprovalConsumed, policy.version);
-            e.request_id = Some(ctx.request_id.clone());
-            e.tenant_id = Some(caller.tenant.clone());
+            let mut e = event_of(EventType::ApprovalConsumed);
             e.approval_id = Some(id);
             e.request_fingerprint = fp.clone();
             self.state.emit(&e);
