@@ -68,14 +68,7 @@ impl PreauthProxy {
 
     async fn respond_json(&self, session: &mut Session, ctx: &RequestCtx, status: u16, v: &Value) -> Result<()> {
         let body = Bytes::from(serde_json::to_vec(v).expect("JSON value serialises"));
-        let mut resp = pingora::http::ResponseHeader::build(status, Some(5))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", body.len().to_string())?;
-        resp.insert_header("cache-control", "no-store")?;
-        resp.insert_header(super::names::REQUEST_ID, ctx.request_id.as_str())?;
-        if let Some(v) = ctx.verdict {
-            resp.insert_header(super::names::DECISION, v.as_str())?;
-        }
+        let resp = super::json_header(status, body.len(), ctx, ctx.verdict)?;
         session.write_response_header(Box::new(resp), false).await?;
         session.write_response_body(Some(body), true).await
     }

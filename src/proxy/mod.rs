@@ -75,12 +75,7 @@ impl PreauthProxy {
 
     /// Writes a sidecar-made error response.
     async fn respond(&self, session: &mut Session, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
-        let mut resp = ResponseHeader::build(r.status, Some(8))?;
-        resp.insert_header("content-type", "application/json")?;
-        resp.insert_header("content-length", r.body.len().to_string())?;
-        resp.insert_header("cache-control", "no-store")?;
-        resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
-        resp.insert_header(names::DECISION, r.verdict.as_str())?;
+        let mut resp = json_header(r.status, r.body.len(), ctx, Some(r.verdict))?;
         resp.insert_header(names::ERROR, r.code)?;
         if let Some(s) = r.retry_after {
             resp.insert_header("retry-after", s.to_string())?;
@@ -530,6 +525,19 @@ impl PreauthProxy {
             });
         }
     }
+}
+
+/// The header of a sidecar-made JSON answer: type, length, no caching, request id, decision.
+fn json_header(status: u16, len: usize, ctx: &RequestCtx, verdict: Option<Verdict>) -> Result<ResponseHeader> {
+    let mut resp = ResponseHeader::build(status, Some(8))?;
+    resp.insert_header("content-type", "application/json")?;
+    resp.insert_header("content-length", len.to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+    if let Some(v) = verdict {
+        resp.insert_header(names::DECISION, v.as_str())?;
+    }
+    Ok(resp)
 }
 
 /// What step 9 found.
