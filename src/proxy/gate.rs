@@ -170,9 +170,7 @@ impl PreauthProxy {
                 }
                 m.record_settlement("usage", s.drift);
                 let model_label = if price.known { price.name } else { "other" };
-                m.spend_usd
-                    .with_label_values(&[&reservation.tenant_tier, &price.price.provider, model_label])
-                    .inc_by(actual.as_usd_f64());
+                m.record_spend(&reservation.tenant_tier, &price.price.provider, model_label, actual);
                 Ok(json!({
                     "reservation_id": id,
                     "actual_cost_usd": s.actual,

@@ -39,26 +39,15 @@ impl SpendCtx {
     }
 }
 
-/// What settlement did (for the ledger and tests).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Settled {
-    /// Usage charged; `drift` = actual − reserved (zero for charge-only).
-    Charged { actual: Micros, reserved: Micros, drift: Micros, usage: Usage, usage_source: &'static str },
-    /// Hold released, nothing charged (upstream non-2xx or no response).
-    Released { reserved: Micros },
-    /// Nothing to do.
-    Nothing,
-}
-
 /// Settles a finished request: charge the real cost and release the rest, or release everything
 /// when the upstream did not answer 2xx.
-pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>) -> Settled {
+pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>) {
     let now = state.clock.now_ms();
     let m = &state.metrics;
     let ok = upstream_status.is_some_and(|s| (200..300).contains(&s));
     let reservation = spend.reservation.take();
     if !ok {
-        let Some(r) = reservation else { return Settled::Nothing };
+        let Some(r) = reservation else { return };
         if let Some(mut e) = follow_up(state, spend, EventType::ReservationReleased) {
             e.reserved_usd = Some(r.amount);
             e.upstream_status = upstream_status;
@@ -67,20 +56,17 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
             );
             state.emit(&e);
         }
-        return match state.budgets.release(&r.id, now).await {
-            Ok(_) => {
-                m.reconciliations.with_label_values(&["usage", "released"]).inc();
-                Settled::Released { reserved: r.amount }
-            }
+        match state.budgets.release(&r.id, now).await {
+            Ok(_) => m.reconciliations.with_label_values(&["usage", "released"]).inc(),
             Err(e) => {
                 m.store_errors.with_label_values(&["release"]).inc();
                 tracing::warn!(error = %e, reservation_id = %r.id, "release failed; the sweep will release it after PREAUTH_RESERVATION_TTL_SECONDS");
-                Settled::Nothing
             }
-        };
+        }
+        return;
     }
     if reservation.is_none() && !spend.charge_only {
-        return Settled::Nothing;
+        return;
     }
     let scan = spend.scanner.take().map(|mut s| s.finish());
     let (usage, usage_source) = match scan.as_ref().and_then(|s| s.usage) {
@@ -107,21 +93,20 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         e.upstream_status = upstream_status;
         state.emit(&e);
     }
-    let settled = match reservation {
+    match reservation {
         Some(r) => match state.budgets.settle(&r.id, actual, now).await {
             Ok(SettleOutcome::Settled(s)) => {
                 m.record_settlement("usage", s.drift);
-                Settled::Charged { actual, reserved: r.amount, drift: s.drift, usage, usage_source }
             }
             Ok(_) => {
                 // Released by the sweep or reconciled by an operator meanwhile: never charge twice.
                 tracing::warn!(reservation_id = %r.id, "reservation no longer active at settlement; not charged again");
-                return Settled::Nothing;
+                return;
             }
             Err(e) => {
                 m.store_errors.with_label_values(&["settle"]).inc();
                 tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; the sweep will release the hold");
-                return Settled::Nothing;
+                return;
             }
         },
         None => {
@@ -129,15 +114,11 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
             if let Err(e) = state.budgets.charge(&spend.tenant, &month, actual, now).await {
                 m.store_errors.with_label_values(&["charge"]).inc();
                 tracing::error!(error = %e, "charging shadow-mode usage failed");
-                return Settled::Nothing;
+                return;
             }
-            Settled::Charged { actual, reserved: Micros::ZERO, drift: Micros::ZERO, usage, usage_source }
         }
-    };
-    m.spend_usd
-        .with_label_values(&[spend.tier.as_str(), &spend.provider, &spend.model_label])
-        .inc_by(actual.as_usd_f64());
-    settled
+    }
+    m.record_spend(spend.tier.as_str(), &spend.provider, &spend.model_label, actual);
 }
 
 /// A follow-up event of this request (settlement, release), built from its decision event.

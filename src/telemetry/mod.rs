@@ -213,6 +213,11 @@ impl Metrics {
         status
     }
 
+    /// Adds settled spend (`models outside the price table` arrive as `other`).
+    pub fn record_spend(&self, tier: &str, provider: &str, model: &str, actual: crate::decide::Micros) {
+        self.spend_usd.with_label_values(&[tier, provider, model]).inc_by(actual.as_usd_f64());
+    }
+
     /// Counts one decision everywhere it belongs.
     pub fn record_decision(&self, source: &str, tier: Tier, d: &Decision, elapsed_s: f64) {
         let path = d.path.as_str();
