@@ -150,6 +150,10 @@ pub trait Budgets: Send + Sync {
     async fn active(&self, limit: usize) -> Result<Vec<Reservation>, StoreError>;
     /// A reservation and its state. Settled and released ones are remembered for at least 24 h.
     async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError>;
+    /// How many reservations are active (the `preauth_reservations_active` gauge).
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        Ok(self.active(usize::MAX).await?.len() as u64)
+    }
     /// Makes every change so far durable against power loss (fsync). Called about once a second
     /// by the housekeeper; a SIGKILL loses nothing even without it.
     async fn sync(&self) -> Result<(), StoreError> {

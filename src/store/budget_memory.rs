@@ -777,6 +777,10 @@ impl Shared {
 
 #[async_trait]
 impl Budgets for MemoryBudgets {
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.inner.lock().state.active.len() as u64)
+    }
+
     async fn sync(&self) -> Result<(), StoreError> {
         MemoryBudgets::sync(self).map_err(|e| StoreError::Unavailable(format!("budget journal fsync: {e}")))
     }

@@ -107,8 +107,8 @@ pub async fn release_overdue(
             age_seconds = now.saturating_sub(r.created_at) / 1000,
         );
     }
-    if let Ok(active) = state.budgets.active(usize::MAX).await {
-        m.reservations_active.set(active.len() as i64);
+    if let Ok(n) = state.budgets.active_count().await {
+        m.reservations_active.set(n as i64);
     }
     released
 }

@@ -244,6 +244,12 @@ impl Budgets for RedisStore {
         self.exec("charge", 1, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await
     }
 
+    async fn active_count(&self) -> Result<u64, StoreError> {
+        let key = self.active_key();
+        self.exec("active_count", 1, |mut c| async move { redis::cmd("ZCARD").arg(&key).query_async(&mut c).await })
+            .await
+    }
+
     async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError> {
         let key = self.spend_key(tenant, month);
         let (spent, reserved, active): (Option<i64>, Option<i64>, Option<i64>) = self
