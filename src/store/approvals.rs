@@ -79,6 +79,29 @@ pub struct NewApproval {
     pub expires_at: UnixMillis,
 }
 
+impl NewApproval {
+    /// The pending approval this request becomes, with a fresh id.
+    pub fn into_pending(self) -> Approval {
+        Approval {
+            approval_id: crate::ids::v7(),
+            tenant_id: self.tenant_id,
+            tenant_tier: self.tenant_tier,
+            request_id: self.request_id,
+            route: self.route,
+            model: self.model,
+            request_fingerprint: self.request_fingerprint,
+            estimated_cost: self.estimated_cost,
+            reasons: self.reasons,
+            status: ApprovalStatus::Pending,
+            created_at: self.now,
+            expires_at: self.expires_at,
+            decided_at: None,
+            decided_reason: None,
+            consumed_at: None,
+        }
+    }
+}
+
 /// One approval in the queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {

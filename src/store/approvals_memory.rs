@@ -426,27 +426,12 @@ impl MemoryApprovals {
         if let Some(existing) = inner.state.open_pending(&a.tenant_id, &a.request_fingerprint, a.now) {
             return Ok(State::view(existing, a.now));
         }
-        let approval = Approval {
-            approval_id: crate::ids::v7(),
-            tenant_id: a.tenant_id,
-            tenant_tier: a.tenant_tier,
-            request_id: a.request_id,
-            route: a.route,
-            model: a.model,
-            request_fingerprint: a.request_fingerprint,
-            estimated_cost: a.estimated_cost,
-            reasons: a.reasons,
-            status: ApprovalStatus::Pending,
-            created_at: a.now,
-            expires_at: a.expires_at,
-            decided_at: None,
-            decided_reason: None,
-            consumed_at: None,
-        };
+        let now = a.now;
+        let approval = a.into_pending();
         let due = inner.commit(Entry::Put { approval: Box::new(approval.clone()) })?;
         drop(inner);
         self.after_commit(due);
-        Ok(State::view(&approval, a.now))
+        Ok(State::view(&approval, now))
     }
 
     fn transition(

@@ -115,23 +115,8 @@ impl RedisStore {
 #[async_trait]
 impl Approvals for RedisStore {
     async fn create_pending(&self, a: NewApproval) -> Result<Approval, StoreError> {
-        let approval = Approval {
-            approval_id: crate::ids::v7(),
-            tenant_id: a.tenant_id,
-            tenant_tier: a.tenant_tier,
-            request_id: a.request_id,
-            route: a.route,
-            model: a.model,
-            request_fingerprint: a.request_fingerprint,
-            estimated_cost: a.estimated_cost,
-            reasons: a.reasons,
-            status: ApprovalStatus::Pending,
-            created_at: a.now,
-            expires_at: a.expires_at,
-            decided_at: None,
-            decided_reason: None,
-            consumed_at: None,
-        };
+        let now = a.now;
+        let approval = a.into_pending();
         let doc = serde_json::to_string(&approval).map_err(|e| StoreError::Unavailable(format!("approval: {e}")))?;
         let (by_created, pending, base) = self.approval_keys();
         let pkey = format!("{base}pkey:{}\n{}", approval.tenant_id, approval.request_fingerprint);
@@ -144,7 +129,7 @@ impl Approvals for RedisStore {
             .arg(doc)
             .arg(approval.created_at)
             .arg(approval.expires_at)
-            .arg(a.now)
+            .arg(now)
             .arg(RETENTION_MS)
             .arg(MAX_APPROVALS)
             .arg(MAX_TOKEN_TTL_MS);
@@ -158,10 +143,10 @@ impl Approvals for RedisStore {
             })
             .await?;
         if created {
-            return Ok(view(approval, a.now));
+            return Ok(view(approval, now));
         }
         match self.approval("create_approval", &id).await? {
-            Some(existing) => Ok(view(existing, a.now)),
+            Some(existing) => Ok(view(existing, now)),
             // Forgotten in between (its TTL ended): an unlikely race; report it as a failure.
             None => Err(StoreError::Unavailable("pending approval vanished; retry".into())),
         }
