@@ -121,6 +121,22 @@ impl SpendView {
     }
 }
 
+impl ReserveRequest<'_> {
+    /// The reservation this request would create, holding `amount`, with a fresh id.
+    pub fn reservation(&self, amount: Micros) -> Reservation {
+        Reservation {
+            id: crate::ids::v7(),
+            tenant: self.tenant.to_owned(),
+            tenant_tier: self.tenant_tier.to_owned(),
+            request_id: self.request_id.to_owned(),
+            model: self.model.to_owned(),
+            month: month_key(self.now),
+            amount,
+            created_at: self.now,
+        }
+    }
+}
+
 /// The month key (`YYYY-MM`) of an instant, as used by [`Reservation::month`] and
 /// [`Budgets::tenant_spend`].
 pub fn month_key(now: UnixMillis) -> String {

@@ -53,8 +53,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::budget::{
-    month_key, Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
-    SpendView,
+    Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
 use super::journal::{create_append, push_line, sync_dir, Journal};
 use super::StoreError;
@@ -563,16 +562,7 @@ impl MemoryBudgets {
     pub fn reserve_now(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
         let amount = r.amount.0.max(0);
         let min = r.min_amount.map(|m| m.0.clamp(0, amount));
-        let mut res = Reservation {
-            id: crate::ids::v7(),
-            tenant: r.tenant.to_owned(),
-            tenant_tier: r.tenant_tier.to_owned(),
-            request_id: r.request_id.to_owned(),
-            model: r.model.to_owned(),
-            month: month_key(r.now),
-            amount: Micros(amount),
-            created_at: r.now,
-        };
+        let mut res = r.reservation(Micros(amount));
         let mut g = self.shared.inner.lock();
         let a = g.state.acct(r.tenant, &res.month);
         let remaining = r.monthly_budget.0.saturating_sub(a.spent).saturating_sub(a.reserved);

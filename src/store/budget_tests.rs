@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
+
+use crate::store::budget::month_key;
 use std::path::PathBuf;
 use std::sync::Arc;
 

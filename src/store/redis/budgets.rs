@@ -20,8 +20,7 @@ use super::{as_array, as_i64, as_map, as_string, proto, RedisStore};
 use crate::decide::time::{Month, MS_PER_DAY};
 use crate::decide::{Micros, UnixMillis};
 use crate::store::budget::{
-    month_key, Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
-    SpendView,
+    Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
 use crate::store::StoreError;
 
@@ -114,16 +113,7 @@ impl RedisStore {
     pub(crate) fn plan_reserve(&self, r: &ReserveRequest<'_>) -> (Reservation, redis::ScriptInvocation<'_>) {
         let amount = r.amount.0.clamp(0, MAX_EXACT);
         let min = r.min_amount.map_or(-1, |m| m.0.clamp(0, amount));
-        let res = Reservation {
-            id: crate::ids::v7(),
-            tenant: r.tenant.to_owned(),
-            tenant_tier: r.tenant_tier.to_owned(),
-            request_id: r.request_id.to_owned(),
-            model: r.model.to_owned(),
-            month: month_key(r.now),
-            amount: Micros(amount),
-            created_at: r.now,
-        };
+        let res = r.reservation(Micros(amount));
         let mut inv = self.inner.scripts.reserve.prepare_invoke();
         inv.key(self.spend_key(r.tenant, &res.month))
             .key(self.active_key())
