@@ -18,7 +18,6 @@ use tokio::sync::Notify;
 use crate::admin::AdminApp;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::decide::pricing::PriceTable;
 use crate::ledger::outbox::{Outbox, OutboxMetrics, OutboxSyncer};
 use crate::ledger::postgres::PostgresSink;
 use crate::ledger::relay::Relay;
@@ -45,17 +44,7 @@ pub struct Built {
     pub state: Arc<AppState>,
 }
 
-/// Loads the price table: built-in, overridden by `PREAUTH_PRICING_FILE`.
-pub fn load_pricing(config: &Config) -> Result<PriceTable, String> {
-    match &config.pricing_file {
-        None => Ok(PriceTable::builtin()),
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("PREAUTH_PRICING_FILE: cannot read {}: {e}", p.display()))?;
-            PriceTable::builtin_with_overrides(&text).map_err(|e| format!("PREAUTH_PRICING_FILE: {e}"))
-        }
-    }
-}
+pub use crate::config::load_pricing;
 
 /// Resolves the upstream once (pingora's `HttpPeer::new` would resolve per request and panic).
 pub fn resolve_upstream(config: &Config) -> Result<SocketAddr, String> {

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::decide::policy::{Directory, FairUse, GlobalAbuse, SpendPolicy};
+use crate::decide::pricing::PriceTable;
 use crate::decide::{Mode, Policy};
 use env::*;
 pub use env::{ConfigError, Env, Secret, Strings};
@@ -371,6 +372,18 @@ fn claim_path<S: Strings + ?Sized>(r: &mut Reader<'_, S>, var: &str, default: &s
         r.error(var, format!("`{v}` is not a dotted claim path like app_metadata.tenant_id"));
     }
     v
+}
+
+/// Loads the price table: built-in, overridden by `PREAUTH_PRICING_FILE`.
+pub fn load_pricing(config: &Config) -> Result<PriceTable, String> {
+    match &config.pricing_file {
+        None => Ok(PriceTable::builtin()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("PREAUTH_PRICING_FILE: cannot read {}: {e}", p.display()))?;
+            PriceTable::builtin_with_overrides(&text).map_err(|e| format!("PREAUTH_PRICING_FILE: {e}"))
+        }
+    }
 }
 
 /// Reads the tier and tenant files. Errors carry the variable that names the bad file.

@@ -13,8 +13,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::config::load_directory;
-use crate::decide::pricing::PriceTable;
+use crate::config::{load_directory, load_pricing};
 use crate::ledger::event::EventType;
 use crate::state::AppState;
 
@@ -141,10 +140,7 @@ impl Reloader {
             .map_err(|(var, e)| format!("{var}: {e}"))?;
         let pricing = match &c.pricing_file {
             None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                Some(PriceTable::builtin_with_overrides(&text).map_err(|e| format!("{}: {e}", path.display()))?)
-            }
+            Some(_) => Some(load_pricing(c)?),
         };
         let directory = Arc::new(directory);
         self.state.policy.update(Box::new(move |p| p.directory = directory)).await.map_err(|e| e.to_string())?;
