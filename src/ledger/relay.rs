@@ -2,8 +2,10 @@
 //! [`Sink`], at-least-once.
 //!
 //! Loop: read up to [`RelayConfig::batch_max`] (500) events from the cursor → deliver →
-//! acknowledge (cursor advances, delivered segments go). When the outbox is empty it waits for
-//! the next append (or [`RelayConfig::idle_poll`]).
+//! acknowledge (cursor advances, delivered segments go). A batch that was not full is followed by
+//! a short [`RelayConfig::linger`] (20 ms) so that a busy proxy hands over events in batches; a
+//! full batch is followed at once (backlog). When the outbox is empty it waits for the next append
+//! (or [`RelayConfig::idle_poll`]).
 //! - `Retryable`: exponential backoff with jitter, 100 ms doubling to a 30 s cap (each wait is
 //!   drawn from [d/2, d]); the same batch is retried until the sink is back, then the backlog
 //!   drains at full speed. Logged as a warning on the first failure and then every 10th.
@@ -36,6 +38,10 @@ pub struct RelayConfig {
     pub backoff_max: Duration,
     /// Longest wait for new events when the outbox is empty (appends wake the relay earlier).
     pub idle_poll: Duration,
+    /// After delivering a batch that was not full, wait this long before reading again, so that
+    /// under load events travel in batches instead of one read/deliver/ack cycle (two blocking
+    /// file jobs and a sink call) per request. Adds at most this much to delivery latency.
+    pub linger: Duration,
     /// After shutdown begins, how long to keep delivering.
     pub drain_timeout: Duration,
 }
@@ -47,6 +53,7 @@ impl Default for RelayConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             idle_poll: Duration::from_millis(500),
+            linger: Duration::from_millis(20),
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -176,7 +183,7 @@ impl Relay {
                 break;
             }
             let wait = match self.step().await {
-                Step::Delivered(_) | Step::Parked(_) => {
+                Step::Delivered(n) | Step::Parked(n) => {
                     if backoff.failures() > 0 {
                         tracing::info!(
                             failures = backoff.failures(),
@@ -184,7 +191,10 @@ impl Relay {
                         );
                     }
                     backoff.reset();
-                    continue;
+                    if n >= self.config.batch_max || self.config.linger.is_zero() {
+                        continue; // a backlog: drain at full speed
+                    }
+                    Some(self.config.linger)
                 }
                 Step::Idle => None,
                 Step::Failed(msg) => {
