@@ -118,9 +118,207 @@ impl Event {
     }
 }
 
+impl Event {
+    /// Appends this event as one line of JSON (no newline), byte for byte what
+    /// `serde_json::to_writer` writes, without serde's per-field machinery: the outbox writes
+    /// two of these per request.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.reserve(640);
+        out.extend_from_slice(b"{\"event_id\":");
+        json_str(out, &self.event_id);
+        out.extend_from_slice(b",\"event_type\":\"");
+        out.extend_from_slice(self.event_type.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"occurred_at\":");
+        json_str(out, &self.occurred_at);
+        out.extend_from_slice(b",\"instance_id\":");
+        json_str(out, &self.instance_id);
+        opt_str(out, b",\"request_id\":", self.request_id.as_deref());
+        opt_str(out, b",\"tenant_id\":", self.tenant_id.as_deref());
+        opt_str(out, b",\"tenant_tier\":", self.tenant_tier.as_deref());
+        opt_str(out, b",\"source\":", self.source.as_deref());
+        opt_str(out, b",\"mode\":", self.mode.as_deref());
+        out.extend_from_slice(b",\"policy_version\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.policy_version).as_bytes());
+        opt_str(out, b",\"decision\":", self.decision.as_deref());
+        out.extend_from_slice(b",\"reasons\":[");
+        for (i, r) in self.reasons.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_str(out, r);
+        }
+        out.push(b']');
+        opt_str(out, b",\"model\":", self.model.as_deref());
+        opt_str(out, b",\"reservation_id\":", self.reservation_id.as_deref());
+        opt_money(out, b",\"estimated_cost_usd\":", self.estimated_cost_usd);
+        opt_money(out, b",\"reserved_usd\":", self.reserved_usd);
+        opt_money(out, b",\"actual_cost_usd\":", self.actual_cost_usd);
+        opt_money(out, b",\"drift_usd\":", self.drift_usd);
+        out.extend_from_slice(b",\"usage\":");
+        match &self.usage {
+            None => out.extend_from_slice(b"null"),
+            Some(u) => {
+                let mut b = itoa::Buffer::new();
+                out.extend_from_slice(b"{\"prompt_tokens\":");
+                out.extend_from_slice(b.format(u.prompt_tokens).as_bytes());
+                out.extend_from_slice(b",\"completion_tokens\":");
+                out.extend_from_slice(b.format(u.completion_tokens).as_bytes());
+                out.extend_from_slice(b",\"cached_tokens\":");
+                out.extend_from_slice(b.format(u.cached_tokens).as_bytes());
+                out.extend_from_slice(b",\"reasoning_tokens\":");
+                out.extend_from_slice(b.format(u.reasoning_tokens).as_bytes());
+                out.push(b'}');
+            }
+        }
+        opt_str(out, b",\"usage_source\":", self.usage_source.as_deref());
+        opt_str(out, b",\"request_fingerprint\":", self.request_fingerprint.as_deref());
+        opt_str(out, b",\"approval_id\":", self.approval_id.as_deref());
+        out.extend_from_slice(b",\"upstream_status\":");
+        match self.upstream_status {
+            None => out.extend_from_slice(b"null"),
+            Some(s) => out.extend_from_slice(itoa::Buffer::new().format(s).as_bytes()),
+        }
+        if let Some(d) = &self.details {
+            out.extend_from_slice(b",\"details\":");
+            serde_json::to_writer(&mut *out, d).expect("a JSON value serialises");
+        }
+        out.push(b'}');
+    }
+}
+
+fn opt_str(out: &mut Vec<u8>, key: &[u8], v: Option<&str>) {
+    out.extend_from_slice(key);
+    match v {
+        None => out.extend_from_slice(b"null"),
+        Some(s) => json_str(out, s),
+    }
+}
+
+fn opt_money(out: &mut Vec<u8>, key: &[u8], v: Option<Micros>) {
+    out.extend_from_slice(key);
+    match v {
+        None => out.extend_from_slice(b"null"),
+        Some(m) => {
+            out.push(b'"');
+            if m.0 < 0 {
+                out.push(b'-');
+            }
+            let abs = m.0.unsigned_abs();
+            out.extend_from_slice(itoa::Buffer::new().format(abs / 1_000_000).as_bytes());
+            out.push(b'.');
+            let frac = abs % 1_000_000;
+            let digits = itoa::Buffer::new().format(frac).len();
+            out.extend(std::iter::repeat_n(b'0', 6 - digits));
+            out.extend_from_slice(itoa::Buffer::new().format(frac).as_bytes());
+            out.push(b'"');
+        }
+    }
+}
+
+/// Whether any of (up to) 8 bytes is `"`, `\\` or a control character, tested a word at a time.
+fn needs_escape(chunk: &[u8]) -> bool {
+    let mut w = [b'a'; 8];
+    w[..chunk.len()].copy_from_slice(chunk);
+    let x = u64::from_le_bytes(w);
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    // Bytes < 0x20: subtracting 0x20 borrows into the high bit (for bytes < 0x80).
+    let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+    control != 0 || zero_byte(x ^ (ONES * u64::from(b'"'))) != 0 || zero_byte(x ^ (ONES * u64::from(b'\\'))) != 0
+}
+
+/// A JSON string with serde_json's escaping: `"`, `\\` and control characters; everything else
+/// (non-ASCII included) verbatim.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let b = s.as_bytes();
+    // Fast path (ids, names, timestamps): nothing to escape, one copy.
+    if !b.chunks(8).any(needs_escape) {
+        out.extend_from_slice(b);
+        out.push(b'"');
+        return;
+    }
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => {
+                out.extend_from_slice(&b[start..i]);
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&b[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&b[start..]);
+    out.push(b'"');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_json_is_byte_for_byte_serde() {
+        let tricky = "q\"b\\s/ \u{1}\u{8}\u{c}\n\r\t\u{1f}\u{7f} é 日本 🦀";
+        let mut full = Event::new(EventType::ReservationSettled, tricky, 1_795_600_000_000_001, u64::MAX);
+        full.request_id = Some("r-1".into());
+        full.tenant_id = Some(tricky.into());
+        full.tenant_tier = Some("pro".into());
+        full.source = Some(String::new());
+        full.mode = Some("hard".into());
+        full.decision = Some("ALLOW".into());
+        full.reasons = vec!["a".into(), tricky.into(), String::new()];
+        full.model = Some("gpt-4o".into());
+        full.reservation_id = Some("res".into());
+        full.estimated_cost_usd = Some(Micros(0));
+        full.reserved_usd = Some(Micros(1));
+        full.actual_cost_usd = Some(Micros(123_456_789_012));
+        full.drift_usd = Some(Micros(-1_000_001));
+        full.usage =
+            Some(Usage { prompt_tokens: 1, completion_tokens: 0, cached_tokens: u64::MAX, reasoning_tokens: 7 });
+        full.usage_source = Some("reported".into());
+        full.request_fingerprint = Some("f".into());
+        full.approval_id = Some("a".into());
+        full.upstream_status = Some(599);
+        full.details = Some(serde_json::json!({"reason": tricky, "n": [1, 2.5, null]}));
+        let blank = Event::new(EventType::Decision, "i", 0, 0);
+        let mut negative_small = blank.clone();
+        negative_small.drift_usd = Some(Micros(-5));
+        negative_small.reasons = vec!["one".into()];
+        // Every ASCII byte at every position of a word, against serde.
+        for c in 0u8..0x80 {
+            for pos in 0..9 {
+                let mut t = "abcdefghi".to_string().into_bytes();
+                t[pos] = c;
+                let t = String::from_utf8(t).unwrap();
+                let mut fast = Vec::new();
+                json_str(&mut fast, &t);
+                assert_eq!(
+                    String::from_utf8(fast).unwrap(),
+                    serde_json::to_string(&t).unwrap(),
+                    "byte {c:#x} at {pos}"
+                );
+            }
+        }
+        for e in [full, blank, negative_small] {
+            let mut fast = Vec::new();
+            e.write_json(&mut fast);
+            assert_eq!(String::from_utf8(fast).unwrap(), serde_json::to_string(&e).unwrap());
+        }
+    }
 
     #[test]
     fn serialises_with_contract_names_and_six_decimals() {

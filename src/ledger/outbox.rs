@@ -136,8 +136,6 @@ pub enum OutboxError {
     Full { undelivered_bytes: u64, max_bytes: u64 },
     #[error("outbox write failed: {0}")]
     Io(#[from] io::Error),
-    #[error("event cannot be serialised: {0}")]
-    Encode(String),
 }
 
 /// How an outbox is run.
@@ -529,6 +527,11 @@ enum AckKind {
     Parked,
 }
 
+thread_local! {
+    /// The line buffer of [`Outbox::append`] (one per thread: no allocation per event).
+    static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Outbox {
     /// Opens (creating) the outbox in `dir` in relay mode, segments deleted once delivered.
     pub fn open(dir: impl AsRef<Path>, max_bytes: u64, full_policy: OutboxFullPolicy) -> io::Result<Outbox> {
@@ -627,9 +630,16 @@ impl Outbox {
     /// takes the failsafe path. Under the `drop` policy a full outbox drops the event and
     /// returns `Ok` (counted as `dropped`).
     pub fn append(&self, event: &Event) -> Result<(), OutboxError> {
-        let mut line = serde_json::to_vec(event).map_err(|e| OutboxError::Encode(e.to_string()))?;
-        line.push(b'\n');
-        self.append_line(&line)
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            event.write_json(line);
+            line.push(b'\n');
+            let r = self.append_line(line);
+            if line.capacity() > 64 * 1024 {
+                *line = Vec::new();
+            }
+            r
+        })
     }
 
     fn append_line(&self, line: &[u8]) -> Result<(), OutboxError> {
