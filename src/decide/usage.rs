@@ -60,7 +60,8 @@ pub struct ScanResult {
     /// before it (cut stream), was too large, or did not carry it.
     pub usage: Option<Usage>,
     /// Estimated tokens of the output text seen (content, tool-call arguments, thinking); for
-    /// settling cut streams.
+    /// settling cut streams and bodies without usage. A JSON body that reports usage is not
+    /// counted (0): the figure would never be used.
     pub observed_output_tokens: u64,
     /// The model the provider reported, if seen.
     pub model: Option<String>,
@@ -183,17 +184,10 @@ impl AnthropicAcc {
 // ------------------------------------------------------------------------------ byte helpers
 
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    let first = *needle.first()?;
-    let mut i = from;
-    while i + needle.len() <= hay.len() {
-        let off = hay[i..=hay.len() - needle.len()].iter().position(|&b| b == first)?;
-        i += off;
-        if &hay[i..i + needle.len()] == needle {
-            return Some(i);
-        }
-        i += 1;
+    if needle.is_empty() {
+        return None;
     }
-    None
+    memchr::memmem::find(hay.get(from..)?, needle).map(|i| i + from)
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -294,7 +288,7 @@ fn count_output_text(b: &[u8], keys: &[&[u8]], c: &mut TokenCounter) {
         return;
     }
     let mut i = 0;
-    while let Some(off) = b.get(i..).and_then(|s| s.iter().position(|&x| x == b'"')) {
+    while let Some(off) = b.get(i..).and_then(|s| memchr::memchr(b'"', s)) {
         i += off;
         // Inside a JSON string a quote is escaped, so a key pattern `"key"` followed by `:` cannot
         // match there (the key would be followed by `\`).
@@ -387,21 +381,28 @@ impl UsageScanner {
             BodyKind::Json => {
                 if !self.overflow && !self.buf.is_empty() {
                     let body = std::mem::take(&mut self.buf);
-                    count_output_text(&body, text_keys(self.route, self.kind), &mut self.text);
                     match serde_json::from_slice::<Frame>(&body) {
                         Ok(f) => self.apply(f),
                         Err(_) => self.unparsable += 1,
+                    }
+                    // The observed text only matters when the body reports no usage.
+                    if self.current_usage().is_none() {
+                        count_output_text(&body, text_keys(self.route, self.kind), &mut self.text);
                     }
                 }
             }
         }
         self.buf = Vec::new();
-        let usage = if self.route == Route::Messages {
+        ScanResult { usage: self.current_usage(), observed_output_tokens: self.text.tokens(), model: self.model.take() }
+    }
+
+    /// The usage seen so far (Anthropic: only once the final `message_delta` arrived).
+    fn current_usage(&self) -> Option<Usage> {
+        if self.route == Route::Messages {
             self.anthropic_final.then(|| self.anthropic.usage())
         } else {
             self.usage
-        };
-        ScanResult { usage, observed_output_tokens: self.text.tokens(), model: self.model.take() }
+        }
     }
 
     fn feed_json(&mut self, chunk: &[u8]) {
@@ -773,7 +774,9 @@ mod tests {
         let r = whole(Route::ChatCompletions, BodyKind::Json, OPENAI_CHAT_JSON);
         assert_eq!(r.usage, Some(u(1117, 846, 1024, 768)));
         assert_eq!(r.model.as_deref(), Some("o4-mini-2025-04-16"));
-        assert!(r.observed_output_tokens >= 10);
+        assert_eq!(r.observed_output_tokens, 0, "usage reported: the text is not counted");
+        let no_usage = OPENAI_CHAT_JSON.replace("\"usage\"", "\"usage_elsewhere\"");
+        assert!(whole(Route::ChatCompletions, BodyKind::Json, &no_usage).observed_output_tokens >= 10);
         // split anywhere, byte by byte
         assert_eq!(assert_split_invariant(Route::ChatCompletions, BodyKind::Json, OPENAI_CHAT_JSON), r);
     }
@@ -812,7 +815,9 @@ mod tests {
         let r = whole(Route::Responses, BodyKind::Json, RESPONSES_JSON);
         assert_eq!(r.usage, Some(u(36, 87, 12, 5)));
         assert_eq!(r.model.as_deref(), Some("gpt-4.1-2025-04-14"));
-        assert!(r.observed_output_tokens >= 15);
+        assert_eq!(r.observed_output_tokens, 0, "usage reported: the text is not counted");
+        let no_usage = RESPONSES_JSON.replace("\"usage\"", "\"usage_elsewhere\"");
+        assert!(whole(Route::Responses, BodyKind::Json, &no_usage).observed_output_tokens >= 15);
         let s = assert_split_invariant(Route::Responses, BodyKind::Sse, RESPONSES_SSE);
         assert_eq!(s.usage, Some(u(37, 139, 0, 128)));
         assert_eq!(s.model.as_deref(), Some("gpt-5-mini-2025-08-07"));
@@ -834,7 +839,9 @@ mod tests {
         // prompt = 12 input + 2048 cache reads + 100 cache writes; cached = reads
         assert_eq!(r.usage, Some(u(2160, 10, 2048, 0)));
         assert_eq!(r.model.as_deref(), Some("claude-sonnet-4-20250514"));
-        assert!(r.observed_output_tokens >= 8);
+        assert_eq!(r.observed_output_tokens, 0, "usage reported: the text is not counted");
+        let no_usage = ANTHROPIC_JSON.replace("\"usage\"", "\"usage_elsewhere\"");
+        assert!(whole(Route::Messages, BodyKind::Json, &no_usage).observed_output_tokens >= 8);
 
         let s = assert_split_invariant(Route::Messages, BodyKind::Sse, ANTHROPIC_SSE);
         assert_eq!(s.usage, Some(u(25 + 1800 + 7, 89, 1800, 0)));
