@@ -35,7 +35,8 @@ pub fn v7() -> String {
     let mut rand = [0u8; 10];
     rand[..8].copy_from_slice(&next().to_le_bytes());
     rand[8..].copy_from_slice(&next().to_le_bytes()[..2]);
-    uuid::Builder::from_unix_timestamp_millis(ms, &rand).into_uuid().to_string()
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Builder::from_unix_timestamp_millis(ms, &rand).into_uuid().hyphenated().encode_lower(&mut buf).to_string()
 }
 
 #[cfg(test)]

@@ -94,8 +94,27 @@ pub fn rfc3339_micros(now_us: u64) -> String {
     let secs = now_us / 1_000_000;
     let micros = now_us % 1_000_000;
     let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+    if !(0..=9999).contains(&y) {
+        let sod = secs % 86_400;
+        return format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, (sod / 60) % 60, sod % 60);
+    }
+    // Hand-written digits: one of these per ledger event, on the request path.
     let sod = secs % 86_400;
-    format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, (sod / 60) % 60, sod % 60)
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y as u64);
+    put(5, 2, u64::from(mo));
+    put(8, 2, u64::from(d));
+    put(11, 2, sod / 3600);
+    put(14, 2, (sod / 60) % 60);
+    put(17, 2, sod % 60);
+    put(20, 6, micros);
+    String::from_utf8(b.to_vec()).expect("ASCII digits")
 }
 
 /// RFC 3339 UTC, second precision: `2026-11-25T10:00:00Z`.
