@@ -36,7 +36,7 @@ pub struct RequestCtx {
     /// Counters admission; its lease is released in `logging`.
     pub ticket: Option<Ticket>,
     /// A refusal decided in `request_body_filter`, written by `fail_to_proxy`.
-    pub pending_refusal: Option<Rendered>,
+    pub pending_refusal: Option<Box<Rendered>>,
     pub upstream_status: Option<u16>,
     pub model: Option<String>,
     /// `x-approval-token`, when sent.
@@ -51,8 +51,10 @@ pub struct RequestCtx {
     pub policy_version: u64,
     pub estimated_cost: Option<crate::decide::Micros>,
     pub fingerprint: Option<String>,
-    /// Cost, hold and usage scanner of an admitted request; settled in `logging`.
-    pub spend: Option<super::spend::SpendCtx>,
+    /// Cost, hold and usage scanner of an admitted request; settled in `logging`. Boxed (as is
+    /// the pending refusal): pingora keeps the context inside its per-request future and moves
+    /// that future, so every byte here is copied on every request.
+    pub spend: Option<Box<super::spend::SpendCtx>>,
 }
 
 impl RequestCtx {
