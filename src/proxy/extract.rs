@@ -1,8 +1,8 @@
 //! Request facts from headers and body: who the caller is, and what the LLM request asks for.
 //! Works on `http` types, not pingora's `Session`, so every rule here is a unit test.
 //!
-//! Owns: `Caller`, `identify`, `LlmRequest`, `parse_body`, `inject_include_usage`.
-//! Imports: config (identity settings), `decide::{jwt, route}`, serde_json.
+//! Owns: `Caller`, `identify`, `VerifiedTokens`, `LlmRequest`, `parse_body`,
+//! `inject_include_usage`. Imports: config (identity settings), `decide::{jwt, route}`, serde_json.
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -41,8 +41,76 @@ fn valid_tenant(t: &str) -> bool {
     !t.is_empty() && t.len() <= MAX_TENANT_ID_LEN && t.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Bearer tokens that passed verification, so that a client sending the same token on every
+/// call (the common case) pays one HMAC and two JSON parses per token, not per request. Keyed by
+/// the whole token; `exp` and `nbf` are checked again on every hit; the audience and claims are
+/// fixed by the token's bytes and the (static) identity settings. Bounded: a full shard is
+/// emptied (re-verification is the only cost).
+pub struct VerifiedTokens {
+    shards: Vec<parking_lot::Mutex<std::collections::HashMap<Box<str>, CachedCaller>>>,
+    per_shard: usize,
+}
+
+#[derive(Clone)]
+struct CachedCaller {
+    caller: Caller,
+    exp: i64,
+    nbf: Option<i64>,
+}
+
+impl VerifiedTokens {
+    const SHARDS: usize = 8;
+
+    /// At most `capacity` tokens (0 disables the cache).
+    pub fn new(capacity: usize) -> VerifiedTokens {
+        VerifiedTokens {
+            shards: (0..Self::SHARDS).map(|_| parking_lot::Mutex::new(std::collections::HashMap::new())).collect(),
+            per_shard: capacity.div_ceil(Self::SHARDS),
+        }
+    }
+
+    fn shard(&self, token: &str) -> &parking_lot::Mutex<std::collections::HashMap<Box<str>, CachedCaller>> {
+        // The tail is the signature: uniformly distributed.
+        let b = token.as_bytes();
+        let h = b.iter().rev().take(8).fold(0usize, |h, &x| h.wrapping_mul(31).wrapping_add(x as usize));
+        &self.shards[h % Self::SHARDS]
+    }
+
+    fn get(&self, token: &str, now_s: i64) -> Option<Result<Caller, &'static str>> {
+        let hit = self.shard(token).lock().get(token).cloned()?;
+        Some(if now_s >= hit.exp {
+            Err("token_expired")
+        } else if hit.nbf.is_some_and(|nbf| now_s + jwt::NBF_LEEWAY_SECONDS < nbf) {
+            Err("token_not_yet_valid")
+        } else {
+            Ok(hit.caller)
+        })
+    }
+
+    fn put(&self, token: &str, entry: CachedCaller) {
+        if self.per_shard == 0 {
+            return;
+        }
+        let mut m = self.shard(token).lock();
+        if m.len() >= self.per_shard {
+            *m = std::collections::HashMap::new();
+        }
+        m.insert(token.into(), entry);
+    }
+}
+
 /// Authenticates the caller. The error is a short machine reason for the 401's details.
 pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<Caller, &'static str> {
+    identify_cached(identity, headers, now_s, None)
+}
+
+/// [`identify`], reusing (and filling) `cache` for bearer tokens.
+pub fn identify_cached(
+    identity: &Identity,
+    headers: &HeaderMap,
+    now_s: i64,
+    cache: Option<&VerifiedTokens>,
+) -> Result<Caller, &'static str> {
     match identity {
         Identity::Header => {
             let tenant = header_str(headers, names::TENANT_ID).ok_or("missing_tenant_header")?;
@@ -63,6 +131,9 @@ pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .ok_or("missing_bearer_token")?;
+            if let Some(hit) = cache.and_then(|c| c.get(token, now_s)) {
+                return hit;
+            }
             let v = jwt::verify_hs256(token, &[secret.expose().as_bytes()], now_s).map_err(|e| match e {
                 jwt::JwtError::Expired => "token_expired",
                 jwt::JwtError::NotYetValid => "token_not_yet_valid",
@@ -77,11 +148,18 @@ pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<
             if !valid_tenant(&tenant) {
                 return Err("invalid_tenant_id");
             }
-            Ok(Caller {
+            let caller = Caller {
                 tenant,
                 claimed_tier: jwt::claim_str(&v.claims, tier_claim),
                 user: jwt::claim_str(&v.claims, "sub"),
-            })
+            };
+            if let Some(c) = cache {
+                // Both were validated by verify_hs256 (an `exp` is required).
+                let exp = v.claims.get("exp").and_then(jwt::as_int).unwrap_or(i64::MIN);
+                let nbf = v.claims.get("nbf").and_then(jwt::as_int);
+                c.put(token, CachedCaller { caller: caller.clone(), exp, nbf });
+            }
+            Ok(caller)
         }
     }
 }
@@ -224,6 +302,35 @@ mod tests {
         assert_eq!(identify(&id, &h, 1000), Err("token_expired"));
         let h = bearer(json!({"exp": 2000, "aud": "authenticated"}));
         assert_eq!(identify(&id, &h, 1000), Err("token_missing_tenant_claim"));
+    }
+
+    #[test]
+    fn verified_tokens_are_remembered_but_time_still_counts() {
+        let id = jwt_identity();
+        let cache = VerifiedTokens::new(16);
+        let claims = json!({"exp": 2000, "nbf": 1500, "aud": "authenticated", "app_metadata": {"tenant_id": "acme"}});
+        let h = bearer(claims);
+        // Not yet valid: nothing cached.
+        assert_eq!(identify_cached(&id, &h, 1000, Some(&cache)), Err("token_not_yet_valid"));
+        let first = identify_cached(&id, &h, 1600, Some(&cache)).unwrap();
+        assert_eq!(identify_cached(&id, &h, 1601, Some(&cache)), Ok(first));
+        // A hit still honours `exp` and `nbf`.
+        assert_eq!(identify_cached(&id, &h, 2000, Some(&cache)), Err("token_expired"));
+        assert_eq!(identify_cached(&id, &h, 1000, Some(&cache)), Err("token_not_yet_valid"));
+        // A token differing in one signature byte is verified afresh, never served from the cache.
+        let auth = h.get("authorization").unwrap().to_str().unwrap().to_string();
+        let last = auth.chars().last().unwrap();
+        let forged = format!("{}{}", &auth[..auth.len() - 1], if last == 'A' { 'B' } else { 'A' });
+        let mut f = HeaderMap::new();
+        f.insert("authorization", HeaderValue::from_str(&forged).unwrap());
+        assert!(identify_cached(&id, &f, 1600, Some(&cache)).is_err());
+        // Bounded: more tokens than capacity never grow a shard past its share.
+        for i in 0..100 {
+            let h =
+                bearer(json!({"exp": 2000, "aud": "authenticated", "app_metadata": {"tenant_id": format!("t{i}")}}));
+            assert_eq!(identify_cached(&id, &h, 1600, Some(&cache)).unwrap().tenant, format!("t{i}"));
+        }
+        assert!(cache.shards.iter().all(|s| s.lock().len() <= 2));
     }
 
     #[test]
