@@ -58,7 +58,11 @@ pub struct PreauthProxy {
     upstream_tls: bool,
     upstream_sni: String,
     upstream_host_header: String,
+    tokens: extract::VerifiedTokens,
 }
+
+/// Distinct bearer tokens whose verification is remembered (~300 B each).
+const VERIFIED_TOKENS: usize = 4096;
 
 impl PreauthProxy {
     pub fn new(state: Arc<AppState>, upstream_addr: SocketAddr, tls: bool, host: &str, port: u16) -> PreauthProxy {
@@ -70,6 +74,7 @@ impl PreauthProxy {
             upstream_tls: tls,
             upstream_sni: host.to_string(),
             upstream_host_header: host_header,
+            tokens: extract::VerifiedTokens::new(VERIFIED_TOKENS),
         }
     }
 
@@ -323,7 +328,7 @@ impl PreauthProxy {
                 Some(n) => extract::clamp_body(route, &req, n),
                 None => extract::inject_include_usage(route, &req, body),
             };
-            ctx.spend = Some(spend);
+            ctx.spend = Some(Box::new(spend));
             return Ok(());
         }
         extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
@@ -606,7 +611,12 @@ impl ProxyHttp for PreauthProxy {
         ctx.route = route;
         ctx.passthrough = passthrough;
 
-        let caller = extract::identify(&self.state.config.identity, &session.req_header().headers, self.now_s());
+        let caller = extract::identify_cached(
+            &self.state.config.identity,
+            &session.req_header().headers,
+            self.now_s(),
+            Some(&self.tokens),
+        );
         match caller {
             Ok(c) => ctx.caller = Some(c),
             Err(why) => {
@@ -713,7 +723,7 @@ impl ProxyHttp for PreauthProxy {
         if let Some(chunk) = body.take() {
             if ctx.held.len() as u64 + chunk.len() as u64 > self.state.config.max_body_bytes {
                 let limit = self.state.config.max_body_bytes;
-                ctx.pending_refusal = Some(render(&Refusal::TooLarge { limit }, &ctx.request_id));
+                ctx.pending_refusal = Some(Box::new(render(&Refusal::TooLarge { limit }, &ctx.request_id)));
                 return Error::e_explain(HTTPStatus(413), "request body over PREAUTH_MAX_BODY_BYTES");
             }
             ctx.held.extend_from_slice(&chunk);
@@ -731,7 +741,7 @@ impl ProxyHttp for PreauthProxy {
             Err(refusal) => {
                 let r = render(&refusal, &ctx.request_id);
                 let status = r.status;
-                ctx.pending_refusal = Some(r);
+                ctx.pending_refusal = Some(Box::new(r));
                 Error::e_explain(HTTPStatus(status), "request refused after reading its body")
             }
         }
@@ -788,7 +798,7 @@ impl ProxyHttp for PreauthProxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         let rendered = match ctx.pending_refusal.take() {
-            Some(r) => Some(r),
+            Some(r) => Some(*r),
             None if session.response_written().is_some() => None,
             None => match e.esource() {
                 ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
@@ -826,7 +836,7 @@ impl ProxyHttp for PreauthProxy {
                 self.state.hold_gate_lease(&r.id, t);
             }
         } else if let Some(mut s) = ctx.spend.take() {
-            spend::settle(&self.state, &mut s, ctx.upstream_status).await;
+            spend::settle(&self.state, &mut s, ctx.upstream_status, ctx.ticket.take()).await;
         }
         if let Some(ticket) = ctx.ticket.take() {
             if ticket.has_lease() {

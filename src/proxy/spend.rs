@@ -11,6 +11,7 @@ use crate::decide::{Micros, Route, Tier};
 use crate::ledger::event::{Event, EventType};
 use crate::state::AppState;
 use crate::store::budget::{Reservation, SettleOutcome};
+use crate::store::{StoreError, Ticket};
 
 /// Cost facts of one admitted request.
 pub struct SpendCtx {
@@ -40,8 +41,27 @@ impl SpendCtx {
 }
 
 /// Settles a finished request: charge the real cost and release the rest, or release everything
-/// when the upstream did not answer 2xx.
-pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>) {
+/// when the upstream did not answer 2xx; then releases its concurrency lease (`lease`), in the
+/// same store round trip as the settlement when there is one.
+pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: Option<Ticket>) {
+    let mut lease = lease;
+    settle_hold(state, spend, upstream_status, &mut lease).await;
+    if let Some(t) = lease.filter(Ticket::has_lease) {
+        if let Err(e) = state.counters.release_lease(&t).await {
+            lease_release_failed(state, e);
+        }
+    }
+}
+
+/// Counts and logs a lease that could not be released (it expires by its TTL).
+pub fn lease_release_failed(state: &AppState, e: StoreError) {
+    state.metrics.store_errors.with_label_values(&["release_lease"]).inc();
+    state.set_store_healthy(false);
+    tracing::warn!(error = %e, "state store operation failed: release_lease (the lease expires by its TTL)");
+}
+
+/// [`settle`] without the lease, except that a settlement takes `lease` along (and leaves `None`).
+async fn settle_hold(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: &mut Option<Ticket>) {
     let now = state.clock.now_ms();
     let m = &state.metrics;
     let ok = upstream_status.is_some_and(|s| (200..300).contains(&s));
@@ -94,7 +114,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         state.emit(&e);
     }
     match reservation {
-        Some(r) => match state.budgets.settle(&r.id, actual, now).await {
+        Some(r) => match settle_release(state, &r.id, actual, now, lease).await {
             Ok(SettleOutcome::Settled(s)) => {
                 m.record_settlement("usage", s.drift);
             }
@@ -119,6 +139,22 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         }
     }
     m.record_spend(spend.tier.as_str(), &spend.provider, &spend.model_label, actual);
+}
+
+/// Settles `id` and releases `lease` (taken) through the gatekeeper: one store step.
+async fn settle_release(
+    state: &AppState,
+    id: &str,
+    actual: Micros,
+    now: crate::decide::UnixMillis,
+    lease: &mut Option<Ticket>,
+) -> Result<SettleOutcome, StoreError> {
+    let ticket = lease.take();
+    let (settled, released) = state.gatekeeper.settle_release(Some((id, actual, now)), ticket.as_ref()).await;
+    if let Err(e) = released {
+        lease_release_failed(state, e);
+    }
+    settled.unwrap_or(Ok(SettleOutcome::NotFound))
 }
 
 /// A follow-up event of this request (settlement, release), built from its decision event.

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::decide::{CountersView, GlobalView, Policy, TenantView, UnixMillis};
+use crate::decide::{CountersView, GlobalView, Micros, Policy, TenantView, UnixMillis};
 
 /// A store operation failed; the caller takes the failsafe path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,6 +102,15 @@ pub trait Gatekeeper: Send + Sync {
         admit: &AdmitRequest<'_>,
         reserve: Option<&budget::ReserveRequest<'_>>,
     ) -> Result<(Ticket, CountersView, Option<budget::ReserveOutcome>), StoreError>;
+
+    /// The end of an admitted request as one step: settle its hold (`settle = (reservation id,
+    /// actual cost, now)`), then release its concurrency lease. A shared store pipelines both
+    /// (one round trip after the response). Each part reports its own result.
+    async fn settle_release(
+        &self,
+        settle: Option<(&str, Micros, UnixMillis)>,
+        lease: Option<&Ticket>,
+    ) -> (Option<Result<budget::SettleOutcome, StoreError>>, Result<(), StoreError>);
 }
 
 /// The gatekeeper of stores that are not shared: admit, then reserve (both in-process).
@@ -126,6 +135,22 @@ impl Gatekeeper for Sequential {
                 Err(e)
             }
         }
+    }
+
+    async fn settle_release(
+        &self,
+        settle: Option<(&str, Micros, UnixMillis)>,
+        lease: Option<&Ticket>,
+    ) -> (Option<Result<budget::SettleOutcome, StoreError>>, Result<(), StoreError>) {
+        let settled = match settle {
+            Some((id, actual, now)) => Some(self.budgets.settle(id, actual, now).await),
+            None => None,
+        };
+        let released = match lease {
+            Some(t) if t.has_lease() => self.counters.release_lease(t).await,
+            _ => Ok(()),
+        };
+        (settled, released)
     }
 }
 

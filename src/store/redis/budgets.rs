@@ -86,6 +86,12 @@ impl RedisStore {
         actual: Option<Micros>,
         now: UnixMillis,
     ) -> Result<Result<Reservation, i64>, StoreError> {
+        let inv = self.plan_finish(id, actual, now);
+        self.exec(op, 1, |mut c| async move { run_finish(inv, &mut c).await }).await
+    }
+
+    /// Prepares the settle (`actual = Some`) or release script call without sending it.
+    pub(crate) fn plan_finish(&self, id: &str, actual: Option<Micros>, now: UnixMillis) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.scripts.finish.prepare_invoke();
         inv.key(self.active_key())
             .arg(self.inner.keys.budget_base())
@@ -94,16 +100,35 @@ impl RedisStore {
             .arg(now)
             .arg(FINISHED_TTL_MS)
             .arg(SPEND_TTL_MS);
-        self.exec(op, 1, |mut c| async move {
-            let v = as_array(inv.invoke_async(&mut c).await?)?;
-            let code = v.first().map(as_i64).transpose()?.ok_or_else(|| proto("empty finish reply"))?;
-            if code != 1 {
-                return Ok(Err(code));
-            }
-            let rec = as_array(v.into_iter().nth(1).ok_or_else(|| proto("finish reply lacks the record"))?)?;
-            Ok(Ok(reservation(&rec)?))
-        })
-        .await
+        inv
+    }
+}
+
+/// Sends a planned finish. `Err(code)`: 0 unknown, -1 not active.
+pub(crate) async fn run_finish(
+    inv: redis::ScriptInvocation<'_>,
+    c: &mut super::Conn,
+) -> redis::RedisResult<Result<Reservation, i64>> {
+    let v = as_array(inv.invoke_async(c).await?)?;
+    let code = v.first().map(as_i64).transpose()?.ok_or_else(|| proto("empty finish reply"))?;
+    if code != 1 {
+        return Ok(Err(code));
+    }
+    let rec = as_array(v.into_iter().nth(1).ok_or_else(|| proto("finish reply lacks the record"))?)?;
+    Ok(Ok(reservation(&rec)?))
+}
+
+/// A settle script's result as the trait reports it.
+pub(crate) fn settle_outcome(r: Result<Reservation, i64>, actual: Micros) -> SettleOutcome {
+    match r {
+        Ok(reservation) => SettleOutcome::Settled(Settlement {
+            released: reservation.amount.saturating_sub(actual).max(Micros::ZERO),
+            drift: actual.saturating_sub(reservation.amount),
+            actual,
+            reservation,
+        }),
+        Err(0) => SettleOutcome::NotFound,
+        Err(_) => SettleOutcome::NotActive,
     }
 }
 
@@ -166,16 +191,7 @@ impl Budgets for RedisStore {
 
     async fn settle(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {
         let actual = actual.max(Micros::ZERO);
-        Ok(match self.finish("settle", id, Some(actual), now).await? {
-            Ok(reservation) => SettleOutcome::Settled(Settlement {
-                released: reservation.amount.saturating_sub(actual).max(Micros::ZERO),
-                drift: actual.saturating_sub(reservation.amount),
-                actual,
-                reservation,
-            }),
-            Err(0) => SettleOutcome::NotFound,
-            Err(_) => SettleOutcome::NotActive,
-        })
+        Ok(settle_outcome(self.finish("settle", id, Some(actual), now).await?, actual))
     }
 
     async fn release(&self, id: &str, now: UnixMillis) -> Result<Option<Reservation>, StoreError> {

@@ -244,12 +244,24 @@ impl Keys {
         s.into()
     }
 
+    /// `P` `t:{tag}:` `name` (built by hand: several per request, `format!` is slow here).
     pub fn tenant(&self, tenant: &str, name: &str) -> String {
-        format!("{}t:{{{}}}:{name}", self.prefix, Self::tenant_tag(tenant))
+        let tag = Self::tenant_tag(tenant);
+        let mut s = String::with_capacity(self.prefix.len() + tag.len() + name.len() + 5);
+        s.push_str(&self.prefix);
+        s.push_str("t:{");
+        s.push_str(&tag);
+        s.push_str("}:");
+        s.push_str(name);
+        s
     }
 
     pub fn global(&self, name: &str) -> String {
-        format!("{}{{global}}:{name}", self.prefix)
+        let mut s = String::with_capacity(self.prefix.len() + name.len() + 9);
+        s.push_str(&self.prefix);
+        s.push_str("{global}:");
+        s.push_str(name);
+        s
     }
 
     /// The base of every budget key (`P{budget}:`).
@@ -771,6 +783,53 @@ impl crate::store::Gatekeeper for RedisStore {
                 Err(unavailable(format!("admit: {e}")))
             }
             (Err(e), _) => Err(unavailable(format!("admit: {e}"))),
+        }
+    }
+
+    /// Settlement and lease release pipelined: one round trip after the response.
+    async fn settle_release(
+        &self,
+        settle: Option<(&str, crate::decide::Micros, crate::decide::UnixMillis)>,
+        lease: Option<&crate::store::Ticket>,
+    ) -> (Option<Result<crate::store::budget::SettleOutcome, StoreError>>, Result<(), StoreError>) {
+        use crate::store::budget::Budgets;
+        use crate::store::Counters;
+        let lease = lease.filter(|t| t.has_lease());
+        let (Some((id, actual, now)), Some(ticket)) = (settle, lease) else {
+            // Only one of the two: no pipelining to do.
+            let settled = match settle {
+                Some((id, actual, now)) => Some(self.settle(id, actual, now).await),
+                None => None,
+            };
+            let released = match lease {
+                Some(t) => self.release_lease(t).await,
+                None => Ok(()),
+            };
+            return (settled, released);
+        };
+        let actual = actual.max(crate::decide::Micros::ZERO);
+        let inv = self.plan_finish(id, Some(actual), now);
+        let key = self.inner.keys.tenant(&ticket.tenant, "leases");
+        let seq = ticket.seq;
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(&key).arg(seq);
+        let both = self
+            .exec("settle_release", 2, |c| async move {
+                let (mut c1, mut c2) = (c.clone(), c);
+                // Both futures write before either reads: the commands share one round trip.
+                Ok(tokio::join!(budgets::run_finish(inv, &mut c1), zrem.query_async::<()>(&mut c2)))
+            })
+            .await;
+        match both {
+            Ok((settled, released)) => (
+                Some(
+                    settled
+                        .map(|r| budgets::settle_outcome(r, actual))
+                        .map_err(|e| unavailable(format!("settle: {e}"))),
+                ),
+                released.map_err(|e| unavailable(format!("release_lease: {e}"))),
+            ),
+            Err(e) => (Some(Err(e.clone())), Err(e)),
         }
     }
 }

@@ -793,3 +793,32 @@ async fn measure_round_trips_and_latency() {
     eprintln!("embedded admit+reserve: p50 {:?} p99 {:?}", pct(&mem, 0.5), pct(&mem, 0.99));
     cleanup(&s).await;
 }
+
+#[tokio::test]
+async fn settle_release_pipelines_the_settlement_and_the_lease() {
+    use crate::store::Gatekeeper;
+    let Some(s) = store_at(&prefix()).await else { return };
+    let now = t0();
+    let hold = rreq("acme", now, BUDGET, 300_000, None);
+    let (ticket, view, held) = s.admit_reserve(&req("acme", now, Some(60_000)), Some(&hold)).await.unwrap();
+    assert_eq!(view.tenant.in_flight, 0);
+    let r = reserved(held.unwrap());
+    let (_, v) = s.admit(&req("acme", now + 1, Some(60_000))).await.unwrap();
+    assert_eq!(v.tenant.in_flight, 1, "the first request's lease is live");
+    let c0 = s.commands_sent();
+    let (settled, released) = s.settle_release(Some((&r.id, Micros(120_000), now + 5)), Some(&ticket)).await;
+    assert_eq!(s.commands_sent() - c0, 2, "two commands, sent together");
+    released.unwrap();
+    let Some(Ok(SettleOutcome::Settled(st))) = settled else { panic!("{settled:?}") };
+    assert_eq!((st.actual, st.released, st.drift), (Micros(120_000), Micros(180_000), Micros(-180_000)));
+    assert_eq!(spend(&s, "acme", "2026-11").await, (120_000, 0, 0));
+    let (_, v) = s.admit(&req("acme", now + 6, Some(60_000))).await.unwrap();
+    assert_eq!(v.tenant.in_flight, 1, "only the second request's lease is left");
+    // Settling again: not active; the lease part alone still works.
+    let (again, released) = s.settle_release(Some((&r.id, Micros(1), now + 7)), Some(&ticket)).await;
+    assert_eq!(again, Some(Ok(SettleOutcome::NotActive)));
+    released.unwrap();
+    let (none, released) = s.settle_release(None, Some(&ticket)).await;
+    assert!(none.is_none() && released.is_ok());
+    cleanup(&s).await;
+}
