@@ -5,7 +5,6 @@
 //! Owns: `Policy`, `Tier`, `Mode`, tier/tenant tables and their TOML schemas.
 //! Imports: `decide::money`, serde, toml.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::money::Micros;
@@ -99,7 +98,7 @@ pub struct TenantSettings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Directory {
     tiers: [TierDefaults; 5],
-    tenants: HashMap<String, TenantSettings>,
+    tenants: super::FastMap<String, TenantSettings>,
 }
 
 /// TOML schema of `PREAUTH_TIERS_FILE`.
@@ -107,7 +106,7 @@ pub struct Directory {
 #[serde(deny_unknown_fields)]
 struct TiersFile {
     #[serde(default)]
-    tiers: HashMap<String, TierEntry>,
+    tiers: super::FastMap<String, TierEntry>,
 }
 
 #[derive(serde::Deserialize)]
@@ -122,7 +121,7 @@ struct TierEntry {
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
     #[serde(default)]
-    tenants: HashMap<String, TenantEntry>,
+    tenants: super::FastMap<String, TenantEntry>,
 }
 
 #[derive(serde::Deserialize)]
@@ -170,7 +169,7 @@ impl Directory {
                 }
             }
         }
-        let mut tenants = HashMap::new();
+        let mut tenants = super::FastMap::default();
         if let Some(text) = tenants_toml {
             let file: TenantsFile = toml::from_str(text).map_err(|e| format!("tenants file: {e}"))?;
             for (id, e) in file.tenants {

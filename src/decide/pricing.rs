@@ -5,7 +5,7 @@
 //! `max_output_that_fits`. Imports: std, serde, toml, thiserror, and the sibling modules `money`
 //! and `usage_types`. Pure: no I/O (the built-in table is embedded with `include_str!`), no clock.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::money::Micros;
 use super::usage_types::Usage;
@@ -44,7 +44,7 @@ pub enum PricingError {
 /// Price table: models by name plus the `default` entry. Parse once; share it behind an `Arc`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PriceTable {
-    models: HashMap<String, ModelPrice>,
+    models: super::FastMap<String, ModelPrice>,
     default: ModelPrice,
 }
 
@@ -193,7 +193,7 @@ impl PriceTable {
     /// field and `[models.default]` must be present.
     pub fn from_toml_str(text: &str) -> Result<PriceTable, PricingError> {
         let raw = parse_raw(text)?;
-        let mut models = HashMap::with_capacity(raw.models.len());
+        let mut models = super::FastMap::with_capacity_and_hasher(raw.models.len(), Default::default());
         let mut default = None;
         for (name, m) in raw.models {
             let p = complete(&name, m, None)?;

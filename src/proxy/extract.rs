@@ -47,7 +47,7 @@ fn valid_tenant(t: &str) -> bool {
 /// fixed by the token's bytes and the (static) identity settings. Bounded: a full shard is
 /// emptied (re-verification is the only cost).
 pub struct VerifiedTokens {
-    shards: Vec<parking_lot::Mutex<std::collections::HashMap<Box<str>, CachedCaller>>>,
+    shards: Vec<parking_lot::Mutex<crate::decide::FastMap<Box<str>, CachedCaller>>>,
     per_shard: usize,
 }
 
@@ -64,12 +64,12 @@ impl VerifiedTokens {
     /// At most `capacity` tokens (0 disables the cache).
     pub fn new(capacity: usize) -> VerifiedTokens {
         VerifiedTokens {
-            shards: (0..Self::SHARDS).map(|_| parking_lot::Mutex::new(std::collections::HashMap::new())).collect(),
+            shards: (0..Self::SHARDS).map(|_| parking_lot::Mutex::new(crate::decide::FastMap::default())).collect(),
             per_shard: capacity.div_ceil(Self::SHARDS),
         }
     }
 
-    fn shard(&self, token: &str) -> &parking_lot::Mutex<std::collections::HashMap<Box<str>, CachedCaller>> {
+    fn shard(&self, token: &str) -> &parking_lot::Mutex<crate::decide::FastMap<Box<str>, CachedCaller>> {
         // The tail is the signature: uniformly distributed.
         let b = token.as_bytes();
         let h = b.iter().rev().take(8).fold(0usize, |h, &x| h.wrapping_mul(31).wrapping_add(x as usize));
@@ -93,7 +93,7 @@ impl VerifiedTokens {
         }
         let mut m = self.shard(token).lock();
         if m.len() >= self.per_shard {
-            *m = std::collections::HashMap::new();
+            *m = crate::decide::FastMap::default();
         }
         m.insert(token.into(), entry);
     }
