@@ -6,7 +6,9 @@ Subcommands
             interleaved rounds with wrk, a fixed-rate open-loop run and a 100k-tenant memory run,
             print markdown tables and write them to benches/load/results/<timestamp>.md.
   openloop  fixed-rate open-loop HTTP/1.1 load generator (latency from the *scheduled* start, so
-            no coordinated omission); prints one JSON line.
+            no coordinated omission); prints one JSON line. `run` uses the Rust generator
+            target/release/examples/openloop (examples/openloop.rs: same arguments, same output,
+            precise timerfd schedule) when it is built; this Python one is the fallback.
   tenants   closed-loop generator sending exactly one request for each of N distinct tenants
             (a JWT minted per tenant, or x-tenant-id); prints one JSON line.
 
@@ -153,7 +155,6 @@ async def openloop_main(a):
             if due is None:
                 break
             t_send = time.perf_counter()
-            lags.append(t_send - due)
             try:
                 writer.write(req)
                 status, keep = await read_response(reader)
@@ -166,6 +167,7 @@ async def openloop_main(a):
                 stats["completed"] += 1
                 lat.append(t_end - due)
                 svc.append(t_end - t_send)
+                lags.append(t_send - due)
                 if not 200 <= status < 300:
                     stats["non2xx"] += 1
             if not keep:
@@ -423,6 +425,10 @@ class Bench:
         self.redis_prefix = f"preauthbench-{int(time.time())}-{os.getpid()}:"
         self.sidecar_bin = e("SIDECAR_BIN", os.path.join(REPO, "target/release/preauth-sidecar"))
         self.mock_bin = e("MOCK_BIN", os.path.join(REPO, "target/release/examples/fake_upstream"))
+        # Fixed-rate generator: the Rust one when built (run.sh builds it), else the Python one below.
+        self.openloop_bin = e("OPENLOOP_BIN", os.path.join(REPO, "target/release/examples/openloop"))
+        self.openloop_gen = "rust" if os.path.isfile(self.openloop_bin) and os.access(self.openloop_bin, os.X_OK) \
+            else "python"
         self.profile = e("PROFILE", "0") == "1"
         self.results_dir = e("RESULTS_DIR", os.path.join(HERE, "results"))
         self.token = mint_jwt(BENCH_TENANT, "enterprise", ttl=24 * 3600)
@@ -712,7 +718,9 @@ tokens_per_minute = 1000000000000
 
     def openloop(self, target, mode):
         port = self.ports[target]
-        cmd = self.pin(self.lg_cpus) + [sys.executable, os.path.abspath(__file__), "openloop",
+        gen = [self.openloop_bin] if self.openloop_gen == "rust" else \
+            [sys.executable, os.path.abspath(__file__), "openloop"]
+        cmd = self.pin(self.lg_cpus) + gen + [
                "--port", str(port), "--rate", str(self.fixed_rate), "--duration", str(self.fixed_duration),
                "--connections", str(self.fixed_conns), "--token", self.token,
                "--body", body_for(mode, self.include_usage), "--header", "x-mock-chunks: 5"]
@@ -731,6 +739,7 @@ tokens_per_minute = 1000000000000
         o["cpu_us"] = d.get(key, 0) * 1e6 / max(1, o["completed"])
         o["other_cpu_s"] = other
         o["target"], o["mode"] = target, mode
+        o["generator"] = self.openloop_gen
         with open(os.path.join(self.work, "fixed.jsonl"), "a") as f:
             f.write(json.dumps(o) + "\n")
         self.log(f"fixed {mode:4s} {target:8s} {o['achieved_rps']:7.0f} req/s  p50 {o['p50_us']/1000:.3f} ms  "
@@ -876,9 +885,18 @@ tokens_per_minute = 1000000000000
                     f"{med_range([r['redis_us'] for r in rr], '{:.1f}')}")
         self.md()
 
+    GENERATORS = {"rust": "Rust generator `examples/openloop` (one thread, timerfd schedule)",
+                  "python": "Python asyncio generator (fallback: examples/openloop not built)"}
+
     def report_fixed(self, fixed):
+        gens = sorted(set(o.get("generator", "python") for o in fixed))
         self.md(f"### Fixed rate: {self.fixed_rate} req/s for {self.fixed_duration} s, open loop "
-                f"(latency from the scheduled start; {self.fixed_conns} keep-alive connections)")
+                f"(latency from the scheduled start; {self.fixed_conns} keep-alive connections; "
+                f"{'/'.join('Rust' if g == 'rust' else 'Python' for g in gens)} generator)")
+        self.md()
+        self.md("Load generator: " + "; ".join(self.GENERATORS[g] for g in gens) + ", pinned to CPU "
+                f"{self.lg_cpus}. *loadgen lag p99* = actual send − scheduled start (its own scheduling delay "
+                "plus waiting for a free connection); it is part of every latency column except *from send*.")
         self.md()
         self.md("| mode | target | achieved req/s | p50 ms | p99 ms | p99.9 ms | added p99 vs direct ms | goal "
                 "| p99 from send ms | proxy CPU µs/req | loadgen lag p99 µs |")
@@ -938,7 +956,7 @@ tokens_per_minute = 1000000000000
         self.tenants_file = self.write_tenants_file()
         # Private copies: other work may rebuild target/release while this runs.
         self.bin_info = {}
-        for attr in ("sidecar_bin", "mock_bin"):
+        for attr in ("sidecar_bin", "mock_bin") + (("openloop_bin",) if self.openloop_gen == "rust" else ()):
             src = getattr(self, attr)
             dst = os.path.join(self.work, os.path.basename(src))
             shutil.copy2(src, dst)
@@ -949,6 +967,9 @@ tokens_per_minute = 1000000000000
         runs, fixed, tenants = [], [], None
         try:
             self.log(f"workdir {self.work}; SUT on CPU {self.sut_cpus}, load generator on CPU {self.lg_cpus}")
+            if self.fixed_rounds > 0:
+                self.log("fixed-rate generator: " + (f"Rust ({self.openloop_bin})" if self.openloop_gen == "rust" else
+                         f"Python asyncio fallback ({self.openloop_bin} not found)"))
             self.start_mock()
             if "nginx" in self.targets:
                 self.start_nginx()

@@ -6,7 +6,8 @@
 #
 # What it does (everything on 127.0.0.1; every process it starts is stopped by PID on exit):
 #   1. installs wrk and nginx from Debian if missing (apt-get; no system nginx is started or used),
-#      builds `cargo build --release --bin preauth-sidecar --example fake_upstream` (fat LTO: minutes).
+#      builds `cargo build --release --bin preauth-sidecar --example fake_upstream --example openloop`
+#      (fat LTO: minutes).
 #   2. starts the fast mock upstream (target/release/examples/fake_upstream), nginx as a plain
 #      keepalive reverse proxy to it (private prefix and port, benches/load/nginx.conf.tmpl), the
 #      sidecar on embedded state and the sidecar on Redis (REDIS_URL, unique key prefix deleted at the
@@ -15,8 +16,10 @@
 #      x JSON / SSE (5 chunks): req/s, p50/p99, CPU µs per request of the proxy process
 #      (/proc/PID/stat), RSS, non-2xx (must be 0, else it fails). Load generator and system under test
 #      are pinned to different CPUs.
-#   4. a fixed-rate open-loop run (FIXED_RATE req/s, Python asyncio, latency from the scheduled start):
-#      added p99 over direct.
+#   4. a fixed-rate open-loop run (FIXED_RATE req/s, latency from the scheduled start): added p99 over
+#      direct. Generator: target/release/examples/openloop (examples/openloop.rs, one thread, timerfd
+#      schedule); if it is missing, bench.py's Python asyncio generator (scheduling lag of its own
+#      often 0.3-1.8 ms at p99 on 2 CPUs). The report names the generator used.
 #   5. a 100k-tenant run on a fresh embedded sidecar (one JWT per tenant): RSS.
 #   6. prints markdown tables and writes them to benches/load/results/<timestamp>.md.
 #
@@ -25,6 +28,8 @@
 #   SUT_CPUS=0 LOADGEN_CPUS=1                         taskset CPU lists: proxies + mock / load generators
 #   TARGETS="direct nginx embedded redis" MODES="json sse"
 #   FIXED_RATE=1000 FIXED_DURATION=10 FIXED_MODES="json sse" FIXED_ROUNDS=$ROUNDS FIXED_CONNECTIONS=16
+#   OPENLOOP_BIN=target/release/examples/openloop     fixed-rate generator; a path that does not exist
+#                         (e.g. OPENLOOP_BIN=none) selects the Python fallback
 #   TENANTS=100000 (0 skips; at most 100000: the global guard cap is 100000/min) TENANTS_IDENTITY=jwt|header TENANTS_CONNECTIONS=32 TENANTS_RECLAIM_WAIT=0 (s)
 #   STORE_TIMEOUT_MS=1000 GATE_TIMEOUT_MS=2000  sidecar store/gate timeouts (production 20/50 fail closed
 #                         when 32 connections queue on one pinned thread)
@@ -65,9 +70,9 @@ export PATH="$PATH:/usr/sbin"
 
 # ---- build -------------------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  say "cargo build --release --bin preauth-sidecar --example fake_upstream (fat LTO: a cold build takes minutes)"
+  say "cargo build --release --bin preauth-sidecar --example fake_upstream --example openloop (fat LTO: a cold build takes minutes)"
   t0=$(date +%s)
-  cargo build --release --bin preauth-sidecar --example fake_upstream
+  cargo build --release --bin preauth-sidecar --example fake_upstream --example openloop
   say "build done in $(( $(date +%s) - t0 )) s"
 fi
 

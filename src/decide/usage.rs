@@ -69,7 +69,7 @@ pub struct ScanResult {
 
 // ---------------------------------------------------------------------------- wire structs
 
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize, Default, Debug, PartialEq)]
 struct Details {
     #[serde(default)]
     cached_tokens: Option<u64>,
@@ -78,7 +78,7 @@ struct Details {
 }
 
 /// Every usage field of every shape; absent and `null` fields are `None`.
-#[derive(serde::Deserialize, Default)]
+#[derive(serde::Deserialize, Default, Debug, PartialEq)]
 struct RawUsage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
@@ -102,7 +102,7 @@ struct RawUsage {
     cache_creation_input_tokens: Option<u64>,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Debug, PartialEq)]
 struct Inner {
     #[serde(default)]
     model: Option<String>,
@@ -111,7 +111,7 @@ struct Inner {
 }
 
 /// A JSON body or an SSE data payload: only the fields that matter.
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Debug, PartialEq)]
 struct Frame {
     #[serde(default)]
     model: Option<String>,
@@ -211,6 +211,93 @@ fn value_after_key(b: &[u8], i: usize, key: &[u8], open: u8) -> Option<usize> {
     }
     let j = skip_ws(b, j + 1);
     (b.get(j) == Some(&open)).then_some(j)
+}
+
+/// A whole OpenAI-shape JSON body's usage and model without parsing the body: the one
+/// `"usage": {…}` object and the one `"model": "…"` string, each parsed alone. `None` (parse the
+/// whole body instead) unless the body has exactly one usage object and at most one model key.
+/// Inside a JSON string a quote is escaped, so a key pattern cannot match there.
+fn json_frame_fast(b: &[u8]) -> Option<Frame> {
+    let usage_at = only_key(b, b"usage", b'{')?;
+    let end = object_end(b, usage_at)?;
+    let usage: RawUsage = serde_json::from_slice(&b[usage_at..end]).ok()?;
+    let model = match key_positions(b, b"model", b'"') {
+        (0, _) => None,
+        (1, Some(q)) => {
+            let close = string_end(b, q + 1)?;
+            Some(serde_json::from_slice::<String>(&b[q..close]).ok()?)
+        }
+        _ => return None,
+    };
+    Some(Frame { model, usage: Some(usage), message: None, response: None })
+}
+
+/// How many `"key": <open…` there are, and where the value of the first one starts.
+fn key_positions(b: &[u8], key: &[u8], open: u8) -> (usize, Option<usize>) {
+    let mut pattern = Vec::with_capacity(key.len() + 2);
+    pattern.push(b'"');
+    pattern.extend_from_slice(key);
+    pattern.push(b'"');
+    let (mut n, mut first, mut from) = (0, None, 0);
+    while let Some(i) = find(b, &pattern, from) {
+        if let Some(j) = value_after_key(b, i, key, open) {
+            n += 1;
+            first = first.or(Some(j));
+        } else if value_after_key(b, i, key, b'n').is_some() || is_key(b, i, key) {
+            // `"key": null` or a key with another value kind: not the simple shape.
+            n += 1;
+        }
+        from = i + 1;
+    }
+    (n, first)
+}
+
+fn is_key(b: &[u8], i: usize, key: &[u8]) -> bool {
+    let j = skip_ws(b, i + key.len() + 2);
+    b.get(j) == Some(&b':')
+}
+
+/// The value start of the only `"key": <open…` in `b`.
+fn only_key(b: &[u8], key: &[u8], open: u8) -> Option<usize> {
+    match key_positions(b, key, open) {
+        (1, Some(j)) => Some(j),
+        _ => None,
+    }
+}
+
+/// The index after the closing quote of the string whose content starts at `i`.
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    while i < b.len() {
+        match b[i] {
+            b'"' => return Some(i + 1),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The index after the `}` that closes the object opening at `b[i]`.
+fn object_end(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = string_end(b, i + 1)?;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Whether the JSON text holds a `"usage": {` (an object, not `null`).
@@ -381,7 +468,8 @@ impl UsageScanner {
             BodyKind::Json => {
                 if !self.overflow && !self.buf.is_empty() {
                     let body = std::mem::take(&mut self.buf);
-                    match serde_json::from_slice::<Frame>(&body) {
+                    let fast = if self.route == Route::Messages { None } else { json_frame_fast(&body) };
+                    match fast.map_or_else(|| serde_json::from_slice::<Frame>(&body), Ok) {
                         Ok(f) => self.apply(f),
                         Err(_) => self.unparsable += 1,
                     }
@@ -768,6 +856,36 @@ mod tests {
         "event: message_stop\n",
         "data: {\"type\":\"message_stop\"}\n\n",
     );
+
+    #[test]
+    fn the_json_fast_path_agrees_with_the_full_parse() {
+        let agree = |body: &str| {
+            let full: Option<Frame> = serde_json::from_slice(body.as_bytes()).ok();
+            if let Some(fast) = json_frame_fast(body.as_bytes()) {
+                assert_eq!(Some(fast), full, "{body}");
+            }
+        };
+        for body in [OPENAI_CHAT_JSON, OPENAI_COMPLETIONS_JSON, RESPONSES_JSON, EMBEDDINGS_JSON] {
+            assert!(json_frame_fast(body.as_bytes()).is_some(), "fast path taken for {body}");
+            agree(body);
+        }
+        // Key patterns inside strings, nulls, duplicates, nesting, escapes: agree or fall back.
+        for body in [
+            r#"{"model":"m","choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 9}"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+            r#"{"model":"m","usage":null}"#,
+            r#"{"model":"a\"b\\","usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":1},"x":{"usage":{"prompt_tokens":2}}}"#,
+            r#"{"model":"m","model":"n","usage":{"prompt_tokens":1}}"#,
+            r#"{"model":7,"usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":{"prompt_tokens":1,"prompt_tokens_details":{"cached_tokens":1}}, "model" : "x"}"#,
+            r#"{"usage":{"prompt_tokens":1"#,
+            r#"{"usage":{"prompt_tokens":"1"},"model":"m"}"#,
+        ] {
+            agree(body);
+        }
+        assert!(json_frame_fast(br#"{"usage":null,"model":"m"}"#).is_none());
+        assert!(json_frame_fast(br#"{"usage":{"prompt_tokens":1},"x":{"usage":{}}}"#).is_none());
+    }
 
     #[test]
     fn openai_chat_json() {
