@@ -40,14 +40,16 @@
 //! Reservations are held in a compact form and rebuilt into [`Reservation`]s when read, exactly
 //! (`store::compact`): ids and request ids that are canonical UUIDs as 16 bytes (other text as
 //! is), tier, model and month shared by every reservation with the same ones, the tenant's name
-//! shared with its account. A tenant's account keeps its first month inline.
+//! shared with its account. A tenant's account keeps its first month inline. Finished ones are kept
+//! in an `IdRing`, whose memory does not grow with churn as a `HashMap`'s does: about 170 bytes
+//! per finished reservation, about 110 per tenant with spend.
 //!
 //! Owns: `MemoryBudgets`, `BudgetsOptions`, the journal format. Imports: `store::budget`,
 //! `store::compact`, `store::StoreError`, `decide` money/time types, parking_lot, serde/serde_json,
 //! uuid, tracing, std.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::num::NonZeroU8;
@@ -62,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use super::budget::{
     Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
-use super::compact::{Id, LabelTable, Labels};
+use super::compact::{Id, IdRing, LabelTable, Labels};
 use super::journal::{create_append, push_line, sync_dir, Journal};
 use super::StoreError;
 use crate::decide::time::{Month, MS_PER_DAY};
@@ -78,7 +80,7 @@ const SNAPSHOT_VERSION: u32 = 1;
 pub struct BudgetsOptions {
     /// How long settled/released reservations are remembered. Default 24 h.
     pub finished_retention_ms: u64,
-    /// At most this many settled/released reservations are remembered. Default 50,000 (≈ 17 MB):
+    /// At most this many settled/released reservations are remembered. Default 50,000 (≈ 8 MB):
     /// memory must not grow with request volume; at high rates records age out sooner than 24 h.
     pub max_finished: usize,
     /// Compact the journal in the background once it is larger than this. Default 64 MiB.
@@ -334,9 +336,8 @@ struct State {
     active: HashMap<Id, Held>,
     /// (created_at, id) of every active reservation.
     by_age: BTreeSet<(UnixMillis, Id)>,
-    finished: HashMap<Id, Finished>,
-    /// (finished at, id) in finishing order; may hold stale pairs (checked against `finished`).
-    finished_order: VecDeque<(UnixMillis, Id)>,
+    /// Settled and released reservations, in finishing order.
+    finished: IdRing<Finished>,
     last_now: UnixMillis,
     month: Option<Month>,
 }
@@ -350,8 +351,8 @@ impl State {
             labels: LabelTable::default(),
             active: HashMap::new(),
             by_age: BTreeSet::new(),
-            finished: HashMap::new(),
-            finished_order: VecDeque::new(),
+            // One more than the cap: an insert comes before the pop that makes room.
+            finished: IdRing::expecting(opts.max_finished.saturating_add(1)),
             last_now: 0,
             month: None,
         }
@@ -418,26 +419,17 @@ impl State {
             shrink_if_sparse!(self.accts);
         }
         let horizon = self.last_now.saturating_sub(self.retention_ms);
-        if self.finished_order.front().is_some_and(|(at, _)| *at < horizon) {
-            while self.finished_order.front().is_some_and(|(at, _)| *at < horizon) {
-                self.pop_finished();
+        if self.finished.front().is_some_and(|(_, f)| f.at < horizon) {
+            while self.finished.front().is_some_and(|(_, f)| f.at < horizon) {
+                self.finished.pop_front();
             }
-            shrink_if_sparse!(self.finished);
-            shrink_if_sparse!(self.finished_order);
-        }
-    }
-
-    fn pop_finished(&mut self) {
-        if let Some((at, id)) = self.finished_order.pop_front() {
-            if self.finished.get(&id).is_some_and(|f| f.at == at) {
-                self.finished.remove(&id);
-            }
+            self.finished.shrink_if_sparse();
         }
     }
 
     fn insert_active(&mut self, r: Fields<'_>) {
         let id = Id::new(r.id);
-        if self.active.contains_key(&id) || self.finished.contains_key(&id) {
+        if self.active.contains_key(&id) || self.finished.contains(&id) {
             return;
         }
         let labels = self.labels.get(r.tier, r.model, r.month);
@@ -467,11 +459,9 @@ impl State {
     }
 
     fn insert_finished(&mut self, id: Id, f: Finished) {
-        let at = f.at;
-        self.finished.insert(id.clone(), f);
-        self.finished_order.push_back((at, id));
+        self.finished.push_back(id, f);
         while self.finished.len() > self.max_finished {
-            self.pop_finished();
+            self.finished.pop_front();
         }
     }
 
@@ -571,8 +561,7 @@ impl State {
                 )?;
             }
         }
-        for (at, id) in &self.finished_order {
-            let Some(f) = self.finished.get(id).filter(|f| f.at == *at) else { continue };
+        for (id, f) in self.finished.iter() {
             let h = &f.held;
             push_line(
                 out,
@@ -770,7 +759,7 @@ impl MemoryBudgets {
         let key = Id::new(id);
         let mut g = self.shared.inner.lock();
         if !g.state.active.contains_key(&key) {
-            let known = g.state.finished.contains_key(&key);
+            let known = g.state.finished.contains(&key);
             return Ok(if known { SettleOutcome::NotActive } else { SettleOutcome::NotFound });
         }
         let entry = Entry::Settle { id: Cow::Borrowed(id), actual: actual.0, at: now };

@@ -1,14 +1,16 @@
 //! Compact in-memory forms for what the embedded budget store keeps per reservation: ids as
 //! 16 bytes instead of 36-byte strings, and the few distinct (tier, model, month) labels stored
-//! once and shared. Both are lossless: the original text comes back exactly.
+//! once and shared. Both are lossless: the original text comes back exactly. And [`IdRing`], an
+//! insertion-ordered table by id whose memory does not grow with churn.
 //!
-//! Owns: `Id`, `Labels`, `LabelTable`. Imports: `decide::time::Month`, std.
+//! Owns: `Id`, `Labels`, `LabelTable`, `IdRing`. Imports: `decide::time::Month`, std.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use crate::decide::time::Month;
@@ -264,5 +266,238 @@ mod tests {
         }
         assert!(t.len() <= 64, "unused labels are swept: {}", t.len());
         assert!(Arc::ptr_eq(&a, &t.get("pro", "gpt-4o", "2026-11")), "labels in use are kept");
+    }
+}
+
+/// Values in insertion order, found by [`Id`]: a ring buffer plus an open-addressing index of
+/// sequence numbers (linear probing, at most half full, deletion by shifting back — no
+/// tombstones). A `HashMap` with the same churn (insert at one end, remove at the other) fills
+/// with tombstones and settles at twice the buckets; this costs a fixed ~16 bytes per entry on
+/// top of the entry itself.
+pub(crate) struct IdRing<V> {
+    /// `None`: replaced by a later entry with the same id. Never `None` at the front.
+    ring: VecDeque<Option<(Id, V)>>,
+    /// Sequence number of `ring[0]`; numbers start at 1 (0 marks a free index slot).
+    first: u64,
+    /// Sequence numbers of the live entries; the length is 0 or a power of two.
+    index: Vec<u64>,
+    len: usize,
+    /// The ring grows by doubling, but to no more than this at once while it is below.
+    expected: usize,
+    hasher: RandomState,
+}
+
+impl<V> Default for IdRing<V> {
+    fn default() -> Self {
+        Self::expecting(usize::MAX)
+    }
+}
+
+impl<V> IdRing<V> {
+    /// A ring that will usually hold at most `expected` entries (its memory does not round up
+    /// past that to the next doubling).
+    pub(crate) fn expecting(expected: usize) -> Self {
+        IdRing { ring: VecDeque::new(), first: 1, index: Vec::new(), len: 0, expected, hasher: RandomState::new() }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get(&self, id: &Id) -> Option<&V> {
+        self.find(id).map(|(_, seq)| &self.entry(seq).1)
+    }
+
+    pub(crate) fn contains(&self, id: &Id) -> bool {
+        self.find(id).is_some()
+    }
+
+    /// The oldest entry.
+    pub(crate) fn front(&self) -> Option<(&Id, &V)> {
+        self.ring.front().map(|e| {
+            let (id, v) = e.as_ref().expect("the front is live");
+            (id, v)
+        })
+    }
+
+    /// Live entries, oldest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Id, &V)> {
+        self.ring.iter().flatten().map(|(id, v)| (id, v))
+    }
+
+    /// Appends an entry; an older one with the same id is dropped.
+    pub(crate) fn push_back(&mut self, id: Id, v: V) {
+        if let Some((slot, seq)) = self.find(&id) {
+            self.unindex(slot);
+            self.ring[(seq - self.first) as usize] = None;
+            self.len -= 1;
+            self.trim_front();
+        }
+        if (self.len + 1) * 2 > self.index.len() {
+            self.reindex(((self.len + 1) * 2).next_power_of_two().max(16));
+        }
+        if self.ring.len() == self.ring.capacity() {
+            let cap = self.ring.capacity();
+            let mut grown = (cap * 2).max(16);
+            if cap < self.expected {
+                grown = grown.min(self.expected);
+            }
+            self.ring.reserve_exact(grown - cap);
+        }
+        let seq = self.first + self.ring.len() as u64;
+        let mask = self.index.len() - 1;
+        let mut i = self.hash(&id) & mask;
+        while self.index[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.index[i] = seq;
+        self.ring.push_back(Some((id, v)));
+        self.len += 1;
+    }
+
+    /// Removes and returns the oldest entry.
+    pub(crate) fn pop_front(&mut self) -> Option<(Id, V)> {
+        let (id, _) = self.front()?;
+        let (slot, _) = self.find(id).expect("live entries are indexed");
+        self.unindex(slot);
+        let e = self.ring.pop_front().flatten();
+        self.first += 1;
+        self.len -= 1;
+        self.trim_front();
+        e
+    }
+
+    /// Gives memory back once at most a quarter of it is in use (after a burst).
+    pub(crate) fn shrink_if_sparse(&mut self) {
+        if self.ring.capacity() > 64 && self.ring.capacity() > 4 * self.ring.len() {
+            self.ring.shrink_to_fit();
+        }
+        if self.index.len() > 64 && self.index.len() > 8 * self.len {
+            self.reindex((self.len * 2).next_power_of_two().max(16));
+        }
+    }
+
+    fn hash(&self, id: &Id) -> usize {
+        self.hasher.hash_one(id) as usize
+    }
+
+    fn entry(&self, seq: u64) -> &(Id, V) {
+        self.ring[(seq - self.first) as usize].as_ref().expect("indexed entries are live")
+    }
+
+    /// The index slot and sequence number of `id`.
+    fn find(&self, id: &Id) -> Option<(usize, u64)> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let mask = self.index.len() - 1;
+        let mut i = self.hash(id) & mask;
+        loop {
+            match self.index[i] {
+                0 => return None,
+                seq if self.entry(seq).0 == *id => return Some((i, seq)),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// Frees index slot `i`, moving later entries of its probe run back so that every entry
+    /// stays reachable from its home slot.
+    fn unindex(&mut self, mut i: usize) {
+        let mask = self.index.len() - 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let seq = self.index[j];
+            if seq == 0 {
+                break;
+            }
+            let home = self.hash(&self.entry(seq).0) & mask;
+            // The entry at `j` may move to `i` unless its home lies cyclically in (i, j].
+            let stays = if i <= j { i < home && home <= j } else { i < home || home <= j };
+            if !stays {
+                self.index[i] = seq;
+                i = j;
+            }
+        }
+        self.index[i] = 0;
+    }
+
+    fn trim_front(&mut self) {
+        while matches!(self.ring.front(), Some(None)) {
+            self.ring.pop_front();
+            self.first += 1;
+        }
+    }
+
+    fn reindex(&mut self, size: usize) {
+        let mut index = vec![0u64; size];
+        let mask = size - 1;
+        for (n, e) in self.ring.iter().enumerate() {
+            if let Some((id, _)) = e {
+                let mut i = self.hash(id) & mask;
+                while index[i] != 0 {
+                    i = (i + 1) & mask;
+                }
+                index[i] = self.first + n as u64;
+            }
+        }
+        self.index = index;
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+
+    /// Against a plain model (a list in insertion order), with many collisions in a small id
+    /// space, duplicates, pops, shrinking and regrowth (past the expected size too).
+    #[test]
+    fn id_ring_matches_a_model() {
+        let mut ring: IdRing<u64> = IdRing::expecting(37);
+        let mut model: VecDeque<(String, u64)> = VecDeque::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for step in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = if x % 3 == 0 {
+                format!("{:08x}-0000-7000-8000-{:012x}", x % 500, x % 7)
+            } else {
+                format!("r{}", x % 700)
+            };
+            match (x >> 20) % 10 {
+                0..=5 => {
+                    model.retain(|(k, _)| *k != id);
+                    model.push_back((id.clone(), step));
+                    ring.push_back(Id::new(&id), step);
+                }
+                6..=7 => {
+                    let m = model.pop_front();
+                    let r = ring.pop_front().map(|(k, v)| (k.to_string(), v));
+                    assert_eq!(r, m);
+                }
+                8 => {
+                    let want = model.iter().find(|(k, _)| *k == id).map(|(_, v)| v);
+                    assert_eq!(ring.get(&Id::new(&id)), want);
+                }
+                _ => {
+                    if step % 1000 == 0 {
+                        while model.len() > 3 {
+                            model.pop_front();
+                            ring.pop_front();
+                        }
+                        ring.shrink_if_sparse();
+                    }
+                }
+            }
+            assert_eq!(ring.len(), model.len());
+            assert_eq!(ring.front().map(|(k, v)| (k.to_string(), *v)), model.front().cloned());
+        }
+        let all: Vec<_> = ring.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        for (k, v) in &all {
+            assert_eq!(ring.get(&Id::new(k)), Some(v));
+        }
     }
 }
