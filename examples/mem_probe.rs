@@ -1,13 +1,17 @@
 //! Memory per tracked tenant of the embedded stores: RSS before and after 100k tenants each make
-//! one admitted, reserved and settled request. `cargo run --release --example mem_probe`.
+//! one admitted, reserved and settled request, and of the tenant → tier memo (`AppState::note_tier`)
+//! for tenants on a paid tier. `cargo run --release --example mem_probe [tenants]`.
+//!
+//! Measured with the system allocator (the binary uses mimalloc).
 
-use preauth_sidecar::decide::Micros;
+use preauth_sidecar::decide::{Micros, Tier};
+use preauth_sidecar::state::TiersSeen;
 use preauth_sidecar::store::budget::{ReserveOutcome, ReserveRequest};
 use preauth_sidecar::store::budget_memory::MemoryBudgets;
 use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::AdmitRequest;
 
-fn rss_kb() -> u64 {
+fn rss_kb() -> i64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
 }
@@ -46,12 +50,22 @@ fn main() {
         }
     }
     let after_budgets = rss_kb();
+    let tiers = TiersSeen::default();
+    for t in &tenants {
+        tiers.note(t, Tier::Pro);
+    }
+    let after_tiers = rss_kb();
+    let per_tenant = |kb: i64| kb * 1024 / n as i64;
     println!(
-        "{n} tenants: names {} KB, counters {} KB ({} B/tenant), budgets {} KB ({} B/tenant)",
+        "{n} tenants: names {} KB, counters {} KB ({} B/tenant), budgets {} KB ({} B/tenant), \
+         counters + budgets {} B/tenant; tiers seen {} KB ({} B/tenant)",
         names - base,
         after_counters - names,
-        (after_counters - names) * 1024 / n as u64,
+        per_tenant(after_counters - names),
         after_budgets - after_counters,
-        (after_budgets - after_counters) * 1024 / n as u64
+        per_tenant(after_budgets - after_counters),
+        per_tenant(after_budgets - names),
+        after_tiers - after_budgets,
+        per_tenant(after_tiers - after_budgets),
     );
 }

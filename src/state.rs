@@ -2,7 +2,7 @@
 //! composition root (`server`), shared as `Arc<AppState>` by the proxy, the admin API and the
 //! workers.
 //!
-//! Owns: `AppState`. Imports: config, store traits, telemetry, clock.
+//! Owns: `AppState`, `TiersSeen`. Imports: config, store traits, telemetry, clock.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
+use crate::decide::Tier;
 use crate::ledger::event::{Event, EventType};
 use crate::ledger::outbox::Outbox;
 use crate::ledger::LedgerSource;
@@ -18,8 +19,62 @@ use crate::store::budget::Budgets;
 use crate::store::{Counters, Gatekeeper, PolicyStore};
 use crate::telemetry::Metrics;
 
-/// Bound on the tenant → tier memo (cleared when full; it only feeds the admin view).
+/// Bound on the tenant → tier memo (cleared when full; it only feeds the admin view), and on the
+/// gate-lease bookkeeping.
 const MAX_TIERS_SEEN: usize = 200_000;
+
+/// Shards of [`TiersSeen`]: requests of different tenants rarely wait on each other's lock.
+const TIER_SHARDS: usize = 16;
+
+/// The tier each tenant's last request resolved to, for the admin tenant view (which falls back
+/// to it when the directory has no tier for the tenant). Bounded (a shard is cleared when full)
+/// and sharded by tenant; `Free`, what the view assumes for a tenant it has no tier for, is not
+/// stored, so tenants on the free tier cost nothing.
+pub struct TiersSeen {
+    shards: Vec<parking_lot::Mutex<std::collections::HashMap<Box<str>, Tier>>>,
+}
+
+impl Default for TiersSeen {
+    fn default() -> Self {
+        TiersSeen { shards: (0..TIER_SHARDS).map(|_| Default::default()).collect() }
+    }
+}
+
+impl TiersSeen {
+    fn shard(&self, tenant: &str) -> &parking_lot::Mutex<std::collections::HashMap<Box<str>, Tier>> {
+        // FNV-1a: cheap and stable; the map inside uses SipHash against adversarial keys.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in tenant.as_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+        &self.shards[(h % TIER_SHARDS as u64) as usize]
+    }
+
+    /// Remembers the tier a tenant's request resolved to.
+    pub fn note(&self, tenant: &str, tier: Tier) {
+        let mut m = self.shard(tenant).lock();
+        if tier == Tier::Free {
+            if m.remove(tenant).is_some() && m.is_empty() {
+                m.shrink_to_fit();
+            }
+            return;
+        }
+        match m.get_mut(tenant) {
+            Some(t) => *t = tier,
+            None => {
+                if m.len() >= MAX_TIERS_SEEN / TIER_SHARDS {
+                    m.clear();
+                }
+                m.insert(tenant.into(), tier);
+            }
+        }
+    }
+
+    /// The tier last noted for `tenant`; `None` if it was never noted or last noted as `Free`.
+    pub fn get(&self, tenant: &str) -> Option<Tier> {
+        self.shard(tenant).lock().get(tenant).copied()
+    }
+}
 
 pub struct AppState {
     pub config: Config,
@@ -37,7 +92,7 @@ pub struct AppState {
     /// The price table; replaced whole on `SIGHUP`.
     pricing: parking_lot::RwLock<Arc<PriceTable>>,
     /// The tier each tenant was last seen with (for the admin tenant view), bounded.
-    tiers_seen: parking_lot::Mutex<std::collections::HashMap<String, crate::decide::Tier>>,
+    tiers_seen: TiersSeen,
     /// Concurrency leases of gate-API holds, released when the caller settles (or by TTL).
     gate_leases: parking_lot::Mutex<std::collections::HashMap<String, crate::store::Ticket>>,
     /// False while starting and once shutdown began (`/readyz` answers 503).
@@ -86,7 +141,7 @@ impl AppState {
             outbox,
             ledger,
             metrics,
-            tiers_seen: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            tiers_seen: TiersSeen::default(),
             gate_leases: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,
             pricing: parking_lot::RwLock::new(pricing),
@@ -104,18 +159,13 @@ impl AppState {
     }
 
     /// Remembers the tier a tenant's last request resolved to (admin tenant view).
-    pub fn note_tier(&self, tenant: &str, tier: crate::decide::Tier) {
-        let mut m = self.tiers_seen.lock();
-        if m.get(tenant) != Some(&tier) {
-            if m.len() >= MAX_TIERS_SEEN {
-                m.clear();
-            }
-            m.insert(tenant.to_string(), tier);
-        }
+    pub fn note_tier(&self, tenant: &str, tier: Tier) {
+        self.tiers_seen.note(tenant, tier);
     }
 
-    pub fn tier_seen(&self, tenant: &str) -> Option<crate::decide::Tier> {
-        self.tiers_seen.lock().get(tenant).copied()
+    /// See [`TiersSeen::get`]: `None` also for a tenant last seen on the free tier.
+    pub fn tier_seen(&self, tenant: &str) -> Option<Tier> {
+        self.tiers_seen.get(tenant)
     }
 
     /// A blank event stamped now, by this replica.
@@ -173,5 +223,30 @@ impl AppState {
     /// Store health as seen by the last operation.
     pub fn set_store_healthy(&self, healthy: bool) {
         self.store_unhealthy.store(!healthy, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_seen_keeps_the_last_tier_stores_no_free_and_stays_bounded() {
+        let t = TiersSeen::default();
+        assert_eq!(t.get("a"), None);
+        t.note("a", Tier::Pro);
+        assert_eq!(t.get("a"), Some(Tier::Pro));
+        t.note("a", Tier::Growth);
+        assert_eq!(t.get("a"), Some(Tier::Growth));
+        t.note("a", Tier::Free);
+        t.note("b", Tier::Free);
+        assert_eq!((t.get("a"), t.get("b")), (None, None), "free is what the admin view assumes");
+        assert!(t.shards.iter().all(|s| s.lock().is_empty()));
+        for i in 0..MAX_TIERS_SEEN + 1000 {
+            t.note(&format!("t{i}"), Tier::Pro);
+        }
+        let held: usize = t.shards.iter().map(|s| s.lock().len()).sum();
+        assert!(held <= MAX_TIERS_SEEN, "{held}");
+        assert_eq!(t.get(&format!("t{}", MAX_TIERS_SEEN + 999)), Some(Tier::Pro));
     }
 }

@@ -37,13 +37,22 @@
 //! bounded whatever the request rate; a settle for a forgotten one answers `NotFound`. Months before the previous
 //! one are forgotten once time moves into a new month (unless they still hold reservations).
 //!
+//! Reservations are held in a compact form and rebuilt into [`Reservation`]s when read, exactly
+//! (`store::compact`): ids and request ids that are canonical UUIDs as 16 bytes (other text as
+//! is), tier, model and month shared by every reservation with the same ones, the tenant's name
+//! shared with its account. A tenant's account keeps its first month inline. Finished ones are kept
+//! in an `IdRing`, whose memory does not grow with churn as a `HashMap`'s does: about 170 bytes
+//! per finished reservation, about 110 per tenant with spend.
+//!
 //! Owns: `MemoryBudgets`, `BudgetsOptions`, the journal format. Imports: `store::budget`,
-//! `store::StoreError`, `decide` money/time types, parking_lot, serde/serde_json, uuid, tracing, std.
+//! `store::compact`, `store::StoreError`, `decide` money/time types, parking_lot, serde/serde_json,
+//! uuid, tracing, std.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::num::NonZeroU8;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -55,6 +64,7 @@ use serde::{Deserialize, Serialize};
 use super::budget::{
     Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
+use super::compact::{Id, IdRing, LabelTable, Labels};
 use super::journal::{create_append, push_line, sync_dir, Journal};
 use super::StoreError;
 use crate::decide::time::{Month, MS_PER_DAY};
@@ -70,7 +80,7 @@ const SNAPSHOT_VERSION: u32 = 1;
 pub struct BudgetsOptions {
     /// How long settled/released reservations are remembered. Default 24 h.
     pub finished_retention_ms: u64,
-    /// At most this many settled/released reservations are remembered. Default 50,000 (≈ 25 MB):
+    /// At most this many settled/released reservations are remembered. Default 50,000 (≈ 8 MB):
     /// memory must not grow with request volume; at high rates records age out sooner than 24 h.
     pub max_finished: usize,
     /// Compact the journal in the background once it is larger than this. Default 64 MiB.
@@ -171,24 +181,163 @@ struct Acct {
     active: u64,
 }
 
+/// One month of a tenant's account (the month packed so that [`Months`] needs no tag of its own).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    acct: Acct,
+    year: i32,
+    month: NonZeroU8,
+}
+
+impl Slot {
+    fn new(m: Month) -> Slot {
+        let month = u8::try_from(m.month).ok().and_then(NonZeroU8::new).expect("months are 1..=12");
+        Slot { acct: Acct::default(), year: m.year, month }
+    }
+
+    fn month(&self) -> Month {
+        Month { year: self.year, month: u32::from(self.month.get()) }
+    }
+}
+
+/// A tenant's accounts for the few months kept: one month inline (the common case needs no
+/// allocation of its own), more in a short list (a tenant rarely has more than two).
+enum Months {
+    One(Slot),
+    Many(Vec<Slot>),
+}
+
+impl Months {
+    fn as_slice(&self) -> &[Slot] {
+        match self {
+            Months::One(m) => std::slice::from_ref(m),
+            Months::Many(v) => v,
+        }
+    }
+
+    fn get_or_insert(&mut self, month: Month) -> &mut Acct {
+        let i = match self.as_slice().iter().position(|s| s.month() == month) {
+            Some(i) => i,
+            None => {
+                let new = Slot::new(month);
+                match self {
+                    Months::One(m) => *self = Months::Many(vec![*m, new]),
+                    Months::Many(v) => {
+                        v.reserve_exact(1);
+                        v.push(new);
+                    }
+                }
+                self.as_slice().len() - 1
+            }
+        };
+        match self {
+            Months::One(s) => &mut s.acct,
+            Months::Many(v) => &mut v[i].acct,
+        }
+    }
+
+    /// Keeps the months `keep` accepts; false when none is left.
+    fn retain(&mut self, mut keep: impl FnMut(&Slot) -> bool) -> bool {
+        match self {
+            Months::One(m) => keep(m),
+            Months::Many(v) => {
+                v.retain(|m| keep(m));
+                if let [m] = v[..] {
+                    *self = Months::One(m);
+                }
+                !self.as_slice().is_empty()
+            }
+        }
+    }
+}
+
+/// A reservation as kept in memory: the tenant shared with its account, the labels shared with
+/// every reservation that has the same ones, the request id compact. [`Held::reservation`]
+/// rebuilds the public [`Reservation`] exactly.
+struct Held {
+    tenant: Arc<str>,
+    labels: Arc<Labels>,
+    request_id: Id,
+    amount: i64,
+    created_at: UnixMillis,
+}
+
+impl Held {
+    fn reservation(&self, id: &Id) -> Reservation {
+        Reservation {
+            id: id.to_string(),
+            tenant: self.tenant.to_string(),
+            tenant_tier: self.labels.tier.to_string(),
+            request_id: self.request_id.to_string(),
+            model: self.labels.model.to_string(),
+            month: self.labels.month.to_string(),
+            amount: Micros(self.amount),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A settled (`actual` charged) or released reservation.
 struct Finished {
-    res: Reservation,
-    state: ReservationState,
+    held: Held,
     at: UnixMillis,
+    actual: Option<i64>,
+}
+
+impl Finished {
+    fn state(&self) -> ReservationState {
+        self.actual.map_or(ReservationState::Released, |a| ReservationState::Settled { actual: Micros(a) })
+    }
+}
+
+/// The fields of a reservation as text, from a [`Reservation`] or a journal line.
+struct Fields<'a> {
+    id: &'a str,
+    tenant: &'a str,
+    tier: &'a str,
+    request_id: &'a str,
+    model: &'a str,
+    month: &'a str,
+    amount: i64,
+    created_at: UnixMillis,
+}
+
+impl<'a> Fields<'a> {
+    fn of(r: &'a Reservation) -> Fields<'a> {
+        Fields {
+            id: &r.id,
+            tenant: &r.tenant,
+            tier: &r.tenant_tier,
+            request_id: &r.request_id,
+            model: &r.model,
+            month: &r.month,
+            amount: r.amount.0,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// Shrinks a map that has emptied out to a quarter of its capacity or less (after a burst).
+macro_rules! shrink_if_sparse {
+    ($c:expr) => {
+        if $c.capacity() > 64 && $c.capacity() > 4 * $c.len() {
+            $c.shrink_to_fit();
+        }
+    };
 }
 
 struct State {
     retention_ms: u64,
     max_finished: usize,
-    /// tenant → (month, account) for the few months kept (a short list, not a map: one tenant
-    /// rarely has more than two, and 100k tenants must stay small).
-    accts: HashMap<String, Vec<(Month, Acct)>>,
-    active: HashMap<Arc<str>, Reservation>,
+    /// tenant → its months. The key is the one copy of the tenant's name that its reservations
+    /// share.
+    accts: HashMap<Arc<str>, Months>,
+    labels: LabelTable,
+    active: HashMap<Id, Held>,
     /// (created_at, id) of every active reservation.
-    by_age: BTreeSet<(UnixMillis, Arc<str>)>,
-    finished: HashMap<Arc<str>, Finished>,
-    /// (finished at, id) in finishing order; may hold stale pairs (checked against `finished`).
-    finished_order: VecDeque<(UnixMillis, Arc<str>)>,
+    by_age: BTreeSet<(UnixMillis, Id)>,
+    /// Settled and released reservations, in finishing order.
+    finished: IdRing<Finished>,
     last_now: UnixMillis,
     month: Option<Month>,
 }
@@ -199,10 +348,11 @@ impl State {
             retention_ms: opts.finished_retention_ms,
             max_finished: opts.max_finished,
             accts: HashMap::new(),
+            labels: LabelTable::default(),
             active: HashMap::new(),
             by_age: BTreeSet::new(),
-            finished: HashMap::new(),
-            finished_order: VecDeque::new(),
+            // One more than the cap: an insert comes before the pop that makes room.
+            finished: IdRing::expecting(opts.max_finished.saturating_add(1)),
             last_now: 0,
             month: None,
         }
@@ -228,25 +378,31 @@ impl State {
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
         let Some(m) = Month::parse(month) else { return Acct::default() };
-        self.accts.get(tenant).and_then(|ms| ms.iter().find(|(k, _)| *k == m)).map(|(_, a)| *a).unwrap_or_default()
+        self.accts
+            .get(tenant)
+            .and_then(|ms| ms.as_slice().iter().find(|s| s.month() == m))
+            .map(|s| s.acct)
+            .unwrap_or_default()
     }
 
-    /// The account of `tenant` in `month`; a month that does not parse (only possible from a
-    /// damaged journal line) books into year 0, which the month pruning drops.
-    fn acct_mut(&mut self, tenant: &str, month: &str) -> &mut Acct {
-        let m = Month::parse(month).unwrap_or(Month { year: 0, month: 1 });
-        if !self.accts.contains_key(tenant) {
-            self.accts.insert(tenant.to_owned(), Vec::with_capacity(1));
-        }
-        let months = self.accts.get_mut(tenant).expect("inserted above");
-        let i = match months.iter().position(|(k, _)| *k == m) {
-            Some(i) => i,
+    /// The account of `tenant` in `month`, and the tenant's shared name.
+    fn acct_mut(&mut self, tenant: &str, month: Month) -> (Arc<str>, &mut Acct) {
+        let key = match self.accts.get_key_value(tenant) {
+            Some((k, _)) => k.clone(),
             None => {
-                months.push((m, Acct::default()));
-                months.len() - 1
+                let k: Arc<str> = Arc::from(tenant);
+                self.accts.insert(k.clone(), Months::One(Slot::new(month)));
+                k
             }
         };
-        &mut months[i].1
+        let months = self.accts.get_mut(&*key).expect("inserted above");
+        (key, months.get_or_insert(month))
+    }
+
+    /// The account of a month given as text; a month that does not parse (only possible from a
+    /// damaged journal line) books into year 0, which the month pruning drops.
+    fn acct_mut_text(&mut self, tenant: &str, month: &str) -> &mut Acct {
+        self.acct_mut(tenant, Month::parse(month).unwrap_or(Month { year: 0, month: 1 })).1
     }
 
     /// Moves time forward: forgets old months and old finished records.
@@ -259,57 +415,53 @@ impl State {
         if self.month != Some(m) {
             self.month = Some(m);
             let prev = prev_month(m);
-            self.accts.retain(|_, months| {
-                months.retain(|(k, a)| a.active > 0 || *k >= prev);
-                !months.is_empty()
-            });
+            self.accts.retain(|_, months| months.retain(|s| s.acct.active > 0 || s.month() >= prev));
+            shrink_if_sparse!(self.accts);
         }
         let horizon = self.last_now.saturating_sub(self.retention_ms);
-        while self.finished_order.front().is_some_and(|(at, _)| *at < horizon) {
-            self.pop_finished();
-        }
-    }
-
-    fn pop_finished(&mut self) {
-        if let Some((at, id)) = self.finished_order.pop_front() {
-            if self.finished.get(&id).is_some_and(|f| f.at == at) {
-                self.finished.remove(&id);
+        if self.finished.front().is_some_and(|(_, f)| f.at < horizon) {
+            while self.finished.front().is_some_and(|(_, f)| f.at < horizon) {
+                self.finished.pop_front();
             }
+            self.finished.shrink_if_sparse();
         }
     }
 
-    fn insert_active(&mut self, r: Reservation) {
-        if self.active.contains_key(r.id.as_str()) || self.finished.contains_key(r.id.as_str()) {
+    fn insert_active(&mut self, r: Fields<'_>) {
+        let id = Id::new(r.id);
+        if self.active.contains_key(&id) || self.finished.contains(&id) {
             return;
         }
-        let acct = self.acct_mut(&r.tenant, &r.month);
-        acct.reserved = acct.reserved.saturating_add(r.amount.0);
+        let labels = self.labels.get(r.tier, r.model, r.month);
+        let (tenant, acct) = self.acct_mut(r.tenant, labels.account_month);
+        acct.reserved = acct.reserved.saturating_add(r.amount);
         acct.active += 1;
-        let id: Arc<str> = Arc::from(r.id.as_str());
         self.by_age.insert((r.created_at, id.clone()));
-        self.active.insert(id, r);
+        let held =
+            Held { tenant, labels, request_id: Id::new(r.request_id), amount: r.amount, created_at: r.created_at };
+        self.active.insert(id, held);
     }
 
     /// Ends an active reservation: settled (`actual` charged) or released.
-    fn finish(&mut self, id: &str, at: UnixMillis, actual: Option<i64>) -> Option<Reservation> {
-        let (key, res) = self.active.remove_entry(id)?;
-        self.by_age.remove(&(res.created_at, key.clone()));
-        let acct = self.acct_mut(&res.tenant, &res.month);
-        acct.reserved = acct.reserved.saturating_sub(res.amount.0);
+    fn finish(&mut self, id: &Id, at: UnixMillis, actual: Option<i64>) -> Option<Reservation> {
+        let (key, held) = self.active.remove_entry(id)?;
+        self.by_age.remove(&(held.created_at, key.clone()));
+        shrink_if_sparse!(self.active);
+        let (_, acct) = self.acct_mut(&held.tenant, held.labels.account_month);
+        acct.reserved = acct.reserved.saturating_sub(held.amount);
         acct.active = acct.active.saturating_sub(1);
         if let Some(a) = actual {
             acct.spent = acct.spent.saturating_add(a);
         }
-        let state = actual.map_or(ReservationState::Released, |a| ReservationState::Settled { actual: Micros(a) });
-        self.insert_finished(key, res.clone(), state, at);
+        let res = held.reservation(&key);
+        self.insert_finished(key, Finished { held, at, actual });
         Some(res)
     }
 
-    fn insert_finished(&mut self, id: Arc<str>, res: Reservation, state: ReservationState, at: UnixMillis) {
-        self.finished.insert(id.clone(), Finished { res, state, at });
-        self.finished_order.push_back((at, id));
+    fn insert_finished(&mut self, id: Id, f: Finished) {
+        self.finished.push_back(id, f);
         while self.finished.len() > self.max_finished {
-            self.pop_finished();
+            self.finished.pop_front();
         }
     }
 
@@ -322,53 +474,53 @@ impl State {
             }
             Entry::Reserve { id, tenant, tier, request_id, model, month, amount, at } => {
                 self.advance(*at);
-                self.insert_active(Reservation {
-                    id: id.to_string(),
-                    tenant: tenant.to_string(),
-                    tenant_tier: tier.to_string(),
-                    request_id: request_id.to_string(),
-                    model: model.to_string(),
-                    month: month.to_string(),
-                    amount: Micros(*amount),
+                self.insert_active(Fields {
+                    id,
+                    tenant,
+                    tier,
+                    request_id,
+                    model,
+                    month,
+                    amount: *amount,
                     created_at: *at,
                 });
                 None
             }
             Entry::Settle { id, actual, at } => {
                 self.advance(*at);
-                self.finish(id, *at, Some(*actual))
+                self.finish(&Id::new(id), *at, Some(*actual))
             }
             Entry::Release { id, at } => {
                 self.advance(*at);
-                self.finish(id, *at, None)
+                self.finish(&Id::new(id), *at, None)
             }
             Entry::Charge { tenant, month, amount, at } => {
                 self.advance(*at);
-                let a = self.acct_mut(tenant, month);
+                let a = self.acct_mut_text(tenant, month);
                 a.spent = a.spent.saturating_add(*amount);
                 None
             }
             Entry::Spent { tenant, month, spent } => {
-                let a = self.acct_mut(tenant, month);
+                let a = self.acct_mut_text(tenant, month);
                 a.spent = a.spent.saturating_add(*spent);
                 None
             }
             Entry::Done { id, tenant, tier, request_id, model, month, amount, created, at, actual } => {
                 self.advance(*at);
-                if !self.active.contains_key(&**id) {
-                    let res = Reservation {
-                        id: id.to_string(),
-                        tenant: tenant.to_string(),
-                        tenant_tier: tier.to_string(),
-                        request_id: request_id.to_string(),
-                        model: model.to_string(),
-                        month: month.to_string(),
-                        amount: Micros(*amount),
+                let id = Id::new(id);
+                if !self.active.contains_key(&id) {
+                    let tenant = match self.accts.get_key_value(&**tenant) {
+                        Some((k, _)) => k.clone(),
+                        None => Arc::from(&**tenant),
+                    };
+                    let held = Held {
+                        tenant,
+                        labels: self.labels.get(tier, model, month),
+                        request_id: Id::new(request_id),
+                        amount: *amount,
                         created_at: *created,
                     };
-                    let state =
-                        actual.map_or(ReservationState::Released, |a| ReservationState::Settled { actual: Micros(a) });
-                    self.insert_finished(Arc::from(&**id), res, state, *at);
+                    self.insert_finished(id, Finished { held, at: *at, actual: *actual });
                 }
                 None
             }
@@ -380,8 +532,9 @@ impl State {
         push_line(out, &Entry::Snapshot { v: SNAPSHOT_VERSION, now: self.last_now })?;
         let prev = prev_month(Month::of(self.last_now));
         for (tenant, months) in &self.accts {
-            for (month, a) in months {
-                if a.spent != 0 && (a.active > 0 || *month >= prev) {
+            for slot in months.as_slice() {
+                let (month, a) = (slot.month(), slot.acct);
+                if a.spent != 0 && (a.active > 0 || month >= prev) {
                     let e = Entry::Spent {
                         tenant: Cow::Borrowed(tenant),
                         month: Cow::Owned(month.to_string()),
@@ -392,30 +545,37 @@ impl State {
             }
         }
         for (_, id) in &self.by_age {
-            if let Some(r) = self.active.get(id) {
-                push_line(out, &reserve_entry(r))?;
+            if let Some(h) = self.active.get(id) {
+                push_line(
+                    out,
+                    &Entry::Reserve {
+                        id: Cow::Owned(id.to_string()),
+                        tenant: Cow::Borrowed(&h.tenant),
+                        tier: Cow::Borrowed(&h.labels.tier),
+                        request_id: Cow::Owned(h.request_id.to_string()),
+                        model: Cow::Borrowed(&h.labels.model),
+                        month: Cow::Borrowed(&h.labels.month),
+                        amount: h.amount,
+                        at: h.created_at,
+                    },
+                )?;
             }
         }
-        for (at, id) in &self.finished_order {
-            let Some(f) = self.finished.get(id).filter(|f| f.at == *at) else { continue };
-            let r = &f.res;
-            let actual = match f.state {
-                ReservationState::Settled { actual } => Some(actual.0),
-                _ => None,
-            };
+        for (id, f) in self.finished.iter() {
+            let h = &f.held;
             push_line(
                 out,
                 &Entry::Done {
-                    id: Cow::Borrowed(id),
-                    tenant: Cow::Borrowed(&r.tenant),
-                    tier: Cow::Borrowed(&r.tenant_tier),
-                    request_id: Cow::Borrowed(&r.request_id),
-                    model: Cow::Borrowed(&r.model),
-                    month: Cow::Borrowed(&r.month),
-                    amount: r.amount.0,
-                    created: r.created_at,
+                    id: Cow::Owned(id.to_string()),
+                    tenant: Cow::Borrowed(&h.tenant),
+                    tier: Cow::Borrowed(&h.labels.tier),
+                    request_id: Cow::Owned(h.request_id.to_string()),
+                    model: Cow::Borrowed(&h.labels.model),
+                    month: Cow::Borrowed(&h.labels.month),
+                    amount: h.amount,
+                    created: h.created_at,
                     at: f.at,
-                    actual,
+                    actual: f.actual,
                 },
             )?;
         }
@@ -427,6 +587,13 @@ impl State {
         SpendView { spent: Micros(a.spent), reserved: Micros(a.reserved), active_reservations: a.active }
     }
 
+    fn get(&self, id: &Id) -> Option<(Reservation, ReservationState)> {
+        if let Some(h) = self.active.get(id) {
+            return Some((h.reservation(id), ReservationState::Active));
+        }
+        self.finished.get(id).map(|f| (f.held.reservation(id), f.state()))
+    }
+
     /// A canonical text form of everything observable (tests compare states with it).
     #[cfg(test)]
     fn dump(&self) -> String {
@@ -435,7 +602,7 @@ impl State {
         let mut accts: Vec<_> = self
             .accts
             .iter()
-            .flat_map(|(t, ms)| ms.iter().map(move |(m, a)| (t, m.to_string(), *a)))
+            .flat_map(|(t, ms)| ms.as_slice().iter().map(move |s| (t, s.month().to_string(), s.acct)))
             .filter(|(_, _, a)| *a != Acct::default())
             .collect();
         accts.sort();
@@ -443,12 +610,12 @@ impl State {
             let _ = writeln!(s, "acct {t} {m} spent={} reserved={} active={}", a.spent, a.reserved, a.active);
         }
         for (_, id) in &self.by_age {
-            let _ = writeln!(s, "active {:?}", self.active[id]);
+            let _ = writeln!(s, "active {:?}", self.active[id].reservation(id));
         }
-        let mut fin: Vec<_> = self.finished.values().collect();
-        fin.sort_by(|a, b| a.res.id.cmp(&b.res.id));
-        for f in fin {
-            let _ = writeln!(s, "done {:?} {:?} at={}", f.res, f.state, f.at);
+        let mut fin: Vec<_> = self.finished.iter().map(|(id, f)| (f.held.reservation(id), f.state(), f.at)).collect();
+        fin.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        for (res, state, at) in fin {
+            let _ = writeln!(s, "done {res:?} {state:?} at={at}");
         }
         s
     }
@@ -580,7 +747,7 @@ impl MemoryBudgets {
         res.amount = Micros(hold);
         let compact = g.log(std::slice::from_ref(&reserve_entry(&res)))?;
         g.state.advance(r.now);
-        g.state.insert_active(res.clone());
+        g.state.insert_active(Fields::of(&res));
         drop(g);
         self.after_write(compact);
         Ok(ReserveOutcome::Reserved(res))
@@ -589,14 +756,16 @@ impl MemoryBudgets {
     /// Synchronous core of [`Budgets::settle`].
     pub fn settle_now(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {
         let actual = actual.max(Micros::ZERO);
+        let key = Id::new(id);
         let mut g = self.shared.inner.lock();
-        if !g.state.active.contains_key(id) {
-            let known = g.state.finished.contains_key(id);
+        if !g.state.active.contains_key(&key) {
+            let known = g.state.finished.contains(&key);
             return Ok(if known { SettleOutcome::NotActive } else { SettleOutcome::NotFound });
         }
         let entry = Entry::Settle { id: Cow::Borrowed(id), actual: actual.0, at: now };
         let compact = g.log(std::slice::from_ref(&entry))?;
-        let ended = g.state.apply(&entry);
+        g.state.advance(now);
+        let ended = g.state.finish(&key, now, Some(actual.0));
         drop(g);
         self.after_write(compact);
         Ok(match ended {
@@ -612,13 +781,15 @@ impl MemoryBudgets {
 
     /// Synchronous core of [`Budgets::release`].
     pub fn release_now(&self, id: &str, now: UnixMillis) -> Result<Option<Reservation>, StoreError> {
+        let key = Id::new(id);
         let mut g = self.shared.inner.lock();
-        if !g.state.active.contains_key(id) {
+        if !g.state.active.contains_key(&key) {
             return Ok(None);
         }
         let entry = Entry::Release { id: Cow::Borrowed(id), at: now };
         let compact = g.log(std::slice::from_ref(&entry))?;
-        let ended = g.state.apply(&entry);
+        g.state.advance(now);
+        let ended = g.state.finish(&key, now, None);
         drop(g);
         self.after_write(compact);
         Ok(ended)
@@ -627,14 +798,16 @@ impl MemoryBudgets {
     /// Synchronous core of [`Budgets::expire`].
     pub fn expire_now(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError> {
         let mut g = self.shared.inner.lock();
-        let ids: Vec<Arc<str>> =
+        let ids: Vec<Id> =
             g.state.by_age.iter().take_while(|(at, _)| *at < older_than).map(|(_, id)| id.clone()).collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let entries: Vec<Entry<'_>> = ids.iter().map(|id| Entry::Release { id: Cow::Borrowed(id), at: now }).collect();
+        let entries: Vec<Entry<'_>> =
+            ids.iter().map(|id| Entry::Release { id: Cow::Owned(id.to_string()), at: now }).collect();
         let compact = g.log(&entries)?;
-        let ended: Vec<Reservation> = entries.iter().filter_map(|e| g.state.apply(e)).collect();
+        g.state.advance(now);
+        let ended: Vec<Reservation> = ids.iter().filter_map(|id| g.state.finish(id, now, None)).collect();
         drop(g);
         self.after_write(compact);
         Ok(ended)
@@ -664,15 +837,17 @@ impl MemoryBudgets {
 
     pub fn active_now(&self, limit: usize) -> Vec<Reservation> {
         let g = self.shared.inner.lock();
-        g.state.by_age.iter().take(limit).filter_map(|(_, id)| g.state.active.get(id).cloned()).collect()
+        g.state
+            .by_age
+            .iter()
+            .take(limit)
+            .filter_map(|(_, id)| g.state.active.get(id).map(|h| h.reservation(id)))
+            .collect()
     }
 
     pub fn get_now(&self, id: &str) -> Option<(Reservation, ReservationState)> {
-        let g = self.shared.inner.lock();
-        if let Some(r) = g.state.active.get(id) {
-            return Some((r.clone(), ReservationState::Active));
-        }
-        g.state.finished.get(id).map(|f| (f.res.clone(), f.state))
+        let key = Id::new(id);
+        self.shared.inner.lock().state.get(&key)
     }
 
     fn after_write(&self, compact_due: bool) {

@@ -582,6 +582,82 @@ fn journal_lines_are_written_before_the_call_returns() {
     assert_eq!(b.journal_len(), len);
 }
 
+/// A journal as written by earlier versions (the format is fixed), with ids that are not canonical
+/// UUIDs: everything comes back exactly as written, also after the compaction in `open`.
+#[test]
+fn a_journal_with_any_id_text_replays_exactly() {
+    let t = t0();
+    let uuid = "01a212ea-2553-722d-ae80-a3c5862df6d2";
+    let upper = "01A212EA-2553-722D-AE80-A3C5862DF6D2";
+    let journal = [
+        format!(r#"{{"op":"snapshot","v":1,"now":{t}}}"#),
+        r#"{"op":"spent","tenant":"acme","month":"2026-11","spent":500}"#.to_string(),
+        format!(
+            r#"{{"op":"done","id":"01a212ea-2553-722d-ae80-a3c5862df6d3","tenant":"beta","tier":"free","request_id":"{uuid}","model":"m","month":"2026-11","amount":5,"created":{},"at":{},"actual":4}}"#,
+            t - 5,
+            t - 1
+        ),
+        format!(
+            r#"{{"op":"done","id":"x","tenant":"gone","tier":"","request_id":"","model":"","month":"2026-11","amount":5,"created":{},"at":{},"actual":null}}"#,
+            t - 5,
+            t - 1
+        ),
+        format!(
+            r#"{{"op":"reserve","id":"{uuid}","tenant":"acme","tier":"pro","request_id":"REQ-Upper","model":"gpt-4o","month":"2026-11","amount":100,"at":{t}}}"#
+        ),
+        format!(
+            r#"{{"op":"reserve","id":"legacy-1","tenant":"acme","tier":"pro","request_id":"{upper}","model":"gpt-4o","month":"2026-11","amount":200,"at":{}}}"#,
+            t + 1
+        ),
+        format!(r#"{{"op":"settle","id":"legacy-1","actual":150,"at":{}}}"#, t + 2),
+        format!(r#"{{"op":"charge","tenant":"beta","month":"2026-11","amount":7,"at":{}}}"#, t + 3),
+    ]
+    .join("\n");
+    let dir = TempDir::new();
+    fs::create_dir_all(&dir.0).unwrap();
+    fs::write(dir.0.join(JOURNAL_FILE), journal + "\n").unwrap();
+    let res =
+        |id: &str, tenant: &str, tier: &str, request_id: &str, model: &str, amount: i64, created_at| Reservation {
+            id: id.into(),
+            tenant: tenant.into(),
+            tenant_tier: tier.into(),
+            request_id: request_id.into(),
+            model: model.into(),
+            month: "2026-11".into(),
+            amount: Micros(amount),
+            created_at,
+        };
+    let check = |b: &MemoryBudgets| {
+        let open = res(uuid, "acme", "pro", "REQ-Upper", "gpt-4o", 100, t);
+        assert_eq!(b.get_now(uuid), Some((open.clone(), ReservationState::Active)));
+        assert_eq!(b.active_now(10), vec![open]);
+        assert_eq!(
+            b.get_now("legacy-1"),
+            Some((
+                res("legacy-1", "acme", "pro", upper, "gpt-4o", 200, t + 1),
+                ReservationState::Settled { actual: Micros(150) }
+            ))
+        );
+        let id = "01a212ea-2553-722d-ae80-a3c5862df6d3";
+        assert_eq!(
+            b.get_now(id),
+            Some((res(id, "beta", "free", uuid, "m", 5, t - 5), ReservationState::Settled { actual: Micros(4) }))
+        );
+        assert_eq!(b.get_now("x"), Some((res("x", "gone", "", "", "", 5, t - 5), ReservationState::Released)));
+        assert_eq!(b.get_now(upper), None, "ids are compared as text");
+        assert_eq!(view(b, "acme", "2026-11"), (650, 100, 1));
+        assert_eq!(view(b, "beta", "2026-11"), (7, 0, 0));
+    };
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    check(&b);
+    let before = b.dump();
+    drop(b);
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    check(&b);
+    assert_eq!(b.dump(), before);
+    assert_eq!(b.settle_now("x", Micros(1), t + 4).unwrap(), SettleOutcome::NotActive);
+}
+
 #[test]
 fn a_torn_or_garbage_last_line_is_ignored() {
     let tails: [&[u8]; 3] = [br#"{"op":"settle","id":"#, b"\x00\x00garbage\xff", br#"{"op":"bogus"}"#];

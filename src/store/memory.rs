@@ -2,11 +2,17 @@
 //! concurrency leases, sharded by tenant to keep lock hold times short.
 //!
 //! Memory per tracked tenant is bounded by its caps (entries only live for 60 s) and a tenant with
-//! nothing in flight and no count for today is forgotten by `sweep`.
+//! nothing in flight and no count for today is forgotten by `sweep`. It is kept small for the
+//! common case of a tenant with one entry in its minute window and at most one request in flight:
+//! both are stored inline, with no allocation of their own, and the global window refers to the
+//! tenant by a slot number instead of its name (see `GlobalState`).
+//!
+//! Lock order: a tenant's shard, then the global window (never the other way round).
 //!
 //! Owns: `MemoryCounters`, `MemoryPolicy`. Imports: `store` traits, `decide` types, parking_lot.
 
 use std::collections::{HashMap, VecDeque};
+use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -19,28 +25,46 @@ use crate::decide::{CountersView, GlobalView, Policy, TenantView, UnixMillis};
 
 const SHARDS: usize = 32;
 
+/// Admissions of one tenant in one millisecond of the global window.
+#[derive(Clone, Copy, Debug)]
+struct Admitted {
+    at: UnixMillis,
+    requests: u32,
+    /// The tenant's slot (see `GlobalState::slots`).
+    slot: u32,
+}
+
+/// The slot number of a tenant that has none yet.
+const NO_SLOT: u32 = u32::MAX;
+
 #[derive(Default)]
 struct GlobalState {
-    /// (admitted at, requests, tenant), oldest first. Admissions of one tenant in the same
+    /// Admissions of the last 60 s, oldest first. Admissions of one tenant in the same
     /// millisecond share an entry: exact at the clock's resolution, and memory is bounded by
     /// time (≤ one entry per tenant per ms) instead of growing with the request rate.
-    window: VecDeque<(UnixMillis, u32, Arc<str>)>,
+    window: VecDeque<Admitted>,
     /// Requests in `window`.
     requests: u64,
-    /// Requests per tenant inside `window`.
-    tenants: HashMap<Arc<str>, u32>,
+    /// Requests inside `window` per tenant, by slot: a tenant's state holds its slot number from
+    /// its first admission until `sweep` forgets it (only once the slot is at zero), so the
+    /// window refers to tenants by number, not by name, and 4 bytes per tenant replace a map.
+    slots: Vec<u32>,
+    /// Slots of forgotten tenants, for reuse.
+    free: Vec<u32>,
+    /// Slots above zero: the distinct tenants in `window`.
+    distinct: u64,
     block_until: Option<UnixMillis>,
 }
 
 impl GlobalState {
     fn prune(&mut self, now: UnixMillis) {
         let horizon = now.saturating_sub(MS_PER_MINUTE);
-        while let Some((at, _, _)) = self.window.front() {
-            if *at > horizon {
+        while let Some(a) = self.window.front() {
+            if a.at > horizon {
                 break;
             }
-            let (_, n, tenant) = self.window.pop_front().expect("front exists");
-            self.forget(&tenant, n);
+            let a = self.window.pop_front().expect("front exists");
+            self.forget(a.slot, a.requests);
         }
         if self.window.is_empty() && self.window.capacity() > 1024 {
             self.window = VecDeque::new();
@@ -50,57 +74,286 @@ impl GlobalState {
         }
     }
 
-    fn add(&mut self, at: UnixMillis, tenant: &Arc<str>) {
+    /// Counts an admission at `at` by the tenant whose slot is `*slot` (given one if it has
+    /// none yet).
+    fn add(&mut self, at: UnixMillis, slot: &mut u32) {
+        if *slot == NO_SLOT {
+            *slot = match self.free.pop() {
+                Some(s) => s,
+                None => {
+                    self.slots.push(0);
+                    (self.slots.len() - 1) as u32
+                }
+            };
+        }
+        let slot = *slot;
         match self.window.back_mut() {
-            Some((t, n, who)) if *t == at && Arc::ptr_eq(who, tenant) => *n += 1,
-            _ => self.window.push_back((at, 1, tenant.clone())),
+            Some(a) if a.at == at && a.slot == slot => a.requests += 1,
+            _ => self.window.push_back(Admitted { at, requests: 1, slot }),
         }
         self.requests += 1;
-        *self.tenants.entry(tenant.clone()).or_insert(0) += 1;
+        let n = &mut self.slots[slot as usize];
+        if *n == 0 {
+            self.distinct += 1;
+        }
+        *n += 1;
     }
 
-    /// Takes one admission at `at` by `tenant` back out.
-    fn remove(&mut self, at: UnixMillis, tenant: &Arc<str>) {
-        if let Some(i) = self.window.iter().rposition(|(t, _, who)| *t == at && **who == **tenant) {
+    /// Takes one admission at `at` by the tenant of `slot` back out.
+    fn remove(&mut self, at: UnixMillis, slot: u32) {
+        if slot == NO_SLOT {
+            return;
+        }
+        if let Some(i) = self.window.iter().rposition(|a| a.at == at && a.slot == slot) {
             let entry = &mut self.window[i];
-            entry.1 -= 1;
-            if entry.1 == 0 {
+            entry.requests -= 1;
+            if entry.requests == 0 {
                 self.window.remove(i);
             }
-            self.forget(tenant, 1);
+            self.forget(slot, 1);
         }
     }
 
-    fn forget(&mut self, tenant: &Arc<str>, requests: u32) {
+    fn forget(&mut self, slot: u32, requests: u32) {
         self.requests = self.requests.saturating_sub(u64::from(requests));
-        if let Some(n) = self.tenants.get_mut(tenant) {
+        let n = &mut self.slots[slot as usize];
+        if *n > 0 {
             *n = n.saturating_sub(requests);
             if *n == 0 {
-                self.tenants.remove(tenant);
+                self.distinct -= 1;
             }
+        }
+    }
+
+    /// Whether the tenant of `slot` has requests in the window.
+    fn counts(&self, slot: u32) -> bool {
+        slot != NO_SLOT && self.slots[slot as usize] > 0
+    }
+
+    /// The tenant of `slot` is forgotten (it has nothing in the window).
+    fn release(&mut self, slot: u32) {
+        if slot == NO_SLOT {
+            return;
+        }
+        self.free.push(slot);
+        if self.free.len() == self.slots.len() && self.slots.capacity() > 1024 {
+            self.slots = Vec::new();
+            self.free = Vec::new();
         }
     }
 
     fn view(&self) -> GlobalView {
         GlobalView {
             requests_last_minute: self.requests,
-            distinct_tenants_last_minute: self.tenants.len() as u64,
+            distinct_tenants_last_minute: self.distinct,
             block_until: self.block_until,
         }
     }
 }
 
-#[derive(Default)]
+/// Requests admitted in one millisecond (the minute and token-rate windows).
+#[derive(Clone, Copy, Debug)]
+struct Minute {
+    at: UnixMillis,
+    /// Estimated tokens.
+    tokens: u64,
+    requests: NonZeroU32,
+}
+
+/// More than one [`Minute`], oldest first, with running totals.
+struct Minutes {
+    entries: VecDeque<Minute>,
+    requests: u64,
+    tokens: u64,
+}
+
+/// A tenant's last 60 s: a single entry inline, more in a queue of their own.
+enum Window {
+    One(Minute),
+    /// `None`: empty. A queue is kept until the window empties (no allocation per request for a
+    /// tenant with steady traffic).
+    Queue(Option<Box<Minutes>>),
+}
+
+impl Window {
+    fn entries(&self) -> impl Iterator<Item = &Minute> {
+        let (one, queue) = match self {
+            Window::One(m) => (Some(m), None),
+            Window::Queue(q) => (None, q.as_deref()),
+        };
+        one.into_iter().chain(queue.into_iter().flat_map(|q| q.entries.iter()))
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, Window::Queue(None))
+    }
+
+    fn requests(&self) -> u64 {
+        match self {
+            Window::One(m) => u64::from(m.requests.get()),
+            Window::Queue(q) => q.as_ref().map_or(0, |q| q.requests),
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        match self {
+            Window::One(m) => m.tokens,
+            Window::Queue(q) => q.as_ref().map_or(0, |q| q.tokens),
+        }
+    }
+
+    /// Counts `tokens` in at `at`; admissions in the same millisecond share an entry.
+    fn push(&mut self, at: UnixMillis, tokens: u64) {
+        let new = Minute { at, tokens, requests: NonZeroU32::MIN };
+        match self {
+            Window::One(m) if m.at == at => {
+                m.requests = m.requests.saturating_add(1);
+                m.tokens += tokens;
+            }
+            Window::One(m) => {
+                let first = *m;
+                *self = Window::Queue(Some(Box::new(Minutes {
+                    entries: VecDeque::from([first, new]),
+                    requests: u64::from(first.requests.get()) + 1,
+                    tokens: first.tokens + tokens,
+                })));
+            }
+            Window::Queue(None) => *self = Window::One(new),
+            Window::Queue(Some(q)) => {
+                match q.entries.back_mut() {
+                    Some(m) if m.at == at => {
+                        m.requests = m.requests.saturating_add(1);
+                        m.tokens += tokens;
+                    }
+                    _ => q.entries.push_back(new),
+                }
+                q.requests += 1;
+                q.tokens += tokens;
+            }
+        }
+    }
+
+    /// Drops the entries at or before `horizon` (from the front).
+    fn prune(&mut self, horizon: UnixMillis) {
+        match self {
+            Window::One(m) if m.at <= horizon => *self = Window::Queue(None),
+            Window::One(_) | Window::Queue(None) => {}
+            Window::Queue(Some(q)) => {
+                while let Some(m) = q.entries.front() {
+                    if m.at > horizon {
+                        break;
+                    }
+                    q.requests -= u64::from(m.requests.get());
+                    q.tokens -= m.tokens;
+                    q.entries.pop_front();
+                }
+                if q.entries.is_empty() {
+                    *self = Window::Queue(None);
+                }
+            }
+        }
+    }
+
+    /// Takes one admission at `at` with `tokens` back out (the newest entry at `at`).
+    fn remove(&mut self, at: UnixMillis, tokens: u64) {
+        match self {
+            Window::One(m) if m.at == at => match NonZeroU32::new(m.requests.get() - 1) {
+                Some(n) => {
+                    m.requests = n;
+                    m.tokens = m.tokens.saturating_sub(tokens);
+                }
+                None => *self = Window::Queue(None),
+            },
+            Window::One(_) | Window::Queue(None) => {}
+            Window::Queue(Some(q)) => {
+                if let Some(i) = q.entries.iter().rposition(|m| m.at == at) {
+                    let entry = &mut q.entries[i];
+                    entry.tokens = entry.tokens.saturating_sub(tokens);
+                    match NonZeroU32::new(entry.requests.get() - 1) {
+                        Some(n) => entry.requests = n,
+                        None => {
+                            q.entries.remove(i);
+                        }
+                    }
+                    q.requests -= 1;
+                    q.tokens = q.tokens.saturating_sub(tokens);
+                    if q.entries.is_empty() {
+                        *self = Window::Queue(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A concurrency lease: (seq, expires at).
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    seq: NonZeroU64,
+    expires: UnixMillis,
+}
+
+/// A tenant's concurrency leases: a single one inline, more in a list of their own.
+enum Leases {
+    One(Lease),
+    /// `None`: no lease. A list is kept until its last lease ends (no allocation per request for
+    /// a tenant with steady concurrency). Boxed: a thin pointer keeps `Leases` at 16 bytes per
+    /// tenant; the extra allocation is only made for a tenant with several requests in flight.
+    #[allow(clippy::box_collection)]
+    List(Option<Box<Vec<Lease>>>),
+}
+
+impl Leases {
+    fn len(&self) -> usize {
+        match self {
+            Leases::One(_) => 1,
+            Leases::List(l) => l.as_ref().map_or(0, |l| l.len()),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, lease: Lease) {
+        match self {
+            Leases::One(first) => *self = Leases::List(Some(Box::new(vec![*first, lease]))),
+            Leases::List(None) => *self = Leases::One(lease),
+            Leases::List(Some(l)) => l.push(lease),
+        }
+    }
+
+    /// Keeps the leases `keep` accepts; returns how many were dropped.
+    fn retain(&mut self, keep: impl Fn(&Lease) -> bool) -> usize {
+        let before = self.len();
+        match self {
+            Leases::One(l) if !keep(l) => *self = Leases::List(None),
+            Leases::One(_) | Leases::List(None) => {}
+            Leases::List(Some(l)) => {
+                l.retain(keep);
+                if l.is_empty() {
+                    *self = Leases::List(None);
+                }
+            }
+        }
+        before - self.len()
+    }
+}
+
 struct TenantState {
-    day: u32,
     daily: u64,
-    /// (admitted at, requests, estimated tokens) of the last 60 s, oldest first: both the
-    /// per-minute and the token-rate window; admissions in the same millisecond share an entry.
-    minute: VecDeque<(UnixMillis, u32, u64)>,
-    minute_count: u64,
-    tokens_sum: u64,
-    /// (seq, expires at).
-    leases: Vec<(u64, UnixMillis)>,
+    day: u32,
+    /// Where the tenant is counted in the global window (`NO_SLOT` until its first admission).
+    slot: u32,
+    /// Admissions of the last 60 s, oldest first: both the per-minute and the token-rate window.
+    minute: Window,
+    leases: Leases,
+}
+
+impl Default for TenantState {
+    fn default() -> Self {
+        TenantState { daily: 0, day: 0, slot: NO_SLOT, minute: Window::Queue(None), leases: Leases::List(None) }
+    }
 }
 
 impl TenantState {
@@ -110,34 +363,18 @@ impl TenantState {
             self.day = today;
             self.daily = 0;
         }
-        let horizon = now.saturating_sub(MS_PER_MINUTE);
-        while let Some((at, count, n)) = self.minute.front() {
-            if *at > horizon {
-                break;
-            }
-            self.minute_count -= u64::from(*count);
-            self.tokens_sum -= n;
-            self.minute.pop_front();
-        }
-        if self.minute.is_empty() && self.minute.capacity() > 0 {
-            self.minute = VecDeque::new();
-        }
-        let before = self.leases.len();
-        self.leases.retain(|(_, exp)| *exp > now);
-        if self.leases.is_empty() && self.leases.capacity() > 0 {
-            self.leases = Vec::new();
-        }
-        (before - self.leases.len()) as u64
+        self.minute.prune(now.saturating_sub(MS_PER_MINUTE));
+        self.leases.retain(|l| l.expires > now) as u64
     }
 
     fn view(&self) -> TenantView {
         TenantView {
             daily_requests: self.daily,
-            minute_requests: self.minute_count,
-            minute_oldest: self.minute.front().map(|(at, _, _)| *at),
+            minute_requests: self.minute.requests(),
+            minute_oldest: self.minute.entries().next().map(|m| m.at),
             in_flight: self.leases.len() as u64,
-            tokens_last_minute: self.tokens_sum,
-            tokens_oldest: self.minute.iter().find(|(_, _, n)| *n > 0).map(|(at, _, _)| *at),
+            tokens_last_minute: self.minute.tokens(),
+            tokens_oldest: self.minute.entries().find(|m| m.tokens > 0).map(|m| m.at),
         }
     }
 
@@ -180,67 +417,49 @@ impl MemoryCounters {
     /// Synchronous core of `admit` (also used by benches).
     pub fn admit_now(&self, req: &AdmitRequest<'_>) -> (Ticket, CountersView) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let (tenant_key, tenant_view) = {
-            let mut shard = self.shard(req.tenant).lock();
-            let key = match shard.get_key_value(req.tenant) {
-                Some((k, _)) => k.clone(),
-                None => {
-                    let k: Arc<str> = Arc::from(req.tenant);
-                    shard.insert(k.clone(), TenantState::default());
-                    k
-                }
-            };
-            let st = shard.get_mut(&key).expect("inserted above");
-            st.prune(req.now);
-            let view = st.view();
-            st.daily += 1;
-            match st.minute.back_mut() {
-                Some((at, count, tokens)) if *at == req.now => {
-                    *count += 1;
-                    *tokens += req.tokens;
-                }
-                _ => st.minute.push_back((req.now, 1, req.tokens)),
+        let mut shard = self.shard(req.tenant).lock();
+        let key = match shard.get_key_value(req.tenant) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(req.tenant);
+                shard.insert(k.clone(), TenantState::default());
+                k
             }
-            st.minute_count += 1;
-            st.tokens_sum += req.tokens;
-            if let Some(ttl) = req.lease_ttl_ms {
-                st.leases.push((seq, req.now + ttl));
-            }
-            (key, view)
         };
+        let st = shard.get_mut(&key).expect("inserted above");
+        st.prune(req.now);
+        let tenant_view = st.view();
+        st.daily += 1;
+        st.minute.push(req.now, req.tokens);
+        if let Some(ttl) = req.lease_ttl_ms {
+            let seq = NonZeroU64::new(seq).expect("sequence numbers start at 1");
+            st.leases.push(Lease { seq, expires: req.now + ttl });
+        }
         let global_view = {
             let mut g = self.global.lock();
             g.prune(req.now);
             let view = g.view();
-            g.add(req.now, &tenant_key);
+            g.add(req.now, &mut st.slot);
             view
         };
+        drop(shard);
         let ticket =
-            Ticket { seq, tenant: tenant_key, at: req.now, tokens: req.tokens, has_lease: req.lease_ttl_ms.is_some() };
+            Ticket { seq, tenant: key, at: req.now, tokens: req.tokens, has_lease: req.lease_ttl_ms.is_some() };
         (ticket, CountersView { global: global_view, tenant: tenant_view })
     }
 
     pub fn rollback_now(&self, t: &Ticket) {
-        {
-            let mut shard = self.shard(&t.tenant).lock();
-            if let Some(st) = shard.get_mut(&t.tenant) {
-                if st.day == utc_day(t.at) {
-                    st.daily = st.daily.saturating_sub(1);
-                }
-                if let Some(i) = st.minute.iter().rposition(|(at, _, _)| *at == t.at) {
-                    let entry = &mut st.minute[i];
-                    entry.1 -= 1;
-                    entry.2 = entry.2.saturating_sub(t.tokens);
-                    if entry.1 == 0 {
-                        st.minute.remove(i);
-                    }
-                    st.minute_count -= 1;
-                    st.tokens_sum = st.tokens_sum.saturating_sub(t.tokens);
-                }
-                st.leases.retain(|(s, _)| *s != t.seq);
+        let mut shard = self.shard(&t.tenant).lock();
+        if let Some(st) = shard.get_mut(&t.tenant) {
+            if st.day == utc_day(t.at) {
+                st.daily = st.daily.saturating_sub(1);
             }
+            st.minute.remove(t.at, t.tokens);
+            st.leases.retain(|l| l.seq.get() != t.seq);
+            // A tenant is only forgotten once it has nothing left in the global window either
+            // (see `sweep_now`), so without its state there is nothing to take out there.
+            self.global.lock().remove(t.at, st.slot);
         }
-        self.global.lock().remove(t.at, &t.tenant);
     }
 
     pub fn release_now(&self, t: &Ticket) {
@@ -249,29 +468,35 @@ impl MemoryCounters {
         }
         let mut shard = self.shard(&t.tenant).lock();
         if let Some(st) = shard.get_mut(&t.tenant) {
-            st.leases.retain(|(s, _)| *s != t.seq);
-            if st.leases.is_empty() {
-                st.leases = Vec::new();
-            }
+            st.leases.retain(|l| l.seq.get() != t.seq);
         }
     }
 
     pub fn sweep_now(&self, now: UnixMillis) -> SweepStats {
         let mut stats = SweepStats::default();
+        self.global.lock().prune(now);
         for shard in &self.shards {
             let mut map = shard.lock();
             map.retain(|_, st| {
                 stats.leases_expired += st.prune(now);
-                let keep = !st.is_idle();
-                stats.tenants_reclaimed += u64::from(!keep);
-                keep
+                if !st.is_idle() {
+                    return true;
+                }
+                // Idle, and nothing left in the global window either (an entry can outlive the
+                // tenant's own copy there when admissions arrived out of time order).
+                let mut g = self.global.lock();
+                if g.counts(st.slot) {
+                    return true;
+                }
+                g.release(st.slot);
+                stats.tenants_reclaimed += 1;
+                false
             });
             stats.tenants_tracked += map.len() as u64;
             if map.capacity() > 64 && map.capacity() > map.len() * 4 {
                 map.shrink_to_fit();
             }
         }
-        self.global.lock().prune(now);
         stats
     }
 }
@@ -440,6 +665,50 @@ mod tests {
         let (_, v) = c.admit_now(&req("a", t0 + 60_000, None));
         assert_eq!(v.tenant.minute_requests, 1, "the t0 entry (2 requests) left the window together");
         assert_eq!(v.global.requests_last_minute, 1);
+    }
+
+    #[test]
+    fn distinct_tenants_count_each_tenant_once_and_slots_are_reused() {
+        let c = MemoryCounters::new();
+        let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        let (ta, _) = c.admit_now(&req("a", t0, None));
+        c.admit_now(&req("b", t0 + 1, None));
+        let (_, v) = c.admit_now(&req("a", t0 + 2, None));
+        assert_eq!((v.global.requests_last_minute, v.global.distinct_tenants_last_minute), (2, 2));
+        c.rollback_now(&ta);
+        let (_, v) = c.admit_now(&req("c", t0 + 3, None));
+        assert_eq!((v.global.requests_last_minute, v.global.distinct_tenants_last_minute), (2, 2), "a has t0+2 left");
+        // A minute later all of them have left.
+        for i in 0..10 {
+            c.admit_now(&req(&format!("n{i}"), t0 + 60_003, None));
+        }
+        let (_, v) = c.admit_now(&req("a", t0 + 60_004, None));
+        assert_eq!((v.global.requests_last_minute, v.global.distinct_tenants_last_minute), (10, 10));
+        assert_eq!(c.global.lock().slots.len(), 13, "one slot per tracked tenant");
+        let s = c.sweep_now(t0 + 86_400_000);
+        assert_eq!(s.tenants_reclaimed, 13);
+        let (_, v) = c.admit_now(&req("x", t0 + 86_400_000, None));
+        assert_eq!(v.global.distinct_tenants_last_minute, 0);
+        let (_, v) = c.admit_now(&req("y", t0 + 86_400_000, None));
+        assert_eq!(v.global.distinct_tenants_last_minute, 1);
+        assert_eq!(c.global.lock().slots.len(), 13, "freed slots are taken first");
+    }
+
+    #[test]
+    fn a_tenant_still_in_the_global_window_is_not_forgotten() {
+        let c = MemoryCounters::new();
+        let late = parse_rfc3339("2026-11-25T23:59:59Z").unwrap();
+        c.admit_now(&req("b", late + 500, None));
+        // Out of time order: a's entry sits behind b's and leaves the global window after it.
+        c.admit_now(&req("a", late, None));
+        let now = late + 60_100;
+        let s = c.sweep_now(now);
+        assert_eq!((s.tenants_tracked, s.tenants_reclaimed), (2, 0), "a is idle but still counted globally");
+        c.admit_now(&req("a", now, None));
+        let (_, v) = c.admit_now(&req("z", now, None));
+        assert_eq!(v.global.distinct_tenants_last_minute, 2, "a is counted once");
+        let s = c.sweep_now(now + MS_PER_MINUTE);
+        assert_eq!((s.tenants_tracked, s.tenants_reclaimed), (2, 1), "b had nothing today; a and z have");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod approvals;
 pub mod approvals_memory;
 pub mod budget;
 pub mod budget_memory;
+mod compact;
 mod journal;
 pub mod memory;
 pub mod redis;

@@ -1,0 +1,503 @@
+//! Compact in-memory forms for what the embedded budget store keeps per reservation: ids as
+//! 16 bytes instead of 36-byte strings, and the few distinct (tier, model, month) labels stored
+//! once and shared. Both are lossless: the original text comes back exactly. And [`IdRing`], an
+//! insertion-ordered table by id whose memory does not grow with churn.
+//!
+//! Owns: `Id`, `Labels`, `LabelTable`, `IdRing`. Imports: `decide::time::Month`, std.
+
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::hash_map::RandomState;
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use crate::decide::time::Month;
+
+/// A reservation or request id. A canonical UUID (36 characters, lowercase hex, hyphenated — what
+/// [`crate::ids::v7`] makes) is kept as its 16 bytes, any other text as itself; `to_string` gives
+/// back exactly the text it was made from, and ids order like their text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Id {
+    Uuid([u8; 16]),
+    /// Never a canonical UUID (so equal text always means an equal `Id`).
+    Text(Box<str>),
+}
+
+impl Id {
+    pub(crate) fn new(s: &str) -> Id {
+        match parse_uuid(s) {
+            Some(b) => Id::Uuid(b),
+            None => Id::Text(s.into()),
+        }
+    }
+}
+
+/// The 16 bytes of a canonical UUID: `8-4-4-4-12` lowercase hex digits.
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let s = s.as_bytes();
+    if s.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let (mut i, mut n) = (0, 0);
+    while i < 36 {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if s[i] != b'-' {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        out[n] = (nibble(s[i])? << 4) | nibble(s[i + 1])?;
+        n += 1;
+        i += 2;
+    }
+    Some(out)
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Id::Text(s) => f.write_str(s),
+            Id::Uuid(b) => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let mut buf = [0u8; 36];
+                let mut i = 0;
+                for (n, byte) in b.iter().enumerate() {
+                    if matches!(n, 4 | 6 | 8 | 10) {
+                        buf[i] = b'-';
+                        i += 1;
+                    }
+                    buf[i] = HEX[usize::from(byte >> 4)];
+                    buf[i + 1] = HEX[usize::from(byte & 0xf)];
+                    i += 2;
+                }
+                f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
+            }
+        }
+    }
+}
+
+impl Ord for Id {
+    /// The order of the text: for two UUIDs their bytes order the same way (hex digits sort like
+    /// their values, the hyphens are at the same places).
+    fn cmp(&self, other: &Self) -> Ordering {
+        match (self, other) {
+            (Id::Uuid(a), Id::Uuid(b)) => a.cmp(b),
+            (Id::Text(a), Id::Text(b)) => a.cmp(b),
+            _ => self.to_string().cmp(&other.to_string()),
+        }
+    }
+}
+
+impl PartialOrd for Id {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The tier, model and month (`YYYY-MM`, as given) of a reservation, shared through a
+/// [`LabelTable`], with the month's account key parsed once.
+#[derive(Debug)]
+pub(crate) struct Labels {
+    pub(crate) tier: Box<str>,
+    pub(crate) model: Box<str>,
+    pub(crate) month: Box<str>,
+    /// `month` parsed; a month that does not parse (only possible from a damaged journal line)
+    /// books into year 0.
+    pub(crate) account_month: Month,
+}
+
+/// Lookup of [`Labels`] by borrowed text (no allocation for a hit).
+trait LabelKey {
+    fn key(&self) -> (&str, &str, &str);
+}
+
+impl LabelKey for Labels {
+    fn key(&self) -> (&str, &str, &str) {
+        (&self.tier, &self.model, &self.month)
+    }
+}
+
+impl LabelKey for (&str, &str, &str) {
+    fn key(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+impl<'a> Borrow<dyn LabelKey + 'a> for Arc<Labels> {
+    fn borrow(&self) -> &(dyn LabelKey + 'a) {
+        &**self
+    }
+}
+
+impl Hash for dyn LabelKey + '_ {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.key().hash(h);
+    }
+}
+
+impl PartialEq for dyn LabelKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for dyn LabelKey + '_ {}
+
+impl Hash for Labels {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.key().hash(h);
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Labels {}
+
+/// One shared copy of each distinct [`Labels`]. The model comes from requests, so the table
+/// cannot be trusted to stay small: whenever it has doubled since the last sweep, labels no
+/// record holds any more are dropped.
+#[derive(Default)]
+pub(crate) struct LabelTable {
+    set: HashSet<Arc<Labels>>,
+    sweep_above: usize,
+}
+
+impl LabelTable {
+    pub(crate) fn get(&mut self, tier: &str, model: &str, month: &str) -> Arc<Labels> {
+        if let Some(l) = self.set.get(&(tier, model, month) as &dyn LabelKey) {
+            return l.clone();
+        }
+        if self.set.len() >= self.sweep_above {
+            self.set.retain(|l| Arc::strong_count(l) > 1);
+            if self.set.capacity() > 4 * self.set.len() {
+                self.set.shrink_to_fit();
+            }
+            self.sweep_above = (2 * self.set.len()).max(64);
+        }
+        let l = Arc::new(Labels {
+            tier: tier.into(),
+            model: model.into(),
+            month: month.into(),
+            account_month: Month::parse(month).unwrap_or(Month { year: 0, month: 1 }),
+        });
+        self.set.insert(l.clone());
+        l
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.set.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_exactly() {
+        let v7 = crate::ids::v7();
+        for s in [
+            v7.as_str(),
+            "01a212ea-2553-722d-ae80-a3c5862df6d2",
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "01A212EA-2553-722D-AE80-A3C5862DF6D2",
+            "01a212ea2553722dae80a3c5862df6d2",
+            "{01a212ea-2553-722d-ae80-a3c5862df6d2}",
+            "01a212ea-2553-722d-ae80-a3c5862df6dg",
+            "01a212ea-2553-722d-ae80_a3c5862df6d2",
+            "req-1",
+            "",
+            "é",
+        ] {
+            let id = Id::new(s);
+            assert_eq!(id.to_string(), s);
+            assert_eq!(matches!(id, Id::Uuid(_)), s.len() == 36 && s == s.to_lowercase() && !s.contains(['g', '_']));
+        }
+    }
+
+    #[test]
+    fn ids_order_like_their_text() {
+        let texts = [
+            "01a212ea-2553-722d-ae80-a3c5862df6d2",
+            "01a212ea-2553-722d-ae80-a3c5862df6d3",
+            "01a212eb-0000-722d-ae80-a3c5862df6d2",
+            "9fffffff-ffff-ffff-ffff-ffffffffffff",
+            "a0000000-0000-0000-0000-000000000000",
+            "01a212ea",
+            "r1",
+            "R1",
+            "",
+        ];
+        for a in texts {
+            for b in texts {
+                assert_eq!(Id::new(a).cmp(&Id::new(b)), a.cmp(b), "{a} vs {b}");
+                assert_eq!(Id::new(a) == Id::new(b), a == b);
+            }
+        }
+    }
+
+    #[test]
+    fn labels_are_shared_and_unused_ones_dropped() {
+        let mut t = LabelTable::default();
+        let a = t.get("pro", "gpt-4o", "2026-11");
+        let b = t.get("pro", "gpt-4o", "2026-11");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.account_month, Month { year: 2026, month: 11 });
+        assert_eq!(t.get("pro", "m", "November").account_month, Month { year: 0, month: 1 });
+        for i in 0..1000 {
+            t.get("free", &format!("model-{i}"), "2026-11");
+        }
+        assert!(t.len() <= 64, "unused labels are swept: {}", t.len());
+        assert!(Arc::ptr_eq(&a, &t.get("pro", "gpt-4o", "2026-11")), "labels in use are kept");
+    }
+}
+
+/// Values in insertion order, found by [`Id`]: a ring buffer plus an open-addressing index of
+/// sequence numbers (linear probing, at most half full, deletion by shifting back — no
+/// tombstones). A `HashMap` with the same churn (insert at one end, remove at the other) fills
+/// with tombstones and settles at twice the buckets; this costs a fixed ~16 bytes per entry on
+/// top of the entry itself.
+pub(crate) struct IdRing<V> {
+    /// `None`: replaced by a later entry with the same id. Never `None` at the front.
+    ring: VecDeque<Option<(Id, V)>>,
+    /// Sequence number of `ring[0]`; numbers start at 1 (0 marks a free index slot).
+    first: u64,
+    /// Sequence numbers of the live entries; the length is 0 or a power of two.
+    index: Vec<u64>,
+    len: usize,
+    /// The ring grows by doubling, but to no more than this at once while it is below.
+    expected: usize,
+    hasher: RandomState,
+}
+
+impl<V> Default for IdRing<V> {
+    fn default() -> Self {
+        Self::expecting(usize::MAX)
+    }
+}
+
+impl<V> IdRing<V> {
+    /// A ring that will usually hold at most `expected` entries (its memory does not round up
+    /// past that to the next doubling).
+    pub(crate) fn expecting(expected: usize) -> Self {
+        IdRing { ring: VecDeque::new(), first: 1, index: Vec::new(), len: 0, expected, hasher: RandomState::new() }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn get(&self, id: &Id) -> Option<&V> {
+        self.find(id).map(|(_, seq)| &self.entry(seq).1)
+    }
+
+    pub(crate) fn contains(&self, id: &Id) -> bool {
+        self.find(id).is_some()
+    }
+
+    /// The oldest entry.
+    pub(crate) fn front(&self) -> Option<(&Id, &V)> {
+        self.ring.front().map(|e| {
+            let (id, v) = e.as_ref().expect("the front is live");
+            (id, v)
+        })
+    }
+
+    /// Live entries, oldest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Id, &V)> {
+        self.ring.iter().flatten().map(|(id, v)| (id, v))
+    }
+
+    /// Appends an entry; an older one with the same id is dropped.
+    pub(crate) fn push_back(&mut self, id: Id, v: V) {
+        if let Some((slot, seq)) = self.find(&id) {
+            self.unindex(slot);
+            self.ring[(seq - self.first) as usize] = None;
+            self.len -= 1;
+            self.trim_front();
+        }
+        if (self.len + 1) * 2 > self.index.len() {
+            self.reindex(((self.len + 1) * 2).next_power_of_two().max(16));
+        }
+        if self.ring.len() == self.ring.capacity() {
+            let cap = self.ring.capacity();
+            let mut grown = (cap * 2).max(16);
+            if cap < self.expected {
+                grown = grown.min(self.expected);
+            }
+            self.ring.reserve_exact(grown - cap);
+        }
+        let seq = self.first + self.ring.len() as u64;
+        let mask = self.index.len() - 1;
+        let mut i = self.hash(&id) & mask;
+        while self.index[i] != 0 {
+            i = (i + 1) & mask;
+        }
+        self.index[i] = seq;
+        self.ring.push_back(Some((id, v)));
+        self.len += 1;
+    }
+
+    /// Removes and returns the oldest entry.
+    pub(crate) fn pop_front(&mut self) -> Option<(Id, V)> {
+        let (id, _) = self.front()?;
+        let (slot, _) = self.find(id).expect("live entries are indexed");
+        self.unindex(slot);
+        let e = self.ring.pop_front().flatten();
+        self.first += 1;
+        self.len -= 1;
+        self.trim_front();
+        e
+    }
+
+    /// Gives memory back once at most a quarter of it is in use (after a burst).
+    pub(crate) fn shrink_if_sparse(&mut self) {
+        if self.ring.capacity() > 64 && self.ring.capacity() > 4 * self.ring.len() {
+            self.ring.shrink_to_fit();
+        }
+        if self.index.len() > 64 && self.index.len() > 8 * self.len {
+            self.reindex((self.len * 2).next_power_of_two().max(16));
+        }
+    }
+
+    fn hash(&self, id: &Id) -> usize {
+        self.hasher.hash_one(id) as usize
+    }
+
+    fn entry(&self, seq: u64) -> &(Id, V) {
+        self.ring[(seq - self.first) as usize].as_ref().expect("indexed entries are live")
+    }
+
+    /// The index slot and sequence number of `id`.
+    fn find(&self, id: &Id) -> Option<(usize, u64)> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let mask = self.index.len() - 1;
+        let mut i = self.hash(id) & mask;
+        loop {
+            match self.index[i] {
+                0 => return None,
+                seq if self.entry(seq).0 == *id => return Some((i, seq)),
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    /// Frees index slot `i`, moving later entries of its probe run back so that every entry
+    /// stays reachable from its home slot.
+    fn unindex(&mut self, mut i: usize) {
+        let mask = self.index.len() - 1;
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let seq = self.index[j];
+            if seq == 0 {
+                break;
+            }
+            let home = self.hash(&self.entry(seq).0) & mask;
+            // The entry at `j` may move to `i` unless its home lies cyclically in (i, j].
+            let stays = if i <= j { i < home && home <= j } else { i < home || home <= j };
+            if !stays {
+                self.index[i] = seq;
+                i = j;
+            }
+        }
+        self.index[i] = 0;
+    }
+
+    fn trim_front(&mut self) {
+        while matches!(self.ring.front(), Some(None)) {
+            self.ring.pop_front();
+            self.first += 1;
+        }
+    }
+
+    fn reindex(&mut self, size: usize) {
+        let mut index = vec![0u64; size];
+        let mask = size - 1;
+        for (n, e) in self.ring.iter().enumerate() {
+            if let Some((id, _)) = e {
+                let mut i = self.hash(id) & mask;
+                while index[i] != 0 {
+                    i = (i + 1) & mask;
+                }
+                index[i] = self.first + n as u64;
+            }
+        }
+        self.index = index;
+    }
+}
+
+#[cfg(test)]
+mod ring_tests {
+    use super::*;
+
+    /// Against a plain model (a list in insertion order), with many collisions in a small id
+    /// space, duplicates, pops, shrinking and regrowth (past the expected size too).
+    #[test]
+    fn id_ring_matches_a_model() {
+        let mut ring: IdRing<u64> = IdRing::expecting(37);
+        let mut model: VecDeque<(String, u64)> = VecDeque::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for step in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = if x % 3 == 0 {
+                format!("{:08x}-0000-7000-8000-{:012x}", x % 500, x % 7)
+            } else {
+                format!("r{}", x % 700)
+            };
+            match (x >> 20) % 10 {
+                0..=5 => {
+                    model.retain(|(k, _)| *k != id);
+                    model.push_back((id.clone(), step));
+                    ring.push_back(Id::new(&id), step);
+                }
+                6..=7 => {
+                    let m = model.pop_front();
+                    let r = ring.pop_front().map(|(k, v)| (k.to_string(), v));
+                    assert_eq!(r, m);
+                }
+                8 => {
+                    let want = model.iter().find(|(k, _)| *k == id).map(|(_, v)| v);
+                    assert_eq!(ring.get(&Id::new(&id)), want);
+                }
+                _ => {
+                    if step % 1000 == 0 {
+                        while model.len() > 3 {
+                            model.pop_front();
+                            ring.pop_front();
+                        }
+                        ring.shrink_if_sparse();
+                    }
+                }
+            }
+            assert_eq!(ring.len(), model.len());
+            assert_eq!(ring.front().map(|(k, v)| (k.to_string(), *v)), model.front().cloned());
+        }
+        let all: Vec<_> = ring.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        for (k, v) in &all {
+            assert_eq!(ring.get(&Id::new(k)), Some(v));
+        }
+    }
+}
