@@ -49,7 +49,7 @@
 //! uuid, tracing, std.
 
 use std::borrow::Cow;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::num::NonZeroU8;
@@ -68,12 +68,14 @@ use super::compact::{Id, IdRing, LabelTable, Labels};
 use super::journal::{create_append, push_line, sync_dir, Journal};
 use super::StoreError;
 use crate::decide::time::{Month, MS_PER_DAY};
-use crate::decide::{Micros, UnixMillis};
+use crate::decide::{FastMap, Micros, UnixMillis};
 
 /// The journal's file name inside the data directory.
 pub const JOURNAL_FILE: &str = "budgets.journal";
 const TMP_FILE: &str = "budgets.journal.tmp";
 const SNAPSHOT_VERSION: u32 = 1;
+/// Piece size of a compaction's reads and writes.
+const SPILL_BYTES: usize = 256 * 1024;
 
 /// Tuning for [`MemoryBudgets`].
 #[derive(Clone, Debug)]
@@ -331,9 +333,9 @@ struct State {
     max_finished: usize,
     /// tenant → its months. The key is the one copy of the tenant's name that its reservations
     /// share.
-    accts: HashMap<Arc<str>, Months>,
+    accts: FastMap<Arc<str>, Months>,
     labels: LabelTable,
-    active: HashMap<Id, Held>,
+    active: FastMap<Id, Held>,
     /// (created_at, id) of every active reservation.
     by_age: BTreeSet<(UnixMillis, Id)>,
     /// Settled and released reservations, in finishing order.
@@ -347,9 +349,9 @@ impl State {
         State {
             retention_ms: opts.finished_retention_ms,
             max_finished: opts.max_finished,
-            accts: HashMap::new(),
+            accts: FastMap::default(),
             labels: LabelTable::default(),
-            active: HashMap::new(),
+            active: FastMap::default(),
             by_age: BTreeSet::new(),
             // One more than the cap: an insert comes before the pop that makes room.
             finished: IdRing::expecting(opts.max_finished.saturating_add(1)),
@@ -360,20 +362,35 @@ impl State {
 
     /// Rebuilds a state from journal bytes; unreadable lines are skipped and counted.
     fn replay(bytes: &[u8], opts: &BudgetsOptions) -> (State, u64) {
+        let (st, skipped, _) = Self::replay_from(bytes, opts).expect("reading a byte slice cannot fail");
+        (st, skipped)
+    }
+
+    /// [`State::replay`] from a reader, a line at a time (a compaction never holds the whole
+    /// journal in memory); also returns the bytes read.
+    fn replay_from(mut r: impl io::BufRead, opts: &BudgetsOptions) -> io::Result<(State, u64, u64)> {
         let mut st = State::new(opts);
-        let mut skipped = 0;
-        for line in bytes.split(|b| *b == b'\n') {
-            if line.iter().all(u8::is_ascii_whitespace) {
+        let (mut skipped, mut read) = (0, 0u64);
+        let mut line = Vec::with_capacity(512);
+        loop {
+            line.clear();
+            let n = r.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            read += n as u64;
+            let l = line.strip_suffix(b"\n").unwrap_or(&line);
+            if l.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match serde_json::from_slice::<Entry<'_>>(line) {
+            match serde_json::from_slice::<Entry<'_>>(l) {
                 Ok(e) => {
                     st.apply(&e);
                 }
                 Err(_) => skipped += 1,
             }
         }
-        (st, skipped)
+        Ok((st, skipped, read))
     }
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
@@ -528,7 +545,20 @@ impl State {
     }
 
     /// Everything needed to rebuild this state, as journal lines.
-    fn snapshot(&self, out: &mut Vec<u8>) -> io::Result<()> {
+    /// Writes the state as snapshot lines to `w` in 256 KiB pieces (the snapshot of a big state
+    /// is never held in memory whole); returns the bytes written.
+    fn snapshot_to(&self, w: &mut dyn Write) -> io::Result<u64> {
+        let mut buf = Vec::with_capacity(SPILL_BYTES + 4096);
+        let mut total = 0u64;
+        let mut spill = |buf: &mut Vec<u8>, force: bool| -> io::Result<()> {
+            if force || buf.len() >= SPILL_BYTES {
+                w.write_all(buf)?;
+                total += buf.len() as u64;
+                buf.clear();
+            }
+            Ok(())
+        };
+        let out = &mut buf;
         push_line(out, &Entry::Snapshot { v: SNAPSHOT_VERSION, now: self.last_now })?;
         let prev = prev_month(Month::of(self.last_now));
         for (tenant, months) in &self.accts {
@@ -541,6 +571,7 @@ impl State {
                         spent: a.spent,
                     };
                     push_line(out, &e)?;
+                    spill(out, false)?;
                 }
             }
         }
@@ -559,6 +590,7 @@ impl State {
                         at: h.created_at,
                     },
                 )?;
+                spill(out, false)?;
             }
         }
         for (id, f) in self.finished.iter() {
@@ -578,8 +610,10 @@ impl State {
                     actual: f.actual,
                 },
             )?;
+            spill(out, false)?;
         }
-        Ok(())
+        spill(out, true)?;
+        Ok(total)
     }
 
     fn spend_view(&self, tenant: &str, month: &str) -> SpendView {
@@ -676,7 +710,7 @@ impl MemoryBudgets {
         }
         drop(bytes);
         let mut snap = Vec::new();
-        state.snapshot(&mut snap)?;
+        state.snapshot_to(&mut snap)?;
         let journal = Journal::install(dir, TMP_FILE, &path, &snap, opts.compact_above_bytes)?;
         Ok(Self::build(state, Some(journal), opts))
     }
@@ -905,19 +939,15 @@ impl Shared {
         };
         let path = dir.join(JOURNAL_FILE);
         // 2. No lock: the state as of `l0`, rebuilt from the file itself, written as a snapshot.
-        let mut prefix = Vec::new();
-        File::open(&path)?.take(l0).read_to_end(&mut prefix)?;
-        if prefix.len() as u64 != l0 {
+        let prefix = io::BufReader::with_capacity(SPILL_BYTES, File::open(&path)?.take(l0));
+        let (state, _, read) = State::replay_from(prefix, &self.opts)?;
+        if read != l0 {
             return Err(io::Error::other("budget journal is shorter than what was written"));
         }
-        let (state, _) = State::replay(&prefix, &self.opts);
-        drop(prefix);
-        let mut snap = Vec::new();
-        state.snapshot(&mut snap)?;
-        drop(state);
         let tmp_path = dir.join(TMP_FILE);
         let tmp = create_append(&tmp_path)?;
-        (&tmp).write_all(&snap)?;
+        let snap_len = state.snapshot_to(&mut &tmp)?;
+        drop(state);
         tmp.sync_data()?;
         // 3. Locked: append what was written meanwhile, make it durable, swap the files.
         let mut g = self.inner.lock();
@@ -933,7 +963,7 @@ impl Shared {
         fs::rename(&tmp_path, &path)?;
         sync_dir(&dir)?;
         j.file = Arc::new(tmp);
-        j.len = (snap.len() + tail.len()) as u64;
+        j.len = snap_len + tail.len() as u64;
         j.base_len = j.len;
         j.dirty = false;
         Ok(())
