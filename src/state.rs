@@ -31,7 +31,7 @@ const TIER_SHARDS: usize = 16;
 /// and sharded by tenant; `Free`, what the view assumes for a tenant it has no tier for, is not
 /// stored, so tenants on the free tier cost nothing.
 pub struct TiersSeen {
-    shards: Vec<parking_lot::Mutex<std::collections::HashMap<Box<str>, Tier>>>,
+    shards: Vec<parking_lot::Mutex<crate::decide::FastMap<Box<str>, Tier>>>,
 }
 
 impl Default for TiersSeen {
@@ -41,8 +41,8 @@ impl Default for TiersSeen {
 }
 
 impl TiersSeen {
-    fn shard(&self, tenant: &str) -> &parking_lot::Mutex<std::collections::HashMap<Box<str>, Tier>> {
-        // FNV-1a: cheap and stable; the map inside uses SipHash against adversarial keys.
+    fn shard(&self, tenant: &str) -> &parking_lot::Mutex<crate::decide::FastMap<Box<str>, Tier>> {
+        // FNV-1a: cheap and stable; the map inside uses a seeded hasher against adversarial keys.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in tenant.as_bytes() {
             h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);

@@ -5,9 +5,9 @@
 //!
 //! Owns: `Id`, `Labels`, `LabelTable`, `IdRing`. Imports: `decide::time::Month`, std.
 
+use foldhash::quality::RandomState;
 use std::borrow::Borrow;
 use std::cmp::Ordering;
-use std::collections::hash_map::RandomState;
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -297,7 +297,7 @@ impl<V> IdRing<V> {
     /// A ring that will usually hold at most `expected` entries (its memory does not round up
     /// past that to the next doubling).
     pub(crate) fn expecting(expected: usize) -> Self {
-        IdRing { ring: VecDeque::new(), first: 1, index: Vec::new(), len: 0, expected, hasher: RandomState::new() }
+        IdRing { ring: VecDeque::new(), first: 1, index: Vec::new(), len: 0, expected, hasher: RandomState::default() }
     }
 
     pub(crate) fn len(&self) -> usize {

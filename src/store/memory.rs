@@ -11,7 +11,7 @@
 //!
 //! Owns: `MemoryCounters`, `MemoryPolicy`. Imports: `store` traits, `decide` types, parking_lot.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::{AdmitRequest, Counters, PolicyPatch, PolicyStore, StoreError, SweepStats, Ticket};
 use crate::decide::time::{utc_day, MS_PER_MINUTE};
-use crate::decide::{CountersView, GlobalView, Policy, TenantView, UnixMillis};
+use crate::decide::{CountersView, FastMap, GlobalView, Policy, TenantView, UnixMillis};
 
 const SHARDS: usize = 32;
 
@@ -386,7 +386,7 @@ impl TenantState {
 /// In-process counters (embedded mode).
 pub struct MemoryCounters {
     global: Mutex<GlobalState>,
-    shards: Vec<Mutex<HashMap<Arc<str>, TenantState>>>,
+    shards: Vec<Mutex<FastMap<Arc<str>, TenantState>>>,
     seq: AtomicU64,
 }
 
@@ -394,7 +394,7 @@ impl Default for MemoryCounters {
     fn default() -> Self {
         MemoryCounters {
             global: Mutex::new(GlobalState::default()),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(FastMap::default())).collect(),
             seq: AtomicU64::new(1),
         }
     }
@@ -405,8 +405,8 @@ impl MemoryCounters {
         Self::default()
     }
 
-    fn shard(&self, tenant: &str) -> &Mutex<HashMap<Arc<str>, TenantState>> {
-        // FNV-1a: cheap and stable; the map inside uses SipHash against adversarial keys.
+    fn shard(&self, tenant: &str) -> &Mutex<FastMap<Arc<str>, TenantState>> {
+        // FNV-1a: cheap and stable; the map inside uses a seeded hasher against adversarial keys.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in tenant.as_bytes() {
             h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
