@@ -19,6 +19,7 @@ pub mod config;
 pub mod decide;
 pub mod demo;
 pub mod ids;
+pub mod jsonw;
 pub mod ledger;
 pub mod proxy;
 pub mod server;

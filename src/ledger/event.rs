@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::usage_types::Usage;
 use crate::decide::Micros;
+use crate::jsonw::{json_str, opt_money, opt_str};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -184,86 +185,6 @@ impl Event {
         }
         out.push(b'}');
     }
-}
-
-fn opt_str(out: &mut Vec<u8>, key: &[u8], v: Option<&str>) {
-    out.extend_from_slice(key);
-    match v {
-        None => out.extend_from_slice(b"null"),
-        Some(s) => json_str(out, s),
-    }
-}
-
-fn opt_money(out: &mut Vec<u8>, key: &[u8], v: Option<Micros>) {
-    out.extend_from_slice(key);
-    match v {
-        None => out.extend_from_slice(b"null"),
-        Some(m) => {
-            out.push(b'"');
-            if m.0 < 0 {
-                out.push(b'-');
-            }
-            let abs = m.0.unsigned_abs();
-            out.extend_from_slice(itoa::Buffer::new().format(abs / 1_000_000).as_bytes());
-            out.push(b'.');
-            let frac = abs % 1_000_000;
-            let digits = itoa::Buffer::new().format(frac).len();
-            out.extend(std::iter::repeat_n(b'0', 6 - digits));
-            out.extend_from_slice(itoa::Buffer::new().format(frac).as_bytes());
-            out.push(b'"');
-        }
-    }
-}
-
-/// Whether any of (up to) 8 bytes is `"`, `\\` or a control character, tested a word at a time.
-fn needs_escape(chunk: &[u8]) -> bool {
-    let mut w = [b'a'; 8];
-    w[..chunk.len()].copy_from_slice(chunk);
-    let x = u64::from_le_bytes(w);
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    // Bytes < 0x20: subtracting 0x20 borrows into the high bit (for bytes < 0x80).
-    let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-    control != 0 || zero_byte(x ^ (ONES * u64::from(b'"'))) != 0 || zero_byte(x ^ (ONES * u64::from(b'\\'))) != 0
-}
-
-/// A JSON string with serde_json's escaping: `"`, `\\` and control characters; everything else
-/// (non-ASCII included) verbatim.
-fn json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    let b = s.as_bytes();
-    // Fast path (ids, names, timestamps): nothing to escape, one copy.
-    if !b.chunks(8).any(needs_escape) {
-        out.extend_from_slice(b);
-        out.push(b'"');
-        return;
-    }
-    let mut start = 0;
-    for (i, &c) in b.iter().enumerate() {
-        let esc: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => {
-                out.extend_from_slice(&b[start..i]);
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]);
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
-        out.extend_from_slice(&b[start..i]);
-        out.extend_from_slice(esc);
-        start = i + 1;
-    }
-    out.extend_from_slice(&b[start..]);
-    out.push(b'"');
 }
 
 #[cfg(test)]

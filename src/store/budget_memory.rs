@@ -152,6 +152,53 @@ enum Entry<'a> {
     },
 }
 
+impl Entry<'_> {
+    /// One journal line without its newline: serde's exact output, written by hand for the
+    /// per-request records (reserve, settle, release); the rest go through serde.
+    fn write_line(&self, out: &mut Vec<u8>) -> io::Result<()> {
+        use crate::jsonw::{json_str, uint};
+        match self {
+            Entry::Reserve { id, tenant, tier, request_id, model, month, amount, at } => {
+                out.extend_from_slice(b"{\"op\":\"reserve\",\"id\":");
+                json_str(out, id);
+                out.extend_from_slice(b",\"tenant\":");
+                json_str(out, tenant);
+                out.extend_from_slice(b",\"tier\":");
+                json_str(out, tier);
+                out.extend_from_slice(b",\"request_id\":");
+                json_str(out, request_id);
+                out.extend_from_slice(b",\"model\":");
+                json_str(out, model);
+                out.extend_from_slice(b",\"month\":");
+                json_str(out, month);
+                out.extend_from_slice(b",\"amount\":");
+                uint(out, *amount);
+                out.extend_from_slice(b",\"at\":");
+                uint(out, *at);
+                out.push(b'}');
+            }
+            Entry::Settle { id, actual, at } => {
+                out.extend_from_slice(b"{\"op\":\"settle\",\"id\":");
+                json_str(out, id);
+                out.extend_from_slice(b",\"actual\":");
+                uint(out, *actual);
+                out.extend_from_slice(b",\"at\":");
+                uint(out, *at);
+                out.push(b'}');
+            }
+            Entry::Release { id, at } => {
+                out.extend_from_slice(b"{\"op\":\"release\",\"id\":");
+                json_str(out, id);
+                out.extend_from_slice(b",\"at\":");
+                uint(out, *at);
+                out.push(b'}');
+            }
+            other => serde_json::to_writer(&mut *out, other).map_err(io::Error::other)?,
+        }
+        Ok(())
+    }
+}
+
 fn reserve_entry(r: &Reservation) -> Entry<'_> {
     Entry::Reserve {
         id: Cow::Borrowed(&r.id),
@@ -673,7 +720,15 @@ impl Inner {
     /// Writes the entries (if durable). Returns whether a compaction is due.
     fn log(&mut self, entries: &[Entry<'_>]) -> Result<bool, StoreError> {
         match &mut self.journal {
-            Some(j) => j.append(entries).map_err(unavailable),
+            Some(j) => j
+                .append_with(|buf| {
+                    entries.iter().try_for_each(|e| {
+                        e.write_line(buf)?;
+                        buf.push(b'\n');
+                        Ok(())
+                    })
+                })
+                .map_err(unavailable),
             None => Ok(false),
         }
     }

@@ -776,3 +776,39 @@ fn in_memory_store_has_no_journal() {
     b.sync().unwrap();
     b.compact().unwrap();
 }
+
+#[test]
+fn hand_written_journal_lines_are_serdes_bytes() {
+    let odd = "q\"b\\s/\u{1}\n\u{1f} é 日本 🦀";
+    let entries = [
+        Entry::Reserve {
+            id: Cow::Borrowed("01a212ea-2553-722d-ae80-a3c5862df6d2"),
+            tenant: Cow::Borrowed(odd),
+            tier: Cow::Borrowed("pro"),
+            request_id: Cow::Borrowed(""),
+            model: Cow::Borrowed(odd),
+            month: Cow::Borrowed("2026-11"),
+            amount: i64::MAX,
+            at: u64::MAX,
+        },
+        Entry::Reserve {
+            id: Cow::Borrowed("x"),
+            tenant: Cow::Borrowed("t"),
+            tier: Cow::Borrowed("free"),
+            request_id: Cow::Borrowed("r"),
+            model: Cow::Borrowed("m"),
+            month: Cow::Borrowed("2026-01"),
+            amount: -5,
+            at: 0,
+        },
+        Entry::Settle { id: Cow::Borrowed(odd), actual: i64::MIN, at: 1_795_600_000_000 },
+        Entry::Release { id: Cow::Borrowed("id"), at: 7 },
+        Entry::Charge { tenant: Cow::Borrowed(odd), month: Cow::Borrowed("2026-11"), amount: 3, at: 4 },
+        Entry::Snapshot { v: 1, now: 9 },
+    ];
+    for e in &entries {
+        let mut fast = Vec::new();
+        e.write_line(&mut fast).unwrap();
+        assert_eq!(String::from_utf8(fast).unwrap(), serde_json::to_string(e).unwrap());
+    }
+}

@@ -66,11 +66,14 @@ impl Journal {
     /// the truncation fails too, it is retried before the next write). Returns whether the
     /// journal has grown enough to be compacted.
     pub(crate) fn append<T: serde::Serialize>(&mut self, entries: &[T]) -> io::Result<bool> {
+        self.append_with(|buf| entries.iter().try_for_each(|e| push_line(buf, e)))
+    }
+
+    /// [`Journal::append`] of the lines `write` puts into the buffer (newline-terminated).
+    pub(crate) fn append_with(&mut self, write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<bool> {
         self.repair()?;
         self.buf.clear();
-        for e in entries {
-            push_line(&mut self.buf, e)?;
-        }
+        write(&mut self.buf)?;
         if let Err(e) = (&*self.file).write_all(&self.buf) {
             self.dirty = self.file.set_len(self.len).is_err();
             return Err(e);
