@@ -592,6 +592,10 @@ impl ProxyHttp for PreauthProxy {
         RequestCtx::new()
     }
 
+    /// No downstream modules: pingora's default adds a (disabled) response-compression module that
+    /// still runs on every request; the sidecar never compresses (it strips `accept-encoding`).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     /// Route, identity, size, and — for small bodies — the whole decision. `Ok(true)` = answered.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let (route, passthrough, content_length) = {
