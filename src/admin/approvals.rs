@@ -87,10 +87,10 @@ pub async fn approve(state: &AppState, id: &str) -> Answer {
     state.metrics.approval_token_events.with_label_values(&["issued"]).inc();
     state.metrics.approval_queue_backlog.dec();
     let mut e = state.event(EventType::ApprovalGranted, state.policy.current().version);
-    e.tenant_id = Some(a.tenant_id.clone());
-    e.tenant_tier = Some(a.tenant_tier.clone());
-    e.request_id = Some(a.request_id.clone());
-    e.model = Some(a.model.clone());
+    e.tenant_id = Some(a.tenant_id.clone().into());
+    e.tenant_tier = Some(a.tenant_tier.clone().into());
+    e.request_id = Some(a.request_id.clone().into());
+    e.model = Some(a.model.clone().into());
     e.approval_id = Some(a.approval_id.clone());
     e.request_fingerprint = Some(a.request_fingerprint.clone());
     e.estimated_cost_usd = Some(a.estimated_cost);
@@ -107,8 +107,8 @@ pub async fn deny(state: &AppState, id: &str, body: &Value) -> Answer {
         Ok(a) => {
             state.metrics.approval_queue_backlog.dec();
             let mut e = state.event(EventType::ApprovalDenied, state.policy.current().version);
-            e.tenant_id = Some(a.tenant_id.clone());
-            e.request_id = Some(a.request_id.clone());
+            e.tenant_id = Some(a.tenant_id.clone().into());
+            e.request_id = Some(a.request_id.clone().into());
             e.approval_id = Some(a.approval_id.clone());
             e.request_fingerprint = Some(a.request_fingerprint.clone());
             e.details = Some(json!({"reason": reason}));

@@ -145,7 +145,7 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
         let mut e = state.reservation_event(r, EventType::ReservationSettled);
         e.actual_cost_usd = Some(actual);
         e.drift_usd = Some(Micros(actual.0 - r.amount.0));
-        e.usage_source = Some("manual".to_string());
+        e.usage_source = Some("manual".to_string().into());
         e.details = Some(json!({"trigger": "manual", "idempotency_key": key, "notes": notes}));
         state.emit(&e);
     }

@@ -4,6 +4,8 @@
 //!
 //! Owns: `Event`, `EventType`. Imports: decide (money, usage, time), serde.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::decide::usage_types::Usage;
@@ -53,22 +55,24 @@ impl EventType {
     }
 }
 
-/// One ledger event. `Option` fields serialise as `null` (the contract lists them all).
+/// One ledger event. `Option` fields serialise as `null` (the contract lists them all). The text
+/// fields that every event of one request repeats are `Arc<str>`: a request's follow-up events
+/// are clones of its decision event, and a clone then copies no text.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub event_id: String,
     pub event_type: EventType,
     pub occurred_at: String,
-    pub instance_id: String,
-    pub request_id: Option<String>,
-    pub tenant_id: Option<String>,
-    pub tenant_tier: Option<String>,
-    pub source: Option<String>,
-    pub mode: Option<String>,
+    pub instance_id: Arc<str>,
+    pub request_id: Option<Arc<str>>,
+    pub tenant_id: Option<Arc<str>>,
+    pub tenant_tier: Option<Arc<str>>,
+    pub source: Option<Arc<str>>,
+    pub mode: Option<Arc<str>>,
     pub policy_version: u64,
-    pub decision: Option<String>,
+    pub decision: Option<Arc<str>>,
     pub reasons: Vec<String>,
-    pub model: Option<String>,
+    pub model: Option<Arc<str>>,
     pub reservation_id: Option<String>,
     pub estimated_cost_usd: Option<Micros>,
     pub reserved_usd: Option<Micros>,
@@ -76,7 +80,7 @@ pub struct Event {
     pub drift_usd: Option<Micros>,
     pub usage: Option<Usage>,
     /// `reported` (from the provider's usage) or `estimated` (stream cut, no usage seen).
-    pub usage_source: Option<String>,
+    pub usage_source: Option<Arc<str>>,
     pub request_fingerprint: Option<String>,
     pub approval_id: Option<String>,
     pub upstream_status: Option<u16>,
@@ -94,7 +98,7 @@ impl Event {
             event_id: crate::ids::v7(),
             event_type,
             occurred_at: crate::decide::time::rfc3339_micros(occurred_at_us),
-            instance_id: instance_id.to_string(),
+            instance_id: instance_id.into(),
             request_id: None,
             tenant_id: None,
             tenant_tier: None,
@@ -198,7 +202,7 @@ mod tests {
         full.request_id = Some("r-1".into());
         full.tenant_id = Some(tricky.into());
         full.tenant_tier = Some("pro".into());
-        full.source = Some(String::new());
+        full.source = Some(String::new().into());
         full.mode = Some("hard".into());
         full.decision = Some("ALLOW".into());
         full.reasons = vec!["a".into(), tricky.into(), String::new()];

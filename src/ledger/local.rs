@@ -86,7 +86,7 @@ mod tests {
         for i in 0..50u64 {
             let t = if i % 10 == 9 { EventType::ReservationSettled } else { EventType::Decision };
             let mut e = Event::new(t, "i-1", base + i * 1_000_000, 1);
-            e.tenant_id = Some(format!("t{}", i % 2));
+            e.tenant_id = Some(format!("t{}", i % 2).into());
             e.reservation_id = Some(format!("r{i}"));
             o.append(&e).unwrap();
         }

@@ -102,7 +102,7 @@ impl LedgerFilter {
         if self.event_type.is_some_and(|t| t != e.event_type) {
             return false;
         }
-        if self.tenant_id.as_ref().is_some_and(|t| e.tenant_id.as_ref() != Some(t)) {
+        if self.tenant_id.as_deref().is_some_and(|t| e.tenant_id.as_deref() != Some(t)) {
             return false;
         }
         if self.reservation_id.as_ref().is_some_and(|r| e.reservation_id.as_ref() != Some(r)) {

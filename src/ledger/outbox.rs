@@ -1110,8 +1110,8 @@ pub(crate) mod tests {
 
     pub(crate) fn event(i: u64) -> Event {
         let mut e = Event::new(EventType::Decision, "i-test", 1_795_600_000_000_000 + i * 1000, 7);
-        e.request_id = Some(format!("req-{i}"));
-        e.tenant_id = Some(format!("tenant-{}", i % 3));
+        e.request_id = Some(format!("req-{i}").into());
+        e.tenant_id = Some(format!("tenant-{}", i % 3).into());
         e.decision = Some("ALLOW".into());
         e.estimated_cost_usd = Some(Micros(150 + i as i64));
         e.reserved_usd = Some(Micros(150));
@@ -1209,7 +1209,7 @@ pub(crate) mod tests {
         assert_eq!(o.depth(), 3);
         assert_eq!(fs::metadata(&path).unwrap().len(), before - (full.len() / 2) as u64);
         o.append(&event(4)).unwrap();
-        let ids: Vec<_> = drain(&o).into_iter().map(|e| e.request_id.unwrap()).collect();
+        let ids: Vec<_> = drain(&o).into_iter().map(|e| e.request_id.unwrap().to_string()).collect();
         assert_eq!(ids, ["req-0", "req-1", "req-2", "req-4"]);
     }
 
@@ -1229,7 +1229,7 @@ pub(crate) mod tests {
         let o = Outbox::open(&d.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap();
         assert_eq!(o.depth(), 5);
         let got = drain(&o);
-        assert_eq!(got.iter().map(|e| e.request_id.clone().unwrap()).collect::<Vec<_>>(), ["req-0", "req-2"]);
+        assert_eq!(got.iter().map(|e| e.request_id.as_deref().unwrap()).collect::<Vec<_>>(), ["req-0", "req-2"]);
         assert_eq!(o.depth(), 0);
         assert_eq!(o.stats().parked, 3);
         let corrupt = fs::read_to_string(d.0.join(PARKED_DIR).join(CORRUPT_FILE)).unwrap();

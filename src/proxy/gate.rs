@@ -158,7 +158,7 @@ impl PreauthProxy {
         e.actual_cost_usd = Some(actual);
         e.drift_usd = Some(Micros(actual.0 - reservation.amount.0));
         e.usage = usage;
-        e.usage_source = Some(if usage.is_some() { "reported" } else { "caller" }.to_string());
+        e.usage_source = Some(if usage.is_some() { "reported" } else { "caller" }.to_string().into());
         e.details = Some(json!({"trigger": "gate_settle"}));
         if !self.state.emit(&e) {
             return Err(other(503, "enforcement_unavailable", "The settlement could not be recorded. Retry."));

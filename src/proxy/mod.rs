@@ -230,12 +230,12 @@ impl PreauthProxy {
         };
         // The fields every event of this request carries.
         let mut base = self.state.event(EventType::Decision, policy.version);
-        base.request_id = Some(ctx.request_id.clone());
-        base.tenant_id = Some(caller.tenant.clone());
-        base.tenant_tier = Some(tier.as_str().to_string());
-        base.source = Some(ctx.source.clone());
-        base.mode = Some(mode.as_str().to_string());
-        base.model = Some(req.model.clone());
+        base.request_id = Some(ctx.request_id.clone().into());
+        base.tenant_id = Some(caller.tenant.clone().into());
+        base.tenant_tier = Some(tier.as_str().to_string().into());
+        base.source = Some(ctx.source.clone().into());
+        base.mode = Some(mode.as_str().to_string().into());
+        base.model = Some(req.model.clone().into());
         base.estimated_cost_usd = Some(estimated_cost);
         let event_of = |event_type: EventType| {
             let fresh = self.state.event(event_type, policy.version);
@@ -288,7 +288,7 @@ impl PreauthProxy {
         // no decision can be recorded and the failsafe path applies.
         let reservation = spend.reservation.as_ref();
         let mut ev = base.clone();
-        ev.decision = Some(decision.verdict.as_str().to_string());
+        ev.decision = Some(decision.verdict.as_str().to_string().into());
         ev.reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
         ev.reservation_id = reservation.map(|r| r.id.clone());
         ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));

@@ -109,7 +109,7 @@ async fn settle_hold(state: &AppState, spend: &mut SpendCtx, upstream_status: Op
         e.actual_cost_usd = Some(actual);
         e.drift_usd = Some(Micros(actual.0 - reserved.0));
         e.usage = Some(usage);
-        e.usage_source = Some(usage_source.to_string());
+        e.usage_source = Some(usage_source.to_string().into());
         e.upstream_status = upstream_status;
         state.emit(&e);
     }
