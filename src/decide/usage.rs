@@ -234,12 +234,21 @@ fn json_frame_fast(b: &[u8]) -> Option<Frame> {
 
 /// How many `"key": <open…` there are, and where the value of the first one starts.
 fn key_positions(b: &[u8], key: &[u8], open: u8) -> (usize, Option<usize>) {
-    let mut pattern = Vec::with_capacity(key.len() + 2);
-    pattern.push(b'"');
-    pattern.extend_from_slice(key);
-    pattern.push(b'"');
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    static MODEL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
+    let other;
+    let finder = match key {
+        b"usage" => &*USAGE,
+        b"model" => &*MODEL,
+        _ => {
+            other = memchr::memmem::Finder::new(&[b"\"", key, b"\""].concat()).into_owned();
+            &other
+        }
+    };
     let (mut n, mut first, mut from) = (0, None, 0);
-    while let Some(i) = find(b, &pattern, from) {
+    while let Some(i) = b.get(from..).and_then(|h| finder.find(h)).map(|i| i + from) {
         if let Some(j) = value_after_key(b, i, key, open) {
             n += 1;
             first = first.or(Some(j));
