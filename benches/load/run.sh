@@ -30,6 +30,8 @@
 #   FIXED_RATE=1000 FIXED_DURATION=10 FIXED_MODES="json sse" FIXED_ROUNDS=$ROUNDS FIXED_CONNECTIONS=16
 #   OPENLOOP_BIN=target/release/examples/openloop     fixed-rate generator; a path that does not exist
 #                         (e.g. OPENLOOP_BIN=none) selects the Python fallback
+#   LOADGEN_RT=1          run the fixed-rate generator SCHED_FIFO 1 (chrt) when allowed, so that other
+#                         work on the machine does not delay its sends; 0: normal scheduling
 #   TENANTS=100000 (0 skips; at most 100000: the global guard cap is 100000/min) TENANTS_IDENTITY=jwt|header TENANTS_CONNECTIONS=32 TENANTS_RECLAIM_WAIT=0 (s)
 #   STORE_TIMEOUT_MS=1000 GATE_TIMEOUT_MS=2000  sidecar store/gate timeouts (production 20/50 fail closed
 #                         when 32 connections queue on one pinned thread)
