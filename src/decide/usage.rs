@@ -183,13 +183,6 @@ impl AnthropicAcc {
 
 // ------------------------------------------------------------------------------ byte helpers
 
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    if needle.is_empty() {
-        return None;
-    }
-    memchr::memmem::find(hay.get(from..)?, needle).map(|i| i + from)
-}
-
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\r' | b'\n') {
         i += 1;
@@ -233,20 +226,8 @@ fn json_frame_fast(b: &[u8]) -> Option<Frame> {
 }
 
 /// How many `"key": <open…` there are, and where the value of the first one starts.
-fn key_positions(b: &[u8], key: &[u8], open: u8) -> (usize, Option<usize>) {
-    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-    static MODEL: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"model\""));
-    let other;
-    let finder = match key {
-        b"usage" => &*USAGE,
-        b"model" => &*MODEL,
-        _ => {
-            other = memchr::memmem::Finder::new(&[b"\"", key, b"\""].concat()).into_owned();
-            &other
-        }
-    };
+fn key_positions(b: &[u8], key: &'static [u8], open: u8) -> (usize, Option<usize>) {
+    let finder = quoted_finder(key);
     let (mut n, mut first, mut from) = (0, None, 0);
     while let Some(i) = b.get(from..).and_then(|h| finder.find(h)).map(|i| i + from) {
         if let Some(j) = value_after_key(b, i, key, open) {
@@ -267,7 +248,7 @@ fn is_key(b: &[u8], i: usize, key: &[u8]) -> bool {
 }
 
 /// The value start of the only `"key": <open…` in `b`.
-fn only_key(b: &[u8], key: &[u8], open: u8) -> Option<usize> {
+fn only_key(b: &[u8], key: &'static [u8], open: u8) -> Option<usize> {
     match key_positions(b, key, open) {
         (1, Some(j)) => Some(j),
         _ => None,
@@ -312,7 +293,8 @@ fn object_end(b: &[u8], mut i: usize) -> Option<usize> {
 /// Whether the JSON text holds a `"usage": {` (an object, not `null`).
 fn has_usage_object(b: &[u8]) -> bool {
     let mut from = 0;
-    while let Some(i) = find(b, b"\"usage\"", from) {
+    let f = quoted_finder(b"usage");
+    while let Some(i) = b.get(from..).and_then(|h| f.find(h)).map(|i| i + from) {
         if value_after_key(b, i, b"usage", b'{').is_some() {
             return true;
         }
@@ -379,21 +361,62 @@ fn count_json_string(b: &[u8], mut i: usize, c: &mut TokenCounter) -> usize {
 }
 
 /// Counts the string values of `keys` in JSON text `b` (any nesting), in order.
-fn count_output_text(b: &[u8], keys: &[&[u8]], c: &mut TokenCounter) {
-    if keys.is_empty() {
-        return;
-    }
-    let mut i = 0;
-    while let Some(off) = b.get(i..).and_then(|s| memchr::memchr(b'"', s)) {
-        i += off;
-        // Inside a JSON string a quote is escaped, so a key pattern `"key"` followed by `:` cannot
-        // match there (the key would be followed by `\`).
-        if let Some(j) = keys.iter().find_map(|k| value_after_key(b, i, k, b'"')) {
-            i = count_json_string(b, j + 1, c);
-        } else {
-            i += 1;
+fn count_output_text(b: &[u8], keys: &[&'static [u8]], c: &mut TokenCounter) {
+    // Each key's `"key"` is searched with a prebuilt SIMD searcher (most lines hold no such key, or
+    // one); the values are then counted in text order. Inside a JSON string a quote is escaped,
+    // so a key pattern `"key"` followed by `:` cannot match there (the key would be followed by
+    // `\`), and matches cannot overlap.
+    let mut found: [usize; 8] = [0; 8];
+    let mut n = 0;
+    let mut more = Vec::new();
+    for k in keys {
+        let f = quoted_finder(k);
+        for i in f.find_iter(b) {
+            if let Some(j) = value_after_key(b, i, k, b'"') {
+                if n < found.len() {
+                    found[n] = j;
+                    n += 1;
+                } else {
+                    more.push(j);
+                }
+            }
         }
     }
+    if more.is_empty() {
+        found[..n].sort_unstable();
+        for &j in &found[..n] {
+            count_json_string(b, j + 1, c);
+        }
+    } else {
+        more.extend_from_slice(&found[..n]);
+        more.sort_unstable();
+        for j in more {
+            count_json_string(b, j + 1, c);
+        }
+    }
+}
+
+/// A prebuilt searcher for `"key"` (the keys of [`text_keys`] and the few this module looks up).
+fn quoted_finder(key: &'static [u8]) -> &'static memchr::memmem::Finder<'static> {
+    use memchr::memmem::Finder;
+    use std::sync::LazyLock;
+    static KEYS: &[&[u8]] = &[
+        b"content",
+        b"arguments",
+        b"refusal",
+        b"reasoning_content",
+        b"text",
+        b"delta",
+        b"partial_json",
+        b"thinking",
+        b"model",
+        b"usage",
+    ];
+    static FINDERS: LazyLock<Vec<Finder<'static>>> = LazyLock::new(|| {
+        KEYS.iter().map(|k| Finder::new(&[b"\"", *k, b"\""].concat()).into_owned()).collect()
+    });
+    let i = KEYS.iter().position(|k| *k == key).expect("a key listed in quoted_finder");
+    &FINDERS[i]
 }
 
 /// Keys whose string values are output text, per route and framing.
@@ -561,7 +584,7 @@ impl UsageScanner {
             return;
         }
         count_output_text(data, text_keys(self.route, self.kind), &mut self.text);
-        let wants_model = self.model.is_none() && find(data, b"\"model\"", 0).is_some();
+        let wants_model = self.model.is_none() && quoted_finder(b"model").find(data).is_some();
         if wants_model || has_usage_object(data) {
             match serde_json::from_slice::<Frame>(data) {
                 Ok(f) => self.apply(f),
