@@ -206,53 +206,43 @@ fn value_after_key(b: &[u8], i: usize, key: &[u8], open: u8) -> Option<usize> {
     (b.get(j) == Some(&open)).then_some(j)
 }
 
-/// A whole OpenAI-shape JSON body's usage and model without parsing the body: the one
-/// `"usage": {…}` object and the one `"model": "…"` string, each parsed alone. `None` (parse the
-/// whole body instead) unless the body has exactly one usage object and at most one model key.
-/// Inside a JSON string a quote is escaped, so a key pattern cannot match there.
+/// An OpenAI-shape JSON text's (a whole body or one SSE data line) usage and model without
+/// parsing all of it: the one `"usage"` value (an object or `null`) and the one `"model"` value
+/// (a string or `null`), each parsed alone. `None` (parse the whole text instead) when either key
+/// appears more than once or holds another kind of value. Inside a JSON string a quote is
+/// escaped, so a key pattern cannot match there.
 fn json_frame_fast(b: &[u8]) -> Option<Frame> {
-    let usage_at = only_key(b, b"usage", b'{')?;
-    let end = object_end(b, usage_at)?;
-    let usage: RawUsage = serde_json::from_slice(&b[usage_at..end]).ok()?;
-    let model = match key_positions(b, b"model", b'"') {
+    let usage = match key_values(b, b"usage") {
         (0, _) => None,
-        (1, Some(q)) => {
-            let close = string_end(b, q + 1)?;
-            Some(serde_json::from_slice::<String>(&b[q..close]).ok()?)
-        }
+        (1, Some(j)) if b[j] == b'{' => Some(serde_json::from_slice::<RawUsage>(&b[j..object_end(b, j)?]).ok()?),
+        (1, Some(j)) if b[j..].starts_with(b"null") => None,
         _ => return None,
     };
-    Some(Frame { model, usage: Some(usage), message: None, response: None })
+    let model = match key_values(b, b"model") {
+        (0, _) => None,
+        (1, Some(j)) if b[j] == b'"' => Some(serde_json::from_slice::<String>(&b[j..string_end(b, j + 1)?]).ok()?),
+        (1, Some(j)) if b[j..].starts_with(b"null") => None,
+        _ => return None,
+    };
+    Some(Frame { model, usage, message: None, response: None })
 }
 
-/// How many `"key": <open…` there are, and where the value of the first one starts.
-fn key_positions(b: &[u8], key: &'static [u8], open: u8) -> (usize, Option<usize>) {
+/// How many `"key":` there are, and where the value of the first one starts.
+fn key_values(b: &[u8], key: &'static [u8]) -> (usize, Option<usize>) {
     let finder = quoted_finder(key);
     let (mut n, mut first, mut from) = (0, None, 0);
     while let Some(i) = b.get(from..).and_then(|h| finder.find(h)).map(|i| i + from) {
-        if let Some(j) = value_after_key(b, i, key, open) {
+        let colon = skip_ws(b, i + key.len() + 2);
+        if b.get(colon) == Some(&b':') {
             n += 1;
-            first = first.or(Some(j));
-        } else if value_after_key(b, i, key, b'n').is_some() || is_key(b, i, key) {
-            // `"key": null` or a key with another value kind: not the simple shape.
-            n += 1;
+            let v = skip_ws(b, colon + 1);
+            if v < b.len() {
+                first = first.or(Some(v));
+            }
         }
         from = i + 1;
     }
     (n, first)
-}
-
-fn is_key(b: &[u8], i: usize, key: &[u8]) -> bool {
-    let j = skip_ws(b, i + key.len() + 2);
-    b.get(j) == Some(&b':')
-}
-
-/// The value start of the only `"key": <open…` in `b`.
-fn only_key(b: &[u8], key: &'static [u8], open: u8) -> Option<usize> {
-    match key_positions(b, key, open) {
-        (1, Some(j)) => Some(j),
-        _ => None,
-    }
 }
 
 /// The index after the closing quote of the string whose content starts at `i`.
@@ -586,7 +576,8 @@ impl UsageScanner {
         count_output_text(data, text_keys(self.route, self.kind), &mut self.text);
         let wants_model = self.model.is_none() && quoted_finder(b"model").find(data).is_some();
         if wants_model || has_usage_object(data) {
-            match serde_json::from_slice::<Frame>(data) {
+            let fast = if self.route == Route::Messages { None } else { json_frame_fast(data) };
+            match fast.map_or_else(|| serde_json::from_slice::<Frame>(data), Ok) {
                 Ok(f) => self.apply(f),
                 Err(_) => self.unparsable += 1,
             }
@@ -891,10 +882,19 @@ mod tests {
 
     #[test]
     fn the_json_fast_path_agrees_with_the_full_parse() {
+        // What `apply` takes from a frame on an OpenAI-shape route.
+        let effect = |f: Frame| {
+            let (m_model, r_model, r_usage) = (
+                f.message.and_then(|m| m.model),
+                f.response.as_ref().and_then(|r| r.model.clone()),
+                f.response.and_then(|r| r.usage),
+            );
+            (f.model.or(m_model).or(r_model), f.usage.or(r_usage))
+        };
         let agree = |body: &str| {
             let full: Option<Frame> = serde_json::from_slice(body.as_bytes()).ok();
             if let Some(fast) = json_frame_fast(body.as_bytes()) {
-                assert_eq!(Some(fast), full, "{body}");
+                assert_eq!(Some(effect(fast)), full.map(effect), "{body}");
             }
         };
         for body in [OPENAI_CHAT_JSON, OPENAI_COMPLETIONS_JSON, RESPONSES_JSON, EMBEDDINGS_JSON] {
@@ -905,6 +905,9 @@ mod tests {
         for body in [
             r#"{"model":"m","choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 9}"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
             r#"{"model":"m","usage":null}"#,
+            r#"{"usage":null,"model":"m"}"#,
+            r#"{"usage" : null , "model" : null}"#,
+            r#"{"model":"m"}"#,
             r#"{"model":"a\"b\\","usage":{"prompt_tokens":1}}"#,
             r#"{"usage":{"prompt_tokens":1},"x":{"usage":{"prompt_tokens":2}}}"#,
             r#"{"model":"m","model":"n","usage":{"prompt_tokens":1}}"#,
@@ -915,8 +918,16 @@ mod tests {
         ] {
             agree(body);
         }
-        assert!(json_frame_fast(br#"{"usage":null,"model":"m"}"#).is_none());
         assert!(json_frame_fast(br#"{"usage":{"prompt_tokens":1},"x":{"usage":{}}}"#).is_none());
+        assert!(json_frame_fast(br#"{"usage":[1],"model":"m"}"#).is_none());
+        assert!(json_frame_fast(br#"{"usage":{},"model":["m"]}"#).is_none());
+        // Every SSE data line of the OpenAI-shape fixtures: the fast path is taken and agrees.
+        for stream in [OPENAI_CHAT_SSE, OPENAI_CHAT_SSE_TOOL, OPENAI_COMPLETIONS_SSE, RESPONSES_SSE] {
+            for line in stream.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|l| *l != "[DONE]") {
+                assert!(json_frame_fast(line.as_bytes()).is_some(), "{line}");
+                agree(line);
+            }
+        }
     }
 
     #[test]
