@@ -402,9 +402,8 @@ fn quoted_finder(key: &'static [u8]) -> &'static memchr::memmem::Finder<'static>
         b"model",
         b"usage",
     ];
-    static FINDERS: LazyLock<Vec<Finder<'static>>> = LazyLock::new(|| {
-        KEYS.iter().map(|k| Finder::new(&[b"\"", *k, b"\""].concat()).into_owned()).collect()
-    });
+    static FINDERS: LazyLock<Vec<Finder<'static>>> =
+        LazyLock::new(|| KEYS.iter().map(|k| Finder::new(&[b"\"", *k, b"\""].concat()).into_owned()).collect());
     let i = KEYS.iter().position(|k| *k == key).expect("a key listed in quoted_finder");
     &FINDERS[i]
 }
