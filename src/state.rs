@@ -29,50 +29,55 @@ const TIER_SHARDS: usize = 16;
 /// The tier each tenant's last request resolved to, for the admin tenant view (which falls back
 /// to it when the directory has no tier for the tenant). Bounded (a shard is cleared when full)
 /// and sharded by tenant; `Free`, what the view assumes for a tenant it has no tier for, is not
-/// stored, so tenants on the free tier cost nothing.
+/// stored, so tenants on the free tier cost nothing. Keyed by a 64-bit hash of the tenant (seeded
+/// per process), not its name: ~20 B per tenant; two tenants sharing a hash (odds ~1e-10 among
+/// 100k) would only show each other's tier in this display.
 pub struct TiersSeen {
-    shards: Vec<parking_lot::Mutex<crate::decide::FastMap<Box<str>, Tier>>>,
+    hasher: foldhash::quality::RandomState,
+    shards: Vec<parking_lot::Mutex<crate::decide::FastMap<u64, Tier>>>,
 }
 
 impl Default for TiersSeen {
     fn default() -> Self {
-        TiersSeen { shards: (0..TIER_SHARDS).map(|_| Default::default()).collect() }
+        TiersSeen {
+            hasher: Default::default(),
+            shards: (0..TIER_SHARDS).map(|_| Default::default()).collect(),
+        }
     }
 }
 
 impl TiersSeen {
-    fn shard(&self, tenant: &str) -> &parking_lot::Mutex<crate::decide::FastMap<Box<str>, Tier>> {
-        // FNV-1a: cheap and stable; the map inside uses a seeded hasher against adversarial keys.
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in tenant.as_bytes() {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-        &self.shards[(h % TIER_SHARDS as u64) as usize]
+    fn shard(&self, tenant: &str) -> (u64, &parking_lot::Mutex<crate::decide::FastMap<u64, Tier>>) {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(tenant);
+        (h, &self.shards[(h >> 60) as usize % TIER_SHARDS])
     }
 
     /// Remembers the tier a tenant's request resolved to.
     pub fn note(&self, tenant: &str, tier: Tier) {
-        let mut m = self.shard(tenant).lock();
+        let (key, shard) = self.shard(tenant);
+        let mut m = shard.lock();
         if tier == Tier::Free {
-            if m.remove(tenant).is_some() && m.is_empty() {
+            if m.remove(&key).is_some() && m.is_empty() {
                 m.shrink_to_fit();
             }
             return;
         }
-        match m.get_mut(tenant) {
+        match m.get_mut(&key) {
             Some(t) => *t = tier,
             None => {
                 if m.len() >= MAX_TIERS_SEEN / TIER_SHARDS {
                     m.clear();
                 }
-                m.insert(tenant.into(), tier);
+                m.insert(key, tier);
             }
         }
     }
 
     /// The tier last noted for `tenant`; `None` if it was never noted or last noted as `Free`.
     pub fn get(&self, tenant: &str) -> Option<Tier> {
-        self.shard(tenant).lock().get(tenant).copied()
+        let (key, shard) = self.shard(tenant);
+        shard.lock().get(&key).copied()
     }
 }
 
