@@ -39,10 +39,7 @@ pub struct TiersSeen {
 
 impl Default for TiersSeen {
     fn default() -> Self {
-        TiersSeen {
-            hasher: Default::default(),
-            shards: (0..TIER_SHARDS).map(|_| Default::default()).collect(),
-        }
+        TiersSeen { hasher: Default::default(), shards: (0..TIER_SHARDS).map(|_| Default::default()).collect() }
     }
 }
 
