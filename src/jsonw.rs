@@ -45,17 +45,21 @@ pub fn uint(out: &mut Vec<u8>, v: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
-/// Whether any of (up to) 8 bytes is `"`, `\\` or a control character, tested a word at a time.
-fn needs_escape(chunk: &[u8]) -> bool {
-    let mut w = [b'a'; 8];
-    w[..chunk.len()].copy_from_slice(chunk);
-    let x = u64::from_le_bytes(w);
+/// Whether any byte of `b` is `"`, `\\` or a control character, tested a word at a time.
+fn needs_escape(b: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    // Bytes < 0x20: subtracting 0x20 borrows into the high bit (for bytes < 0x80).
-    let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-    control != 0 || zero_byte(x ^ (ONES * u64::from(b'"'))) != 0 || zero_byte(x ^ (ONES * u64::from(b'\\'))) != 0
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        // Bytes < 0x20: subtracting 0x20 borrows into the high bit (for bytes < 0x80).
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
+        if control | zero_byte(x ^ (ONES * u64::from(b'"'))) | zero_byte(x ^ (ONES * u64::from(b'\\'))) != 0 {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\')
 }
 
 /// A JSON string with serde_json's escaping: `"`, `\\` and control characters; everything else
@@ -64,7 +68,7 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let b = s.as_bytes();
     // Fast path (ids, names, timestamps): nothing to escape, one copy.
-    if !b.chunks(8).any(needs_escape) {
+    if !needs_escape(b) {
         out.extend_from_slice(b);
         out.push(b'"');
         return;
