@@ -214,7 +214,10 @@ fn value_after_key(b: &[u8], i: usize, key: &[u8], open: u8) -> Option<usize> {
 fn json_frame_fast(b: &[u8]) -> Option<Frame> {
     let usage = match key_values(b, b"usage") {
         (0, _) => None,
-        (1, Some(j)) if b[j] == b'{' => Some(serde_json::from_slice::<RawUsage>(&b[j..object_end(b, j)?]).ok()?),
+        (1, Some(j)) if b[j] == b'{' => {
+            let obj = &b[j..object_end(b, j)?];
+            Some(raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())?)
+        }
         (1, Some(j)) if b[j..].starts_with(b"null") => None,
         _ => return None,
     };
@@ -225,6 +228,117 @@ fn json_frame_fast(b: &[u8]) -> Option<Frame> {
         _ => return None,
     };
     Some(Frame { model, usage, message: None, response: None })
+}
+
+/// A usage object (`b` is exactly `{…}`) read by hand: integers and `null`s of the known keys,
+/// their `*_details` objects, anything under other keys skipped. `None` (use serde instead) for
+/// what serde might read differently: a non-integer number, another value kind under a known key,
+/// a duplicate known key, an escape in a key.
+fn raw_usage_fast(b: &[u8]) -> Option<RawUsage> {
+    let mut u = RawUsage::default();
+    let mut seen = 0u32;
+    members(b, |key, v| {
+        let (bit, slot): (u32, &mut Option<u64>) = match key {
+            b"prompt_tokens" => (0, &mut u.prompt_tokens),
+            b"completion_tokens" => (1, &mut u.completion_tokens),
+            b"input_tokens" => (2, &mut u.input_tokens),
+            b"output_tokens" => (3, &mut u.output_tokens),
+            b"cache_read_input_tokens" => (4, &mut u.cache_read_input_tokens),
+            b"cache_creation_input_tokens" => (5, &mut u.cache_creation_input_tokens),
+            _ => {
+                let (bit, slot) = match key {
+                    b"prompt_tokens_details" => (6, &mut u.prompt_tokens_details),
+                    b"completion_tokens_details" => (7, &mut u.completion_tokens_details),
+                    b"input_tokens_details" => (8, &mut u.input_tokens_details),
+                    b"output_tokens_details" => (9, &mut u.output_tokens_details),
+                    _ => return Some(()),
+                };
+                if seen & (1 << bit) != 0 {
+                    return None;
+                }
+                seen |= 1 << bit;
+                *slot = if v == b"null" { None } else { Some(details_fast(v)?) };
+                return Some(());
+            }
+        };
+        if seen & (1 << bit) != 0 {
+            return None;
+        }
+        seen |= 1 << bit;
+        *slot = int_or_null(v)?;
+        Some(())
+    })?;
+    Some(u)
+}
+
+fn details_fast(b: &[u8]) -> Option<Details> {
+    if b.first() != Some(&b'{') {
+        return None;
+    }
+    let mut d = Details::default();
+    let mut seen = 0u8;
+    members(b, |key, v| {
+        let (bit, slot) = match key {
+            b"cached_tokens" => (0, &mut d.cached_tokens),
+            b"reasoning_tokens" => (1, &mut d.reasoning_tokens),
+            _ => return Some(()),
+        };
+        if seen & (1 << bit) != 0 {
+            return None;
+        }
+        seen |= 1 << bit;
+        *slot = int_or_null(v)?;
+        Some(())
+    })?;
+    Some(d)
+}
+
+/// `null` → `Some(None)`; a plain non-negative integer that fits u64 → `Some(Some(n))`; else `None`.
+fn int_or_null(v: &[u8]) -> Option<Option<u64>> {
+    if v == b"null" {
+        return Some(None);
+    }
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || (v.len() > 1 && v[0] == b'0') {
+        return None;
+    }
+    let n = v.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))?;
+    Some(Some(n))
+}
+
+/// Calls `f(key, value)` for each member of the JSON object `b` (exactly `{…}`); `None` when `f`
+/// says so or the text is not the simple shape (escaped keys, bad separators).
+fn members(b: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Option<()>) -> Option<()> {
+    let mut i = skip_ws(b, 1);
+    if b.get(i) == Some(&b'}') {
+        return (skip_ws(b, i + 1) == b.len()).then_some(());
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let k_end = string_end(b, i + 1)?;
+        let key = &b[i + 1..k_end - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        let colon = skip_ws(b, k_end);
+        if b.get(colon) != Some(&b':') {
+            return None;
+        }
+        let v = skip_ws(b, colon + 1);
+        let v_end = match b.get(v)? {
+            b'{' | b'[' => object_end(b, v)?,
+            b'"' => string_end(b, v + 1)?,
+            _ => v + b[v..].iter().position(|c| matches!(c, b',' | b'}' | b' ' | b'\t' | b'\r' | b'\n'))?,
+        };
+        f(key, &b[v..v_end])?;
+        i = skip_ws(b, v_end);
+        match b.get(i)? {
+            b',' => i = skip_ws(b, i + 1),
+            b'}' => return (skip_ws(b, i + 1) == b.len()).then_some(()),
+            _ => return None,
+        }
+    }
 }
 
 /// How many `"key":` there are, and where the value of the first one starts.
@@ -926,6 +1040,37 @@ mod tests {
                 assert!(json_frame_fast(line.as_bytes()).is_some(), "{line}");
                 agree(line);
             }
+        }
+    }
+
+    #[test]
+    fn the_hand_read_usage_agrees_with_serde() {
+        for obj in [
+            r#"{}"#,
+            r#"{"prompt_tokens":46,"completion_tokens":16,"total_tokens":62}"#,
+            r#"{"completion_tokens":16,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":7,"rejected_prediction_tokens":0},"prompt_tokens":46,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":32},"total_tokens":62}"#,
+            r#"{ "input_tokens" : 12 , "output_tokens":null, "cache_read_input_tokens": 2048, "server_tool_use": {"web_search_requests": 0}, "service_tier": "standard" }"#,
+            r#"{"input_tokens":36,"input_tokens_details":{"cached_tokens":12},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":5},"total_tokens":123}"#,
+            r#"{"prompt_tokens":1,"x":[1,{"prompt_tokens":9}],"y":"a\"}b"}"#,
+            r#"{"prompt_tokens_details":null,"completion_tokens":18446744073709551615}"#,
+        ] {
+            let fast = raw_usage_fast(obj.as_bytes()).unwrap_or_else(|| panic!("fast path taken for {obj}"));
+            assert_eq!(fast, serde_json::from_str::<RawUsage>(obj).unwrap(), "{obj}");
+        }
+        // Shapes serde may read differently: left to serde.
+        for obj in [
+            r#"{"prompt_tokens":1.0}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":"1"}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":1}}"#,
+            r#"{"prompt_tokens_details":[1]}"#,
+            r#"{"prompt\u005ftokens":1}"#,
+            r#"{"prompt_tokens":01}"#,
+            r#"{"prompt_tokens":1,}"#,
+        ] {
+            assert!(raw_usage_fast(obj.as_bytes()).is_none(), "{obj}");
         }
     }
 
