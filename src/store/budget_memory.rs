@@ -65,7 +65,7 @@ use super::budget::{
     Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
 use super::compact::{Id, IdRing, LabelTable, Labels};
-use super::journal::{create_append, push_line, sync_dir, Journal};
+use super::journal::{create_append, sync_dir, Journal};
 use super::StoreError;
 use crate::decide::time::{Month, MS_PER_DAY};
 use crate::decide::{FastMap, Micros, UnixMillis};
@@ -150,6 +150,13 @@ enum Entry<'a> {
         at: UnixMillis,
         actual: Option<i64>,
     },
+}
+
+/// One journal line, newline included: what both the live log and a snapshot write.
+fn entry_line(out: &mut Vec<u8>, e: &Entry<'_>) -> io::Result<()> {
+    e.write_line(out)?;
+    out.push(b'\n');
+    Ok(())
 }
 
 impl Entry<'_> {
@@ -606,7 +613,7 @@ impl State {
             Ok(())
         };
         let out = &mut buf;
-        push_line(out, &Entry::Snapshot { v: SNAPSHOT_VERSION, now: self.last_now })?;
+        entry_line(out, &Entry::Snapshot { v: SNAPSHOT_VERSION, now: self.last_now })?;
         let prev = prev_month(Month::of(self.last_now));
         for (tenant, months) in &self.accts {
             for slot in months.as_slice() {
@@ -617,14 +624,14 @@ impl State {
                         month: Cow::Owned(month.to_string()),
                         spent: a.spent,
                     };
-                    push_line(out, &e)?;
+                    entry_line(out, &e)?;
                     spill(out, false)?;
                 }
             }
         }
         for (_, id) in &self.by_age {
             if let Some(h) = self.active.get(id) {
-                push_line(
+                entry_line(
                     out,
                     &Entry::Reserve {
                         id: Cow::Owned(id.to_string()),
@@ -642,7 +649,7 @@ impl State {
         }
         for (id, f) in self.finished.iter() {
             let h = &f.held;
-            push_line(
+            entry_line(
                 out,
                 &Entry::Done {
                     id: Cow::Owned(id.to_string()),
@@ -720,15 +727,7 @@ impl Inner {
     /// Writes the entries (if durable). Returns whether a compaction is due.
     fn log(&mut self, entries: &[Entry<'_>]) -> Result<bool, StoreError> {
         match &mut self.journal {
-            Some(j) => j
-                .append_with(|buf| {
-                    entries.iter().try_for_each(|e| {
-                        e.write_line(buf)?;
-                        buf.push(b'\n');
-                        Ok(())
-                    })
-                })
-                .map_err(unavailable),
+            Some(j) => j.append_with(|buf| entries.iter().try_for_each(|e| entry_line(buf, e))).map_err(unavailable),
             None => Ok(false),
         }
     }
