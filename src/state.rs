@@ -226,6 +226,15 @@ impl AppState {
     pub fn set_store_healthy(&self, healthy: bool) {
         self.store_unhealthy.store(!healthy, Ordering::Relaxed);
     }
+
+    /// A failed state-store operation on the request path: counted by `op`, readiness follows,
+    /// logged. Returns the error for the caller's failsafe path.
+    pub fn store_failed(&self, op: &str, e: crate::store::StoreError) -> crate::store::StoreError {
+        self.metrics.store_errors.with_label_values(&[op]).inc();
+        self.set_store_healthy(false);
+        tracing::warn!(op, error = %e, "state store operation failed; taking the failsafe path");
+        e
+    }
 }
 
 #[cfg(test)]

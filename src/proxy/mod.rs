@@ -491,10 +491,7 @@ impl PreauthProxy {
     }
 
     fn store_failed(&self, op: &str, e: StoreError) -> StoreError {
-        self.state.metrics.store_errors.with_label_values(&[op]).inc();
-        self.state.set_store_healthy(false);
-        tracing::warn!(op, error = %e, "state store operation failed; taking the failsafe path");
-        e
+        self.state.store_failed(op, e)
     }
 
     /// Keeps the admission of an allowed request; undoes it otherwise.

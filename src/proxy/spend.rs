@@ -48,16 +48,9 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     settle_hold(state, spend, upstream_status, &mut lease).await;
     if let Some(t) = lease.filter(Ticket::has_lease) {
         if let Err(e) = state.counters.release_lease(&t).await {
-            lease_release_failed(state, e);
+            state.store_failed("release_lease", e);
         }
     }
-}
-
-/// Counts and logs a lease that could not be released (it expires by its TTL).
-pub fn lease_release_failed(state: &AppState, e: StoreError) {
-    state.metrics.store_errors.with_label_values(&["release_lease"]).inc();
-    state.set_store_healthy(false);
-    tracing::warn!(error = %e, "state store operation failed: release_lease (the lease expires by its TTL)");
 }
 
 /// [`settle`] without the lease, except that a settlement takes `lease` along (and leaves `None`).
@@ -152,7 +145,7 @@ async fn settle_release(
     let ticket = lease.take();
     let (settled, released) = state.gatekeeper.settle_release(Some((id, actual, now)), ticket.as_ref()).await;
     if let Err(e) = released {
-        lease_release_failed(state, e);
+        state.store_failed("release_lease", e);
     }
     settled.unwrap_or(Ok(SettleOutcome::NotFound))
 }
