@@ -143,16 +143,27 @@ impl Gatekeeper for Sequential {
         settle: Option<(&str, Micros, UnixMillis)>,
         lease: Option<&Ticket>,
     ) -> (Option<Result<budget::SettleOutcome, StoreError>>, Result<(), StoreError>) {
-        let settled = match settle {
-            Some((id, actual, now)) => Some(self.budgets.settle(id, actual, now).await),
-            None => None,
-        };
-        let released = match lease {
-            Some(t) if t.has_lease() => self.counters.release_lease(t).await,
-            _ => Ok(()),
-        };
-        (settled, released)
+        settle_then_release(&*self.budgets, &*self.counters, settle, lease).await
     }
+}
+
+/// [`Gatekeeper::settle_release`] as two calls, one after the other (in-process stores, and a
+/// shared store when there is only one of the two to do).
+pub async fn settle_then_release(
+    budgets: &dyn budget::Budgets,
+    counters: &dyn Counters,
+    settle: Option<(&str, Micros, UnixMillis)>,
+    lease: Option<&Ticket>,
+) -> (Option<Result<budget::SettleOutcome, StoreError>>, Result<(), StoreError>) {
+    let settled = match settle {
+        Some((id, actual, now)) => Some(budgets.settle(id, actual, now).await),
+        None => None,
+    };
+    let released = match lease {
+        Some(t) if t.has_lease() => counters.release_lease(t).await,
+        _ => Ok(()),
+    };
+    (settled, released)
 }
 
 /// Store health as a backend sees it (fleet mode: the Redis circuit breaker is closed).

@@ -792,20 +792,10 @@ impl crate::store::Gatekeeper for RedisStore {
         settle: Option<(&str, crate::decide::Micros, crate::decide::UnixMillis)>,
         lease: Option<&crate::store::Ticket>,
     ) -> (Option<Result<crate::store::budget::SettleOutcome, StoreError>>, Result<(), StoreError>) {
-        use crate::store::budget::Budgets;
-        use crate::store::Counters;
         let lease = lease.filter(|t| t.has_lease());
         let (Some((id, actual, now)), Some(ticket)) = (settle, lease) else {
             // Only one of the two: no pipelining to do.
-            let settled = match settle {
-                Some((id, actual, now)) => Some(self.settle(id, actual, now).await),
-                None => None,
-            };
-            let released = match lease {
-                Some(t) => self.release_lease(t).await,
-                None => Ok(()),
-            };
-            return (settled, released);
+            return crate::store::settle_then_release(self, self, settle, lease).await;
         };
         let actual = actual.max(crate::decide::Micros::ZERO);
         let inv = self.plan_finish(id, Some(actual), now);
