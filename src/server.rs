@@ -23,6 +23,7 @@ use crate::ledger::postgres::PostgresSink;
 use crate::ledger::relay::Relay;
 use crate::ledger::sink::{is_postgres_url, sink_from_url, Sink};
 use crate::ledger::LedgerSource;
+use crate::proxy::h1::LeanH1;
 use crate::proxy::PreauthProxy;
 use crate::state::{AppState, Ledger, Stores};
 use crate::store::approvals::Approvals;
@@ -168,12 +169,12 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     server.bootstrap();
 
     let proxy = PreauthProxy::new(state.clone(), upstream_addr, up.tls, &up.host, up.port);
-    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    // HTTP/1 requests take the lean driver; h2c sessions go to pingora's proxy (same phases).
+    let mut h2 = pingora::proxy::http_proxy(&server.configuration, proxy.clone());
     let mut opts = HttpServerOptions::default();
     opts.h2c = true;
-    if let Some(app) = svc.app_logic_mut() {
-        app.server_options = Some(opts);
-    }
+    h2.server_options = Some(opts);
+    let mut svc = Service::new("preauth proxy".to_string(), LeanH1::new(h2, proxy));
     svc.add_tcp(&listen);
 
     let mut admin = Service::new("preauth admin".to_string(), AdminApp::new(state.clone()));

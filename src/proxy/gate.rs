@@ -8,6 +8,7 @@
 use bytes::Bytes;
 use http::Method;
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
 use super::respond::{render, Refusal};
@@ -46,7 +47,7 @@ fn other(status: u16, code: &'static str, message: impl Into<String>) -> Refusal
 
 impl PreauthProxy {
     /// Answers a gate-API call completely (the caller already passed identity).
-    pub(super) async fn serve_gate(&self, session: &mut Session, ctx: &mut RequestCtx, route: GateRoute) -> Result<()> {
+    pub(super) async fn serve_gate(&self, session: &mut ServerSession, ctx: &mut RequestCtx, route: GateRoute) -> Result<()> {
         let limit = (self.state.config.max_body_bytes as usize).min(MAX_GATE_BODY);
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {
@@ -66,11 +67,11 @@ impl PreauthProxy {
         }
     }
 
-    async fn respond_json(&self, session: &mut Session, ctx: &RequestCtx, status: u16, v: &Value) -> Result<()> {
+    async fn respond_json(&self, session: &mut ServerSession, ctx: &RequestCtx, status: u16, v: &Value) -> Result<()> {
         let body = Bytes::from(serde_json::to_vec(v).expect("JSON value serialises"));
         let resp = super::json_header(status, body.len(), ctx, ctx.verdict)?;
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
+        session.write_response_header(Box::new(resp)).await?;
+        session.write_response_body(body, true).await
     }
 
     /// `{"route": "/v1/chat/completions", "request": {...}}` → the decision, HTTP 200 for every

@@ -18,6 +18,7 @@
 pub mod ctx;
 pub mod extract;
 pub mod gate;
+pub mod h1;
 pub mod respond;
 pub mod spend;
 
@@ -29,6 +30,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::FailToProxy;
 use serde_json::{json, Map};
 use sha2::{Digest, Sha256};
@@ -51,14 +53,16 @@ use spend::SpendCtx;
 /// What pingora can buffer before connecting upstream (`BODY_BUF_LIMIT` in pingora-core 0.9).
 pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 
-/// The proxy service.
+/// The proxy service. Cloning shares everything (state, token cache): the lean HTTP/1 driver
+/// (`h1`) and pingora's proxy each hold one.
+#[derive(Clone)]
 pub struct PreauthProxy {
     state: Arc<AppState>,
     upstream_addr: SocketAddr,
     upstream_tls: bool,
     upstream_sni: String,
     upstream_host_header: String,
-    tokens: extract::VerifiedTokens,
+    tokens: Arc<extract::VerifiedTokens>,
 }
 
 /// Distinct bearer tokens whose verification is remembered (~300 B each).
@@ -74,12 +78,12 @@ impl PreauthProxy {
             upstream_tls: tls,
             upstream_sni: host.to_string(),
             upstream_host_header: host_header,
-            tokens: extract::VerifiedTokens::new(VERIFIED_TOKENS),
+            tokens: Arc::new(extract::VerifiedTokens::new(VERIFIED_TOKENS)),
         }
     }
 
     /// Writes a sidecar-made error response.
-    async fn respond(&self, session: &mut Session, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
+    async fn respond(&self, session: &mut ServerSession, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
         let mut resp = json_header(r.status, r.body.len(), ctx, Some(r.verdict))?;
         resp.insert_header(names::ERROR, r.code)?;
         if let Some(s) = r.retry_after {
@@ -89,8 +93,8 @@ impl PreauthProxy {
             // The unread body would poison a reused connection.
             session.set_keepalive(None);
         }
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(r.body.clone()), true).await?;
+        session.write_response_header(Box::new(resp)).await?;
+        session.write_response_body(r.body.clone(), true).await?;
         Ok(())
     }
 
@@ -581,20 +585,11 @@ fn uuid_sample(id: &str) -> u16 {
     u16::from_str_radix(&id[id.len().saturating_sub(4)..], 16).unwrap_or(0)
 }
 
-#[async_trait]
-impl ProxyHttp for PreauthProxy {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
-    }
-
-    /// No downstream modules: pingora's default adds a (disabled) response-compression module that
-    /// still runs on every request; the sidecar never compresses (it strips `accept-encoding`).
-    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
-
+/// The phases, on the downstream session alone: pingora's proxy (`ProxyHttp` below) and the
+/// lean HTTP/1 driver (`h1`) both call these, so every rule lives once.
+impl PreauthProxy {
     /// Route, identity, size, and — for small bodies — the whole decision. `Ok(true)` = answered.
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    pub(crate) async fn inspect(&self, session: &mut ServerSession, ctx: &mut RequestCtx) -> Result<bool> {
         let (route, passthrough, content_length) = {
             let h = session.req_header();
             let path = h.uri.path();
@@ -663,21 +658,9 @@ impl ProxyHttp for PreauthProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        let mut peer = HttpPeer::new(self.upstream_addr, self.upstream_tls, self.upstream_sni.clone());
-        let timeout = Duration::from_secs(self.state.config.upstream_timeout_seconds);
-        peer.options.connection_timeout = Some(Duration::from_secs(10));
-        peer.options.read_timeout = Some(timeout);
-        peer.options.write_timeout = Some(timeout);
-        Ok(Box::new(peer))
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut Session,
-        up: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-    ) -> Result<()> {
+    /// The upstream request header: the gateway's host, credentials replaced or dropped, no
+    /// `accept-encoding` (usage must be readable), the request id, and body framing.
+    pub(crate) fn rewrite_upstream(&self, up: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
         up.insert_header("host", self.upstream_host_header.as_str())?;
         up.remove_header("accept-encoding");
         up.remove_header(names::APPROVAL_TOKEN);
@@ -704,6 +687,135 @@ impl ProxyHttp for PreauthProxy {
             up.insert_header("content-length", b.len().to_string())?;
         }
         Ok(())
+    }
+
+    /// The upstream answered: remember its status and start reading usage from a success.
+    pub(crate) fn on_upstream_response(&self, resp: &ResponseHeader, ctx: &mut RequestCtx) {
+        let status = resp.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if (200..300).contains(&status) {
+            if let Some(spend) = ctx.spend.as_mut() {
+                spend.start_scan(resp.headers.get("content-type").and_then(|v| v.to_str().ok()));
+            }
+        }
+    }
+
+    /// `x-preauth-*` headers on a forwarded answer.
+    pub(crate) fn decorate_response(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+        if ctx.route.is_some() {
+            resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+            resp.insert_header(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str())?;
+            if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
+                resp.insert_header(names::RESERVATION_ID, r.id.as_str())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One upstream body chunk on its way to the client (unchanged, at once): usage is read from
+    /// it, and the whole call may not outlive `PREAUTH_UPSTREAM_TIMEOUT_SECONDS`.
+    pub(crate) fn on_response_chunk(&self, chunk: &[u8], ctx: &mut RequestCtx) -> Result<()> {
+        if let Some(scanner) = ctx.spend.as_mut().and_then(|s| s.scanner.as_mut()) {
+            scanner.feed(chunk);
+        }
+        if ctx.start.elapsed().as_secs() >= self.state.config.upstream_timeout_seconds {
+            return Error::e_explain(ReadTimedout, "PREAUTH_UPSTREAM_TIMEOUT_SECONDS exceeded");
+        }
+        Ok(())
+    }
+
+    /// A request that failed after `inspect`: writes the deferred refusal, the 400 or the 502
+    /// when nothing was written yet. Returns the status written (0 = none).
+    pub(crate) async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> u16 {
+        let rendered = match ctx.pending_refusal.take() {
+            Some(r) => Some(*r),
+            None if session.response_written().is_some() => None,
+            None => match e.esource() {
+                ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
+                ErrorSource::Downstream => None,
+                _ => match e.etype() {
+                    HTTPStatus(400) => {
+                        Some(render(&Refusal::InvalidRequest("Malformed HTTP request.".into()), &ctx.request_id))
+                    }
+                    _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
+                },
+            },
+        };
+        match rendered {
+            Some(r) => {
+                if let Err(we) = self.respond(session, ctx, &r).await {
+                    tracing::debug!(error = %we, "could not write error response; client gone");
+                }
+                r.status
+            }
+            None => 0,
+        }
+    }
+
+    /// Runs for every request, whatever happened: settles, frees the concurrency lease, counts.
+    pub(crate) async fn finish(&self, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.gate {
+            // Gate API: the caller settles its own hold later; the lease lives until then.
+            if let (Some(t), Some(r)) = (ctx.ticket.take(), ctx.spend.as_ref().and_then(|s| s.reservation.as_ref())) {
+                self.state.hold_gate_lease(&r.id, t);
+            }
+        } else if let Some(mut s) = ctx.spend.take() {
+            spend::settle(&self.state, &mut s, ctx.upstream_status, ctx.ticket.take()).await;
+        }
+        if let Some(ticket) = ctx.ticket.take() {
+            if ticket.has_lease() {
+                if let Err(err) = self.state.counters.release_lease(&ticket).await {
+                    self.store_failed("release_lease", err);
+                }
+            }
+        }
+        if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
+            let class = match (ctx.upstream_status, e) {
+                (Some(s), _) => status_class(Some(s)),
+                (None, _) => "error",
+            };
+            self.state.metrics.upstream_responses.with_label_values(&[class]).inc();
+        }
+    }
+
+    /// The configured gateway, with the connect and I/O timeouts.
+    pub(crate) fn peer(&self) -> HttpPeer {
+        let mut peer = HttpPeer::new(self.upstream_addr, self.upstream_tls, self.upstream_sni.clone());
+        let timeout = Duration::from_secs(self.state.config.upstream_timeout_seconds);
+        peer.options.connection_timeout = Some(Duration::from_secs(10));
+        peer.options.read_timeout = Some(timeout);
+        peer.options.write_timeout = Some(timeout);
+        peer
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for PreauthProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// No downstream modules: pingora's default adds a (disabled) response-compression module that
+    /// still runs on every request; the sidecar never compresses (it strips `accept-encoding`).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.inspect(session.as_downstream_mut(), ctx).await
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        Ok(Box::new(self.peer()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.rewrite_upstream(up, ctx)
     }
 
     async fn request_body_filter(
@@ -754,13 +866,7 @@ impl ProxyHttp for PreauthProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let status = resp.status.as_u16();
-        ctx.upstream_status = Some(status);
-        if (200..300).contains(&status) {
-            if let Some(spend) = ctx.spend.as_mut() {
-                spend.start_scan(resp.headers.get("content-type").and_then(|v| v.to_str().ok()));
-            }
-        }
+        self.on_upstream_response(resp, ctx);
         Ok(())
     }
 
@@ -770,14 +876,7 @@ impl ProxyHttp for PreauthProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if ctx.route.is_some() {
-            resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
-            resp.insert_header(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str())?;
-            if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
-                resp.insert_header(names::RESERVATION_ID, r.id.as_str())?;
-            }
-        }
-        Ok(())
+        self.decorate_response(resp, ctx)
     }
 
     fn response_body_filter(
@@ -787,41 +886,13 @@ impl ProxyHttp for PreauthProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        // Read-only: the chunk goes to the client unchanged and at once.
-        if let (Some(chunk), Some(scanner)) = (body.as_ref(), ctx.spend.as_mut().and_then(|s| s.scanner.as_mut())) {
-            scanner.feed(chunk);
-        }
-        if ctx.start.elapsed().as_secs() >= self.state.config.upstream_timeout_seconds {
-            return Error::e_explain(ReadTimedout, "PREAUTH_UPSTREAM_TIMEOUT_SECONDS exceeded");
-        }
+        self.on_response_chunk(body.as_deref().unwrap_or_default(), ctx)?;
         Ok(None)
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
-        let rendered = match ctx.pending_refusal.take() {
-            Some(r) => Some(*r),
-            None if session.response_written().is_some() => None,
-            None => match e.esource() {
-                ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
-                ErrorSource::Downstream => None,
-                _ => match e.etype() {
-                    HTTPStatus(400) => {
-                        Some(render(&Refusal::InvalidRequest("Malformed HTTP request.".into()), &ctx.request_id))
-                    }
-                    _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
-                },
-            },
-        };
-        let code = match rendered {
-            Some(r) => {
-                if let Err(we) = self.respond(session, ctx, &r).await {
-                    tracing::debug!(error = %we, "could not write error response; client gone");
-                }
-                r.status
-            }
-            None => 0,
-        };
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        let error_code = self.fail(session.as_downstream_mut(), e, ctx).await;
+        FailToProxy { error_code, can_reuse_downstream: false }
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
@@ -829,29 +900,7 @@ impl ProxyHttp for PreauthProxy {
         ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_))
     }
 
-    /// Runs for every request, whatever happened: frees the concurrency lease and counts.
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if ctx.gate {
-            // Gate API: the caller settles its own hold later; the lease lives until then.
-            if let (Some(t), Some(r)) = (ctx.ticket.take(), ctx.spend.as_ref().and_then(|s| s.reservation.as_ref())) {
-                self.state.hold_gate_lease(&r.id, t);
-            }
-        } else if let Some(mut s) = ctx.spend.take() {
-            spend::settle(&self.state, &mut s, ctx.upstream_status, ctx.ticket.take()).await;
-        }
-        if let Some(ticket) = ctx.ticket.take() {
-            if ticket.has_lease() {
-                if let Err(err) = self.state.counters.release_lease(&ticket).await {
-                    self.store_failed("release_lease", err);
-                }
-            }
-        }
-        if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
-            let class = match (ctx.upstream_status, e) {
-                (Some(s), _) => status_class(Some(s)),
-                (None, _) => "error",
-            };
-            self.state.metrics.upstream_responses.with_label_values(&[class]).inc();
-        }
+        self.finish(e, ctx).await;
     }
 }
