@@ -47,7 +47,12 @@ fn other(status: u16, code: &'static str, message: impl Into<String>) -> Refusal
 
 impl PreauthProxy {
     /// Answers a gate-API call completely (the caller already passed identity).
-    pub(super) async fn serve_gate(&self, session: &mut ServerSession, ctx: &mut RequestCtx, route: GateRoute) -> Result<()> {
+    pub(super) async fn serve_gate(
+        &self,
+        session: &mut ServerSession,
+        ctx: &mut RequestCtx,
+        route: GateRoute,
+    ) -> Result<()> {
         let limit = (self.state.config.max_body_bytes as usize).min(MAX_GATE_BODY);
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {

@@ -86,7 +86,13 @@ impl LeanH1 {
     /// `proxy` serves HTTP/2; it must wrap the same `PreauthProxy` as `core`.
     pub fn new(proxy: HttpProxy<PreauthProxy>, core: PreauthProxy) -> LeanH1 {
         let peer = core.peer();
-        LeanH1 { proxy: Arc::new(proxy), core, peer, connector: TransportConnector::new(None), pool: UpstreamPool::new() }
+        LeanH1 {
+            proxy: Arc::new(proxy),
+            core,
+            peer,
+            connector: TransportConnector::new(None),
+            pool: UpstreamPool::new(),
+        }
     }
 
     /// One request on an HTTP/1 connection; `Some` = the connection may carry the next one.
@@ -97,7 +103,7 @@ impl LeanH1 {
         let mut watch = shutdown.clone();
         let read = tokio::select! {
             biased;
-            r = session.read_request() => r,
+            r = Box::pin(session.read_request()) => r,
             _ = watch.changed() => return None,
         };
         match read {
@@ -119,7 +125,7 @@ impl LeanH1 {
             Ok(()) => {
                 self.core.finish(None, &mut ctx).await;
                 let settings = HttpPersistentSettings::for_session(&session);
-                let reusable = session.finish().await.ok().flatten()?;
+                let reusable = Box::pin(session.finish()).await.ok().flatten()?;
                 Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
             }
             Err(e) => {
@@ -168,7 +174,11 @@ impl LeanH1 {
         let ServerSession::H1(down) = session else {
             return Error::e_explain(InternalError, "lean driver on a non-HTTP/1 session");
         };
-        loop {
+        // What arrived together leaves together: chunks already read are joined into one
+        // downstream write (one flush), the next write waits for the next upstream read.
+        let mut out = Vec::new();
+        let mut done = false;
+        while !done {
             let chunk = tokio::select! {
                 biased;
                 c = upstream.read_body_ref() => c.map_err(|e| e.into_up())?,
@@ -179,7 +189,20 @@ impl LeanH1 {
             };
             let Some(chunk) = chunk else { break };
             self.core.on_response_chunk(chunk, ctx)?;
-            down.write_body(chunk).await.map_err(|e| e.into_down())?;
+            out.clear();
+            out.extend_from_slice(chunk);
+            done = upstream.is_body_done();
+            while !done {
+                let Some(next) = ready_now(upstream.read_body_ref()) else { break };
+                match next.map_err(|e| e.into_up())? {
+                    Some(c) => {
+                        self.core.on_response_chunk(c, ctx)?;
+                        out.extend_from_slice(c);
+                    }
+                    None => done = true,
+                }
+            }
+            down.write_body(&out).await.map_err(|e| e.into_down())?;
         }
         down.finish_body().await.map_err(|e| e.into_down())?;
         upstream.respect_keepalive();
@@ -209,7 +232,7 @@ impl LeanH1 {
         if ctx.route.is_none() {
             return Ok(Some(full)); // passthrough: forwarded as sent
         }
-        match self.core.decide_body(ctx, &full).await {
+        match Box::pin(self.core.decide_body(ctx, &full)).await {
             Ok(()) => Ok(Some(ctx.new_body.take().unwrap_or(full))),
             Err(refusal) => {
                 self.core.respond(session, ctx, &render(&refusal, &ctx.request_id)).await?;
@@ -226,12 +249,14 @@ impl LeanH1 {
             let was_reused = reused.is_some();
             let stream = match reused.take() {
                 Some(s) => s,
-                None => self.connector.new_stream(&self.peer).await.map_err(|e| e.into_up())?,
+                // Boxed: the connect future is several KiB and would otherwise make every
+                // request's future (moved on each request) that much larger.
+                None => Box::pin(self.connector.new_stream(&self.peer)).await.map_err(|e| e.into_up())?,
             };
             let attempt = async {
                 let mut upstream = self.write_request(stream, wire).await?;
                 loop {
-                    upstream.read_response().await?;
+                    Box::pin(upstream.read_response()).await?;
                     match upstream.resp_header().map(|h| h.status.as_u16()) {
                         Some(100..=199) => continue, // informational: the real answer follows
                         _ => return Ok::<_, Box<Error>>(upstream),
@@ -269,6 +294,16 @@ impl LeanH1 {
         upstream.read_timeout = self.peer.options.read_timeout;
         upstream.write_timeout = self.peer.options.write_timeout;
         Ok(upstream)
+    }
+}
+
+/// Polls `f` once: its output if it is ready without waiting.
+fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
 

@@ -624,7 +624,7 @@ impl PreauthProxy {
             return Ok(false);
         }
         if let Some(g) = gate {
-            self.serve_gate(session, ctx, g).await?;
+            Box::pin(self.serve_gate(session, ctx, g)).await?; // boxed: a large, rarer future
             return Ok(true);
         }
         ctx.source_header = extract::header_str(&session.req_header().headers, names::SOURCE).map(str::to_string);
@@ -643,7 +643,9 @@ impl PreauthProxy {
                 while let Some(chunk) = session.read_request_body().await? {
                     body.extend_from_slice(&chunk);
                 }
-                match self.decide_body(ctx, &body).await {
+                // Boxed: the decision's future is ~4 KiB; unboxed it would be part of (and moved
+                // with) every request's future.
+                match Box::pin(self.decide_body(ctx, &body)).await {
                     Ok(()) => Ok(false),
                     Err(refusal) => {
                         self.respond(session, ctx, &render(&refusal, &ctx.request_id)).await?;

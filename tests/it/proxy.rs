@@ -237,3 +237,103 @@ async fn upstream_errors_pass_through_and_unreachable_is_502() {
     }
     s.stop().await;
 }
+
+/// A bare HTTP/1.1 upstream on a raw socket: counts the connections it accepts and answers one
+/// request per connection with a keep-alive-looking JSON answer, then closes the connection —
+/// what a gateway does to a keep-alive connection it has just timed out.
+struct ClosingUpstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ClosingUpstream {
+    async fn start() -> ClosingUpstream {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Read one request: the header, then `content-length` bytes of body.
+                    loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse::<usize>().unwrap())
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                break;
+                            }
+                        }
+                    }
+                    let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                    // Closed without saying so: the sidecar finds out when it reuses the connection.
+                });
+            }
+        });
+        ClosingUpstream { addr, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_connection_closed_by_the_gateway_is_retried_on_a_new_one() {
+    let up = ClosingUpstream::start().await;
+    let url = format!("http://{}", up.addr);
+    let s = start(&[("PREAUTH_UPSTREAM_URL", &url)]).await;
+    for i in 0..4 {
+        let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(json_of(r).await["usage"]["total_tokens"], 5, "request {i}");
+        // Let the gateway's close arrive before the connection is taken from the pool again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.accepted(), 4, "one connection per request: each pooled one was found closed");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_bodies_never_open_an_upstream_connection() {
+    let up = ClosingUpstream::start().await;
+    let url = format!("http://{}", up.addr);
+    let s = start(&[("PREAUTH_UPSTREAM_URL", &url), ("LLM_GLOBAL_ABUSE_KILL_SWITCH", "true")]).await;
+    let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "z".repeat(150_000)}]});
+    let bytes = serde_json::to_vec(&big).unwrap();
+    for chunked in [false, true] {
+        let req = client().post(s.url("/v1/chat/completions")).bearer_auth(token("acme", "pro"));
+        let req = if chunked {
+            let parts: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(9000).map(|c| Ok(c.to_vec())).collect();
+            req.body(reqwest::Body::wrap_stream(futures_util::stream::iter(parts)))
+        } else {
+            req.body(bytes.clone())
+        };
+        let r = req.header("content-type", "application/json").send().await.unwrap();
+        assert_error(r, 429, "llm_fair_use_exceeded").await;
+    }
+    assert_eq!(up.accepted(), 0, "a refused request's headers never reach the gateway either");
+    s.stop().await;
+}
