@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::connectors::TransportConnector;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::protocols::http::v1::client::{http_req_header_to_wire, HttpSession as UpstreamSession};
+use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
@@ -149,26 +151,13 @@ impl LeanH1 {
         let Some(body) = self.request_body(session, ctx).await? else {
             return Ok(()); // refused after reading the body; the answer is written
         };
-        let had_length = session.req_header().headers.contains_key("content-length");
-        let mut up = session.req_header().clone();
-        ctx.deferred = false;
-        ctx.new_body = (had_length || !body.is_empty()).then(|| body.clone());
-        self.core.rewrite_upstream(&mut up, ctx)?;
-        ctx.new_body = None;
-        for hop in ["transfer-encoding", "expect", "connection", "keep-alive", "proxy-connection", "te", "upgrade"] {
-            up.remove_header(hop);
-        }
-        let mut wire = http_req_header_to_wire(&up)
-            .ok_or_else(|| Error::explain(InvalidHTTPHeader, "request line cannot be forwarded"))?;
-        wire.extend_from_slice(&body);
-
+        let wire = self.upstream_request(session.req_header(), ctx, &body);
         let mut upstream = self.send(&wire, session).await?;
-        let mut resp = Box::new(
-            upstream.resp_header().ok_or_else(|| Error::explain(InvalidHTTPHeader, "no response header"))?.clone(),
-        );
-        self.core.on_upstream_response(&resp, ctx);
-        self.core.decorate_response(&mut resp, ctx)?;
-        resp.remove_header("keep-alive");
+        let resp = {
+            let from = upstream.resp_header().ok_or_else(|| Error::explain(InvalidHTTPHeader, "no response header"))?;
+            self.core.on_upstream_response(from, ctx);
+            self.downstream_header(from, ctx)?
+        };
         session.write_response_header(resp).await.map_err(|e| e.into_down())?;
 
         let ServerSession::H1(down) = session else {
@@ -210,6 +199,72 @@ impl LeanH1 {
             self.pool.put(stream);
         }
         Ok(())
+    }
+
+    /// The forwarded request, header and body, as it goes on the wire: the caller's request line
+    /// and headers less `replaced_upstream` and hop-by-hop ones, then `own_upstream_headers` and
+    /// `content-length` (the body is complete by now).
+    fn upstream_request(&self, req: &RequestHeader, ctx: &RequestCtx, body: &[u8]) -> Vec<u8> {
+        let mut wire = Vec::with_capacity(512 + body.len());
+        wire.extend_from_slice(req.method.as_str().as_bytes());
+        wire.push(b' ');
+        wire.extend_from_slice(req.raw_path());
+        wire.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut caller_sent_api_key = false;
+        let mut had_length = false;
+        for (name, value) in req.headers.iter() {
+            let name = name.as_str();
+            match name {
+                "content-length" => had_length = true,
+                "x-api-key" => caller_sent_api_key = true,
+                _ => {}
+            }
+            if HOP_BY_HOP.contains(&name) || self.core.replaced_upstream(name) {
+                continue;
+            }
+            header_line(&mut wire, name, value.as_bytes());
+        }
+        self.core.own_upstream_headers(ctx, caller_sent_api_key, |name, value| {
+            header_line(&mut wire, name, value.as_bytes())
+        });
+        if had_length || !body.is_empty() {
+            let mut n = itoa::Buffer::new();
+            header_line(&mut wire, "content-length", n.format(body.len()).as_bytes());
+        }
+        wire.extend_from_slice(b"\r\n");
+        wire.extend_from_slice(body);
+        wire
+    }
+
+    /// The answer's header for the client: the gateway's status and headers (less the
+    /// connection-level ones; pingora writes `connection` and `date`) plus `response_headers`.
+    /// Built fresh without pingora's header-case map: each insert there is two map inserts and a
+    /// name parse, and the client needs no particular case.
+    fn downstream_header(&self, from: &ResponseHeader, ctx: &RequestCtx) -> Result<Box<ResponseHeader>> {
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = from.status;
+        parts.version = from.version;
+        parts.headers.reserve(from.headers.len() + 4);
+        for (name, value) in from.headers.iter() {
+            if !matches!(name.as_str(), "connection" | "keep-alive" | "date") {
+                parts.headers.append(name.clone(), value.clone());
+            }
+        }
+        let mut bad = false;
+        self.core.response_headers(ctx, |name, value| match HeaderValue::from_str(value) {
+            Ok(v) => {
+                parts.headers.insert(HeaderName::from_static(name), v);
+            }
+            Err(_) => bad = true,
+        });
+        if bad {
+            return Error::e_explain(InvalidHTTPHeader, "response header value");
+        }
+        let mut resp = ResponseHeader::from(parts);
+        if let Some(reason) = from.get_reason_phrase() {
+            resp.set_reason_phrase(Some(reason))?;
+        }
+        Ok(Box::new(resp))
     }
 
     /// The request body to forward, complete and decided. `None` = refused (answer written).
@@ -295,6 +350,18 @@ impl LeanH1 {
         upstream.write_timeout = self.peer.options.write_timeout;
         Ok(upstream)
     }
+}
+
+/// Headers that describe one connection or this hop's framing, never forwarded: the body goes
+/// out complete with its own `content-length`.
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding", "expect", "content-length"];
+
+fn header_line(wire: &mut Vec<u8>, name: &str, value: &[u8]) {
+    wire.extend_from_slice(name.as_bytes());
+    wire.extend_from_slice(b": ");
+    wire.extend_from_slice(value);
+    wire.extend_from_slice(b"\r\n");
 }
 
 /// Polls `f` once: its output if it is ready without waiting.

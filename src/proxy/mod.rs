@@ -62,6 +62,8 @@ pub struct PreauthProxy {
     upstream_tls: bool,
     upstream_sni: String,
     upstream_host_header: String,
+    /// `Bearer <PREAUTH_UPSTREAM_API_KEY>`, formatted once.
+    upstream_bearer: Option<String>,
     tokens: Arc<extract::VerifiedTokens>,
 }
 
@@ -72,12 +74,14 @@ impl PreauthProxy {
     pub fn new(state: Arc<AppState>, upstream_addr: SocketAddr, tls: bool, host: &str, port: u16) -> PreauthProxy {
         let default_port = if tls { 443 } else { 80 };
         let host_header = if port == default_port { host.to_string() } else { format!("{host}:{port}") };
+        let upstream_bearer = state.config.upstream_api_key.as_ref().map(|k| format!("Bearer {}", k.expose()));
         PreauthProxy {
             state,
             upstream_addr,
             upstream_tls: tls,
             upstream_sni: host.to_string(),
             upstream_host_header: host_header,
+            upstream_bearer,
             tokens: Arc::new(extract::VerifiedTokens::new(VERIFIED_TOKENS)),
         }
     }
@@ -660,25 +664,54 @@ impl PreauthProxy {
         }
     }
 
-    /// The upstream request header: the gateway's host, credentials replaced or dropped, no
-    /// `accept-encoding` (usage must be readable), the request id, and body framing.
-    pub(crate) fn rewrite_upstream(&self, up: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
-        up.insert_header("host", self.upstream_host_header.as_str())?;
-        up.remove_header("accept-encoding");
-        up.remove_header(names::APPROVAL_TOKEN);
-        match (&self.state.config.upstream_api_key, &self.state.config.identity) {
-            (Some(key), _) => {
-                up.insert_header("authorization", format!("Bearer {}", key.expose()))?;
-                if up.headers.contains_key("x-api-key") {
-                    up.insert_header("x-api-key", key.expose())?;
-                }
+    /// Caller headers the gateway never sees as sent: the sidecar sets its own (host, request id,
+    /// replaced credentials) or none (`accept-encoding`, the approval token, a caller JWT).
+    pub(crate) fn replaced_upstream(&self, name: &str) -> bool {
+        match name {
+            "host" | "accept-encoding" | names::APPROVAL_TOKEN | names::REQUEST_ID => true,
+            "authorization" => {
+                self.state.config.upstream_api_key.is_some()
+                    || matches!(self.state.config.identity, Identity::Jwt { .. })
             }
-            (None, Identity::Jwt { .. }) => {
-                up.remove_header("authorization");
-            }
-            (None, Identity::Header) => {}
+            "x-api-key" => self.state.config.upstream_api_key.is_some(),
+            _ => false,
         }
-        up.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+    }
+
+    /// The sidecar's own headers for the gateway: its host, the gateway credentials (when
+    /// configured; `x-api-key` only where the caller sent one), the request id.
+    pub(crate) fn own_upstream_headers(
+        &self,
+        ctx: &RequestCtx,
+        caller_sent_api_key: bool,
+        mut add: impl FnMut(&'static str, &str),
+    ) {
+        add("host", &self.upstream_host_header);
+        if let (Some(bearer), Some(key)) = (&self.upstream_bearer, &self.state.config.upstream_api_key) {
+            add("authorization", bearer);
+            if caller_sent_api_key {
+                add("x-api-key", key.expose());
+            }
+        }
+        add(names::REQUEST_ID, &ctx.request_id);
+    }
+
+    /// The upstream request header (pingora's path): `replaced_upstream` removed,
+    /// `own_upstream_headers` set, and body framing.
+    pub(crate) fn rewrite_upstream(&self, up: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
+        let caller_sent_api_key = up.headers.contains_key("x-api-key");
+        let replaced: Vec<http::HeaderName> =
+            up.headers.keys().filter(|n| self.replaced_upstream(n.as_str())).cloned().collect();
+        for name in &replaced {
+            up.remove_header(name);
+        }
+        let mut result = Ok(());
+        self.own_upstream_headers(ctx, caller_sent_api_key, |name, value| {
+            if result.is_ok() {
+                result = up.insert_header(name, value).map(|_| ());
+            }
+        });
+        result?;
         if ctx.deferred {
             // Length unknown until the decision: frame the body ourselves.
             up.remove_header("content-length");
@@ -702,16 +735,26 @@ impl PreauthProxy {
         }
     }
 
-    /// `x-preauth-*` headers on a forwarded answer.
-    pub(crate) fn decorate_response(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+    /// The `x-preauth-*` headers of a forwarded answer (none on pass-through routes).
+    pub(crate) fn response_headers<'a>(&self, ctx: &'a RequestCtx, mut add: impl FnMut(&'static str, &'a str)) {
         if ctx.route.is_some() {
-            resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
-            resp.insert_header(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str())?;
+            add(names::REQUEST_ID, ctx.request_id.as_str());
+            add(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str());
             if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
-                resp.insert_header(names::RESERVATION_ID, r.id.as_str())?;
+                add(names::RESERVATION_ID, r.id.as_str());
             }
         }
-        Ok(())
+    }
+
+    /// `response_headers` set on pingora's response header (pingora's path).
+    pub(crate) fn decorate_response(&self, resp: &mut ResponseHeader, ctx: &RequestCtx) -> Result<()> {
+        let mut result = Ok(());
+        self.response_headers(ctx, |name, value| {
+            if result.is_ok() {
+                result = resp.insert_header(name, value);
+            }
+        });
+        result
     }
 
     /// One upstream body chunk on its way to the client (unchanged, at once): usage is read from
