@@ -55,6 +55,7 @@ impl PreauthProxy {
     ) -> Result<()> {
         let limit = (self.state.config.max_body_bytes as usize).min(MAX_GATE_BODY);
         let mut body = Vec::new();
+        super::continue_if_expected(session).await?;
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > limit {
                 let r = render(&Refusal::TooLarge { limit: limit as u64 }, &ctx.request_id);

@@ -275,6 +275,7 @@ impl LeanH1 {
         }
         let limit = self.core.state.config.max_body_bytes;
         let mut held = bytes::BytesMut::new();
+        super::continue_if_expected(session).await?;
         while let Some(chunk) = session.read_request_body().await.map_err(|e| e.into_down())? {
             if held.len() as u64 + chunk.len() as u64 > limit {
                 let r = render(&Refusal::TooLarge { limit }, &ctx.request_id);

@@ -537,6 +537,17 @@ impl PreauthProxy {
     }
 }
 
+/// Answers `Expect: 100-continue` (HTTP/1.1) right before the body is read, so that clients that
+/// wait for it (curl, SDKs sending large bodies) send the body at once, not after their timeout.
+pub(crate) async fn continue_if_expected(session: &mut ServerSession) -> Result<()> {
+    let expects =
+        session.req_header().headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects && session.as_http1().is_some() && session.response_written().is_none() && !session.is_body_done() {
+        session.write_response_header(Box::new(ResponseHeader::build(100, Some(0))?)).await?;
+    }
+    Ok(())
+}
+
 /// The header of a sidecar-made JSON answer: type, length, no caching, request id, decision.
 fn json_header(status: u16, len: usize, ctx: &RequestCtx, verdict: Option<Verdict>) -> Result<ResponseHeader> {
     let mut resp = ResponseHeader::build(status, Some(8))?;
@@ -642,6 +653,7 @@ impl PreauthProxy {
                 Ok(true)
             }
             Some(n) if n <= RETRY_BUFFER_LIMIT => {
+                continue_if_expected(session).await?;
                 session.enable_retry_buffering();
                 let mut body = Vec::with_capacity(n as usize);
                 while let Some(chunk) = session.read_request_body().await? {
@@ -774,7 +786,7 @@ impl PreauthProxy {
     pub(crate) async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> u16 {
         let rendered = match ctx.pending_refusal.take() {
             Some(r) => Some(*r),
-            None if session.response_written().is_some() => None,
+            None if session.response_written().is_some_and(|h| !h.status.is_informational()) => None,
             None => match e.esource() {
                 ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
                 ErrorSource::Downstream => None,

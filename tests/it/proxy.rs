@@ -248,6 +248,11 @@ struct ClosingUpstream {
 
 impl ClosingUpstream {
     async fn start() -> ClosingUpstream {
+        Self::start_framed(true).await
+    }
+
+    /// `with_length: false` answers without `content-length`: the body ends when the connection does.
+    async fn start_framed(with_length: bool) -> ClosingUpstream {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -283,10 +288,14 @@ impl ClosingUpstream {
                         }
                     }
                     let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
-                        body.len()
-                    );
+                    let resp = if with_length {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: keep-alive\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{body}")
+                    };
                     let _ = sock.write_all(resp.as_bytes()).await;
                     // Closed without saying so: the sidecar finds out when it reuses the connection.
                 });
@@ -335,5 +344,57 @@ async fn refused_bodies_never_open_an_upstream_connection() {
         assert_error(r, 429, "llm_fair_use_exceeded").await;
     }
     assert_eq!(up.accepted(), 0, "a refused request's headers never reach the gateway either");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_delimited_answer_reaches_the_client_whole_and_is_settled() {
+    let up = ClosingUpstream::start_framed(false).await;
+    let url = format!("http://{}", up.addr);
+    let s = start(&[("PREAUTH_UPSTREAM_URL", &url)]).await;
+    for i in 0..2 {
+        let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(json_of(r).await["usage"]["total_tokens"], 5, "request {i}: the whole body arrived");
+    }
+    let m = metrics(&s).await;
+    assert!(m.contains("preauth_upstream_responses_total{status_class=\"2xx\"} 2"), "{m}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expect_100_continue_is_answered_before_the_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(&[]).await;
+    let body = serde_json::to_vec(&chat("gpt-4o-mini")).unwrap();
+    let mut sock = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        token("acme", "pro"),
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    // The interim answer comes before any body byte is sent (a client would otherwise wait ~1 s).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .expect("100 Continue in time")
+            .unwrap();
+        assert!(n > 0, "connection closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 100 Continue"), "{}", String::from_utf8_lossy(&got));
+    sock.write_all(&body).await.unwrap();
+    let mut rest = Vec::new();
+    while !String::from_utf8_lossy(&rest).contains("chat.completion") {
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "connection closed early");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("HTTP/1.1 200"), "{text}");
+    assert!(s.upstream.last_request().unwrap().header("expect").is_none(), "expect is this hop's business");
     s.stop().await;
 }
