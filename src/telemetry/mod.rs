@@ -7,7 +7,11 @@
 
 pub mod audit;
 
-use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::OnceLock;
+
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::decide::{Decision, Gate, Tier};
 
@@ -26,6 +30,9 @@ pub struct Metrics {
     pub fair_use_denials: IntCounterVec,
     pub fair_use_evaluations: IntCounterVec,
     pub fair_use_observed: IntGaugeVec,
+    /// Children of the two above by (gate, tier[, outcome]), resolved on first use: every
+    /// decision touches ~10 of them, and a label lookup hashes the values under a lock.
+    gate_children: GateChildren,
     pub spend_usd: prometheus::CounterVec,
     pub drift_usd: prometheus::CounterVec,
     pub reconciliations: IntCounterVec,
@@ -130,6 +137,7 @@ impl Metrics {
                 &["gate", "outcome", "tenant_tier"],
             ),
             fair_use_observed,
+            gate_children: GateChildren::default(),
             spend_usd: fcounter(
                 &r,
                 "valdrics_ops_llm_spend_usd_total",
@@ -223,12 +231,18 @@ impl Metrics {
         let path = d.path.as_str();
         self.gate_decisions.with_label_values(&[source, d.verdict.as_str(), path]).inc();
         self.gate_latency.with_label_values(&[source, path]).observe(elapsed_s);
+        let tier_index = tier as usize;
         let tier = tier.as_str();
         for e in &d.evaluations {
             let outcome = if e.allowed { "allow" } else { "deny" };
-            self.fair_use_evaluations.with_label_values(&[e.gate.as_str(), outcome, tier]).inc();
+            let slot = (e.gate as usize * Tier::ALL.len() + tier_index) * 2 + usize::from(e.allowed);
+            self.gate_children.evaluations[slot]
+                .get_or_init(|| self.fair_use_evaluations.with_label_values(&[e.gate.as_str(), outcome, tier]))
+                .inc();
             if e.gate != Gate::GlobalAbuse {
-                self.fair_use_observed.with_label_values(&[e.gate.as_str(), tier]).set(e.observed as i64);
+                self.gate_children.observed[slot / 2]
+                    .get_or_init(|| self.fair_use_observed.with_label_values(&[e.gate.as_str(), tier]))
+                    .set(e.observed as i64);
             }
         }
         if let Some(label) = d.reason_label() {
@@ -241,6 +255,24 @@ impl Metrics {
                     self.fair_use_denials.with_label_values(&[gate.as_str(), tier]).inc();
                 }
             }
+        }
+    }
+}
+
+const GATE_SLOTS: usize = Gate::ALL.len() * Tier::ALL.len();
+
+struct GateChildren {
+    /// By `(gate, tier, allowed)`.
+    evaluations: [OnceLock<IntCounter>; GATE_SLOTS * 2],
+    /// By `(gate, tier)`.
+    observed: [OnceLock<IntGauge>; GATE_SLOTS],
+}
+
+impl Default for GateChildren {
+    fn default() -> Self {
+        GateChildren {
+            evaluations: std::array::from_fn(|_| OnceLock::new()),
+            observed: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 }
