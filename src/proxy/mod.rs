@@ -1,17 +1,21 @@
-//! The pingora glue: the only code that touches a `Session`. Per inspected request it extracts
-//! facts (identity, body), asks `decide`, acts on the store (admit/rollback/lease release),
-//! answers refusals through the one table in `respond`, and forwards the rest.
+//! The proxy glue: the only code that touches a downstream session. Per inspected request it
+//! extracts facts (identity, body), asks `decide`, acts on the store (admit/rollback/lease
+//! release), answers refusals through the one table in `respond`, and forwards the rest.
 //!
-//! Phases (pingora 0.9 order) and what each does here:
-//! - `request_filter`: route, identity, size; for bodies with `Content-Length` ≤ 64 KiB, reads the
-//!   body (retry buffer) and decides before any upstream contact. `Ok(true)` = answered here.
-//! - `upstream_peer`: the configured gateway (resolved at start).
-//! - `upstream_request_filter`: credentials, `accept-encoding` removed, request id, framing.
-//! - `request_body_filter`: swaps in a rewritten body; for deferred bodies (chunked or larger
-//!   than 64 KiB) holds every chunk back and decides at end of body — the upstream has the
-//!   headers then, but no body byte reaches it unless the request is admitted.
-//! - `response_filter`: `x-preauth-*` headers. `fail_to_proxy`: deferred refusals and 502.
-//! - `logging`: releases the concurrency lease (completion, error or client disconnect), counts.
+//! Two drivers run the same phases (methods on `PreauthProxy`, on pingora's `ServerSession`):
+//! the lean HTTP/1 loop in `h1` (every HTTP/1.x request), and pingora's `ProxyHttp` below (h2c).
+//! - `inspect`: route, identity, size; for bodies with `Content-Length` ≤ 64 KiB, reads the body
+//!   and decides before any upstream contact. `Ok(true)` = answered here. (`h1` reads and decides
+//!   every other body too before forwarding.)
+//! - `replaced_upstream` / `own_upstream_headers`: credentials, `accept-encoding` removed, host,
+//!   request id (`rewrite_upstream` applies them, with framing, to pingora's header).
+//! - pingora only, `request_body_filter`: swaps in a rewritten body; for deferred bodies (no
+//!   length or larger than 64 KiB) holds every chunk back and decides at end of body — the
+//!   upstream has the headers then, but no body byte reaches it unless the request is admitted.
+//! - `on_upstream_response`, `response_headers` (`x-preauth-*`), `on_response_chunk` (usage, the
+//!   overall deadline). `fail`: deferred refusals, 400 and 502.
+//! - `finish`: settles, releases the concurrency lease (completion, error or client
+//!   disconnect), counts.
 //!
 //! Imports: decide, store traits, telemetry, state, config. Nothing imports this but `server`.
 
