@@ -113,7 +113,7 @@ impl LeanH1 {
             Ok(false) => return None,
             Err(e) => {
                 if matches!(e.etype(), InvalidHTTPHeader) {
-                    let _ = session.respond_error(400).await;
+                    let _ = self.core.respond_malformed(&mut session).await;
                 }
                 session.shutdown().await;
                 return None;

@@ -54,6 +54,9 @@ use extract::names;
 use respond::{render, Refusal, Rendered};
 use spend::SpendCtx;
 
+/// The message of the 400 for a request that is not valid HTTP.
+const MALFORMED: &str = "Malformed HTTP request.";
+
 /// What pingora can buffer before connecting upstream (`BODY_BUF_LIMIT` in pingora-core 0.9).
 pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 
@@ -108,6 +111,16 @@ impl PreauthProxy {
 
     fn now_s(&self) -> i64 {
         (self.state.clock.now_ms() / 1000) as i64
+    }
+
+    /// The JSON 400 for a request whose head could not be parsed (no request to route); the
+    /// connection is closed after it.
+    pub(crate) async fn respond_malformed(&self, session: &mut ServerSession) -> Result<()> {
+        let ctx = RequestCtx::new();
+        let r = render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id);
+        let mut resp = json_header(r.status, r.body.len(), &ctx, Some(r.verdict))?;
+        resp.insert_header(names::ERROR, r.code)?;
+        session.write_error_response(resp, r.body.clone()).await
     }
 
     /// Steps 2–9 for a complete body. `Ok(())` = admitted (body rewrite in `ctx.new_body`, the
@@ -796,7 +809,7 @@ impl PreauthProxy {
                 ErrorSource::Downstream => None,
                 _ => match e.etype() {
                     HTTPStatus(400) => {
-                        Some(render(&Refusal::InvalidRequest("Malformed HTTP request.".into()), &ctx.request_id))
+                        Some(render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id))
                     }
                     _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
                 },

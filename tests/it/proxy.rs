@@ -398,3 +398,20 @@ async fn expect_100_continue_is_answered_before_the_body() {
     assert!(s.upstream.last_request().unwrap().header("expect").is_none(), "expect is this hop's business");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_request_head_gets_the_json_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(&[]).await;
+    let mut sock = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+    sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nbad header line\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut got)).await.expect("answer, then close").unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("x-preauth-error: invalid_request"), "{text}");
+    let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON error body");
+    assert_eq!(v["error"]["code"], "invalid_request", "{v}");
+    s.stop().await;
+}
