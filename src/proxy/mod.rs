@@ -808,9 +808,7 @@ impl PreauthProxy {
                 ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
                 ErrorSource::Downstream => None,
                 _ => match e.etype() {
-                    HTTPStatus(400) => {
-                        Some(render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id))
-                    }
+                    HTTPStatus(400) => Some(render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id)),
                     _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
                 },
             },

@@ -406,7 +406,10 @@ async fn malformed_request_head_gets_the_json_400() {
     let mut sock = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
     sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nbad header line\r\n\r\n").await.unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut got)).await.expect("answer, then close").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut got))
+        .await
+        .expect("answer, then close")
+        .unwrap();
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 400"), "{text}");
     assert!(text.to_ascii_lowercase().contains("x-preauth-error: invalid_request"), "{text}");
