@@ -37,6 +37,8 @@ use tokio::io::AsyncWriteExt;
 use super::respond::{render, Refusal};
 use super::{PreauthProxy, RequestCtx};
 
+/// Upstream body bytes already available that are joined into one client write, at most.
+const COALESCE_MAX: usize = 64 * 1024;
 /// Idle upstream connections kept for reuse.
 const POOL_SIZE: usize = 256;
 /// An idle upstream connection older than this is closed instead of reused: below the 5 s
@@ -164,7 +166,8 @@ impl LeanH1 {
             return Error::e_explain(InternalError, "lean driver on a non-HTTP/1 session");
         };
         // What arrived together leaves together: chunks already read are joined into one
-        // downstream write (one flush), the next write waits for the next upstream read.
+        // downstream write (one flush, up to COALESCE_MAX), the next write waits for the next
+        // upstream read.
         let mut out = Vec::new();
         let mut done = false;
         while !done {
@@ -181,7 +184,7 @@ impl LeanH1 {
             out.clear();
             out.extend_from_slice(chunk);
             done = upstream.is_body_done();
-            while !done {
+            while !done && out.len() < COALESCE_MAX {
                 let Some(next) = ready_now(upstream.read_body_ref()) else { break };
                 match next.map_err(|e| e.into_up())? {
                     Some(c) => {

@@ -418,3 +418,36 @@ async fn malformed_request_head_gets_the_json_400() {
     assert_eq!(v["error"]["code"], "invalid_request", "{v}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_streams_arrive_whole_and_in_order() {
+    // Many SSE events at once: the sidecar joins what has arrived into bounded writes; the client
+    // must still see every event, in order, and the usage at the end.
+    let s = start(&[]).await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let direct = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", s.upstream.base_url()))
+        .header("x-mock-chunks", "5000")
+        .json(&json!({"model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-chunks", "5000")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events = |t: &str| t.matches("data: ").count();
+    assert_eq!(events(&text), events(&direct), "every event arrives");
+    assert!(events(&text) > 1000, "a long stream ({} events)", events(&text));
+    assert!(text.trim_end().ends_with("data: [DONE]"), "in order, to the end");
+    s.stop().await;
+}
