@@ -120,15 +120,15 @@ async fn concurrency_lease_is_freed_when_the_client_disconnects() {
     ])
     .await;
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    let slow = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "enterprise"))
-        .header("x-mock-delay-ms", "400")
-        .header("x-mock-chunks", "50")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let slow = post_with(
+        &s,
+        "/v1/chat/completions",
+        "acme",
+        "enterprise",
+        &body,
+        &[("x-mock-delay-ms", "400"), ("x-mock-chunks", "50")],
+    )
+    .await;
     assert_eq!(slow.status(), 200);
     let mut stream = slow.bytes_stream();
     stream.next().await.unwrap().unwrap(); // first event is flowing: the lease is held

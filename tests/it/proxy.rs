@@ -98,14 +98,7 @@ async fn large_denied_body_never_reaches_the_upstream() {
 async fn sse_is_streamed_as_emitted_with_usage_injected() {
     let s = start(&[]).await;
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "pro"))
-        .header("x-mock-delay-ms", "150")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_with(&s, "/v1/chat/completions", "acme", "pro", &body, &[("x-mock-delay-ms", "150")]).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let start = Instant::now();
@@ -307,13 +300,20 @@ impl ClosingUpstream {
     fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// A sidecar in front of this upstream, with `env` on top.
+    async fn sidecar(&self, env: &[(&str, &str)]) -> Sidecar {
+        let url = format!("http://{}", self.addr);
+        let mut all = vec![("PREAUTH_UPSTREAM_URL", url.as_str())];
+        all.extend_from_slice(env);
+        start(&all).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pooled_connection_closed_by_the_gateway_is_retried_on_a_new_one() {
     let up = ClosingUpstream::start().await;
-    let url = format!("http://{}", up.addr);
-    let s = start(&[("PREAUTH_UPSTREAM_URL", &url)]).await;
+    let s = up.sidecar(&[]).await;
     for i in 0..4 {
         let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
         assert_eq!(r.status(), 200, "request {i}");
@@ -328,8 +328,7 @@ async fn pooled_connection_closed_by_the_gateway_is_retried_on_a_new_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn refused_bodies_never_open_an_upstream_connection() {
     let up = ClosingUpstream::start().await;
-    let url = format!("http://{}", up.addr);
-    let s = start(&[("PREAUTH_UPSTREAM_URL", &url), ("LLM_GLOBAL_ABUSE_KILL_SWITCH", "true")]).await;
+    let s = up.sidecar(&[("LLM_GLOBAL_ABUSE_KILL_SWITCH", "true")]).await;
     let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "z".repeat(150_000)}]});
     let bytes = serde_json::to_vec(&big).unwrap();
     for chunked in [false, true] {
@@ -350,8 +349,7 @@ async fn refused_bodies_never_open_an_upstream_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn close_delimited_answer_reaches_the_client_whole_and_is_settled() {
     let up = ClosingUpstream::start_framed(false).await;
-    let url = format!("http://{}", up.addr);
-    let s = start(&[("PREAUTH_UPSTREAM_URL", &url)]).await;
+    let s = up.sidecar(&[]).await;
     for i in 0..2 {
         let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
         assert_eq!(r.status(), 200, "request {i}");
@@ -435,14 +433,7 @@ async fn long_streams_arrive_whole_and_in_order() {
         .text()
         .await
         .unwrap();
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "pro"))
-        .header("x-mock-chunks", "5000")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_with(&s, "/v1/chat/completions", "acme", "pro", &body, &[("x-mock-chunks", "5000")]).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let events = |t: &str| t.matches("data: ").count();

@@ -196,15 +196,15 @@ async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
     assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros::ZERO, "upstream 500: nothing charged");
 
     let body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 2000, "messages": [{"role": "user", "content": "tell me a story"}]});
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "pro"))
-        .header("x-mock-cut-after", "3")
-        .header("x-mock-chunks", "10")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_with(
+        &s,
+        "/v1/chat/completions",
+        "acme",
+        "pro",
+        &body,
+        &[("x-mock-cut-after", "3"), ("x-mock-chunks", "10")],
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await; // the stream breaks
     wait_for("estimated charge", || async {

@@ -131,7 +131,23 @@ pub fn chat(model: &str) -> serde_json::Value {
 
 /// POST a JSON body to an LLM route as `tenant` of `tier`.
 pub async fn post(s: &Sidecar, path: &str, tenant: &str, tier: &str, body: &serde_json::Value) -> reqwest::Response {
-    client().post(s.url(path)).bearer_auth(token(tenant, tier)).json(body).send().await.unwrap()
+    post_with(s, path, tenant, tier, body, &[]).await
+}
+
+/// [`post`] with extra request headers (e.g. the fake upstream's `x-mock-*` controls).
+pub async fn post_with(
+    s: &Sidecar,
+    path: &str,
+    tenant: &str,
+    tier: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client().post(s.url(path)).bearer_auth(token(tenant, tier)).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
 }
 
 pub async fn json_of(r: reqwest::Response) -> serde_json::Value {
