@@ -832,8 +832,9 @@ impl PreauthProxy {
                 self.state.hold_gate_lease(&r.id, t);
             }
         } else if let Some(mut s) = ctx.spend.take() {
-            spend::settle(&self.state, &mut s, ctx.upstream_status, ctx.ticket.take()).await;
+            spend::settle(&self.state, &mut s, ctx.upstream_status, &mut ctx.ticket).await;
         }
+        // Whatever lease the settlement did not take along.
         if let Some(ticket) = ctx.ticket.take() {
             if ticket.has_lease() {
                 if let Err(err) = self.state.counters.release_lease(&ticket).await {

@@ -41,20 +41,9 @@ impl SpendCtx {
 }
 
 /// Settles a finished request: charge the real cost and release the rest, or release everything
-/// when the upstream did not answer 2xx; then releases its concurrency lease (`lease`), in the
-/// same store round trip as the settlement when there is one.
-pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: Option<Ticket>) {
-    let mut lease = lease;
-    settle_hold(state, spend, upstream_status, &mut lease).await;
-    if let Some(t) = lease.filter(Ticket::has_lease) {
-        if let Err(e) = state.counters.release_lease(&t).await {
-            state.store_failed("release_lease", e);
-        }
-    }
-}
-
-/// [`settle`] without the lease, except that a settlement takes `lease` along (and leaves `None`).
-async fn settle_hold(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: &mut Option<Ticket>) {
+/// when the upstream did not answer 2xx. A settlement takes the concurrency lease (`lease`) along,
+/// in the same store round trip, and leaves `None`; otherwise the lease stays for the caller.
+pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: &mut Option<Ticket>) {
     let now = state.clock.now_ms();
     let m = &state.metrics;
     let ok = upstream_status.is_some_and(|s| (200..300).contains(&s));
