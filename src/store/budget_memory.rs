@@ -319,6 +319,36 @@ struct Held {
 }
 
 impl Held {
+    /// This reservation's snapshot line: `Reserve` while active, `Done` with `(at, actual)` once
+    /// settled or released.
+    fn snapshot_entry<'a>(&'a self, id: &Id, done: Option<(UnixMillis, Option<i64>)>) -> Entry<'a> {
+        let (id, tenant, tier, request_id, model, month) = (
+            Cow::Owned(id.to_string()),
+            Cow::Borrowed(&*self.tenant),
+            Cow::Borrowed(&*self.labels.tier),
+            Cow::Owned(self.request_id.to_string()),
+            Cow::Borrowed(&*self.labels.model),
+            Cow::Borrowed(&*self.labels.month),
+        );
+        match done {
+            None => {
+                Entry::Reserve { id, tenant, tier, request_id, model, month, amount: self.amount, at: self.created_at }
+            }
+            Some((at, actual)) => Entry::Done {
+                id,
+                tenant,
+                tier,
+                request_id,
+                model,
+                month,
+                amount: self.amount,
+                created: self.created_at,
+                at,
+                actual,
+            },
+        }
+    }
+
     fn reservation(&self, id: &Id) -> Reservation {
         Reservation {
             id: id.to_string(),
@@ -598,8 +628,7 @@ impl State {
         }
     }
 
-    /// Everything needed to rebuild this state, as journal lines.
-    /// Writes the state as snapshot lines to `w` in 256 KiB pieces (the snapshot of a big state
+    /// Everything needed to rebuild this state: writes it as snapshot lines to `w` in 256 KiB pieces (the snapshot of a big state
     /// is never held in memory whole); returns the bytes written.
     fn snapshot_to(&self, w: &mut dyn Write) -> io::Result<u64> {
         let mut buf = Vec::with_capacity(SPILL_BYTES + 4096);
@@ -631,39 +660,12 @@ impl State {
         }
         for (_, id) in &self.by_age {
             if let Some(h) = self.active.get(id) {
-                entry_line(
-                    out,
-                    &Entry::Reserve {
-                        id: Cow::Owned(id.to_string()),
-                        tenant: Cow::Borrowed(&h.tenant),
-                        tier: Cow::Borrowed(&h.labels.tier),
-                        request_id: Cow::Owned(h.request_id.to_string()),
-                        model: Cow::Borrowed(&h.labels.model),
-                        month: Cow::Borrowed(&h.labels.month),
-                        amount: h.amount,
-                        at: h.created_at,
-                    },
-                )?;
+                entry_line(out, &h.snapshot_entry(id, None))?;
                 spill(out, false)?;
             }
         }
         for (id, f) in self.finished.iter() {
-            let h = &f.held;
-            entry_line(
-                out,
-                &Entry::Done {
-                    id: Cow::Owned(id.to_string()),
-                    tenant: Cow::Borrowed(&h.tenant),
-                    tier: Cow::Borrowed(&h.labels.tier),
-                    request_id: Cow::Owned(h.request_id.to_string()),
-                    model: Cow::Borrowed(&h.labels.model),
-                    month: Cow::Borrowed(&h.labels.month),
-                    amount: h.amount,
-                    created: h.created_at,
-                    at: f.at,
-                    actual: f.actual,
-                },
-            )?;
+            entry_line(out, &f.held.snapshot_entry(id, Some((f.at, f.actual))))?;
             spill(out, false)?;
         }
         spill(out, true)?;
