@@ -94,12 +94,11 @@ pub fn rfc3339_micros(now_us: u64) -> String {
     let secs = now_us / 1_000_000;
     let micros = now_us % 1_000_000;
     let (y, mo, d) = civil_from_days((secs / 86_400) as i64);
+    let sod = secs % 86_400;
     if !(0..=9999).contains(&y) {
-        let sod = secs % 86_400;
         return format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", sod / 3600, (sod / 60) % 60, sod % 60);
     }
     // Hand-written digits: one of these per ledger event, on the request path.
-    let sod = secs % 86_400;
     let mut b = *b"0000-00-00T00:00:00.000000Z";
     let mut put = |at: usize, width: usize, mut v: u64| {
         for i in (at..at + width).rev() {

@@ -253,22 +253,25 @@ fn raw_usage_fast(b: &[u8]) -> Option<RawUsage> {
                     b"output_tokens_details" => (9, &mut u.output_tokens_details),
                     _ => return Some(()),
                 };
-                if seen & (1 << bit) != 0 {
-                    return None;
-                }
-                seen |= 1 << bit;
+                first_time(&mut seen, bit)?;
                 *slot = if v == b"null" { None } else { Some(details_fast(v)?) };
                 return Some(());
             }
         };
-        if seen & (1 << bit) != 0 {
-            return None;
-        }
-        seen |= 1 << bit;
+        first_time(&mut seen, bit)?;
         *slot = int_or_null(v)?;
         Some(())
     })?;
     Some(u)
+}
+
+/// Marks known key `bit` as seen; `None` (not the simple shape: serde decides) the second time.
+fn first_time(seen: &mut u32, bit: u32) -> Option<()> {
+    if *seen & (1 << bit) != 0 {
+        return None;
+    }
+    *seen |= 1 << bit;
+    Some(())
 }
 
 fn details_fast(b: &[u8]) -> Option<Details> {
@@ -276,17 +279,14 @@ fn details_fast(b: &[u8]) -> Option<Details> {
         return None;
     }
     let mut d = Details::default();
-    let mut seen = 0u8;
+    let mut seen = 0u32;
     members(b, |key, v| {
         let (bit, slot) = match key {
             b"cached_tokens" => (0, &mut d.cached_tokens),
             b"reasoning_tokens" => (1, &mut d.reasoning_tokens),
             _ => return Some(()),
         };
-        if seen & (1 << bit) != 0 {
-            return None;
-        }
-        seen |= 1 << bit;
+        first_time(&mut seen, bit)?;
         *slot = int_or_null(v)?;
         Some(())
     })?;
