@@ -1,7 +1,8 @@
 //! The lean HTTP/1 driver: the proxy listener's application. HTTP/1.x requests are driven here,
 //! one straight-line task per request, through the same phases as pingora's proxy (`inspect`,
-//! `rewrite_upstream`, `on_upstream_response`, `decorate_response`, `on_response_chunk`, `fail`,
-//! `finish` on `PreauthProxy`); HTTP/2 (h2c) sessions go to pingora's `HttpProxy` unchanged.
+//! `replaced_upstream` + `own_upstream_headers`, `on_upstream_response`, `response_headers`,
+//! `on_response_chunk`, `fail`, `finish` on `PreauthProxy`); HTTP/2 (h2c) sessions go to
+//! pingora's `HttpProxy` unchanged.
 //!
 //! Why: pingora's `proxy_1to1` costs 2.4–2.9× nginx's CPU per hop on its own
 //! (`shared/reference/pingora_cost.md`): two tasks joined by channels, the upstream header and body
@@ -56,17 +57,17 @@ impl UpstreamPool {
         UpstreamPool { idle: parking_lot::Mutex::new(Vec::with_capacity(POOL_SIZE)) }
     }
 
-    /// A connection idle for less than `POOL_IDLE`; older ones are dropped (closed) on the way.
+    /// The most recently used connection if it has been idle for less than `POOL_IDLE`; when it
+    /// has not, every connection is older still and all are dropped (closed).
     fn take(&self) -> Option<Stream> {
         let mut idle = self.idle.lock();
-        while let Some((stream, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE {
-                return Some(stream);
+        match idle.pop() {
+            Some((stream, since)) if since.elapsed() < POOL_IDLE => Some(stream),
+            _ => {
+                idle.clear();
+                None
             }
-            // The rest are older still.
-            idle.clear();
         }
-        None
     }
 
     fn put(&self, stream: Stream) {
