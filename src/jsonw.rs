@@ -2,9 +2,21 @@
 //! journal records): byte for byte what `serde_json` writes for the same values (tested where
 //! used), without serde's per-field machinery.
 //!
-//! Owns: `json_str`, `opt_str`, `opt_money`, `money`, `uint`. Imports: decide (money), itoa.
+//! Owns: `json_str`, `str_field`, `uint_field`, `opt_str`, `opt_money`, `money`, `uint`. Imports: decide (money), itoa.
 
 use crate::decide::Micros;
+
+/// `key` (e.g. `,"tenant":`) then the string.
+pub fn str_field(out: &mut Vec<u8>, key: &[u8], v: &str) {
+    out.extend_from_slice(key);
+    json_str(out, v);
+}
+
+/// `key` then the integer.
+pub fn uint_field(out: &mut Vec<u8>, key: &[u8], v: impl itoa::Integer) {
+    out.extend_from_slice(key);
+    uint(out, v);
+}
 
 /// `key` then the string or `null`.
 pub fn opt_str(out: &mut Vec<u8>, key: &[u8], v: Option<&str>) {

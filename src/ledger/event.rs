@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decide::usage_types::Usage;
 use crate::decide::Micros;
-use crate::jsonw::{json_str, opt_money, opt_str};
+use crate::jsonw::{json_str, opt_money, opt_str, str_field, uint, uint_field};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -129,21 +129,18 @@ impl Event {
     /// two of these per request.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.reserve(640);
-        out.extend_from_slice(b"{\"event_id\":");
-        json_str(out, &self.event_id);
+        str_field(out, b"{\"event_id\":", &self.event_id);
         out.extend_from_slice(b",\"event_type\":\"");
         out.extend_from_slice(self.event_type.as_str().as_bytes());
-        out.extend_from_slice(b"\",\"occurred_at\":");
-        json_str(out, &self.occurred_at);
-        out.extend_from_slice(b",\"instance_id\":");
-        json_str(out, &self.instance_id);
+        out.push(b'"');
+        str_field(out, b",\"occurred_at\":", &self.occurred_at);
+        str_field(out, b",\"instance_id\":", &self.instance_id);
         opt_str(out, b",\"request_id\":", self.request_id.as_deref());
         opt_str(out, b",\"tenant_id\":", self.tenant_id.as_deref());
         opt_str(out, b",\"tenant_tier\":", self.tenant_tier.as_deref());
         opt_str(out, b",\"source\":", self.source.as_deref());
         opt_str(out, b",\"mode\":", self.mode.as_deref());
-        out.extend_from_slice(b",\"policy_version\":");
-        out.extend_from_slice(itoa::Buffer::new().format(self.policy_version).as_bytes());
+        uint_field(out, b",\"policy_version\":", self.policy_version);
         opt_str(out, b",\"decision\":", self.decision.as_deref());
         out.extend_from_slice(b",\"reasons\":[");
         for (i, r) in self.reasons.iter().enumerate() {
@@ -163,15 +160,10 @@ impl Event {
         match &self.usage {
             None => out.extend_from_slice(b"null"),
             Some(u) => {
-                let mut b = itoa::Buffer::new();
-                out.extend_from_slice(b"{\"prompt_tokens\":");
-                out.extend_from_slice(b.format(u.prompt_tokens).as_bytes());
-                out.extend_from_slice(b",\"completion_tokens\":");
-                out.extend_from_slice(b.format(u.completion_tokens).as_bytes());
-                out.extend_from_slice(b",\"cached_tokens\":");
-                out.extend_from_slice(b.format(u.cached_tokens).as_bytes());
-                out.extend_from_slice(b",\"reasoning_tokens\":");
-                out.extend_from_slice(b.format(u.reasoning_tokens).as_bytes());
+                uint_field(out, b"{\"prompt_tokens\":", u.prompt_tokens);
+                uint_field(out, b",\"completion_tokens\":", u.completion_tokens);
+                uint_field(out, b",\"cached_tokens\":", u.cached_tokens);
+                uint_field(out, b",\"reasoning_tokens\":", u.reasoning_tokens);
                 out.push(b'}');
             }
         }
@@ -181,7 +173,7 @@ impl Event {
         out.extend_from_slice(b",\"upstream_status\":");
         match self.upstream_status {
             None => out.extend_from_slice(b"null"),
-            Some(s) => out.extend_from_slice(itoa::Buffer::new().format(s).as_bytes()),
+            Some(s) => uint(out, s),
         }
         if let Some(d) = &self.details {
             out.extend_from_slice(b",\"details\":");

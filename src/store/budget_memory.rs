@@ -163,41 +163,28 @@ impl Entry<'_> {
     /// One journal line without its newline: serde's exact output, written by hand for the
     /// per-request records (reserve, settle, release); the rest go through serde.
     fn write_line(&self, out: &mut Vec<u8>) -> io::Result<()> {
-        use crate::jsonw::{json_str, uint};
+        use crate::jsonw::{str_field, uint_field};
         match self {
             Entry::Reserve { id, tenant, tier, request_id, model, month, amount, at } => {
-                out.extend_from_slice(b"{\"op\":\"reserve\",\"id\":");
-                json_str(out, id);
-                out.extend_from_slice(b",\"tenant\":");
-                json_str(out, tenant);
-                out.extend_from_slice(b",\"tier\":");
-                json_str(out, tier);
-                out.extend_from_slice(b",\"request_id\":");
-                json_str(out, request_id);
-                out.extend_from_slice(b",\"model\":");
-                json_str(out, model);
-                out.extend_from_slice(b",\"month\":");
-                json_str(out, month);
-                out.extend_from_slice(b",\"amount\":");
-                uint(out, *amount);
-                out.extend_from_slice(b",\"at\":");
-                uint(out, *at);
+                str_field(out, b"{\"op\":\"reserve\",\"id\":", id);
+                str_field(out, b",\"tenant\":", tenant);
+                str_field(out, b",\"tier\":", tier);
+                str_field(out, b",\"request_id\":", request_id);
+                str_field(out, b",\"model\":", model);
+                str_field(out, b",\"month\":", month);
+                uint_field(out, b",\"amount\":", *amount);
+                uint_field(out, b",\"at\":", *at);
                 out.push(b'}');
             }
             Entry::Settle { id, actual, at } => {
-                out.extend_from_slice(b"{\"op\":\"settle\",\"id\":");
-                json_str(out, id);
-                out.extend_from_slice(b",\"actual\":");
-                uint(out, *actual);
-                out.extend_from_slice(b",\"at\":");
-                uint(out, *at);
+                str_field(out, b"{\"op\":\"settle\",\"id\":", id);
+                uint_field(out, b",\"actual\":", *actual);
+                uint_field(out, b",\"at\":", *at);
                 out.push(b'}');
             }
             Entry::Release { id, at } => {
-                out.extend_from_slice(b"{\"op\":\"release\",\"id\":");
-                json_str(out, id);
-                out.extend_from_slice(b",\"at\":");
-                uint(out, *at);
+                str_field(out, b"{\"op\":\"release\",\"id\":", id);
+                uint_field(out, b",\"at\":", *at);
                 out.push(b'}');
             }
             other => serde_json::to_writer(&mut *out, other).map_err(io::Error::other)?,
