@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod clock;
+pub mod commit;
 pub mod config;
 pub mod decide;
 pub mod demo;

@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 
 use crate::admin::AdminApp;
 use crate::clock::{Clock, SystemClock};
+use crate::commit::{GroupCommit, StageCounter, Staged};
 use crate::config::Config;
 use crate::ledger::outbox::{Outbox, OutboxMetrics, OutboxSyncer};
 use crate::ledger::postgres::PostgresSink;
@@ -69,6 +70,9 @@ pub struct Parts {
     pub gatekeeper: Option<Arc<dyn Gatekeeper>>,
     /// Polled by the housekeeper for `/readyz` while idle.
     pub health: Option<HealthProbe>,
+    /// The embedded budgets (the same store as `budgets`), whose journal joins the group commit
+    /// with the outbox (`crate::commit`); `None` for a shared store.
+    pub journal: Option<Arc<MemoryBudgets>>,
 }
 
 impl Parts {
@@ -78,14 +82,16 @@ impl Parts {
             .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
         let approvals = MemoryApprovals::open(&config.data_dir)
             .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
+        let budgets = Arc::new(budgets);
         Ok(Parts {
             clock: Arc::new(SystemClock),
             counters: Arc::new(MemoryCounters::new()),
-            budgets: Arc::new(budgets),
+            budgets: budgets.clone(),
             approvals: Arc::new(approvals),
             policy: None,
             gatekeeper: None,
             health: None,
+            journal: Some(budgets),
         })
     }
 
@@ -106,6 +112,7 @@ impl Parts {
             gatekeeper: Some(Arc::new(rs)),
             policy: Some(policy),
             health: Some(Arc::new(move || probe.healthy())),
+            journal: None,
         })
     }
 
@@ -129,17 +136,26 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let upstream_addr = resolve_upstream(&config)?;
     let up = config.upstream.clone().expect("resolved above");
 
-    let Parts { clock, counters, budgets, approvals, policy, gatekeeper, health } = parts;
+    let Parts { clock, counters, budgets, approvals, policy, gatekeeper, health, journal } = parts;
     let gatekeeper =
         gatekeeper.unwrap_or_else(|| Arc::new(Sequential { counters: counters.clone(), budgets: budgets.clone() }));
     let policy = policy.unwrap_or_else(|| Arc::new(MemoryPolicy::new(config.policy.clone())));
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;
-    let outbox = Arc::new(
-        Outbox::open_from_config(&config)
-            .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open the outbox in {}: {e}", config.data_dir.display()))?,
-    );
+    let mut outbox = Outbox::open_from_config(&config)
+        .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open the outbox in {}: {e}", config.data_dir.display()))?;
+    // The hot path stages its journal and outbox lines; the group commit writes them together.
+    let stage_counter = Arc::new(StageCounter::default());
+    outbox.group_commit(stage_counter.clone());
+    let outbox = Arc::new(outbox);
+    let mut logs: Vec<Arc<dyn Staged>> = Vec::new();
+    if let Some(j) = journal {
+        j.group_commit(stage_counter.clone());
+        logs.push(j);
+    }
+    logs.push(outbox.clone());
+    let group = Arc::new(GroupCommit::new(logs, stage_counter));
     let (ledger, sink): (LedgerSource, Option<Arc<dyn Sink>>) = match config.ledger_url.as_deref() {
         Some(url) if is_postgres_url(url) => {
             let pg = Arc::new(PostgresSink::new(url).map_err(|e| format!("PREAUTH_LEDGER_URL: {e}"))?);
@@ -154,7 +170,7 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let state = Arc::new(AppState::new(
         config,
         Stores { policy, gatekeeper, counters, budgets, approvals },
-        Ledger { outbox: outbox.clone(), source: ledger },
+        Ledger { outbox: outbox.clone(), source: ledger, group: group.clone() },
         clock,
         pricing,
     ));
@@ -188,7 +204,7 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
 
     let mut syncer = background_service(
         "outbox-syncer",
-        OutboxSyncer::new(outbox.clone(), Some(OutboxMetrics::new(&state.metrics))),
+        OutboxSyncer::new(outbox.clone(), Some(OutboxMetrics::new(&state.metrics))).with_group(group),
     );
     syncer.threads = Some(1);
     server.add_service(syncer);

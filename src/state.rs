@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::clock::Clock;
+use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
 use crate::decide::Tier;
@@ -87,6 +88,8 @@ pub struct AppState {
     pub gatekeeper: Arc<dyn Gatekeeper>,
     /// Durable local outbox of ledger events (`PREAUTH_DATA_DIR/outbox`).
     pub outbox: Arc<Outbox>,
+    /// Group commit of the lines the hot path stages (outbox, embedded budget journal).
+    pub group: Arc<GroupCommit>,
     /// Where `GET /ledger` reads from: Postgres when that is the sink, else the local ledger.
     pub ledger: LedgerSource,
     pub metrics: Metrics,
@@ -117,6 +120,8 @@ pub struct Stores {
 pub struct Ledger {
     pub outbox: Arc<Outbox>,
     pub source: LedgerSource,
+    /// Writes the staged outbox (and embedded journal) lines together.
+    pub group: Arc<GroupCommit>,
 }
 
 impl AppState {
@@ -128,7 +133,7 @@ impl AppState {
         pricing: Arc<PriceTable>,
     ) -> AppState {
         let Stores { policy, gatekeeper, counters, budgets, approvals } = stores;
-        let Ledger { outbox, source: ledger } = ledger;
+        let Ledger { outbox, source: ledger, group } = ledger;
         let metrics = Metrics::new();
         let p = policy.current();
         metrics.policy_version.set(p.version as i64);
@@ -141,6 +146,7 @@ impl AppState {
             approvals,
             gatekeeper,
             outbox,
+            group,
             ledger,
             metrics,
             tiers_seen: TiersSeen::default(),
@@ -198,6 +204,24 @@ impl AppState {
                 false
             }
         }
+    }
+
+    /// Stages `e` for the group commit (`group.commit` writes it before the request goes on).
+    /// `false` when it cannot be recorded (outbox full under the `failsafe` policy).
+    pub fn stage(&self, e: &Event) -> bool {
+        match self.outbox.stage(e) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(error = %err, event_type = e.event_type.as_str(), event_id = %e.event_id, "ledger event not recorded");
+                false
+            }
+        }
+    }
+
+    /// Writes what was staged since `since` now (paths that answer without batching: admin,
+    /// gate API, workers). `false` when some of it could not be written.
+    pub fn commit_now(&self, since: u64) -> bool {
+        self.group.commit_now(since).is_ok()
     }
 
     /// Keeps a gate-API hold's lease until the caller settles it.

@@ -149,7 +149,9 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
         e.details = Some(json!({"trigger": "manual", "idempotency_key": key, "notes": notes}));
         state.emit(&e);
     }
-    match state.budgets.settle(id, actual, now).await {
+    let settled = state.budgets.settle(id, actual, now).await;
+    state.group.flush(); // written before the operator hears of it
+    match settled {
         Ok(SettleOutcome::Settled(s)) => {
             let status = m.record_settlement("manual", s.drift);
             let answer = json!({

@@ -188,6 +188,9 @@ pub struct OutboxStats {
 struct Staging {
     buf: Vec<u8>,
     events: u64,
+    /// Appenders of `buf` that wait for its write and check its outcome (staged lines do not:
+    /// their group commit learns of a failure from `flush_staged`).
+    waiters: u64,
     /// Sequence number of the last staged line.
     last_seq: u64,
     /// Wall time the first line in `buf` was staged.
@@ -221,6 +224,8 @@ struct Writer {
     dirty: bool,
     unsynced: Vec<Arc<File>>,
     dir_dirty: bool,
+    /// A failed batch held staged lines: the next `flush_staged` reports it.
+    staged_lost: bool,
 }
 
 /// Sizes of the segments at one instant, for readers (no lock held while reading).
@@ -412,6 +417,8 @@ pub struct Outbox {
     dropped: AtomicU64,
     parked: AtomicU64,
     appended_signal: tokio::sync::Notify,
+    /// Group-commit mode (`stage`): counts staged lines for the group commit.
+    stage_counter: Option<Arc<crate::commit::StageCounter>>,
 }
 
 fn create_segment(dir: &Path, id: u64) -> io::Result<File> {
@@ -532,6 +539,34 @@ thread_local! {
     static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// `f` of `event` as one JSON line (newline included), in this thread's line buffer.
+fn with_line<T>(event: &Event, f: impl FnOnce(&[u8]) -> T) -> T {
+    LINE.with_borrow_mut(|line| {
+        line.clear();
+        event.write_json(line);
+        line.push(b'\n');
+        let r = f(line);
+        if line.capacity() > 64 * 1024 {
+            *line = Vec::new();
+        }
+        r
+    })
+}
+
+impl crate::commit::Staged for Outbox {
+    fn flush_staged(&self) -> io::Result<()> {
+        let last = self.staging.lock().last_seq;
+        let mut w = self.writer.lock();
+        let written = if w.done_seq < last { self.lead(&mut w) } else { Ok(()) };
+        let lost = std::mem::take(&mut w.staged_lost);
+        written?;
+        if lost {
+            return Err(io::Error::other("staged outbox lines were lost in a failed write"));
+        }
+        Ok(())
+    }
+}
+
 impl Outbox {
     /// Opens (creating) the outbox in `dir` in relay mode, segments deleted once delivered.
     pub fn open(dir: impl AsRef<Path>, max_bytes: u64, full_policy: OutboxFullPolicy) -> io::Result<Outbox> {
@@ -576,6 +611,7 @@ impl Outbox {
             dirty: false,
             unsynced: Vec::new(),
             dir_dirty: false,
+            staged_lost: false,
         };
         let bounds = writer.bounds();
         let mut cache = ReadCache::default();
@@ -600,7 +636,14 @@ impl Outbox {
         }
         Ok(Outbox {
             dir,
-            staging: Mutex::new(Staging { buf: Vec::with_capacity(64 * 1024), events: 0, last_seq: 0, first_ms: 0 }),
+            staging: Mutex::new(Staging {
+                buf: Vec::with_capacity(64 * 1024),
+                events: 0,
+                waiters: 0,
+                last_seq: 0,
+                first_ms: 0,
+            }),
+            stage_counter: None,
             writer: Mutex::new(writer),
             reader: Mutex::new(Reader { cursor, cache, last_read: Vec::new() }),
             undelivered_bytes: AtomicU64::new(undelivered),
@@ -630,49 +673,66 @@ impl Outbox {
     /// takes the failsafe path. Under the `drop` policy a full outbox drops the event and
     /// returns `Ok` (counted as `dropped`).
     pub fn append(&self, event: &Event) -> Result<(), OutboxError> {
-        LINE.with_borrow_mut(|line| {
-            line.clear();
-            event.write_json(line);
-            line.push(b'\n');
-            let r = self.append_line(line);
-            if line.capacity() > 64 * 1024 {
-                *line = Vec::new();
-            }
-            r
+        with_line(event, |line| {
+            let Some(seq) = self.stage_line(line, true)? else { return Ok(()) };
+            self.wait_written(seq)
         })
     }
 
-    fn append_line(&self, line: &[u8]) -> Result<(), OutboxError> {
-        let len = line.len() as u64;
-        let seq = {
-            let mut s = self.staging.lock();
-            if self.opts.relay {
-                // Reserve under the staging lock so concurrent appenders cannot overshoot.
-                let used = self.undelivered_bytes.load(Ordering::Acquire);
-                if used + len > self.opts.max_bytes {
-                    return match self.opts.full_policy {
-                        OutboxFullPolicy::Failsafe => {
-                            Err(OutboxError::Full { undelivered_bytes: used, max_bytes: self.opts.max_bytes })
-                        }
-                        OutboxFullPolicy::Drop => {
-                            self.dropped.fetch_add(1, Ordering::Relaxed);
-                            Ok(())
-                        }
-                    };
+    /// Group-commit mode: stages `event` for the next write, which the caller's group commit
+    /// makes (`flush_staged`) before anything that depends on the event is acknowledged. `Err`:
+    /// the outbox is full under the `failsafe` policy (nothing staged).
+    pub fn stage(&self, event: &Event) -> Result<(), OutboxError> {
+        with_line(event, |line| {
+            if self.stage_line(line, false)?.is_some() {
+                if let Some(c) = &self.stage_counter {
+                    c.staged();
                 }
-                self.undelivered_bytes.fetch_add(len, Ordering::AcqRel);
             }
-            if s.buf.is_empty() {
-                s.first_ms = now_ms();
+            Ok(())
+        })
+    }
+
+    /// Switches [`Outbox::stage`] on: staged lines are counted in `counter`.
+    pub fn group_commit(&mut self, counter: Arc<crate::commit::StageCounter>) {
+        self.stage_counter = Some(counter);
+    }
+
+    /// Puts `line` in the staging buffer; `Ok(None)`: dropped (full, `drop` policy).
+    fn stage_line(&self, line: &[u8], waiter: bool) -> Result<Option<u64>, OutboxError> {
+        let len = line.len() as u64;
+        let mut s = self.staging.lock();
+        if self.opts.relay {
+            // Reserve under the staging lock so concurrent appenders cannot overshoot.
+            let used = self.undelivered_bytes.load(Ordering::Acquire);
+            if used + len > self.opts.max_bytes {
+                return match self.opts.full_policy {
+                    OutboxFullPolicy::Failsafe => {
+                        Err(OutboxError::Full { undelivered_bytes: used, max_bytes: self.opts.max_bytes })
+                    }
+                    OutboxFullPolicy::Drop => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        Ok(None)
+                    }
+                };
             }
-            s.buf.extend_from_slice(line);
-            s.events += 1;
-            s.last_seq += 1;
-            s.last_seq
-        };
+            self.undelivered_bytes.fetch_add(len, Ordering::AcqRel);
+        }
+        if s.buf.is_empty() {
+            s.first_ms = now_ms();
+        }
+        s.buf.extend_from_slice(line);
+        s.events += 1;
+        s.waiters += u64::from(waiter);
+        s.last_seq += 1;
+        Ok(Some(s.last_seq))
+    }
+
+    /// Waits until line `seq` is written (leading the write if no one has): its outcome.
+    fn wait_written(&self, seq: u64) -> Result<(), OutboxError> {
         let mut w = self.writer.lock();
         if w.done_seq < seq {
-            self.lead(&mut w);
+            let _ = self.lead(&mut w);
         }
         if let Some(i) = w.failures.iter().position(|f| f.first <= seq && seq <= f.last) {
             let f = &mut w.failures[i];
@@ -687,15 +747,17 @@ impl Outbox {
     }
 
     /// Writes everything staged (this appender's line included) in one `write(2)`.
-    fn lead(&self, w: &mut Writer) {
+    fn lead(&self, w: &mut Writer) -> io::Result<()> {
         let mut batch = std::mem::take(&mut w.spare);
-        let (events, last_seq, first_ms) = {
+        let (events, waiters, last_seq, first_ms) = {
             let mut s = self.staging.lock();
             std::mem::swap(&mut s.buf, &mut batch);
-            let r = (s.events, s.last_seq, s.first_ms);
+            let r = (s.events, s.waiters, s.last_seq, s.first_ms);
             s.events = 0;
+            s.waiters = 0;
             r
         };
+        let mut result = Ok(());
         let bytes = batch.len() as u64;
         match w.write_batch(&self.dir, &batch, self.opts.segment_bytes) {
             Ok(()) => {
@@ -713,13 +775,17 @@ impl Outbox {
                 if self.opts.relay {
                     self.undelivered_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 }
-                w.failures.push(Failure {
-                    first: last_seq + 1 - events,
-                    last: last_seq,
-                    remaining: events,
-                    kind: e.kind(),
-                    message: e.to_string(),
-                });
+                w.staged_lost |= events > waiters;
+                if waiters > 0 {
+                    w.failures.push(Failure {
+                        first: last_seq + 1 - events,
+                        last: last_seq,
+                        remaining: waiters,
+                        kind: e.kind(),
+                        message: e.to_string(),
+                    });
+                }
+                result = Err(e);
             }
         }
         w.done_seq = last_seq;
@@ -727,6 +793,7 @@ impl Outbox {
         if batch.capacity() <= 4 * 1024 * 1024 {
             w.spare = batch;
         }
+        result
     }
 
     fn bounds(&self) -> Bounds {
@@ -1029,14 +1096,24 @@ impl OutboxMetrics {
 pub struct OutboxSyncer {
     pub outbox: Arc<Outbox>,
     pub metrics: Option<OutboxMetrics>,
+    /// Staged lines are written before each fsync: a backstop for callers that stage and do
+    /// not commit (none should), and the final write at shutdown.
+    pub group: Option<Arc<crate::commit::GroupCommit>>,
 }
 
 impl OutboxSyncer {
     pub fn new(outbox: Arc<Outbox>, metrics: Option<OutboxMetrics>) -> OutboxSyncer {
-        OutboxSyncer { outbox, metrics }
+        OutboxSyncer { outbox, metrics, group: None }
+    }
+
+    pub fn with_group(self, group: Arc<crate::commit::GroupCommit>) -> OutboxSyncer {
+        OutboxSyncer { group: Some(group), ..self }
     }
 
     async fn sync(&self) {
+        if let Some(g) = &self.group {
+            g.flush();
+        }
         let outbox = self.outbox.clone();
         match tokio::task::spawn_blocking(move || outbox.sync()).await {
             Ok(Ok(())) => {}
@@ -1131,6 +1208,28 @@ pub(crate) mod tests {
             o.ack(last).unwrap();
         }
         all
+    }
+
+    #[test]
+    fn staged_events_are_written_by_the_flush_or_the_next_append() {
+        use crate::commit::{StageCounter, Staged};
+        let d = TempDir::new("outbox-staged");
+        let mut o = Outbox::open(&d.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap();
+        let counter = Arc::new(StageCounter::default());
+        o.group_commit(counter);
+        o.stage(&event(1)).unwrap();
+        o.stage(&event(2)).unwrap();
+        assert_eq!((o.depth(), o.read_batch(10).unwrap().len()), (0, 0), "staged, not written");
+        o.flush_staged().unwrap();
+        assert_eq!(o.read_batch(10).unwrap().len(), 2);
+        // An immediate append carries what was staged before it.
+        o.stage(&event(3)).unwrap();
+        o.append(&event(4)).unwrap();
+        let ids: Vec<String> =
+            o.read_batch(10).unwrap().into_iter().map(|(_, e)| e.request_id.unwrap().to_string()).collect();
+        assert_eq!(ids, ["req-1", "req-2", "req-3", "req-4"]);
+        o.flush_staged().unwrap();
+        assert_eq!(o.depth(), 4);
     }
 
     #[test]

@@ -99,32 +99,34 @@ impl VerifiedTokens {
     }
 }
 
-/// Authenticates the caller. The error is a short machine reason for the 401's details.
+/// Authenticates the caller from its request headers. The error is a short machine reason for
+/// the 401's details.
 pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<Caller, &'static str> {
-    identify_cached(identity, headers, now_s, None)
+    identify_cached(identity, |n| header_str(headers, n), now_s, None)
 }
 
-/// [`identify`], reusing (and filling) `cache` for bearer tokens.
-pub fn identify_cached(
+/// [`identify`] over a header lookup (`header(name)`: the first value, trimmed, when non-empty
+/// text), reusing (and filling) `cache` for bearer tokens.
+pub fn identify_cached<'h>(
     identity: &Identity,
-    headers: &HeaderMap,
+    header: impl Fn(&str) -> Option<&'h str>,
     now_s: i64,
     cache: Option<&VerifiedTokens>,
 ) -> Result<Caller, &'static str> {
     match identity {
         Identity::Header => {
-            let tenant = header_str(headers, names::TENANT_ID).ok_or("missing_tenant_header")?;
+            let tenant = header(names::TENANT_ID).ok_or("missing_tenant_header")?;
             if !valid_tenant(tenant) {
                 return Err("invalid_tenant_id");
             }
             Ok(Caller {
                 tenant: tenant.to_string(),
-                claimed_tier: header_str(headers, names::TENANT_TIER).map(str::to_string),
-                user: header_str(headers, names::USER_ID).map(str::to_string),
+                claimed_tier: header(names::TENANT_TIER).map(str::to_string),
+                user: header(names::USER_ID).map(str::to_string),
             })
         }
         Identity::Jwt { secret, audience, tenant_claim, tier_claim } => {
-            let auth = header_str(headers, "authorization").ok_or("missing_bearer_token")?;
+            let auth = header("authorization").ok_or("missing_bearer_token")?;
             let token = auth
                 .strip_prefix("Bearer ")
                 .or_else(|| auth.strip_prefix("bearer "))
@@ -165,7 +167,7 @@ pub fn identify_cached(
 }
 
 pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|s| !s.is_empty())
+    headers.get(name).and_then(|v| super::downstream::header_text(v.as_bytes()))
 }
 
 /// A parsed LLM request body.
@@ -311,24 +313,27 @@ mod tests {
         let claims = json!({"exp": 2000, "nbf": 1500, "aud": "authenticated", "app_metadata": {"tenant_id": "acme"}});
         let h = bearer(claims);
         // Not yet valid: nothing cached.
-        assert_eq!(identify_cached(&id, &h, 1000, Some(&cache)), Err("token_not_yet_valid"));
-        let first = identify_cached(&id, &h, 1600, Some(&cache)).unwrap();
-        assert_eq!(identify_cached(&id, &h, 1601, Some(&cache)), Ok(first));
+        assert_eq!(identify_cached(&id, |n| header_str(&h, n), 1000, Some(&cache)), Err("token_not_yet_valid"));
+        let first = identify_cached(&id, |n| header_str(&h, n), 1600, Some(&cache)).unwrap();
+        assert_eq!(identify_cached(&id, |n| header_str(&h, n), 1601, Some(&cache)), Ok(first));
         // A hit still honours `exp` and `nbf`.
-        assert_eq!(identify_cached(&id, &h, 2000, Some(&cache)), Err("token_expired"));
-        assert_eq!(identify_cached(&id, &h, 1000, Some(&cache)), Err("token_not_yet_valid"));
+        assert_eq!(identify_cached(&id, |n| header_str(&h, n), 2000, Some(&cache)), Err("token_expired"));
+        assert_eq!(identify_cached(&id, |n| header_str(&h, n), 1000, Some(&cache)), Err("token_not_yet_valid"));
         // A token differing in one signature byte is verified afresh, never served from the cache.
         let auth = h.get("authorization").unwrap().to_str().unwrap().to_string();
         let last = auth.chars().last().unwrap();
         let forged = format!("{}{}", &auth[..auth.len() - 1], if last == 'A' { 'B' } else { 'A' });
         let mut f = HeaderMap::new();
         f.insert("authorization", HeaderValue::from_str(&forged).unwrap());
-        assert!(identify_cached(&id, &f, 1600, Some(&cache)).is_err());
+        assert!(identify_cached(&id, |n| header_str(&f, n), 1600, Some(&cache)).is_err());
         // Bounded: more tokens than capacity never grow a shard past its share.
         for i in 0..100 {
             let h =
                 bearer(json!({"exp": 2000, "aud": "authenticated", "app_metadata": {"tenant_id": format!("t{i}")}}));
-            assert_eq!(identify_cached(&id, &h, 1600, Some(&cache)).unwrap().tenant, format!("t{i}"));
+            assert_eq!(
+                identify_cached(&id, |n| header_str(&h, n), 1600, Some(&cache)).unwrap().tenant,
+                format!("t{i}")
+            );
         }
         assert!(cache.shards.iter().all(|s| s.lock().len() <= 2));
     }

@@ -5,12 +5,11 @@
 //!
 //! Owns: `GateRoute`, `PreauthProxy::serve_gate`. Imports: proxy internals, decide, store::budget.
 
-use bytes::Bytes;
 use http::Method;
 use pingora::prelude::*;
-use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
+use super::downstream::Downstream;
 use super::respond::{render, Refusal};
 use super::{PreauthProxy, RequestCtx};
 use crate::decide::pricing::cost;
@@ -20,7 +19,7 @@ use crate::ledger::event::EventType;
 use crate::store::budget::{ReservationState, SettleOutcome};
 
 /// Largest gate-API body read (the embedded request plus a little).
-const MAX_GATE_BODY: usize = 16 << 20;
+const MAX_GATE_BODY: u64 = 16 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GateRoute {
@@ -47,37 +46,28 @@ fn other(status: u16, code: &'static str, message: impl Into<String>) -> Refusal
 
 impl PreauthProxy {
     /// Answers a gate-API call completely (the caller already passed identity).
-    pub(super) async fn serve_gate(
+    pub(super) async fn serve_gate<D: Downstream>(
         &self,
-        session: &mut ServerSession,
+        d: &mut D,
         ctx: &mut RequestCtx,
         route: GateRoute,
     ) -> Result<()> {
-        let limit = (self.state.config.max_body_bytes as usize).min(MAX_GATE_BODY);
-        let mut body = Vec::new();
-        super::continue_if_expected(session).await?;
-        while let Some(chunk) = session.read_request_body().await? {
-            if body.len() + chunk.len() > limit {
-                let r = render(&Refusal::TooLarge { limit: limit as u64 }, &ctx.request_id);
-                return self.respond(session, ctx, &r).await;
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let limit = self.state.config.max_body_bytes.min(MAX_GATE_BODY);
+        let Some(body) = d.read_body(limit).await? else {
+            return self.respond(d, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await;
+        };
         let answer = match route {
             GateRoute::Decide => self.gate_decide(ctx, &body).await,
             GateRoute::Settle(id) => self.gate_settle(ctx, &id, &body).await,
         };
         match answer {
-            Ok(v) => self.respond_json(session, ctx, 200, &v).await,
-            Err(refusal) => self.respond(session, ctx, &render(&refusal, &ctx.request_id)).await,
+            Ok(v) => {
+                let body = serde_json::to_vec(&v).expect("JSON value serialises");
+                let (headers, n) = super::json_headers(ctx, ctx.verdict, None, None);
+                d.answer(200, &headers[..n], &body).await
+            }
+            Err(refusal) => self.respond(d, ctx, &render(&refusal, &ctx.request_id)).await,
         }
-    }
-
-    async fn respond_json(&self, session: &mut ServerSession, ctx: &RequestCtx, status: u16, v: &Value) -> Result<()> {
-        let body = Bytes::from(serde_json::to_vec(v).expect("JSON value serialises"));
-        let resp = super::json_header(status, body.len(), ctx, ctx.verdict)?;
-        session.write_response_header(Box::new(resp)).await?;
-        session.write_response_body(body, true).await
     }
 
     /// `{"route": "/v1/chat/completions", "request": {...}}` → the decision, HTTP 200 for every
@@ -170,7 +160,9 @@ impl PreauthProxy {
         if !self.state.emit(&e) {
             return Err(other(503, "enforcement_unavailable", "The settlement could not be recorded. Retry."));
         }
-        match self.state.budgets.settle(id, actual, now).await {
+        let settled = self.state.budgets.settle(id, actual, now).await;
+        self.state.group.flush(); // written before the caller hears of it
+        match settled {
             Ok(SettleOutcome::Settled(s)) => {
                 if let Some(t) = self.state.take_gate_lease(id) {
                     let _ = self.state.counters.release_lease(&t).await;

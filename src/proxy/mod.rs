@@ -20,6 +20,7 @@
 //! Imports: decide, store traits, telemetry, state, config. Nothing imports this but `server`.
 
 pub mod ctx;
+pub mod downstream;
 pub mod extract;
 pub mod gate;
 pub mod h1;
@@ -50,6 +51,7 @@ use crate::store::budget::{ReserveOutcome, ReserveRequest};
 use crate::store::{AdmitRequest, StoreError, Ticket};
 use crate::telemetry::{audit, status_class};
 pub use ctx::RequestCtx;
+use downstream::Downstream;
 use extract::names;
 use respond::{render, Refusal, Rendered};
 use spend::SpendCtx;
@@ -94,33 +96,22 @@ impl PreauthProxy {
     }
 
     /// Writes a sidecar-made error response.
-    async fn respond(&self, session: &mut ServerSession, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
-        let mut resp = json_header(r.status, r.body.len(), ctx, Some(r.verdict))?;
-        resp.insert_header(names::ERROR, r.code)?;
-        if let Some(s) = r.retry_after {
-            resp.insert_header("retry-after", s.to_string())?;
-        }
-        if !session.is_body_done() {
-            // The unread body would poison a reused connection.
-            session.set_keepalive(None);
-        }
-        session.write_response_header(Box::new(resp)).await?;
-        session.write_response_body(r.body.clone(), true).await?;
-        Ok(())
+    async fn respond<D: Downstream>(&self, d: &mut D, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
+        let mut retry = itoa::Buffer::new();
+        let retry = r.retry_after.map(|s| retry.format(s));
+        let (headers, n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry);
+        d.answer(r.status, &headers[..n], &r.body).await
     }
 
     fn now_s(&self) -> i64 {
         (self.state.clock.now_ms() / 1000) as i64
     }
 
-    /// The JSON 400 for a request whose head could not be parsed (no request to route); the
-    /// connection is closed after it.
-    pub(crate) async fn respond_malformed(&self, session: &mut ServerSession) -> Result<()> {
+    /// The JSON 400 for a request whose head could not be parsed (no request to route).
+    pub(crate) fn malformed(&self) -> (RequestCtx, Rendered) {
         let ctx = RequestCtx::new();
         let r = render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id);
-        let mut resp = json_header(r.status, r.body.len(), &ctx, Some(r.verdict))?;
-        resp.insert_header(names::ERROR, r.code)?;
-        session.write_error_response(resp, r.body.clone()).await
+        (ctx, r)
     }
 
     /// Steps 2–9 for a complete body. `Ok(())` = admitted (body rewrite in `ctx.new_body`, the
@@ -128,6 +119,8 @@ impl PreauthProxy {
     async fn decide_body(&self, ctx: &mut RequestCtx, body: &[u8]) -> std::result::Result<(), Refusal> {
         let route = ctx.route.expect("only inspected routes carry a body decision");
         let req = extract::parse_body(route, body).map_err(Refusal::InvalidRequest)?;
+        // Everything this decision stages (hold, events) is committed before it is acted on.
+        let since = self.state.group.mark();
         let caller = ctx.caller.clone().expect("identity checked before the body");
         let policy = self.state.policy.current();
         let source = policy.source_of(ctx.source_header.as_deref()).to_string();
@@ -319,22 +312,28 @@ impl PreauthProxy {
         ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));
         ev.request_fingerprint = fp.clone();
         ev.approval_id = ctx.approval_id.clone();
-        if !self.state.emit(&ev) {
-            self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "outbox_unavailable"]).inc();
-            decision = decide::failsafe(mode);
-        }
-        if let (true, Some(id)) = (decision.is_allow(), consumed_approval) {
+        let mut recorded = self.state.stage(&ev);
+        if let (true, true, Some(id)) = (recorded, decision.is_allow(), consumed_approval) {
             let mut e = event_of(EventType::ApprovalConsumed);
             e.approval_id = Some(id);
             e.request_fingerprint = fp.clone();
-            self.state.emit(&e);
+            self.state.stage(&e);
+        }
+        // The hold and the events staged above are written (with those of every request served
+        // in this turn) before anything is forwarded or answered.
+        recorded &= self.state.group.commit(since).await.is_ok();
+        if !recorded {
+            self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "outbox_unavailable"]).inc();
+            decision = decide::failsafe(mode);
         }
 
         let ticket = self.settle_admission(decision.is_allow(), ticket).await;
         if !decision.is_allow() {
             if let Some(r) = spend.reservation.take() {
                 // A hold taken before a later refusal: give it back at once.
+                let since = self.state.group.mark();
                 let _ = self.state.budgets.release(&r.id, self.state.clock.now_ms()).await;
+                let _ = self.state.group.commit(since).await;
             }
         }
         self.observe(ctx, &caller.tenant, &policy, &decision, route);
@@ -554,28 +553,33 @@ impl PreauthProxy {
     }
 }
 
-/// Answers `Expect: 100-continue` (HTTP/1.1) right before the body is read, so that clients that
-/// wait for it (curl, SDKs sending large bodies) send the body at once, not after their timeout.
-pub(crate) async fn continue_if_expected(session: &mut ServerSession) -> Result<()> {
-    let expects =
-        session.req_header().headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects && session.as_http1().is_some() && session.response_written().is_none() && !session.is_body_done() {
-        session.write_response_header(Box::new(ResponseHeader::build(100, Some(0))?)).await?;
-    }
-    Ok(())
-}
-
-/// The header of a sidecar-made JSON answer: type, length, no caching, request id, decision.
-fn json_header(status: u16, len: usize, ctx: &RequestCtx, verdict: Option<Verdict>) -> Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(status, Some(8))?;
-    resp.insert_header("content-type", "application/json")?;
-    resp.insert_header("content-length", len.to_string())?;
-    resp.insert_header("cache-control", "no-store")?;
-    resp.insert_header(names::REQUEST_ID, ctx.request_id.as_str())?;
+/// The headers of a sidecar-made JSON answer (`content-length` is the driver's): type, no
+/// caching, request id, decision, error code, `retry-after`.
+fn json_headers<'a>(
+    ctx: &'a RequestCtx,
+    verdict: Option<Verdict>,
+    error: Option<&'static str>,
+    retry_after: Option<&'a str>,
+) -> ([(&'static str, &'a str); 6], usize) {
+    let mut h = [("", ""); 6];
+    let mut n = 0;
+    let mut add = |name: &'static str, value: &'a str| {
+        h[n] = (name, value);
+        n += 1;
+    };
+    add("content-type", "application/json");
+    add("cache-control", "no-store");
+    add(names::REQUEST_ID, ctx.request_id.as_str());
     if let Some(v) = verdict {
-        resp.insert_header(names::DECISION, v.as_str())?;
+        add(names::DECISION, v.as_str());
     }
-    Ok(resp)
+    if let Some(code) = error {
+        add(names::ERROR, code);
+    }
+    if let Some(s) = retry_after {
+        add("retry-after", s);
+    }
+    (h, n)
 }
 
 /// What step 9 found.
@@ -620,35 +624,28 @@ fn uuid_sample(id: &str) -> u16 {
 /// The phases, on the downstream session alone: pingora's proxy (`ProxyHttp` below) and the
 /// lean HTTP/1 driver (`h1`) both call these, so every rule lives once.
 impl PreauthProxy {
-    /// Route, identity, size, and — for small bodies — the whole decision. `Ok(true)` = answered.
-    pub(crate) async fn inspect(&self, session: &mut ServerSession, ctx: &mut RequestCtx) -> Result<bool> {
-        let (route, passthrough, content_length) = {
-            let h = session.req_header();
-            let path = h.uri.path();
-            let route = (h.method == http::Method::POST).then(|| Route::from_path(path)).flatten();
-            let passthrough =
-                h.method == http::Method::GET && (path == "/v1/models" || path.starts_with("/v1/models/"));
-            let cl = extract::header_str(&h.headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-            (route, passthrough, cl)
+    /// Route, identity, size, and — when the driver can forward what it read (or the body is
+    /// small enough for pingora's retry buffer) — the whole decision. `Ok(true)` = answered.
+    pub(crate) async fn inspect<D: Downstream>(&self, d: &mut D, ctx: &mut RequestCtx) -> Result<bool> {
+        let (route, passthrough, gate) = {
+            let (method, path) = (d.method(), d.path());
+            let route = (method == http::Method::POST).then(|| Route::from_path(path)).flatten();
+            let passthrough = method == http::Method::GET && (path == "/v1/models" || path.starts_with("/v1/models/"));
+            (route, passthrough, gate::GateRoute::parse(method, path))
         };
-        let gate = gate::GateRoute::parse(&session.req_header().method, session.req_header().uri.path());
         if route.is_none() && !passthrough && gate.is_none() {
-            self.respond(session, ctx, &render(&Refusal::RouteNotFound, &ctx.request_id)).await?;
+            self.respond(d, ctx, &render(&Refusal::RouteNotFound, &ctx.request_id)).await?;
             return Ok(true);
         }
         ctx.route = route;
         ctx.passthrough = passthrough;
 
-        let caller = extract::identify_cached(
-            &self.state.config.identity,
-            &session.req_header().headers,
-            self.now_s(),
-            Some(&self.tokens),
-        );
+        let caller =
+            extract::identify_cached(&self.state.config.identity, |n| d.header(n), self.now_s(), Some(&self.tokens));
         match caller {
             Ok(c) => ctx.caller = Some(c),
             Err(why) => {
-                self.respond(session, ctx, &render(&Refusal::Unauthenticated(why), &ctx.request_id)).await?;
+                self.respond(d, ctx, &render(&Refusal::Unauthenticated(why), &ctx.request_id)).await?;
                 return Ok(true);
             }
         }
@@ -656,39 +653,46 @@ impl PreauthProxy {
             return Ok(false);
         }
         if let Some(g) = gate {
-            Box::pin(self.serve_gate(session, ctx, g)).await?; // boxed: a large, rarer future
+            Box::pin(self.serve_gate(d, ctx, g)).await?; // boxed: a large, rarer future
             return Ok(true);
         }
-        ctx.source_header = extract::header_str(&session.req_header().headers, names::SOURCE).map(str::to_string);
-        ctx.approval_token =
-            extract::header_str(&session.req_header().headers, names::APPROVAL_TOKEN).map(str::to_string);
+        ctx.source_header = d.header(names::SOURCE).map(str::to_string);
+        ctx.approval_token = d.header(names::APPROVAL_TOKEN).map(str::to_string);
 
         let limit = self.state.config.max_body_bytes;
+        let content_length = d.header("content-length").and_then(|v| v.parse::<u64>().ok());
         match content_length {
             Some(n) if n > limit => {
-                self.respond(session, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await?;
+                self.respond(d, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await?;
                 Ok(true)
             }
-            Some(n) if n <= RETRY_BUFFER_LIMIT => {
-                continue_if_expected(session).await?;
-                session.enable_retry_buffering();
-                let mut body = Vec::with_capacity(n as usize);
-                while let Some(chunk) = session.read_request_body().await? {
-                    body.extend_from_slice(&chunk);
-                }
-                // Boxed: the decision's future is ~4 KiB; unboxed it would be part of (and moved
-                // with) every request's future.
-                match Box::pin(self.decide_body(ctx, &body)).await {
-                    Ok(()) => Ok(false),
-                    Err(refusal) => {
-                        self.respond(session, ctx, &render(&refusal, &ctx.request_id)).await?;
-                        Ok(true)
-                    }
-                }
-            }
+            Some(n) if n <= RETRY_BUFFER_LIMIT || d.forwards_read_body() => self.read_and_decide(d, ctx, limit).await,
+            _ if d.forwards_read_body() => self.read_and_decide(d, ctx, limit).await,
             _ => {
                 ctx.deferred = true;
                 Ok(false)
+            }
+        }
+    }
+
+    /// Reads the whole body and decides. `Ok(true)` = refused (answered).
+    async fn read_and_decide<D: Downstream>(&self, d: &mut D, ctx: &mut RequestCtx, limit: u64) -> Result<bool> {
+        let Some(body) = d.read_body(limit).await? else {
+            self.respond(d, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await?;
+            return Ok(true);
+        };
+        // Boxed: the decision's future is ~4 KiB; unboxed it would be part of (and moved
+        // with) every request's future.
+        match Box::pin(self.decide_body(ctx, &body)).await {
+            Ok(()) => {
+                if ctx.new_body.is_none() {
+                    ctx.new_body = Some(body);
+                }
+                Ok(false)
+            }
+            Err(refusal) => {
+                self.respond(d, ctx, &render(&refusal, &ctx.request_id)).await?;
+                Ok(true)
             }
         }
     }
@@ -754,12 +758,11 @@ impl PreauthProxy {
     }
 
     /// The upstream answered: remember its status and start reading usage from a success.
-    pub(crate) fn on_upstream_response(&self, resp: &ResponseHeader, ctx: &mut RequestCtx) {
-        let status = resp.status.as_u16();
+    pub(crate) fn on_upstream_response(&self, status: u16, content_type: Option<&str>, ctx: &mut RequestCtx) {
         ctx.upstream_status = Some(status);
         if (200..300).contains(&status) {
             if let Some(spend) = ctx.spend.as_mut() {
-                spend.start_scan(resp.headers.get("content-type").and_then(|v| v.to_str().ok()));
+                spend.start_scan(content_type);
             }
         }
     }
@@ -798,12 +801,12 @@ impl PreauthProxy {
         Ok(())
     }
 
-    /// A request that failed after `inspect`: writes the deferred refusal, the 400 or the 502
-    /// when nothing was written yet. Returns the status written (0 = none).
-    pub(crate) async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> u16 {
-        let rendered = match ctx.pending_refusal.take() {
+    /// What to answer for a request that failed after `inspect` (`answered`: a final response
+    /// header was already written, so nothing can be): the deferred refusal, the 400, or the 502.
+    pub(crate) fn failure_answer(&self, e: &Error, ctx: &mut RequestCtx, answered: bool) -> Option<Rendered> {
+        match ctx.pending_refusal.take() {
             Some(r) => Some(*r),
-            None if session.response_written().is_some_and(|h| !h.status.is_informational()) => None,
+            None if answered => None,
             None => match e.esource() {
                 ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
                 ErrorSource::Downstream => None,
@@ -812,8 +815,13 @@ impl PreauthProxy {
                     _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
                 },
             },
-        };
-        match rendered {
+        }
+    }
+
+    /// pingora's path: writes [`Self::failure_answer`]; returns the status written (0 = none).
+    async fn fail(&self, session: &mut ServerSession, e: &Error, ctx: &mut RequestCtx) -> u16 {
+        let answered = session.response_written().is_some_and(|h| !h.status.is_informational());
+        match self.failure_answer(e, ctx, answered) {
             Some(r) => {
                 if let Err(we) = self.respond(session, ctx, &r).await {
                     tracing::debug!(error = %we, "could not write error response; client gone");
@@ -825,7 +833,8 @@ impl PreauthProxy {
     }
 
     /// Runs for every request, whatever happened: settles, frees the concurrency lease, counts.
-    pub(crate) async fn finish(&self, e: Option<&Error>, ctx: &mut RequestCtx) {
+    pub(crate) async fn finish(&self, ctx: &mut RequestCtx) {
+        let since = self.state.group.mark();
         if ctx.gate {
             // Gate API: the caller settles its own hold later; the lease lives until then.
             if let (Some(t), Some(r)) = (ctx.ticket.take(), ctx.spend.as_ref().and_then(|s| s.reservation.as_ref())) {
@@ -843,12 +852,16 @@ impl PreauthProxy {
             }
         }
         if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
-            let class = match (ctx.upstream_status, e) {
-                (Some(s), _) => status_class(Some(s)),
-                (None, _) => "error",
+            let class = match ctx.upstream_status {
+                Some(s) => status_class(Some(s)),
+                None => "error",
             };
             self.state.metrics.upstream_responses.with_label_values(&[class]).inc();
         }
+        // The settlement (journal and event) is written before the connection takes its next
+        // request. A failure is logged by the group commit; the events are lost, the hold stays
+        // for the sweep.
+        let _ = self.state.group.commit(since).await;
     }
 
     /// The configured gateway, with the connect and I/O timeouts.
@@ -939,7 +952,8 @@ impl ProxyHttp for PreauthProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.on_upstream_response(resp, ctx);
+        let content_type = resp.headers.get("content-type").and_then(|v| v.to_str().ok());
+        self.on_upstream_response(resp.status.as_u16(), content_type, ctx);
         Ok(())
     }
 
@@ -973,7 +987,7 @@ impl ProxyHttp for PreauthProxy {
         ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_))
     }
 
-    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        self.finish(e, ctx).await;
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.finish(ctx).await;
     }
 }

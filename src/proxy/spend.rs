@@ -41,7 +41,7 @@ impl SpendCtx {
 }
 
 /// Settles a finished request: charge the real cost and release the rest, or release everything
-/// when the upstream did not answer 2xx. A settlement takes the concurrency lease (`lease`) along,
+/// when the upstream did not answer 2xx. Events and journal lines are staged: the caller commits. A settlement takes the concurrency lease (`lease`) along,
 /// in the same store round trip, and leaves `None`; otherwise the lease stays for the caller.
 pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: &mut Option<Ticket>) {
     let now = state.clock.now_ms();
@@ -56,7 +56,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
             e.details = Some(
                 serde_json::json!({"reason": if upstream_status.is_some() { "upstream_error" } else { "no_response" }}),
             );
-            state.emit(&e);
+            state.stage(&e);
         }
         match state.budgets.release(&r.id, now).await {
             Ok(_) => m.reconciliations.with_label_values(&["usage", "released"]).inc(),
@@ -93,7 +93,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         e.usage = Some(usage);
         e.usage_source = Some(usage_source.to_string().into());
         e.upstream_status = upstream_status;
-        state.emit(&e);
+        state.stage(&e);
     }
     match reservation {
         Some(r) => match settle_release(state, &r.id, actual, now, lease).await {

@@ -67,6 +67,7 @@ use super::budget::{
 use super::compact::{Id, IdRing, LabelTable, Labels};
 use super::journal::{create_append, sync_dir, Journal};
 use super::StoreError;
+use crate::commit::{StageCounter, Staged};
 use crate::decide::time::{Month, MS_PER_DAY};
 use crate::decide::{FastMap, Micros, UnixMillis};
 
@@ -710,14 +711,23 @@ fn unavailable(e: io::Error) -> StoreError {
 struct Inner {
     state: State,
     journal: Option<Journal>,
+    /// Group-commit mode: entries are staged and counted here, and written by the group commit.
+    staged: Option<Arc<StageCounter>>,
 }
 
 impl Inner {
-    /// Writes the entries (if durable). Returns whether a compaction is due.
+    /// Writes the entries (if durable), or stages them in group-commit mode. Returns whether a
+    /// compaction is due.
     fn log(&mut self, entries: &[Entry<'_>]) -> Result<bool, StoreError> {
-        match &mut self.journal {
-            Some(j) => j.append_with(|buf| entries.iter().try_for_each(|e| entry_line(buf, e))).map_err(unavailable),
-            None => Ok(false),
+        let lines = |buf: &mut Vec<u8>| entries.iter().try_for_each(|e| entry_line(buf, e));
+        match (&mut self.journal, &self.staged) {
+            (Some(j), Some(counter)) => {
+                j.stage_with(lines).map_err(unavailable)?;
+                counter.staged();
+                Ok(false)
+            }
+            (Some(j), None) => j.append_with(lines).map_err(unavailable),
+            (None, _) => Ok(false),
         }
     }
 }
@@ -770,11 +780,18 @@ impl MemoryBudgets {
     fn build(state: State, journal: Option<Journal>, opts: BudgetsOptions) -> MemoryBudgets {
         MemoryBudgets {
             shared: Arc::new(Shared {
-                inner: Mutex::new(Inner { state, journal }),
+                inner: Mutex::new(Inner { state, journal, staged: None }),
                 opts,
                 compacting: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Switches to group-commit mode: changes are applied at once but their journal lines are
+    /// staged (counted in `counter`) and written by [`Staged::flush_staged`], which the caller's
+    /// group commit runs before anything that depends on them is acknowledged.
+    pub fn group_commit(&self, counter: Arc<StageCounter>) {
+        self.shared.inner.lock().staged = Some(counter);
     }
 
     /// Flushes the journal to stable storage (fsync). Call it periodically from a background
@@ -944,8 +961,22 @@ impl MemoryBudgets {
     }
 }
 
+impl Staged for MemoryBudgets {
+    fn flush_staged(&self) -> io::Result<()> {
+        let compact = match self.shared.inner.lock().journal.as_mut() {
+            Some(j) => j.flush_staged()?,
+            None => false,
+        };
+        self.after_write(compact);
+        Ok(())
+    }
+}
+
 impl Drop for MemoryBudgets {
     fn drop(&mut self) {
+        if let Err(e) = self.flush_staged() {
+            tracing::warn!(error = %e, "budget journal: writing staged lines at close failed");
+        }
         if let Err(e) = self.sync() {
             tracing::warn!(error = %e, "budget journal: final sync failed");
         }

@@ -541,6 +541,35 @@ fn populate(b: &MemoryBudgets) -> (Reservation, Reservation) {
 }
 
 #[test]
+fn group_commit_mode_writes_at_the_flush_in_one_piece() {
+    use crate::commit::{StageCounter, Staged};
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    let counter = Arc::new(StageCounter::default());
+    b.group_commit(counter.clone());
+    let path = dir.0.join(JOURNAL_FILE);
+    let base = b.journal_len();
+    let before = b.dump();
+    let (open, done) = populate(&b);
+    // Applied at once, written only at the flush.
+    assert_ne!(b.dump(), before);
+    assert_eq!((b.journal_len(), fs::metadata(&path).unwrap().len()), (base, base));
+    assert!(!fs::read_to_string(&path).unwrap().contains(&open.id));
+    b.flush_staged().unwrap();
+    assert!(b.journal_len() > base);
+    let (replayed, skipped) = State::replay(&fs::read(&path).unwrap(), &BudgetsOptions::default());
+    assert_eq!((replayed.dump(), skipped), (b.dump(), 0));
+    assert!(replayed.active.contains_key(&Id::new(&open.id)) && replayed.finished.contains(&Id::new(&done.id)));
+    // Closing writes what is still staged.
+    let later = reserved(b.reserve_now(&req("gamma", t0() + 10, BUDGET, 5, None)).unwrap());
+    let state = b.dump();
+    drop(b);
+    let reopened = MemoryBudgets::open(&dir.0).unwrap();
+    assert_eq!(reopened.dump(), state);
+    assert!(reopened.get_now(&later.id).is_some());
+}
+
+#[test]
 fn reopen_restores_spend_active_and_finished() {
     let dir = TempDir::new();
     let b = MemoryBudgets::open(&dir.0).unwrap();

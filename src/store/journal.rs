@@ -1,6 +1,8 @@
 //! The append-only journal shared by the embedded stores (budgets, approvals): one JSON line per
-//! change, written with one `write_all` before the store answers (so a SIGKILL loses nothing),
-//! a failed write cut off again, and the compaction threshold. Snapshot contents, replay and
+//! change, written with one `write_all` before the store answers (so a SIGKILL loses nothing) —
+//! or, for a store in group-commit mode, staged and written by the group commit (`crate::commit`)
+//! before the request it belongs to goes on — a failed write cut off again, and the compaction
+//! threshold. Snapshot contents, replay and
 //! compaction policy stay with each store.
 //!
 //! Owns: `Journal`, `push_line`, `create_append`, `sync_dir`, `install`. Imports: std, serde.
@@ -22,6 +24,10 @@ pub(crate) struct Journal {
     /// A failed write could not be cut off: truncate to `len` before the next one.
     pub(crate) dirty: bool,
     buf: Vec<u8>,
+    /// Lines staged for the next group commit (`stage_with`), not yet written.
+    staged: Vec<u8>,
+    /// Staged lines were dropped by a failed `append_with`: the next `flush_staged` fails.
+    staged_lost: bool,
 }
 
 impl Journal {
@@ -50,6 +56,8 @@ impl Journal {
             compact_above,
             dirty: false,
             buf: Vec::new(),
+            staged: Vec::new(),
+            staged_lost: false,
         })
     }
 
@@ -70,18 +78,61 @@ impl Journal {
     }
 
     /// [`Journal::append`] of the lines `write` puts into the buffer (newline-terminated).
+    /// Lines staged before go out first, in the same write.
     pub(crate) fn append_with(&mut self, write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<bool> {
         self.repair()?;
-        self.buf.clear();
-        write(&mut self.buf)?;
-        if let Err(e) = (&*self.file).write_all(&self.buf) {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let r = write(&mut buf).and_then(|()| {
+            if self.staged.is_empty() {
+                return self.write_out(&buf);
+            }
+            self.staged.extend_from_slice(&buf);
+            let r = self.flush_staged();
+            if r.is_err() {
+                // The staged lines went down with this write: their group commit must hear of it.
+                self.staged_lost = true;
+            }
+            r
+        });
+        buf.clear();
+        if buf.capacity() <= 1 << 16 {
+            self.buf = buf;
+        }
+        r
+    }
+
+    /// Stages the lines `write` puts into the buffer for the next write (a group commit's
+    /// `flush_staged`, or the next `append_with`). Nothing is written yet.
+    pub(crate) fn stage_with(&mut self, write: impl FnOnce(&mut Vec<u8>) -> io::Result<()>) -> io::Result<()> {
+        let mark = self.staged.len();
+        write(&mut self.staged).inspect_err(|_| self.staged.truncate(mark))
+    }
+
+    /// Writes the staged lines with one `write_all` (on failure they are not in the file, and
+    /// are dropped). Returns whether the journal has grown enough to be compacted.
+    pub(crate) fn flush_staged(&mut self) -> io::Result<bool> {
+        if std::mem::take(&mut self.staged_lost) {
+            return Err(io::Error::other("staged journal lines were lost in a failed write"));
+        }
+        if self.staged.is_empty() {
+            return Ok(false);
+        }
+        let mut staged = std::mem::take(&mut self.staged);
+        let r = self.repair().and_then(|()| self.write_out(&staged));
+        staged.clear();
+        if staged.capacity() <= 1 << 16 {
+            self.staged = staged;
+        }
+        r
+    }
+
+    fn write_out(&mut self, bytes: &[u8]) -> io::Result<bool> {
+        if let Err(e) = (&*self.file).write_all(bytes) {
             self.dirty = self.file.set_len(self.len).is_err();
             return Err(e);
         }
-        self.len += self.buf.len() as u64;
-        if self.buf.capacity() > 1 << 16 {
-            self.buf = Vec::new();
-        }
+        self.len += bytes.len() as u64;
         Ok(self.len > self.compact_above.max(self.base_len.saturating_mul(2)))
     }
 }

@@ -79,7 +79,9 @@ pub async fn release_overdue(
 ) -> Vec<crate::store::budget::Reservation> {
     let m = &state.metrics;
     let cutoff = now.saturating_sub(older_than_seconds * 1000);
-    let released = match state.budgets.expire(cutoff, now).await {
+    let expired = state.budgets.expire(cutoff, now).await;
+    state.group.flush();
+    let released = match expired {
         Ok(r) => r,
         Err(e) => {
             m.store_errors.with_label_values(&["expire"]).inc();

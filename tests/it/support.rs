@@ -103,11 +103,12 @@ pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &s
     let parts = Parts {
         clock: Arc::new(SystemClock),
         counters,
-        budgets,
+        budgets: budgets.clone(),
         approvals,
         policy: None,
         gatekeeper: None,
         health: None,
+        journal: Some(budgets),
     };
     let built = server::build_with(cfg, parts).unwrap();
     let running = server::spawn(built);

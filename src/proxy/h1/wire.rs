@@ -1,0 +1,735 @@
+//! The HTTP/1.1 wire format (RFC 9112) as the sidecar's driver needs it, with no I/O: request
+//! heads (parsed by `httparse` into offsets of the connection's buffer, so nothing is copied or
+//! allocated per header), response heads from the gateway, chunked coding, and how an answer's
+//! body is relayed to the client (as framed, de-chunked for HTTP/1.0 clients, or chunked when the
+//! gateway closes to delimit it).
+//!
+//! Owns: `RequestHead`, `ResponseHead`, `Fields`, `Chunked`, `Relay`, `Framing`. Imports:
+//! httparse, http (method), the proxy's header-text rule.
+
+use http::Method;
+
+use crate::proxy::downstream::header_text;
+
+/// Largest request or response head accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header lines accepted in one head.
+pub const MAX_HEADERS: usize = 128;
+/// Longest chunk-size line (with extensions) and the most trailer bytes accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// Why a message cannot be read: the client gets the JSON 400 (a request) or the 502 (an
+/// answer from the gateway).
+pub type Malformed = &'static str;
+
+/// Header lines of one head, as offsets into the buffer the head was parsed from. Kept by the
+/// connection and reused for every message.
+#[derive(Default)]
+pub struct Fields {
+    /// (name start, name end, value start, value end).
+    spans: Vec<[u32; 4]>,
+}
+
+impl Fields {
+    fn fill(&mut self, buf: &[u8], headers: &[httparse::Header<'_>]) {
+        self.spans.clear();
+        let base = buf.as_ptr() as usize;
+        for h in headers {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            self.spans.push([n as u32, (n + h.name.len()) as u32, v as u32, (v + h.value.len()) as u32]);
+        }
+    }
+
+    /// Every (name as sent, raw value) in order.
+    pub fn iter<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = (&'b [u8], &'b [u8])> + 'b {
+        self.spans.iter().map(move |s| (&buf[s[0] as usize..s[1] as usize], &buf[s[2] as usize..s[3] as usize]))
+    }
+
+    /// Every raw value of header `name` (any case).
+    pub fn values<'b, 'n>(&'b self, buf: &'b [u8], name: &'n str) -> impl Iterator<Item = &'b [u8]> + use<'b, 'n> {
+        self.iter(buf).filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
+    }
+
+    /// The first value of `name` as header text (see `header_text`).
+    pub fn get<'b>(&'b self, buf: &'b [u8], name: &str) -> Option<&'b str> {
+        self.values(buf, name).next().and_then(header_text)
+    }
+
+    /// Whether a comma-separated token list in any `name` line holds `token` (any case).
+    fn has_token(&self, buf: &[u8], name: &str, token: &str) -> bool {
+        self.values(buf, name)
+            .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
+    }
+
+    /// The `content-length` (every line and list element must agree), `None` when absent.
+    fn content_length(&self, buf: &[u8]) -> Result<Option<u64>, Malformed> {
+        let mut found = None;
+        for v in self.values(buf, "content-length") {
+            for part in v.split(|&b| b == b',') {
+                let n = parse_decimal(part.trim_ascii()).ok_or("invalid content-length")?;
+                if found.is_some_and(|f| f != n) {
+                    return Err("conflicting content-length");
+                }
+                found = Some(n);
+            }
+        }
+        Ok(found)
+    }
+
+    /// `Some(true)`: the last transfer coding is `chunked`; `Some(false)`: another coding is
+    /// last; `None`: no `transfer-encoding`.
+    fn chunked(&self, buf: &[u8]) -> Option<bool> {
+        let mut last: Option<&[u8]> = None;
+        for v in self.values(buf, "transfer-encoding") {
+            for part in v.split(|&b| b == b',') {
+                let t = part.trim_ascii();
+                if !t.is_empty() {
+                    last = Some(t);
+                }
+            }
+        }
+        last.map(|t| t.eq_ignore_ascii_case(b"chunked"))
+    }
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// How a request's body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestBody {
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head (offsets into the connection's buffer).
+pub struct RequestHead {
+    pub method: Method,
+    /// The origin-form target (path and query) to forward.
+    target: (u32, u32),
+    /// The path alone, for routing.
+    path: (u32, u32),
+    /// HTTP/1.0 (no chunked answers; persistent only when asked for).
+    pub http10: bool,
+    pub fields: Fields,
+    pub body: RequestBody,
+    /// The client allows the connection to carry another request after this one.
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+    /// Bytes of the head, blank line included.
+    pub len: usize,
+}
+
+impl Default for RequestHead {
+    fn default() -> Self {
+        RequestHead {
+            method: Method::GET,
+            target: (0, 0),
+            path: (0, 0),
+            http10: false,
+            fields: Fields::default(),
+            body: RequestBody::Length(0),
+            keep_alive: false,
+            expect_continue: false,
+            len: 0,
+        }
+    }
+}
+
+impl RequestHead {
+    /// Parses the head at the start of `buf` into `self`. `Ok(false)`: incomplete, read more.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<bool, Malformed> {
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut headers) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => return Err("request head too large"),
+            Ok(httparse::Status::Partial) => return Ok(false),
+            Err(httparse::Error::TooManyHeaders) => return Err("too many request headers"),
+            Err(_) => return Err("malformed request head"),
+        };
+        if len > MAX_HEAD_BYTES {
+            return Err("request head too large");
+        }
+        let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+            return Err("malformed request head");
+        };
+        self.method = Method::from_bytes(method.as_bytes()).map_err(|_| "malformed request method")?;
+        let base = buf.as_ptr() as usize;
+        let t0 = target.as_ptr() as usize - base;
+        let origin = origin_form_start(target.as_bytes());
+        let path_len = target.as_bytes()[origin..].iter().position(|&b| b == b'?' || b == b'#');
+        let t_start = (t0 + origin) as u32;
+        self.target = (t_start, (t0 + target.len()) as u32);
+        self.path = (t_start, t_start + path_len.unwrap_or(target.len() - origin) as u32);
+        self.http10 = version == 0;
+        self.fields.fill(buf, req.headers);
+        self.len = len;
+
+        let f = &self.fields;
+        self.body = match (f.chunked(buf), f.content_length(buf)?) {
+            (Some(true), _) => RequestBody::Chunked,
+            (Some(false), _) => return Err("unsupported transfer-encoding"),
+            (None, n) => RequestBody::Length(n.unwrap_or(0)),
+        };
+        let close = f.has_token(buf, "connection", "close");
+        self.keep_alive = if self.http10 { !close && f.has_token(buf, "connection", "keep-alive") } else { !close };
+        if f.chunked(buf).is_some() && f.content_length(buf)?.is_some() {
+            // Both framings: the chunked one wins (RFC 9112 §6.3), and the connection is not
+            // trusted with another request.
+            self.keep_alive = false;
+        }
+        self.expect_continue =
+            !self.http10 && f.values(buf, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+        Ok(true)
+    }
+
+    /// The path (without query) as text; `""` when it is not UTF-8.
+    pub fn path<'b>(&self, buf: &'b [u8]) -> &'b str {
+        std::str::from_utf8(&buf[self.path.0 as usize..self.path.1 as usize]).unwrap_or("")
+    }
+
+    /// The target to forward (origin form: path and query).
+    pub fn target<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        let t = &buf[self.target.0 as usize..self.target.1 as usize];
+        if t.is_empty() {
+            b"/"
+        } else {
+            t
+        }
+    }
+}
+
+/// Where the origin form starts in a request target: 0 for `/path`, after the authority for
+/// the absolute form (`http://host/path`).
+fn origin_form_start(t: &[u8]) -> usize {
+    let after_scheme = if t.len() > 7 && t[..7].eq_ignore_ascii_case(b"http://") {
+        7
+    } else if t.len() > 8 && t[..8].eq_ignore_ascii_case(b"https://") {
+        8
+    } else {
+        return 0;
+    };
+    t[after_scheme..].iter().position(|&b| b == b'/').map_or(t.len(), |p| after_scheme + p)
+}
+
+/// How an answer's body is delimited on the gateway's connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseBody {
+    /// No body (1xx, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the gateway closes the connection.
+    Close,
+}
+
+/// A parsed response head from the gateway (offsets into the upstream connection's buffer).
+pub struct ResponseHead {
+    pub status: u16,
+    reason: (u32, u32),
+    pub fields: Fields,
+    pub body: ResponseBody,
+    /// The gateway may be sent another request on this connection once the body is read.
+    pub reusable: bool,
+    pub len: usize,
+}
+
+impl Default for ResponseHead {
+    fn default() -> Self {
+        ResponseHead {
+            status: 0,
+            reason: (0, 0),
+            fields: Fields::default(),
+            body: ResponseBody::Empty,
+            reusable: false,
+            len: 0,
+        }
+    }
+}
+
+impl ResponseHead {
+    /// Parses the head at the start of `buf` into `self`. `Ok(false)`: incomplete, read more.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<bool, Malformed> {
+        let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut []);
+        let len =
+            match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => return Err("response head too large"),
+                Ok(httparse::Status::Partial) => return Ok(false),
+                Err(_) => return Err("malformed response head"),
+            };
+        let (Some(status), Some(version)) = (resp.code, resp.version) else {
+            return Err("malformed response head");
+        };
+        let base = buf.as_ptr() as usize;
+        let reason = resp.reason.unwrap_or("");
+        let r0 = if reason.is_empty() { 0 } else { reason.as_ptr() as usize - base };
+        self.status = status;
+        self.reason = (r0 as u32, (r0 + reason.len()) as u32);
+        self.fields.fill(buf, resp.headers);
+        self.len = len;
+        let f = &self.fields;
+        let close = f.has_token(buf, "connection", "close");
+        let keep_alive = if version == 0 { !close && f.has_token(buf, "connection", "keep-alive") } else { !close };
+        self.body = if (100..200).contains(&status) || status == 204 || status == 304 {
+            ResponseBody::Empty
+        } else {
+            match (f.chunked(buf), f.content_length(buf)?) {
+                (Some(true), _) => ResponseBody::Chunked,
+                (Some(false), _) => ResponseBody::Close,
+                (None, Some(n)) => ResponseBody::Length(n),
+                (None, None) => ResponseBody::Close,
+            }
+        };
+        self.reusable = keep_alive && self.body != ResponseBody::Close;
+        Ok(true)
+    }
+
+    pub fn reason<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
+        &buf[self.reason.0 as usize..self.reason.1 as usize]
+    }
+}
+
+/// Incremental decoder of the chunked transfer coding.
+#[derive(Clone, Debug, Default)]
+pub struct Chunked {
+    state: ChunkState,
+    /// Bytes of the current size line or of the trailers, for the limits.
+    line: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading the size's hex digits (the value so far).
+    #[default]
+    Start,
+    Size(u64),
+    /// After the digits: extensions up to the line end.
+    SizeRest(u64),
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: at the start of a trailer line (an empty one ends the body).
+    TrailerStart,
+    TrailerLine,
+    /// Saw CR of the final empty line.
+    FinalLf,
+    Done,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Consumes as much of `input` as belongs to the body, passing every piece of chunk data
+    /// to `data`. Returns the bytes consumed (less than `input.len()` only once done).
+    pub fn feed(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, Malformed> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                Start | Size(_) => {
+                    let v = if let Size(v) = self.state { v } else { 0 };
+                    match hex(b) {
+                        Some(d) => {
+                            if v >> 59 != 0 {
+                                return Err("chunk size too large");
+                            }
+                            self.state = Size(v << 4 | u64::from(d));
+                        }
+                        None if self.state == Start => return Err("invalid chunk size"),
+                        None => {
+                            self.state = SizeRest(v);
+                            continue; // look at this byte again as part of the rest
+                        }
+                    }
+                    self.line += 1;
+                }
+                SizeRest(v) => {
+                    self.line += 1;
+                    if self.line > MAX_CHUNK_LINE {
+                        return Err("chunk size line too long");
+                    }
+                    if b == b'\n' {
+                        self.line = 0;
+                        self.state = if v == 0 { TrailerStart } else { Data(v) };
+                    } else if b != b'\r' && b != b';' && b != b' ' && b != b'\t' && !b.is_ascii_graphic() {
+                        return Err("invalid chunk extension");
+                    }
+                }
+                Data(left) => {
+                    let n = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    data(&input[i..i + n]);
+                    i += n;
+                    let left = left - n as u64;
+                    self.state = if left == 0 { DataEnd } else { Data(left) };
+                    continue;
+                }
+                DataEnd => match b {
+                    b'\r' => {}
+                    b'\n' => self.state = Start,
+                    _ => return Err("chunk data longer than its size"),
+                },
+                TrailerStart => match b {
+                    b'\r' => self.state = FinalLf,
+                    b'\n' => {
+                        self.state = Done;
+                        return Ok(i + 1);
+                    }
+                    _ => {
+                        self.state = TrailerLine;
+                        continue;
+                    }
+                },
+                TrailerLine => {
+                    self.line += 1;
+                    if self.line > MAX_TRAILERS {
+                        return Err("trailers too large");
+                    }
+                    if b == b'\n' {
+                        self.state = TrailerStart;
+                    }
+                }
+                FinalLf => {
+                    if b != b'\n' {
+                        return Err("invalid chunked body end");
+                    }
+                    self.state = Done;
+                    return Ok(i + 1);
+                }
+                Done => return Ok(i),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// How the answer's body is framed for the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// The gateway's bytes as they are (`content-length`, chunked to an HTTP/1.1 client, none).
+    AsIs,
+    /// Chunked from the gateway, data only to an HTTP/1.0 client (which reads to the close).
+    Dechunk,
+    /// Close-delimited from the gateway, chunked for an HTTP/1.1 client (the connection stays).
+    Rechunk,
+}
+
+impl Framing {
+    /// The client framing for a gateway body, and the header line that announces it (the
+    /// gateway's own `content-length` is forwarded as it is).
+    pub fn choose(body: ResponseBody, client_http10: bool) -> (Framing, Option<&'static [u8]>) {
+        match (body, client_http10) {
+            (ResponseBody::Chunked, false) => (Framing::AsIs, Some(b"transfer-encoding: chunked\r\n")),
+            (ResponseBody::Chunked, true) => (Framing::Dechunk, None),
+            (ResponseBody::Close, false) => (Framing::Rechunk, Some(b"transfer-encoding: chunked\r\n")),
+            _ => (Framing::AsIs, None),
+        }
+    }
+
+    /// Whether the client connection can carry another request after such an answer.
+    pub fn keeps_client(self, body: ResponseBody) -> bool {
+        !matches!((self, body), (Framing::Dechunk, _) | (Framing::AsIs, ResponseBody::Close))
+    }
+}
+
+/// The answer's body on its way from the gateway to the client.
+pub struct Relay {
+    body: ResponseBody,
+    framing: Framing,
+    /// Bytes left of a `content-length` body.
+    left: u64,
+    chunked: Chunked,
+    done: bool,
+}
+
+impl Relay {
+    pub fn new(body: ResponseBody, framing: Framing) -> Relay {
+        let left = if let ResponseBody::Length(n) = body { n } else { 0 };
+        let done = matches!(body, ResponseBody::Empty) || left == 0 && matches!(body, ResponseBody::Length(_));
+        Relay { body, framing, left, chunked: Chunked::default(), done }
+    }
+
+    /// The whole body was read from the gateway.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Takes gateway bytes: appends what the client gets to `out`, shows the body's data to
+    /// `data`. Returns the bytes consumed; fewer than `input.len()` means the gateway sent more
+    /// than the body (the connection cannot be reused).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>, mut data: impl FnMut(&[u8])) -> Result<usize, Malformed> {
+        if self.done {
+            return Ok(0);
+        }
+        match self.body {
+            ResponseBody::Empty => Ok(0),
+            ResponseBody::Length(_) => {
+                let n = input.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                out.extend_from_slice(&input[..n]);
+                data(&input[..n]);
+                self.left -= n as u64;
+                self.done = self.left == 0;
+                Ok(n)
+            }
+            ResponseBody::Chunked => {
+                let n = if self.framing == Framing::Dechunk {
+                    self.chunked.feed(input, |d| {
+                        out.extend_from_slice(d);
+                        data(d);
+                    })?
+                } else {
+                    let n = self.chunked.feed(input, data)?;
+                    out.extend_from_slice(&input[..n]);
+                    n
+                };
+                self.done = self.chunked.is_done();
+                Ok(n)
+            }
+            ResponseBody::Close => {
+                if !input.is_empty() {
+                    if self.framing == Framing::Rechunk {
+                        let mut size = [0u8; 16];
+                        out.extend_from_slice(hex_len(input.len(), &mut size));
+                        out.extend_from_slice(b"\r\n");
+                        out.extend_from_slice(input);
+                        out.extend_from_slice(b"\r\n");
+                    } else {
+                        out.extend_from_slice(input);
+                    }
+                    data(input);
+                }
+                Ok(input.len())
+            }
+        }
+    }
+
+    /// The gateway closed its connection: ends a close-delimited body (the chunked terminator
+    /// when re-chunking); for any other body the answer is cut short.
+    pub fn eof(&mut self, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        if self.done {
+            return Ok(());
+        }
+        if self.body != ResponseBody::Close {
+            return Err("the gateway closed the connection before the end of the answer");
+        }
+        if self.framing == Framing::Rechunk {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        self.done = true;
+        Ok(())
+    }
+}
+
+fn hex_len(n: usize, buf: &mut [u8; 16]) -> &[u8] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = DIGITS[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(raw: &str) -> Result<(RequestHead, Vec<u8>), Malformed> {
+        let mut h = RequestHead::default();
+        let buf = raw.as_bytes().to_vec();
+        assert!(h.parse(&buf)?, "complete");
+        Ok((h, buf))
+    }
+
+    #[test]
+    fn request_head_offsets_and_lookups() {
+        let (h, buf) = req("POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nAuthorization:  Bearer t \r\nX-Two: 1\r\nx-two: 2\r\nContent-Length: 12\r\n\r\n{\"model\":1}x").unwrap();
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.path(&buf), "/v1/chat/completions");
+        assert_eq!(h.target(&buf), b"/v1/chat/completions?x=1");
+        assert_eq!(h.fields.get(&buf, "authorization"), Some("Bearer t"));
+        assert_eq!(h.fields.get(&buf, "x-two"), Some("1"));
+        assert_eq!(h.fields.values(&buf, "x-two").count(), 2);
+        assert_eq!(h.body, RequestBody::Length(12));
+        assert!(h.keep_alive && !h.http10 && !h.expect_continue);
+        assert_eq!(&buf[h.len..], b"{\"model\":1}x");
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more_and_limits_hold() {
+        let mut h = RequestHead::default();
+        assert_eq!(h.parse(b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n"), Ok(false));
+        let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES + 1));
+        assert_eq!(h.parse(huge.as_bytes()), Err("request head too large"));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(h.parse(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()), Err("too many request headers"));
+        assert!(h.parse(b"GARBAGE\r\n\r\n").is_err());
+        assert!(h.parse(b"GET / HTTP/2.0\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn request_framing_and_persistence() {
+        let (h, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap();
+        assert_eq!((h.body, h.keep_alive), (RequestBody::Chunked, true));
+        let (h, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n").unwrap();
+        assert_eq!((h.body, h.keep_alive), (RequestBody::Chunked, false), "both framings: chunked, then close");
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").err(),
+            Some("unsupported transfer-encoding")
+        );
+        assert_eq!(req("POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n").err(), Some("conflicting content-length"));
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\n").unwrap().0.body,
+            RequestBody::Length(5)
+        );
+        assert_eq!(req("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").err(), Some("invalid content-length"));
+        assert_eq!(req("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n").err(), Some("invalid content-length"));
+        assert!(!req("GET / HTTP/1.1\r\nConnection: Keep-Alive, Close\r\n\r\n").unwrap().0.keep_alive);
+        assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().0.keep_alive);
+        assert!(req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().0.keep_alive);
+        assert!(req("POST / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").unwrap().0.expect_continue);
+        assert!(!req("POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").unwrap().0.expect_continue);
+    }
+
+    #[test]
+    fn absolute_form_targets_route_by_their_path() {
+        let (h, buf) = req("POST http://gw.example:8080/v1/embeddings?a HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!((h.path(&buf), h.target(&buf)), ("/v1/embeddings", &b"/v1/embeddings?a"[..]));
+        let (h, buf) = req("GET http://gw.example HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!((h.path(&buf), h.target(&buf)), ("", &b"/"[..]));
+    }
+
+    #[test]
+    fn header_text_rules() {
+        let (h, buf) = req("GET / HTTP/1.1\r\nA: \r\nB: café\r\nC: x\ty\r\n\r\n").unwrap();
+        assert_eq!(h.fields.get(&buf, "a"), None, "empty");
+        assert_eq!(h.fields.get(&buf, "b"), None, "not visible ASCII");
+        assert_eq!(h.fields.get(&buf, "c"), Some("x\ty"));
+    }
+
+    fn resp(raw: &str) -> ResponseHead {
+        let mut h = ResponseHead::default();
+        assert_eq!(h.parse(raw.as_bytes()), Ok(true));
+        h
+    }
+
+    #[test]
+    fn response_framing() {
+        let h = resp("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc");
+        assert_eq!((h.status, h.body, h.reusable), (200, ResponseBody::Length(3), true));
+        let h = resp("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+        assert_eq!((h.body, h.reusable), (ResponseBody::Chunked, false));
+        let h = resp("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!((h.body, h.reusable), (ResponseBody::Close, false));
+        let h = resp("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n");
+        assert!(!h.reusable, "HTTP/1.0 without keep-alive");
+        assert_eq!(resp("HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n").body, ResponseBody::Empty);
+        assert_eq!(resp("HTTP/1.1 100 Continue\r\n\r\n").body, ResponseBody::Empty);
+        let h = resp("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        let buf = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(h.reason(buf), b"Not Found");
+    }
+
+    fn dechunk(parts: &[&[u8]]) -> Result<(Vec<u8>, usize, bool), Malformed> {
+        let mut c = Chunked::default();
+        let mut out = Vec::new();
+        let mut used = 0;
+        for p in parts {
+            used += c.feed(p, |d| out.extend_from_slice(d))?;
+        }
+        Ok((out, used, c.is_done()))
+    }
+
+    #[test]
+    fn chunked_decoding_at_every_split() {
+        let body = b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let whole = &body[..body.len() - 4];
+        for cut in 0..=whole.len() {
+            for cut2 in cut..=whole.len() {
+                let (out, used, done) = dechunk(&[&whole[..cut], &whole[cut..cut2], &body[cut2..]]).unwrap();
+                assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz");
+                assert_eq!(used, whole.len(), "stops before the next message");
+                assert!(done);
+            }
+        }
+        // One byte at a time.
+        let (out, _, done) = dechunk(&body.iter().map(std::slice::from_ref).collect::<Vec<_>>()).unwrap();
+        assert_eq!((out.len(), done), (31, true));
+        assert!(!dechunk(&[b"5\r\nhel"]).unwrap().2);
+        assert_eq!(dechunk(&[b"x\r\n"]).err(), Some("invalid chunk size"));
+        assert_eq!(dechunk(&[b"2\r\nabc\r\n"]).err(), Some("chunk data longer than its size"));
+        assert_eq!(dechunk(&[b"fffffffffffffffff\r\n"]).err(), Some("chunk size too large"));
+        assert_eq!(dechunk(&[b"0\r\n\rx"]).err(), Some("invalid chunked body end"));
+        assert!(dechunk(&[b"0\n\n"]).unwrap().2, "bare LF tolerated");
+    }
+
+    #[test]
+    fn relay_frames_for_the_client() {
+        let mut seen = Vec::new();
+        // content-length: exactly the body, extra bytes left over.
+        let mut r = Relay::new(ResponseBody::Length(3), Framing::AsIs);
+        let mut out = Vec::new();
+        assert_eq!(r.feed(b"abcd", &mut out, |d| seen.extend_from_slice(d)), Ok(3));
+        assert!(r.is_done());
+        assert_eq!((out.as_slice(), seen.as_slice()), (&b"abc"[..], &b"abc"[..]));
+        // chunked passed through, data shown.
+        let mut r = Relay::new(ResponseBody::Chunked, Framing::AsIs);
+        let (mut out, mut seen) = (Vec::new(), Vec::new());
+        r.feed(b"3\r\nabc\r\n0\r\n\r\n", &mut out, |d| seen.extend_from_slice(d)).unwrap();
+        assert_eq!((out.as_slice(), seen.as_slice(), r.is_done()), (&b"3\r\nabc\r\n0\r\n\r\n"[..], &b"abc"[..], true));
+        // de-chunked for HTTP/1.0.
+        let mut r = Relay::new(ResponseBody::Chunked, Framing::Dechunk);
+        let mut out = Vec::new();
+        r.feed(b"3\r\nabc\r\n0\r\n\r\n", &mut out, |_| {}).unwrap();
+        assert_eq!(out, b"abc");
+        // close-delimited, re-chunked; the close ends it.
+        let mut r = Relay::new(ResponseBody::Close, Framing::Rechunk);
+        let mut out = Vec::new();
+        r.feed(&[b'x'; 26], &mut out, |_| {}).unwrap();
+        assert!(!r.is_done());
+        r.eof(&mut out).unwrap();
+        assert_eq!(out, [&b"1a\r\n"[..], &[b'x'; 26], b"\r\n0\r\n\r\n"].concat());
+        // a cut-short body is an error.
+        let mut r = Relay::new(ResponseBody::Length(5), Framing::AsIs);
+        r.feed(b"ab", &mut Vec::new(), |_| {}).unwrap();
+        assert!(r.eof(&mut Vec::new()).is_err());
+        assert!(Relay::new(ResponseBody::Length(0), Framing::AsIs).is_done());
+        assert!(Relay::new(ResponseBody::Empty, Framing::AsIs).is_done());
+    }
+
+    #[test]
+    fn framing_choice() {
+        assert_eq!(Framing::choose(ResponseBody::Chunked, false).0, Framing::AsIs);
+        assert_eq!(Framing::choose(ResponseBody::Chunked, true).0, Framing::Dechunk);
+        assert_eq!(Framing::choose(ResponseBody::Close, false).0, Framing::Rechunk);
+        assert_eq!(Framing::choose(ResponseBody::Length(1), true), (Framing::AsIs, None));
+        assert!(!Framing::AsIs.keeps_client(ResponseBody::Close));
+        assert!(Framing::Rechunk.keeps_client(ResponseBody::Close));
+        assert!(!Framing::Dechunk.keeps_client(ResponseBody::Chunked));
+    }
+}
