@@ -10,6 +10,7 @@ mod drills;
 mod fleet;
 mod gate;
 mod guards;
+mod h1;
 mod ledger;
 mod proxy;
 mod spend;
