@@ -90,6 +90,8 @@ pub struct AppState {
     pub outbox: Arc<Outbox>,
     /// Group commit of the lines the hot path stages (outbox, embedded budget journal).
     pub group: Arc<GroupCommit>,
+    /// `config.instance_id`, shared by every event.
+    instance: Arc<str>,
     /// Where `GET /ledger` reads from: Postgres when that is the sink, else the local ledger.
     pub ledger: LedgerSource,
     pub metrics: Metrics,
@@ -139,6 +141,7 @@ impl AppState {
         metrics.policy_version.set(p.version as i64);
         metrics.kill_switch_enabled.set(i64::from(p.kill_switch));
         AppState {
+            instance: config.instance_id.as_str().into(),
             config,
             policy,
             counters,
@@ -178,7 +181,7 @@ impl AppState {
 
     /// A blank event stamped now, by this replica.
     pub fn event(&self, event_type: EventType, policy_version: u64) -> Event {
-        Event::new(event_type, &self.config.instance_id, self.clock.now_us(), policy_version)
+        Event::by(event_type, self.instance.clone(), self.clock.now_us(), policy_version)
     }
 
     /// An event about reservation `r` (settlement or release) with its identifying fields.
@@ -186,7 +189,7 @@ impl AppState {
         let mut e = self.event(event_type, self.policy.current().version);
         e.request_id = Some(r.request_id.clone().into());
         e.tenant_id = Some(r.tenant.clone().into());
-        e.tenant_tier = Some(r.tenant_tier.clone().into());
+        e.tenant_tier = Some(r.tenant_tier.as_str().into());
         e.model = Some(r.model.clone().into());
         e.reservation_id = Some(r.id.clone());
         e.reserved_usd = Some(r.amount);

@@ -94,11 +94,16 @@ pub struct Event {
 impl Event {
     /// A blank event of `event_type` with a fresh v7 id, stamped `occurred_at_us` (Unix µs).
     pub fn new(event_type: EventType, instance_id: &str, occurred_at_us: u64, policy_version: u64) -> Event {
+        Event::by(event_type, instance_id.into(), occurred_at_us, policy_version)
+    }
+
+    /// [`Event::new`] for an instance id already shared (no copy of it per event).
+    pub fn by(event_type: EventType, instance_id: Arc<str>, occurred_at_us: u64, policy_version: u64) -> Event {
         Event {
             event_id: crate::ids::v7(),
             event_type,
             occurred_at: crate::decide::time::rfc3339_micros(occurred_at_us),
-            instance_id: instance_id.into(),
+            instance_id,
             request_id: None,
             tenant_id: None,
             tenant_tier: None,
@@ -123,7 +128,57 @@ impl Event {
     }
 }
 
+/// `label` (one of the crate's fixed label strings: tiers, modes, verdicts, usage sources) as
+/// a shared string, allocated once per thread: events carry these on every request.
+pub fn label(label: &'static str) -> Arc<str> {
+    thread_local! {
+        static LABELS: std::cell::RefCell<Vec<(&'static str, Arc<str>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LABELS.with_borrow_mut(|labels| {
+        // Fixed strings: the same text is almost always the same address.
+        if let Some((_, a)) = labels.iter().find(|(l, _)| std::ptr::eq(*l, label) || *l == label) {
+            return a.clone();
+        }
+        let a: Arc<str> = label.into();
+        if labels.len() < 64 {
+            labels.push((label, a.clone()));
+        }
+        a
+    })
+}
+
 impl Event {
+    /// Another event of the same request: `fresh`'s id, type and time, this event's other
+    /// fields except its decision and reasons (a clone that copies no id or time text).
+    pub fn sibling(&self, fresh: Event) -> Event {
+        Event {
+            event_id: fresh.event_id,
+            event_type: fresh.event_type,
+            occurred_at: fresh.occurred_at,
+            instance_id: self.instance_id.clone(),
+            request_id: self.request_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            tenant_tier: self.tenant_tier.clone(),
+            source: self.source.clone(),
+            mode: self.mode.clone(),
+            policy_version: self.policy_version,
+            decision: None,
+            reasons: Vec::new(),
+            model: self.model.clone(),
+            reservation_id: self.reservation_id.clone(),
+            estimated_cost_usd: self.estimated_cost_usd,
+            reserved_usd: self.reserved_usd,
+            actual_cost_usd: self.actual_cost_usd,
+            drift_usd: self.drift_usd,
+            usage: self.usage,
+            usage_source: self.usage_source.clone(),
+            request_fingerprint: self.request_fingerprint.clone(),
+            approval_id: self.approval_id.clone(),
+            upstream_status: self.upstream_status,
+            details: self.details.clone(),
+        }
+    }
+
     /// Appends this event as one line of JSON (no newline), byte for byte what
     /// `serde_json::to_writer` writes, without serde's per-field machinery: the outbox writes
     /// two of these per request.

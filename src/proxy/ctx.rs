@@ -24,7 +24,7 @@ pub struct RequestCtx {
     /// Raw `x-preauth-source` header (resolved against the policy at decision time).
     pub source_header: Option<String>,
     /// The configured source the decision used (bounded label).
-    pub source: String,
+    pub source: std::sync::Arc<str>,
     pub verdict: Option<Verdict>,
     /// Body decision deferred to `request_body_filter` (no `Content-Length`, or larger than the
     /// 64 KiB that pingora can buffer before connecting upstream).
@@ -67,7 +67,7 @@ impl RequestCtx {
             caller: None,
             tier: Tier::Free,
             source_header: None,
-            source: String::from("default"),
+            source: crate::ledger::event::label("default"),
             verdict: None,
             deferred: false,
             held: BytesMut::new(),

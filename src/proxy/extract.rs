@@ -4,6 +4,8 @@
 //! Owns: `Caller`, `identify`, `VerifiedTokens`, `LlmRequest`, `parse_body`,
 //! `inject_include_usage`. Imports: config (identity settings), `decide::{jwt, route}`, serde_json.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::{Map, Value};
@@ -30,11 +32,12 @@ pub const MAX_TENANT_ID_LEN: usize = 128;
 
 /// The authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// Shared text: a remembered token's caller is handed out on every request without copying.
 pub struct Caller {
-    pub tenant: String,
+    pub tenant: Arc<str>,
     /// The tier named by the token (or `x-tenant-tier`), if any; the tenants file wins over it.
-    pub claimed_tier: Option<String>,
-    pub user: Option<String>,
+    pub claimed_tier: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
 }
 
 fn valid_tenant(t: &str) -> bool {
@@ -120,9 +123,9 @@ pub fn identify_cached<'h>(
                 return Err("invalid_tenant_id");
             }
             Ok(Caller {
-                tenant: tenant.to_string(),
-                claimed_tier: header(names::TENANT_TIER).map(str::to_string),
-                user: header(names::USER_ID).map(str::to_string),
+                tenant: tenant.into(),
+                claimed_tier: header(names::TENANT_TIER).map(Arc::from),
+                user: header(names::USER_ID).map(Arc::from),
             })
         }
         Identity::Jwt { secret, audience, tenant_claim, tier_claim } => {
@@ -151,9 +154,9 @@ pub fn identify_cached<'h>(
                 return Err("invalid_tenant_id");
             }
             let caller = Caller {
-                tenant,
-                claimed_tier: jwt::claim_str(&v.claims, tier_claim),
-                user: jwt::claim_str(&v.claims, "sub"),
+                tenant: tenant.into(),
+                claimed_tier: jwt::claim_str(&v.claims, tier_claim).map(Arc::from),
+                user: jwt::claim_str(&v.claims, "sub").map(Arc::from),
             };
             if let Some(c) = cache {
                 // Both were validated by verify_hs256 (an `exp` is required).
@@ -291,7 +294,7 @@ mod tests {
         let h =
             bearer(json!({"exp": 2000, "aud": "authenticated", "app_metadata": {"tenant_id": "acme"}, "tier": "pro"}));
         let c = identify(&jwt_identity(), &h, 1000).unwrap();
-        assert_eq!((c.tenant.as_str(), c.claimed_tier.as_deref()), ("acme", Some("pro")));
+        assert_eq!((&*c.tenant, c.claimed_tier.as_deref()), ("acme", Some("pro")));
     }
 
     #[test]
@@ -331,7 +334,7 @@ mod tests {
             let h =
                 bearer(json!({"exp": 2000, "aud": "authenticated", "app_metadata": {"tenant_id": format!("t{i}")}}));
             assert_eq!(
-                identify_cached(&id, |n| header_str(&h, n), 1600, Some(&cache)).unwrap().tenant,
+                identify_cached(&id, |n| header_str(&h, n), 1600, Some(&cache)).unwrap().tenant.to_string(),
                 format!("t{i}")
             );
         }
@@ -345,7 +348,7 @@ mod tests {
         h.insert("x-tenant-id", HeaderValue::from_static("t-1"));
         h.insert("x-tenant-tier", HeaderValue::from_static("growth"));
         let c = identify(&Identity::Header, &h, 0).unwrap();
-        assert_eq!((c.tenant.as_str(), c.claimed_tier.as_deref()), ("t-1", Some("growth")));
+        assert_eq!((&*c.tenant, c.claimed_tier.as_deref()), ("t-1", Some("growth")));
     }
 
     #[test]

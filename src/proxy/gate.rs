@@ -87,7 +87,7 @@ impl PreauthProxy {
         ctx.gate = true;
         let outcome = self.decide_body(ctx, &canonical).await;
         let fingerprint = ctx.fingerprint.clone().unwrap_or_else(|| {
-            super::fingerprint(ctx.caller.as_ref().map_or("", |c| c.tenant.as_str()), "POST", route.path(), &canonical)
+            super::fingerprint(ctx.caller.as_ref().map_or("", |c| &*c.tenant), "POST", route.path(), &canonical)
         });
         let reservation = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref());
         match outcome {
@@ -110,7 +110,7 @@ impl PreauthProxy {
     async fn gate_settle(&self, ctx: &mut RequestCtx, id: &str, body: &[u8]) -> std::result::Result<Value, Refusal> {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| Refusal::InvalidRequest(format!("Settle body is not valid JSON: {e}")))?;
-        let tenant = ctx.caller.as_ref().map(|c| c.tenant.clone()).unwrap_or_default();
+        let tenant = ctx.caller.as_ref().map(|c| c.tenant.to_string()).unwrap_or_default();
         let not_found = || other(404, "reservation_not_found", "No such reservation for this tenant.");
         let reservation = match self.state.budgets.get(id).await {
             Ok(Some((r, ReservationState::Active))) => r,

@@ -44,7 +44,7 @@ use crate::config::Identity;
 use crate::decide::approval::{self, ApprovalClaims, ApprovalError};
 use crate::decide::pricing::{max_output_that_fits, worst_case_cost};
 use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, Verdict};
-use crate::ledger::event::{Event, EventType};
+use crate::ledger::event::{self, EventType};
 use crate::state::AppState;
 use crate::store::approvals::{ConsumeOutcome, NewApproval};
 use crate::store::budget::{ReserveOutcome, ReserveRequest};
@@ -123,7 +123,10 @@ impl PreauthProxy {
         let since = self.state.group.mark();
         let caller = ctx.caller.clone().expect("identity checked before the body");
         let policy = self.state.policy.current();
-        let source = policy.source_of(ctx.source_header.as_deref()).to_string();
+        let source = match policy.source_of(ctx.source_header.as_deref()) {
+            "default" => event::label("default"),
+            named => named.into(),
+        };
         let mode = policy.mode_for(&source);
         let tier = policy.directory.resolve_tier(&caller.tenant, caller.claimed_tier.as_deref());
         self.state.note_tier(&caller.tenant, tier);
@@ -183,9 +186,15 @@ impl PreauthProxy {
             let hold = wants_hold
                 .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok));
             let (mut d, ticket, held) = self.guard(&policy, &facts, mode, hold.as_ref()).await?;
-            if let Some(ReserveOutcome::Reserved(r)) = held.clone() {
-                spend.reservation = Some(r);
-            }
+            // What the store held: the reservation goes to `spend`, its amount to the decision.
+            let held = held.map(|outcome| match outcome {
+                ReserveOutcome::Reserved(r) => {
+                    let amount = r.amount;
+                    spend.reservation = Some(r);
+                    Held::Reserved(amount)
+                }
+                ReserveOutcome::Insufficient { .. } => Held::Insufficient,
+            });
             if d.verdict == Verdict::Deny {
                 return Ok((d, Some(ticket), None, None));
             }
@@ -249,16 +258,13 @@ impl PreauthProxy {
         // The fields every event of this request carries.
         let mut base = self.state.event(EventType::Decision, policy.version);
         base.request_id = Some(ctx.request_id.clone().into());
-        base.tenant_id = Some(caller.tenant.clone().into());
-        base.tenant_tier = Some(tier.as_str().to_string().into());
-        base.source = Some(ctx.source.clone().into());
-        base.mode = Some(mode.as_str().to_string().into());
+        base.tenant_id = Some(caller.tenant.clone());
+        base.tenant_tier = Some(event::label(tier.as_str()));
+        base.source = Some(ctx.source.clone());
+        base.mode = Some(event::label(mode.as_str()));
         base.model = Some(req.model.clone().into());
         base.estimated_cost_usd = Some(estimated_cost);
-        let event_of = |event_type: EventType| {
-            let fresh = self.state.event(event_type, policy.version);
-            Event { event_id: fresh.event_id, occurred_at: fresh.occurred_at, event_type, ..base.clone() }
-        };
+        let event_of = |event_type: EventType| base.sibling(self.state.event(event_type, policy.version));
         let mut extra = Map::new();
         if decision.verdict == Verdict::RequireApproval {
             let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body)).clone();
@@ -268,7 +274,7 @@ impl PreauthProxy {
                 .state
                 .approvals
                 .create_pending(NewApproval {
-                    tenant_id: caller.tenant.clone(),
+                    tenant_id: caller.tenant.to_string(),
                     tenant_tier: tier.as_str().to_string(),
                     request_id: ctx.request_id.clone(),
                     route: route.path().to_string(),
@@ -305,8 +311,8 @@ impl PreauthProxy {
         // The decision reaches the outbox (the OS) before anything is forwarded; when it cannot,
         // no decision can be recorded and the failsafe path applies.
         let reservation = spend.reservation.as_ref();
-        let mut ev = base.clone();
-        ev.decision = Some(decision.verdict.as_str().to_string().into());
+        let mut ev = base;
+        ev.decision = Some(event::label(decision.verdict.as_str()));
         ev.reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
         ev.reservation_id = reservation.map(|r| r.id.clone());
         ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));
@@ -314,7 +320,8 @@ impl PreauthProxy {
         ev.approval_id = ctx.approval_id.clone();
         let mut recorded = self.state.stage(&ev);
         if let (true, true, Some(id)) = (recorded, decision.is_allow(), consumed_approval) {
-            let mut e = event_of(EventType::ApprovalConsumed);
+            let mut e = ev.sibling(self.state.event(EventType::ApprovalConsumed, policy.version));
+            (e.reservation_id, e.reserved_usd) = (None, None);
             e.approval_id = Some(id);
             e.request_fingerprint = fp.clone();
             self.state.stage(&e);
@@ -445,24 +452,16 @@ impl PreauthProxy {
     }
 
     /// What the store's answer to the hold means for the decision.
-    fn reserve_step(
-        &self,
-        spend: &SpendCtx,
-        outcome: ReserveOutcome,
-        choices: u64,
-        over_budget_ok: bool,
-    ) -> ReserveStep {
+    fn reserve_step(&self, spend: &SpendCtx, outcome: Held, choices: u64, over_budget_ok: bool) -> ReserveStep {
         match outcome {
-            ReserveOutcome::Insufficient { .. } => {
-                ReserveStep { violation: Some(Reason::BudgetExceeded), ..ReserveStep::default() }
-            }
-            ReserveOutcome::Reserved(r) => {
-                let short = r.amount < spend.estimated_cost;
+            Held::Insufficient => ReserveStep { violation: Some(Reason::BudgetExceeded), ..ReserveStep::default() },
+            Held::Reserved(amount) => {
+                let short = amount < spend.estimated_cost;
                 if short && over_budget_ok {
                     ReserveStep { over_budget: true, ..ReserveStep::default() }
                 } else {
                     let clamped_to = short
-                        .then(|| (max_output_that_fits(&spend.price, spend.prompt_tokens, r.amount) / choices).max(1));
+                        .then(|| (max_output_that_fits(&spend.price, spend.prompt_tokens, amount) / choices).max(1));
                     ReserveStep { clamped_to, ..ReserveStep::default() }
                 }
             }
@@ -580,6 +579,12 @@ fn json_headers<'a>(
         add("retry-after", s);
     }
     (h, n)
+}
+
+/// What the store's hold came to (the reservation itself is kept in `SpendCtx`).
+enum Held {
+    Reserved(Micros),
+    Insufficient,
 }
 
 /// What step 9 found.

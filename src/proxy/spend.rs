@@ -17,7 +17,7 @@ use crate::store::{StoreError, Ticket};
 pub struct SpendCtx {
     pub route: Route,
     pub tier: Tier,
-    pub tenant: String,
+    pub tenant: std::sync::Arc<str>,
     /// Price-table key for metrics (`other` for models outside the table).
     pub model_label: String,
     pub provider: String,
@@ -91,7 +91,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         e.actual_cost_usd = Some(actual);
         e.drift_usd = Some(Micros(actual.0 - reserved.0));
         e.usage = Some(usage);
-        e.usage_source = Some(usage_source.to_string().into());
+        e.usage_source = Some(crate::ledger::event::label(usage_source));
         e.upstream_status = upstream_status;
         state.stage(&e);
     }
@@ -142,13 +142,5 @@ async fn settle_release(
 /// A follow-up event of this request (settlement, release), built from its decision event.
 fn follow_up(state: &AppState, spend: &SpendCtx, event_type: EventType) -> Option<Event> {
     let template = spend.event.as_ref()?;
-    let fresh = state.event(event_type, template.policy_version);
-    Some(Event {
-        event_id: fresh.event_id,
-        event_type,
-        occurred_at: fresh.occurred_at,
-        reasons: Vec::new(),
-        decision: None,
-        ..template.clone()
-    })
+    Some(template.sibling(state.event(event_type, template.policy_version)))
 }
