@@ -32,15 +32,54 @@ fn next() -> u64 {
 /// A UUID v7 for now (millisecond timestamp, 74 random bits), as its hyphenated string.
 pub fn v7() -> String {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let mut rand = [0u8; 10];
-    rand[..8].copy_from_slice(&next().to_le_bytes());
-    rand[8..].copy_from_slice(&next().to_le_bytes()[..2]);
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Builder::from_unix_timestamp_millis(ms, &rand).into_uuid().hyphenated().encode_lower(&mut buf).to_string()
+    v7_at(ms, next(), next())
+}
+
+/// The v7 UUID of `ms` with random bits from `r1` (62 bits) and `r2` (12 bits), formatted
+/// directly (RFC 9562 §5.7: 48-bit time, version 7, 12 random bits, variant 10, 62 random bits).
+fn v7_at(ms: u64, r1: u64, r2: u64) -> String {
+    let hi = (ms << 16) | 0x7000 | (r2 & 0x0fff);
+    let lo = (r1 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&hi.to_be_bytes());
+    bytes[8..].copy_from_slice(&lo.to_be_bytes());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        out[o] = HEX[usize::from(b >> 4)];
+        out[o + 1] = HEX[usize::from(b & 15)];
+        o += 2;
+    }
+    String::from_utf8(out.to_vec()).expect("hex digits and hyphens")
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn formatted_like_the_uuid_crate() {
+        for (ms, r1, r2) in
+            [(0, 0, 0), (u64::MAX >> 16, u64::MAX, u64::MAX), (1_796_329_966_123, 0xDEAD_BEEF_0123_4567, 0xABC)]
+        {
+            let ours = super::v7_at(ms, r1, r2);
+            // The same bits as the uuid crate formats them: 12 after the version, 62 after the
+            // variant.
+            let u = uuid::Uuid::from_u128(
+                (u128::from((ms << 16) | 0x7000 | (r2 & 0xfff)) << 64)
+                    | u128::from((r1 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000),
+            );
+            assert_eq!(ours, u.hyphenated().to_string());
+            let parsed = uuid::Uuid::parse_str(&ours).unwrap();
+            assert_eq!((parsed.get_version_num(), parsed.get_variant()), (7, uuid::Variant::RFC4122));
+            let (secs, nanos) = parsed.get_timestamp().unwrap().to_unix();
+            assert_eq!(secs * 1000 + u64::from(nanos / 1_000_000), ms);
+        }
+    }
+
     #[test]
     fn ids_are_v7_unique_and_time_ordered() {
         let a: Vec<String> = (0..10_000).map(|_| super::v7()).collect();

@@ -57,34 +57,25 @@ pub fn uint(out: &mut Vec<u8>, v: impl itoa::Integer) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
-/// Whether any byte of `b` is `"`, `\\` or a control character, tested a word at a time.
+/// Whether any byte of `b` is `"`, `\\` or a control character: every byte tested, no early exit,
+/// so the compiler vectorises it (ids, names and timestamps are short and clean).
 fn needs_escape(b: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let mut words = b.chunks_exact(8);
-    for w in &mut words {
-        let x = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        // Bytes < 0x20: subtracting 0x20 borrows into the high bit (for bytes < 0x80).
-        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH;
-        if control | zero_byte(x ^ (ONES * u64::from(b'"'))) | zero_byte(x ^ (ONES * u64::from(b'\\'))) != 0 {
-            return true;
-        }
-    }
-    words.remainder().iter().any(|&c| c < 0x20 || c == b'"' || c == b'\\')
+    b.iter().fold(false, |hit, &c| hit | (c < 0x20) | (c == b'"') | (c == b'\\'))
 }
 
 /// A JSON string with serde_json's escaping: `"`, `\\` and control characters; everything else
 /// (non-ASCII included) verbatim.
 pub fn json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
     let b = s.as_bytes();
     // Fast path (ids, names, timestamps): nothing to escape, one copy.
     if !needs_escape(b) {
+        out.reserve(b.len() + 2);
+        out.push(b'"');
         out.extend_from_slice(b);
         out.push(b'"');
         return;
     }
+    out.push(b'"');
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
         let esc: &[u8] = match c {

@@ -57,41 +57,48 @@ impl Fields {
         self.values(buf, name).next().and_then(header_text)
     }
 
-    /// Whether a comma-separated token list in any `name` line holds `token` (any case).
-    fn has_token(&self, buf: &[u8], name: &str, token: &str) -> bool {
-        self.values(buf, name)
-            .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes())))
-    }
-
-    /// The `content-length` (every line and list element must agree), `None` when absent.
-    fn content_length(&self, buf: &[u8]) -> Result<Option<u64>, Malformed> {
-        let mut found = None;
-        for v in self.values(buf, "content-length") {
-            for part in v.split(|&b| b == b',') {
-                let n = parse_decimal(part.trim_ascii()).ok_or("invalid content-length")?;
-                if found.is_some_and(|f| f != n) {
-                    return Err("conflicting content-length");
+    /// The framing and persistence headers of a head, in one pass over its lines.
+    fn framing(&self, buf: &[u8]) -> Result<FramingHeaders, Malformed> {
+        let mut f = FramingHeaders::default();
+        for (name, value) in self.iter(buf) {
+            let is = |n: &str| name.len() == n.len() && name.eq_ignore_ascii_case(n.as_bytes());
+            let tokens = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+            if is("content-length") {
+                for part in tokens() {
+                    let n = parse_decimal(part).ok_or("invalid content-length")?;
+                    if f.length.is_some_and(|l| l != n) {
+                        return Err("conflicting content-length");
+                    }
+                    f.length = Some(n);
                 }
-                found = Some(n);
+            } else if is("transfer-encoding") {
+                if let Some(last) = tokens().rev().find(|t| !t.is_empty()) {
+                    f.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+                }
+            } else if is("connection") {
+                for t in tokens() {
+                    f.close |= t.eq_ignore_ascii_case(b"close");
+                    f.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                }
+            } else if is("expect") {
+                f.expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
             }
         }
-        Ok(found)
+        Ok(f)
     }
+}
 
-    /// `Some(true)`: the last transfer coding is `chunked`; `Some(false)`: another coding is
-    /// last; `None`: no `transfer-encoding`.
-    fn chunked(&self, buf: &[u8]) -> Option<bool> {
-        let mut last: Option<&[u8]> = None;
-        for v in self.values(buf, "transfer-encoding") {
-            for part in v.split(|&b| b == b',') {
-                let t = part.trim_ascii();
-                if !t.is_empty() {
-                    last = Some(t);
-                }
-            }
-        }
-        last.map(|t| t.eq_ignore_ascii_case(b"chunked"))
-    }
+/// What a head's framing and persistence headers say.
+#[derive(Default)]
+struct FramingHeaders {
+    /// `content-length` (every line and list element agreeing).
+    length: Option<u64>,
+    /// `Some(true)`: the last transfer coding is `chunked`; `Some(false)`: another one is.
+    chunked: Option<bool>,
+    /// `connection: close` / `connection: keep-alive`.
+    close: bool,
+    keep_alive: bool,
+    expect_continue: bool,
 }
 
 fn parse_decimal(s: &[u8]) -> Option<u64> {
@@ -172,21 +179,17 @@ impl RequestHead {
         self.fields.fill(buf, req.headers);
         self.len = len;
 
-        let f = &self.fields;
-        self.body = match (f.chunked(buf), f.content_length(buf)?) {
+        let f = self.fields.framing(buf)?;
+        self.body = match (f.chunked, f.length) {
             (Some(true), _) => RequestBody::Chunked,
             (Some(false), _) => return Err("unsupported transfer-encoding"),
             (None, n) => RequestBody::Length(n.unwrap_or(0)),
         };
-        let close = f.has_token(buf, "connection", "close");
-        self.keep_alive = if self.http10 { !close && f.has_token(buf, "connection", "keep-alive") } else { !close };
-        if f.chunked(buf).is_some() && f.content_length(buf)?.is_some() {
-            // Both framings: the chunked one wins (RFC 9112 §6.3), and the connection is not
-            // trusted with another request.
-            self.keep_alive = false;
-        }
-        self.expect_continue =
-            !self.http10 && f.values(buf, "expect").any(|v| v.trim_ascii().eq_ignore_ascii_case(b"100-continue"));
+        // Both framings: the chunked one wins (RFC 9112 §6.3), and the connection is not trusted
+        // with another request.
+        let both = f.chunked.is_some() && f.length.is_some();
+        self.keep_alive = !both && !f.close && (!self.http10 || f.keep_alive);
+        self.expect_continue = !self.http10 && f.expect_continue;
         Ok(true)
     }
 
@@ -276,13 +279,12 @@ impl ResponseHead {
         self.reason = (r0 as u32, (r0 + reason.len()) as u32);
         self.fields.fill(buf, resp.headers);
         self.len = len;
-        let f = &self.fields;
-        let close = f.has_token(buf, "connection", "close");
-        let keep_alive = if version == 0 { !close && f.has_token(buf, "connection", "keep-alive") } else { !close };
+        let f = self.fields.framing(buf)?;
+        let keep_alive = !f.close && (version != 0 || f.keep_alive);
         self.body = if (100..200).contains(&status) || status == 204 || status == 304 {
             ResponseBody::Empty
         } else {
-            match (f.chunked(buf), f.content_length(buf)?) {
+            match (f.chunked, f.length) {
                 (Some(true), _) => ResponseBody::Chunked,
                 (Some(false), _) => ResponseBody::Close,
                 (None, Some(n)) => ResponseBody::Length(n),
