@@ -64,14 +64,27 @@ const MAX_PIPELINED: usize = MAX_HEAD_BYTES;
 /// The HTTP/2 connection preface (RFC 9113 §3.4): such connections go to pingora.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Headers that describe one connection or this hop's framing, never forwarded to the gateway:
-/// the body goes out complete with its own `content-length`.
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding", "expect", "content-length"];
-/// Gateway answer headers not forwarded to the client (the sidecar frames the answer and sets
-/// its own `date`).
-const ANSWER_HOP_BY_HOP: [&str; 7] =
-    ["connection", "keep-alive", "proxy-connection", "te", "upgrade", "transfer-encoding", "date"];
+/// Headers (lowercase) that describe one connection or this hop's framing, never forwarded to the
+/// gateway: the body goes out complete with its own `content-length`.
+fn request_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "upgrade"
+            | "transfer-encoding"
+            | "expect"
+            | "content-length"
+    )
+}
+
+/// Gateway answer headers (lowercase) not forwarded to the client (the sidecar frames the answer
+/// and sets its own `date`).
+fn answer_hop_by_hop(name: &str) -> bool {
+    matches!(name, "connection" | "keep-alive" | "proxy-connection" | "te" | "upgrade" | "transfer-encoding" | "date")
+}
 
 /// The proxy listener's application (see the module doc).
 pub struct LeanH1 {
@@ -209,7 +222,7 @@ impl LeanH1 {
                 "x-api-key" => caller_sent_api_key = true,
                 _ => {}
             }
-            if HOP_BY_HOP.contains(&lname) || self.core.replaced_upstream(lname) {
+            if request_hop_by_hop(lname) || self.core.replaced_upstream(lname) {
                 continue;
             }
             header_line(wire, name, value);
@@ -324,10 +337,11 @@ impl LeanH1 {
         });
         let own = &own[..n_own];
         let framed_by_length = matches!(head.body, wire::ResponseBody::Length(_) | wire::ResponseBody::Empty);
+        let mut lower = [0u8; 64];
         for (name, value) in head.fields.iter(&up.buf) {
-            let skip = ANSWER_HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-                || (!framed_by_length && name.eq_ignore_ascii_case(b"content-length"))
-                || own.iter().any(|(o, _)| name.eq_ignore_ascii_case(o.as_bytes()));
+            let skip = lowercase(name, &mut lower).is_some_and(|n| {
+                answer_hop_by_hop(n) || (!framed_by_length && n == "content-length") || own.iter().any(|(o, _)| *o == n)
+            });
             if !skip {
                 header_line(out, name, value);
             }
