@@ -2,20 +2,21 @@
 //! extracts facts (identity, body), asks `decide`, acts on the store (admit/rollback/lease
 //! release), answers refusals through the one table in `respond`, and forwards the rest.
 //!
-//! Two drivers run the same phases (methods on `PreauthProxy`, on pingora's `ServerSession`):
-//! the lean HTTP/1 loop in `h1` (every HTTP/1.x request), and pingora's `ProxyHttp` below (h2c).
-//! - `inspect`: route, identity, size; for bodies with `Content-Length` ≤ 64 KiB, reads the body
-//!   and decides before any upstream contact. `Ok(true)` = answered here. (`h1` reads and decides
-//!   every other body too before forwarding.)
+//! Two drivers run the same phases (methods on `PreauthProxy`, over the `Downstream` trait):
+//! the sidecar's own HTTP/1 driver in `h1` (every HTTP/1.x connection), and pingora's
+//! `ProxyHttp` below (h2c).
+//! - `inspect`: route, identity, size; reads the body and decides before any upstream contact
+//!   (`h1`: every body; pingora: bodies with `Content-Length` ≤ 64 KiB). `Ok(true)` = answered.
+//!   The decision's hold and event are group-committed (`crate::commit`) before it is acted on.
 //! - `replaced_upstream` / `own_upstream_headers`: credentials, `accept-encoding` removed, host,
 //!   request id (`rewrite_upstream` applies them, with framing, to pingora's header).
 //! - pingora only, `request_body_filter`: swaps in a rewritten body; for deferred bodies (no
 //!   length or larger than 64 KiB) holds every chunk back and decides at end of body — the
 //!   upstream has the headers then, but no body byte reaches it unless the request is admitted.
 //! - `on_upstream_response`, `response_headers` (`x-preauth-*`), `on_response_chunk` (usage, the
-//!   overall deadline). `fail`: deferred refusals, 400 and 502.
+//!   overall deadline). `failure_answer`: deferred refusals, 400 and 502.
 //! - `finish`: settles, releases the concurrency lease (completion, error or client
-//!   disconnect), counts.
+//!   disconnect), counts, commits the settlement.
 //!
 //! Imports: decide, store traits, telemetry, state, config. Nothing imports this but `server`.
 
