@@ -35,27 +35,13 @@ pub fn v7() -> String {
     v7_at(ms, next(), next())
 }
 
-/// The v7 UUID of `ms` with random bits from `r1` (62 bits) and `r2` (12 bits), formatted
-/// directly (RFC 9562 §5.7: 48-bit time, version 7, 12 random bits, variant 10, 62 random bits).
+/// The v7 UUID of `ms` with random bits from `r1` (62 bits) and `r2` (12 bits) (RFC 9562 §5.7:
+/// 48-bit time, version 7, 12 random bits, variant 10, 62 random bits), hyphenated.
 fn v7_at(ms: u64, r1: u64, r2: u64) -> String {
     let hi = (ms << 16) | 0x7000 | (r2 & 0x0fff);
     let lo = (r1 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    let mut bytes = [0u8; 16];
-    bytes[..8].copy_from_slice(&hi.to_be_bytes());
-    bytes[8..].copy_from_slice(&lo.to_be_bytes());
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 36];
-    let mut o = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out[o] = b'-';
-            o += 1;
-        }
-        out[o] = HEX[usize::from(b >> 4)];
-        out[o + 1] = HEX[usize::from(b & 15)];
-        o += 2;
-    }
-    String::from_utf8(out.to_vec()).expect("hex digits and hyphens")
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::from_u64_pair(hi, lo).hyphenated().encode_lower(&mut buf).to_string()
 }
 
 #[cfg(test)]
