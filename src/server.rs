@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::background::background_service;
@@ -191,7 +192,9 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     opts.h2c = true;
     h2.server_options = Some(opts);
     let mut svc = Service::new("preauth proxy".to_string(), LeanH1::new(h2, proxy));
-    svc.add_tcp(&listen);
+    // Unbuffered: the HTTP/1 driver keeps its own buffers (pingora's default 64 KiB read buffer
+    // per connection would copy every byte once more), and h2 frames its own.
+    svc.add_listener(ListenerConfig::tcp(listen.as_str()).l4_buffer(L4BufferSettings::unbuffered()));
 
     let mut admin = Service::new("preauth admin".to_string(), AdminApp::new(state.clone()));
     admin.add_tcp(&admin_addr);
