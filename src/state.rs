@@ -108,6 +108,14 @@ pub struct AppState {
     store_unhealthy: AtomicBool,
 }
 
+/// Whether the outbox took `e`; logs the loss otherwise.
+fn recorded(e: &Event, r: Result<(), crate::ledger::outbox::OutboxError>) -> bool {
+    if let Err(err) = &r {
+        tracing::error!(error = %err, event_type = e.event_type.as_str(), event_id = %e.event_id, "ledger event not recorded");
+    }
+    r.is_ok()
+}
+
 /// The state backends of one sidecar (embedded or shared).
 pub struct Stores {
     pub policy: Arc<dyn PolicyStore>,
@@ -200,25 +208,13 @@ impl AppState {
     /// not be recorded (outbox full under the `failsafe` policy, disk error): the caller takes
     /// the failsafe path for decisions; other events are logged as lost.
     pub fn emit(&self, e: &Event) -> bool {
-        match self.outbox.append(e) {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::error!(error = %err, event_type = e.event_type.as_str(), event_id = %e.event_id, "ledger event not recorded");
-                false
-            }
-        }
+        recorded(e, self.outbox.append(e))
     }
 
     /// Stages `e` for the group commit (`group.commit` writes it before the request goes on).
     /// `false` when it cannot be recorded (outbox full under the `failsafe` policy).
     pub fn stage(&self, e: &Event) -> bool {
-        match self.outbox.stage(e) {
-            Ok(()) => true,
-            Err(err) => {
-                tracing::error!(error = %err, event_type = e.event_type.as_str(), event_id = %e.event_id, "ledger event not recorded");
-                false
-            }
-        }
+        recorded(e, self.outbox.stage(e))
     }
 
     /// Writes what was staged since `since` now (paths that answer without batching: admin,
