@@ -6,10 +6,10 @@
 
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use preauth_sidecar::decide::estimate::estimate;
 use preauth_sidecar::decide::time::parse_rfc3339;
-use preauth_sidecar::decide::usage::{BodyKind, UsageScanner};
+use preauth_sidecar::decide::usage::{BodyKind, ScanResult, UsageScanner};
 use preauth_sidecar::decide::{evaluate, jwt, CountersView, Facts, Mode, Policy, Route, Tier};
 use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::AdmitRequest;
@@ -99,5 +99,89 @@ fn bench_scanner(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decision, bench_jwt, bench_estimate, bench_scanner);
-criterion_main!(benches);
+/// The fake upstream's non-streaming chat completion (600 bytes, usage last).
+const MOCK_CHAT_JSON: &str = r#"{"choices":[{"finish_reason":"stop","index":0,"logprobs":null,"message":{"annotations":[],"content":"Hello from the mock upstream","refusal":null,"role":"assistant"}}],"created":1796329966,"id":"chatcmpl-mock000000000000000000000001","model":"gpt-4o-mini","object":"chat.completion","service_tier":"default","system_fingerprint":"fp_mock","usage":{"completion_tokens":16,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0},"prompt_tokens":46,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":0},"total_tokens":62}}"#;
+
+/// The fake upstream's chat stream with `include_usage`: 5 content events, the finish event, the
+/// usage event and `[DONE]` (2.2 KB).
+fn mock_chat_sse() -> String {
+    let head = r#"{"choices":["#;
+    let tail = r#","created":1796329966,"id":"chatcmpl-mock000000000000000000000002","model":"gpt-4o-mini","object":"chat.completion.chunk","system_fingerprint":"fp_mock","usage":"#;
+    let mut s = String::new();
+    for (i, word) in ["Hello", " from", " the", " mock", " upstream"].iter().enumerate() {
+        let role = if i == 0 { r#","role":"assistant""# } else { "" };
+        s += &format!(
+            r#"data: {head}{{"delta":{{"content":"{word}"{role}}},"finish_reason":null,"index":0,"logprobs":null}}]{tail}null}}"#
+        );
+        s += "\n\n";
+    }
+    s += &format!(r#"data: {head}{{"delta":{{}},"finish_reason":"stop","index":0,"logprobs":null}}]{tail}null}}"#);
+    s += "\n\n";
+    s += &format!(
+        r#"data: {{"choices":[]{tail}{{"completion_tokens":16,"completion_tokens_details":{{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0}},"prompt_tokens":59,"prompt_tokens_details":{{"audio_tokens":0,"cached_tokens":0}},"total_tokens":75}}}}"#
+    );
+    s += "\n\ndata: [DONE]\n\n";
+    s
+}
+
+/// The body split into `n` pieces of (nearly) equal length, at byte boundaries that fall inside
+/// lines: the scanner's buffering path is exercised, as with TCP segments.
+fn pieces(body: &str, n: usize) -> Vec<&[u8]> {
+    body.as_bytes().chunks(body.len().div_ceil(n)).collect()
+}
+
+fn scan(route: Route, kind: BodyKind, pieces: &[&[u8]]) -> ScanResult {
+    let mut s = UsageScanner::new(route, kind);
+    for p in pieces {
+        s.feed(black_box(p));
+    }
+    s.finish()
+}
+
+/// The fake upstream's bodies: what every proxied request in the load benchmark costs to scan.
+fn bench_scanner_mock(c: &mut Criterion) {
+    let sse = mock_chat_sse();
+    let mut g = c.benchmark_group("usage scanner, mock upstream bodies");
+    g.bench_function("chat JSON 600 B, 1 chunk", |b| {
+        b.iter(|| scan(Route::ChatCompletions, BodyKind::Json, &[MOCK_CHAT_JSON.as_bytes()]))
+    });
+    g.bench_function("chat SSE 2.2 KB, 1 chunk", |b| {
+        b.iter(|| scan(Route::ChatCompletions, BodyKind::Sse, &[sse.as_bytes()]))
+    });
+    let three = pieces(&sse, 3);
+    g.bench_function("chat SSE 2.2 KB, 3 chunks", |b| b.iter(|| scan(Route::ChatCompletions, BodyKind::Sse, &three)));
+    g.finish();
+}
+
+/// `SCAN_ITERS=N SCAN_BODY=json|sse1|sse3 hot_path`: scans that mock body N times and exits, for
+/// instruction and allocation counts under valgrind (run it with N and with 0, divide the
+/// difference by N):
+/// `SCAN_ITERS=1000 SCAN_BODY=json valgrind --tool=callgrind --callgrind-out-file=/dev/null <bench binary>`.
+fn fixed_iterations() -> bool {
+    let Some(n) = std::env::var("SCAN_ITERS").ok().and_then(|n| n.parse::<u64>().ok()) else {
+        return false;
+    };
+    let sse = mock_chat_sse();
+    let (kind, pieces) = match std::env::var("SCAN_BODY").as_deref() {
+        Ok("json") => (BodyKind::Json, vec![MOCK_CHAT_JSON.as_bytes()]),
+        Ok("sse1") => (BodyKind::Sse, vec![sse.as_bytes()]),
+        Ok("sse3") => (BodyKind::Sse, pieces(&sse, 3)),
+        other => panic!("SCAN_BODY must be json, sse1 or sse3, not {other:?}"),
+    };
+    let want = scan(Route::ChatCompletions, kind, &pieces);
+    assert!(want.usage.is_some() && want.model.is_some(), "{want:?}");
+    for _ in 0..n {
+        assert_eq!(scan(Route::ChatCompletions, kind, black_box(&pieces)), want);
+    }
+    true
+}
+
+criterion_group!(benches, bench_decision, bench_jwt, bench_estimate, bench_scanner, bench_scanner_mock);
+
+fn main() {
+    if fixed_iterations() {
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -142,41 +142,51 @@ impl TokenCounter {
 
     #[inline]
     pub fn push(&mut self, c: char) {
-        let cp = c as u32;
-        if cp < 0x80 {
-            let b = cp as u8;
-            if b.is_ascii_alphabetic() {
-                self.letter(b.is_ascii_uppercase(), b.is_ascii_lowercase());
-            } else if b.is_ascii_digit() {
-                self.enter(Class::Digit);
-                if self.run % 3 == 0 {
-                    self.milli += DIGIT_GROUP;
-                }
-                self.run += 1;
-            } else if b == b' ' || b == b'\t' {
-                self.enter(Class::Space);
-                self.run += 1;
-                if self.run % 16 == 2 {
-                    self.milli += SPACE_RUN;
-                }
-            } else if b == b'\n' || b == b'\r' {
-                // Spaces right before a newline merge into the newline token.
-                if self.class == Class::Space && self.run >= 2 {
-                    self.milli = self.milli.saturating_sub(SPACE_RUN);
-                }
-                if self.class != Class::Newline {
-                    self.milli += NEWLINE_RUN;
-                }
-                self.enter(Class::Newline);
-                self.run += 1;
-            } else if b < 0x20 || b == 0x7f {
-                self.enter(Class::Other);
-                self.milli += PUNCT_FIRST;
-            } else {
-                self.punct(c);
-            }
-            return;
+        if c.is_ascii() {
+            return self.push_ascii(c as u8);
         }
+        self.push_non_ascii(c);
+    }
+
+    /// `push(char::from(b))` for an ASCII byte `b`: the common case, small enough to inline
+    /// where text is counted byte by byte.
+    #[inline(always)]
+    pub fn push_ascii(&mut self, b: u8) {
+        debug_assert!(b.is_ascii());
+        if b.is_ascii_alphabetic() {
+            self.letter(b.is_ascii_uppercase(), b.is_ascii_lowercase());
+        } else if b.is_ascii_digit() {
+            self.enter(Class::Digit);
+            if self.run % 3 == 0 {
+                self.milli += DIGIT_GROUP;
+            }
+            self.run += 1;
+        } else if b == b' ' || b == b'\t' {
+            self.enter(Class::Space);
+            self.run += 1;
+            if self.run % 16 == 2 {
+                self.milli += SPACE_RUN;
+            }
+        } else if b == b'\n' || b == b'\r' {
+            // Spaces right before a newline merge into the newline token.
+            if self.class == Class::Space && self.run >= 2 {
+                self.milli = self.milli.saturating_sub(SPACE_RUN);
+            }
+            if self.class != Class::Newline {
+                self.milli += NEWLINE_RUN;
+            }
+            self.enter(Class::Newline);
+            self.run += 1;
+        } else if b < 0x20 || b == 0x7f {
+            self.enter(Class::Other);
+            self.milli += PUNCT_FIRST;
+        } else {
+            self.punct(char::from(b));
+        }
+    }
+
+    fn push_non_ascii(&mut self, c: char) {
+        let cp = c as u32;
         match cp {
             // Latin-1 punctuation and symbols (« » © ° × ÷ ...).
             0x80..=0xBF | 0xD7 | 0xF7 => self.punct(c),

@@ -26,6 +26,8 @@ pub mod pricing;
 pub mod route;
 pub mod time;
 pub mod usage;
+#[cfg(test)]
+mod usage_reference;
 pub mod usage_types;
 
 pub use decision::{Decision, DecisionPath, Gate, GateEval, Reason, Transform, Verdict};

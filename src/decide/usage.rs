@@ -3,7 +3,7 @@
 //! Owns: `UsageScanner` (fed response-body chunks as they pass, split at any byte boundary),
 //! `BodyKind`, `ScanResult`, and the normalisation of provider usage shapes into `Usage`
 //! (semantics in `usage_types.rs`). It only reads the bytes it is shown: it never holds, delays or
-//! changes the stream. Imports: std, serde, serde_json, and the sibling modules `route`,
+//! changes the stream. Imports: std, serde, serde_json, memchr, and the sibling modules `route`,
 //! `usage_types` and `estimate` (for counting observed output text). Pure: no I/O, no clock.
 //!
 //! Shapes understood:
@@ -19,18 +19,48 @@
 //!   cached = cache reads; in SSE `message_start` carries `message.usage` and `message_delta`
 //!   carries cumulative `usage`, the last value of each field wins).
 //!
-//! SSE cost: only the partial last line is kept (at most `MAX_SSE_LINE_BYTES`); a line is
-//! deserialised only when it holds a usage object (`"usage": {`) or, once, the model name;
-//! output text is counted by locating the delta string values in place.
+//! Reading rules (a "text" is a whole JSON body or one SSE `data:` payload):
+//! - Messages: the text is deserialised (`Frame`): top-level `model` and `usage`, `message.model`
+//!   and `message.usage`; a duplicate field or a value of the wrong kind makes it unparsable.
+//! - OpenAI shapes: when `"usage":` occurs once in the text (at any depth) with an object or
+//!   `null` value, and `"model":` at most once with a string or `null`, those two values are the
+//!   frame, wherever they sit (this also reads `response.usage` of Responses events, and a lone
+//!   nested usage such as Groq's `x_groq.usage`); otherwise the text is deserialised as for
+//!   Messages, plus `response.model` / `response.usage`.
+//! - Output text: the string values of the route's text keys (`text_keys`), at any depth, in
+//!   order, escapes decoded, into one `TokenCounter`: in SSE every data line, in a JSON body only
+//!   when it reports no usage.
+//! - SSE: a data line is read for its frame only when it holds a usage object (`"usage": {`) or,
+//!   until a model is known, the bytes `"model"`; `event:`/`id:`/comment lines, `[DONE]`, CR
+//!   before LF and one space after `data:` are skipped.
+//! - Keys are matched as written: an escaped key (`"us\u0061ge"`) is not the key. A text that is
+//!   not valid JSON (e.g. cut short) is read as far as these rules find what they look for.
+//!
+//! Cost (no text is parsed as a whole on the usual paths; `benches/hot_path.rs` measures the fake
+//! upstream's bodies):
+//! - SSE: lines are cut with `memchr`. A data line gets one pass over its `:` bytes, found 32 bytes
+//!   at a time with word arithmetic (`scan_keys`); at each, the key before it is matched in place
+//!   against the route's text keys, `usage` and `model` (a table on its last two bytes, then its
+//!   quoted bytes compared as words), and a text value is counted where it lies. serde_json runs
+//!   only for Messages frames and for shapes the fast readers refuse.
+//! - JSON: `"usage"` and `"model"` are located with `memchr::memmem`; the usage object is read in
+//!   one pass (`usage_object`, known keys compared as words, integers read in place).
+//! - Allocation: the JSON body copy (one exact allocation when it comes in one piece), the partial
+//!   SSE line (at least `MIN_LINE_BUFFER` once one is split, then reused; at most
+//!   `MAX_SSE_LINE_BYTES`), and the model name. The JSON body is kept up to `MAX_JSON_BODY_BYTES`.
 
 use super::estimate::TokenCounter;
 use super::route::Route;
 use super::usage_types::Usage;
+use memchr::memmem::Finder;
+use std::sync::LazyLock;
 
 /// Longest SSE line kept; a longer line is dropped and counted as unparsable.
 pub const MAX_SSE_LINE_BYTES: usize = 1 << 20;
 /// Largest JSON body buffered for parsing; beyond it the scanner gives up (usage `None`).
 pub const MAX_JSON_BODY_BYTES: usize = 8 << 20;
+/// First capacity of the partial-line buffer (most event lines are shorter).
+const MIN_LINE_BUFFER: usize = 1024;
 
 /// How the response body is framed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,51 +213,744 @@ impl AnthropicAcc {
 
 // ------------------------------------------------------------------------------ byte helpers
 
+fn is_ws(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\r' | b'\n')
+}
+
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\r' | b'\n') {
+    while i < b.len() && is_ws(b[i]) {
         i += 1;
     }
     i
 }
 
-/// If `b[i..]` is `"key"` followed by `:` and the value's first byte is `open`, the index of
-/// that byte.
-fn value_after_key(b: &[u8], i: usize, key: &[u8], open: u8) -> Option<usize> {
-    // b[i] == b'"' is checked by the caller.
-    let k_end = i + 1 + key.len();
-    if b.get(i + 1..k_end)? != key || b.get(k_end) != Some(&b'"') {
-        return None;
-    }
-    let j = skip_ws(b, k_end + 1);
-    if b.get(j) != Some(&b':') {
-        return None;
-    }
-    let j = skip_ws(b, j + 1);
-    (b.get(j) == Some(&open)).then_some(j)
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+
+/// The high bit of each byte of `x` that is zero (exact: no carry crosses a byte).
+#[inline]
+fn zero_bytes(x: u64) -> u64 {
+    !(((x & LOW7).wrapping_add(LOW7)) | x) & !LOW7
 }
 
-/// An OpenAI-shape JSON text's (a whole body or one SSE data line) usage and model without
-/// parsing all of it: the one `"usage"` value (an object or `null`) and the one `"model"` value
-/// (a string or `null`), each parsed alone. `None` (parse the whole text instead) when either key
-/// appears more than once or holds another kind of value. Inside a JSON string a quote is
-/// escaped, so a key pattern cannot match there.
-fn json_frame_fast(b: &[u8]) -> Option<Frame> {
-    let usage = match key_values(b, b"usage") {
-        (0, _) => None,
-        (1, Some(j)) if b[j] == b'{' => {
-            let obj = &b[j..object_end(b, j)?];
-            Some(raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())?)
+/// `c` in every byte.
+const fn splat(c: u8) -> u64 {
+    u64::from_le_bytes([c; 8])
+}
+
+/// The index of the first `"` or `\` at or after `i` (`b.len()` if none), eight bytes at a time.
+#[inline]
+fn quote_or_backslash(b: &[u8], mut i: usize) -> usize {
+    while let Some(w) = b.get(i..i + 8) {
+        let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        let m = zero_bytes(v ^ splat(b'"')) | zero_bytes(v ^ splat(b'\\'));
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
         }
-        (1, Some(j)) if b[j..].starts_with(b"null") => None,
-        _ => return None,
+        i += 8;
+    }
+    while i < b.len() && b[i] != b'"' && b[i] != b'\\' {
+        i += 1;
+    }
+    i
+}
+
+/// The index after the closing quote of the string whose content starts at `i`.
+fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i = quote_or_backslash(b, i);
+        match b.get(i)? {
+            b'"' => return Some(i + 1),
+            _ => i += 2,
+        }
+    }
+}
+
+/// The index after the `}` that closes the object opening at `b[i]`.
+fn object_end(b: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = string_end(b, i + 1)?;
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Bytes of a number or literal (`[0-9A-Za-z+.-]`), and bytes that may follow a member value
+/// (`,`, `}`, whitespace).
+const SCALAR: u8 = 1;
+const AFTER_VALUE: u8 = 2;
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.') {
+            t[c] = SCALAR;
+        } else if matches!(b, b',' | b'}' | b' ' | b'\t' | b'\r' | b'\n') {
+            t[c] = AFTER_VALUE;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// The end of the number or literal starting at `b[i]`: a run of `[0-9A-Za-z+.-]` followed by
+/// `,`, `}` or whitespace. `None` for anything else (left to the general readers).
+fn scalar_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut e = i;
+    while e < b.len() && BYTE_CLASS[usize::from(b[e])] == SCALAR {
+        e += 1;
+    }
+    (e > i && BYTE_CLASS[usize::from(*b.get(e)?)] == AFTER_VALUE).then_some(e)
+}
+
+// ----------------------------------------------------------------------------- key search
+
+/// How often `"key":` occurs in a text, and where the value of the first one starts.
+#[derive(Clone, Copy, Debug, Default)]
+struct Occurrences {
+    n: u32,
+    /// The first occurrence's value start, if the text goes on after its colon.
+    first: Option<usize>,
+}
+
+impl Occurrences {
+    fn add(&mut self, value: usize, len: usize) {
+        self.n += 1;
+        if value < len && self.first.is_none() {
+            self.first = Some(value);
+        }
+    }
+}
+
+/// Most keys one [`scan_keys`] pass looks for: four text keys, `usage`, `model`.
+const MAX_KEYS: usize = 6;
+/// Longest key a [`KeySet`] can hold (its quoted form is compared in three words).
+const MAX_KEY_LEN: usize = 22;
+
+/// The keys one [`scan_keys`] pass matches: the route's text keys, then `usage` and `model`.
+/// Each key is matched in its quoted form `"key"`, whose bytes are kept as little-endian words:
+/// `tail` is its last eight bytes (fewer for short keys: `tail_mask` keeps those), `head` and
+/// `mid` its bytes 0..8 and 8..16 when it is longer than eight.
+struct KeySet {
+    len: usize,
+    /// Keys `..text` are output-text keys; `text` is `usage`, `text + 1` is `model`.
+    text: usize,
+    /// Bit `k` of `by_end[end_hash(a, z)]`: key `k` may end with bytes `a`, `z`.
+    by_end: [u8; 256],
+    quoted_len: [usize; MAX_KEYS],
+    tail: [u64; MAX_KEYS],
+    tail_mask: [u64; MAX_KEYS],
+    head: [u64; MAX_KEYS],
+    mid: [u64; MAX_KEYS],
+}
+
+/// Bytes `from..from + 8` of `"key"` as a little-endian word; bytes past its end are zero.
+const fn quoted_word(key: &[u8], from: usize) -> u64 {
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        let at = from + i;
+        let byte = if at == 0 || at == key.len() + 1 {
+            b'"'
+        } else if at <= key.len() {
+            key[at - 1]
+        } else {
+            0
+        };
+        w |= (byte as u64) << (8 * i);
+        i += 1;
+    }
+    w
+}
+
+/// The [`KeySet::by_end`] slot of a key ending with bytes `a`, `z`.
+#[inline(always)]
+const fn end_hash(a: u8, z: u8) -> usize {
+    (z ^ a.rotate_left(4)) as usize
+}
+
+const fn key_set(text_keys: &[&'static [u8]]) -> KeySet {
+    let mut set = KeySet {
+        len: text_keys.len() + 2,
+        text: text_keys.len(),
+        by_end: [0; 256],
+        quoted_len: [0; MAX_KEYS],
+        tail: [0; MAX_KEYS],
+        tail_mask: [0; MAX_KEYS],
+        head: [0; MAX_KEYS],
+        mid: [0; MAX_KEYS],
     };
-    let model = match key_values(b, b"model") {
+    let mut k = 0;
+    while k < set.len {
+        let key: &[u8] = if k < text_keys.len() {
+            text_keys[k]
+        } else if k == text_keys.len() {
+            b"usage"
+        } else {
+            b"model"
+        };
+        assert!(key.len() >= 2 && key.len() <= MAX_KEY_LEN);
+        let quoted = key.len() + 2;
+        set.by_end[end_hash(key[key.len() - 2], key[key.len() - 1])] |= 1 << k;
+        set.quoted_len[k] = quoted;
+        if quoted >= 8 {
+            set.tail[k] = quoted_word(key, quoted - 8);
+            set.tail_mask[k] = u64::MAX;
+        } else {
+            // The window ends with the closing quote: the key sits in its high bytes.
+            set.tail[k] = quoted_word(key, 0) << (8 * (8 - quoted));
+            set.tail_mask[k] = u64::MAX << (8 * (8 - quoted));
+        }
+        set.head[k] = quoted_word(key, 0);
+        set.mid[k] = quoted_word(key, 8);
+        k += 1;
+    }
+    set
+}
+
+static CHAT_KEYS: KeySet = key_set(&[b"content", b"arguments", b"refusal", b"reasoning_content"]);
+static COMPLETIONS_KEYS: KeySet = key_set(&[b"text"]);
+static RESPONSES_SSE_KEYS: KeySet = key_set(&[b"delta"]);
+static RESPONSES_JSON_KEYS: KeySet = key_set(&[b"text", b"arguments"]);
+static MESSAGES_KEYS: KeySet = key_set(&[b"text", b"partial_json", b"thinking"]);
+static NO_TEXT_KEYS: KeySet = key_set(&[]);
+
+/// Keys whose string values are output text, per route and framing.
+fn text_keys(route: Route, kind: BodyKind) -> &'static KeySet {
+    match (route, kind) {
+        (Route::ChatCompletions, _) => &CHAT_KEYS,
+        (Route::Completions, _) => &COMPLETIONS_KEYS,
+        // Stream: the `.delta` events only (`.done` events and `response.completed` repeat the
+        // text). Body: the output parts.
+        (Route::Responses, BodyKind::Sse) => &RESPONSES_SSE_KEYS,
+        (Route::Responses, BodyKind::Json) => &RESPONSES_JSON_KEYS,
+        (Route::Messages, _) => &MESSAGES_KEYS,
+        (Route::Embeddings, _) => &NO_TEXT_KEYS,
+    }
+}
+
+/// What [`scan_keys`] saw of `usage` and `model`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Found {
+    usage: Occurrences,
+    model: Occurrences,
+    /// Some `"usage":` holds an object (not `null`).
+    usage_object: bool,
+}
+
+/// One pass over JSON text `b`, at any nesting: feeds the string values of the set's text keys,
+/// in order, to `text`, and notes the `"usage":` and `"model":` keys. A key is a `"key"` followed
+/// by optional whitespace and `:`; inside a JSON string every quote is escaped, so no string
+/// content can look like one. The `:` bytes are found sixteen at a time; at each, the key before
+/// it is checked in place (its last two bytes, then its quoted bytes a word at a time).
+fn scan_keys(b: &[u8], set: &KeySet, mut text: Option<&mut TokenCounter>) -> Found {
+    let mut found = Found::default();
+    let mut blocks = b.chunks_exact(32);
+    let mut i = 0;
+    for block in &mut blocks {
+        let w: [u64; 4] = std::array::from_fn(|k| {
+            zero_bytes(u64::from_le_bytes(block[8 * k..8 * k + 8].try_into().expect("8 bytes")) ^ splat(b':'))
+        });
+        if w[0] | w[1] | w[2] | w[3] != 0 {
+            colons_in_block(b, i, w[0], w[1], set, &mut found, &mut text);
+            colons_in_block(b, i + 16, w[2], w[3], set, &mut found, &mut text);
+        }
+        i += 32;
+    }
+    let tail = blocks.remainder();
+    if tail.len() >= 16 {
+        let x = zero_bytes(word_at(tail, 0) ^ splat(b':'));
+        let y = zero_bytes(word_at(tail, 8) ^ splat(b':'));
+        colons_in_block(b, i, x, y, set, &mut found, &mut text);
+        i += 16;
+    }
+    for colon in i..b.len() {
+        if b[colon] == b':' {
+            key_at(b, colon, set, &mut found, &mut text);
+        }
+    }
+    found
+}
+
+/// [`colons_in_word`] for the two words of the block at `b[i..i + 16]`.
+#[inline(always)]
+fn colons_in_block(
+    b: &[u8],
+    i: usize,
+    x: u64,
+    y: u64,
+    set: &KeySet,
+    found: &mut Found,
+    text: &mut Option<&mut TokenCounter>,
+) {
+    colons_in_word(b, i, x, set, found, text);
+    colons_in_word(b, i + 8, y, set, found, text);
+}
+
+/// The little-endian word at `b[i..i + 8]`.
+#[inline(always)]
+fn word_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+/// [`key_at`] for each `:` marked in `colons` (high bits of bytes, from [`zero_bytes`]) of the
+/// word at `b[i..]`. The usual `"key":` whose last bytes match no key is turned away here.
+#[inline(always)]
+fn colons_in_word(
+    b: &[u8],
+    i: usize,
+    mut colons: u64,
+    set: &KeySet,
+    found: &mut Found,
+    text: &mut Option<&mut TokenCounter>,
+) {
+    while colons != 0 {
+        let colon = i + (colons.trailing_zeros() / 8) as usize;
+        colons &= colons - 1;
+        if colon >= 9 && b[colon - 1] == b'"' {
+            let candidates = set.by_end[end_hash(b[colon - 3], b[colon - 2])];
+            if candidates != 0 {
+                key_before(b, colon, colon - 1, candidates, set, found, text);
+            }
+        } else {
+            key_at(b, colon, set, found, text);
+        }
+    }
+}
+
+/// The [`scan_keys`] step at the `:` at `b[colon]`.
+#[inline(never)]
+fn key_at(b: &[u8], colon: usize, set: &KeySet, found: &mut Found, text: &mut Option<&mut TokenCounter>) {
+    // b[close] is the key's closing quote.
+    let mut close = colon.wrapping_sub(1);
+    while close < b.len() && is_ws(b[close]) {
+        close = close.wrapping_sub(1);
+    }
+    if close >= b.len() || b[close] != b'"' || close < 2 {
+        return;
+    }
+    if close < 8 {
+        return key_at_start(b, colon, close, set, found, text);
+    }
+    let candidates = set.by_end[end_hash(b[close - 2], b[close - 1])];
+    if candidates != 0 {
+        key_before(b, colon, close, candidates, set, found, text);
+    }
+}
+
+/// Matches the keys in `candidates` against the quoted key closing at `b[close]` (`close >= 8`).
+#[inline(always)]
+fn key_before(
+    b: &[u8],
+    colon: usize,
+    close: usize,
+    mut candidates: u8,
+    set: &KeySet,
+    found: &mut Found,
+    text: &mut Option<&mut TokenCounter>,
+) {
+    let tail = word_at(b, close - 7);
+    while candidates != 0 {
+        let k = candidates.trailing_zeros() as usize;
+        candidates &= candidates - 1;
+        if tail & set.tail_mask[k] != set.tail[k] {
+            continue;
+        }
+        let quoted = set.quoted_len[k];
+        if quoted > 8 {
+            let Some(open) = (close + 1).checked_sub(quoted) else { continue };
+            if word_at(b, open) != set.head[k] || (quoted > 16 && word_at(b, open + 8) != set.mid[k]) {
+                continue;
+            }
+        }
+        return key_found(b, colon, k, set, found, text);
+    }
+}
+
+/// [`key_at`] for a key that closes within the first eight bytes of the text.
+#[cold]
+fn key_at_start(
+    b: &[u8],
+    colon: usize,
+    close: usize,
+    set: &KeySet,
+    found: &mut Found,
+    text: &mut Option<&mut TokenCounter>,
+) {
+    for k in 0..set.len {
+        let quoted = set.quoted_len[k];
+        let Some(open) = (close + 1).checked_sub(quoted) else { continue };
+        let mut window = [0u8; 24];
+        window[..quoted].copy_from_slice(&b[open..=close]);
+        let mut want = [0u8; 24];
+        want[..8].copy_from_slice(&set.head[k].to_le_bytes());
+        want[8..16].copy_from_slice(&set.mid[k].to_le_bytes());
+        if quoted > 16 {
+            want[quoted - 8..quoted].copy_from_slice(&set.tail[k].to_le_bytes());
+        }
+        if window[..quoted] == want[..quoted] {
+            return key_found(b, colon, k, set, found, text);
+        }
+    }
+}
+
+/// Key `k` of the set ends just before the `:` at `b[colon]`.
+#[inline(always)]
+fn key_found(b: &[u8], colon: usize, k: usize, set: &KeySet, found: &mut Found, text: &mut Option<&mut TokenCounter>) {
+    let v = skip_ws(b, colon + 1);
+    if k < set.text {
+        if let (Some(t), Some(b'"')) = (text.as_deref_mut(), b.get(v)) {
+            count_json_string(b, v + 1, t);
+        }
+    } else if k == set.text {
+        found.usage.add(v, b.len());
+        found.usage_object |= b.get(v) == Some(&b'{');
+    } else {
+        found.model.add(v, b.len());
+    }
+}
+
+static USAGE_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+static MODEL_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
+
+/// The `"key":` occurrences of a text found by `memmem` (for a whole JSON body, where most bytes
+/// are far from both keys); the same count as [`scan_keys`] gives.
+fn occurrences(b: &[u8], finder: &Finder<'_>) -> Occurrences {
+    let after_key = finder.needle().len();
+    let mut o = Occurrences::default();
+    let mut from = 0;
+    while let Some(i) = b.get(from..).and_then(|h| finder.find(h)).map(|i| i + from) {
+        let colon = skip_ws(b, i + after_key);
+        if b.get(colon) == Some(&b':') {
+            o.add(skip_ws(b, colon + 1), b.len());
+        }
+        from = i + 1;
+    }
+    o
+}
+
+// -------------------------------------------------------------------------- frame readers
+
+/// An OpenAI-shape frame read from its key occurrences (module doc): the model (only built when
+/// `want_model`) and the usage. `None`: deserialise the whole text instead.
+fn fast_frame(b: &[u8], usage: Occurrences, model: Occurrences, want_model: bool) -> Option<FastFrame> {
+    let usage = match (usage.n, usage.first) {
         (0, _) => None,
-        (1, Some(j)) if b[j] == b'"' => Some(serde_json::from_slice::<String>(&b[j..string_end(b, j + 1)?]).ok()?),
+        (1, Some(j)) if b[j] == b'{' => Some(match usage_object(b, j) {
+            Some(u) => u,
+            None => {
+                let obj = &b[j..object_end(b, j)?];
+                raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())?
+            }
+        }),
         (1, Some(j)) if b[j..].starts_with(b"null") => None,
         _ => return None,
     };
-    Some(Frame { model, usage, message: None, response: None })
+    let model = match (model.n, model.first) {
+        (0, _) => None,
+        (1, Some(j)) if b[j] == b'"' => model_string(&b[j..string_end(b, j + 1)?], want_model)?,
+        (1, Some(j)) if b[j..].starts_with(b"null") => None,
+        _ => return None,
+    };
+    Some(FastFrame { model, usage })
+}
+
+/// What [`fast_frame`] read.
+struct FastFrame {
+    model: Option<String>,
+    usage: Option<RawUsage>,
+}
+
+/// The JSON string `s` (with its quotes) as serde_json reads it; `Some(None)` when it is valid but
+/// not wanted, `None` when serde_json would refuse it.
+fn model_string(s: &[u8], want: bool) -> Option<Option<String>> {
+    let content = &s[1..s.len() - 1];
+    if content.iter().all(|&c| (0x20..0x80).contains(&c) && c != b'\\') {
+        // Printable ASCII without escapes: serde_json would take it as it is.
+        return Some(if want { Some(std::str::from_utf8(content).ok()?.to_owned()) } else { None });
+    }
+    let text = serde_json::from_slice::<String>(s).ok()?;
+    Some(want.then_some(text))
+}
+
+/// Calls `f(key, value_start)` for each member of the JSON object opening at `b[i]`, where
+/// `key_at(b, q)` names the key whose opening quote is `b[q]` and returns it with the index after
+/// its closing quote; `f` returns where the value ends. Returns the index after the object's `}`;
+/// `None` when either says so or the text is not the plain shape (a bad separator, its end).
+#[inline(always)]
+fn each_member<K>(
+    b: &[u8],
+    i: usize,
+    key_at: impl Fn(&[u8], usize) -> Option<(K, usize)>,
+    mut f: impl FnMut(K, usize) -> Option<usize>,
+) -> Option<usize> {
+    let mut i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return Some(i + 1);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let (key, after) = key_at(b, i)?;
+        // The compact layout (`"key":value,"key"`) is tried before whitespace is skipped.
+        let mut colon = after;
+        if b.get(colon) != Some(&b':') {
+            colon = skip_ws(b, colon);
+            if b.get(colon) != Some(&b':') {
+                return None;
+            }
+        }
+        let mut v = colon + 1;
+        if b.get(v).is_some_and(|&c| is_ws(c)) {
+            v = skip_ws(b, v);
+        }
+        let mut end = f(key, v)?;
+        if b.get(end).is_some_and(|&c| is_ws(c)) {
+            end = skip_ws(b, end);
+        }
+        match b.get(end)? {
+            b',' => {
+                i = end + 1;
+                if b.get(i) != Some(&b'"') {
+                    i = skip_ws(b, i);
+                }
+            }
+            b'}' => return Some(end + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// The end of any value starting at `b[v]`, as [`members`] delimits it (scalars more strictly).
+fn value_end(b: &[u8], v: usize) -> Option<usize> {
+    match b.get(v)? {
+        b'{' | b'[' => object_end(b, v),
+        b'"' => string_end(b, v + 1),
+        _ => scalar_end(b, v),
+    }
+}
+
+/// An integer or `null` member value at `b[v]` and its end, as [`int_or_null`] reads the scalar
+/// that [`scalar_end`] delimits.
+#[inline(always)]
+fn int_member(b: &[u8], v: usize) -> Option<(Option<u64>, usize)> {
+    let mut e = v;
+    let mut n = 0u64;
+    // Up to 19 digits cannot overflow; a longer run is checked digit by digit.
+    while let Some(d) = b.get(e).map(|d| d.wrapping_sub(b'0')).filter(|&d| d < 10) {
+        n = if e - v < 19 { n * 10 + u64::from(d) } else { n.checked_mul(10)?.checked_add(u64::from(d))? };
+        e += 1;
+    }
+    let value = match e - v {
+        0 if b[v..].starts_with(b"null") => {
+            e += 4;
+            None
+        }
+        0 => return None,
+        1 => Some(n),
+        _ if b[v] == b'0' => return None,
+        _ => Some(n),
+    };
+    (BYTE_CLASS[usize::from(*b.get(e)?)] == AFTER_VALUE).then_some((value, e))
+}
+
+/// [`value_end`] with plain integers (most unknown usage members) read in place.
+#[inline(always)]
+fn member_value_end(b: &[u8], v: usize) -> Option<usize> {
+    let mut e = v;
+    while b.get(e).is_some_and(u8::is_ascii_digit) {
+        e += 1;
+    }
+    if e > v && b.get(e).is_some_and(|&c| BYTE_CLASS[usize::from(c)] == AFTER_VALUE) {
+        return Some(e);
+    }
+    value_end(b, v)
+}
+
+/// A known key of an object the fast readers walk: its bytes and, as little-endian words, its
+/// bytes at 0, 8 and 16 (zero-padded) and its last eight: enough to compare any key of 8 to 32
+/// bytes in place, with the closing quote after it.
+struct KnownKey {
+    len: usize,
+    words: [u64; 3],
+    tail: u64,
+}
+
+const fn known(key: &[u8]) -> KnownKey {
+    assert!(key.len() >= 8 && key.len() <= 32);
+    let mut words = [0u64; 3];
+    let mut i = 0;
+    while i < 24 && i < key.len() {
+        words[i / 8] |= (key[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    let mut tail = 0u64;
+    let mut k = 0;
+    while k < 8 {
+        tail |= (key[key.len() - 8 + k] as u64) << (8 * k);
+        k += 1;
+    }
+    KnownKey { len: key.len(), words, tail }
+}
+
+/// Whether the key whose opening quote is `b[q]` and whose first word is `head` is `k`; the
+/// index after its closing quote if so.
+#[inline(always)]
+fn is_known(b: &[u8], q: usize, head: u64, k: &KnownKey) -> Option<usize> {
+    let close = q + 1 + k.len;
+    if head != k.words[0] || b.get(close) != Some(&b'"') {
+        return None;
+    }
+    let key = &b[q + 1..close];
+    let same = word_at(key, k.len - 8) == k.tail
+        && (k.len <= 16 || word_at(key, 8) == k.words[1])
+        && (k.len <= 24 || word_at(key, 16) == k.words[2]);
+    same.then_some(close + 1)
+}
+
+/// The key whose opening quote is `b[q]`, when it is none of the known ones: `Some((None,
+/// after))`, or `None` for a key with an escape or no end.
+#[inline(always)]
+fn other_key<K>(b: &[u8], q: usize) -> Option<(Option<K>, usize)> {
+    let close = quote_or_backslash(b, q + 1);
+    (b.get(close) == Some(&b'"')).then_some((None, close + 1))
+}
+
+/// The first word of the key whose opening quote is `b[q]` (0 when the text ends first).
+#[inline(always)]
+fn key_head(b: &[u8], q: usize) -> u64 {
+    b.get(q + 1..q + 9).map_or(0, |w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+}
+
+/// The usage keys [`usage_object`] reads: counts first (their `RawUsage` field by index), then
+/// the `*_details` objects.
+const USAGE_KEYS: [KnownKey; 10] = [
+    known(b"prompt_tokens"),
+    known(b"completion_tokens"),
+    known(b"input_tokens"),
+    known(b"output_tokens"),
+    known(b"cache_read_input_tokens"),
+    known(b"cache_creation_input_tokens"),
+    known(b"prompt_tokens_details"),
+    known(b"completion_tokens_details"),
+    known(b"input_tokens_details"),
+    known(b"output_tokens_details"),
+];
+
+/// The key whose opening quote is `b[q]`: `Some((Some(id), after))` for `USAGE_KEYS[id]`,
+/// `Some((None, after))` for another key, `None` for a key with an escape or no end (`after`:
+/// the index after the closing quote).
+#[inline(always)]
+fn usage_key(b: &[u8], q: usize) -> Option<(Option<usize>, usize)> {
+    const PROMPT: u64 = USAGE_KEYS[0].words[0];
+    const COMPLETION: u64 = USAGE_KEYS[1].words[0];
+    const INPUT: u64 = USAGE_KEYS[2].words[0];
+    const OUTPUT: u64 = USAGE_KEYS[3].words[0];
+    const CACHE_READ: u64 = USAGE_KEYS[4].words[0];
+    const CACHE_CREATION: u64 = USAGE_KEYS[5].words[0];
+    let head = key_head(b, q);
+    let is = |id: usize| is_known(b, q, head, &USAGE_KEYS[id]).map(|after| (Some(id), after));
+    let found = match head {
+        PROMPT => is(0).or_else(|| is(6)),
+        COMPLETION => is(1).or_else(|| is(7)),
+        INPUT => is(2).or_else(|| is(8)),
+        OUTPUT => is(3).or_else(|| is(9)),
+        CACHE_READ => is(4),
+        CACHE_CREATION => is(5),
+        _ => None,
+    };
+    found.or_else(|| other_key(b, q))
+}
+
+const DETAILS_KEYS: [KnownKey; 2] = [known(b"cached_tokens"), known(b"reasoning_tokens")];
+
+/// [`usage_key`] for [`DETAILS_KEYS`].
+#[inline(always)]
+fn details_key(b: &[u8], q: usize) -> Option<(Option<usize>, usize)> {
+    let head = key_head(b, q);
+    let is = |id: usize| is_known(b, q, head, &DETAILS_KEYS[id]).map(|after| (Some(id), after));
+    is(0).or_else(|| is(1)).or_else(|| other_key(b, q))
+}
+
+impl RawUsage {
+    /// The count field of `USAGE_KEYS[id]` (`id < 6`).
+    fn count_mut(&mut self, id: usize) -> &mut Option<u64> {
+        match id {
+            0 => &mut self.prompt_tokens,
+            1 => &mut self.completion_tokens,
+            2 => &mut self.input_tokens,
+            3 => &mut self.output_tokens,
+            4 => &mut self.cache_read_input_tokens,
+            _ => &mut self.cache_creation_input_tokens,
+        }
+    }
+
+    /// The details field of `USAGE_KEYS[id]` (`6 <= id < 10`).
+    fn details_mut(&mut self, id: usize) -> &mut Option<Details> {
+        match id {
+            6 => &mut self.prompt_tokens_details,
+            7 => &mut self.completion_tokens_details,
+            8 => &mut self.input_tokens_details,
+            _ => &mut self.output_tokens_details,
+        }
+    }
+}
+
+/// The usage object opening at `b[j]`, read in one pass; the same as [`raw_usage_fast`] on the
+/// object's bytes wherever this accepts (it refuses a little more: odd scalars). `None`: use
+/// `raw_usage_fast` and serde.
+fn usage_object(b: &[u8], j: usize) -> Option<RawUsage> {
+    let mut u = RawUsage::default();
+    let mut seen = 0u32;
+    each_member(b, j, usage_key, |id, v| match id {
+        None => member_value_end(b, v),
+        Some(id) => {
+            first_time(&mut seen, id as u32)?;
+            if id < 6 {
+                let (n, end) = int_member(b, v)?;
+                *u.count_mut(id) = n;
+                return Some(end);
+            }
+            if b.get(v) == Some(&b'{') {
+                let (d, end) = details_object(b, v)?;
+                *u.details_mut(id) = Some(d);
+                return Some(end);
+            }
+            let (None, end) = int_member(b, v)? else { return None };
+            *u.details_mut(id) = None;
+            Some(end)
+        }
+    })?;
+    Some(u)
+}
+
+/// A `*_details` object opening at `b[v]` and its end, as [`details_fast`] reads it.
+fn details_object(b: &[u8], v: usize) -> Option<(Details, usize)> {
+    let mut d = Details::default();
+    let mut seen = 0u32;
+    let end = each_member(b, v, details_key, |id, v| {
+        let Some(id) = id else { return member_value_end(b, v) };
+        first_time(&mut seen, id as u32)?;
+        let (n, end) = int_member(b, v)?;
+        *(if id == 0 { &mut d.cached_tokens } else { &mut d.reasoning_tokens }) = n;
+        Some(end)
+    })?;
+    Some((d, end))
 }
 
 /// A usage object (`b` is exactly `{…}`) read by hand: integers and `null`s of the known keys,
@@ -341,71 +1064,20 @@ fn members(b: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Option<()>) -> Option<()
     }
 }
 
-/// How many `"key":` there are, and where the value of the first one starts.
-fn key_values(b: &[u8], key: &'static [u8]) -> (usize, Option<usize>) {
-    let finder = quoted_finder(key);
-    let (mut n, mut first, mut from) = (0, None, 0);
-    while let Some(i) = b.get(from..).and_then(|h| finder.find(h)).map(|i| i + from) {
-        let colon = skip_ws(b, i + key.len() + 2);
-        if b.get(colon) == Some(&b':') {
-            n += 1;
-            let v = skip_ws(b, colon + 1);
-            if v < b.len() {
-                first = first.or(Some(v));
-            }
-        }
-        from = i + 1;
-    }
-    (n, first)
-}
-
-/// The index after the closing quote of the string whose content starts at `i`.
-fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
-    while i < b.len() {
-        match b[i] {
-            b'"' => return Some(i + 1),
-            b'\\' => i += 2,
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-/// The index after the `}` that closes the object opening at `b[i]`.
-fn object_end(b: &[u8], mut i: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    while i < b.len() {
-        match b[i] {
-            b'"' => {
-                i = string_end(b, i + 1)?;
-                continue;
-            }
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return Some(i + 1);
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    None
+/// An OpenAI-shape text's frame from two `memmem` searches (tests call it on lines and bodies).
+#[cfg(test)]
+fn json_frame_fast(b: &[u8]) -> Option<Frame> {
+    let f = fast_frame(b, occurrences(b, &USAGE_FINDER), occurrences(b, &MODEL_FINDER), true)?;
+    Some(Frame { model: f.model, usage: f.usage, message: None, response: None })
 }
 
 /// Whether the JSON text holds a `"usage": {` (an object, not `null`).
+#[cfg(test)]
 fn has_usage_object(b: &[u8]) -> bool {
-    let mut from = 0;
-    let f = quoted_finder(b"usage");
-    while let Some(i) = b.get(from..).and_then(|h| f.find(h)).map(|i| i + from) {
-        if value_after_key(b, i, b"usage", b'{').is_some() {
-            return true;
-        }
-        from = i + 1;
-    }
-    false
+    scan_keys(b, &NO_TEXT_KEYS, None).usage_object
 }
+
+// ----------------------------------------------------------------------------- output text
 
 fn push_bytes(c: &mut TokenCounter, bytes: &[u8]) {
     for chunk in bytes.utf8_chunks() {
@@ -422,17 +1094,14 @@ fn hex4(b: &[u8]) -> Option<u32> {
 }
 
 /// Feeds the JSON string starting at `b[i]` (just after its opening quote) into the counter,
-/// decoding escapes; returns the index after the closing quote (or `b.len()`).
+/// decoding escapes; returns the index after the closing quote (or `b.len()`). ASCII goes to the
+/// counter byte by byte; a run of other bytes is decoded as UTF-8 up to the next ASCII byte (an
+/// invalid sequence never spans one, so each becomes one U+FFFD as in the whole string).
 fn count_json_string(b: &[u8], mut i: usize, c: &mut TokenCounter) -> usize {
-    let mut seg = i;
     while i < b.len() {
         match b[i] {
-            b'"' => {
-                push_bytes(c, &b[seg..i]);
-                return i + 1;
-            }
+            b'"' => return i + 1,
             b'\\' => {
-                push_bytes(c, &b[seg..i]);
                 let esc = b.get(i + 1).copied().unwrap_or(b'\\');
                 i += 2;
                 match esc {
@@ -455,85 +1124,19 @@ fn count_json_string(b: &[u8], mut i: usize, c: &mut TokenCounter) -> usize {
                     other => c.push(char::from(other)),
                 }
                 i = i.min(b.len());
-                seg = i;
             }
-            _ => i += 1,
+            a if a.is_ascii() => {
+                c.push_ascii(a);
+                i += 1;
+            }
+            _ => {
+                let end = b[i..].iter().position(u8::is_ascii).map_or(b.len(), |n| i + n);
+                push_bytes(c, &b[i..end]);
+                i = end;
+            }
         }
     }
-    push_bytes(c, &b[seg..]);
     b.len()
-}
-
-/// Counts the string values of `keys` in JSON text `b` (any nesting), in order.
-fn count_output_text(b: &[u8], keys: &[&'static [u8]], c: &mut TokenCounter) {
-    // Each key's `"key"` is searched with a prebuilt SIMD searcher (most lines hold no such key, or
-    // one); the values are then counted in text order. Inside a JSON string a quote is escaped,
-    // so a key pattern `"key"` followed by `:` cannot match there (the key would be followed by
-    // `\`), and matches cannot overlap.
-    let mut found: [usize; 8] = [0; 8];
-    let mut n = 0;
-    let mut more = Vec::new();
-    for k in keys {
-        let f = quoted_finder(k);
-        for i in f.find_iter(b) {
-            if let Some(j) = value_after_key(b, i, k, b'"') {
-                if n < found.len() {
-                    found[n] = j;
-                    n += 1;
-                } else {
-                    more.push(j);
-                }
-            }
-        }
-    }
-    if more.is_empty() {
-        found[..n].sort_unstable();
-        for &j in &found[..n] {
-            count_json_string(b, j + 1, c);
-        }
-    } else {
-        more.extend_from_slice(&found[..n]);
-        more.sort_unstable();
-        for j in more {
-            count_json_string(b, j + 1, c);
-        }
-    }
-}
-
-/// A prebuilt searcher for `"key"` (the keys of [`text_keys`] and the few this module looks up).
-fn quoted_finder(key: &'static [u8]) -> &'static memchr::memmem::Finder<'static> {
-    use memchr::memmem::Finder;
-    use std::sync::LazyLock;
-    static KEYS: &[&[u8]] = &[
-        b"content",
-        b"arguments",
-        b"refusal",
-        b"reasoning_content",
-        b"text",
-        b"delta",
-        b"partial_json",
-        b"thinking",
-        b"model",
-        b"usage",
-    ];
-    static FINDERS: LazyLock<Vec<Finder<'static>>> =
-        LazyLock::new(|| KEYS.iter().map(|k| Finder::new(&[b"\"", *k, b"\""].concat()).into_owned()).collect());
-    let i = KEYS.iter().position(|k| *k == key).expect("a key listed in quoted_finder");
-    &FINDERS[i]
-}
-
-/// Keys whose string values are output text, per route and framing.
-fn text_keys(route: Route, kind: BodyKind) -> &'static [&'static [u8]] {
-    match (route, kind) {
-        (Route::ChatCompletions, _) => &[b"content", b"arguments", b"refusal", b"reasoning_content"],
-        (Route::Completions, _) => &[b"text"],
-        // Stream: the `.delta` events only (`.done` events and `response.completed` repeat the
-        // text). Body: the output parts.
-        (Route::Responses, BodyKind::Sse) => &[b"delta"],
-        (Route::Responses, BodyKind::Json) => &[b"text", b"arguments"],
-        (Route::Messages, _) => &[b"text", b"partial_json", b"thinking"],
-        (Route::Embeddings, _) => &[],
-    }
 }
 
 // ---------------------------------------------------------------------------------- scanner
@@ -603,14 +1206,15 @@ impl UsageScanner {
             BodyKind::Json => {
                 if !self.overflow && !self.buf.is_empty() {
                     let body = std::mem::take(&mut self.buf);
-                    let fast = if self.route == Route::Messages { None } else { json_frame_fast(&body) };
-                    match fast.map_or_else(|| serde_json::from_slice::<Frame>(&body), Ok) {
-                        Ok(f) => self.apply(f),
-                        Err(_) => self.unparsable += 1,
+                    if self.route == Route::Messages {
+                        self.deserialize_frame(&body);
+                    } else {
+                        let (usage, model) = (occurrences(&body, &USAGE_FINDER), occurrences(&body, &MODEL_FINDER));
+                        self.openai_frame(&body, usage, model);
                     }
                     // The observed text only matters when the body reports no usage.
                     if self.current_usage().is_none() {
-                        count_output_text(&body, text_keys(self.route, self.kind), &mut self.text);
+                        scan_keys(&body, text_keys(self.route, self.kind), Some(&mut self.text));
                     }
                 }
             }
@@ -636,14 +1240,22 @@ impl UsageScanner {
             // Give up on usage; keep what the seen text says about output.
             self.overflow = true;
             let body = std::mem::take(&mut self.buf);
-            count_output_text(&body, text_keys(self.route, self.kind), &mut self.text);
+            scan_keys(&body, text_keys(self.route, self.kind), Some(&mut self.text));
             return;
         }
-        self.buf.extend_from_slice(chunk);
+        if self.buf.capacity() == 0 {
+            // Most bodies arrive in one piece: one exact allocation.
+            self.buf = chunk.to_vec();
+        } else {
+            self.buf.extend_from_slice(chunk);
+        }
     }
 
     fn feed_sse(&mut self, mut chunk: &[u8]) {
-        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+        loop {
+            // Events end with a blank line: a newline right away is common, skip the search.
+            let nl = if chunk.first() == Some(&b'\n') { Some(0) } else { memchr::memchr(b'\n', chunk) };
+            let Some(nl) = nl else { break };
             let (head, rest) = (&chunk[..nl], &chunk[nl + 1..]);
             chunk = rest;
             if self.overflow {
@@ -653,7 +1265,9 @@ impl UsageScanner {
                 self.buf.clear();
                 self.unparsable += 1;
             } else if self.buf.is_empty() {
-                self.sse_line(head);
+                if !head.is_empty() {
+                    self.sse_line(head);
+                }
             } else {
                 self.buf.extend_from_slice(head);
                 let line = std::mem::take(&mut self.buf);
@@ -672,6 +1286,10 @@ impl UsageScanner {
             self.overflow = true;
             self.buf = Vec::new();
         } else {
+            if self.buf.capacity() == 0 {
+                // Room for the rest of a typical event line, so that it does not move again.
+                self.buf.reserve(chunk.len().max(MIN_LINE_BUFFER));
+            }
             self.buf.extend_from_slice(chunk);
         }
     }
@@ -686,14 +1304,36 @@ impl UsageScanner {
         if data.is_empty() || data == b"[DONE]" {
             return;
         }
-        count_output_text(data, text_keys(self.route, self.kind), &mut self.text);
-        let wants_model = self.model.is_none() && quoted_finder(b"model").find(data).is_some();
-        if wants_model || has_usage_object(data) {
-            let fast = if self.route == Route::Messages { None } else { json_frame_fast(data) };
-            match fast.map_or_else(|| serde_json::from_slice::<Frame>(data), Ok) {
-                Ok(f) => self.apply(f),
-                Err(_) => self.unparsable += 1,
+        let found = scan_keys(data, text_keys(self.route, self.kind), Some(&mut self.text));
+        let wants_model = self.model.is_none() && (found.model.n > 0 || MODEL_FINDER.find(data).is_some());
+        if wants_model || found.usage_object {
+            if self.route == Route::Messages {
+                self.deserialize_frame(data);
+            } else {
+                self.openai_frame(data, found.usage, found.model);
             }
+        }
+    }
+
+    /// Reads an OpenAI-shape text whose `usage` and `model` keys were located.
+    fn openai_frame(&mut self, b: &[u8], usage: Occurrences, model: Occurrences) {
+        match fast_frame(b, usage, model, self.model.is_none()) {
+            Some(FastFrame { model, usage }) => {
+                if self.model.is_none() {
+                    self.model = model.filter(|m| !m.is_empty());
+                }
+                if let Some(u) = usage.and_then(|u| openai_usage(&u, self.route)) {
+                    self.usage = Some(u);
+                }
+            }
+            None => self.deserialize_frame(b),
+        }
+    }
+
+    fn deserialize_frame(&mut self, b: &[u8]) {
+        match serde_json::from_slice::<Frame>(b) {
+            Ok(f) => self.apply(f),
+            Err(_) => self.unparsable += 1,
         }
     }
 
@@ -1071,6 +1711,48 @@ mod tests {
             r#"{"prompt_tokens":1,}"#,
         ] {
             assert!(raw_usage_fast(obj.as_bytes()).is_none(), "{obj}");
+        }
+    }
+
+    #[test]
+    fn the_one_pass_usage_reader_agrees_with_the_hand_read_one() {
+        let read = |obj: &str| {
+            let text = format!("{{\"usage\":{obj}");
+            usage_object(text.as_bytes(), 9)
+        };
+        for obj in [
+            r#"{}"#,
+            r#"{ }"#,
+            r#"{"completion_tokens":16,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":7,"rejected_prediction_tokens":0},"prompt_tokens":46,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":32},"total_tokens":62}"#,
+            r#"{ "input_tokens" : 12 , "output_tokens":null, "cache_read_input_tokens": 2048, "server_tool_use": {"web_search_requests": 0}, "service_tier": "standard" }"#,
+            r#"{"input_tokens":36,"input_tokens_details":{"cached_tokens":12},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":5},"total_tokens":123}"#,
+            r#"{"prompt_tokens":1,"x":[1,{"prompt_tokens":9}],"y":"a\"}b","z":-1.5e3}"#,
+            r#"{"prompt_tokens_details":null,"completion_tokens":18446744073709551615}"#,
+            "{\n  \"prompt_tokens\": 0,\n  \"prompt_tokens_details\": { \"cached_tokens\": null }\n}",
+        ] {
+            let fast = read(obj).unwrap_or_else(|| panic!("one pass taken for {obj}"));
+            assert_eq!(Some(fast), raw_usage_fast(obj.as_bytes()), "{obj}");
+        }
+        // Refused, as by the hand reader (then serde decides), or where it would take odd scalars.
+        for obj in [
+            r#"{"prompt_tokens":1.0}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":"1"}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":1}}"#,
+            r#"{"prompt_tokens_details":[1]}"#,
+            r#"{"prompt_tokens_details":7}"#,
+            r#"{"prompt\u005ftokens":1}"#,
+            r#"{"prompt_tokens":01}"#,
+            r#"{"prompt_tokens":00}"#,
+            r#"{"prompt_tokens":1,}"#,
+            r#"{"prompt_tokens":nullx}"#,
+            r#"{"x":,"prompt_tokens":1}"#,
+            r#"{"x":1"y}","prompt_tokens":1}"#,
+            r#"{"prompt_tokens":1"#,
+        ] {
+            assert!(read(obj).is_none(), "{obj}");
         }
     }
 
