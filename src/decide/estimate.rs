@@ -128,11 +128,32 @@ impl TokenCounter {
     }
 
     pub fn push_str(&mut self, s: &str) {
-        // Byte by byte while ASCII (the common case: no decoding, the ASCII rules inlined).
+        // Byte by byte while ASCII (the common case: no decoding, the ASCII rules inlined), and
+        // lower-case runs within a word in one step.
         let bytes = s.as_bytes();
         let mut i = 0;
         while let Some(&b) = bytes.get(i) {
-            if b.is_ascii() {
+            if b.is_ascii_lowercase() {
+                if self.class != Class::Word {
+                    self.letter(false, true);
+                    i += 1;
+                }
+                // The rest of a lower-case run inside a word, at once: no new word starts, each
+                // letter past WORD_FREE_LETTERS costs WORD_EXTRA_LETTER (as `letter` does).
+                let from = i;
+                while bytes.get(i).is_some_and(u8::is_ascii_lowercase) {
+                    i += 1;
+                }
+                let before = self.run;
+                self.run += (i - from) as u32;
+                self.milli += WORD_EXTRA_LETTER * u64::from(self.run.saturating_sub(before.max(WORD_FREE_LETTERS)));
+                self.prev_lower = true;
+            } else if b == b' ' && self.class != Class::Space {
+                // A space after anything but spaces: what `push_ascii` does, without its tests.
+                self.class = Class::Space;
+                self.run = 1;
+                i += 1;
+            } else if b.is_ascii() {
                 self.push_ascii(b);
                 i += 1;
             } else {
@@ -472,19 +493,18 @@ fn opt_json_tokens(v: Option<Json<'_>>) -> u64 {
 /// - messages (Anthropic): `system` (string or blocks), `messages`, `tools`;
 /// - embeddings: `input` (string, strings, token-id arrays); no output.
 pub fn estimate(route: Route, body: &Doc<'_>) -> Estimate {
-    let body = body.root();
-    let g = |k: &str| body.get(k);
+    let f = Fields::of(body.root());
     let prompt_tokens = match route {
         Route::ChatCompletions => {
             REPLY_PRIMING_TOKENS
-                + messages_tokens(g("messages"), Dialect::OpenAi)
-                + opt_json_tokens(g("tools"))
-                + opt_json_tokens(g("functions"))
-                + opt_json_tokens(g("response_format"))
+                + messages_tokens(f.messages, Dialect::OpenAi)
+                + opt_json_tokens(f.tools)
+                + opt_json_tokens(f.functions)
+                + opt_json_tokens(f.response_format)
         }
-        Route::Completions => prompt_like_tokens(g("prompt")) + str_tokens(g("suffix")),
+        Route::Completions => prompt_like_tokens(f.prompt) + str_tokens(f.suffix),
         Route::Responses => {
-            let input = match g("input") {
+            let input = match f.input {
                 Some(v) => match v.as_str() {
                     Some(s) => MESSAGE_OVERHEAD_TOKENS + approx_tokens(s),
                     None => messages_tokens(Some(v), Dialect::OpenAi),
@@ -492,32 +512,74 @@ pub fn estimate(route: Route, body: &Doc<'_>) -> Estimate {
                 None => 0,
             };
             let instructions =
-                g("instructions").and_then(Json::as_str).map_or(0, |s| MESSAGE_OVERHEAD_TOKENS + approx_tokens(s));
-            REPLY_PRIMING_TOKENS + input + instructions + opt_json_tokens(g("tools")) + {
-                match g("text").and_then(|t| t.get("format")) {
-                    Some(f) if f.get("type").and_then(Json::as_str) != Some("text") => json_tokens(f),
+                f.instructions.and_then(Json::as_str).map_or(0, |s| MESSAGE_OVERHEAD_TOKENS + approx_tokens(s));
+            REPLY_PRIMING_TOKENS + input + instructions + opt_json_tokens(f.tools) + {
+                match f.text.and_then(|t| t.get("format")) {
+                    Some(fmt) if fmt.get("type").and_then(Json::as_str) != Some("text") => json_tokens(fmt),
                     _ => 0,
                 }
             }
         }
         Route::Messages => {
-            let system = match g("system") {
+            let system = match f.system {
                 Some(s) if !s.is_null() => MESSAGE_OVERHEAD_TOKENS + content_tokens(s, Dialect::Anthropic),
                 _ => 0,
             };
-            REPLY_PRIMING_TOKENS
-                + system
-                + messages_tokens(g("messages"), Dialect::Anthropic)
-                + opt_json_tokens(g("tools"))
+            REPLY_PRIMING_TOKENS + system + messages_tokens(f.messages, Dialect::Anthropic) + opt_json_tokens(f.tools)
         }
-        Route::Embeddings => prompt_like_tokens(g("input")),
+        Route::Embeddings => prompt_like_tokens(f.input),
     };
     let requested_max_output = if route.has_output() {
-        ["max_tokens", "max_completion_tokens", "max_output_tokens"].iter().find_map(|k| g(k).and_then(as_count))
+        [f.max_tokens, f.max_completion_tokens, f.max_output_tokens].into_iter().find_map(|v| v.and_then(as_count))
     } else {
         None
     };
     Estimate { prompt_tokens, requested_max_output }
+}
+
+/// The top-level fields [`estimate`] reads, found in one pass over the body (keys are unique in
+/// a `Doc`, so this is `get` for each).
+#[derive(Default)]
+struct Fields<'d> {
+    messages: Option<Json<'d>>,
+    tools: Option<Json<'d>>,
+    functions: Option<Json<'d>>,
+    response_format: Option<Json<'d>>,
+    prompt: Option<Json<'d>>,
+    suffix: Option<Json<'d>>,
+    input: Option<Json<'d>>,
+    instructions: Option<Json<'d>>,
+    text: Option<Json<'d>>,
+    system: Option<Json<'d>>,
+    max_tokens: Option<Json<'d>>,
+    max_completion_tokens: Option<Json<'d>>,
+    max_output_tokens: Option<Json<'d>>,
+}
+
+impl<'d> Fields<'d> {
+    fn of(body: Json<'d>) -> Fields<'d> {
+        let mut f = Fields::default();
+        for (k, v) in body.as_object().into_iter().flatten() {
+            let slot = match k {
+                "messages" => &mut f.messages,
+                "tools" => &mut f.tools,
+                "functions" => &mut f.functions,
+                "response_format" => &mut f.response_format,
+                "prompt" => &mut f.prompt,
+                "suffix" => &mut f.suffix,
+                "input" => &mut f.input,
+                "instructions" => &mut f.instructions,
+                "text" => &mut f.text,
+                "system" => &mut f.system,
+                "max_tokens" => &mut f.max_tokens,
+                "max_completion_tokens" => &mut f.max_completion_tokens,
+                "max_output_tokens" => &mut f.max_output_tokens,
+                _ => continue,
+            };
+            *slot = Some(v);
+        }
+        f
+    }
 }
 
 /// How many completions a request asks for: `n` (chat, completions) and `best_of` (completions,

@@ -125,6 +125,7 @@ impl<'a> Doc<'a> {
     }
 
     /// The top-level value.
+    #[inline]
     pub fn root(&self) -> Json<'_> {
         Json { doc: self, at: 0 }
     }
@@ -148,6 +149,7 @@ pub enum Kind<'d> {
 }
 
 impl<'d> Json<'d> {
+    #[inline]
     pub fn kind(self) -> Kind<'d> {
         let doc = self.doc;
         match doc.nodes[self.at] {
@@ -163,10 +165,12 @@ impl<'d> Json<'d> {
     }
 
     /// The value of `key` when this is an object that has it (as `Value::get(&str)`).
+    #[inline]
     pub fn get(self, key: &str) -> Option<Json<'d>> {
         self.as_object()?.get(key)
     }
 
+    #[inline]
     pub fn as_object(self) -> Option<Entries<'d>> {
         match self.kind() {
             Kind::Object(o) => Some(o),
@@ -174,6 +178,7 @@ impl<'d> Json<'d> {
         }
     }
 
+    #[inline]
     pub fn as_str(self) -> Option<&'d str> {
         match self.doc.nodes[self.at] {
             Node::Str(t) => Some(self.doc.text(t)),
@@ -181,6 +186,7 @@ impl<'d> Json<'d> {
         }
     }
 
+    #[inline]
     pub fn as_bool(self) -> Option<bool> {
         match self.doc.nodes[self.at] {
             Node::Bool(b) => Some(b),
@@ -188,6 +194,7 @@ impl<'d> Json<'d> {
         }
     }
 
+    #[inline]
     pub fn as_u64(self) -> Option<u64> {
         match self.doc.nodes[self.at] {
             Node::Num(n) => n.as_u64(),
@@ -195,6 +202,7 @@ impl<'d> Json<'d> {
         }
     }
 
+    #[inline]
     pub fn is_null(self) -> bool {
         matches!(self.doc.nodes[self.at], Node::Null)
     }
@@ -209,10 +217,12 @@ impl std::fmt::Debug for Json<'_> {
 }
 
 impl<'a> Doc<'a> {
+    #[inline]
     fn text<'d>(&'d self, t: Text<'d>) -> &'d str {
         text_in(&self.arena, t)
     }
 
+    #[inline]
     fn end_of(&self, at: usize) -> usize {
         end_in(&self.nodes, at)
     }
@@ -230,6 +240,7 @@ pub struct Items<'d> {
 impl<'d> Iterator for Items<'d> {
     type Item = Json<'d>;
 
+    #[inline]
     fn next(&mut self) -> Option<Json<'d>> {
         if self.at >= self.end {
             return None;
@@ -257,6 +268,7 @@ pub struct Entries<'d> {
 
 impl<'d> Entries<'d> {
     /// The value of `key` (as `Map::get`).
+    #[inline]
     pub fn get(self, key: &str) -> Option<Json<'d>> {
         let mut at = self.at;
         while at < self.end {
@@ -275,6 +287,7 @@ impl<'d> Entries<'d> {
 impl<'d> Iterator for Entries<'d> {
     type Item = (&'d str, Json<'d>);
 
+    #[inline]
     fn next(&mut self) -> Option<(&'d str, Json<'d>)> {
         while self.at < self.end {
             let (key, value) = (self.at, self.at + 1);
@@ -509,6 +522,7 @@ impl<'a> Builder<'a> {
     }
 }
 
+#[inline]
 fn text_in<'x>(arena: &'x str, t: Text<'x>) -> &'x str {
     match t {
         Text::Body(s) => s,
@@ -517,6 +531,7 @@ fn text_in<'x>(arena: &'x str, t: Text<'x>) -> &'x str {
 }
 
 /// The index after the last node of the value at `at`.
+#[inline]
 fn end_in(nodes: &[Node<'_>], at: usize) -> usize {
     match nodes[at] {
         Node::Array { end, .. } | Node::Object { end } => end as usize,
@@ -675,6 +690,34 @@ const fn string_stops() -> [bool; 256] {
 }
 static STRING_STOP: [bool; 256] = string_stops();
 
+/// The index of the first `"`, `\` or control character at or after `i` (or the length).
+#[inline]
+fn plain_run(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Eight bytes at a time (reading on past the string is harmless: the first stop byte is
+    // what is looked for). A byte's high bit is flagged when it is below 0x20 or equal to `"`
+    // or `\`: the zero-byte trick never misses one and flags nothing below the first one, so
+    // the lowest flagged byte is the answer.
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        let flagged = ((w.wrapping_sub(ONES * 0x20) & !w)
+            | (quote.wrapping_sub(ONES) & !quote)
+            | (backslash.wrapping_sub(ONES) & !backslash))
+            & HIGH;
+        if flagged != 0 {
+            return i + (flagged.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while bytes.get(i).is_some_and(|&b| !STRING_STOP[usize::from(b)]) {
+        i += 1;
+    }
+    i
+}
+
 impl<'a, 'b> Scanner<'a, 'b> {
     fn run(body: &'a [u8], b: &'b mut Builder<'a>) -> Option<()> {
         let src = std::str::from_utf8(body).ok()?;
@@ -694,6 +737,11 @@ impl<'a, 'b> Scanner<'a, 'b> {
     /// Skips whitespace, then consumes `want` when it is the next byte.
     #[inline]
     fn eat(&mut self, want: u8) -> bool {
+        // Compact JSON first: no whitespace to skip.
+        if self.bytes.get(self.i) == Some(&want) {
+            self.i += 1;
+            return true;
+        }
         self.ws();
         if self.bytes.get(self.i) == Some(&want) {
             self.i += 1;
@@ -722,6 +770,18 @@ impl<'a, 'b> Scanner<'a, 'b> {
         Some(())
     }
 
+    /// A value inside a container: strings (the usual case) without the call to `value`.
+    #[inline]
+    fn element(&mut self, depth: u32) -> Option<()> {
+        if self.bytes.get(self.i) == Some(&b'"') {
+            self.i += 1;
+            let t = self.string()?;
+            self.b.push(Node::Str(t));
+            return Some(());
+        }
+        self.value(depth)
+    }
+
     fn literal(&mut self, word: &str, node: Node<'a>) -> Option<()> {
         self.bytes[self.i..].starts_with(word.as_bytes()).then_some(())?;
         self.i += word.len();
@@ -738,7 +798,7 @@ impl<'a, 'b> Scanner<'a, 'b> {
         let mut len = 0;
         if !self.eat(b']') {
             loop {
-                self.value(depth)?;
+                self.element(depth)?;
                 len += 1;
                 if self.eat(b',') {
                     continue;
@@ -776,7 +836,7 @@ impl<'a, 'b> Scanner<'a, 'b> {
                 if !self.eat(b':') {
                     return None;
                 }
-                self.value(depth)?;
+                self.element(depth)?;
                 if self.eat(b',') {
                     continue;
                 }
@@ -791,35 +851,40 @@ impl<'a, 'b> Scanner<'a, 'b> {
     }
 
     /// The rest of a string whose opening quote was consumed.
+    #[inline(always)]
     fn string(&mut self) -> Option<Text<'a>> {
         let start = self.i;
-        let mut arena_start = None;
+        self.i = plain_run(self.bytes, start);
+        if self.bytes.get(self.i) == Some(&b'"') {
+            self.i += 1;
+            return Some(Text::Body(self.src.get(start..self.i - 1)?));
+        }
+        self.escaped_string(start)
+    }
+
+    /// A string with escapes (or an error), from its start; `self.i` is at its first stop byte.
+    #[inline(never)]
+    fn escaped_string(&mut self, start: usize) -> Option<Text<'a>> {
+        if self.b.arena.capacity() == 0 {
+            // Room for the unescaped strings to come, up to a quarter of the rest of the body.
+            self.b.arena.reserve((self.bytes.len() - start) / 4 + 16);
+        }
+        let arena_start = self.b.arena.len() as u32;
         let mut plain_from = start;
         loop {
-            while !STRING_STOP[usize::from(*self.bytes.get(self.i)?)] {
-                self.i += 1;
-            }
-            match self.bytes[self.i] {
+            match *self.bytes.get(self.i)? {
                 b'"' => {
-                    let plain = &self.src[plain_from..self.i];
+                    self.b.arena.push_str(self.src.get(plain_from..self.i)?);
                     self.i += 1;
-                    return Some(match arena_start {
-                        None => Text::Body(plain),
-                        Some(from) => {
-                            self.b.arena.push_str(plain);
-                            Text::Arena { start: from, len: self.b.arena.len() as u32 - from }
-                        }
-                    });
+                    return Some(Text::Arena { start: arena_start, len: self.b.arena.len() as u32 - arena_start });
                 }
                 b'\\' => {
-                    if arena_start.is_none() {
-                        arena_start = Some(self.b.arena.len() as u32);
-                    }
-                    self.b.arena.push_str(&self.src[plain_from..self.i]);
+                    self.b.arena.push_str(self.src.get(plain_from..self.i)?);
                     self.i += 1;
                     let c = self.escape()?;
                     self.b.arena.push(c);
                     plain_from = self.i;
+                    self.i = plain_run(self.bytes, self.i);
                 }
                 // A raw control character: serde_json's error.
                 _ => return None,

@@ -184,21 +184,43 @@ pub struct LlmRequest<'a> {
 pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
     let json = Doc::parse(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
     let obj = json.root().as_object().ok_or("Request body must be a JSON object.")?;
+    // The fields read here, in one pass (keys are unique in a `Doc`).
+    let (mut model, mut messages, mut prompt, mut input, mut max_tokens, mut stream) =
+        (None, None, None, None, None, None);
+    for (k, v) in obj {
+        let slot = match k {
+            "model" => &mut model,
+            "messages" => &mut messages,
+            "prompt" => &mut prompt,
+            "input" => &mut input,
+            "max_tokens" => &mut max_tokens,
+            "stream" => &mut stream,
+            _ => continue,
+        };
+        *slot = Some(v);
+    }
     for field in route.required_fields() {
-        if obj.get(field).is_none_or(Json::is_null) {
+        let value = match *field {
+            "model" => model,
+            "messages" => messages,
+            "prompt" => prompt,
+            "input" => input,
+            "max_tokens" => max_tokens,
+            other => obj.get(other),
+        };
+        if value.is_none_or(Json::is_null) {
             return Err(format!("Missing required field `{field}` for {}.", route.path()));
         }
     }
-    let model = obj
-        .get("model")
+    let model = model
         .and_then(Json::as_str)
         .filter(|m| !m.is_empty())
         .ok_or("Field `model` must be a non-empty string.")?
         .to_string();
-    if route == Route::Messages && obj.get("max_tokens").is_none_or(|v| v.as_u64().is_none()) {
+    if route == Route::Messages && max_tokens.is_none_or(|v| v.as_u64().is_none()) {
         return Err("Field `max_tokens` must be a non-negative integer.".to_string());
     }
-    let stream = obj.get("stream").and_then(Json::as_bool).unwrap_or(false);
+    let stream = stream.and_then(Json::as_bool).unwrap_or(false);
     Ok(LlmRequest { json, raw: body, model, stream })
 }
 
