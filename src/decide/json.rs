@@ -105,8 +105,9 @@ impl<'a> Doc<'a> {
         if u32::try_from(body.len()).is_ok() && Scanner::run(body, &mut b).is_some() {
             return Ok(b.finish());
         }
-        // The authoritative path: serde_json's own parser drives the same builder.
-        let mut b = Builder::new(body.len());
+        // The authoritative path: serde_json's own parser drives the same builder, emptied.
+        b.nodes.clear();
+        b.arena.clear();
         let mut de = serde_json::Deserializer::from_slice(body);
         Seed { b: &mut b }.deserialize(&mut de)?;
         de.end()?;
@@ -1149,6 +1150,28 @@ mod tests {
         }
         // The scanner must be the common path, not a rarely taken one.
         assert!(scanned * 10 > total * 7, "scanner read {scanned} of {total}");
+    }
+
+    #[test]
+    fn plain_run_finds_the_first_stop_byte() {
+        let naive = |b: &[u8], i: usize| (i..b.len()).find(|&j| STRING_STOP[usize::from(b[j])]).unwrap_or(b.len());
+        let fillers = [b'a', b' ', b'!', b'#', b'[', b']', 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff];
+        let stops = [b'"', b'\\', 0x00, 0x01, 0x1f, b'\n'];
+        let mut rng = Rng::new(3);
+        for len in 0..40 {
+            for _ in 0..50 {
+                let mut b: Vec<u8> = (0..len).map(|_| *rng.pick(&fillers)).collect();
+                for _ in 0..rng.below(3) {
+                    if len > 0 {
+                        let at = rng.below(len as u64) as usize;
+                        b[at] = *rng.pick(&stops);
+                    }
+                }
+                for from in 0..=len {
+                    assert_eq!(plain_run(&b, from), naive(&b, from), "{b:?} from {from}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ use crate::decide::testgen::{self, Rng};
 use crate::decide::Route;
 
 /// The Value-based code as it was, unchanged but for visibility and a char-by-char counter.
-#[allow(clippy::all)]
 mod oracle {
     use bytes::Bytes;
     use serde_json::{Map, Value};
