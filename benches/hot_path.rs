@@ -9,6 +9,7 @@
 //! exits without criterion, e.g.
 //! `HOT_PATH_BODY=chat HOT_PATH_ITERS=10000 valgrind --tool=callgrind <bench binary>`;
 //! the difference between two iteration counts divided by their difference is the cost of one.
+//! `scripts/callgrind_body_path.py <bench binary>` does that for every case, with allocations.
 
 use std::hint::black_box;
 
