@@ -3,17 +3,31 @@
 //! the usage scanner.
 //!
 //! Run: `cargo bench --bench hot_path` (numbers go in the issue notes, never into tests).
+//!
+//! Instruction counts of the request-body path (noise-free on a shared machine): with
+//! `HOT_PATH_BODY=<case>` and `HOT_PATH_ITERS=<n>` set, the binary runs that case `n` times and
+//! exits without criterion, e.g.
+//! `HOT_PATH_BODY=chat HOT_PATH_ITERS=10000 valgrind --tool=callgrind <bench binary>`;
+//! the difference between two iteration counts divided by their difference is the cost of one.
+//! `scripts/callgrind_body_path.py <bench binary>` does that for every case, with allocations.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use preauth_sidecar::decide::estimate::estimate;
+use preauth_sidecar::decide::estimate::output_choices;
+use preauth_sidecar::decide::json::Doc;
 use preauth_sidecar::decide::time::parse_rfc3339;
 use preauth_sidecar::decide::usage::{BodyKind, ScanResult, UsageScanner};
 use preauth_sidecar::decide::{evaluate, jwt, CountersView, Facts, Mode, Policy, Route, Tier};
+use preauth_sidecar::proxy::extract::{inject_include_usage, parse_body};
 use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::AdmitRequest;
 use serde_json::json;
+
+/// The production allocator, so that allocation costs count as they do in the proxy.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn policy() -> Policy {
     let mut p = Policy::for_test();
@@ -70,6 +84,7 @@ fn bench_jwt(c: &mut Criterion) {
 fn bench_estimate(c: &mut Criterion) {
     let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(100_000 / 45);
     let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]});
+    let body = Doc::from_value(&body);
     let mut g = c.benchmark_group("estimate");
     g.throughput(Throughput::Bytes(prompt.len() as u64));
     g.bench_function("100 KB prompt", |b| b.iter(|| estimate(Route::ChatCompletions, black_box(&body))));
@@ -176,10 +191,68 @@ fn fixed_iterations() -> bool {
     true
 }
 
-criterion_group!(benches, bench_decision, bench_jwt, bench_estimate, bench_scanner, bench_scanner_mock);
+/// Request bodies of the body path: the load benchmark's chat body (plain and streaming with
+/// `include_usage`), an Anthropic Messages body and a 4 KB chat body with tools and tool calls.
+fn body_cases() -> Vec<(&'static str, Route, &'static [u8])> {
+    vec![
+        (
+            "chat",
+            Route::ChatCompletions,
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":"Say hello to the load benchmark in five words."}],"max_tokens":16}"#,
+        ),
+        (
+            "chat_stream",
+            Route::ChatCompletions,
+            br#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a terse assistant."},{"role":"user","content":"Say hello to the load benchmark in five words."}],"max_tokens":16,"stream":true,"stream_options":{"include_usage":true}}"#,
+        ),
+        (
+            "messages",
+            Route::Messages,
+            br#"{"model":"claude-3-5-haiku-latest","max_tokens":256,"system":"You are a terse assistant.","messages":[{"role":"user","content":[{"type":"text","text":"Say hello to the load benchmark in five words."}]}]}"#,
+        ),
+        ("chat_tools_4k", Route::ChatCompletions, include_bytes!("fixtures/chat_tools_4k.json")),
+    ]
+}
+
+/// What the proxy does with a body before the guards: parse and validate it, estimate its
+/// prompt, read its output choices, decide on the `include_usage` rewrite; then drop it all.
+fn body_path(route: Route, body: &[u8]) -> (u64, Option<u64>, u64, Option<usize>, usize, bool) {
+    let req = parse_body(route, body).expect("valid bench body");
+    let est = estimate(route, &req.json);
+    let choices = output_choices(route, &req.json);
+    let rewritten = inject_include_usage(route, &req, body).map(|b| b.len());
+    (est.prompt_tokens, est.requested_max_output, choices, rewritten, req.model.len(), req.stream)
+}
+
+fn bench_body_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("body path (parse + estimate + choices + include_usage)");
+    for (name, route, body) in body_cases() {
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| b.iter(|| body_path(route, black_box(body))));
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_decision,
+    bench_jwt,
+    bench_estimate,
+    bench_scanner,
+    bench_scanner_mock,
+    bench_body_path
+);
 
 fn main() {
     if fixed_iterations() {
+        return;
+    }
+    if let Ok(case) = std::env::var("HOT_PATH_BODY") {
+        let iters: u64 = std::env::var("HOT_PATH_ITERS").ok().and_then(|n| n.parse().ok()).unwrap_or(1);
+        let (_, route, body) = body_cases().into_iter().find(|c| c.0 == case).expect("unknown HOT_PATH_BODY case");
+        for _ in 0..iters {
+            black_box(body_path(route, black_box(body)));
+        }
         return;
     }
     benches();

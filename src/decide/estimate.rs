@@ -2,7 +2,8 @@
 //!
 //! Owns: the token-count heuristic (`approx_tokens`, `TokenCounter`), the request-body walker
 //! (`estimate`, `Estimate`, `output_choices`) and the output-token rule (`max_output_tokens`).
-//! Imports: std, serde_json, and the sibling modules `route` and `pricing`. Pure: no I/O, no clock.
+//! Imports: std and the sibling modules `json` (the parsed body), `route` and `pricing`. Pure: no
+//! I/O, no clock.
 //!
 //! The heuristic mimics the pre-tokenisation of OpenAI's o200k/cl100k BPE tokenizers (words with
 //! their leading space, camelCase splits, digit groups of three, punctuation runs, whitespace runs)
@@ -14,9 +15,9 @@
 //! European and CJK languages, emoji): mean absolute error 8.7%, bias +3.8% (leaning high), worst
 //! case base64 (−37%). The corpus test prints and checks these numbers.
 
+use super::json::{self, Doc, Json, Kind};
 use super::pricing::ModelPrice;
 use super::route::Route;
-use serde_json::Value;
 
 /// Tokens charged per chat/Responses/Anthropic message for role and framing (OpenAI's documented
 /// rule of thumb is 3 per message + 1 per name, + 3 priming the reply; we round up).
@@ -127,8 +128,39 @@ impl TokenCounter {
     }
 
     pub fn push_str(&mut self, s: &str) {
-        for c in s.chars() {
-            self.push(c);
+        // Byte by byte while ASCII (the common case: no decoding, the ASCII rules inlined), and
+        // lower-case runs within a word in one step.
+        let bytes = s.as_bytes();
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            if b.is_ascii_lowercase() {
+                if self.class != Class::Word {
+                    self.letter(false, true);
+                    i += 1;
+                }
+                // The rest of a lower-case run inside a word, at once: no new word starts, each
+                // letter past WORD_FREE_LETTERS costs WORD_EXTRA_LETTER (as `letter` does).
+                let from = i;
+                while bytes.get(i).is_some_and(u8::is_ascii_lowercase) {
+                    i += 1;
+                }
+                let before = self.run;
+                self.run += (i - from) as u32;
+                self.milli += WORD_EXTRA_LETTER * u64::from(self.run.saturating_sub(before.max(WORD_FREE_LETTERS)));
+                self.prev_lower = true;
+            } else if b == b' ' && self.class != Class::Space {
+                // A space after anything but spaces: what `push_ascii` does, without its tests.
+                self.class = Class::Space;
+                self.run = 1;
+                i += 1;
+            } else if b.is_ascii() {
+                self.push_ascii(b);
+                i += 1;
+            } else {
+                let c = s[i..].chars().next().unwrap_or(char::REPLACEMENT_CHARACTER);
+                self.push_wide(c);
+                i += c.len_utf8();
+            }
         }
     }
 
@@ -143,9 +175,10 @@ impl TokenCounter {
     #[inline]
     pub fn push(&mut self, c: char) {
         if c.is_ascii() {
-            return self.push_ascii(c as u8);
+            self.push_ascii(c as u8);
+        } else {
+            self.push_wide(c);
         }
-        self.push_non_ascii(c);
     }
 
     /// `push(char::from(b))` for an ASCII byte `b`: the common case, small enough to inline
@@ -185,9 +218,9 @@ impl TokenCounter {
         }
     }
 
-    fn push_non_ascii(&mut self, c: char) {
-        let cp = c as u32;
-        match cp {
+    /// A character beyond ASCII.
+    fn push_wide(&mut self, c: char) {
+        match c as u32 {
             // Latin-1 punctuation and symbols (« » © ° × ÷ ...).
             0x80..=0xBF | 0xD7 | 0xF7 => self.punct(c),
             // Accented Latin letters.
@@ -276,28 +309,18 @@ pub fn approx_tokens(text: &str) -> u64 {
     c.tokens()
 }
 
-/// Estimate of a JSON value's serialized size in tokens, without allocating the serialization.
-fn json_tokens(v: &Value) -> u64 {
-    struct W(TokenCounter);
-    impl std::io::Write for W {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            // serde_json writes string pieces split only at ASCII escapes, so each piece is valid
-            // UTF-8; fall back to byte-wise counting if not.
-            match std::str::from_utf8(buf) {
-                Ok(s) => self.0.push_str(s),
-                Err(_) => buf.iter().for_each(|&b| self.0.push(char::from(b))),
-            }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
+impl json::Sink for TokenCounter {
+    fn put(&mut self, s: &str) {
+        self.push_str(s);
     }
-    let mut w = W(TokenCounter::new());
-    if serde_json::to_writer(&mut w, v).is_err() {
-        return 0;
-    }
-    w.0.tokens()
+}
+
+/// Estimate of a JSON value's serialized size in tokens (compact, as serde_json writes it),
+/// without allocating the serialization.
+fn json_tokens(v: Json<'_>) -> u64 {
+    let mut c = TokenCounter::new();
+    json::write_json(&mut c, v);
+    c.tokens()
 }
 
 // --------------------------------------------------------------------------- request bodies
@@ -312,24 +335,21 @@ pub struct Estimate {
     pub requested_max_output: Option<u64>,
 }
 
-fn as_count(v: &Value) -> Option<u64> {
-    match v {
-        Value::Number(n) => {
+fn as_count(v: Json<'_>) -> Option<u64> {
+    match v.kind() {
+        Kind::Number(n) => {
             n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 1.8e19).map(|f| f as u64))
         }
         _ => None,
     }
 }
 
-fn str_tokens(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::String(s)) => approx_tokens(s),
-        _ => 0,
-    }
+fn str_tokens(v: Option<Json<'_>>) -> u64 {
+    v.and_then(Json::as_str).map_or(0, approx_tokens)
 }
 
 /// Keys whose string values are identifiers, binary payloads or enum tags, not prompt text.
-const SKIP_KEYS: &[&str] = &[
+pub(crate) const SKIP_KEYS: &[&str] = &[
     "type",
     "id",
     "call_id",
@@ -349,16 +369,14 @@ const SKIP_KEYS: &[&str] = &[
 
 /// Every string leaf and key of an unknown structure (binary and id fields skipped); numbers and
 /// literals one token each.
-fn generic_tokens(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => approx_tokens(s),
-        Value::Array(a) => a.iter().map(generic_tokens).sum(),
-        Value::Object(o) => o
-            .iter()
-            .filter(|(k, _)| !SKIP_KEYS.contains(&k.as_str()))
-            .map(|(k, v)| approx_tokens(k) + generic_tokens(v))
-            .sum(),
-        Value::Null | Value::Bool(_) | Value::Number(_) => 1,
+fn generic_tokens(v: Json<'_>) -> u64 {
+    match v.kind() {
+        Kind::String(s) => approx_tokens(s),
+        Kind::Array(a) => a.map(generic_tokens).sum(),
+        Kind::Object(o) => {
+            o.filter(|(k, _)| !SKIP_KEYS.contains(k)).map(|(k, v)| approx_tokens(k) + generic_tokens(v)).sum()
+        }
+        Kind::Null | Kind::Bool(_) | Kind::Number(_) => 1,
     }
 }
 
@@ -368,22 +386,22 @@ enum Dialect {
     Anthropic,
 }
 
-fn content_tokens(v: &Value, d: Dialect) -> u64 {
-    match v {
-        Value::String(s) => approx_tokens(s),
-        Value::Array(parts) => parts.iter().map(|p| part_tokens(p, d)).sum(),
-        Value::Null => 0,
-        other => part_tokens(other, d),
+fn content_tokens(v: Json<'_>, d: Dialect) -> u64 {
+    match v.kind() {
+        Kind::String(s) => approx_tokens(s),
+        Kind::Array(parts) => parts.map(|p| part_tokens(p, d)).sum(),
+        Kind::Null => 0,
+        _ => part_tokens(v, d),
     }
 }
 
-fn part_tokens(p: &Value, d: Dialect) -> u64 {
-    let o = match p {
-        Value::Object(o) => o,
-        Value::String(s) => return approx_tokens(s),
-        other => return generic_tokens(other),
+fn part_tokens(p: Json<'_>, d: Dialect) -> u64 {
+    let o = match p.kind() {
+        Kind::Object(o) => o,
+        Kind::String(s) => return approx_tokens(s),
+        _ => return generic_tokens(p),
     };
-    let ty = o.get("type").and_then(Value::as_str).unwrap_or("");
+    let ty = o.get("type").and_then(Json::as_str).unwrap_or("");
     match ty {
         "text" | "input_text" | "output_text" => str_tokens(o.get("text")),
         "refusal" => str_tokens(o.get("refusal")),
@@ -391,19 +409,18 @@ fn part_tokens(p: &Value, d: Dialect) -> u64 {
         "tool_result" | "web_search_tool_result" => o.get("content").map_or(0, |c| content_tokens(c, d)),
         "thinking" => str_tokens(o.get("thinking")),
         "redacted_thinking" => 0,
-        "document" => match o.get("source") {
-            Some(Value::Object(src)) if src.get("type").and_then(Value::as_str) == Some("text") => {
-                str_tokens(src.get("data"))
+        "document" => {
+            let src = o.get("source").and_then(Json::as_object);
+            match src.map(|s| (s, s.get("type").and_then(Json::as_str))) {
+                Some((src, Some("text"))) => str_tokens(src.get("data")),
+                Some((src, Some("content"))) => src.get("content").map_or(0, |c| content_tokens(c, d)),
+                _ => FILE_PART_TOKENS,
             }
-            Some(Value::Object(src)) if src.get("type").and_then(Value::as_str) == Some("content") => {
-                src.get("content").map_or(0, |c| content_tokens(c, d))
-            }
-            _ => FILE_PART_TOKENS,
-        },
+        }
         "file" | "input_file" | "input_audio" | "audio" => FILE_PART_TOKENS,
         t if t.contains("image") => {
-            let low = o.get("detail").and_then(Value::as_str) == Some("low")
-                || o.get("image_url").and_then(|u| u.get("detail")).and_then(Value::as_str) == Some("low");
+            let low = o.get("detail").and_then(Json::as_str) == Some("low")
+                || o.get("image_url").and_then(|u| u.get("detail")).and_then(Json::as_str) == Some("low");
             match (d, low) {
                 (_, true) => IMAGE_TOKENS_LOW_DETAIL,
                 (Dialect::OpenAi, false) => IMAGE_TOKENS,
@@ -415,67 +432,59 @@ fn part_tokens(p: &Value, d: Dialect) -> u64 {
 }
 
 /// One chat / Anthropic message (or Responses item): framing + role name + content + tool calls.
-fn message_tokens(m: &Value, d: Dialect) -> u64 {
-    let o = match m {
-        Value::Object(o) => o,
-        other => return MESSAGE_OVERHEAD_TOKENS + content_tokens(other, d),
+fn message_tokens(m: Json<'_>, d: Dialect) -> u64 {
+    let Some(o) = m.as_object() else {
+        return MESSAGE_OVERHEAD_TOKENS + content_tokens(m, d);
     };
     let mut n = MESSAGE_OVERHEAD_TOKENS;
-    if let Some(c) = o.get("content") {
-        n += content_tokens(c, d);
-    }
-    if let Some(name) = o.get("name").and_then(Value::as_str) {
-        n += 1 + approx_tokens(name);
-    }
-    for key in ["tool_calls", "function_call", "audio"] {
-        if let Some(v) = o.get(key) {
-            n += generic_tokens(v);
+    let mut content = None;
+    for (k, v) in o {
+        match k {
+            "content" => content = Some(v),
+            "name" => n += v.as_str().map_or(0, |name| 1 + approx_tokens(name)),
+            "tool_calls" | "function_call" | "audio" => n += generic_tokens(v),
+            _ => {}
         }
     }
-    if o.get("content").is_none() {
+    n + match content {
+        Some(c) => content_tokens(c, d),
         // Responses API items without `content`: function_call (name, arguments),
         // function_call_output (output), reasoning summaries, ...
-        n += o
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "role" | "name" | "status"))
-            .filter(|(k, _)| !SKIP_KEYS.contains(&k.as_str()))
+        None => o
+            .filter(|(k, _)| !matches!(*k, "role" | "name" | "status"))
+            .filter(|(k, _)| !SKIP_KEYS.contains(k))
             .map(|(_, v)| content_tokens(v, d))
-            .sum::<u64>();
+            .sum::<u64>(),
     }
-    n
 }
 
-fn messages_tokens(v: Option<&Value>, d: Dialect) -> u64 {
-    match v {
-        Some(Value::Array(ms)) => ms.iter().map(|m| message_tokens(m, d)).sum(),
-        Some(other) => content_tokens(other, d),
-        None => 0,
+fn messages_tokens(v: Option<Json<'_>>, d: Dialect) -> u64 {
+    let Some(v) = v else { return 0 };
+    match v.kind() {
+        Kind::Array(ms) => ms.map(|m| message_tokens(m, d)).sum(),
+        _ => content_tokens(v, d),
     }
 }
 
 /// Strings, arrays of strings, token-id arrays (one token per id) and arrays of those.
-fn prompt_like_tokens(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::String(s)) => approx_tokens(s),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| match x {
-                Value::String(s) => approx_tokens(s),
-                Value::Number(_) => 1,
-                Value::Array(ids) => ids.len() as u64,
-                other => generic_tokens(other),
+fn prompt_like_tokens(v: Option<Json<'_>>) -> u64 {
+    let Some(v) = v else { return 0 };
+    match v.kind() {
+        Kind::String(s) => approx_tokens(s),
+        Kind::Array(a) => a
+            .map(|x| match x.kind() {
+                Kind::String(s) => approx_tokens(s),
+                Kind::Number(_) => 1,
+                Kind::Array(ids) => ids.len() as u64,
+                _ => generic_tokens(x),
             })
             .sum(),
-        Some(other) => generic_tokens(other),
-        None => 0,
+        _ => generic_tokens(v),
     }
 }
 
-fn opt_json_tokens(v: Option<&Value>) -> u64 {
-    match v {
-        None | Some(Value::Null) => 0,
-        Some(v) => json_tokens(v),
-    }
+fn opt_json_tokens(v: Option<Json<'_>>) -> u64 {
+    v.filter(|v| !v.is_null()).map_or(0, json_tokens)
 }
 
 /// Estimates the prompt tokens of a request body and reads its requested output maximum.
@@ -486,59 +495,101 @@ fn opt_json_tokens(v: Option<&Value>) -> u64 {
 /// - responses: `instructions`, `input` (string or items), `tools`, `text` (output format schema);
 /// - messages (Anthropic): `system` (string or blocks), `messages`, `tools`;
 /// - embeddings: `input` (string, strings, token-id arrays); no output.
-pub fn estimate(route: Route, body: &Value) -> Estimate {
-    let g = |k: &str| body.get(k);
+pub fn estimate(route: Route, body: &Doc<'_>) -> Estimate {
+    let f = Fields::of(body.root());
     let prompt_tokens = match route {
         Route::ChatCompletions => {
             REPLY_PRIMING_TOKENS
-                + messages_tokens(g("messages"), Dialect::OpenAi)
-                + opt_json_tokens(g("tools"))
-                + opt_json_tokens(g("functions"))
-                + opt_json_tokens(g("response_format"))
+                + messages_tokens(f.messages, Dialect::OpenAi)
+                + opt_json_tokens(f.tools)
+                + opt_json_tokens(f.functions)
+                + opt_json_tokens(f.response_format)
         }
-        Route::Completions => prompt_like_tokens(g("prompt")) + str_tokens(g("suffix")),
+        Route::Completions => prompt_like_tokens(f.prompt) + str_tokens(f.suffix),
         Route::Responses => {
-            let input = match g("input") {
-                Some(Value::String(s)) => MESSAGE_OVERHEAD_TOKENS + approx_tokens(s),
-                other => messages_tokens(other, Dialect::OpenAi),
+            let input = match f.input {
+                Some(v) => match v.as_str() {
+                    Some(s) => MESSAGE_OVERHEAD_TOKENS + approx_tokens(s),
+                    None => messages_tokens(Some(v), Dialect::OpenAi),
+                },
+                None => 0,
             };
-            let instructions = match g("instructions") {
-                Some(Value::String(s)) => MESSAGE_OVERHEAD_TOKENS + approx_tokens(s),
-                _ => 0,
-            };
-            REPLY_PRIMING_TOKENS + input + instructions + opt_json_tokens(g("tools")) + {
-                match g("text").and_then(|t| t.get("format")) {
-                    Some(f) if f.get("type").and_then(Value::as_str) != Some("text") => json_tokens(f),
+            let instructions =
+                f.instructions.and_then(Json::as_str).map_or(0, |s| MESSAGE_OVERHEAD_TOKENS + approx_tokens(s));
+            REPLY_PRIMING_TOKENS + input + instructions + opt_json_tokens(f.tools) + {
+                match f.text.and_then(|t| t.get("format")) {
+                    Some(fmt) if fmt.get("type").and_then(Json::as_str) != Some("text") => json_tokens(fmt),
                     _ => 0,
                 }
             }
         }
         Route::Messages => {
-            let system = match g("system") {
-                None | Some(Value::Null) => 0,
-                Some(s) => MESSAGE_OVERHEAD_TOKENS + content_tokens(s, Dialect::Anthropic),
+            let system = match f.system {
+                Some(s) if !s.is_null() => MESSAGE_OVERHEAD_TOKENS + content_tokens(s, Dialect::Anthropic),
+                _ => 0,
             };
-            REPLY_PRIMING_TOKENS
-                + system
-                + messages_tokens(g("messages"), Dialect::Anthropic)
-                + opt_json_tokens(g("tools"))
+            REPLY_PRIMING_TOKENS + system + messages_tokens(f.messages, Dialect::Anthropic) + opt_json_tokens(f.tools)
         }
-        Route::Embeddings => prompt_like_tokens(g("input")),
+        Route::Embeddings => prompt_like_tokens(f.input),
     };
     let requested_max_output = if route.has_output() {
-        ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| body.get(*k).and_then(as_count))
+        [f.max_tokens, f.max_completion_tokens, f.max_output_tokens].into_iter().find_map(|v| v.and_then(as_count))
     } else {
         None
     };
     Estimate { prompt_tokens, requested_max_output }
 }
 
+/// The top-level fields [`estimate`] reads, found in one pass over the body (keys are unique in
+/// a `Doc`, so this is `get` for each).
+#[derive(Default)]
+struct Fields<'d> {
+    messages: Option<Json<'d>>,
+    tools: Option<Json<'d>>,
+    functions: Option<Json<'d>>,
+    response_format: Option<Json<'d>>,
+    prompt: Option<Json<'d>>,
+    suffix: Option<Json<'d>>,
+    input: Option<Json<'d>>,
+    instructions: Option<Json<'d>>,
+    text: Option<Json<'d>>,
+    system: Option<Json<'d>>,
+    max_tokens: Option<Json<'d>>,
+    max_completion_tokens: Option<Json<'d>>,
+    max_output_tokens: Option<Json<'d>>,
+}
+
+impl<'d> Fields<'d> {
+    fn of(body: Json<'d>) -> Fields<'d> {
+        let mut f = Fields::default();
+        for (k, v) in body.as_object().into_iter().flatten() {
+            let slot = match k {
+                "messages" => &mut f.messages,
+                "tools" => &mut f.tools,
+                "functions" => &mut f.functions,
+                "response_format" => &mut f.response_format,
+                "prompt" => &mut f.prompt,
+                "suffix" => &mut f.suffix,
+                "input" => &mut f.input,
+                "instructions" => &mut f.instructions,
+                "text" => &mut f.text,
+                "system" => &mut f.system,
+                "max_tokens" => &mut f.max_tokens,
+                "max_completion_tokens" => &mut f.max_completion_tokens,
+                "max_output_tokens" => &mut f.max_output_tokens,
+                _ => continue,
+            };
+            *slot = Some(v);
+        }
+        f
+    }
+}
+
 /// How many completions a request asks for: `n` (chat, completions) and `best_of` (completions,
 /// which generates `best_of` and returns `n`), at least 1. Output cost scales with it, so
 /// callers multiply the output maximum by it.
-pub fn output_choices(route: Route, body: &Value) -> u64 {
+pub fn output_choices(route: Route, body: &Doc<'_>) -> u64 {
+    let body = body.root();
     let n = |k: &str| body.get(k).and_then(as_count).unwrap_or(1).max(1);
     match route {
         Route::ChatCompletions => n("n"),
@@ -560,7 +611,20 @@ pub fn max_output_tokens(requested: Option<u64>, price: &ModelPrice, route: Rout
 mod tests {
     use super::super::money::Micros;
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    // The walkers on a `Value`, through `Doc::from_value`.
+    fn estimate(route: Route, body: &Value) -> Estimate {
+        super::estimate(route, &Doc::from_value(body))
+    }
+
+    fn output_choices(route: Route, body: &Value) -> u64 {
+        super::output_choices(route, &Doc::from_value(body))
+    }
+
+    fn json_tokens(v: &Value) -> u64 {
+        super::json_tokens(Doc::from_value(v).root())
+    }
 
     #[derive(serde::Deserialize)]
     struct Item {
@@ -603,6 +667,28 @@ mod tests {
         );
         assert!(mae <= 0.15, "mean absolute relative error {mae:.3}");
         assert!(bias >= 0.0, "the estimate should lean high, bias {bias:+.3}");
+    }
+
+    /// Exact counts, pinned when the counter gained its ASCII fast path: the corpus texts and 2000
+    /// random texts covering every character class. Any change to the arithmetic shows here, not
+    /// only as drift in the corpus error.
+    #[test]
+    fn counts_are_pinned() {
+        let items: Vec<Item> = serde_json::from_str(include_str!("../../tests/fixtures/token_corpus.json")).unwrap();
+        let mut rng = crate::decide::testgen::Rng::new(7);
+        let random: Vec<String> = (0..2000).map(|_| crate::decide::testgen::text(&mut rng, 120)).collect();
+        let (mut total, mut hash) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+        for text in items.iter().map(|i| &i.text).chain(&random) {
+            let t = approx_tokens(text);
+            // Char by char gives the same as the whole string.
+            let mut c = TokenCounter::new();
+            text.chars().for_each(|ch| c.push(ch));
+            assert_eq!(c.tokens(), t, "{text:?}");
+            total += t;
+            hash = (hash ^ t).wrapping_mul(0x100_0000_01b3);
+        }
+        println!("pinned counts: total {total}, hash {hash:#x}");
+        assert_eq!((total, hash), (58361, 0x410b_d955_6d39_e362));
     }
 
     #[test]

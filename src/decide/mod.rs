@@ -14,16 +14,20 @@
 //! `shadow` lets through as a would-deny); steps 3–4 apply in every mode. [`failsafe`] is the
 //! answer when no decision could be made.
 //!
-//! May import: std, serde, thiserror, toml, hmac/sha2/base64 (token checks). Nothing else.
+//! May import: std, serde, serde_json, itoa (`json`), thiserror, toml, hmac/sha2/base64 (token
+//! checks). Nothing else.
 
 pub mod approval;
 pub mod decision;
 pub mod estimate;
+pub mod json;
 pub mod jwt;
 pub mod money;
 pub mod policy;
 pub mod pricing;
 pub mod route;
+#[cfg(test)]
+pub(crate) mod testgen;
 pub mod time;
 pub mod usage;
 #[cfg(test)]

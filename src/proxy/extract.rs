@@ -2,7 +2,8 @@
 //! Works on `http` types, not pingora's `Session`, so every rule here is a unit test.
 //!
 //! Owns: `Caller`, `identify`, `VerifiedTokens`, `LlmRequest`, `parse_body`,
-//! `inject_include_usage`. Imports: config (identity settings), `decide::{jwt, route}`, serde_json.
+//! `inject_include_usage`, `clamp_body`. Imports: config (identity settings),
+//! `decide::{json, jwt, route}`, serde_json (only for the rare rewrites that re-serialise a body).
 
 use std::sync::Arc;
 
@@ -11,6 +12,7 @@ use http::HeaderMap;
 use serde_json::{Map, Value};
 
 use crate::config::Identity;
+use crate::decide::json::{Doc, Json};
 use crate::decide::jwt;
 use crate::decide::Route;
 
@@ -173,48 +175,77 @@ pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| super::downstream::header_text(v.as_bytes()))
 }
 
-/// A parsed LLM request body.
+/// A parsed LLM request body; its strings borrow the body.
 #[derive(Clone, Debug)]
-pub struct LlmRequest {
-    pub json: Value,
+pub struct LlmRequest<'a> {
+    pub json: Doc<'a>,
+    /// The body as received (re-read in full by the rare rewrites that re-serialise it).
+    pub raw: &'a [u8],
     pub model: String,
     pub stream: bool,
 }
 
 /// Parses and validates the body of an inspected route (CONTRACT §10 required fields).
-pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest, String> {
-    let json: Value = serde_json::from_slice(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
-    let obj = json.as_object().ok_or("Request body must be a JSON object.")?;
+pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
+    let json = Doc::parse(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
+    let obj = json.root().as_object().ok_or("Request body must be a JSON object.")?;
+    // The fields read here, in one pass (keys are unique in a `Doc`).
+    let (mut model, mut messages, mut prompt, mut input, mut max_tokens, mut stream) =
+        (None, None, None, None, None, None);
+    for (k, v) in obj {
+        let slot = match k {
+            "model" => &mut model,
+            "messages" => &mut messages,
+            "prompt" => &mut prompt,
+            "input" => &mut input,
+            "max_tokens" => &mut max_tokens,
+            "stream" => &mut stream,
+            _ => continue,
+        };
+        *slot = Some(v);
+    }
     for field in route.required_fields() {
-        match obj.get(*field) {
-            None | Some(Value::Null) => {
-                return Err(format!("Missing required field `{field}` for {}.", route.path()));
-            }
-            _ => {}
+        let value = match *field {
+            "model" => model,
+            "messages" => messages,
+            "prompt" => prompt,
+            "input" => input,
+            "max_tokens" => max_tokens,
+            other => obj.get(other),
+        };
+        if value.is_none_or(Json::is_null) {
+            return Err(format!("Missing required field `{field}` for {}.", route.path()));
         }
     }
-    let model = obj
-        .get("model")
-        .and_then(Value::as_str)
+    let model = model
+        .and_then(Json::as_str)
         .filter(|m| !m.is_empty())
         .ok_or("Field `model` must be a non-empty string.")?
         .to_string();
-    if route == Route::Messages && obj.get("max_tokens").is_none_or(|v| v.as_u64().is_none()) {
+    if route == Route::Messages && max_tokens.is_none_or(|v| v.as_u64().is_none()) {
         return Err("Field `max_tokens` must be a non-negative integer.".to_string());
     }
-    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    Ok(LlmRequest { json, model, stream })
+    let stream = stream.and_then(Json::as_bool).unwrap_or(false);
+    Ok(LlmRequest { json, raw: body, model, stream })
+}
+
+/// The body as a `serde_json` object, for the rare rewrites that re-serialise it.
+fn body_object(req: &LlmRequest<'_>) -> Option<Map<String, Value>> {
+    match serde_json::from_slice(req.raw) {
+        Ok(Value::Object(obj)) => Some(obj),
+        _ => None,
+    }
 }
 
 /// For streaming OpenAI-shape requests without `stream_options.include_usage`, returns the body
 /// with `"stream_options":{"include_usage":true}` added, so the stream reports usage. When the
 /// body has no `stream_options` at all, the field is spliced in after the opening brace and every
 /// original byte is kept; otherwise the object is re-serialised.
-pub fn inject_include_usage(route: Route, req: &LlmRequest, original: &[u8]) -> Option<Bytes> {
+pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8]) -> Option<Bytes> {
     if !req.stream || !route.wants_include_usage() {
         return None;
     }
-    let obj = req.json.as_object()?;
+    let obj = req.json.root().as_object()?;
     match obj.get("stream_options") {
         None => {
             let brace = original.iter().position(|b| *b == b'{')?;
@@ -225,9 +256,9 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest, original: &[u8]) -> 
             out.extend_from_slice(&original[brace + 1..]);
             Some(Bytes::from(out))
         }
-        Some(Value::Object(so)) if so.contains_key("include_usage") => None,
-        _ => {
-            let mut obj: Map<String, Value> = obj.clone();
+        Some(so) if so.get("include_usage").is_some() => None,
+        Some(_) => {
+            let mut obj = body_object(req)?;
             let mut so = match obj.remove("stream_options") {
                 Some(Value::Object(m)) => m,
                 _ => Map::new(),
@@ -243,8 +274,8 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest, original: &[u8]) -> 
 /// re-serialised; `include_usage` is injected at the same time when the request needs it.
 /// The field the request used is rewritten (`max_tokens`, `max_completion_tokens`,
 /// `max_output_tokens`); when it named none, the route's field is added.
-pub fn clamp_body(route: Route, req: &LlmRequest, max_output: u64) -> Option<Bytes> {
-    let mut obj = req.json.as_object()?.clone();
+pub fn clamp_body(route: Route, req: &LlmRequest<'_>, max_output: u64) -> Option<Bytes> {
+    let mut obj = body_object(req)?;
     let field = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .into_iter()
         .find(|f| obj.contains_key(*f))
@@ -263,6 +294,10 @@ pub fn clamp_body(route: Route, req: &LlmRequest, max_output: u64) -> Option<Byt
     }
     serde_json::to_vec(&obj).ok().map(Bytes::from)
 }
+
+#[cfg(test)]
+#[path = "extract_oracle_tests.rs"]
+mod oracle_tests;
 
 #[cfg(test)]
 mod tests {

@@ -36,7 +36,8 @@ fn price_cost(model: &str, u: Usage) -> Micros {
 /// The sidecar's worst-case estimate for a chat body (estimator + built-in prices).
 fn worst_case(model: &str, body: &Value, max_output: u64) -> Micros {
     let t = PriceTable::builtin();
-    let e = preauth_sidecar::decide::estimate::estimate(preauth_sidecar::decide::Route::ChatCompletions, body);
+    let body = preauth_sidecar::decide::json::Doc::from_value(body);
+    let e = preauth_sidecar::decide::estimate::estimate(preauth_sidecar::decide::Route::ChatCompletions, &body);
     preauth_sidecar::decide::pricing::worst_case_cost(t.lookup(model).price, e.prompt_tokens, max_output)
 }
 
