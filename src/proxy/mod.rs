@@ -50,7 +50,7 @@ use crate::state::AppState;
 use crate::store::approvals::{ConsumeOutcome, NewApproval};
 use crate::store::budget::{ReserveOutcome, ReserveRequest};
 use crate::store::{AdmitRequest, StoreError, Ticket};
-use crate::telemetry::{audit, status_class};
+use crate::telemetry::audit;
 pub use ctx::RequestCtx;
 use downstream::Downstream;
 use extract::names;
@@ -858,11 +858,7 @@ impl PreauthProxy {
             }
         }
         if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
-            let class = match ctx.upstream_status {
-                Some(s) => status_class(Some(s)),
-                None => "error",
-            };
-            self.state.metrics.upstream_responses.with_label_values(&[class]).inc();
+            self.state.metrics.count_upstream(ctx.upstream_status);
         }
         // The settlement (journal and event) is written before the connection takes its next
         // request. A failure is logged by the group commit; the events are lost, the hold stays

@@ -33,6 +33,9 @@ pub struct Metrics {
     /// Children of the two above by (gate, tier[, outcome]), resolved on first use: every
     /// decision touches ~10 of them, and a label lookup hashes the values under a lock.
     gate_children: GateChildren,
+    /// The children every request touches (default source, upstream status class, usage
+    /// settlements), resolved on first use like `gate_children`.
+    hot: HotChildren,
     pub spend_usd: prometheus::CounterVec,
     pub drift_usd: prometheus::CounterVec,
     pub reconciliations: IntCounterVec,
@@ -138,6 +141,7 @@ impl Metrics {
             ),
             fair_use_observed,
             gate_children: GateChildren::default(),
+            hot: HotChildren::default(),
             spend_usd: fcounter(
                 &r,
                 "valdrics_ops_llm_spend_usd_total",
@@ -214,11 +218,36 @@ impl Metrics {
             d if d > 0 => "overage",
             _ => "savings",
         };
-        self.reconciliations.with_label_values(&[trigger, status]).inc();
+        let i = match status {
+            "matched" => 0,
+            "overage" => 1,
+            _ => 2,
+        };
+        if trigger == "usage" {
+            self.hot.usage_settlements[i]
+                .get_or_init(|| self.reconciliations.with_label_values(&[trigger, status]))
+                .inc();
+        } else {
+            self.reconciliations.with_label_values(&[trigger, status]).inc();
+        }
         if drift.0 != 0 {
-            self.drift_usd.with_label_values(&[status]).inc_by(crate::decide::Micros(drift.0.abs()).as_usd_f64());
+            let usd = crate::decide::Micros(drift.0.abs()).as_usd_f64();
+            self.hot.drift[i].get_or_init(|| self.drift_usd.with_label_values(&[status])).inc_by(usd);
         }
         status
+    }
+
+    /// Counts an upstream answer by status class (`None`: no answer).
+    pub fn count_upstream(&self, status: Option<u16>) {
+        let class = status_class(status);
+        let i = match status {
+            Some(200..=299) => 0,
+            Some(300..=399) => 1,
+            Some(400..=499) => 2,
+            Some(500..=599) => 3,
+            _ => 4,
+        };
+        self.hot.upstream[i].get_or_init(|| self.upstream_responses.with_label_values(&[class])).inc();
     }
 
     /// Adds settled spend (`models outside the price table` arrive as `other`).
@@ -229,8 +258,19 @@ impl Metrics {
     /// Counts one decision everywhere it belongs.
     pub fn record_decision(&self, source: &str, tier: Tier, d: &Decision, elapsed_s: f64) {
         let path = d.path.as_str();
-        self.gate_decisions.with_label_values(&[source, d.verdict.as_str(), path]).inc();
-        self.gate_latency.with_label_values(&[source, path]).observe(elapsed_s);
+        if source == "default" {
+            let i = d.verdict as usize * 2 + d.path as usize;
+            let h = &self.hot;
+            h.decisions[i]
+                .get_or_init(|| self.gate_decisions.with_label_values(&[source, d.verdict.as_str(), path]))
+                .inc();
+            h.latency[d.path as usize]
+                .get_or_init(|| self.gate_latency.with_label_values(&[source, path]))
+                .observe(elapsed_s);
+        } else {
+            self.gate_decisions.with_label_values(&[source, d.verdict.as_str(), path]).inc();
+            self.gate_latency.with_label_values(&[source, path]).observe(elapsed_s);
+        }
         let tier_index = tier as usize;
         let tier = tier.as_str();
         for e in &d.evaluations {
@@ -266,6 +306,28 @@ struct GateChildren {
     evaluations: [OnceLock<IntCounter>; GATE_SLOTS * 2],
     /// By `(gate, tier)`.
     observed: [OnceLock<IntGauge>; GATE_SLOTS],
+}
+
+/// See [`Metrics::hot`]. Indexes: verdict × 2 + path; path; status class (`count_upstream`);
+/// settlement status (matched, overage, savings).
+struct HotChildren {
+    decisions: [OnceLock<IntCounter>; 6],
+    latency: [OnceLock<prometheus::Histogram>; 2],
+    upstream: [OnceLock<IntCounter>; 5],
+    usage_settlements: [OnceLock<IntCounter>; 3],
+    drift: [OnceLock<prometheus::Counter>; 3],
+}
+
+impl Default for HotChildren {
+    fn default() -> Self {
+        HotChildren {
+            decisions: std::array::from_fn(|_| OnceLock::new()),
+            latency: std::array::from_fn(|_| OnceLock::new()),
+            upstream: std::array::from_fn(|_| OnceLock::new()),
+            usage_settlements: std::array::from_fn(|_| OnceLock::new()),
+            drift: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
 }
 
 impl Default for GateChildren {
