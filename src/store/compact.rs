@@ -34,34 +34,39 @@ impl Id {
     }
 }
 
+/// Where each byte's two hex digits sit in a hyphenated UUID (`8-4-4-4-12`).
+const HEX_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+
+/// Value of a lowercase hex digit; 0x10 and above for anything else.
+const NIBBLE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut d = 0;
+    while d < 10 {
+        t[b'0' as usize + d] = d as u8;
+        d += 1;
+    }
+    let mut x = 0;
+    while x < 6 {
+        t[b'a' as usize + x] = 10 + x as u8;
+        x += 1;
+    }
+    t
+};
+
 /// The 16 bytes of a canonical UUID: `8-4-4-4-12` lowercase hex digits.
 fn parse_uuid(s: &str) -> Option<[u8; 16]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        }
-    }
     let s = s.as_bytes();
-    if s.len() != 36 {
+    if s.len() != 36 || s[8] != b'-' || s[13] != b'-' || s[18] != b'-' || s[23] != b'-' {
         return None;
     }
     let mut out = [0u8; 16];
-    let (mut i, mut n) = (0, 0);
-    while i < 36 {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if s[i] != b'-' {
-                return None;
-            }
-            i += 1;
-            continue;
-        }
-        out[n] = (nibble(s[i])? << 4) | nibble(s[i + 1])?;
-        n += 1;
-        i += 2;
+    let mut bad = 0u8;
+    for (o, &at) in out.iter_mut().zip(HEX_AT.iter()) {
+        let (hi, lo) = (NIBBLE[usize::from(s[at])], NIBBLE[usize::from(s[at + 1])]);
+        bad |= hi | lo;
+        *o = (hi << 4) | (lo & 0xf);
     }
-    Some(out)
+    (bad < 0x10).then_some(out)
 }
 
 impl fmt::Display for Id {
@@ -70,16 +75,10 @@ impl fmt::Display for Id {
             Id::Text(s) => f.write_str(s),
             Id::Uuid(b) => {
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut buf = [0u8; 36];
-                let mut i = 0;
-                for (n, byte) in b.iter().enumerate() {
-                    if matches!(n, 4 | 6 | 8 | 10) {
-                        buf[i] = b'-';
-                        i += 1;
-                    }
-                    buf[i] = HEX[usize::from(byte >> 4)];
-                    buf[i + 1] = HEX[usize::from(byte & 0xf)];
-                    i += 2;
+                let mut buf = *b"00000000-0000-0000-0000-000000000000";
+                for (byte, &at) in b.iter().zip(HEX_AT.iter()) {
+                    buf[at] = HEX[usize::from(byte >> 4)];
+                    buf[at + 1] = HEX[usize::from(byte & 0xf)];
                 }
                 f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
             }
