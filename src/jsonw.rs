@@ -38,18 +38,28 @@ pub fn opt_money(out: &mut Vec<u8>, key: &[u8], v: Option<Micros>) {
 
 /// An amount as `Micros`' serde form: a string with six decimals.
 pub fn money(out: &mut Vec<u8>, m: Micros) {
-    out.push(b'"');
-    if m.0 < 0 {
-        out.push(b'-');
-    }
     let abs = m.0.unsigned_abs();
-    out.extend_from_slice(itoa::Buffer::new().format(abs / 1_000_000).as_bytes());
-    out.push(b'.');
-    let frac = abs % 1_000_000;
-    let digits = itoa::Buffer::new().format(frac).len();
-    out.extend(std::iter::repeat_n(b'0', 6 - digits));
-    out.extend_from_slice(itoa::Buffer::new().format(frac).as_bytes());
-    out.push(b'"');
+    let mut whole = itoa::Buffer::new();
+    let whole = whole.format(abs / 1_000_000).as_bytes();
+    // `"`, sign, whole part, `.`, six digits, `"` in one copy.
+    let mut buf = [0u8; 32];
+    let mut n = 0;
+    buf[n] = b'"';
+    n += 1;
+    if m.0 < 0 {
+        buf[n] = b'-';
+        n += 1;
+    }
+    buf[n..n + whole.len()].copy_from_slice(whole);
+    n += whole.len();
+    buf[n] = b'.';
+    let mut frac = abs % 1_000_000;
+    for i in (n + 1..n + 7).rev() {
+        buf[i] = b'0' + (frac % 10) as u8;
+        frac /= 10;
+    }
+    buf[n + 7] = b'"';
+    out.extend_from_slice(&buf[..n + 8]);
 }
 
 /// An integer as JSON.
@@ -101,4 +111,23 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&b[start..]);
     out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_and_strings_are_serde_exact() {
+        for v in [0, 1, -1, 999_999, 1_000_000, -1_000_001, 123_456_789, i64::MAX, i64::MIN, -7, 50_000_000] {
+            let mut out = Vec::new();
+            money(&mut out, Micros(v));
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&Micros(v)).unwrap(), "{v}");
+        }
+        for s in ["", "plain", "q\"b\\s", "\u{1}\u{1f}\n\t", "01a212ea-2553-722d-ae80-a3c5862df6d2", "é 日本 🦀", &"x".repeat(100)] {
+            let mut out = Vec::new();
+            json_str(&mut out, s);
+            assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap());
+        }
+    }
 }

@@ -140,7 +140,15 @@ impl ReserveRequest<'_> {
 /// The month key (`YYYY-MM`) of an instant, as used by [`Reservation::month`] and
 /// [`Budgets::tenant_spend`].
 pub fn month_key(now: UnixMillis) -> String {
-    Month::of(now).to_string()
+    thread_local! {
+        /// The last month formatted on this thread: every hold of a month shares its text.
+        static LAST: std::cell::RefCell<Option<(Month, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    let month = Month::of(now);
+    LAST.with_borrow_mut(|last| match last {
+        Some((m, text)) if *m == month => text.clone(),
+        _ => last.insert((month, month.to_string())).1.clone(),
+    })
 }
 
 /// Atomic monthly budget arithmetic. Object-safe; every method is a single atomic step.
