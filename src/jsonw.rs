@@ -124,7 +124,15 @@ mod tests {
             money(&mut out, Micros(v));
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&Micros(v)).unwrap(), "{v}");
         }
-        for s in ["", "plain", "q\"b\\s", "\u{1}\u{1f}\n\t", "01a212ea-2553-722d-ae80-a3c5862df6d2", "é 日本 🦀", &"x".repeat(100)] {
+        for s in [
+            "",
+            "plain",
+            "q\"b\\s",
+            "\u{1}\u{1f}\n\t",
+            "01a212ea-2553-722d-ae80-a3c5862df6d2",
+            "é 日本 🦀",
+            &"x".repeat(100),
+        ] {
             let mut out = Vec::new();
             json_str(&mut out, s);
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap());

@@ -311,10 +311,10 @@ impl Held {
     /// settled or released.
     fn snapshot_entry<'a>(&'a self, id: &Id, done: Option<(UnixMillis, Option<i64>)>) -> Entry<'a> {
         let (id, tenant, tier, request_id, model, month) = (
-            Cow::Owned(id.to_string()),
+            Cow::Owned(id.text()),
             Cow::Borrowed(&*self.tenant),
             Cow::Borrowed(&*self.labels.tier),
-            Cow::Owned(self.request_id.to_string()),
+            Cow::Owned(self.request_id.text()),
             Cow::Borrowed(&*self.labels.model),
             Cow::Borrowed(&*self.labels.month),
         );
@@ -339,10 +339,10 @@ impl Held {
 
     fn reservation(&self, id: &Id) -> Reservation {
         Reservation {
-            id: id.to_string(),
+            id: id.text(),
             tenant: self.tenant.to_string(),
             tenant_tier: self.labels.tier.to_string(),
-            request_id: self.request_id.to_string(),
+            request_id: self.request_id.text(),
             model: self.labels.model.to_string(),
             month: self.labels.month.to_string(),
             amount: Micros(self.amount),
@@ -898,7 +898,7 @@ impl MemoryBudgets {
             return Ok(Vec::new());
         }
         let entries: Vec<Entry<'_>> =
-            ids.iter().map(|id| Entry::Release { id: Cow::Owned(id.to_string()), at: now }).collect();
+            ids.iter().map(|id| Entry::Release { id: Cow::Owned(id.text()), at: now }).collect();
         let compact = g.log(&entries)?;
         g.state.advance(now);
         let ended: Vec<Reservation> = ids.iter().filter_map(|id| g.state.finish(id, now, None)).collect();

@@ -32,6 +32,38 @@ impl Id {
             None => Id::Text(s.into()),
         }
     }
+
+    /// The id's text (what `to_string` gives, without the formatting machinery).
+    pub(crate) fn text(&self) -> String {
+        match self {
+            Id::Text(s) => s.to_string(),
+            Id::Uuid(b) => uuid_text(b).into_string(),
+        }
+    }
+}
+
+/// A UUID's bytes as hyphenated lowercase hex.
+fn uuid_text(b: &[u8; 16]) -> UuidText {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = *b"00000000-0000-0000-0000-000000000000";
+    for (byte, &at) in b.iter().zip(HEX_AT.iter()) {
+        buf[at] = HEX[usize::from(byte >> 4)];
+        buf[at + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    UuidText(buf)
+}
+
+/// The 36 ASCII bytes of a hyphenated UUID.
+struct UuidText([u8; 36]);
+
+impl UuidText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits and hyphens")
+    }
+
+    fn into_string(self) -> String {
+        self.as_str().to_owned()
+    }
 }
 
 /// Where each byte's two hex digits sit in a hyphenated UUID (`8-4-4-4-12`).
@@ -73,15 +105,7 @@ impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Id::Text(s) => f.write_str(s),
-            Id::Uuid(b) => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut buf = *b"00000000-0000-0000-0000-000000000000";
-                for (byte, &at) in b.iter().zip(HEX_AT.iter()) {
-                    buf[at] = HEX[usize::from(byte >> 4)];
-                    buf[at + 1] = HEX[usize::from(byte & 0xf)];
-                }
-                f.write_str(std::str::from_utf8(&buf).map_err(|_| fmt::Error)?)
-            }
+            Id::Uuid(b) => f.write_str(uuid_text(b).as_str()),
         }
     }
 }
@@ -227,6 +251,7 @@ mod tests {
         ] {
             let id = Id::new(s);
             assert_eq!(id.to_string(), s);
+            assert_eq!(id.text(), s);
             assert_eq!(matches!(id, Id::Uuid(_)), s.len() == 36 && s == s.to_lowercase() && !s.contains(['g', '_']));
         }
     }
