@@ -2,7 +2,8 @@
 //! the random part from a per-thread generator seeded once from the OS — not one `getrandom(2)`
 //! per id (four per request on the hot path otherwise).
 //!
-//! Owns: `v7`. Imports: uuid, std.
+//! Owns: `v7`, `hyphenated` (the one place a UUID's bytes become text). Imports: uuid (the
+//! seed), std.
 
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,8 +41,34 @@ pub fn v7() -> String {
 fn v7_at(ms: u64, r1: u64, r2: u64) -> String {
     let hi = (ms << 16) | 0x7000 | (r2 & 0x0fff);
     let lo = (r1 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Uuid::from_u64_pair(hi, lo).hyphenated().encode_lower(&mut buf).to_string()
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    String::from(hyphenated(&b).as_str())
+}
+
+/// A UUID's 16 bytes as hyphenated lowercase hex (`8-4-4-4-12`), in a fixed buffer: a table
+/// lookup per nibble, no formatter (the uuid crate's `to_string` goes through `Formatter::pad`).
+pub(crate) fn hyphenated(b: &[u8; 16]) -> Hyphenated {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = *b"00000000-0000-0000-0000-000000000000";
+    for (byte, &at) in b.iter().zip(HEX_AT.iter()) {
+        buf[at] = HEX[usize::from(byte >> 4)];
+        buf[at + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    Hyphenated(buf)
+}
+
+/// Where each byte's two hex digits sit in a hyphenated UUID.
+pub(crate) const HEX_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+
+/// The 36 ASCII bytes of a hyphenated UUID.
+pub(crate) struct Hyphenated([u8; 36]);
+
+impl Hyphenated {
+    pub(crate) fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits and hyphens")
+    }
 }
 
 #[cfg(test)]

@@ -705,15 +705,15 @@ impl PreauthProxy {
 
     /// Caller headers the gateway never sees as sent: the sidecar sets its own (host, request id,
     /// replaced credentials) or none (`accept-encoding`, the approval token, a caller JWT).
-    pub(crate) fn replaced_upstream(&self, name: &str) -> bool {
+    pub(crate) fn replaced_upstream(&self, name: &[u8]) -> bool {
         match name {
-            "host" | "accept-encoding" | names::APPROVAL_TOKEN | names::REQUEST_ID => true,
-            "authorization" => {
+            b"host" | b"accept-encoding" => true,
+            b"authorization" => {
                 self.state.config.upstream_api_key.is_some()
                     || matches!(self.state.config.identity, Identity::Jwt { .. })
             }
-            "x-api-key" => self.state.config.upstream_api_key.is_some(),
-            _ => false,
+            b"x-api-key" => self.state.config.upstream_api_key.is_some(),
+            n => n == names::APPROVAL_TOKEN.as_bytes() || n == names::REQUEST_ID.as_bytes(),
         }
     }
 
@@ -740,7 +740,7 @@ impl PreauthProxy {
     pub(crate) fn rewrite_upstream(&self, up: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
         let caller_sent_api_key = up.headers.contains_key("x-api-key");
         let replaced: Vec<http::HeaderName> =
-            up.headers.keys().filter(|n| self.replaced_upstream(n.as_str())).cloned().collect();
+            up.headers.keys().filter(|n| self.replaced_upstream(n.as_str().as_bytes())).cloned().collect();
         for name in &replaced {
             up.remove_header(name);
         }

@@ -340,11 +340,13 @@ impl Held {
     fn reservation(&self, id: &Id) -> Reservation {
         Reservation {
             id: id.text(),
-            tenant: self.tenant.to_string(),
-            tenant_tier: self.labels.tier.to_string(),
+            // `String::from(&str)`: `to_string` on `Arc<str>`/`Box<str>` goes through
+            // `Formatter::pad`.
+            tenant: String::from(&*self.tenant),
+            tenant_tier: String::from(&*self.labels.tier),
             request_id: self.request_id.text(),
-            model: self.labels.model.to_string(),
-            month: self.labels.month.to_string(),
+            model: String::from(&*self.labels.model),
+            month: String::from(&*self.labels.month),
             amount: Micros(self.amount),
             created_at: self.created_at,
         }

@@ -3,7 +3,8 @@
 //! once and shared. Both are lossless: the original text comes back exactly. And [`IdRing`], an
 //! insertion-ordered table by id whose memory does not grow with churn.
 //!
-//! Owns: `Id`, `Labels`, `LabelTable`, `IdRing`. Imports: `decide::time::Month`, std.
+//! Owns: `Id`, `Labels`, `LabelTable`, `IdRing`. Imports: `decide::time::Month`, `ids` (UUID
+//! text), std.
 
 use foldhash::quality::RandomState;
 use std::borrow::Borrow;
@@ -14,6 +15,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use crate::decide::time::Month;
+use crate::ids::{hyphenated, HEX_AT};
 
 /// A reservation or request id. A canonical UUID (36 characters, lowercase hex, hyphenated — what
 /// [`crate::ids::v7`] makes) is kept as its 16 bytes, any other text as itself; `to_string` gives
@@ -36,38 +38,11 @@ impl Id {
     /// The id's text (what `to_string` gives, without the formatting machinery).
     pub(crate) fn text(&self) -> String {
         match self {
-            Id::Text(s) => s.to_string(),
-            Id::Uuid(b) => uuid_text(b).into_string(),
+            Id::Text(s) => String::from(&**s),
+            Id::Uuid(b) => String::from(hyphenated(b).as_str()),
         }
     }
 }
-
-/// A UUID's bytes as hyphenated lowercase hex.
-fn uuid_text(b: &[u8; 16]) -> UuidText {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = *b"00000000-0000-0000-0000-000000000000";
-    for (byte, &at) in b.iter().zip(HEX_AT.iter()) {
-        buf[at] = HEX[usize::from(byte >> 4)];
-        buf[at + 1] = HEX[usize::from(byte & 0xf)];
-    }
-    UuidText(buf)
-}
-
-/// The 36 ASCII bytes of a hyphenated UUID.
-struct UuidText([u8; 36]);
-
-impl UuidText {
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("hex digits and hyphens")
-    }
-
-    fn into_string(self) -> String {
-        self.as_str().to_owned()
-    }
-}
-
-/// Where each byte's two hex digits sit in a hyphenated UUID (`8-4-4-4-12`).
-const HEX_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
 
 /// Value of a lowercase hex digit; 0x10 and above for anything else.
 const NIBBLE: [u8; 256] = {
@@ -105,7 +80,7 @@ impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Id::Text(s) => f.write_str(s),
-            Id::Uuid(b) => f.write_str(uuid_text(b).as_str()),
+            Id::Uuid(b) => f.write_str(hyphenated(b).as_str()),
         }
     }
 }
@@ -351,7 +326,8 @@ impl<V> IdRing<V> {
 
     /// Appends an entry; an older one with the same id is dropped.
     pub(crate) fn push_back(&mut self, id: Id, v: V) {
-        if let Some((slot, seq)) = self.find(&id) {
+        let h = self.hash(&id);
+        if let Some((slot, seq)) = self.find_hashed(&id, h) {
             self.unindex(slot);
             self.ring[(seq - self.first) as usize] = None;
             self.len -= 1;
@@ -370,11 +346,11 @@ impl<V> IdRing<V> {
         }
         let seq = self.first + self.ring.len() as u64;
         let mask = self.index.len() - 1;
-        let mut i = self.hash(&id) & mask;
+        let mut i = home(h, mask);
         while self.index[i] != 0 {
             i = (i + 1) & mask;
         }
-        self.index[i] = seq;
+        self.index[i] = slot(h, seq);
         self.ring.push_back(Some((id, v)));
         self.len += 1;
     }
@@ -382,8 +358,14 @@ impl<V> IdRing<V> {
     /// Removes and returns the oldest entry.
     pub(crate) fn pop_front(&mut self) -> Option<(Id, V)> {
         let (id, _) = self.front()?;
-        let (slot, _) = self.find(id).expect("live entries are indexed");
-        self.unindex(slot);
+        // Found by its sequence number: no id comparisons on the probe run.
+        let (h, first) = (self.hash(id), self.first);
+        let mask = self.index.len() - 1;
+        let mut i = home(h, mask);
+        while self.seq_of(self.index[i]) != Some(first) {
+            i = (i + 1) & mask;
+        }
+        self.unindex(i);
         let e = self.ring.pop_front().flatten();
         self.first += 1;
         self.len -= 1;
@@ -401,8 +383,15 @@ impl<V> IdRing<V> {
         }
     }
 
-    fn hash(&self, id: &Id) -> usize {
-        self.hasher.hash_one(id) as usize
+    /// 31 bits of the id's hash with bit 31 set (so that a used slot is never 0).
+    fn hash(&self, id: &Id) -> u32 {
+        (self.hasher.hash_one(id) as u32) | 0x8000_0000
+    }
+
+    /// The sequence number in a used slot (`None` for a free one). Slots keep its low 32 bits;
+    /// live numbers lie in `first .. first + ring.len()`, a span far below 2^32.
+    fn seq_of(&self, slot: u64) -> Option<u64> {
+        (slot != 0).then(|| self.first + u64::from((slot as u32).wrapping_sub(self.first as u32)))
     }
 
     fn entry(&self, seq: u64) -> &(Id, V) {
@@ -411,36 +400,43 @@ impl<V> IdRing<V> {
 
     /// The index slot and sequence number of `id`.
     fn find(&self, id: &Id) -> Option<(usize, u64)> {
+        self.find_hashed(id, self.hash(id))
+    }
+
+    /// [`Self::find`] with the hash known. A slot's entry is read only when the slot's hash
+    /// bits match: a miss (most lookups here) touches the index alone, not the ring.
+    fn find_hashed(&self, id: &Id, h: u32) -> Option<(usize, u64)> {
         if self.index.is_empty() {
             return None;
         }
         let mask = self.index.len() - 1;
-        let mut i = self.hash(id) & mask;
+        let mut i = home(h, mask);
         loop {
-            match self.index[i] {
-                0 => return None,
-                seq if self.entry(seq).0 == *id => return Some((i, seq)),
-                _ => i = (i + 1) & mask,
+            let s = self.index[i];
+            let seq = self.seq_of(s)?;
+            if slot_hash(s) == h && self.entry(seq).0 == *id {
+                return Some((i, seq));
             }
+            i = (i + 1) & mask;
         }
     }
 
     /// Frees index slot `i`, moving later entries of its probe run back so that every entry
-    /// stays reachable from its home slot.
+    /// stays reachable from its home slot (computed from the slot's hash bits, not the entry).
     fn unindex(&mut self, mut i: usize) {
         let mask = self.index.len() - 1;
         let mut j = i;
         loop {
             j = (j + 1) & mask;
-            let seq = self.index[j];
-            if seq == 0 {
+            let s = self.index[j];
+            if s == 0 {
                 break;
             }
-            let home = self.hash(&self.entry(seq).0) & mask;
+            let home = home(slot_hash(s), mask);
             // The entry at `j` may move to `i` unless its home lies cyclically in (i, j].
             let stays = if i <= j { i < home && home <= j } else { i < home || home <= j };
             if !stays {
-                self.index[i] = seq;
+                self.index[i] = s;
                 i = j;
             }
         }
@@ -455,19 +451,36 @@ impl<V> IdRing<V> {
     }
 
     fn reindex(&mut self, size: usize) {
+        assert!(size <= 1 << 31, "an id index is addressed by 31 hash bits");
         let mut index = vec![0u64; size];
         let mask = size - 1;
         for (n, e) in self.ring.iter().enumerate() {
             if let Some((id, _)) = e {
-                let mut i = self.hash(id) & mask;
+                let h = self.hash(id);
+                let mut i = home(h, mask);
                 while index[i] != 0 {
                     i = (i + 1) & mask;
                 }
-                index[i] = self.first + n as u64;
+                index[i] = slot(h, self.first + n as u64);
             }
         }
         self.index = index;
     }
+}
+
+/// An index slot of [`IdRing`]: 0 when free, else the hash bits (from `IdRing::hash`, bit 31
+/// set) above the sequence number's low 32 bits.
+fn slot(h: u32, seq: u64) -> u64 {
+    (u64::from(h) << 32) | u64::from(seq as u32)
+}
+
+fn slot_hash(slot: u64) -> u32 {
+    (slot >> 32) as u32
+}
+
+/// The home slot of hash bits `h` in an index of `mask + 1` (at most 2^31) slots.
+fn home(h: u32, mask: usize) -> usize {
+    (h & 0x7fff_ffff) as usize & mask
 }
 
 #[cfg(test)]
@@ -478,10 +491,21 @@ mod ring_tests {
     /// space, duplicates, pops, shrinking and regrowth (past the expected size too).
     #[test]
     fn id_ring_matches_a_model() {
-        let mut ring: IdRing<u64> = IdRing::expecting(37);
+        matches_a_model(IdRing::expecting(37), 200_000);
+    }
+
+    /// Index slots keep the low 32 bits of sequence numbers: the same, with numbers crossing 2^32.
+    #[test]
+    fn sequence_numbers_past_32_bits() {
+        let mut ring = IdRing::expecting(37);
+        ring.first = (1 << 32) - 20_000;
+        matches_a_model(ring, 60_000);
+    }
+
+    fn matches_a_model(mut ring: IdRing<u64>, steps: u64) {
         let mut model: VecDeque<(String, u64)> = VecDeque::new();
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for step in 0..200_000u64 {
+        for step in 0..steps {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;

@@ -66,24 +66,27 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Headers (lowercase) that describe one connection or this hop's framing, never forwarded to the
 /// gateway: the body goes out complete with its own `content-length`.
-fn request_hop_by_hop(name: &str) -> bool {
+fn request_hop_by_hop(name: &[u8]) -> bool {
     matches!(
         name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "upgrade"
-            | "transfer-encoding"
-            | "expect"
-            | "content-length"
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"te"
+            | b"upgrade"
+            | b"transfer-encoding"
+            | b"expect"
+            | b"content-length"
     )
 }
 
 /// Gateway answer headers (lowercase) not forwarded to the client (the sidecar frames the answer
 /// and sets its own `date`).
-fn answer_hop_by_hop(name: &str) -> bool {
-    matches!(name, "connection" | "keep-alive" | "proxy-connection" | "te" | "upgrade" | "transfer-encoding" | "date")
+fn answer_hop_by_hop(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection" | b"keep-alive" | b"proxy-connection" | b"te" | b"upgrade" | b"transfer-encoding" | b"date"
+    )
 }
 
 /// The proxy listener's application (see the module doc).
@@ -218,8 +221,8 @@ impl LeanH1 {
                 continue;
             };
             match lname {
-                "content-length" => had_length = true,
-                "x-api-key" => caller_sent_api_key = true,
+                b"content-length" => had_length = true,
+                b"x-api-key" => caller_sent_api_key = true,
                 _ => {}
             }
             if request_hop_by_hop(lname) || self.core.replaced_upstream(lname) {
@@ -340,7 +343,9 @@ impl LeanH1 {
         let mut lower = [0u8; 64];
         for (name, value) in head.fields.iter(&up.buf) {
             let skip = lowercase(name, &mut lower).is_some_and(|n| {
-                answer_hop_by_hop(n) || (!framed_by_length && n == "content-length") || own.iter().any(|(o, _)| *o == n)
+                answer_hop_by_hop(n)
+                    || (!framed_by_length && n == b"content-length")
+                    || own.iter().any(|(o, _)| o.as_bytes() == n)
             });
             if !skip {
                 header_line(out, name, value);
@@ -739,13 +744,15 @@ fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// `name` in lowercase in `buf` (`None` when longer than `buf`, or not text).
-fn lowercase<'b>(name: &[u8], buf: &'b mut [u8; 64]) -> Option<&'b str> {
+/// `name` in lowercase in `buf` (`None` when longer than `buf`). Bytes, not `str`: a UTF-8
+/// check per header line costs more than the lowercasing, and the names compared against are
+/// ASCII.
+fn lowercase<'b>(name: &[u8], buf: &'b mut [u8; 64]) -> Option<&'b [u8]> {
     let out = buf.get_mut(..name.len())?;
     for (o, b) in out.iter_mut().zip(name) {
         *o = b.to_ascii_lowercase();
     }
-    std::str::from_utf8(out).ok()
+    Some(out)
 }
 
 /// `date: <IMF-fixdate>\r\n` for now, formatted once per second per thread.
@@ -805,7 +812,7 @@ mod tests {
     #[test]
     fn lowercase_names() {
         let mut b = [0u8; 64];
-        assert_eq!(lowercase(b"X-Api-KEY", &mut b), Some("x-api-key"));
+        assert_eq!(lowercase(b"X-Api-KEY", &mut b), Some(&b"x-api-key"[..]));
         assert_eq!(lowercase(&[b'a'; 65], &mut b), None);
     }
 }
