@@ -362,8 +362,11 @@ impl<V> IdRing<V> {
         let (h, first) = (self.hash(id), self.first);
         let mask = self.index.len() - 1;
         let mut i = home(h, mask);
-        while self.seq_of(self.index[i]) != Some(first) {
-            i = (i + 1) & mask;
+        loop {
+            match self.seq_of(self.index[i]).expect("live entries are indexed") {
+                seq if seq == first => break,
+                _ => i = (i + 1) & mask,
+            }
         }
         self.unindex(i);
         let e = self.ring.pop_front().flatten();
