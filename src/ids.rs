@@ -33,6 +33,11 @@ fn next() -> u64 {
 /// A UUID v7 for now (millisecond timestamp, 74 random bits), as its hyphenated string.
 pub fn v7() -> String {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    v7_at_ms(ms)
+}
+
+/// A UUID v7 for the Unix time `ms` the caller already read (no clock read of its own).
+pub fn v7_at_ms(ms: u64) -> String {
     v7_at(ms, next(), next())
 }
 
@@ -44,18 +49,43 @@ fn v7_at(ms: u64, r1: u64, r2: u64) -> String {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&hi.to_be_bytes());
     b[8..].copy_from_slice(&lo.to_be_bytes());
-    String::from(hyphenated(&b).as_str())
+    hyphenated(&b).into_string()
 }
 
-/// A UUID's 16 bytes as hyphenated lowercase hex (`8-4-4-4-12`), in a fixed buffer: a table
-/// lookup per nibble, no formatter (the uuid crate's `to_string` goes through `Formatter::pad`).
-pub(crate) fn hyphenated(b: &[u8; 16]) -> Hyphenated {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = *b"00000000-0000-0000-0000-000000000000";
-    for (byte, &at) in b.iter().zip(HEX_AT.iter()) {
-        buf[at] = HEX[usize::from(byte >> 4)];
-        buf[at + 1] = HEX[usize::from(byte & 0xf)];
+/// The 16 lowercase hex digits of `x`, most significant first, eight bytes at a time: each
+/// nibble is spread into a byte of a `u128`, then shifted to its ASCII digit.
+fn hex_u64(x: u64) -> [u8; 16] {
+    const fn lanes(pattern: u128, width: u32) -> u128 {
+        let mut m = 0;
+        let mut at = 0;
+        while at < 128 {
+            m |= pattern << at;
+            at += width;
+        }
+        m
     }
+    let mut v = u128::from(x);
+    v = ((v & lanes(0xffff_ffff_0000_0000, 128)) << 32) | (v & lanes(0xffff_ffff, 128));
+    v = ((v & lanes(0xffff_0000, 64)) << 16) | (v & lanes(0xffff, 64));
+    v = ((v & lanes(0xff00, 32)) << 8) | (v & lanes(0xff, 32));
+    v = ((v & lanes(0xf0, 16)) << 4) | (v & lanes(0x0f, 16));
+    // A nibble n sits alone in its byte: n + 6 has bit 4 set exactly when n is a-f.
+    let letters = ((v + lanes(0x06, 8)) >> 4) & lanes(0x01, 8);
+    (v + lanes(b'0' as u128, 8) + letters * u128::from(b'a' - b'0' - 10)).to_be_bytes()
+}
+
+/// A UUID's 16 bytes as hyphenated lowercase hex (`8-4-4-4-12`), in a fixed buffer: no
+/// formatter (the uuid crate's `to_string` goes through `Formatter::pad`), no per-digit table.
+pub(crate) fn hyphenated(b: &[u8; 16]) -> Hyphenated {
+    let (hi, lo) = b.split_at(8);
+    let hi = hex_u64(u64::from_be_bytes(hi.try_into().expect("eight bytes")));
+    let lo = hex_u64(u64::from_be_bytes(lo.try_into().expect("eight bytes")));
+    let mut buf = [b'-'; 36];
+    buf[..8].copy_from_slice(&hi[..8]);
+    buf[9..13].copy_from_slice(&hi[8..12]);
+    buf[14..18].copy_from_slice(&hi[12..]);
+    buf[19..23].copy_from_slice(&lo[..4]);
+    buf[24..].copy_from_slice(&lo[4..]);
     Hyphenated(buf)
 }
 
@@ -68,6 +98,10 @@ pub(crate) struct Hyphenated([u8; 36]);
 impl Hyphenated {
     pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("hex digits and hyphens")
+    }
+
+    pub(crate) fn into_string(self) -> String {
+        String::from_utf8(self.0.to_vec()).expect("hex digits and hyphens")
     }
 }
 
@@ -90,6 +124,28 @@ mod tests {
             assert_eq!((parsed.get_version_num(), parsed.get_variant()), (7, uuid::Variant::RFC4122));
             let (secs, nanos) = parsed.get_timestamp().unwrap().to_unix();
             assert_eq!(secs * 1000 + u64::from(nanos / 1_000_000), ms);
+        }
+    }
+
+    #[test]
+    fn hex_digits_match_the_uuid_crate() {
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        let mut samples = vec![[0u8; 16], [0xff; 16], *b"0123456789abcdef"];
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&x.to_le_bytes());
+            b[8..].copy_from_slice(&x.rotate_left(29).to_be_bytes());
+            samples.push(b);
+        }
+        // Every byte value in every position.
+        for v in 0..=255u8 {
+            samples.push([v; 16]);
+        }
+        for b in samples {
+            assert_eq!(super::hyphenated(&b).as_str(), uuid::Uuid::from_bytes(b).hyphenated().to_string());
         }
     }
 

@@ -100,7 +100,7 @@ impl Event {
     /// [`Event::new`] for an instance id already shared (no copy of it per event).
     pub fn by(event_type: EventType, instance_id: Arc<str>, occurred_at_us: u64, policy_version: u64) -> Event {
         Event {
-            event_id: crate::ids::v7(),
+            event_id: crate::ids::v7_at_ms(occurred_at_us / 1000),
             event_type,
             occurred_at: crate::decide::time::rfc3339_micros(occurred_at_us),
             instance_id,

@@ -44,7 +44,7 @@ use sha2::{Digest, Sha256};
 use crate::config::Identity;
 use crate::decide::approval::{self, ApprovalClaims, ApprovalError};
 use crate::decide::pricing::{max_output_that_fits, worst_case_cost};
-use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, Verdict};
+use crate::decide::{self, estimate, Decision, Facts, Micros, Mode, Policy, Reason, Route, UnixMillis, Verdict};
 use crate::ledger::event::{self, EventType};
 use crate::state::AppState;
 use crate::store::approvals::{ConsumeOutcome, NewApproval};
@@ -166,7 +166,9 @@ impl PreauthProxy {
         let needs_fingerprint = ctx.approval_token.is_some();
         let mut fp = needs_fingerprint.then(|| fingerprint(&caller.tenant, "POST", route.path(), body));
         let gate = Duration::from_millis(self.state.config.gate_timeout_ms);
-        let now_s = self.now_s();
+        // One clock read for the whole decision (store windows, token expiry, the hold's time).
+        let now = self.state.clock.now_ms();
+        let now_s = (now / 1000) as i64;
         let decided = tokio::time::timeout(gate, async {
             if let Some(d) = decide::kill_switch(&policy, mode) {
                 return Ok((d, None, None, None));
@@ -185,8 +187,8 @@ impl PreauthProxy {
             // hold its cost. A request the guards then refuse gives both back.
             let wants_hold = mode != Mode::Shadow && threshold.is_none() && !matches!(token_check, Some(Err(_)));
             let hold = wants_hold
-                .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok));
-            let (mut d, ticket, held) = self.guard(&policy, &facts, mode, hold.as_ref()).await?;
+                .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok, now));
+            let (mut d, ticket, held) = self.guard(&policy, &facts, mode, hold.as_ref(), now).await?;
             // What the store held: the reservation goes to `spend`, its amount to the decision.
             let held = held.map(|outcome| match outcome {
                 ReserveOutcome::Reserved(r) => {
@@ -432,6 +434,7 @@ impl PreauthProxy {
         max_output: u64,
         choices: u64,
         over_budget_ok: bool,
+        now: UnixMillis,
     ) -> ReserveRequest<'a> {
         let min_output = policy.spend.clamp_min_output_tokens * choices;
         let clamp = policy.spend.clamp_max_tokens_to_budget && spend.route.has_output() && max_output > min_output;
@@ -445,7 +448,7 @@ impl PreauthProxy {
             tenant_tier: spend.tier.as_str(),
             request_id: &ctx.request_id,
             model: ctx.model.as_deref().unwrap_or(""),
-            now: self.state.clock.now_ms(),
+            now,
             monthly_budget: budget,
             amount: spend.estimated_cost,
             min_amount,
@@ -491,8 +494,8 @@ impl PreauthProxy {
         facts: &Facts<'_>,
         mode: Mode,
         hold: Option<&ReserveRequest<'_>>,
+        now: UnixMillis,
     ) -> std::result::Result<(Decision, Ticket, Option<ReserveOutcome>), StoreError> {
-        let now = self.state.clock.now_ms();
         let lease_ttl_ms = policy.wants_lease(facts.tenant).then(|| policy.fair_use.lease_ttl_seconds * 1000);
         let req = AdmitRequest { tenant: facts.tenant, now, tokens: facts.estimated_tokens, lease_ttl_ms };
         let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);

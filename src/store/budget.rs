@@ -125,7 +125,7 @@ impl ReserveRequest<'_> {
     /// The reservation this request would create, holding `amount`, with a fresh id.
     pub fn reservation(&self, amount: Micros) -> Reservation {
         Reservation {
-            id: crate::ids::v7(),
+            id: crate::ids::v7_at_ms(self.now),
             tenant: self.tenant.to_owned(),
             tenant_tier: self.tenant_tier.to_owned(),
             request_id: self.request_id.to_owned(),
