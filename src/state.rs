@@ -196,9 +196,9 @@ impl AppState {
     pub fn reservation_event(&self, r: &crate::store::budget::Reservation, event_type: EventType) -> Event {
         let mut e = self.event(event_type, self.policy.current().version);
         e.request_id = Some(r.request_id.clone().into());
-        e.tenant_id = Some(r.tenant.clone().into());
-        e.tenant_tier = Some(r.tenant_tier.as_str().into());
-        e.model = Some(r.model.clone().into());
+        e.tenant_id = Some(r.tenant.clone());
+        e.tenant_tier = Some(r.tenant_tier.clone());
+        e.model = Some(r.model.clone());
         e.reservation_id = Some(r.id.clone());
         e.reserved_usd = Some(r.amount);
         e

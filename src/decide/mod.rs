@@ -222,9 +222,10 @@ fn first_tenant_violation(
     evals: &mut Vec<GateEval>,
 ) -> Option<(Reason, u64)> {
     let until_tomorrow = ms_until_next_utc_day(now).div_ceil(MS_PER_SECOND);
+    let limits = policy.limits(facts.tenant);
 
     // 5. Tier daily quota.
-    if let Some(quota) = policy.directory.daily_quota(facts.tenant, facts.tier) {
+    if let Some(quota) = limits.daily_quota(facts.tier) {
         if t.daily_requests >= quota {
             return Some((Reason::DailyTenantLimit, until_tomorrow));
         }
@@ -240,7 +241,7 @@ fn first_tenant_violation(
                 return Some((Reason::FairUseSoftDaily, until_tomorrow));
             }
         }
-        let minute_cap = policy.per_minute_cap(facts.tenant);
+        let minute_cap = limits.per_minute_cap();
         if minute_cap > 0 {
             let over = t.minute_requests >= minute_cap as u64;
             evals.push(GateEval { gate: Gate::PerMinute, allowed: !over, observed: t.minute_requests });
@@ -249,7 +250,7 @@ fn first_tenant_violation(
                 return Some((Reason::FairUsePerMinute, retry));
             }
         }
-        let conc_cap = policy.concurrency_cap(facts.tenant);
+        let conc_cap = limits.concurrency_cap();
         if conc_cap > 0 {
             let over = t.in_flight >= conc_cap as u64;
             evals.push(GateEval { gate: Gate::Concurrency, allowed: !over, observed: t.in_flight });
@@ -259,7 +260,7 @@ fn first_tenant_violation(
             }
         }
     }
-    let token_cap = policy.tokens_per_minute(facts.tenant);
+    let token_cap = limits.tokens_per_minute();
     if token_cap > 0 {
         let over = t.tokens_last_minute.saturating_add(facts.estimated_tokens) > token_cap as u64;
         evals.push(GateEval { gate: Gate::TokenRate, allowed: !over, observed: t.tokens_last_minute });

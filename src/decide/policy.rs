@@ -212,20 +212,74 @@ impl Directory {
 
     /// The tenant's tier: tenants file, else the identity's claim if it names a tier, else free.
     pub fn resolve_tier(&self, tenant: &str, claimed: Option<&str>) -> Tier {
-        self.tenant(tenant).and_then(|t| t.tier).or_else(|| claimed.and_then(Tier::parse)).unwrap_or(Tier::Free)
+        resolve_tier(self.tenant(tenant), claimed)
     }
 
     pub fn monthly_budget(&self, tenant: &str, tier: Tier) -> Micros {
-        self.tenant(tenant).and_then(|t| t.monthly_budget).unwrap_or(self.tier_defaults(tier).monthly_budget)
+        self.monthly_budget_of(self.tenant(tenant), tier)
+    }
+
+    fn monthly_budget_of(&self, settings: Option<&TenantSettings>, tier: Tier) -> Micros {
+        settings.and_then(|t| t.monthly_budget).unwrap_or(self.tier_defaults(tier).monthly_budget)
     }
 
     /// Daily request quota; `None` = unlimited. A tenant override of 0 means unlimited.
     pub fn daily_quota(&self, tenant: &str, tier: Tier) -> Option<u64> {
-        match self.tenant(tenant).and_then(|t| t.daily_request_quota) {
+        self.daily_quota_of(self.tenant(tenant), tier)
+    }
+
+    fn daily_quota_of(&self, settings: Option<&TenantSettings>, tier: Tier) -> Option<u64> {
+        match settings.and_then(|t| t.daily_request_quota) {
             Some(0) => None,
             Some(q) => Some(q),
             None => self.tier_defaults(tier).daily_request_quota,
         }
+    }
+}
+
+fn resolve_tier(settings: Option<&TenantSettings>, claimed: Option<&str>) -> Tier {
+    settings.and_then(|t| t.tier).or_else(|| claimed.and_then(Tier::parse)).unwrap_or(Tier::Free)
+}
+
+/// One tenant's settings under a policy, looked up once for the several gates of a request
+/// (each `Policy` method taking a tenant id is one map lookup).
+#[derive(Clone, Copy)]
+pub struct TenantLimits<'p> {
+    policy: &'p Policy,
+    settings: Option<&'p TenantSettings>,
+}
+
+impl TenantLimits<'_> {
+    /// See [`Directory::resolve_tier`].
+    pub fn tier(&self, claimed: Option<&str>) -> Tier {
+        resolve_tier(self.settings, claimed)
+    }
+
+    pub fn monthly_budget(&self, tier: Tier) -> Micros {
+        self.policy.directory.monthly_budget_of(self.settings, tier)
+    }
+
+    /// See [`Directory::daily_quota`].
+    pub fn daily_quota(&self, tier: Tier) -> Option<u64> {
+        self.policy.directory.daily_quota_of(self.settings, tier)
+    }
+
+    /// Effective per-minute cap (override, else global); ≤ 0 disabled.
+    pub fn per_minute_cap(&self) -> i64 {
+        self.settings.and_then(|t| t.fair_use_per_minute_cap).unwrap_or(self.policy.fair_use.per_minute_cap)
+    }
+
+    pub fn concurrency_cap(&self) -> i64 {
+        self.settings.and_then(|t| t.concurrency_cap).unwrap_or(self.policy.fair_use.concurrency_cap)
+    }
+
+    pub fn tokens_per_minute(&self) -> i64 {
+        self.settings.and_then(|t| t.tokens_per_minute).unwrap_or(self.policy.fair_use.tokens_per_minute)
+    }
+
+    /// Whether a request of this tenant needs a concurrency lease (the gate is active for it).
+    pub fn wants_lease(&self) -> bool {
+        self.policy.fair_use.enabled && self.concurrency_cap() > 0
     }
 }
 
@@ -294,17 +348,22 @@ impl Policy {
         self.source_modes.iter().find(|(s, _)| s == source).map(|(_, m)| *m).unwrap_or(self.mode)
     }
 
+    /// `tenant`'s settings, looked up once for several questions.
+    pub fn limits(&self, tenant: &str) -> TenantLimits<'_> {
+        TenantLimits { policy: self, settings: self.directory.tenant(tenant) }
+    }
+
     /// Effective per-minute cap for a tenant (override, else global); ≤ 0 disabled.
     pub fn per_minute_cap(&self, tenant: &str) -> i64 {
-        self.directory.tenant(tenant).and_then(|t| t.fair_use_per_minute_cap).unwrap_or(self.fair_use.per_minute_cap)
+        self.limits(tenant).per_minute_cap()
     }
 
     pub fn concurrency_cap(&self, tenant: &str) -> i64 {
-        self.directory.tenant(tenant).and_then(|t| t.concurrency_cap).unwrap_or(self.fair_use.concurrency_cap)
+        self.limits(tenant).concurrency_cap()
     }
 
     pub fn tokens_per_minute(&self, tenant: &str) -> i64 {
-        self.directory.tenant(tenant).and_then(|t| t.tokens_per_minute).unwrap_or(self.fair_use.tokens_per_minute)
+        self.limits(tenant).tokens_per_minute()
     }
 
     pub fn soft_daily_cap(&self, tier: Tier) -> i64 {
@@ -317,7 +376,7 @@ impl Policy {
 
     /// Whether a request of this tenant needs a concurrency lease (the gate is active for it).
     pub fn wants_lease(&self, tenant: &str) -> bool {
-        self.fair_use.enabled && self.concurrency_cap(tenant) > 0
+        self.limits(tenant).wants_lease()
     }
 
     /// A policy with the reference defaults, for tests and benches.

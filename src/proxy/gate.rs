@@ -114,7 +114,7 @@ impl PreauthProxy {
         let not_found = || other(404, "reservation_not_found", "No such reservation for this tenant.");
         let reservation = match self.state.budgets.get(id).await {
             Ok(Some((r, ReservationState::Active))) => r,
-            Ok(Some((r, _))) if r.tenant == tenant => {
+            Ok(Some((r, _))) if *r.tenant == *tenant => {
                 return Err(other(409, "reservation_not_active", "This reservation was already settled or released."))
             }
             Ok(Some(_)) => return Err(not_found()),
@@ -124,7 +124,7 @@ impl PreauthProxy {
                 return Err(other(503, "enforcement_unavailable", "The reservation could not be read. Retry."));
             }
         };
-        if reservation.tenant != tenant {
+        if *reservation.tenant != *tenant {
             return Err(not_found());
         }
         let pricing = self.state.pricing();

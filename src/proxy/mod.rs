@@ -129,7 +129,8 @@ impl PreauthProxy {
             named => named.into(),
         };
         let mode = policy.mode_for(&source);
-        let tier = policy.directory.resolve_tier(&caller.tenant, caller.claimed_tier.as_deref());
+        let limits = policy.limits(&caller.tenant);
+        let tier = limits.tier(caller.claimed_tier.as_deref());
         self.state.note_tier(&caller.tenant, tier);
         ctx.tier = tier;
         ctx.source = source;
@@ -182,7 +183,7 @@ impl PreauthProxy {
             let approved = matches!(token_check, Some(Ok(_)));
             let threshold = decide::spend_threshold(&policy, estimated_cost, approved);
             let over_budget_ok = approved && mode == Mode::Soft;
-            let budget = policy.directory.monthly_budget(&caller.tenant, tier);
+            let budget = limits.monthly_budget(tier);
             // Steps 4–6 and 9 in one store step: count the request and, when it may be admitted,
             // hold its cost. A request the guards then refuse gives both back.
             let wants_hold = mode != Mode::Shadow && threshold.is_none() && !matches!(token_check, Some(Err(_)));

@@ -22,6 +22,8 @@
 //! `decide` money/time types, async-trait, std. The embedded implementation is
 //! [`super::budget_memory`].
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use super::StoreError;
@@ -50,12 +52,14 @@ pub struct ReserveRequest<'a> {
 pub struct Reservation {
     /// UUID v7.
     pub id: String,
-    pub tenant: String,
-    pub tenant_tier: String,
+    /// The labels below are shared (`Arc<str>`): the embedded store rebuilds a reservation on
+    /// every settlement from the copies it keeps, and a clone then copies no text.
+    pub tenant: Arc<str>,
+    pub tenant_tier: Arc<str>,
     pub request_id: String,
-    pub model: String,
+    pub model: Arc<str>,
     /// `YYYY-MM` (UTC) of `created_at`: the month this reservation counts against.
-    pub month: String,
+    pub month: Arc<str>,
     /// The amount held (may be less than asked for in clamp mode).
     pub amount: Micros,
     pub created_at: UnixMillis,
@@ -126,11 +130,11 @@ impl ReserveRequest<'_> {
     pub fn reservation(&self, amount: Micros) -> Reservation {
         Reservation {
             id: crate::ids::v7_at_ms(self.now),
-            tenant: self.tenant.to_owned(),
-            tenant_tier: self.tenant_tier.to_owned(),
+            tenant: self.tenant.into(),
+            tenant_tier: shared_tier(self.tenant_tier),
             request_id: self.request_id.to_owned(),
-            model: self.model.to_owned(),
-            month: month_key(self.now),
+            model: self.model.into(),
+            month: month_label(self.now),
             amount,
             created_at: self.now,
         }
@@ -140,14 +144,36 @@ impl ReserveRequest<'_> {
 /// The month key (`YYYY-MM`) of an instant, as used by [`Reservation::month`] and
 /// [`Budgets::tenant_spend`].
 pub fn month_key(now: UnixMillis) -> String {
+    String::from(&*month_label(now))
+}
+
+/// [`month_key`] shared: the last month formatted on this thread, so that every hold of a month
+/// shares its text.
+fn month_label(now: UnixMillis) -> Arc<str> {
     thread_local! {
-        /// The last month formatted on this thread: every hold of a month shares its text.
-        static LAST: std::cell::RefCell<Option<(Month, String)>> = const { std::cell::RefCell::new(None) };
+        static LAST: std::cell::RefCell<Option<(Month, Arc<str>)>> = const { std::cell::RefCell::new(None) };
     }
     let month = Month::of(now);
     LAST.with_borrow_mut(|last| match last {
         Some((m, text)) if *m == month => text.clone(),
-        _ => last.insert((month, month.to_string())).1.clone(),
+        _ => last.insert((month, month.to_string().into())).1.clone(),
+    })
+}
+
+/// A tier name shared per thread (the few tier names are on every hold).
+fn shared_tier(tier: &str) -> Arc<str> {
+    thread_local! {
+        static TIERS: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    TIERS.with_borrow_mut(|tiers| {
+        if let Some(t) = tiers.iter().find(|t| ***t == *tier) {
+            return t.clone();
+        }
+        let t: Arc<str> = tier.into();
+        if tiers.len() < 16 {
+            tiers.push(t.clone());
+        }
+        t
     })
 }
 

@@ -340,13 +340,12 @@ impl Held {
     fn reservation(&self, id: &Id) -> Reservation {
         Reservation {
             id: id.text(),
-            // `String::from(&str)`: `to_string` on `Arc<str>`/`Box<str>` goes through
-            // `Formatter::pad`.
-            tenant: String::from(&*self.tenant),
-            tenant_tier: String::from(&*self.labels.tier),
+            // Shared labels: clones copy no text.
+            tenant: self.tenant.clone(),
+            tenant_tier: self.labels.tier.clone(),
             request_id: self.request_id.text(),
-            model: String::from(&*self.labels.model),
-            month: String::from(&*self.labels.month),
+            model: self.labels.model.clone(),
+            month: self.labels.month.clone(),
             amount: Micros(self.amount),
             created_at: self.created_at,
         }

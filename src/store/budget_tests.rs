@@ -75,8 +75,8 @@ fn reserve_holds_exact_amounts_and_exact_fit_is_allowed() {
     let now = t0();
     let r1 = reserved(b.reserve_now(&req("acme", now, BUDGET, 300_000, None)).unwrap());
     assert_eq!(r1.amount, Micros(300_000));
-    assert_eq!(r1.month, "2026-11");
-    assert_eq!((r1.tenant.as_str(), r1.tenant_tier.as_str(), r1.model.as_str()), ("acme", "pro", "gpt-4o"));
+    assert_eq!(&*r1.month, "2026-11");
+    assert_eq!((&*r1.tenant, &*r1.tenant_tier, &*r1.model), ("acme", "pro", "gpt-4o"));
     assert_eq!(r1.created_at, now);
     assert_eq!(uuid::Uuid::parse_str(&r1.id).unwrap().get_version_num(), 7);
     assert_eq!(view(&b, "acme", "2026-11"), (0, 300_000, 1));
@@ -93,7 +93,7 @@ fn reserve_holds_exact_amounts_and_exact_fit_is_allowed() {
     reserved(b.reserve_now(&req("other", now, BUDGET, 1_000_000, None)).unwrap());
     let december = parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
     let r3 = reserved(b.reserve_now(&req("acme", december, BUDGET, 1_000_000, None)).unwrap());
-    assert_eq!(r3.month, "2026-12");
+    assert_eq!(&*r3.month, "2026-12");
     assert_eq!(view(&b, "acme", "2026-11"), (0, 1_000_000, 2));
 }
 
@@ -405,7 +405,7 @@ fn run_model(b: &MemoryBudgets, seed: u64, steps: usize, mut between: impl FnMut
                             let m = min.expect("only clamp mode holds less");
                             assert!(used + amount > budget && r.amount.0 == budget - used && r.amount.0 >= m);
                         }
-                        assert_eq!((r.month.as_str(), r.created_at), (month.as_str(), now));
+                        assert_eq!((&*r.month, r.created_at), (month.as_str(), now));
                         let mr = ModelRes { tenant: t, month, amount: r.amount.0, created_at: now };
                         all_ids.push(r.id.clone());
                         assert!(active.insert(r.id, mr).is_none());

@@ -107,9 +107,9 @@ impl PartialOrd for Id {
 /// [`LabelTable`], with the month's account key parsed once.
 #[derive(Debug)]
 pub(crate) struct Labels {
-    pub(crate) tier: Box<str>,
-    pub(crate) model: Box<str>,
-    pub(crate) month: Box<str>,
+    pub(crate) tier: Arc<str>,
+    pub(crate) model: Arc<str>,
+    pub(crate) month: Arc<str>,
     /// `month` parsed; a month that does not parse (only possible from a damaged journal line)
     /// books into year 0.
     pub(crate) account_month: Month,

@@ -46,17 +46,22 @@ impl RedisStore {
 }
 
 /// `{id, tenant, tier, request_id, model, month, amount, created_at}`.
+/// A reply string as a shared label (tenant, tier, model, month of a reservation).
+fn as_shared(v: &redis::Value) -> redis::RedisResult<std::sync::Arc<str>> {
+    as_string(v).map(Into::into)
+}
+
 fn reservation(v: &[Value]) -> redis::RedisResult<Reservation> {
     if v.len() < 8 {
         return Err(proto(format!("reservation of {} fields", v.len())));
     }
     Ok(Reservation {
         id: as_string(&v[0])?,
-        tenant: as_string(&v[1])?,
-        tenant_tier: as_string(&v[2])?,
+        tenant: as_shared(&v[1])?,
+        tenant_tier: as_shared(&v[2])?,
         request_id: as_string(&v[3])?,
-        model: as_string(&v[4])?,
-        month: as_string(&v[5])?,
+        model: as_shared(&v[4])?,
+        month: as_shared(&v[5])?,
         amount: Micros(as_i64(&v[6])?),
         created_at: as_i64(&v[7])?.max(0) as u64,
     })
@@ -67,11 +72,11 @@ fn reservation_from_map(id: &str, m: &HashMap<String, String>) -> redis::RedisRe
     let n = |k: &str| f(k)?.parse::<i64>().map_err(|_| proto(format!("reservation {id}: bad {k}")));
     Ok(Reservation {
         id: id.to_string(),
-        tenant: f("tenant")?,
-        tenant_tier: f("tier")?,
+        tenant: f("tenant")?.into(),
+        tenant_tier: f("tier")?.into(),
         request_id: f("request_id")?,
-        model: f("model")?,
-        month: f("month")?,
+        model: f("model")?.into(),
+        month: f("month")?.into(),
         amount: Micros(n("amount")?),
         created_at: n("created_at")?.max(0) as u64,
     })
@@ -144,11 +149,11 @@ impl RedisStore {
             .key(self.active_key())
             .arg(self.inner.keys.budget_base())
             .arg(&res.id)
-            .arg(&res.tenant)
-            .arg(&res.tenant_tier)
+            .arg(&*res.tenant)
+            .arg(&*res.tenant_tier)
             .arg(&res.request_id)
-            .arg(&res.model)
-            .arg(&res.month)
+            .arg(&*res.model)
+            .arg(&*res.month)
             .arg(r.now)
             .arg(r.monthly_budget.0.clamp(i64::MIN / 2, MAX_EXACT))
             .arg(amount)

@@ -225,7 +225,7 @@ async fn budget_arithmetic_clamp_settle_release() {
     let Some(b) = store_at(&prefix()).await else { return };
     let now = t0();
     let r1 = reserved(b.reserve(&rreq("acme", now, BUDGET, 300_000, None)).await.unwrap());
-    assert_eq!((r1.amount, r1.month.as_str(), r1.created_at), (Micros(300_000), "2026-11", now));
+    assert_eq!((r1.amount, &*r1.month, r1.created_at), (Micros(300_000), "2026-11", now));
     assert_eq!(uuid::Uuid::parse_str(&r1.id).unwrap().get_version_num(), 7);
     let r2 = reserved(b.reserve(&rreq("acme", now + 1, BUDGET, 700_000, None)).await.unwrap());
     assert_eq!(r2.amount, Micros(700_000), "exact fit is allowed");
