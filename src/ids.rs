@@ -36,6 +36,13 @@ pub fn v7() -> String {
     v7_at_ms(ms)
 }
 
+/// [`v7`] as a shared string (one allocation, where `v7().into()` makes two).
+pub fn v7_shared() -> std::sync::Arc<str> {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let (r1, r2) = (next(), next());
+    std::sync::Arc::from(hyphenated(&v7_bytes(ms, r1, r2)).as_str())
+}
+
 /// A UUID v7 for the Unix time `ms` the caller already read (no clock read of its own).
 pub fn v7_at_ms(ms: u64) -> String {
     v7_at(ms, next(), next())
@@ -44,12 +51,16 @@ pub fn v7_at_ms(ms: u64) -> String {
 /// The v7 UUID of `ms` with random bits from `r1` (62 bits) and `r2` (12 bits) (RFC 9562 §5.7:
 /// 48-bit time, version 7, 12 random bits, variant 10, 62 random bits), hyphenated.
 fn v7_at(ms: u64, r1: u64, r2: u64) -> String {
+    hyphenated(&v7_bytes(ms, r1, r2)).into_string()
+}
+
+fn v7_bytes(ms: u64, r1: u64, r2: u64) -> [u8; 16] {
     let hi = (ms << 16) | 0x7000 | (r2 & 0x0fff);
     let lo = (r1 & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&hi.to_be_bytes());
     b[8..].copy_from_slice(&lo.to_be_bytes());
-    hyphenated(&b).into_string()
+    b
 }
 
 /// The 16 lowercase hex digits of `x`, most significant first, eight bytes at a time: each

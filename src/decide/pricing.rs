@@ -20,7 +20,8 @@ pub const DEFAULT_MODEL: &str = "default";
 /// `"0.15"` USD/Mtok is `Micros(150_000)`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ModelPrice {
-    pub provider: String,
+    /// Shared: every admitted request's spend context carries a copy of its model's price.
+    pub provider: std::sync::Arc<str>,
     pub input_per_mtok: Micros,
     pub cached_input_per_mtok: Micros,
     pub output_per_mtok: Micros,
@@ -126,7 +127,7 @@ fn complete(name: &str, raw: RawModel, base: Option<&ModelPrice>) -> Result<Mode
         })
     }
     let p = ModelPrice {
-        provider: need(name, "provider", raw.provider, base.map(|b| b.provider.clone()))?,
+        provider: need(name, "provider", raw.provider.map(Into::into), base.map(|b| b.provider.clone()))?,
         input_per_mtok: need(name, "input_per_mtok", raw.input_per_mtok, base.map(|b| b.input_per_mtok))?,
         cached_input_per_mtok: need(
             name,
@@ -582,7 +583,7 @@ mod tests {
         let l = t.lookup("my-local-llm-q4");
         assert!(l.known);
         assert_eq!(l.name, "my-local-llm");
-        assert_eq!(l.price.provider, "self-hosted");
+        assert_eq!(&*l.price.provider, "self-hosted");
         // untouched entries stay
         assert_eq!(t.lookup("gpt-4o-mini").price, base.lookup("gpt-4o-mini").price);
         // an empty file is the built-in table

@@ -14,7 +14,7 @@ use crate::store::Ticket;
 
 pub struct RequestCtx {
     pub start: Instant,
-    pub request_id: String,
+    pub request_id: std::sync::Arc<str>,
     /// `Some` for inspected LLM routes.
     pub route: Option<Route>,
     /// `GET /v1/models`: forwarded after identity, no decision.
@@ -38,7 +38,7 @@ pub struct RequestCtx {
     /// A refusal decided in `request_body_filter`, written by `fail_to_proxy`.
     pub pending_refusal: Option<Box<Rendered>>,
     pub upstream_status: Option<u16>,
-    pub model: Option<String>,
+    pub model: Option<std::sync::Arc<str>>,
     /// `x-approval-token`, when sent.
     pub approval_token: Option<String>,
     /// The approval this request consumed.
@@ -61,7 +61,7 @@ impl RequestCtx {
     pub fn new() -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
-            request_id: crate::ids::v7(),
+            request_id: crate::ids::v7_shared(),
             route: None,
             passthrough: false,
             caller: None,

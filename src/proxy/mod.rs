@@ -134,7 +134,8 @@ impl PreauthProxy {
         self.state.note_tier(&caller.tenant, tier);
         ctx.tier = tier;
         ctx.source = source;
-        ctx.model = Some(req.model.clone());
+        let model: Arc<str> = Arc::from(req.model.as_str());
+        ctx.model = Some(model.clone());
 
         let pricing = self.state.pricing();
         let est = estimate::estimate(route, &req.json);
@@ -146,8 +147,7 @@ impl PreauthProxy {
             route,
             tier,
             tenant: caller.tenant.clone(),
-            model_label: if price.known { price.name.to_string() } else { "other".to_string() },
-            provider: price.price.provider.clone(),
+            model_label: spend::model_label(if price.known { price.name } else { "other" }),
             price: price.price.clone(),
             prompt_tokens: est.prompt_tokens,
             estimated_cost,
@@ -261,12 +261,12 @@ impl PreauthProxy {
         };
         // The fields every event of this request carries.
         let mut base = self.state.event(EventType::Decision, policy.version);
-        base.request_id = Some(ctx.request_id.clone().into());
+        base.request_id = Some(ctx.request_id.clone());
         base.tenant_id = Some(caller.tenant.clone());
         base.tenant_tier = Some(event::label(tier.as_str()));
         base.source = Some(ctx.source.clone());
         base.mode = Some(event::label(mode.as_str()));
-        base.model = Some(req.model.clone().into());
+        base.model = Some(model);
         base.estimated_cost_usd = Some(estimated_cost);
         let event_of = |event_type: EventType| base.sibling(self.state.event(event_type, policy.version));
         let mut extra = Map::new();
@@ -280,7 +280,7 @@ impl PreauthProxy {
                 .create_pending(NewApproval {
                     tenant_id: caller.tenant.to_string(),
                     tenant_tier: tier.as_str().to_string(),
-                    request_id: ctx.request_id.clone(),
+                    request_id: ctx.request_id.to_string(),
                     route: route.path().to_string(),
                     model: req.model.clone(),
                     request_fingerprint: fp.clone(),
@@ -573,7 +573,7 @@ fn json_headers<'a>(
     };
     add("content-type", "application/json");
     add("cache-control", "no-store");
-    add(names::REQUEST_ID, ctx.request_id.as_str());
+    add(names::REQUEST_ID, &ctx.request_id);
     if let Some(v) = verdict {
         add(names::DECISION, v.as_str());
     }
@@ -780,7 +780,7 @@ impl PreauthProxy {
     /// The `x-preauth-*` headers of a forwarded answer (none on pass-through routes).
     pub(crate) fn response_headers<'a>(&self, ctx: &'a RequestCtx, mut add: impl FnMut(&'static str, &'a str)) {
         if ctx.route.is_some() {
-            add(names::REQUEST_ID, ctx.request_id.as_str());
+            add(names::REQUEST_ID, &ctx.request_id);
             add(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str());
             if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
                 add(names::RESERVATION_ID, r.id.as_str());

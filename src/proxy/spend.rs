@@ -19,8 +19,7 @@ pub struct SpendCtx {
     pub tier: Tier,
     pub tenant: std::sync::Arc<str>,
     /// Price-table key for metrics (`other` for models outside the table).
-    pub model_label: String,
-    pub provider: String,
+    pub model_label: std::sync::Arc<str>,
     pub price: ModelPrice,
     pub prompt_tokens: u64,
     pub estimated_cost: Micros,
@@ -38,6 +37,24 @@ impl SpendCtx {
     pub fn start_scan(&mut self, content_type: Option<&str>) {
         self.scanner = Some(UsageScanner::new(self.route, BodyKind::from_content_type(content_type)));
     }
+}
+
+/// A price-table key (or `other`) as a shared metric label: one copy per distinct key and
+/// thread (the table is bounded; past 64 keys a label is allocated per request).
+pub fn model_label(key: &str) -> std::sync::Arc<str> {
+    thread_local! {
+        static LABELS: std::cell::RefCell<Vec<std::sync::Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    LABELS.with_borrow_mut(|labels| {
+        if let Some(l) = labels.iter().find(|l| ***l == *key) {
+            return l.clone();
+        }
+        let l: std::sync::Arc<str> = key.into();
+        if labels.len() < 64 {
+            labels.push(l.clone());
+        }
+        l
+    })
 }
 
 /// Settles a finished request: charge the real cost and release the rest, or release everything
@@ -120,7 +137,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
             }
         }
     }
-    m.record_spend(spend.tier.as_str(), &spend.provider, &spend.model_label, actual);
+    m.record_spend(spend.tier.as_str(), &spend.price.provider, &spend.model_label, actual);
 }
 
 /// Settles `id` and releases `lease` (taken) through the gatekeeper: one store step.
