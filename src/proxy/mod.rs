@@ -500,15 +500,19 @@ impl PreauthProxy {
         let lease_ttl_ms = policy.wants_lease(facts.tenant).then(|| policy.fair_use.lease_ttl_seconds * 1000);
         let req = AdmitRequest { tenant: facts.tenant, now, tokens: facts.estimated_tokens, lease_ttl_ms };
         let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
-        let (ticket, view, held) =
-            match tokio::time::timeout(store_timeout, self.state.gatekeeper.admit_reserve(&req, hold)).await {
-                Ok(Ok(v)) => {
-                    self.state.set_store_healthy(true);
-                    v
-                }
-                Ok(Err(e)) => return Err(self.store_failed("admit", e)),
-                Err(_) => return Err(self.store_failed("admit", StoreError::Timeout)),
-            };
+        // An in-process store answers at once; a shared one is awaited under the store timeout.
+        let answered = match self.state.gatekeeper.admit_reserve_now(&req, hold) {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(store_timeout, self.state.gatekeeper.admit_reserve(&req, hold)).await,
+        };
+        let (ticket, view, held) = match answered {
+            Ok(Ok(v)) => {
+                self.state.set_store_healthy(true);
+                v
+            }
+            Ok(Err(e)) => return Err(self.store_failed("admit", e)),
+            Err(_) => return Err(self.store_failed("admit", StoreError::Timeout)),
+        };
         let decision = decide::evaluate(policy, facts, &view, mode, now);
         if let Some(until) = decision.trip_global_block_until {
             if let Err(e) = self.state.counters.set_global_block(until).await {

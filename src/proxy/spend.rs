@@ -149,7 +149,11 @@ async fn settle_release(
     lease: &mut Option<Ticket>,
 ) -> Result<SettleOutcome, StoreError> {
     let ticket = lease.take();
-    let (settled, released) = state.gatekeeper.settle_release(Some((id, actual, now)), ticket.as_ref()).await;
+    let settle = Some((id, actual, now));
+    let (settled, released) = match state.gatekeeper.settle_release_now(settle, ticket.as_ref()) {
+        Some(done) => done,
+        None => state.gatekeeper.settle_release(settle, ticket.as_ref()).await,
+    };
     if let Err(e) = released {
         state.store_failed("release_lease", e);
     }

@@ -177,9 +177,21 @@ fn shared_tier(tier: &str) -> Arc<str> {
     })
 }
 
+/// The per-request steps of [`Budgets`] for a store in this process: answered at once, nothing
+/// to await.
+pub trait BudgetsNow: Send + Sync {
+    fn reserve_now(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError>;
+    fn settle_now(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError>;
+}
+
 /// Atomic monthly budget arithmetic. Object-safe; every method is a single atomic step.
 #[async_trait]
 pub trait Budgets: Send + Sync {
+    /// The same store answering at once, when it lives in this process (`None`: shared store).
+    fn now(&self) -> Option<&dyn BudgetsNow> {
+        None
+    }
+
     /// Holds `amount` (or, in clamp mode, what is left if at least `min_amount`) against the
     /// tenant's month of `now` if it fits; check and hold are one atomic step.
     async fn reserve(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError>;

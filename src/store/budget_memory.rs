@@ -1045,8 +1045,21 @@ impl Shared {
     }
 }
 
+impl super::budget::BudgetsNow for MemoryBudgets {
+    fn reserve_now(&self, r: &ReserveRequest<'_>) -> Result<ReserveOutcome, StoreError> {
+        MemoryBudgets::reserve_now(self, r)
+    }
+    fn settle_now(&self, id: &str, actual: Micros, now: UnixMillis) -> Result<SettleOutcome, StoreError> {
+        MemoryBudgets::settle_now(self, id, actual, now)
+    }
+}
+
 #[async_trait]
 impl Budgets for MemoryBudgets {
+    fn now(&self) -> Option<&dyn super::budget::BudgetsNow> {
+        Some(self)
+    }
+
     async fn active_count(&self) -> Result<u64, StoreError> {
         Ok(self.shared.inner.lock().state.active.len() as u64)
     }

@@ -501,8 +501,24 @@ impl MemoryCounters {
     }
 }
 
+impl super::CountersNow for MemoryCounters {
+    fn admit_now(&self, req: &AdmitRequest<'_>) -> (Ticket, CountersView) {
+        MemoryCounters::admit_now(self, req)
+    }
+    fn rollback_now(&self, ticket: &Ticket) {
+        MemoryCounters::rollback_now(self, ticket)
+    }
+    fn release_now(&self, ticket: &Ticket) {
+        MemoryCounters::release_now(self, ticket)
+    }
+}
+
 #[async_trait]
 impl Counters for MemoryCounters {
+    fn now(&self) -> Option<&dyn super::CountersNow> {
+        Some(self)
+    }
+
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError> {
         Ok(self.admit_now(req))
     }

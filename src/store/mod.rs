@@ -73,9 +73,22 @@ pub struct SweepStats {
     pub tenants_tracked: u64,
 }
 
+/// The per-request steps of [`Counters`] for a store in this process: answered at once, nothing
+/// to await (no boxed future, no timer on the hot path).
+pub trait CountersNow: Send + Sync {
+    fn admit_now(&self, req: &AdmitRequest<'_>) -> (Ticket, CountersView);
+    fn rollback_now(&self, ticket: &Ticket);
+    fn release_now(&self, ticket: &Ticket);
+}
+
 /// Request counters, windows and concurrency leases.
 #[async_trait]
 pub trait Counters: Send + Sync {
+    /// The same store answering at once, when it lives in this process (`None`: shared store).
+    fn now(&self) -> Option<&dyn CountersNow> {
+        None
+    }
+
     /// Atomically counts the request into the global window, the tenant's day, minute and token
     /// windows, and takes a lease if asked; returns the counters as they were just before it.
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError>;
@@ -98,6 +111,28 @@ pub trait Counters: Send + Sync {
 /// refuse the request, the caller rolls back both.
 #[async_trait]
 pub trait Gatekeeper: Send + Sync {
+    /// [`Gatekeeper::admit_reserve`] answered at once by in-process stores; `None` (before any
+    /// effect): await `admit_reserve` instead.
+    #[allow(clippy::type_complexity)]
+    fn admit_reserve_now(
+        &self,
+        _admit: &AdmitRequest<'_>,
+        _reserve: Option<&budget::ReserveRequest<'_>>,
+    ) -> Option<Result<(Ticket, CountersView, Option<budget::ReserveOutcome>), StoreError>> {
+        None
+    }
+
+    /// [`Gatekeeper::settle_release`] answered at once by in-process stores; `None` (before any
+    /// effect): await `settle_release` instead.
+    #[allow(clippy::type_complexity)]
+    fn settle_release_now(
+        &self,
+        _settle: Option<(&str, Micros, UnixMillis)>,
+        _lease: Option<&Ticket>,
+    ) -> Option<(Option<Result<budget::SettleOutcome, StoreError>>, Result<(), StoreError>)> {
+        None
+    }
+
     async fn admit_reserve(
         &self,
         admit: &AdmitRequest<'_>,
@@ -122,6 +157,41 @@ pub struct Sequential {
 
 #[async_trait]
 impl Gatekeeper for Sequential {
+    fn admit_reserve_now(
+        &self,
+        admit: &AdmitRequest<'_>,
+        reserve: Option<&budget::ReserveRequest<'_>>,
+    ) -> Option<Result<(Ticket, CountersView, Option<budget::ReserveOutcome>), StoreError>> {
+        let counters = self.counters.now()?;
+        let budgets = match reserve {
+            Some(_) => Some(self.budgets.now()?),
+            None => None,
+        };
+        let (ticket, view) = counters.admit_now(admit);
+        let (Some(r), Some(budgets)) = (reserve, budgets) else { return Some(Ok((ticket, view, None))) };
+        Some(match budgets.reserve_now(r) {
+            Ok(o) => Ok((ticket, view, Some(o))),
+            Err(e) => {
+                counters.rollback_now(&ticket);
+                Err(e)
+            }
+        })
+    }
+
+    fn settle_release_now(
+        &self,
+        settle: Option<(&str, Micros, UnixMillis)>,
+        lease: Option<&Ticket>,
+    ) -> Option<(Option<Result<budget::SettleOutcome, StoreError>>, Result<(), StoreError>)> {
+        let counters = self.counters.now()?;
+        let budgets = self.budgets.now()?;
+        let settled = settle.map(|(id, actual, now)| budgets.settle_now(id, actual, now));
+        if let Some(t) = lease.filter(|t| t.has_lease()) {
+            counters.release_now(t);
+        }
+        Some((settled, Ok(())))
+    }
+
     async fn admit_reserve(
         &self,
         admit: &AdmitRequest<'_>,
