@@ -2,7 +2,7 @@
 //! errors, cut streams, restart, sweep, clamp, and the admin reconcile API.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use preauth_sidecar::decide::pricing::{cost, PriceTable};
@@ -39,18 +39,6 @@ fn worst_case(model: &str, body: &Value, max_output: u64) -> Micros {
     let body = preauth_sidecar::decide::json::Doc::from_value(body);
     let e = preauth_sidecar::decide::estimate::estimate(preauth_sidecar::decide::Route::ChatCompletions, &body);
     preauth_sidecar::decide::pricing::worst_case_cost(t.lookup(model).price, e.prompt_tokens, max_output)
-}
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
