@@ -610,7 +610,7 @@ impl Downstream for Client {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.head.fields.values(&self.buf, name).next().and_then(super::downstream::header_text)
+        self.head.fields.get(&self.buf, name)
     }
 
     fn forwards_read_body(&self) -> bool {

@@ -10,6 +10,7 @@
 use http::Method;
 
 use crate::proxy::downstream::header_text;
+use crate::proxy::extract::names;
 
 /// Largest request or response head accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -29,16 +30,43 @@ pub type Malformed = &'static str;
 pub struct Fields {
     /// (name start, name end, value start, value end).
     spans: Vec<[u32; 4]>,
+    /// Where the first line of each of [`KNOWN`] is in `spans` (+1; 0: absent): the names every
+    /// request is asked for, found in the one pass that records the lines.
+    known: [u16; KNOWN.len()],
 }
+
+/// Header names looked up on every request (lowercase).
+const KNOWN: [&str; 4] = ["authorization", "content-length", names::SOURCE, names::APPROVAL_TOKEN];
 
 impl Fields {
     fn fill(&mut self, buf: &[u8], headers: &[httparse::Header<'_>]) {
         self.spans.clear();
+        self.known = [0; KNOWN.len()];
         let base = buf.as_ptr() as usize;
-        for h in headers {
+        for (i, h) in headers.iter().enumerate() {
             let n = h.name.as_ptr() as usize - base;
             let v = h.value.as_ptr() as usize - base;
             self.spans.push([n as u32, (n + h.name.len()) as u32, v as u32, (v + h.value.len()) as u32]);
+            // Most lines differ in length from every known name: one comparison each.
+            if matches!(h.name.len(), 13 | 14 | 16) {
+                if let Some(k) = KNOWN.iter().position(|k| h.name.eq_ignore_ascii_case(k)) {
+                    if self.known[k] == 0 {
+                        self.known[k] = (i + 1) as u16;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The first raw value of `name` (lowercase, any case on the wire).
+    pub fn first<'b>(&'b self, buf: &'b [u8], name: &str) -> Option<&'b [u8]> {
+        match KNOWN.iter().position(|k| *k == name) {
+            Some(k) => {
+                let at = usize::from(self.known[k]).checked_sub(1)?;
+                let s = self.spans[at];
+                Some(&buf[s[2] as usize..s[3] as usize])
+            }
+            None => self.values(buf, name).next(),
         }
     }
 
@@ -52,9 +80,9 @@ impl Fields {
         self.iter(buf).filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
     }
 
-    /// The first value of `name` as header text (see `header_text`).
+    /// The first value of `name` (lowercase) as header text (see `header_text`).
     pub fn get<'b>(&'b self, buf: &'b [u8], name: &str) -> Option<&'b str> {
-        self.values(buf, name).next().and_then(header_text)
+        self.first(buf, name).and_then(header_text)
     }
 
     /// The framing and persistence headers of a head, in one pass over its lines.
@@ -580,6 +608,24 @@ mod tests {
         assert_eq!(h.body, RequestBody::Length(12));
         assert!(h.keep_alive && !h.http10 && !h.expect_continue);
         assert_eq!(&buf[h.len..], b"{\"model\":1}x");
+    }
+
+    #[test]
+    fn known_names_are_indexed_like_a_scan_finds_them() {
+        let head = "POST / HTTP/1.1\r\nX-Preauth-Source: batch\r\nx-approval-token: a\r\nX-APPROVAL-TOKEN: b\r\n\
+                    Authorizatio: no\r\nAuthorization: Bearer t\r\nContent-Length: 0\r\n\r\n";
+        let (h, buf) = req(head).unwrap();
+        for name in KNOWN.iter().copied().chain(["x-unknown", "authorizatio", "host"]) {
+            assert_eq!(h.fields.first(&buf, name), h.fields.values(&buf, name).next(), "{name}");
+        }
+        assert_eq!(h.fields.get(&buf, "x-approval-token"), Some("a"), "the first line wins");
+        assert_eq!(h.fields.get(&buf, "authorization"), Some("Bearer t"));
+        // A second head on the same fields forgets the first one's lines.
+        let mut h = h;
+        let buf = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert!(h.parse(&buf).unwrap());
+        assert_eq!(h.fields.get(&buf, "authorization"), None);
+        assert_eq!(h.fields.get(&buf, names::SOURCE), None);
     }
 
     #[test]
