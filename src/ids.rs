@@ -32,15 +32,16 @@ fn next() -> u64 {
 
 /// A UUID v7 for now (millisecond timestamp, 74 random bits), as its hyphenated string.
 pub fn v7() -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    v7_at_ms(ms)
+    v7_at_ms(now_ms())
 }
 
 /// [`v7`] as a shared string (one allocation, where `v7().into()` makes two).
 pub fn v7_shared() -> std::sync::Arc<str> {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let (r1, r2) = (next(), next());
-    std::sync::Arc::from(hyphenated(&v7_bytes(ms, r1, r2)).as_str())
+    std::sync::Arc::from(hyphenated(&v7_bytes(now_ms(), next(), next())).as_str())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A UUID v7 for the Unix time `ms` the caller already read (no clock read of its own).

@@ -20,6 +20,7 @@ pub mod config;
 pub mod decide;
 pub mod demo;
 pub mod ids;
+pub mod intern;
 pub mod jsonw;
 pub mod ledger;
 pub mod proxy;

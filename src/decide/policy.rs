@@ -353,19 +353,6 @@ impl Policy {
         TenantLimits { policy: self, settings: self.directory.tenant(tenant) }
     }
 
-    /// Effective per-minute cap for a tenant (override, else global); ≤ 0 disabled.
-    pub fn per_minute_cap(&self, tenant: &str) -> i64 {
-        self.limits(tenant).per_minute_cap()
-    }
-
-    pub fn concurrency_cap(&self, tenant: &str) -> i64 {
-        self.limits(tenant).concurrency_cap()
-    }
-
-    pub fn tokens_per_minute(&self, tenant: &str) -> i64 {
-        self.limits(tenant).tokens_per_minute()
-    }
-
     pub fn soft_daily_cap(&self, tier: Tier) -> i64 {
         match tier {
             Tier::Pro => self.fair_use.pro_daily_soft_cap,

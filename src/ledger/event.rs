@@ -132,19 +132,9 @@ impl Event {
 /// a shared string, allocated once per thread: events carry these on every request.
 pub fn label(label: &'static str) -> Arc<str> {
     thread_local! {
-        static LABELS: std::cell::RefCell<Vec<(&'static str, Arc<str>)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static LABELS: crate::intern::Table = const { std::cell::RefCell::new(Vec::new()) };
     }
-    LABELS.with_borrow_mut(|labels| {
-        // Fixed strings: the same text is almost always the same address.
-        if let Some((_, a)) = labels.iter().find(|(l, _)| std::ptr::eq(*l, label) || *l == label) {
-            return a.clone();
-        }
-        let a: Arc<str> = label.into();
-        if labels.len() < 64 {
-            labels.push((label, a.clone()));
-        }
-        a
-    })
+    crate::intern::shared(&LABELS, label)
 }
 
 impl Event {

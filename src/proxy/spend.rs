@@ -43,18 +43,9 @@ impl SpendCtx {
 /// thread (the table is bounded; past 64 keys a label is allocated per request).
 pub fn model_label(key: &str) -> std::sync::Arc<str> {
     thread_local! {
-        static LABELS: std::cell::RefCell<Vec<std::sync::Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+        static LABELS: crate::intern::Table = const { std::cell::RefCell::new(Vec::new()) };
     }
-    LABELS.with_borrow_mut(|labels| {
-        if let Some(l) = labels.iter().find(|l| ***l == *key) {
-            return l.clone();
-        }
-        let l: std::sync::Arc<str> = key.into();
-        if labels.len() < 64 {
-            labels.push(l.clone());
-        }
-        l
-    })
+    crate::intern::shared(&LABELS, key)
 }
 
 /// Settles a finished request: charge the real cost and release the rest, or release everything

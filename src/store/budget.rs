@@ -163,18 +163,9 @@ fn month_label(now: UnixMillis) -> Arc<str> {
 /// A tier name shared per thread (the few tier names are on every hold).
 fn shared_tier(tier: &str) -> Arc<str> {
     thread_local! {
-        static TIERS: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+        static TIERS: crate::intern::Table = const { std::cell::RefCell::new(Vec::new()) };
     }
-    TIERS.with_borrow_mut(|tiers| {
-        if let Some(t) = tiers.iter().find(|t| ***t == *tier) {
-            return t.clone();
-        }
-        let t: Arc<str> = tier.into();
-        if tiers.len() < 16 {
-            tiers.push(t.clone());
-        }
-        t
-    })
+    crate::intern::shared(&TIERS, tier)
 }
 
 /// The per-request steps of [`Budgets`] for a store in this process: answered at once, nothing

@@ -47,12 +47,10 @@ impl Fields {
             let n = h.name.as_ptr() as usize - base;
             let v = h.value.as_ptr() as usize - base;
             self.spans.push([n as u32, (n + h.name.len()) as u32, v as u32, (v + h.value.len()) as u32]);
-            // Most lines differ in length from every known name: one comparison each.
-            if matches!(h.name.len(), 13 | 14 | 16) {
-                if let Some(k) = KNOWN.iter().position(|k| h.name.eq_ignore_ascii_case(k)) {
-                    if self.known[k] == 0 {
-                        self.known[k] = (i + 1) as u16;
-                    }
+            // `eq_ignore_ascii_case` compares lengths first: most lines cost four comparisons.
+            if let Some(k) = KNOWN.iter().position(|k| h.name.eq_ignore_ascii_case(k)) {
+                if self.known[k] == 0 {
+                    self.known[k] = (i + 1) as u16;
                 }
             }
         }
