@@ -102,6 +102,7 @@ pub(crate) fn hyphenated(b: &[u8; 16]) -> Hyphenated {
 }
 
 /// Where each byte's two hex digits sit in a hyphenated UUID.
+#[cfg(test)]
 pub(crate) const HEX_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
 
 /// The 36 ASCII bytes of a hyphenated UUID.

@@ -3,7 +3,7 @@
 //! Label values are bounded enums (sources are the configured set plus `default`; tenant ids
 //! never appear).
 //!
-//! Owns: `Metrics`, `audit`. Imports: `decide` label types, prometheus, tracing.
+//! Owns: `Metrics`, `audit`. Imports: `decide` label types, prometheus, parking_lot, tracing.
 
 pub mod audit;
 
@@ -37,6 +37,8 @@ pub struct Metrics {
     /// settlements), resolved on first use like `gate_children`.
     hot: HotChildren,
     pub spend_usd: prometheus::CounterVec,
+    /// `spend_usd` children by (tier, provider, model), see [`Metrics::spend_child`].
+    spend_children: SpendChildren,
     pub drift_usd: prometheus::CounterVec,
     pub reconciliations: IntCounterVec,
     pub approval_token_events: IntCounterVec,
@@ -142,6 +144,7 @@ impl Metrics {
             fair_use_observed,
             gate_children: GateChildren::default(),
             hot: HotChildren::default(),
+            spend_children: SpendChildren::default(),
             spend_usd: fcounter(
                 &r,
                 "valdrics_ops_llm_spend_usd_total",
@@ -252,7 +255,22 @@ impl Metrics {
 
     /// Adds settled spend (`models outside the price table` arrive as `other`).
     pub fn record_spend(&self, tier: &str, provider: &str, model: &str, actual: crate::decide::Micros) {
-        self.spend_usd.with_label_values(&[tier, provider, model]).inc_by(actual.as_usd_f64());
+        self.spend_child(tier, provider, model).inc_by(actual.as_usd_f64());
+    }
+
+    /// The `spend_usd` child of these labels from a small list of the ones seen (a label lookup
+    /// hashes three values under a lock on every settlement). The labels are bounded (tiers ×
+    /// price-table keys); past [`SPEND_CHILDREN`] distinct ones the lookup is done each time.
+    fn spend_child(&self, tier: &str, provider: &str, model: &str) -> prometheus::Counter {
+        let mut seen = self.spend_children.lock();
+        if let Some((.., c)) = seen.iter().find(|(t, p, m, _)| **t == *tier && **m == *model && **p == *provider) {
+            return c.clone();
+        }
+        let c = self.spend_usd.with_label_values(&[tier, provider, model]);
+        if seen.len() < SPEND_CHILDREN {
+            seen.push((tier.into(), provider.into(), model.into(), c.clone()));
+        }
+        c
     }
 
     /// Counts one decision everywhere it belongs.
@@ -308,6 +326,11 @@ struct GateChildren {
     observed: [OnceLock<IntGauge>; GATE_SLOTS],
 }
 
+/// How many (tier, provider, model) `spend_usd` children [`Metrics::spend_child`] remembers.
+const SPEND_CHILDREN: usize = 64;
+
+type SpendChildren = parking_lot::Mutex<Vec<(Box<str>, Box<str>, Box<str>, prometheus::Counter)>>;
+
 /// See [`Metrics::hot`]. Indexes: verdict × 2 + path; path; status class (`count_upstream`);
 /// settlement status (matched, overage, savings).
 struct HotChildren {
@@ -353,5 +376,37 @@ pub fn status_class(status: Option<u16>) -> &'static str {
         Some(400..=499) => "4xx",
         Some(500..=599) => "5xx",
         _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::Micros;
+
+    #[test]
+    fn spend_is_added_to_the_child_of_its_labels_also_past_the_remembered_ones() {
+        let m = Metrics::new();
+        let spent =
+            |tier: &str, provider: &str, model: &str| m.spend_usd.with_label_values(&[tier, provider, model]).get();
+        m.record_spend("pro", "openai", "gpt-4o", Micros(1_500_000));
+        m.record_spend("pro", "openai", "gpt-4o", Micros(500_000));
+        m.record_spend("free", "openai", "gpt-4o", Micros(250_000));
+        m.record_spend("pro", "anthropic", "gpt-4o", Micros(125_000));
+        m.record_spend("pro", "openai", "other", Micros(1));
+        assert_eq!(spent("pro", "openai", "gpt-4o"), 2.0);
+        assert_eq!(spent("free", "openai", "gpt-4o"), 0.25);
+        assert_eq!(spent("pro", "anthropic", "gpt-4o"), 0.125);
+        assert_eq!(spent("pro", "openai", "other"), 0.000001);
+        let models: Vec<String> = (0..SPEND_CHILDREN + 10).map(|i| format!("model-{i}")).collect();
+        for _ in 0..2 {
+            for model in &models {
+                m.record_spend("pro", "openai", model, Micros(1_000_000));
+            }
+        }
+        for model in &models {
+            assert_eq!(spent("pro", "openai", model), 2.0, "{model}");
+        }
+        assert_eq!(m.spend_children.lock().len(), SPEND_CHILDREN);
     }
 }
