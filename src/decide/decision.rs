@@ -171,7 +171,55 @@ pub struct Decision {
     /// Set when this request detected a burst: the glue must record a global block until then.
     pub trip_global_block_until: Option<UnixMillis>,
     /// Each gate that was evaluated, in order.
-    pub evaluations: Vec<GateEval>,
+    pub evaluations: GateEvals,
+}
+
+/// The gates evaluated for one decision, in order, held inline: each of the [`Gate::ALL`] is
+/// evaluated at most once, and a decision is made per request (a `Vec` cost an allocation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GateEvals {
+    items: [Option<GateEval>; Gate::ALL.len()],
+    len: usize,
+}
+
+impl GateEvals {
+    /// Appends one evaluation. A gate evaluated twice is a bug in the caller.
+    pub fn push(&mut self, e: GateEval) {
+        debug_assert!(self.iter().all(|x| x.gate != e.gate), "{:?} evaluated twice", e.gate);
+        if let Some(slot) = self.items.get_mut(self.len) {
+            *slot = Some(e);
+            self.len += 1;
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &GateEval> {
+        self.items[..self.len].iter().flatten()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<const N: usize> From<[GateEval; N]> for GateEvals {
+    fn from(all: [GateEval; N]) -> GateEvals {
+        let mut evals = GateEvals::default();
+        all.into_iter().for_each(|e| evals.push(e));
+        evals
+    }
+}
+
+impl<'a> IntoIterator for &'a GateEvals {
+    type Item = &'a GateEval;
+    type IntoIter = std::iter::Flatten<std::slice::Iter<'a, Option<GateEval>>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.items[..self.len].iter().flatten()
+    }
 }
 
 impl Decision {
@@ -184,7 +232,7 @@ impl Decision {
             transform: Transform::None,
             retry_after_seconds: None,
             trip_global_block_until: None,
-            evaluations: Vec::new(),
+            evaluations: GateEvals::default(),
         }
     }
 

@@ -34,7 +34,7 @@ pub mod usage;
 mod usage_reference;
 pub mod usage_types;
 
-pub use decision::{Decision, DecisionPath, Gate, GateEval, Reason, Transform, Verdict};
+pub use decision::{Decision, DecisionPath, Gate, GateEval, GateEvals, Reason, Transform, Verdict};
 pub use money::Micros;
 pub use policy::{Mode, Policy, Tier};
 pub use route::Route;
@@ -97,7 +97,7 @@ pub fn kill_switch(policy: &Policy, mode: Mode) -> Option<Decision> {
         verdict: Verdict::Deny,
         reason: Some(Reason::KillSwitch),
         retry_after_seconds: Some(60),
-        evaluations: vec![GateEval { gate: Gate::GlobalAbuse, allowed: false, observed: 0 }],
+        evaluations: [GateEval { gate: Gate::GlobalAbuse, allowed: false, observed: 0 }].into(),
         ..Decision::allow(mode)
     })
 }
@@ -126,7 +126,7 @@ fn seconds_until(since: UnixMillis, window_ms: u64, now: UnixMillis) -> u64 {
 
 /// Steps 4–6 for one request. `mode` is the request's source mode.
 pub fn evaluate(policy: &Policy, facts: &Facts<'_>, view: &CountersView, mode: Mode, now: UnixMillis) -> Decision {
-    let mut evaluations = Vec::with_capacity(5);
+    let mut evaluations = GateEvals::default();
 
     // 4. Global abuse guard: a block in force, then burst detection. Every mode.
     if policy.global.enabled {
@@ -219,7 +219,7 @@ fn first_tenant_violation(
     facts: &Facts<'_>,
     t: &TenantView,
     now: UnixMillis,
-    evals: &mut Vec<GateEval>,
+    evals: &mut GateEvals,
 ) -> Option<(Reason, u64)> {
     let until_tomorrow = ms_until_next_utc_day(now).div_ceil(MS_PER_SECOND);
     let limits = policy.limits(facts.tenant);

@@ -215,3 +215,36 @@ fn spend_thresholds_and_their_modes() {
         (Verdict::Allow, Some("shadow_mode_hard_deny_threshold_exceeded_override"))
     );
 }
+
+#[test]
+fn every_gate_evaluated_is_listed_once_in_order() {
+    let mut p = fair_use_policy();
+    p.global.per_minute_cap = 1000;
+    let mut v = CountersView::default();
+    v.global.requests_last_minute = 10;
+    v.tenant.minute_requests = 1;
+    v.tenant.in_flight = 1;
+    let d = evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, at("2026-11-25T10:00:00Z"));
+    assert!(d.is_allow());
+    let gates: Vec<(Gate, bool, u64)> = d.evaluations.iter().map(|e| (e.gate, e.allowed, e.observed)).collect();
+    assert_eq!(gates[0], (Gate::GlobalAbuse, true, 10));
+    assert!(gates.contains(&(Gate::PerMinute, true, 1)), "{gates:?}");
+    assert!(gates.contains(&(Gate::Concurrency, true, 1)), "{gates:?}");
+    assert_eq!(d.evaluations.len(), gates.len());
+    assert_eq!((&d.evaluations).into_iter().count(), gates.len());
+
+    v.tenant.minute_requests = 3;
+    let d = evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, at("2026-11-25T10:00:00Z"));
+    assert_eq!(d.reason, Some(Reason::FairUsePerMinute));
+    let last = d.evaluations.iter().last().unwrap();
+    assert_eq!(
+        (last.gate, last.allowed, last.observed),
+        (Gate::PerMinute, false, 3),
+        "evaluation stops at the first deny"
+    );
+    assert!(!d.evaluations.iter().any(|e| e.gate == Gate::Concurrency));
+
+    let all: GateEvals = Gate::ALL.map(|gate| GateEval { gate, allowed: true, observed: 0 }).into();
+    assert_eq!(all.len(), Gate::ALL.len());
+    assert!(GateEvals::default().is_empty());
+}
