@@ -156,9 +156,9 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
             let status = m.record_settlement("manual", s.drift);
             let answer = json!({
                 "reservation_id": id,
-                "tenant_id": s.reservation.tenant,
+                "tenant_id": s.tenant,
                 "status": status,
-                "reserved_usd": s.reservation.amount,
+                "reserved_usd": s.reserved,
                 "actual_cost_usd": s.actual,
                 "released_usd": s.released,
                 "drift_usd": s.drift,

@@ -173,7 +173,7 @@ impl PreauthProxy {
                 Ok(json!({
                     "reservation_id": id,
                     "actual_cost_usd": s.actual,
-                    "reserved_usd": s.reservation.amount,
+                    "reserved_usd": s.reserved,
                     "drift_usd": s.drift,
                     "released_usd": s.released,
                     "usage": usage,

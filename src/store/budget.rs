@@ -78,16 +78,33 @@ pub enum ReserveOutcome {
     },
 }
 
-/// A settled reservation.
+/// A settled reservation. (Not the whole [`Reservation`]: the embedded store would rebuild its
+/// ids' text on every settlement for callers that read only the amounts.)
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settlement {
-    pub reservation: Reservation,
+    /// The tenant whose month was charged.
+    pub tenant: Arc<str>,
+    /// What the reservation held.
+    pub reserved: Micros,
     /// Charged to the reservation's month in full, even above the hold.
     pub actual: Micros,
     /// `max(0, reserved − actual)`: what went back to the budget.
     pub released: Micros,
     /// `actual − reserved`: overage when positive, savings when negative.
     pub drift: Micros,
+}
+
+impl Settlement {
+    /// `actual` charged to `tenant`'s reservation of `reserved`.
+    pub fn of(tenant: Arc<str>, reserved: Micros, actual: Micros) -> Settlement {
+        Settlement {
+            tenant,
+            reserved,
+            released: reserved.saturating_sub(actual).max(Micros::ZERO),
+            drift: actual.saturating_sub(reserved),
+            actual,
+        }
+    }
 }
 
 /// The answer to [`Budgets::settle`].

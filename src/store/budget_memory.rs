@@ -532,8 +532,15 @@ impl State {
         self.active.insert(id, held);
     }
 
-    /// Ends an active reservation: settled (`actual` charged) or released.
-    fn finish(&mut self, id: &Id, at: UnixMillis, actual: Option<i64>) -> Option<Reservation> {
+    /// Ends an active reservation: settled (`actual` charged) or released. `view` reads what the
+    /// caller needs of it (a settlement only its tenant and amount, not a rebuilt `Reservation`).
+    fn finish<T>(
+        &mut self,
+        id: &Id,
+        at: UnixMillis,
+        actual: Option<i64>,
+        view: impl FnOnce(&Id, &Held) -> T,
+    ) -> Option<T> {
         let (key, held) = self.active.remove_entry(id)?;
         self.by_age.remove(&(held.created_at, key.clone()));
         shrink_if_sparse!(self.active);
@@ -543,9 +550,9 @@ impl State {
         if let Some(a) = actual {
             acct.spent = acct.spent.saturating_add(a);
         }
-        let res = held.reservation(&key);
+        let seen = view(&key, &held);
         self.insert_finished(key, Finished { held, at, actual });
-        Some(res)
+        Some(seen)
     }
 
     fn insert_finished(&mut self, id: Id, f: Finished) {
@@ -555,12 +562,11 @@ impl State {
         }
     }
 
-    /// Applies one journal entry; returns the reservation a settle/release ended.
-    fn apply(&mut self, e: &Entry<'_>) -> Option<Reservation> {
+    /// Applies one journal entry.
+    fn apply(&mut self, e: &Entry<'_>) {
         match e {
             Entry::Snapshot { now, .. } => {
                 self.advance(*now);
-                None
             }
             Entry::Reserve { id, tenant, tier, request_id, model, month, amount, at } => {
                 self.advance(*at);
@@ -574,26 +580,23 @@ impl State {
                     amount: *amount,
                     created_at: *at,
                 });
-                None
             }
             Entry::Settle { id, actual, at } => {
                 self.advance(*at);
-                self.finish(&Id::new(id), *at, Some(*actual))
+                self.finish(&Id::new(id), *at, Some(*actual), |_, _| ());
             }
             Entry::Release { id, at } => {
                 self.advance(*at);
-                self.finish(&Id::new(id), *at, None)
+                self.finish(&Id::new(id), *at, None, |_, _| ());
             }
             Entry::Charge { tenant, month, amount, at } => {
                 self.advance(*at);
                 let a = self.acct_mut_text(tenant, month);
                 a.spent = a.spent.saturating_add(*amount);
-                None
             }
             Entry::Spent { tenant, month, spent } => {
                 let a = self.acct_mut_text(tenant, month);
                 a.spent = a.spent.saturating_add(*spent);
-                None
             }
             Entry::Done { id, tenant, tier, request_id, model, month, amount, created, at, actual } => {
                 self.advance(*at);
@@ -612,7 +615,6 @@ impl State {
                     };
                     self.insert_finished(id, Finished { held, at: *at, actual: *actual });
                 }
-                None
             }
         }
     }
@@ -860,16 +862,11 @@ impl MemoryBudgets {
         let entry = Entry::Settle { id: Cow::Borrowed(id), actual: actual.0, at: now };
         let compact = g.log(std::slice::from_ref(&entry))?;
         g.state.advance(now);
-        let ended = g.state.finish(&key, now, Some(actual.0));
+        let ended = g.state.finish(&key, now, Some(actual.0), |_, h| (h.tenant.clone(), Micros(h.amount)));
         drop(g);
         self.after_write(compact);
         Ok(match ended {
-            Some(reservation) => SettleOutcome::Settled(Settlement {
-                released: reservation.amount.saturating_sub(actual).max(Micros::ZERO),
-                drift: actual.saturating_sub(reservation.amount),
-                actual,
-                reservation,
-            }),
+            Some((tenant, reserved)) => SettleOutcome::Settled(Settlement::of(tenant, reserved, actual)),
             None => SettleOutcome::NotFound,
         })
     }
@@ -884,7 +881,7 @@ impl MemoryBudgets {
         let entry = Entry::Release { id: Cow::Borrowed(id), at: now };
         let compact = g.log(std::slice::from_ref(&entry))?;
         g.state.advance(now);
-        let ended = g.state.finish(&key, now, None);
+        let ended = g.state.finish(&key, now, None, |k, h| h.reservation(k));
         drop(g);
         self.after_write(compact);
         Ok(ended)
@@ -902,7 +899,8 @@ impl MemoryBudgets {
             ids.iter().map(|id| Entry::Release { id: Cow::Owned(id.text()), at: now }).collect();
         let compact = g.log(&entries)?;
         g.state.advance(now);
-        let ended: Vec<Reservation> = ids.iter().filter_map(|id| g.state.finish(id, now, None)).collect();
+        let ended: Vec<Reservation> =
+            ids.iter().filter_map(|id| g.state.finish(id, now, None, |k, h| h.reservation(k))).collect();
         drop(g);
         self.after_write(compact);
         Ok(ended)

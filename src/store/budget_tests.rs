@@ -152,7 +152,7 @@ fn settle_charges_actual_releases_the_rest_and_reports_drift() {
     let r = reserved(b.reserve_now(&req("acme", now, BUDGET, 500_000, None)).unwrap());
     let s = settled(b.settle_now(&r.id, Micros(300_000), now + 10).unwrap());
     assert_eq!((s.actual, s.released, s.drift), (Micros(300_000), Micros(200_000), Micros(-200_000)));
-    assert_eq!(s.reservation, r);
+    assert_eq!((&*s.tenant, s.reserved), (&*r.tenant, r.amount));
     assert_eq!(view(&b, "acme", "2026-11"), (300_000, 0, 0));
     assert_eq!(b.get_now(&r.id), Some((r.clone(), ReservationState::Settled { actual: Micros(300_000) })));
 
@@ -430,7 +430,8 @@ fn run_model(b: &MemoryBudgets, seed: u64, steps: usize, mut between: impl FnMut
                         stats[2] += 1;
                         let m = active.remove(&id).expect("settled an id the model has as active");
                         assert!(finished.insert(id), "settled twice");
-                        assert_eq!((s.reservation.amount.0, s.actual.0), (m.amount, actual));
+                        assert_eq!((s.reserved.0, s.actual.0), (m.amount, actual));
+                        assert_eq!(&*s.tenant, TENANTS[m.tenant]);
                         assert_eq!(s.drift.0, actual - m.amount);
                         assert_eq!(s.released.0, (m.amount - actual).max(0));
                         *spent.entry((m.tenant, m.month)).or_default() += actual;

@@ -126,12 +126,7 @@ pub(crate) async fn run_finish(
 /// A settle script's result as the trait reports it.
 pub(crate) fn settle_outcome(r: Result<Reservation, i64>, actual: Micros) -> SettleOutcome {
     match r {
-        Ok(reservation) => SettleOutcome::Settled(Settlement {
-            released: reservation.amount.saturating_sub(actual).max(Micros::ZERO),
-            drift: actual.saturating_sub(reservation.amount),
-            actual,
-            reservation,
-        }),
+        Ok(reservation) => SettleOutcome::Settled(Settlement::of(reservation.tenant, reservation.amount, actual)),
         Err(0) => SettleOutcome::NotFound,
         Err(_) => SettleOutcome::NotActive,
     }
