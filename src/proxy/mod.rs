@@ -68,8 +68,8 @@ pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 #[derive(Clone)]
 pub struct PreauthProxy {
     state: Arc<AppState>,
-    upstream_addr: SocketAddr,
-    upstream_tls: bool,
+    pub(crate) upstream_addr: SocketAddr,
+    pub(crate) upstream_tls: bool,
     upstream_sni: String,
     upstream_host_header: String,
     /// `Bearer <PREAUTH_UPSTREAM_API_KEY>`, formatted once.
@@ -878,7 +878,7 @@ impl PreauthProxy {
     pub(crate) fn peer(&self) -> HttpPeer {
         let mut peer = HttpPeer::new(self.upstream_addr, self.upstream_tls, self.upstream_sni.clone());
         let timeout = Duration::from_secs(self.state.config.upstream_timeout_seconds);
-        peer.options.connection_timeout = Some(Duration::from_secs(10));
+        peer.options.connection_timeout = Some(h1::CONNECT_TIMEOUT);
         peer.options.read_timeout = Some(timeout);
         peer.options.write_timeout = Some(timeout);
         peer

@@ -45,10 +45,10 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use self::pool::{Upstream, UpstreamPool, READ_BUF};
+use self::pool::{UpIo, Upstream, UpstreamPool, READ_BUF};
 use self::wire::{Chunked, Framing, Relay, RequestBody, RequestHead, MAX_HEAD_BYTES};
 use super::downstream::Downstream;
 use super::respond::{render, Refusal};
@@ -56,6 +56,8 @@ use super::{PreauthProxy, RequestCtx};
 
 /// An idle client connection (no request started) is closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connecting to the gateway (what the TLS path's peer options say too).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request head, and each step of reading a body, must arrive within this.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Client bytes buffered past the current request (pipelining) before the client is no longer
@@ -252,8 +254,7 @@ impl LeanH1 {
                 None => {
                     // Boxed: the connect future is several KiB and would otherwise make every
                     // request's future (moved on each request) that much larger.
-                    let connect = Box::pin(self.connector.new_stream(&self.peer));
-                    let io = match c.watch(connect).await? {
+                    let io = match c.watch(Box::pin(self.connect())).await? {
                         Ok(io) => io,
                         Err(e) => return Err(e.into_up()),
                     };
@@ -266,6 +267,23 @@ impl LeanH1 {
                 Err(Attempt::Stale(e) | Attempt::Failed(e)) => return Err(e),
             }
         }
+    }
+
+    /// A new gateway connection: plain TCP directly (no delay, connect timeout of the peer), TLS
+    /// through pingora's connector.
+    async fn connect(&self) -> Result<UpIo> {
+        if self.core.upstream_tls {
+            return Ok(UpIo::Tls(self.connector.new_stream(&self.peer).await?));
+        }
+        let addr = self.core.upstream_addr;
+        let connect = tokio::net::TcpStream::connect(addr);
+        let io = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => return Err(Error::because(ConnectError, format!("connecting to the gateway {addr}"), e)),
+            Err(_) => return Error::e_explain(ConnectTimedout, format!("connecting to the gateway {addr}")),
+        };
+        io.set_nodelay(true).or_err(ConnectError, "setting TCP_NODELAY on the gateway connection")?;
+        Ok(UpIo::Tcp(io))
     }
 
     /// One try: the request out, the answer's head in (1xx answers skipped).
@@ -712,7 +730,11 @@ impl Client {
 }
 
 /// One read into `buf`'s spare room (grown to a useful size first).
-fn poll_read(io: &mut Stream, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+fn poll_read<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut Vec<u8>,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_BUF.max(buf.len() / 2));
     }

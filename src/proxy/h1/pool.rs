@@ -1,11 +1,17 @@
 //! Idle connections to the gateway, most recently used first out, each with the buffers it
 //! keeps between requests.
 //!
-//! Owns: `Upstream`, `UpstreamPool`. Imports: pingora's stream, the wire format.
+//! Owns: `Upstream`, `UpIo`, `UpstreamPool`. Imports: pingora's stream, tokio's TCP stream and
+//! I/O traits, the wire format.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use pingora::protocols::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::wire::ResponseHead;
 
@@ -20,14 +26,55 @@ pub const READ_BUF: usize = 16 * 1024;
 
 /// A connection to the gateway with its read buffer and the last answer's parsed head.
 pub struct Upstream {
-    pub io: Stream,
+    pub io: UpIo,
     pub buf: Vec<u8>,
     pub head: ResponseHead,
 }
 
 impl Upstream {
-    pub fn new(io: Stream) -> Upstream {
+    pub fn new(io: UpIo) -> Upstream {
         Upstream { io, buf: Vec::with_capacity(READ_BUF), head: ResponseHead::default() }
+    }
+}
+
+/// The byte stream of a gateway connection. A plain TCP gateway is read and written directly:
+/// pingora's `Stream` adds, on every call, a dynamic dispatch, a buffered-writer layer and time
+/// bookkeeping that reads the clock around every read that waits. TLS goes through pingora's
+/// stream (its connector does the handshake, SNI and verification).
+pub enum UpIo {
+    Tcp(TcpStream),
+    Tls(Stream),
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 
