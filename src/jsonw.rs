@@ -36,6 +36,13 @@ pub fn opt_money(out: &mut Vec<u8>, key: &[u8], v: Option<Micros>) {
     }
 }
 
+/// `00` to `99`, two ASCII digits each.
+const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
 /// An amount as `Micros`' serde form: a string with six decimals.
 pub fn money(out: &mut Vec<u8>, m: Micros) {
     let abs = m.0.unsigned_abs();
@@ -53,10 +60,10 @@ pub fn money(out: &mut Vec<u8>, m: Micros) {
     buf[n..n + whole.len()].copy_from_slice(whole);
     n += whole.len();
     buf[n] = b'.';
-    let mut frac = abs % 1_000_000;
-    for i in (n + 1..n + 7).rev() {
-        buf[i] = b'0' + (frac % 10) as u8;
-        frac /= 10;
+    // The six decimals as three pairs of digits (three divisions instead of six).
+    let frac = (abs % 1_000_000) as usize;
+    for (i, pair) in [frac / 10_000, frac / 100 % 100, frac % 100].into_iter().enumerate() {
+        buf[n + 1 + 2 * i..n + 3 + 2 * i].copy_from_slice(&PAIRS[2 * pair..2 * pair + 2]);
     }
     buf[n + 7] = b'"';
     out.extend_from_slice(&buf[..n + 8]);
@@ -157,7 +164,9 @@ mod tests {
 
     #[test]
     fn money_and_strings_are_serde_exact() {
-        for v in [0, 1, -1, 999_999, 1_000_000, -1_000_001, 123_456_789, i64::MAX, i64::MIN, -7, 50_000_000] {
+        let every_fraction = (0..1_000_000).step_by(7).chain([999_999, 10, 100, 1_000, 10_000, 100_000]);
+        let cases = [0, 1, -1, 999_999, 1_000_000, -1_000_001, 123_456_789, i64::MAX, i64::MIN, -7, 50_000_000];
+        for v in cases.into_iter().chain(every_fraction.clone()).chain(every_fraction.map(|f| -3_000_000 - f)) {
             let mut out = Vec::new();
             money(&mut out, Micros(v));
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&Micros(v)).unwrap(), "{v}");
