@@ -12,7 +12,7 @@ use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
 use crate::decide::Tier;
-use crate::ledger::event::{Event, EventType};
+use crate::ledger::event::{Event, EventType, Template};
 use crate::ledger::outbox::Outbox;
 use crate::ledger::LedgerSource;
 use crate::store::approvals::Approvals;
@@ -215,6 +215,20 @@ impl AppState {
     /// `false` when it cannot be recorded (outbox full under the `failsafe` policy).
     pub fn stage(&self, e: &Event) -> bool {
         recorded(e, self.outbox.stage(e))
+    }
+
+    /// [`AppState::stage`] of a request's decision event, kept as the template of its
+    /// follow-up events.
+    pub fn stage_decision(&self, e: Event) -> (bool, Template) {
+        let mut template = None;
+        let staged = self.outbox.stage_written(|line| template = Some(Template::write(e, line)));
+        let template = template.expect("the line was written");
+        (recorded(template.event(), staged), template)
+    }
+
+    /// [`AppState::stage`] of `e`, a follow-up made by [`Template::follow_up`].
+    pub fn stage_follow_up(&self, template: &Template, e: &Event) -> bool {
+        recorded(e, self.outbox.stage_written(|line| template.write_follow_up(e, line)))
     }
 
     /// Writes what was staged since `since` now (paths that answer without batching: admin,

@@ -174,11 +174,24 @@ impl Event {
     /// two of these per request.
     pub fn write_json(&self, out: &mut Vec<u8>) {
         out.reserve(640);
+        self.write_head(out);
+        self.write_shared_a(out);
+        self.write_verdict(out);
+        self.write_shared_b(out);
+        self.write_tail(out);
+    }
+
+    /// `{"event_id":…,"event_type":…,"occurred_at":…`
+    fn write_head(&self, out: &mut Vec<u8>) {
         str_field(out, b"{\"event_id\":", &self.event_id);
         out.extend_from_slice(b",\"event_type\":\"");
         out.extend_from_slice(self.event_type.as_str().as_bytes());
         out.push(b'"');
         str_field(out, b",\"occurred_at\":", &self.occurred_at);
+    }
+
+    /// `,"instance_id":…` to `,"policy_version":…` (what a request's events repeat).
+    fn write_shared_a(&self, out: &mut Vec<u8>) {
         str_field(out, b",\"instance_id\":", &self.instance_id);
         opt_str(out, b",\"request_id\":", self.request_id.as_deref());
         opt_str(out, b",\"tenant_id\":", self.tenant_id.as_deref());
@@ -186,6 +199,10 @@ impl Event {
         opt_str(out, b",\"source\":", self.source.as_deref());
         opt_str(out, b",\"mode\":", self.mode.as_deref());
         uint_field(out, b",\"policy_version\":", self.policy_version);
+    }
+
+    /// `,"decision":…,"reasons":[…]`
+    fn write_verdict(&self, out: &mut Vec<u8>) {
         opt_str(out, b",\"decision\":", self.decision.as_deref());
         out.extend_from_slice(b",\"reasons\":[");
         for (i, r) in self.reasons.iter().enumerate() {
@@ -195,9 +212,17 @@ impl Event {
             json_str(out, r);
         }
         out.push(b']');
+    }
+
+    /// `,"model":…,"reservation_id":…,"estimated_cost_usd":…` (what a request's events repeat).
+    fn write_shared_b(&self, out: &mut Vec<u8>) {
         opt_str(out, b",\"model\":", self.model.as_deref());
         opt_str(out, b",\"reservation_id\":", self.reservation_id.as_deref());
         opt_money(out, b",\"estimated_cost_usd\":", self.estimated_cost_usd);
+    }
+
+    /// `,"reserved_usd":…` to the closing brace.
+    fn write_tail(&self, out: &mut Vec<u8>) {
         opt_money(out, b",\"reserved_usd\":", self.reserved_usd);
         opt_money(out, b",\"actual_cost_usd\":", self.actual_cost_usd);
         opt_money(out, b",\"drift_usd\":", self.drift_usd);
@@ -225,6 +250,66 @@ impl Event {
             serde_json::to_writer(&mut *out, d).expect("a JSON value serialises");
         }
         out.push(b'}');
+    }
+}
+
+/// A request's decision event kept as the template of its follow-up events (settlement,
+/// release). The fields those repeat (`instance_id` … `policy_version`, `model` …
+/// `estimated_cost_usd`) are kept as the JSON the decision's own line carried, so a follow-up's
+/// line copies them instead of writing and escaping them again.
+#[derive(Debug)]
+pub struct Template {
+    event: Event,
+    /// The two repeated runs of the decision's line, one after the other; the second starts at
+    /// `split`.
+    shared: Vec<u8>,
+    split: usize,
+}
+
+impl Template {
+    /// Writes `event`'s line (no newline) to `out` and keeps it as a template.
+    pub fn write(event: Event, out: &mut Vec<u8>) -> Template {
+        out.reserve(640);
+        let mut shared = Vec::with_capacity(384);
+        event.write_head(out);
+        let a = out.len();
+        event.write_shared_a(out);
+        shared.extend_from_slice(&out[a..]);
+        let split = shared.len();
+        event.write_verdict(out);
+        let b = out.len();
+        event.write_shared_b(out);
+        shared.extend_from_slice(&out[b..]);
+        event.write_tail(out);
+        Template { event, shared, split }
+    }
+
+    /// The decision event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+
+    /// A follow-up with `fresh`'s id, type and time. It holds only what differs from the
+    /// template: the caller sets `reserved_usd`, `actual_cost_usd`, `drift_usd`, `usage`,
+    /// `usage_source`, `upstream_status` and `details`; the fingerprint and approval id are the
+    /// template's. [`Template::write_follow_up`] writes it as
+    /// `self.event().sibling(fresh)` with those fields would be written.
+    pub fn follow_up(&self, mut fresh: Event) -> Event {
+        fresh.decision = None;
+        fresh.reasons.clear();
+        fresh.request_fingerprint.clone_from(&self.event.request_fingerprint);
+        fresh.approval_id.clone_from(&self.event.approval_id);
+        fresh
+    }
+
+    /// The line (no newline) of `follow`, made by [`Template::follow_up`].
+    pub fn write_follow_up(&self, follow: &Event, out: &mut Vec<u8>) {
+        out.reserve(640);
+        follow.write_head(out);
+        out.extend_from_slice(&self.shared[..self.split]);
+        follow.write_verdict(out);
+        out.extend_from_slice(&self.shared[self.split..]);
+        follow.write_tail(out);
     }
 }
 
@@ -279,6 +364,68 @@ mod tests {
             let mut fast = Vec::new();
             e.write_json(&mut fast);
             assert_eq!(String::from_utf8(fast).unwrap(), serde_json::to_string(&e).unwrap());
+        }
+    }
+
+    /// A decision event with every repeated field set (tricky text where text is allowed).
+    fn decision_template(tricky: &str, fp: Option<&str>, approval: Option<&str>) -> Event {
+        let mut d = Event::new(EventType::Decision, tricky, 1_795_600_000_000_001, 42);
+        d.request_id = Some("01a212ea-2553-722d-ae80-a3c5862df6d2".into());
+        d.tenant_id = Some(tricky.into());
+        d.tenant_tier = Some("enterprise".into());
+        d.source = Some("batch".into());
+        d.mode = Some("soft".into());
+        d.decision = Some("ALLOW".into());
+        d.reasons = vec!["max_tokens_clamped".into()];
+        d.model = Some(tricky.into());
+        d.reservation_id = Some("01a212ea-2553-722d-ae80-a3c5862df6d3".into());
+        d.estimated_cost_usd = Some(Micros(1_234_567));
+        d.reserved_usd = Some(Micros(1_000_000));
+        d.request_fingerprint = fp.map(String::from);
+        d.approval_id = approval.map(String::from);
+        d
+    }
+
+    #[test]
+    fn a_follow_up_written_from_its_template_is_the_siblings_line() {
+        let tricky = "q\"b\\s \u{1}\n é 🦀";
+        for (fp, approval) in [(None, None), (Some("fp-1"), Some(tricky))] {
+            let decision = decision_template(tricky, fp, approval);
+            let mut line = Vec::new();
+            let t = Template::write(decision.clone(), &mut line);
+            let mut direct = Vec::new();
+            decision.write_json(&mut direct);
+            assert_eq!(line, direct, "the decision's own line is unchanged");
+            assert_eq!(t.event(), &decision);
+
+            let settle = |e: &mut Event| {
+                e.reserved_usd = Some(Micros(1_000_000));
+                e.actual_cost_usd = Some(Micros(1_500_000));
+                e.drift_usd = Some(Micros(500_000));
+                e.usage =
+                    Some(Usage { prompt_tokens: 46, completion_tokens: 16, cached_tokens: 3, reasoning_tokens: 0 });
+                e.usage_source = Some("reported".into());
+                e.upstream_status = Some(200);
+            };
+            let release = |e: &mut Event| {
+                e.reserved_usd = Some(Micros(1_000_000));
+                e.upstream_status = Some(503);
+                e.details = Some(serde_json::json!({"reason": "upstream_error"}));
+            };
+            for (event_type, set) in [
+                (EventType::ReservationSettled, &settle as &dyn Fn(&mut Event)),
+                (EventType::ReservationReleased, &release),
+            ] {
+                let fresh = Event::new(event_type, "other-instance", 1_795_600_000_500_000, 42);
+                let mut sibling = decision.sibling(fresh.clone());
+                set(&mut sibling);
+                let mut follow = t.follow_up(fresh);
+                set(&mut follow);
+                let mut fast = Vec::new();
+                t.write_follow_up(&follow, &mut fast);
+                let want = serde_json::to_string(&sibling).unwrap();
+                assert_eq!(String::from_utf8(fast).unwrap(), want, "{event_type:?}");
+            }
         }
     }
 

@@ -541,9 +541,15 @@ thread_local! {
 
 /// `f` of `event` as one JSON line (newline included), in this thread's line buffer.
 fn with_line<T>(event: &Event, f: impl FnOnce(&[u8]) -> T) -> T {
+    with_written(|line| event.write_json(line), f)
+}
+
+/// `f` of the line `write` writes (one JSON value; the newline is added), in this thread's
+/// line buffer.
+fn with_written<T>(write: impl FnOnce(&mut Vec<u8>), f: impl FnOnce(&[u8]) -> T) -> T {
     LINE.with_borrow_mut(|line| {
         line.clear();
-        event.write_json(line);
+        write(line);
         line.push(b'\n');
         let r = f(line);
         if line.capacity() > 64 * 1024 {
@@ -683,7 +689,13 @@ impl Outbox {
     /// makes (`flush_staged`) before anything that depends on the event is acknowledged. `Err`:
     /// the outbox is full under the `failsafe` policy (nothing staged).
     pub fn stage(&self, event: &Event) -> Result<(), OutboxError> {
-        with_line(event, |line| {
+        self.stage_written(|line| event.write_json(line))
+    }
+
+    /// [`Outbox::stage`] of the event `write` writes as JSON (no newline): for callers that
+    /// write an event from parts ([`crate::ledger::event::Template`]).
+    pub fn stage_written(&self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), OutboxError> {
+        with_written(write, |line| {
             if self.stage_line(line, false)?.is_some() {
                 if let Some(c) = &self.stage_counter {
                     c.staged();

@@ -322,9 +322,9 @@ impl PreauthProxy {
         ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));
         ev.request_fingerprint = fp.clone();
         ev.approval_id = ctx.approval_id.clone();
-        let mut recorded = self.state.stage(&ev);
+        let (mut recorded, template) = self.state.stage_decision(ev);
         if let (true, true, Some(id)) = (recorded, decision.is_allow(), consumed_approval) {
-            let mut e = ev.sibling(self.state.event(EventType::ApprovalConsumed, policy.version));
+            let mut e = template.event().sibling(self.state.event(EventType::ApprovalConsumed, policy.version));
             (e.reservation_id, e.reserved_usd) = (None, None);
             e.approval_id = Some(id);
             e.request_fingerprint = fp.clone();
@@ -358,7 +358,7 @@ impl PreauthProxy {
             ctx.ticket = ticket;
             // Shadow mode and fail-open hold nothing but still settle usage into spend.
             spend.charge_only = spend.reservation.is_none();
-            spend.event = Some(ev);
+            spend.event = Some(template);
             ctx.new_body = match clamp_to {
                 Some(n) => extract::clamp_body(route, &req, n),
                 None => extract::inject_include_usage(route, &req, body),

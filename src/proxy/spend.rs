@@ -8,7 +8,7 @@ use crate::decide::pricing::{cost, ModelPrice};
 use crate::decide::usage::{BodyKind, UsageScanner};
 use crate::decide::usage_types::Usage;
 use crate::decide::{Micros, Route, Tier};
-use crate::ledger::event::{Event, EventType};
+use crate::ledger::event::{Event, EventType, Template};
 use crate::state::AppState;
 use crate::store::budget::{Reservation, SettleOutcome};
 use crate::store::{StoreError, Ticket};
@@ -29,7 +29,7 @@ pub struct SpendCtx {
     pub charge_only: bool,
     pub scanner: Option<UsageScanner>,
     /// The decision event, the template of this request's settlement or release event.
-    pub event: Option<Event>,
+    pub event: Option<Template>,
 }
 
 impl SpendCtx {
@@ -58,13 +58,13 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     let reservation = spend.reservation.take();
     if !ok {
         let Some(r) = reservation else { return };
-        if let Some(mut e) = follow_up(state, spend, EventType::ReservationReleased) {
+        if let Some((template, mut e)) = follow_up(state, spend, EventType::ReservationReleased) {
             e.reserved_usd = Some(r.amount);
             e.upstream_status = upstream_status;
             e.details = Some(
                 serde_json::json!({"reason": if upstream_status.is_some() { "upstream_error" } else { "no_response" }}),
             );
-            state.stage(&e);
+            state.stage_follow_up(template, &e);
         }
         match state.budgets.release(&r.id, now).await {
             Ok(_) => m.reconciliations.with_label_values(&["usage", "released"]).inc(),
@@ -93,7 +93,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     };
     let actual = cost(&spend.price, &usage);
     // The settlement reaches the outbox before the hold is released.
-    if let Some(mut e) = follow_up(state, spend, EventType::ReservationSettled) {
+    if let Some((template, mut e)) = follow_up(state, spend, EventType::ReservationSettled) {
         let reserved = reservation.as_ref().map_or(Micros::ZERO, |r| r.amount);
         e.reserved_usd = Some(reserved);
         e.actual_cost_usd = Some(actual);
@@ -101,7 +101,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         e.usage = Some(usage);
         e.usage_source = Some(crate::ledger::event::label(usage_source));
         e.upstream_status = upstream_status;
-        state.stage(&e);
+        state.stage_follow_up(template, &e);
     }
     match reservation {
         Some(r) => match settle_release(state, &r.id, actual, now, lease).await {
@@ -152,7 +152,7 @@ async fn settle_release(
 }
 
 /// A follow-up event of this request (settlement, release), built from its decision event.
-fn follow_up(state: &AppState, spend: &SpendCtx, event_type: EventType) -> Option<Event> {
+fn follow_up<'s>(state: &AppState, spend: &'s SpendCtx, event_type: EventType) -> Option<(&'s Template, Event)> {
     let template = spend.event.as_ref()?;
-    Some(template.sibling(state.event(event_type, template.policy_version)))
+    Some((template, template.follow_up(state.event(event_type, template.event().policy_version))))
 }
