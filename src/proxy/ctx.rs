@@ -55,6 +55,8 @@ pub struct RequestCtx {
     /// the pending refusal): pingora keeps the context inside its per-request future and moves
     /// that future, so every byte here is copied on every request.
     pub spend: Option<Box<super::spend::SpendCtx>>,
+    /// `finish` ran (settled, lease released, counted): it does nothing the next time.
+    pub finished: bool,
 }
 
 impl RequestCtx {
@@ -85,6 +87,7 @@ impl RequestCtx {
             policy_version: 0,
             estimated_cost: None,
             fingerprint: None,
+            finished: false,
         }
     }
 }

@@ -847,7 +847,13 @@ impl PreauthProxy {
     }
 
     /// Runs for every request, whatever happened: settles, frees the concurrency lease, counts.
+    /// Runs once per request (later calls do nothing): the HTTP/1 driver calls it before the
+    /// last bytes of the answer go out, so that a client sending its next request as soon as it
+    /// has this one's answer finds this one's lease released and its hold settled.
     pub(crate) async fn finish(&self, ctx: &mut RequestCtx) {
+        if std::mem::replace(&mut ctx.finished, true) {
+            return;
+        }
         let since = self.state.group.mark();
         if ctx.gate {
             // Gate API: the caller settles its own hold later; the lease lives until then.

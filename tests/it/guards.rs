@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use preauth_sidecar::decide::{CountersView, GlobalView, TenantView, UnixMillis};
+use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::{AdmitRequest, Counters, StoreError, SweepStats, Ticket};
 use serde_json::json;
 
@@ -149,6 +150,56 @@ async fn concurrency_lease_is_freed_when_the_client_disconnects() {
     // A completed request releases its lease too: sequential requests never trip the cap.
     for _ in 0..3 {
         assert_eq!(post(&s, "/v1/chat/completions", "acme", "enterprise", &chat("gpt-4o-mini")).await.status(), 200);
+    }
+    s.stop().await;
+}
+
+/// In-process counters whose lease release takes 300 ms (a slow shared store, made certain).
+struct SlowRelease(MemoryCounters);
+
+#[async_trait]
+impl Counters for SlowRelease {
+    async fn admit(&self, r: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError> {
+        self.0.admit(r).await
+    }
+    async fn rollback(&self, t: &Ticket) -> Result<(), StoreError> {
+        self.0.rollback(t).await
+    }
+    async fn release_lease(&self, t: &Ticket) -> Result<(), StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.release_lease(t).await
+    }
+    async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError> {
+        self.0.set_global_block(until).await
+    }
+    async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError> {
+        self.0.tenant_view(tenant, now).await
+    }
+    async fn global_view(&self, now: UnixMillis) -> Result<GlobalView, StoreError> {
+        self.0.global_view(now).await
+    }
+    async fn sweep(&self, now: UnixMillis) -> Result<SweepStats, StoreError> {
+        self.0.sweep(now).await
+    }
+}
+
+/// An answer's lease is released (and its hold settled) before the client has the answer's last
+/// byte: a client sending one request after another — each on a new connection, right after the
+/// previous answer — never meets a concurrency cap of 1, even when releasing takes 300 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sequential_client_never_meets_a_concurrency_cap_of_one() {
+    let env = [("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "1")];
+    let s = start_with(&env, Arc::new(SlowRelease(MemoryCounters::new()))).await;
+    let stream = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]});
+    for i in 0..6 {
+        let (body, headers, want): (_, &[(&str, &str)], u16) = match i % 3 {
+            0 => (chat("gpt-4o-mini"), &[], 200),
+            1 => (stream.clone(), &[("x-mock-chunks", "5")], 200),
+            _ => (chat("gpt-4o-mini"), &[("x-mock-status", "500")], 500),
+        };
+        let r = post_with(&s, "/v1/chat/completions", "acme", "enterprise", &body, headers).await;
+        assert_eq!(r.status().as_u16(), want, "request {i}");
+        r.bytes().await.unwrap();
     }
     s.stop().await;
 }

@@ -149,6 +149,9 @@ impl LeanH1 {
                     tracing::warn!(error = %e, status, request_id = %ctx.request_id, "request failed");
                 }
                 if let Some(r) = answer {
+                    // Settled and the lease released before the client has the answer (as for
+                    // a relayed answer).
+                    self.core.finish(&mut ctx).await;
                     if let Err(we) = self.core.respond(&mut c, &ctx, &r).await {
                         tracing::debug!(error = %we, "could not write error response; client gone");
                     }
@@ -400,16 +403,23 @@ impl LeanH1 {
         };
         feed(&mut relay, &up.buf[head_len..], &mut c.out)?;
         c.answered = true;
-        c.write_out().await?;
-        while !relay.is_done() {
+        loop {
+            if relay.is_done() {
+                // The whole answer is read: settle and release the lease before the client has
+                // the last byte (a client that sends its next request right then finds this
+                // one's lease free), then write it.
+                self.core.finish(ctx).await;
+                c.write_out().await?;
+                break;
+            }
+            if !c.out.is_empty() {
+                c.write_out().await?;
+            }
             up.buf.clear();
             match c.read_upstream(&mut up).await? {
                 Ok(0) => relay.eof(&mut c.out).map_err(|why| Error::explain(ConnectionClosed, why).into_up())?,
                 Ok(_) => feed(&mut relay, &up.buf, &mut c.out)?,
                 Err(e) => return Err(Error::because(ReadError, "reading the answer", e).into_up()),
-            }
-            if !c.out.is_empty() {
-                c.write_out().await?;
             }
         }
         c.close |= !keep_client;
