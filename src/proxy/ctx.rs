@@ -55,8 +55,11 @@ pub struct RequestCtx {
     /// the pending refusal): pingora keeps the context inside its per-request future and moves
     /// that future, so every byte here is copied on every request.
     pub spend: Option<Box<super::spend::SpendCtx>>,
-    /// `finish` ran (settled, lease released, counted): it does nothing the next time.
+    /// `conclude` ran (settled, lease released, counted): it does nothing the next time.
     pub finished: bool,
+    /// Where the group commit stood before `conclude` staged the settlement: `finish` writes
+    /// from there.
+    pub staged_since: Option<u64>,
 }
 
 impl RequestCtx {
@@ -88,6 +91,7 @@ impl RequestCtx {
             estimated_cost: None,
             fingerprint: None,
             finished: false,
+            staged_since: None,
         }
     }
 }

@@ -846,15 +846,28 @@ impl PreauthProxy {
         }
     }
 
-    /// Runs for every request, whatever happened: settles, frees the concurrency lease, counts.
-    /// Runs once per request (later calls do nothing): the HTTP/1 driver calls it before the
-    /// last bytes of the answer go out, so that a client sending its next request as soon as it
-    /// has this one's answer finds this one's lease released and its hold settled.
+    /// Runs for every request, whatever happened: settles, frees the concurrency lease, counts
+    /// ([`Self::conclude`]), then writes the settlement's journal line and event.
     pub(crate) async fn finish(&self, ctx: &mut RequestCtx) {
+        self.conclude(ctx).await;
+        // The settlement (journal and event) is written before the connection takes its next
+        // request. A failure is logged by the group commit; the events are lost, the hold stays
+        // for the sweep.
+        if let Some(since) = ctx.staged_since.take() {
+            let _ = self.state.group.commit(since).await;
+        }
+    }
+
+    /// Settles, frees the concurrency lease and counts, once per request (later calls do
+    /// nothing); the settlement's lines are staged for [`Self::finish`] to write. The HTTP/1
+    /// driver calls it before the last bytes of the answer go out, so that a client sending its
+    /// next request as soon as it has this one's answer finds this one's lease released and its
+    /// hold settled.
+    pub(crate) async fn conclude(&self, ctx: &mut RequestCtx) {
         if std::mem::replace(&mut ctx.finished, true) {
             return;
         }
-        let since = self.state.group.mark();
+        ctx.staged_since = Some(self.state.group.mark());
         if ctx.gate {
             // Gate API: the caller settles its own hold later; the lease lives until then.
             if let (Some(t), Some(r)) = (ctx.ticket.take(), ctx.spend.as_ref().and_then(|s| s.reservation.as_ref())) {
@@ -874,10 +887,6 @@ impl PreauthProxy {
         if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
             self.state.metrics.count_upstream(ctx.upstream_status);
         }
-        // The settlement (journal and event) is written before the connection takes its next
-        // request. A failure is logged by the group commit; the events are lost, the hold stays
-        // for the sweep.
-        let _ = self.state.group.commit(since).await;
     }
 
     /// The configured gateway, with the connect and I/O timeouts.

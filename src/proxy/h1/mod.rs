@@ -151,7 +151,7 @@ impl LeanH1 {
                 if let Some(r) = answer {
                     // Settled and the lease released before the client has the answer (as for
                     // a relayed answer).
-                    self.core.finish(&mut ctx).await;
+                    self.core.conclude(&mut ctx).await;
                     if let Err(we) = self.core.respond(&mut c, &ctx, &r).await {
                         tracing::debug!(error = %we, "could not write error response; client gone");
                     }
@@ -407,8 +407,8 @@ impl LeanH1 {
             if relay.is_done() {
                 // The whole answer is read: settle and release the lease before the client has
                 // the last byte (a client that sends its next request right then finds this
-                // one's lease free), then write it.
-                self.core.finish(ctx).await;
+                // one's lease free), then write it; `serve` writes the settlement's lines next.
+                self.core.conclude(ctx).await;
                 c.write_out().await?;
                 break;
             }
