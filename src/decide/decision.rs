@@ -193,7 +193,7 @@ impl GateEvals {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &GateEval> {
-        self.items[..self.len].iter().flatten()
+        self.into_iter()
     }
 
     pub fn len(&self) -> usize {

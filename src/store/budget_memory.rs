@@ -539,7 +539,7 @@ impl State {
         id: &Id,
         at: UnixMillis,
         actual: Option<i64>,
-        view: impl FnOnce(&Id, &Held) -> T,
+        view: impl FnOnce(&Held, &Id) -> T,
     ) -> Option<T> {
         let (key, held) = self.active.remove_entry(id)?;
         self.by_age.remove(&(held.created_at, key.clone()));
@@ -550,7 +550,7 @@ impl State {
         if let Some(a) = actual {
             acct.spent = acct.spent.saturating_add(a);
         }
-        let seen = view(&key, &held);
+        let seen = view(&held, &key);
         self.insert_finished(key, Finished { held, at, actual });
         Some(seen)
     }
@@ -862,7 +862,7 @@ impl MemoryBudgets {
         let entry = Entry::Settle { id: Cow::Borrowed(id), actual: actual.0, at: now };
         let compact = g.log(std::slice::from_ref(&entry))?;
         g.state.advance(now);
-        let ended = g.state.finish(&key, now, Some(actual.0), |_, h| (h.tenant.clone(), Micros(h.amount)));
+        let ended = g.state.finish(&key, now, Some(actual.0), |h, _| (h.tenant.clone(), Micros(h.amount)));
         drop(g);
         self.after_write(compact);
         Ok(match ended {
@@ -881,7 +881,7 @@ impl MemoryBudgets {
         let entry = Entry::Release { id: Cow::Borrowed(id), at: now };
         let compact = g.log(std::slice::from_ref(&entry))?;
         g.state.advance(now);
-        let ended = g.state.finish(&key, now, None, |k, h| h.reservation(k));
+        let ended = g.state.finish(&key, now, None, Held::reservation);
         drop(g);
         self.after_write(compact);
         Ok(ended)
@@ -900,7 +900,7 @@ impl MemoryBudgets {
         let compact = g.log(&entries)?;
         g.state.advance(now);
         let ended: Vec<Reservation> =
-            ids.iter().filter_map(|id| g.state.finish(id, now, None, |k, h| h.reservation(k))).collect();
+            ids.iter().filter_map(|id| g.state.finish(id, now, None, Held::reservation)).collect();
         drop(g);
         self.after_write(compact);
         Ok(ended)
