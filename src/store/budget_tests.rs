@@ -570,6 +570,47 @@ fn group_commit_mode_writes_at_the_flush_in_one_piece() {
     assert!(reopened.get_now(&later.id).is_some());
 }
 
+/// A compaction in group-commit mode snapshots the state with the staged changes in it: it
+/// writes them first, so that nothing is in the snapshot and again in the tail (or missing).
+#[test]
+fn compaction_writes_staged_lines_first_and_keeps_the_state() {
+    use crate::commit::{StageCounter, Staged};
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    b.group_commit(Arc::new(StageCounter::default()));
+    let (open, _) = populate(&b);
+    b.compact().unwrap();
+    // Staged after the compaction: still written at the flush, once.
+    let later = reserved(b.reserve_now(&req("gamma", t0() + 10, BUDGET, 5, None)).unwrap());
+    settled(b.settle_now(&open.id, Micros(2), t0() + 11).unwrap());
+    b.flush_staged().unwrap();
+    let state = b.dump();
+    let text = fs::read_to_string(dir.0.join(JOURNAL_FILE)).unwrap();
+    assert_eq!(text.matches(&later.id).count(), 1, "{text}");
+    let (replayed, skipped) = State::replay(text.as_bytes(), &BudgetsOptions::default());
+    assert_eq!((replayed.dump(), skipped), (state.clone(), 0));
+    drop(b);
+    assert_eq!(MemoryBudgets::open(&dir.0).unwrap().dump(), state);
+}
+
+/// When the compaction's early write of staged lines fails, the group commit they belong to
+/// fails too (it must not acknowledge lines that are not in the file).
+#[test]
+fn a_failed_early_write_of_staged_lines_fails_their_group_commit() {
+    use crate::commit::{StageCounter, Staged};
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    b.group_commit(Arc::new(StageCounter::default()));
+    populate(&b);
+    let path = dir.0.join(JOURNAL_FILE);
+    let swap = |f: File| std::mem::replace(&mut b.shared.inner.lock().journal.as_mut().unwrap().file, Arc::new(f));
+    let good = swap(File::open(&path).unwrap());
+    assert!(b.compact().is_err());
+    swap(Arc::try_unwrap(good).unwrap());
+    assert!(b.flush_staged().is_err(), "the lost lines reach the group commit");
+    b.flush_staged().unwrap();
+}
+
 #[test]
 fn reopen_restores_spend_active_and_finished() {
     let dir = TempDir::new();
