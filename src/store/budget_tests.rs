@@ -593,6 +593,46 @@ fn compaction_writes_staged_lines_first_and_keeps_the_state() {
     assert_eq!(MemoryBudgets::open(&dir.0).unwrap().dump(), state);
 }
 
+/// A background compaction copies the finished records a piece at a time, letting requests in
+/// between: records forgotten meanwhile are left out, records finished meanwhile are not taken
+/// (the journal's tail has them), and the rest come in finishing order.
+#[test]
+fn finished_records_are_copied_in_pieces_skipping_those_forgotten_meanwhile() {
+    let b = MemoryBudgets::in_memory_with(BudgetsOptions { max_finished: 50, ..BudgetsOptions::default() });
+    let finish = |n: u64, at: u64| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let r = reserved(b.reserve_now(&req("acme", at + i, BUDGET, 1, None)).unwrap());
+                settled(b.settle_now(&r.id, Micros(1), at + i).unwrap());
+                r.id
+            })
+            .collect()
+    };
+    let ids = finish(80, t0());
+    let end = b.shared.inner.lock().state.finished.end_seq();
+    let (mut out, mut from, mut later) = (Vec::new(), 0, Vec::new());
+    while from < end {
+        from = b.shared.inner.lock().state.copy_finished(from, end, 7, &mut out);
+        // Between two pieces: ten more finished, so the ten oldest are forgotten (faster than
+        // the copy goes: it has to skip some).
+        later.extend(finish(10, t0() + 1_000 + from));
+    }
+    let got: Vec<String> = out.iter().map(|(id, _)| id.text()).collect();
+    // Remembered at the start: the last 50. Each piece of 7 is followed by 10 forgotten.
+    let mut want = Vec::new();
+    let (mut next, mut forgotten) = (30, 0);
+    while next < 80 {
+        next = next.max(30 + forgotten);
+        want.extend(ids[next..(next + 7).min(80)].iter().cloned());
+        next += 7;
+        forgotten += 10;
+    }
+    assert_eq!(got, want);
+    assert_eq!(got.len(), 35, "15 of the 50 were forgotten before their piece was copied");
+    assert!(got.iter().all(|id| !later.contains(id)));
+    assert_eq!(b.shared.inner.lock().state.snapshot().finished.len(), 50);
+}
+
 /// When the compaction's early write of staged lines fails, the group commit they belong to
 /// fails too (it must not acknowledge lines that are not in the file).
 #[test]

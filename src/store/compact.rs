@@ -374,8 +374,28 @@ impl<V> IdRing<V> {
     }
 
     /// Live entries, oldest first.
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Id, &V)> {
         self.ring.iter().flatten().map(|(id, v)| (id, v))
+    }
+
+    /// The sequence number the next [`IdRing::push_back`] gives (entries are numbered in
+    /// insertion order).
+    pub(crate) fn end_seq(&self) -> u64 {
+        self.first + self.ring.len() as u64
+    }
+
+    /// `from..until` narrowed to the numbers still held (`first..end_seq`); an empty range when
+    /// none of them is.
+    pub(crate) fn clamp_seqs(&self, from: u64, until: u64) -> (u64, u64) {
+        let until = until.min(self.end_seq());
+        (from.max(self.first).min(until), until)
+    }
+
+    /// Live entries numbered `from..until`, oldest first; the range must lie within
+    /// [`IdRing::clamp_seqs`]'s bounds.
+    pub(crate) fn range(&self, from: u64, until: u64) -> impl Iterator<Item = (&Id, &V)> {
+        self.ring.range((from - self.first) as usize..(until - self.first) as usize).flatten().map(|(id, v)| (id, v))
     }
 
     /// Appends an entry; an older one with the same id is dropped.
@@ -561,6 +581,8 @@ mod ring_tests {
 
     fn matches_a_model(mut ring: IdRing<u64>, steps: u64) {
         let mut model: VecDeque<(String, u64)> = VecDeque::new();
+        // The sequence number each live entry got.
+        let mut seqs: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         for step in 0..steps {
             x ^= x << 13;
@@ -575,6 +597,7 @@ mod ring_tests {
                 0..=5 => {
                     model.retain(|(k, _)| *k != id);
                     model.push_back((id.clone(), step));
+                    seqs.insert(id.clone(), ring.end_seq());
                     ring.push_back(Id::new(&id), step);
                 }
                 6..=7 => {
@@ -595,6 +618,18 @@ mod ring_tests {
                         ring.shrink_if_sparse();
                     }
                 }
+            }
+            if step % 97 == 0 {
+                // A range of sequence numbers, partly outside what is held: the live entries
+                // numbered within it, in order.
+                let span = ring.end_seq() - ring.first;
+                let from = (ring.first + x % (span + 3)).saturating_sub(2);
+                let until = from + (x >> 32) % (span + 3);
+                let (f, u) = ring.clamp_seqs(from, until);
+                assert!(f <= u && ring.first <= f && u <= ring.end_seq());
+                let got: Vec<_> = ring.range(f, u).map(|(k, v)| (k.to_string(), *v)).collect();
+                let want: Vec<_> = model.iter().filter(|(k, _)| (from..until).contains(&seqs[k])).cloned().collect();
+                assert_eq!(got, want, "{from}..{until}");
             }
             assert_eq!(ring.len(), model.len());
             assert_eq!(ring.front().map(|(k, v)| (k.to_string(), *v)), model.front().cloned());
