@@ -1045,7 +1045,9 @@ impl Shared {
     /// Caller holds the `compacting` flag.
     fn compact(&self) -> io::Result<()> {
         // 1. Locked: the staged lines written, so that the file ends (at `l0`) where the state
-        //    stands, and the state copied (the module docs say why not re-read the file) — the
+        //    stands — ahead of their group commit, which writes this journal before the outbox
+        //    anyway, so a crash can already leave journal lines whose events are not written —
+        //    and the state copied (the module docs say why not re-read the file) — the
         //    finished records, the bulk, in pieces, the lock let go between them. A record
         //    forgotten meanwhile is left out: forgetting it is all replaying it would lead to.
         let (dir, l0, mut snapshot, end) = {
