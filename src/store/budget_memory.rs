@@ -444,35 +444,18 @@ impl State {
 
     /// Rebuilds a state from journal bytes; unreadable lines are skipped and counted.
     fn replay(bytes: &[u8], opts: &BudgetsOptions) -> (State, u64) {
-        let (st, skipped, _) = Self::replay_from(bytes, opts).expect("reading a byte slice cannot fail");
-        (st, skipped)
-    }
-
-    /// [`State::replay`] from a reader, a line at a time (a compaction never holds the whole
-    /// journal in memory); also returns the bytes read.
-    fn replay_from(mut r: impl io::BufRead, opts: &BudgetsOptions) -> io::Result<(State, u64, u64)> {
         let mut st = State::new(opts);
-        let (mut skipped, mut read) = (0, 0u64);
-        let mut line = Vec::with_capacity(512);
-        loop {
-            line.clear();
-            let n = r.read_until(b'\n', &mut line)?;
-            if n == 0 {
-                break;
-            }
-            read += n as u64;
-            let l = line.strip_suffix(b"\n").unwrap_or(&line);
+        let mut skipped = 0;
+        for l in bytes.split(|&b| b == b'\n') {
             if l.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
             match serde_json::from_slice::<Entry<'_>>(l) {
-                Ok(e) => {
-                    st.apply(&e);
-                }
+                Ok(e) => st.apply(&e),
                 Err(_) => skipped += 1,
             }
         }
-        Ok((st, skipped, read))
+        (st, skipped)
     }
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
@@ -743,7 +726,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    /// Writes the snapshot lines to `w` in 256 KiB pieces (a big state's snapshot is never held in
+    /// Writes the snapshot lines to `w` in 256 KiB pieces (a big state's lines are never held in
     /// memory whole); returns the bytes written.
     fn write_to(&self, w: &mut dyn Write) -> io::Result<u64> {
         let mut buf = Vec::with_capacity(SPILL_BYTES + 4096);

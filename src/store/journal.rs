@@ -130,9 +130,6 @@ impl Journal {
     /// Writes the staged lines now, ahead of their group commit (a compaction's snapshot point).
     /// A failure is also kept for that group commit, which then fails as if its own write had.
     pub(crate) fn write_staged(&mut self) -> io::Result<()> {
-        if self.staged.is_empty() && !self.staged_lost {
-            return Ok(());
-        }
         let r = self.flush_staged().map(drop);
         if r.is_err() {
             self.staged_lost = true;
