@@ -361,11 +361,6 @@ impl Policy {
         }
     }
 
-    /// Whether a request of this tenant needs a concurrency lease (the gate is active for it).
-    pub fn wants_lease(&self, tenant: &str) -> bool {
-        self.limits(tenant).wants_lease()
-    }
-
     /// A policy with the reference defaults, for tests and benches.
     pub fn for_test() -> Policy {
         Policy {

@@ -189,7 +189,8 @@ impl PreauthProxy {
             let wants_hold = mode != Mode::Shadow && threshold.is_none() && !matches!(token_check, Some(Err(_)));
             let hold = wants_hold
                 .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok, now));
-            let (mut d, ticket, held) = self.guard(&policy, &facts, mode, hold.as_ref(), now).await?;
+            let lease = limits.wants_lease();
+            let (mut d, ticket, held) = self.guard(&policy, &facts, mode, lease, hold.as_ref(), now).await?;
             // What the store held: the reservation goes to `spend`, its amount to the decision.
             let held = held.map(|outcome| match outcome {
                 ReserveOutcome::Reserved(r) => {
@@ -487,17 +488,18 @@ impl PreauthProxy {
         Ok(ReserveStep { violation: (!fits).then_some(Reason::BudgetExceeded), ..ReserveStep::default() })
     }
 
-    /// Counts the request in the store (and holds its cost when asked) in one step, then
-    /// evaluates steps 4–6 on the counters it saw.
+    /// Counts the request in the store (taking a concurrency lease when `lease`, and holding its
+    /// cost when asked) in one step, then evaluates steps 4–6 on the counters it saw.
     async fn guard(
         &self,
         policy: &Policy,
         facts: &Facts<'_>,
         mode: Mode,
+        lease: bool,
         hold: Option<&ReserveRequest<'_>>,
         now: UnixMillis,
     ) -> std::result::Result<(Decision, Ticket, Option<ReserveOutcome>), StoreError> {
-        let lease_ttl_ms = policy.wants_lease(facts.tenant).then(|| policy.fair_use.lease_ttl_seconds * 1000);
+        let lease_ttl_ms = lease.then(|| policy.fair_use.lease_ttl_seconds * 1000);
         let req = AdmitRequest { tenant: facts.tenant, now, tokens: facts.estimated_tokens, lease_ttl_ms };
         let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
         // An in-process store answers at once; a shared one is awaited under the store timeout.
