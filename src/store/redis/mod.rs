@@ -47,9 +47,11 @@
 //! connection manager reconnects on I/O errors on its own. [`RedisStore::healthy`] feeds
 //! readiness; [`RedisStore::error_counts`] counts failures per operation.
 //!
-//! The store owns a small tokio runtime (one worker, `preauth-redis`) that hosts the connection
-//! drivers, reconnects, the health task and the policy sync; commands themselves are awaited on
-//! the caller's runtime (no extra hop).
+//! The store owns a small tokio runtime (one worker, `preauth-redis`) that hosts the shared
+//! connection's driver, reconnects, the health task and the policy sync. On a single node, each
+//! thread of another runtime (the proxy's) sends its commands on a connection of its own whose
+//! driver runs on that runtime (`caller_conn`): no cross-thread wake-up per round trip (−36% CPU
+//! per request on the Redis row of the load benchmark). A breaker opening replaces them all.
 //!
 //! Owns: `RedisStore`, key layout, Lua scripts (`scripts/`). Imports: store traits, `decide`
 //! types, redis, tokio, parking_lot, serde_json, uuid, tracing.
@@ -303,6 +305,9 @@ pub(crate) struct Inner {
     errors: ErrorCounts,
     /// Openings of the breaker already answered with a fresh connection.
     reset_openings: AtomicU64,
+    /// Bumped by every replacement of the single-node connection: the callers' own
+    /// connections ([`RedisStore::caller_conn`]) made before it are dropped and made anew.
+    generation: AtomicU64,
     /// Commands sent, for measuring round trips (a script call is one).
     commands: AtomicU64,
     handle: tokio::runtime::Handle,
@@ -439,6 +444,7 @@ impl RedisStore {
             breaker: Breaker::new(opts.breaker),
             errors: ErrorCounts::default(),
             reset_openings: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             handle: runtime.handle().clone(),
             runtime: Mutex::new(Some(runtime)),
@@ -503,6 +509,7 @@ impl RedisStore {
                         .map_err(|e| unavailable(format!("redis connection manager: {e}")))?
                 };
                 *self.inner.conn.write() = Some(Conn::Single(mgr));
+                self.inner.generation.fetch_add(1, Ordering::Release);
                 Ok(())
             }
             Target::Cluster(client, _) => {
@@ -557,7 +564,7 @@ impl RedisStore {
             self.inner.errors.add(op);
             return Err(StoreError::Unavailable("circuit open".into()));
         };
-        let Some(conn) = self.inner.conn.read().clone() else {
+        let Some(conn) = self.caller_conn() else {
             permit.failure();
             self.inner.errors.add(op);
             return Err(StoreError::Unavailable("not connected".into()));
@@ -587,11 +594,48 @@ impl RedisStore {
         }
     }
 
+    /// The connection a command is sent on. Single node, called from a runtime other than the
+    /// store's (the proxy's): this thread's own connection to the same node, made on first use,
+    /// so that its driver runs on the caller's runtime. A command then goes out and its reply
+    /// comes back without waking the store's thread (two cross-thread wake-ups per round trip
+    /// otherwise). Cluster, or on the store's runtime: the shared connection. `None`: not
+    /// connected.
+    fn caller_conn(&self) -> Option<Conn> {
+        thread_local! {
+            /// (store, its connection generation, this thread's connection to it).
+            static OWN: std::cell::RefCell<Vec<(Weak<Inner>, u64, Conn)>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let shared = self.inner.conn.read().clone()?;
+        let Target::Single(client) = &self.inner.target else { return Some(shared) };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.id() != self.inner.handle.id() => {}
+            _ => return Some(shared),
+        }
+        let generation = self.inner.generation.load(Ordering::Acquire);
+        OWN.with_borrow_mut(|own| {
+            own.retain(|(store, ..)| store.strong_count() > 0);
+            let slot = own.iter().position(|(store, ..)| std::ptr::eq(store.as_ptr(), Arc::as_ptr(&self.inner)));
+            if let Some(i) = slot {
+                if own[i].1 == generation {
+                    return Some(own[i].2.clone());
+                }
+                own.swap_remove(i);
+            }
+            // Lazy: connects (and reconnects) on this runtime when first used.
+            let Ok(mgr) = ConnectionManager::new_lazy_with_config(client.clone(), manager_config()) else {
+                return Some(shared);
+            };
+            let conn = Conn::Single(mgr);
+            own.push((Arc::downgrade(&self.inner), generation, conn.clone()));
+            Some(conn)
+        })
+    }
+
     /// Deletes every key under this store's prefix (tests, `rebuild` tooling). SCAN + DEL; single
     /// node only.
     pub async fn delete_all_keys(&self) -> Result<u64, StoreError> {
         let pattern = format!("{}*", glob_escape(&self.inner.keys.prefix));
-        let mut conn = self.inner.conn.read().clone().ok_or_else(|| unavailable("not connected"))?;
+        let mut conn = self.caller_conn().ok_or_else(|| unavailable("not connected"))?;
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
