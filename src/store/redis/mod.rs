@@ -601,24 +601,31 @@ impl RedisStore {
     /// otherwise). Cluster, or on the store's runtime: the shared connection. `None`: not
     /// connected.
     fn caller_conn(&self) -> Option<Conn> {
+        /// This thread's connection to one store: made on `runtime`, for connection `generation`.
+        struct Own {
+            store: Weak<Inner>,
+            runtime: tokio::runtime::Id,
+            generation: u64,
+            conn: Conn,
+        }
         thread_local! {
-            /// (store, its connection generation, this thread's connection to it).
-            static OWN: std::cell::RefCell<Vec<(Weak<Inner>, u64, Conn)>> = const { std::cell::RefCell::new(Vec::new()) };
+            static OWN: std::cell::RefCell<Vec<Own>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let shared = self.inner.conn.read().clone()?;
         let Target::Single(client) = &self.inner.target else { return Some(shared) };
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.id() != self.inner.handle.id() => {}
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.id() != self.inner.handle.id() => h.id(),
             _ => return Some(shared),
-        }
+        };
         let generation = self.inner.generation.load(Ordering::Acquire);
         OWN.with_borrow_mut(|own| {
-            own.retain(|(store, ..)| store.strong_count() > 0);
-            let slot = own.iter().position(|(store, ..)| std::ptr::eq(store.as_ptr(), Arc::as_ptr(&self.inner)));
+            own.retain(|o| o.store.strong_count() > 0);
+            let slot = own.iter().position(|o| std::ptr::eq(o.store.as_ptr(), Arc::as_ptr(&self.inner)));
             if let Some(i) = slot {
-                if own[i].1 == generation {
-                    return Some(own[i].2.clone());
+                if own[i].runtime == runtime && own[i].generation == generation {
+                    return Some(own[i].conn.clone());
                 }
+                // Replaced, or made on a runtime this thread no longer runs.
                 own.swap_remove(i);
             }
             // Lazy: connects (and reconnects) on this runtime when first used.
@@ -626,7 +633,7 @@ impl RedisStore {
                 return Some(shared);
             };
             let conn = Conn::Single(mgr);
-            own.push((Arc::downgrade(&self.inner), generation, conn.clone()));
+            own.push(Own { store: Arc::downgrade(&self.inner), runtime, generation, conn: conn.clone() });
             Some(conn)
         })
     }

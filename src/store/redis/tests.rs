@@ -822,3 +822,46 @@ async fn settle_release_pipelines_the_settlement_and_the_lease() {
     assert!(none.is_none() && released.is_ok());
     cleanup(&s).await;
 }
+
+// ------------------------------------------------------------------------------------------------
+// Connections: the caller's own, the store's shared one.
+
+/// `CLIENT ID` of the connection `exec` picks on the current thread.
+async fn client_id(s: &RedisStore) -> i64 {
+    s.exec("client_id", 1, |mut c| async move { redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut c).await })
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn callers_use_a_connection_of_their_own_until_the_shared_one_is_replaced() {
+    let Some(s) = store_at(&prefix()).await else { return };
+    let shared = {
+        let mut conn = s.inner.conn.read().clone().unwrap();
+        redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await.unwrap()
+    };
+    // This (the caller's) runtime: its own connection, the same one on every call.
+    let own = client_id(&s).await;
+    assert_ne!(own, shared);
+    assert_eq!(client_id(&s).await, own);
+    // The store's own tasks (health, policy sync) use the shared connection.
+    let on_store = {
+        let s2 = s.clone();
+        s.inner.handle.spawn(async move { client_id(&s2).await }).await.unwrap()
+    };
+    assert_eq!(on_store, shared);
+    // Another runtime on another thread: another connection.
+    let s3 = s.clone();
+    let other = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(client_id(&s3))
+    })
+    .join()
+    .unwrap();
+    assert!(other != own && other != shared);
+    // A replacement (after a breaker opening) replaces the callers' connections too.
+    s.replace_connection().await.unwrap();
+    let renewed = client_id(&s).await;
+    assert!(renewed != own && renewed != shared);
+    assert_eq!(client_id(&s).await, renewed);
+    cleanup(&s).await;
+}
