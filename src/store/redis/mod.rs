@@ -67,7 +67,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -595,11 +595,12 @@ impl RedisStore {
     }
 
     /// The connection a command is sent on. Single node, called from a runtime other than the
-    /// store's (the proxy's): this thread's own connection to the same node, made on first use,
-    /// so that its driver runs on the caller's runtime. A command then goes out and its reply
-    /// comes back without waking the store's thread (two cross-thread wake-ups per round trip
-    /// otherwise). Cluster, or on the store's runtime: the shared connection. `None`: not
-    /// connected.
+    /// store's (the proxy's): this thread's own connection to the same node, so that its driver
+    /// runs on the caller's runtime. A command then goes out and its reply comes back without
+    /// waking the store's thread (two cross-thread wake-ups per round trip otherwise). It is made
+    /// on the thread's first command and connects in the background ([`warm_up`]); until it
+    /// answers, commands take the shared connection, so no request waits for a connect. Cluster,
+    /// or on the store's runtime: the shared connection. `None`: not connected.
     fn caller_conn(&self) -> Option<Conn> {
         /// This thread's connection to one store: made on `runtime`, for connection `generation`.
         struct Own {
@@ -607,6 +608,7 @@ impl RedisStore {
             runtime: tokio::runtime::Id,
             generation: u64,
             conn: Conn,
+            ready: Arc<AtomicBool>,
         }
         thread_local! {
             static OWN: std::cell::RefCell<Vec<Own>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -614,7 +616,7 @@ impl RedisStore {
         let shared = self.inner.conn.read().clone()?;
         let Target::Single(client) = &self.inner.target else { return Some(shared) };
         let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.id() != self.inner.handle.id() => h.id(),
+            Ok(h) if h.id() != self.inner.handle.id() => h,
             _ => return Some(shared),
         };
         let generation = self.inner.generation.load(Ordering::Acquire);
@@ -622,19 +624,27 @@ impl RedisStore {
             own.retain(|o| o.store.strong_count() > 0);
             let slot = own.iter().position(|o| std::ptr::eq(o.store.as_ptr(), Arc::as_ptr(&self.inner)));
             if let Some(i) = slot {
-                if own[i].runtime == runtime && own[i].generation == generation {
-                    return Some(own[i].conn.clone());
+                let o = &own[i];
+                if o.runtime == runtime.id() && o.generation == generation {
+                    return Some(if o.ready.load(Ordering::Acquire) { o.conn.clone() } else { shared });
                 }
                 // Replaced, or made on a runtime this thread no longer runs.
                 own.swap_remove(i);
             }
-            // Lazy: connects (and reconnects) on this runtime when first used.
+            // Lazy: connects (and later reconnects) on this runtime when first used.
             let Ok(mgr) = ConnectionManager::new_lazy_with_config(client.clone(), manager_config()) else {
                 return Some(shared);
             };
-            let conn = Conn::Single(mgr);
-            own.push(Own { store: Arc::downgrade(&self.inner), runtime, generation, conn: conn.clone() });
-            Some(conn)
+            let ready = Arc::new(AtomicBool::new(false));
+            runtime.spawn(warm_up(Arc::downgrade(&self.inner), generation, mgr.clone(), ready.clone()));
+            own.push(Own {
+                store: Arc::downgrade(&self.inner),
+                runtime: runtime.id(),
+                generation,
+                conn: Conn::Single(mgr),
+                ready,
+            });
+            Some(shared)
         })
     }
 
@@ -706,6 +716,24 @@ fn is_connectivity(e: &RedisError) -> bool {
                 | ErrorKind::AuthenticationFailed
                 | ErrorKind::ClusterConnectionNotFound
         )
+}
+
+/// Connects a caller's own connection ([`RedisStore::caller_conn`]) and marks it `ready` once it
+/// answers a PING; retries every [`HEALTH_INTERVAL`] while its store lives and has not replaced
+/// its connections since.
+async fn warm_up(store: Weak<Inner>, generation: u64, mut conn: ConnectionManager, ready: Arc<AtomicBool>) {
+    loop {
+        let ping = redis::cmd("PING");
+        if let Ok(Ok(())) = tokio::time::timeout(CONNECT_TIMEOUT, ping.query_async::<()>(&mut conn)).await {
+            ready.store(true, Ordering::Release);
+            return;
+        }
+        match store.upgrade() {
+            Some(inner) if inner.generation.load(Ordering::Acquire) == generation => {}
+            _ => return,
+        }
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+    }
 }
 
 /// Pings every [`HEALTH_INTERVAL`]; replaces the connection once per breaker opening; the ping

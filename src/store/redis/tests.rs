@@ -833,15 +833,34 @@ async fn client_id(s: &RedisStore) -> i64 {
         .unwrap()
 }
 
+/// `CLIENT ID` of the shared connection.
+async fn shared_id(s: &RedisStore) -> i64 {
+    let mut conn = s.inner.conn.read().clone().unwrap();
+    redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await.unwrap()
+}
+
+/// [`client_id`] once the thread's own connection is connected (until then: the shared one).
+async fn own_id(s: &RedisStore) -> i64 {
+    let shared = shared_id(s).await;
+    let t = Instant::now();
+    loop {
+        let id = client_id(s).await;
+        if id != shared {
+            return id;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "still on the shared connection");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn callers_use_a_connection_of_their_own_until_the_shared_one_is_replaced() {
     let Some(s) = store_at(&prefix()).await else { return };
-    let shared = {
-        let mut conn = s.inner.conn.read().clone().unwrap();
-        redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut conn).await.unwrap()
-    };
-    // This (the caller's) runtime: its own connection, the same one on every call.
-    let own = client_id(&s).await;
+    let shared = shared_id(&s).await;
+    // A thread's first command takes the shared connection (no request waits for a connect)...
+    assert_eq!(client_id(&s).await, shared);
+    // ...while its own connects; from then on, the same own connection on every call.
+    let own = own_id(&s).await;
     assert_ne!(own, shared);
     assert_eq!(client_id(&s).await, own);
     // The store's own tasks (health, policy sync) use the shared connection.
@@ -853,15 +872,15 @@ async fn callers_use_a_connection_of_their_own_until_the_shared_one_is_replaced(
     // Another runtime on another thread: another connection.
     let s3 = s.clone();
     let other = std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(client_id(&s3))
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(own_id(&s3))
     })
     .join()
     .unwrap();
     assert!(other != own && other != shared);
     // A replacement (after a breaker opening) replaces the callers' connections too.
     s.replace_connection().await.unwrap();
-    let renewed = client_id(&s).await;
-    assert!(renewed != own && renewed != shared);
+    let renewed = own_id(&s).await;
+    assert!(renewed != own && renewed != shared && renewed != shared_id(&s).await);
     assert_eq!(client_id(&s).await, renewed);
     cleanup(&s).await;
 }
