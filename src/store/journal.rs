@@ -88,12 +88,7 @@ impl Journal {
                 return self.write_out(&buf);
             }
             self.staged.extend_from_slice(&buf);
-            let r = self.flush_staged();
-            if r.is_err() {
-                // The staged lines went down with this write: their group commit must hear of it.
-                self.staged_lost = true;
-            }
-            r
+            self.write_staged()
         });
         buf.clear();
         if buf.capacity() <= 1 << 16 {
@@ -127,10 +122,11 @@ impl Journal {
         r
     }
 
-    /// Writes the staged lines now, ahead of their group commit (a compaction's snapshot point).
-    /// A failure is also kept for that group commit, which then fails as if its own write had.
-    pub(crate) fn write_staged(&mut self) -> io::Result<()> {
-        let r = self.flush_staged().map(drop);
+    /// Writes the staged lines now, ahead of their group commit (an append that carries them, a
+    /// compaction's snapshot point). A failure is also kept for that group commit, which then
+    /// fails as if its own write had. Returns whether the journal has grown enough to be compacted.
+    pub(crate) fn write_staged(&mut self) -> io::Result<bool> {
+        let r = self.flush_staged();
         if r.is_err() {
             self.staged_lost = true;
         }
