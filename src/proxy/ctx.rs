@@ -55,10 +55,9 @@ pub struct RequestCtx {
     /// the pending refusal): pingora keeps the context inside its per-request future and moves
     /// that future, so every byte here is copied on every request.
     pub spend: Option<Box<super::spend::SpendCtx>>,
-    /// `conclude` ran (settled, lease released, counted): it does nothing the next time.
-    pub finished: bool,
     /// Where the group commit stood before `conclude` staged the settlement: `finish` writes
-    /// from there.
+    /// from there. `Some` once `conclude` ran (settled, lease released, counted), which then does
+    /// nothing the next time.
     pub staged_since: Option<u64>,
 }
 
@@ -90,7 +89,6 @@ impl RequestCtx {
             policy_version: 0,
             estimated_cost: None,
             fingerprint: None,
-            finished: false,
             staged_since: None,
         }
     }

@@ -855,7 +855,7 @@ impl PreauthProxy {
         // The settlement (journal and event) is written before the connection takes its next
         // request. A failure is logged by the group commit; the events are lost, the hold stays
         // for the sweep.
-        if let Some(since) = ctx.staged_since.take() {
+        if let Some(since) = ctx.staged_since {
             let _ = self.state.group.commit(since).await;
         }
     }
@@ -866,7 +866,7 @@ impl PreauthProxy {
     /// next request as soon as it has this one's answer finds this one's lease released and its
     /// hold settled.
     pub(crate) async fn conclude(&self, ctx: &mut RequestCtx) {
-        if std::mem::replace(&mut ctx.finished, true) {
+        if ctx.staged_since.is_some() {
             return;
         }
         ctx.staged_since = Some(self.state.group.mark());
