@@ -613,11 +613,12 @@ impl RedisStore {
         thread_local! {
             static OWN: std::cell::RefCell<Vec<Own>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let shared = self.inner.conn.read().clone()?;
-        let Target::Single(client) = &self.inner.target else { return Some(shared) };
+        // Read (a lock and a clone) only when it is the answer.
+        let shared = || self.inner.conn.read().clone();
+        let Target::Single(client) = &self.inner.target else { return shared() };
         let runtime = match tokio::runtime::Handle::try_current() {
             Ok(h) if h.id() != self.inner.handle.id() => h,
-            _ => return Some(shared),
+            _ => return shared(),
         };
         let generation = self.inner.generation.load(Ordering::Acquire);
         OWN.with_borrow_mut(|own| {
@@ -626,14 +627,14 @@ impl RedisStore {
             if let Some(i) = slot {
                 let o = &own[i];
                 if o.runtime == runtime.id() && o.generation == generation {
-                    return Some(if o.ready.load(Ordering::Acquire) { o.conn.clone() } else { shared });
+                    return if o.ready.load(Ordering::Acquire) { Some(o.conn.clone()) } else { shared() };
                 }
                 // Replaced, or made on a runtime this thread no longer runs.
                 own.swap_remove(i);
             }
             // Lazy: connects (and later reconnects) on this runtime when first used.
             let Ok(mgr) = ConnectionManager::new_lazy_with_config(client.clone(), manager_config()) else {
-                return Some(shared);
+                return shared();
             };
             let ready = Arc::new(AtomicBool::new(false));
             runtime.spawn(warm_up(Arc::downgrade(&self.inner), generation, mgr.clone(), ready.clone()));
@@ -644,7 +645,7 @@ impl RedisStore {
                 conn: Conn::Single(mgr),
                 ready,
             });
-            Some(shared)
+            shared()
         })
     }
 
