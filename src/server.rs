@@ -180,6 +180,7 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
         threads,
         grace_period_seconds: Some(GRACE_PERIOD_SECONDS),
         graceful_shutdown_timeout_seconds: Some(5),
+        work_stealing: work_stealing(threads),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -221,6 +222,15 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     server.add_service(housekeeper);
     server.add_service(reloader);
     Ok(Built { server, state })
+}
+
+/// Whether pingora runs each service on a work-stealing runtime. With one thread there is nothing
+/// to steal from: a single-threaded runtime then drives the same tasks with less per-wake-up work
+/// (no shared run queues, no atomics on the hand-off), about 5% less CPU per request on the
+/// embedded JSON path and 10% on the Redis one (README, Performance). With more threads each keeps
+/// stealing, so that a few busy connections still spread over every thread.
+fn work_stealing(threads: usize) -> bool {
+    threads > 1
 }
 
 struct NotifyShutdown(Arc<Notify>);

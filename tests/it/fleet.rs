@@ -45,8 +45,13 @@ async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
         ("PREAUTH_STORE_TIMEOUT_MS", "500"),
         ("PREAUTH_GATE_TIMEOUT_MS", "2000"),
     ];
-    let fleet =
-        [start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await];
+    // The first replica runs one proxy thread (a single-threaded runtime, no work stealing).
+    let one_thread: Vec<_> = env.iter().copied().chain([("PREAUTH_THREADS", "1")]).collect();
+    let fleet = [
+        start_fleet(&one_thread, REDIS, &p).await,
+        start_fleet(&env, REDIS, &p).await,
+        start_fleet(&env, REDIS, &p).await,
+    ];
 
     // The global cap counts the fleet's total: 5 admitted across replicas, the 6th trips.
     for i in 0..5 {
