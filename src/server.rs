@@ -229,6 +229,11 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
 /// (no shared run queues, no atomics on the hand-off), about 5% less CPU per request on the
 /// embedded JSON path and 10% on the Redis one (README, Performance). With more threads each keeps
 /// stealing, so that a few busy connections still spread over every thread.
+///
+/// One server per process: pingora finds its single-threaded runtimes through a thread-local
+/// keyed by thread ids, which are reused once a thread exits. A process that stops such a server
+/// and then starts another can hand the new one a runtime that is gone (the binary never does;
+/// in-process tests keep to more threads and run `PREAUTH_THREADS=1` through the binary).
 fn work_stealing(threads: usize) -> bool {
     threads > 1
 }

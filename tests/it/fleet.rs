@@ -10,25 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
 
-const REDIS: &str = "redis://127.0.0.1:6379";
-
-fn prefix() -> String {
-    format!("it:{}:", uuid::Uuid::new_v4().simple())
-}
-
-/// Deletes every key under `prefix` (test isolation on the shared Redis).
-async fn cleanup(prefix: &str) {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut c).await.unwrap();
-    for k in keys {
-        let _: () = redis::cmd("DEL").arg(&k).query_async(&mut c).await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
-    let p = prefix();
+    let p = redis_prefix();
     let dir = temp_dir();
     let tenants = dir.join("tenants.toml");
     // gpt-4o, 1000 output tokens: ~0.01 USD worst case each; 0.105 fits exactly 10.
@@ -45,13 +29,8 @@ async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
         ("PREAUTH_STORE_TIMEOUT_MS", "500"),
         ("PREAUTH_GATE_TIMEOUT_MS", "2000"),
     ];
-    // The first replica runs one proxy thread (a single-threaded runtime, no work stealing).
-    let one_thread: Vec<_> = env.iter().copied().chain([("PREAUTH_THREADS", "1")]).collect();
-    let fleet = [
-        start_fleet(&one_thread, REDIS, &p).await,
-        start_fleet(&env, REDIS, &p).await,
-        start_fleet(&env, REDIS, &p).await,
-    ];
+    let fleet =
+        [start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await];
 
     // The global cap counts the fleet's total: 5 admitted across replicas, the 6th trips.
     for i in 0..5 {
@@ -176,12 +155,12 @@ async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
     for s in fleet {
         s.stop().await;
     }
-    cleanup(&p).await;
+    redis_cleanup(&p).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn approval_tokens_are_single_use_across_replicas() {
-    let p = prefix();
+    let p = redis_prefix();
     let env = [
         ("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "0.05"),
         ("ENFORCEMENT_APPROVAL_TOKEN_SECRET", "fleet-approval-secret-0123456789abcdef"),
@@ -222,7 +201,7 @@ async fn approval_tokens_are_single_use_across_replicas() {
     assert_error(send(&b).await, 409, "approval_token_replayed").await;
     a.stop().await;
     b.stop().await;
-    cleanup(&p).await;
+    redis_cleanup(&p).await;
 }
 
 /// A TCP relay to Redis that can cut every connection and refuse new ones ("Redis gone").
@@ -260,7 +239,7 @@ async fn switchable_redis() -> Switch {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_fails_safe_per_mode_and_recovers() {
-    let p = prefix();
+    let p = redis_prefix();
     let sw = switchable_redis().await;
     let url = format!("redis://127.0.0.1:{}", sw.port);
     let s =
@@ -331,12 +310,12 @@ async fn redis_outage_fails_safe_per_mode_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     s.stop().await;
-    cleanup(&p).await;
+    redis_cleanup(&p).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
-    let p = prefix();
+    let p = redis_prefix();
     let db = crate::ledger::fresh_db().await;
     let ledger_url = crate::ledger::url_for(&db, 5432);
     crate::ledger::migrate(&ledger_url);
@@ -360,7 +339,7 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     };
     let before = view(&s).await["spent_usd"].as_str().unwrap().to_string();
     assert_ne!(before, "0.000000");
-    cleanup(&p).await; // Redis lost its data
+    redis_cleanup(&p).await; // Redis lost its data
     assert_eq!(view(&s).await["spent_usd"], "0.000000");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
         .arg("rebuild-spend")
@@ -373,7 +352,7 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("acme"));
     assert_eq!(view(&s).await["spent_usd"].as_str().unwrap(), before, "spend restored from the ledger");
     s.stop().await;
-    cleanup(&p).await;
+    redis_cleanup(&p).await;
     crate::ledger::drop_db(&db).await;
 }
 
@@ -438,7 +417,7 @@ async fn rediss_urls_speak_tls() {
     // `#insecure`: the test certificate is self-signed (production: a CA-signed certificate
     // verified against the system roots).
     let url = format!("rediss://127.0.0.1:{}/#insecure", redis.port);
-    let s = start_fleet(&[], &url, &prefix()).await;
+    let s = start_fleet(&[], &url, &redis_prefix()).await;
     let r = post(&s, "/v1/embeddings", "acme", "enterprise", &json!({"model": "text-embedding-3-small", "input": "x"}))
         .await;
     assert_eq!(r.status(), 200, "decided through a TLS connection to Redis");

@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use preauth_sidecar::decide::pricing::{cost, PriceTable};
 use preauth_sidecar::decide::usage_types::Usage;
 use preauth_sidecar::decide::Micros;
+use preauth_sidecar::demo::upstream::FakeUpstream;
 use preauth_sidecar::store::memory::MemoryCounters;
 use serde_json::{json, Value};
 
@@ -110,9 +111,12 @@ async fn spend_equals_the_price_of_reported_usage_json_and_sse() {
 
 /// `PREAUTH_THREADS=1` runs the proxy on a single-threaded runtime (no work stealing). Requests on
 /// HTTP/1 and h2c, JSON and SSE, are all in flight at once on that one thread, and each settles.
-#[tokio::test(flavor = "multi_thread")]
-async fn one_proxy_thread_serves_requests_concurrently_and_settles_each() {
-    let s = start(&[("PREAUTH_THREADS", "1")]).await;
+/// The real binary: one pingora server per process, as in production (pingora finds its
+/// single-threaded runtimes through a thread-local that outlives a stopped in-process server).
+async fn one_proxy_thread_serves_requests_concurrently_and_settles_each(extra: &[(&str, &str)]) {
+    let up = FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let env: Vec<_> = [("PREAUTH_THREADS", "1")].into_iter().chain(extra.iter().copied()).collect();
+    let b = Binary::start(&up, &temp_dir(), &env);
     let h2c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     let sse = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
     let mut tasks = Vec::new();
@@ -120,7 +124,7 @@ async fn one_proxy_thread_serves_requests_concurrently_and_settles_each() {
         let c = if i % 4 < 2 { client() } else { h2c.clone() };
         let (body, delay) = if i % 2 == 0 { (chat("gpt-4o-mini"), "3000") } else { (sse.clone(), "0") };
         let req = c
-            .post(s.url("/v1/chat/completions"))
+            .post(b.url("/v1/chat/completions"))
             .bearer_auth(token("solo", "pro"))
             .header("x-mock-prompt-tokens", "1000")
             .header("x-mock-completion-tokens", "100")
@@ -134,17 +138,32 @@ async fn one_proxy_thread_serves_requests_concurrently_and_settles_each() {
     }
     // The JSON answers wait 3 s at the upstream: one after another, the last of the 24 would
     // reach it after 36 s; served concurrently, all are there within the wait's 5 s.
-    wait_for("all 24 requests at the upstream at once", || async { s.upstream.request_count() == 24 }).await;
+    wait_for("all 24 requests at the upstream at once", || async { up.request_count() == 24 }).await;
     for t in tasks {
         t.await.unwrap();
     }
     let one = price_cost("gpt-4o-mini", Usage { prompt_tokens: 1000, completion_tokens: 100, ..Usage::default() });
     wait_for("every settlement", || async {
-        let v = tenant_view(&s, "solo").await;
+        let v = b.admin_get("/api/v1/enforcement/tenants/solo").await;
         usd(&v["spent_usd"]) == Micros(one.0 * 24) && usd(&v["reserved_usd"]) == Micros::ZERO
     })
     .await;
-    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_proxy_thread_embedded() {
+    one_proxy_thread_serves_requests_concurrently_and_settles_each(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_proxy_thread_on_redis() {
+    let p = redis_prefix();
+    one_proxy_thread_serves_requests_concurrently_and_settles_each(&[
+        ("PREAUTH_REDIS_URL", REDIS),
+        ("PREAUTH_REDIS_KEY_PREFIX", &p),
+    ])
+    .await;
+    redis_cleanup(&p).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

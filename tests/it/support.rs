@@ -183,6 +183,24 @@ pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> serd
     v
 }
 
+/// The Redis every fleet test shares (isolated by key prefix).
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+/// A key prefix of one test's own.
+pub fn redis_prefix() -> String {
+    format!("it:{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// Deletes every key under `prefix` (test isolation on the shared Redis).
+pub async fn redis_cleanup(prefix: &str) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut c).await.unwrap();
+    for k in keys {
+        let _: () = redis::cmd("DEL").arg(&k).query_async(&mut c).await.unwrap();
+    }
+}
+
 /// Starts a sidecar in fleet mode: all shared state in the Redis at 127.0.0.1:6379 (or `redis_url`)
 /// under `prefix`, so several sidecars in one test are replicas of one fleet.
 pub async fn start_fleet(env: &[(&str, &str)], redis_url: &str, prefix: &str) -> Sidecar {
