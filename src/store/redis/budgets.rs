@@ -28,7 +28,8 @@ use crate::store::StoreError;
 const SPEND_TTL_MS: u64 = 70 * MS_PER_DAY;
 /// An active reservation record outlives any reservation TTL by far (the sweep ends it first).
 const ACTIVE_RECORD_TTL_MS: u64 = 35 * MS_PER_DAY;
-/// Settled and released reservations are remembered this long (duplicate settle → NotActive).
+/// Settled and released reservations are remembered this long (duplicate settle → NotActive),
+/// at most [`super::RedisOptions::max_finished`] of them.
 const FINISHED_TTL_MS: u64 = MS_PER_DAY;
 /// Reservations released per expire script call (the call loops until a batch is short).
 const EXPIRE_BATCH: usize = 500;
@@ -104,7 +105,8 @@ impl RedisStore {
             .arg(actual.map_or(-1, |a| a.0.max(0)))
             .arg(now)
             .arg(FINISHED_TTL_MS)
-            .arg(SPEND_TTL_MS);
+            .arg(SPEND_TTL_MS)
+            .arg(self.inner.max_finished);
         inv
     }
 }
@@ -208,7 +210,8 @@ impl Budgets for RedisStore {
                 .arg(now)
                 .arg(EXPIRE_BATCH)
                 .arg(FINISHED_TTL_MS)
-                .arg(SPEND_TTL_MS);
+                .arg(SPEND_TTL_MS)
+                .arg(self.inner.max_finished);
             let (scanned, batch) = self
                 .exec("expire", 1, |mut c| async move {
                     let mut v = as_array(inv.invoke_async(&mut c).await?)?.into_iter();

@@ -86,6 +86,8 @@ use super::StoreError;
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// Bound on establishing a connection (initial and replacement).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default of [`RedisOptions::max_finished`] (≈ 50 MB of Redis memory at ≈ 0.5 KB a record).
+const MAX_FINISHED: u64 = 100_000;
 
 /// Tuning beyond the URL, prefix and timeout (defaults are production values).
 #[derive(Clone, Debug)]
@@ -94,11 +96,16 @@ pub struct RedisOptions {
     /// Wait for the first connection in `connect` up to this long (an unreachable Redis does not
     /// fail `connect`: the store starts unhealthy and recovers on its own).
     pub connect_wait: Duration,
+    /// Settled and released reservations remembered at most (fleet-wide; a second settle of one
+    /// of them is refused as not active, of an older one as unknown). Default 100,000: Redis
+    /// memory must not grow with request volume, so at high rates records age out before their
+    /// 24 h.
+    pub max_finished: u64,
 }
 
 impl Default for RedisOptions {
     fn default() -> Self {
-        RedisOptions { breaker: BreakerConfig::default(), connect_wait: CONNECT_TIMEOUT }
+        RedisOptions { breaker: BreakerConfig::default(), connect_wait: CONNECT_TIMEOUT, max_finished: MAX_FINISHED }
     }
 }
 
@@ -310,6 +317,8 @@ pub(crate) struct Inner {
     generation: AtomicU64,
     /// Commands sent, for measuring round trips (a script call is one).
     commands: AtomicU64,
+    /// [`RedisOptions::max_finished`].
+    pub max_finished: u64,
     handle: tokio::runtime::Handle,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
 }
@@ -446,6 +455,7 @@ impl RedisStore {
             reset_openings: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             commands: AtomicU64::new(0),
+            max_finished: opts.max_finished.max(1),
             handle: runtime.handle().clone(),
             runtime: Mutex::new(Some(runtime)),
         });

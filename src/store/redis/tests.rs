@@ -306,6 +306,42 @@ async fn expire_releases_only_old_ones_oldest_first() {
     cleanup(&b).await;
 }
 
+/// At most `max_finished` settled or released reservations are remembered, fleet-wide: the
+/// oldest records go first (a second settle of one is then unknown, not "not active"), and the
+/// index of finished ones carries the records' 24 h TTL.
+#[tokio::test]
+async fn finished_reservations_are_remembered_up_to_the_bound() {
+    let p = prefix();
+    let opts = RedisOptions { max_finished: 3, ..RedisOptions::default() };
+    let b = RedisStore::connect_with(&url(), &p, Duration::from_millis(500), opts).await.unwrap();
+    let now = t0();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = reserved(b.reserve(&rreq("acme", now + i, BUDGET, 10, None)).await.unwrap());
+        ids.push(r.id);
+    }
+    b.settle(&ids[0], Micros(1), now + 10).await.unwrap();
+    b.release(&ids[1], now + 11).await.unwrap().unwrap();
+    b.settle(&ids[2], Micros(1), now + 12).await.unwrap();
+    b.settle(&ids[3], Micros(1), now + 13).await.unwrap();
+    // The sweep's releases are finishes too.
+    assert_eq!(b.expire(now + 5, now + 14).await.unwrap().len(), 1);
+    for (i, id) in ids.iter().enumerate() {
+        let remembered = i >= 2;
+        assert_eq!(Budgets::get(&b, id).await.unwrap().is_some(), remembered, "record {i}");
+        let again = if remembered { SettleOutcome::NotActive } else { SettleOutcome::NotFound };
+        assert_eq!(b.settle(id, Micros(1), now + 20).await.unwrap(), again, "second settle of {i}");
+    }
+    assert_eq!(spend(&b, "acme", "2026-11").await, (3, 0, 0), "forgetting a record changes no money");
+    let mut conn = b.inner.conn.read().clone().unwrap();
+    let key = format!("{}finished", b.inner.keys.budget_base());
+    let n: u64 = redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await.unwrap();
+    assert_eq!(n, 3);
+    let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+    assert!(pttl > (MS_PER_DAY - 60_000) as i64 && pttl <= MS_PER_DAY as i64, "{pttl}");
+    cleanup(&b).await;
+}
+
 /// 300 concurrent reservations spread over three replicas; the budget fits 10.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_300_concurrent_reserves_exactly_10_fit() {

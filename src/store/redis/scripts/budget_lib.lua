@@ -7,10 +7,25 @@ local REC_FIELDS = {'tenant', 'tier', 'request_id', 'model', 'month', 'amount', 
 local function rec_key(base, id) return base .. 'r:' .. id end
 local function spend_key(base, tenant, month) return base .. 's:' .. tenant .. ':' .. month end
 
+-- Finished reservations, scored by finishing time: at most max_finished are remembered (the
+-- oldest records are deleted first), so Redis memory does not grow with request volume.
+local function remember_finished(base, id, now, finished_ttl, max_finished)
+  local kfin = base .. 'finished'
+  redis.call('ZADD', kfin, now, id)
+  local over = redis.call('ZCARD', kfin) - max_finished
+  if over > 0 then
+    local popped = redis.call('ZPOPMIN', kfin, over)
+    for i = 1, #popped, 2 do
+      redis.call('DEL', rec_key(base, popped[i]))
+    end
+  end
+  redis.call('PEXPIRE', kfin, finished_ttl)
+end
+
 -- Ends an active reservation (actual == nil: released). Returns the record as
 -- {id, tenant, tier, request_id, model, month, amount, created_at} or a status code:
 -- 0 no such record, -1 not active.
-local function finish(base, kactive, id, actual, now, finished_ttl, spend_ttl)
+local function finish(base, kactive, id, actual, now, finished_ttl, spend_ttl, max_finished)
   local rk = rec_key(base, id)
   local state = redis.call('HGET', rk, 'state')
   if not state then
@@ -31,6 +46,7 @@ local function finish(base, kactive, id, actual, now, finished_ttl, spend_ttl)
   redis.call('PEXPIRE', sk, spend_ttl)
   redis.call('PEXPIRE', rk, finished_ttl)
   redis.call('ZREM', kactive, id)
+  remember_finished(base, id, now, finished_ttl, max_finished)
   local out = {id}
   for i = 1, #r do out[i + 1] = r[i] end
   return out
