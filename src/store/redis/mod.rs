@@ -318,7 +318,7 @@ pub(crate) struct Inner {
     /// Commands sent, for measuring round trips (a script call is one).
     commands: AtomicU64,
     /// [`RedisOptions::max_finished`].
-    pub max_finished: u64,
+    max_finished: u64,
     handle: tokio::runtime::Handle,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
 }
