@@ -96,10 +96,10 @@ pub struct RedisOptions {
     /// Wait for the first connection in `connect` up to this long (an unreachable Redis does not
     /// fail `connect`: the store starts unhealthy and recovers on its own).
     pub connect_wait: Duration,
-    /// Settled and released reservations remembered at most (fleet-wide; a second settle of one
-    /// of them is refused as not active, of an older one as unknown). Default 100,000: Redis
-    /// memory must not grow with request volume, so at high rates records age out before their
-    /// 24 h.
+    /// Settled and released reservations remembered (fleet-wide; a second settle of one of them
+    /// is refused as not active, of an older one as unknown): at most this many plus a trimming
+    /// batch of a thousandth of it. Default 100,000: Redis memory must not grow with request
+    /// volume, so at high rates records age out before their 24 h.
     pub max_finished: u64,
 }
 

@@ -342,6 +342,31 @@ async fn finished_reservations_are_remembered_up_to_the_bound() {
     cleanup(&b).await;
 }
 
+/// Above 1,000 the oldest are trimmed in batches: up to max_finished / 1000 more are kept
+/// meanwhile, then all of the excess goes in one call.
+#[tokio::test]
+async fn finished_reservations_are_trimmed_in_batches() {
+    let p = prefix();
+    let opts = RedisOptions { max_finished: 1_000, ..RedisOptions::default() };
+    let b = RedisStore::connect_with(&url(), &p, Duration::from_millis(500), opts).await.unwrap();
+    let now = t0();
+    let mut conn = b.inner.conn.read().clone().unwrap();
+    let key = format!("{}finished", b.inner.keys.budget_base());
+    let mut ids = Vec::new();
+    for i in 0..1_002 {
+        let r = reserved(b.reserve(&rreq("acme", now + i, BUDGET, 1, None)).await.unwrap());
+        b.settle(&r.id, Micros(1), now + i).await.unwrap();
+        ids.push(r.id);
+        let n: u64 = redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await.unwrap();
+        let want = if i < 1_001 { i + 1 } else { 1_000 };
+        assert_eq!(n, want, "after {} finished", i + 1);
+    }
+    for (i, id) in ids.iter().enumerate().take(3) {
+        assert_eq!(Budgets::get(&b, id).await.unwrap().is_some(), i >= 2, "record {i}");
+    }
+    cleanup(&b).await;
+}
+
 /// 300 concurrent reservations spread over three replicas; the budget fits 10.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_300_concurrent_reserves_exactly_10_fit() {

@@ -7,17 +7,20 @@ local REC_FIELDS = {'tenant', 'tier', 'request_id', 'model', 'month', 'amount', 
 local function rec_key(base, id) return base .. 'r:' .. id end
 local function spend_key(base, tenant, month) return base .. 's:' .. tenant .. ':' .. month end
 
--- Finished reservations, scored by finishing time: at most max_finished are remembered (the
--- oldest records are deleted first), so Redis memory does not grow with request volume.
+-- Finished reservations, scored by finishing time: about max_finished are remembered (the
+-- oldest records are deleted first), so Redis memory does not grow with request volume. The
+-- oldest are trimmed in batches of max_finished / 1000 + 1 (one call for a hundred records).
 local function remember_finished(base, id, now, finished_ttl, max_finished)
   local kfin = base .. 'finished'
   redis.call('ZADD', kfin, now, id)
   local over = redis.call('ZCARD', kfin) - max_finished
-  if over > 0 then
+  if over > math.floor(max_finished / 1000) then
     local popped = redis.call('ZPOPMIN', kfin, over)
+    local keys = {}
     for i = 1, #popped, 2 do
-      redis.call('DEL', rec_key(base, popped[i]))
+      keys[#keys + 1] = rec_key(base, popped[i])
     end
+    redis.call('DEL', unpack(keys))
   end
   redis.call('PEXPIRE', kfin, finished_ttl)
 end
