@@ -335,7 +335,7 @@ async fn finished_reservations_are_remembered_up_to_the_bound() {
     assert_eq!(spend(&b, "acme", "2026-11").await, (3, 0, 0), "forgetting a record changes no money");
     let mut conn = b.inner.conn.read().clone().unwrap();
     let key = format!("{}finished", b.inner.keys.budget_base());
-    let n: u64 = redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await.unwrap();
+    let n: u64 = redis::cmd("LLEN").arg(&key).query_async(&mut conn).await.unwrap();
     assert_eq!(n, 3);
     let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
     assert!(pttl > (MS_PER_DAY - 60_000) as i64 && pttl <= MS_PER_DAY as i64, "{pttl}");
@@ -357,7 +357,7 @@ async fn finished_reservations_are_trimmed_in_batches() {
         let r = reserved(b.reserve(&rreq("acme", now + i, BUDGET, 1, None)).await.unwrap());
         b.settle(&r.id, Micros(1), now + i).await.unwrap();
         ids.push(r.id);
-        let n: u64 = redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await.unwrap();
+        let n: u64 = redis::cmd("LLEN").arg(&key).query_async(&mut conn).await.unwrap();
         let want = if i < 1_001 { i + 1 } else { 1_000 };
         assert_eq!(n, want, "after {} finished", i + 1);
     }

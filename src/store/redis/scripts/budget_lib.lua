@@ -7,18 +7,18 @@ local REC_FIELDS = {'tenant', 'tier', 'request_id', 'model', 'month', 'amount', 
 local function rec_key(base, id) return base .. 'r:' .. id end
 local function spend_key(base, tenant, month) return base .. 's:' .. tenant .. ':' .. month end
 
--- Finished reservations, scored by finishing time: about max_finished are remembered (the
--- oldest records are deleted first), so Redis memory does not grow with request volume. The
--- oldest are trimmed in batches of max_finished / 1000 + 1 (one call for a hundred records).
-local function remember_finished(base, id, now, finished_ttl, max_finished)
+-- Finished reservations in finishing order (a list: O(1) to append): about max_finished are
+-- remembered, the oldest records deleted first, so Redis memory does not grow with request
+-- volume. The oldest are trimmed in batches of max_finished / 1000 + 1 (one call for a hundred).
+local function remember_finished(base, id, finished_ttl, max_finished)
   local kfin = base .. 'finished'
-  redis.call('ZADD', kfin, now, id)
-  local over = redis.call('ZCARD', kfin) - max_finished
+  local over = redis.call('RPUSH', kfin, id) - max_finished
   if over > math.floor(max_finished / 1000) then
-    local popped = redis.call('ZPOPMIN', kfin, over)
+    local old = redis.call('LRANGE', kfin, 0, over - 1)
+    redis.call('LTRIM', kfin, over, -1)
     local keys = {}
-    for i = 1, #popped, 2 do
-      keys[#keys + 1] = rec_key(base, popped[i])
+    for i, old_id in ipairs(old) do
+      keys[i] = rec_key(base, old_id)
     end
     redis.call('DEL', unpack(keys))
   end
@@ -49,7 +49,7 @@ local function finish(base, kactive, id, actual, now, finished_ttl, spend_ttl, m
   redis.call('PEXPIRE', sk, spend_ttl)
   redis.call('PEXPIRE', rk, finished_ttl)
   redis.call('ZREM', kactive, id)
-  remember_finished(base, id, now, finished_ttl, max_finished)
+  remember_finished(base, id, finished_ttl, max_finished)
   local out = {id}
   for i = 1, #r do out[i + 1] = r[i] end
   return out
