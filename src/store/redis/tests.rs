@@ -306,14 +306,25 @@ async fn expire_releases_only_old_ones_oldest_first() {
     cleanup(&b).await;
 }
 
+/// A store on a fresh prefix that remembers at most `max_finished` finished reservations.
+async fn store_remembering(max_finished: u64) -> RedisStore {
+    let opts = RedisOptions { max_finished, ..RedisOptions::default() };
+    RedisStore::connect_with(&url(), &prefix(), Duration::from_millis(500), opts).await.unwrap()
+}
+
+/// The finished reservations' list: its length and its TTL (ms).
+async fn finished_list(b: &RedisStore) -> (u64, i64) {
+    let mut conn = b.inner.conn.read().clone().unwrap();
+    let key = format!("{}finished", b.inner.keys.budget_base());
+    redis::pipe().cmd("LLEN").arg(&key).cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap()
+}
+
 /// At most `max_finished` settled or released reservations are remembered, fleet-wide: the
 /// oldest records go first (a second settle of one is then unknown, not "not active"), and the
 /// index of finished ones carries the records' 24 h TTL.
 #[tokio::test]
 async fn finished_reservations_are_remembered_up_to_the_bound() {
-    let p = prefix();
-    let opts = RedisOptions { max_finished: 3, ..RedisOptions::default() };
-    let b = RedisStore::connect_with(&url(), &p, Duration::from_millis(500), opts).await.unwrap();
+    let b = store_remembering(3).await;
     let now = t0();
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -333,11 +344,8 @@ async fn finished_reservations_are_remembered_up_to_the_bound() {
         assert_eq!(b.settle(id, Micros(1), now + 20).await.unwrap(), again, "second settle of {i}");
     }
     assert_eq!(spend(&b, "acme", "2026-11").await, (3, 0, 0), "forgetting a record changes no money");
-    let mut conn = b.inner.conn.read().clone().unwrap();
-    let key = format!("{}finished", b.inner.keys.budget_base());
-    let n: u64 = redis::cmd("LLEN").arg(&key).query_async(&mut conn).await.unwrap();
+    let (n, pttl) = finished_list(&b).await;
     assert_eq!(n, 3);
-    let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
     assert!(pttl > (MS_PER_DAY - 60_000) as i64 && pttl <= MS_PER_DAY as i64, "{pttl}");
     cleanup(&b).await;
 }
@@ -346,18 +354,14 @@ async fn finished_reservations_are_remembered_up_to_the_bound() {
 /// meanwhile, then all of the excess goes in one call.
 #[tokio::test]
 async fn finished_reservations_are_trimmed_in_batches() {
-    let p = prefix();
-    let opts = RedisOptions { max_finished: 1_000, ..RedisOptions::default() };
-    let b = RedisStore::connect_with(&url(), &p, Duration::from_millis(500), opts).await.unwrap();
+    let b = store_remembering(1_000).await;
     let now = t0();
-    let mut conn = b.inner.conn.read().clone().unwrap();
-    let key = format!("{}finished", b.inner.keys.budget_base());
     let mut ids = Vec::new();
     for i in 0..1_002 {
         let r = reserved(b.reserve(&rreq("acme", now + i, BUDGET, 1, None)).await.unwrap());
         b.settle(&r.id, Micros(1), now + i).await.unwrap();
         ids.push(r.id);
-        let n: u64 = redis::cmd("LLEN").arg(&key).query_async(&mut conn).await.unwrap();
+        let (n, _) = finished_list(&b).await;
         let want = if i < 1_001 { i + 1 } else { 1_000 };
         assert_eq!(n, want, "after {} finished", i + 1);
     }
