@@ -24,7 +24,8 @@ use crate::store::budget::{
 };
 use crate::store::StoreError;
 
-/// Month spend lives this long after its last change.
+/// A month's spend hash lives this long after it is created (and after each `charge`): past the
+/// month's end by more than the longest an active record lives, so no settle outlives it.
 const SPEND_TTL_MS: u64 = 70 * MS_PER_DAY;
 /// An active reservation record outlives any reservation TTL by far (the sweep ends it first).
 const ACTIVE_RECORD_TTL_MS: u64 = 35 * MS_PER_DAY;

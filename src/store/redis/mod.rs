@@ -21,9 +21,13 @@
 //!
 //! A tenant name that is empty or contains `{`, `}` or `%` is percent-encoded in its tag
 //! (injective, so tenants never share keys). TTLs (server clock) bound every key that can be
-//! orphaned: windows 120 s after the last write, day counters 2 days, leases their TTL + 60 s,
-//! month spend 70 days after the last write, active reservation records 35 days, finished ones
-//! 24 h, consumed token ids until the token's `exp` + 5 min, approvals 24 h after they end.
+//! orphaned: windows 120 s after the last write, day counters 2 days after their first count,
+//! leases their TTL + 60 s, month spend 70 days after its first reservation (or last `charge`),
+//! active reservation records 35 days, finished ones 24 h (and the list indexing them is
+//! refreshed at least every 1,000 appends), consumed token ids until the token's `exp` + 5 min,
+//! approvals 24 h after they end. A TTL is set only when it must move: the scripts make one
+//! call to Redis fewer per request for each TTL they leave alone (each call costs redis-server
+//! about 1.5 µs of CPU).
 //! Everything the logic compares uses the caller's injected `now`, never the server clock.
 //!
 //! Budgets and approvals each live in one slot (`{budget}`, `{approvals}`): settling by id must

@@ -288,6 +288,52 @@ async fn budget_arithmetic_clamp_settle_release() {
     cleanup(&b).await;
 }
 
+/// The PTTL of `key` (ms; -1 without a TTL, -2 when missing).
+async fn pttl(s: &RedisStore, key: &str) -> i64 {
+    let mut conn = s.inner.conn.read().clone().unwrap();
+    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap()
+}
+
+fn about(ttl_ms: u64, pttl: i64) -> bool {
+    pttl > ttl_ms as i64 - 60_000 && pttl <= ttl_ms as i64
+}
+
+/// Keys that name their period (a day counter, a month's spend) get their TTL when created, and
+/// again when re-created after expiring; the money in them stays integer text at any size Lua
+/// doubles hold exactly.
+#[tokio::test]
+async fn period_keys_get_their_ttl_at_creation_and_money_stays_exact() {
+    let Some(s) = store_at(&prefix()).await else { return };
+    let now = t0();
+    for i in 0..3 {
+        let (_, v) = s.admit(&req("a", now + i, None)).await.unwrap();
+        assert_eq!(v.tenant.daily_requests, i, "the count before this admission");
+    }
+    let day = s.inner.keys.tenant("a", "day:20261125");
+    assert!(about(2 * MS_PER_DAY, pttl(&s, &day).await), "{}", pttl(&s, &day).await);
+
+    let spend_key = format!("{}s:acme:2026-11", s.inner.keys.budget_base());
+    let big = 2_000_000_000_000_001; // 2e15 + 1 micro-USD
+    let r = reserved(s.reserve(&rreq("acme", now, Micros((1 << 53) - 1), big, None)).await.unwrap());
+    assert!(about(70 * MS_PER_DAY, pttl(&s, &spend_key).await));
+    let r2 = reserved(s.reserve(&rreq("acme", now, Micros((1 << 53) - 1), big, None)).await.unwrap());
+    assert_eq!(spend(&s, "acme", "2026-11").await, (0, 2 * big, 2));
+    let SettleOutcome::Settled(done) = s.settle(&r.id, Micros(big - 2), now + 1).await.unwrap() else { panic!() };
+    assert_eq!((done.actual, done.released), (Micros(big - 2), Micros(2)));
+    assert_eq!(spend(&s, "acme", "2026-11").await, (big - 2, big, 1));
+    let mut conn = s.inner.conn.read().clone().unwrap();
+    let raw: Vec<String> =
+        redis::cmd("HMGET").arg(&spend_key).arg("spent").arg("reserved").query_async(&mut conn).await.unwrap();
+    assert_eq!(raw, vec![(big - 2).to_string(), big.to_string()], "integer text, no exponent");
+
+    // The month's hash expired while r2 was active: the settle re-creates it, with its TTL.
+    let _: () = redis::cmd("DEL").arg(&spend_key).query_async(&mut conn).await.unwrap();
+    s.settle(&r2.id, Micros(5), now + 2).await.unwrap();
+    assert_eq!(spend(&s, "acme", "2026-11").await, (5, -big, 0));
+    assert!(about(70 * MS_PER_DAY, pttl(&s, &spend_key).await));
+    cleanup(&s).await;
+}
+
 #[tokio::test]
 async fn expire_releases_only_old_ones_oldest_first() {
     let Some(b) = store_at(&prefix()).await else { return };
@@ -357,13 +403,25 @@ async fn finished_reservations_are_trimmed_in_batches() {
     let b = store_remembering(1_000).await;
     let now = t0();
     let mut ids = Vec::new();
+    let list = format!("{}finished", b.inner.keys.budget_base());
     for i in 0..1_002 {
         let r = reserved(b.reserve(&rreq("acme", now + i, BUDGET, 1, None)).await.unwrap());
         b.settle(&r.id, Micros(1), now + i).await.unwrap();
         ids.push(r.id);
-        let (n, _) = finished_list(&b).await;
+        let (n, ttl) = finished_list(&b).await;
         let want = if i < 1_001 { i + 1 } else { 1_000 };
         assert_eq!(n, want, "after {} finished", i + 1);
+        if i == 0 {
+            assert!(about(MS_PER_DAY, ttl), "set when the list is created: {ttl}");
+            // From here on, as if it had been lost: the TTL is not refreshed on every append ...
+            let mut conn = b.inner.conn.read().clone().unwrap();
+            let _: () = redis::cmd("PERSIST").arg(&list).query_async(&mut conn).await.unwrap();
+        } else if i < 999 {
+            assert_eq!(ttl, -1, "after {} finished", i + 1);
+        } else {
+            // ... but at the latest on the 1,000th, and on every trim.
+            assert!(about(MS_PER_DAY, ttl), "after {} finished: {ttl}", i + 1);
+        }
     }
     for (i, id) in ids.iter().enumerate().take(3) {
         assert_eq!(Budgets::get(&b, id).await.unwrap().is_some(), i >= 2, "record {i}");

@@ -29,16 +29,20 @@ local function prune_global(kw, kt, horizon)
     end
     redis.call('ZREMRANGEBYSCORE', kw, '-inf', horizon)
   end
-  if redis.call('ZCARD', kw) == 0 then
-    redis.call('DEL', kt)
-  end
 end
 
 local function global_state(kw, kt, kb, now)
   prune_global(kw, kt, now - WINDOW_MS)
   local block = num(redis.call('GET', kb))
   if block == nil or block <= now then block = -1 end
-  return {redis.call('ZCARD', kw), redis.call('HLEN', kt), block}
+  local requests = redis.call('ZCARD', kw)
+  local distinct = 0
+  if requests == 0 then
+    redis.call('DEL', kt)
+  else
+    distinct = redis.call('HLEN', kt)
+  end
+  return {requests, distinct, block}
 end
 
 local function admit_global(kw, kt, kb, kseq, tenant, now, seq)
@@ -63,10 +67,12 @@ end
 
 -- Tenant: minute window (member seq), token window (member "seq:tokens") with a running sum,
 -- UTC-day counter, leases (member seq scored by expiry).
+-- kday == nil: the day's count is not read (admit_tenant learns it from its INCR).
 local function tenant_state(km, ktk, ksum, kday, kl, now)
   local horizon = now - WINDOW_MS
   redis.call('ZREMRANGEBYSCORE', km, '-inf', horizon)
   local old = redis.call('ZRANGEBYSCORE', ktk, '-inf', horizon)
+  local tsum = nil
   if #old > 0 then
     local sub = 0
     for _, m in ipairs(old) do
@@ -74,29 +80,34 @@ local function tenant_state(km, ktk, ksum, kday, kl, now)
       sub = sub + tonumber(string.sub(m, sep + 1))
     end
     redis.call('ZREMRANGEBYSCORE', ktk, '-inf', horizon)
-    redis.call('DECRBY', ksum, sub)
+    tsum = redis.call('DECRBY', ksum, sub)
   end
   local tcount = redis.call('ZCARD', ktk)
-  local tsum = 0
   local toldest = -1
   if tcount == 0 then
     redis.call('DEL', ksum)
+    tsum = 0
   else
-    tsum = num(redis.call('GET', ksum)) or 0
+    if tsum == nil then tsum = num(redis.call('GET', ksum)) or 0 end
     toldest = oldest_score(ktk)
   end
   redis.call('ZREMRANGEBYSCORE', kl, '-inf', now)
   local mcount = redis.call('ZCARD', km)
   local moldest = -1
   if mcount > 0 then moldest = oldest_score(km) end
-  local daily = num(redis.call('GET', kday)) or 0
+  local daily = 0
+  if kday then daily = num(redis.call('GET', kday)) or 0 end
   return {daily, mcount, moldest, redis.call('ZCARD', kl), tsum, toldest}
 end
 
 local function admit_tenant(km, ktk, ksum, kday, kl, seq, now, tokens_arg, lease_ttl)
-  local t = tenant_state(km, ktk, ksum, kday, kl, now)
-  redis.call('INCR', kday)
-  redis.call('PEXPIRE', kday, DAY_TTL_MS)
+  local t = tenant_state(km, ktk, ksum, nil, kl, now)
+  -- The count before this admission; the key names its day, so its TTL is set once, at creation.
+  local daily = redis.call('INCR', kday)
+  t[1] = daily - 1
+  if daily == 1 then
+    redis.call('PEXPIRE', kday, DAY_TTL_MS)
+  end
   redis.call('ZADD', km, now, seq)
   redis.call('PEXPIRE', km, WINDOW_TTL_MS)
   local tokens = tonumber(tokens_arg)

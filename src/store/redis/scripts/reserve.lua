@@ -2,7 +2,7 @@
 -- ARGV: 1 base, 2 id, 3 tenant, 4 tier, 5 request_id, 6 model, 7 month, 8 now, 9 budget,
 --       10 amount, 11 min amount (-1: all or nothing), 12 spend ttl ms, 13 active record ttl ms
 -- Returns {1, held} or {0, spent, reserved, remaining}
-local a = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
+local a = redis.call('HMGET', KEYS[1], 'spent', 'reserved', 'active')
 local spent = tonumber(a[1] or '0')
 local reserved = tonumber(a[2] or '0')
 local budget = tonumber(ARGV[9])
@@ -22,8 +22,11 @@ local rk = rec_key(ARGV[1], ARGV[2])
 redis.call('HSET', rk, 'tenant', ARGV[3], 'tier', ARGV[4], 'request_id', ARGV[5], 'model', ARGV[6],
   'month', ARGV[7], 'amount', hold, 'created_at', ARGV[8], 'state', 'active')
 redis.call('PEXPIRE', rk, tonumber(ARGV[13]))
-redis.call('HINCRBY', KEYS[1], 'reserved', hold)
-redis.call('HINCRBY', KEYS[1], 'active', 1)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[12]))
+-- Written from the values just read (one call instead of two HINCRBYs; the script is atomic).
+redis.call('HSET', KEYS[1], 'reserved', int(reserved + hold), 'active', int(tonumber(a[3] or '0') + 1))
+if not (a[1] or a[2] or a[3]) then
+  -- A month's spend hash gets its TTL when created: 70 days outlast the month and any late settle.
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[12]))
+end
 redis.call('ZADD', KEYS[2], ARGV[8], ARGV[2])
 return {1, hold}
