@@ -85,6 +85,25 @@ async fn windows_slide_exactly_at_sixty_seconds() {
     cleanup(&c).await;
 }
 
+/// A whole window leaving at once (after a pause) takes every tenant's count with it.
+#[tokio::test]
+async fn a_window_pruned_at_once_forgets_each_tenant_exactly() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    for i in 0..30 {
+        c.admit(&req(["a", "b", "c"][i % 3], t0 + i as u64, None)).await.unwrap();
+    }
+    c.admit(&req("b", t0 + 40_000, None)).await.unwrap();
+    // Everything but b's last entry is out: 30 entries of 3 tenants pruned in one admission.
+    let (_, v) = c.admit(&req("d", t0 + 60_029, None)).await.unwrap();
+    assert_eq!((v.global.requests_last_minute, v.global.distinct_tenants_last_minute), (1, 1));
+    let mut conn = c.inner.conn.read().clone().unwrap();
+    let counts: std::collections::HashMap<String, i64> =
+        redis::cmd("HGETALL").arg(c.inner.keys.global("window_tenants")).query_async(&mut conn).await.unwrap();
+    assert_eq!(counts, [("b".to_string(), 1), ("d".to_string(), 1)].into_iter().collect());
+    cleanup(&c).await;
+}
+
 #[tokio::test]
 async fn daily_counts_reset_at_utc_midnight() {
     let Some(c) = store_at(&prefix()).await else { return };

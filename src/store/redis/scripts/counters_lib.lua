@@ -20,10 +20,16 @@ end
 local function prune_global(kw, kt, horizon)
   local old = redis.call('ZRANGEBYSCORE', kw, '-inf', horizon)
   if #old > 0 then
+    -- Counted per tenant first: after a pause the whole window may go at once, and one call per
+    -- tenant (not per entry) keeps that from stalling Redis.
+    local gone = {}
     for _, m in ipairs(old) do
       local sep = string.find(m, '|', 1, true)
       local tenant = string.sub(m, sep + 1)
-      if redis.call('HINCRBY', kt, tenant, -1) <= 0 then
+      gone[tenant] = (gone[tenant] or 0) + 1
+    end
+    for tenant, n in pairs(gone) do
+      if redis.call('HINCRBY', kt, tenant, -n) <= 0 then
         redis.call('HDEL', kt, tenant)
       end
     end
