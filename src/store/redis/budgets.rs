@@ -104,11 +104,15 @@ impl RedisStore {
             .arg(self.inner.keys.budget_base())
             .arg(id)
             .arg(actual.map_or(-1, |a| a.0.max(0)))
-            .arg(now)
-            .arg(FINISHED_TTL_MS)
-            .arg(SPEND_TTL_MS)
-            .arg(self.inner.max_finished);
+            .arg(now);
+        self.finish_limits(&mut inv);
         inv
+    }
+
+    /// The trailing arguments of every script that finishes reservations (`finish`, `expire`):
+    /// the finished records' TTL, the month spend's TTL, finished records remembered at most.
+    fn finish_limits(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.arg(FINISHED_TTL_MS).arg(SPEND_TTL_MS).arg(self.inner.max_finished);
     }
 }
 
@@ -205,14 +209,8 @@ impl Budgets for RedisStore {
         let mut out = Vec::new();
         loop {
             let mut inv = self.inner.scripts.expire.prepare_invoke();
-            inv.key(self.active_key())
-                .arg(self.inner.keys.budget_base())
-                .arg(older_than)
-                .arg(now)
-                .arg(EXPIRE_BATCH)
-                .arg(FINISHED_TTL_MS)
-                .arg(SPEND_TTL_MS)
-                .arg(self.inner.max_finished);
+            inv.key(self.active_key()).arg(self.inner.keys.budget_base()).arg(older_than).arg(now).arg(EXPIRE_BATCH);
+            self.finish_limits(&mut inv);
             let (scanned, batch) = self
                 .exec("expire", 1, |mut c| async move {
                     let mut v = as_array(inv.invoke_async(&mut c).await?)?.into_iter();

@@ -41,6 +41,17 @@ fn req(tenant: &str, now: UnixMillis, lease: Option<u64>) -> AdmitRequest<'_> {
     AdmitRequest { tenant, now, tokens: 10, lease_ttl_ms: lease }
 }
 
+/// The PTTL of `key` (ms; -1 without a TTL, -2 when missing).
+async fn pttl(s: &RedisStore, key: &str) -> i64 {
+    let mut conn = s.inner.conn.read().clone().unwrap();
+    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap()
+}
+
+/// `pttl` lies in the last minute below `ttl_ms` (a TTL set moments ago).
+fn about(ttl_ms: u64, pttl: i64) -> bool {
+    pttl > ttl_ms as i64 - 60_000 && pttl <= ttl_ms as i64
+}
+
 // ------------------------------------------------------------------------------------------------
 // Counters (mirror of the memory store's tests)
 
@@ -131,8 +142,7 @@ async fn leases_expire_and_release() {
     let (_, v) = c.admit(&req("a", t0 + 5_002, Some(5_000))).await.unwrap();
     assert_eq!(v.tenant.in_flight, 1, "the t0+2 lease expired; only the one taken at t0+5001 is live");
     // The lease key carries a TTL (lease TTL + 60 s) so an abandoned one cannot linger.
-    let mut conn = c.inner.conn.read().clone().unwrap();
-    let pttl: i64 = redis::cmd("PTTL").arg(c.inner.keys.tenant("a", "leases")).query_async(&mut conn).await.unwrap();
+    let pttl = pttl(&c, &c.inner.keys.tenant("a", "leases")).await;
     assert!(pttl > 60_000 && pttl <= 65_000, "{pttl}");
     cleanup(&c).await;
 }
@@ -297,24 +307,9 @@ async fn budget_arithmetic_clamp_settle_release() {
     assert_eq!(spend(&b, "m", "2026-11").await, (400, 0, 0));
     assert_eq!(spend(&b, "m", "2026-12").await, (0, 0, 0));
     // Finished records are kept for 24 h (server clock).
-    let mut conn = b.inner.conn.read().clone().unwrap();
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(format!("{}r:{}", b.inner.keys.budget_base(), r.id))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(pttl > (MS_PER_DAY - 60_000) as i64 && pttl <= MS_PER_DAY as i64, "{pttl}");
+    let pttl = pttl(&b, &format!("{}r:{}", b.inner.keys.budget_base(), r.id)).await;
+    assert!(about(MS_PER_DAY, pttl), "{pttl}");
     cleanup(&b).await;
-}
-
-/// The PTTL of `key` (ms; -1 without a TTL, -2 when missing).
-async fn pttl(s: &RedisStore, key: &str) -> i64 {
-    let mut conn = s.inner.conn.read().clone().unwrap();
-    redis::cmd("PTTL").arg(key).query_async(&mut conn).await.unwrap()
-}
-
-fn about(ttl_ms: u64, pttl: i64) -> bool {
-    pttl > ttl_ms as i64 - 60_000 && pttl <= ttl_ms as i64
 }
 
 /// Keys that name their period (a day counter, a month's spend) get their TTL when created, and
@@ -411,7 +406,7 @@ async fn finished_reservations_are_remembered_up_to_the_bound() {
     assert_eq!(spend(&b, "acme", "2026-11").await, (3, 0, 0), "forgetting a record changes no money");
     let (n, pttl) = finished_list(&b).await;
     assert_eq!(n, 3);
-    assert!(pttl > (MS_PER_DAY - 60_000) as i64 && pttl <= MS_PER_DAY as i64, "{pttl}");
+    assert!(about(MS_PER_DAY, pttl), "{pttl}");
     cleanup(&b).await;
 }
 
@@ -578,9 +573,8 @@ async fn token_consumed_on_one_replica_is_replayed_on_another() {
     let got = Approvals::get(&b, &ap.approval_id, now + 3).await.unwrap().unwrap();
     assert_eq!((got.status, got.consumed_at), (ApprovalStatus::Consumed, Some(now + 2)));
     // The consumed id is remembered until exp + 5 min (server clock).
-    let mut conn = a.inner.conn.read().clone().unwrap();
     let key = format!("{}jti:{}", a.inner.keys.approvals_base(), ap.approval_id);
-    let pttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.unwrap();
+    let pttl = pttl(&a, &key).await;
     assert!(pttl > 1_190_000 && pttl <= 1_200_000, "{pttl}");
 
     let replicas = [a.clone(), b.clone(), store_at(&p).await.unwrap()];
