@@ -74,10 +74,7 @@ fn parse_or_report(src: &dyn Strings, purpose: Purpose) -> Result<Config, ExitCo
 fn check_config() -> ExitCode {
     match parse_or_report(&Env, Purpose::Run) {
         Ok(c) => {
-            if let Err(e) = server::load_pricing(&c) {
-                eprintln!("configuration error: 1 bad variable(s)\n  {e}");
-                return ExitCode::from(EXIT_CONFIG as u8);
-            }
+            // `parse` has read the tier, tenant and price files too: any bad one was reported.
             for (k, v) in config::describe(&c) {
                 println!("{k}={v}");
             }

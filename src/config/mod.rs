@@ -198,15 +198,15 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
     let pricing_file = r.raw(ENV_PRICING_FILE).map(PathBuf::from);
     let directory = match load_directory(tiers_file.as_deref(), tenants_file.as_deref()) {
         Ok(d) => d,
-        Err((var, e)) => {
-            r.error(var, e);
+        Err(errors) => {
+            for (var, e) in errors {
+                r.error(var, e);
+            }
             Directory::builtin()
         }
     };
-    if let Some(path) = &pricing_file {
-        if let Err(e) = std::fs::metadata(path) {
-            r.error(ENV_PRICING_FILE, format!("cannot read {}: {e}", path.display()));
-        }
+    if let Err(e) = read_pricing(pricing_file.as_deref()) {
+        r.error(ENV_PRICING_FILE, e);
     }
 
     let global = GlobalAbuse {
@@ -376,31 +376,53 @@ fn claim_path<S: Strings + ?Sized>(r: &mut Reader<'_, S>, var: &str, default: &s
 
 /// Loads the price table: built-in, overridden by `PREAUTH_PRICING_FILE`.
 pub fn load_pricing(config: &Config) -> Result<PriceTable, String> {
-    match &config.pricing_file {
+    read_pricing(config.pricing_file.as_deref()).map_err(|e| format!("{ENV_PRICING_FILE}: {e}"))
+}
+
+fn read_pricing(path: Option<&std::path::Path>) -> Result<PriceTable, String> {
+    match path {
         None => Ok(PriceTable::builtin()),
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("PREAUTH_PRICING_FILE: cannot read {}: {e}", p.display()))?;
-            PriceTable::builtin_with_overrides(&text).map_err(|e| format!("PREAUTH_PRICING_FILE: {e}"))
+            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            PriceTable::builtin_with_overrides(&text).map_err(|e| e.to_string())
         }
     }
 }
 
-/// Reads the tier and tenant files. Errors carry the variable that names the bad file.
+/// Reads the tier and tenant files. Each error carries the variable that names the bad file;
+/// both files are checked, so an operator sees every bad file at once (tenants name tiers from a
+/// fixed set, so the tenants file is checked on its own whatever the tiers file holds).
 pub fn load_directory(
     tiers: Option<&std::path::Path>,
     tenants: Option<&std::path::Path>,
-) -> Result<Directory, (&'static str, String)> {
+) -> Result<Directory, Vec<(&'static str, String)>> {
     let read = |var: &'static str, p: Option<&std::path::Path>| -> Result<Option<String>, (&'static str, String)> {
         p.map(|p| std::fs::read_to_string(p).map_err(|e| (var, format!("cannot read {}: {e}", p.display()))))
             .transpose()
     };
-    let tiers_text = read(ENV_TIERS_FILE, tiers)?;
-    let tenants_text = read(ENV_TENANTS_FILE, tenants)?;
-    Directory::from_files(tiers_text.as_deref(), tenants_text.as_deref()).map_err(|e| {
-        let var = if e.starts_with("tiers") { ENV_TIERS_FILE } else { ENV_TENANTS_FILE };
-        (var, e)
-    })
+    let (tiers_text, tenants_text) = (read(ENV_TIERS_FILE, tiers), read(ENV_TENANTS_FILE, tenants));
+    let mut errors = Vec::new();
+    if let Ok(Some(t)) = &tiers_text {
+        if let Err(e) = Directory::from_files(Some(t), None) {
+            errors.push((ENV_TIERS_FILE, e));
+        }
+    }
+    if let Ok(Some(t)) = &tenants_text {
+        if let Err(e) = Directory::from_files(None, Some(t)) {
+            errors.push((ENV_TENANTS_FILE, e));
+        }
+    }
+    match (tiers_text, tenants_text) {
+        (Ok(tiers), Ok(tenants)) if errors.is_empty() => {
+            Directory::from_files(tiers.as_deref(), tenants.as_deref()).map_err(|e| vec![(ENV_TENANTS_FILE, e)])
+        }
+        (tiers, tenants) => {
+            errors.extend(tiers.err());
+            errors.extend(tenants.err());
+            errors.sort_by_key(|(var, _)| *var);
+            Err(errors)
+        }
+    }
 }
 
 /// Parses `batch=soft,evals=shadow`.

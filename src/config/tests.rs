@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 
 use super::*;
+use crate::decide::Tier;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -126,4 +127,66 @@ fn describe_redacts_secrets() {
     let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     assert!(!text.contains(SECRET) && !text.contains("admin-key-value") && !text.contains("pw@"), "{text}");
     assert!(text.contains("PREAUTH_LEDGER_URL=postgres://<redacted>@db/ledger"));
+}
+
+/// Writes `text` to a fresh file under the system temp directory; its path lives for the test.
+fn file(name: &str, text: &str) -> &'static str {
+    let dir = std::env::temp_dir().join(format!("preauth-config-{}-{name}", std::process::id()));
+    std::fs::write(&dir, text).unwrap();
+    Box::leak(dir.to_string_lossy().into_owned().into_boxed_str())
+}
+
+#[test]
+fn every_bad_file_is_reported_at_once() {
+    let tenants = file("tenants.toml", "[tenants.\"x\"]\ntier = \"pro\"\nbogus_key = 1\n");
+    let tiers = file("tiers.toml", "[tiers.pro]\nbogus = 1\n");
+    let pricing = file("pricing.toml", "[models.default]\nbogus = 1\n");
+    let e = parse(
+        &env(&[("PREAUTH_TENANTS_FILE", tenants), ("PREAUTH_TIERS_FILE", tiers), ("PREAUTH_PRICING_FILE", pricing)]),
+        Purpose::Run,
+    )
+    .unwrap_err();
+    let vars: Vec<&str> = e.iter().map(|e| e.var.as_str()).collect();
+    assert_eq!(vars, ["PREAUTH_TENANTS_FILE", "PREAUTH_TIERS_FILE", "PREAUTH_PRICING_FILE"], "{e:?}");
+    assert!(e[0].message.contains("bogus_key"), "{}", e[0].message);
+
+    // A missing file and a bad one: both named.
+    let missing = "/nonexistent/preauth/tenants.toml";
+    let e = parse(&env(&[("PREAUTH_TENANTS_FILE", missing), ("PREAUTH_TIERS_FILE", tiers)]), Purpose::Run).unwrap_err();
+    let vars: Vec<&str> = e.iter().map(|e| e.var.as_str()).collect();
+    assert_eq!(vars, ["PREAUTH_TENANTS_FILE", "PREAUTH_TIERS_FILE"], "{e:?}");
+    assert!(e[0].message.contains("cannot read"), "{}", e[0].message);
+
+    // Good files still combine: the tenant's tier comes from the tenants file, budgets from tiers.
+    let tenants = file("good-tenants.toml", "[tenants.\"x\"]\ntier = \"pro\"\n");
+    let tiers = file("good-tiers.toml", "[tiers.pro]\nmonthly_budget_usd = \"7.00\"\n");
+    let c = parse(&env(&[("PREAUTH_TENANTS_FILE", tenants), ("PREAUTH_TIERS_FILE", tiers)]), Purpose::Run).unwrap();
+    let d = &c.policy.directory;
+    let tier = d.resolve_tier("x", None);
+    assert_eq!(tier, Tier::Pro);
+    assert_eq!(d.monthly_budget("x", tier).to_string(), "7.000000");
+}
+
+/// An env file read the way `docker run --env-file` and systemd's `EnvironmentFile=` read it:
+/// `KEY=VALUE` lines, the value verbatim to the end of the line; `#` lines and blank lines skipped.
+fn env_file(text: &'static str) -> HashMap<&'static str, &'static str> {
+    text.lines()
+        .map(str::trim_start)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split_once('=').unwrap_or_else(|| panic!("not KEY=VALUE: {l}")))
+        .collect()
+}
+
+#[test]
+fn the_example_env_files_load_as_docker_and_systemd_read_them() {
+    for (name, text) in [
+        ("sidecar.env.example", include_str!("../../config/sidecar.env.example")),
+        ("header-identity.env.example", include_str!("../../config/header-identity.env.example")),
+    ] {
+        if let Err(e) = parse(&env_file(text), Purpose::Run) {
+            panic!("config/{name} does not load: {e:?}");
+        }
+    }
+    let e = parse(&env_file(include_str!("../../config/invalid.env.example")), Purpose::Run).unwrap_err();
+    assert!(e.len() >= 5, "config/invalid.env.example names each of its bad lines: {e:?}");
 }

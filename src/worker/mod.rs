@@ -139,7 +139,7 @@ impl Reloader {
     pub async fn reload(&self) -> Result<(), String> {
         let c = &self.state.config;
         let directory = load_directory(c.tiers_file.as_deref(), c.tenants_file.as_deref())
-            .map_err(|(var, e)| format!("{var}: {e}"))?;
+            .map_err(|errors| errors.iter().map(|(var, e)| format!("{var}: {e}")).collect::<Vec<_>>().join("; "))?;
         let pricing = match &c.pricing_file {
             None => None,
             Some(_) => Some(load_pricing(c)?),
