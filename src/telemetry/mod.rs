@@ -103,7 +103,7 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(tenants_tracked.clone())).expect("metric registered once");
-        Metrics {
+        let m = Metrics {
             gate_decisions: counter(
                 &r,
                 "valdrics_ops_enforcement_gate_decisions_total",
@@ -202,6 +202,58 @@ impl Metrics {
                 &["result"],
             ),
             registry: r,
+        };
+        m.zero_series();
+        m
+    }
+
+    /// Creates, at zero, every series whose labels are known in advance and whose first
+    /// increment may come late or never (failures, drops, drift, token events): a fresh
+    /// process exposes every contract name, and `rate()`/`increase()` see the first event.
+    fn zero_series(&self) {
+        let default = "default";
+        for verdict in ["ALLOW", "DENY", "REQUIRE_APPROVAL"] {
+            for path in ["normal", "failsafe"] {
+                self.gate_decisions.with_label_values(&[default, verdict, path]);
+            }
+        }
+        for path in ["normal", "failsafe"] {
+            self.gate_latency.with_label_values(&[default, path]);
+        }
+        for failure in GATE_FAILURE_TYPES {
+            self.gate_failures.with_label_values(&[default, failure]);
+        }
+        for gate in Gate::ALL {
+            for tier in Tier::ALL {
+                self.fair_use_denials.with_label_values(&[gate.as_str(), tier.as_str()]);
+            }
+        }
+        for direction in ["overage", "savings"] {
+            self.drift_usd.with_label_values(&[direction]);
+        }
+        for (trigger, statuses) in [
+            ("usage", &["matched", "overage", "savings", "released"][..]),
+            ("manual", &["matched", "overage", "savings"][..]),
+            ("auto", &["auto_release"][..]),
+        ] {
+            for status in statuses {
+                self.reconciliations.with_label_values(&[trigger, status]);
+            }
+        }
+        for event in ["issued", "consumed", "replay", "expired", "invalid", "mismatch"] {
+            self.approval_token_events.with_label_values(&[event]);
+        }
+        for state in ["appended", "delivered", "dropped", "parked"] {
+            self.outbox_events.with_label_values(&[state]);
+        }
+        for op in STORE_OPS {
+            self.store_errors.with_label_values(&[op]);
+        }
+        for class in ["2xx", "3xx", "4xx", "5xx", "error"] {
+            self.upstream_responses.with_label_values(&[class]);
+        }
+        for result in ["ok", "error"] {
+            self.config_reloads.with_label_values(&[result]);
         }
     }
 
@@ -317,6 +369,27 @@ impl Metrics {
     }
 }
 
+/// `failure_type` values of `valdrics_ops_enforcement_gate_failures_total`.
+pub const GATE_FAILURE_TYPES: [&str; 4] = ["store_timeout", "store_error", "gate_timeout", "outbox_unavailable"];
+
+/// `op` values of `preauth_store_errors_total`: the store calls of the request path
+/// (`AppState::store_failed`) and of the background workers.
+pub const STORE_OPS: [&str; 13] = [
+    "admit",
+    "consume_approval",
+    "create_pending",
+    "get_reservation",
+    "release_lease",
+    "rollback",
+    "set_global_block",
+    "settle",
+    "release",
+    "tenant_spend",
+    "sweep",
+    "expire",
+    "sync",
+];
+
 const GATE_SLOTS: usize = Gate::ALL.len() * Tier::ALL.len();
 
 struct GateChildren {
@@ -408,5 +481,25 @@ mod tests {
             assert_eq!(spent("pro", "openai", model), 2.0, "{model}");
         }
         assert_eq!(m.spend_children.lock().len(), SPEND_CHILDREN);
+    }
+
+    #[test]
+    fn a_fresh_process_exposes_its_failure_and_drop_counters_at_zero() {
+        let text = String::from_utf8(Metrics::new().encode()).unwrap();
+        for series in [
+            "valdrics_ops_enforcement_gate_failures_total{failure_type=\"store_error\",source=\"default\"} 0",
+            "valdrics_ops_enforcement_gate_decisions_total{decision=\"DENY\",path=\"failsafe\",source=\"default\"} 0",
+            "valdrics_ops_enforcement_gate_latency_seconds_count{path=\"normal\",source=\"default\"} 0",
+            "valdrics_ops_llm_fair_use_denials_total{gate=\"concurrency\",tenant_tier=\"pro\"} 0",
+            "valdrics_ops_enforcement_reservation_drift_usd_total{direction=\"overage\"} 0",
+            "valdrics_ops_enforcement_reservation_reconciliations_total{status=\"auto_release\",trigger=\"auto\"} 0",
+            "valdrics_ops_enforcement_approval_token_events_total{event=\"replay\"} 0",
+            "preauth_outbox_events_total{state=\"dropped\"} 0",
+            "preauth_store_errors_total{op=\"admit\"} 0",
+            "preauth_store_errors_total{op=\"sync\"} 0",
+            "preauth_upstream_responses_total{status_class=\"error\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == series), "{series} missing from:\n{text}");
+        }
     }
 }

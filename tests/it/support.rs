@@ -164,6 +164,17 @@ pub async fn metrics(s: &Sidecar) -> String {
     client().get(s.admin_url("/metrics")).send().await.unwrap().text().await.unwrap()
 }
 
+/// The sum of the samples in a Prometheus text exposition whose series starts with `series`
+/// (a name, or a name with its opening labels such as `name{op="admit"`); 0 when none.
+pub fn metric_sum(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with(['{', ' ', ',', '}'])))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
 /// Asserts a sidecar-made error: status, `code`, headers.
 pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
     assert_eq!(r.status().as_u16(), status, "status for {code}");
