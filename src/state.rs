@@ -247,8 +247,16 @@ impl AppState {
         m.insert(reservation_id.to_string(), ticket);
     }
 
-    pub fn take_gate_lease(&self, reservation_id: &str) -> Option<crate::store::Ticket> {
-        self.gate_leases.lock().remove(reservation_id)
+    /// Gives back the concurrency lease of a gate-API hold that was settled or released (by
+    /// its caller, the sweep or an operator); nothing when this replica holds none for it.
+    pub async fn release_gate_lease(&self, reservation_id: &str) {
+        let Some(ticket) = self.gate_leases.lock().remove(reservation_id) else {
+            return;
+        };
+        if let Err(e) = self.counters.release_lease(&ticket).await {
+            self.metrics.store_errors.with_label_values(&["release_lease"]).inc();
+            tracing::warn!(error = %e, reservation_id, "gate hold's lease not released; it expires by its TTL");
+        }
     }
 
     pub fn set_ready(&self, ready: bool) {

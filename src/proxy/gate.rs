@@ -10,7 +10,7 @@ use pingora::prelude::*;
 use serde_json::{json, Value};
 
 use super::downstream::Downstream;
-use super::respond::{render, Refusal};
+use super::respond::Refusal;
 use super::{PreauthProxy, RequestCtx};
 use crate::decide::pricing::cost;
 use crate::decide::usage_types::Usage;
@@ -54,7 +54,7 @@ impl PreauthProxy {
     ) -> Result<()> {
         let limit = self.state.config.max_body_bytes.min(MAX_GATE_BODY);
         let Some(body) = d.read_body(limit).await? else {
-            return self.respond(d, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await;
+            return self.respond(d, ctx, &self.refusal(&Refusal::TooLarge { limit }, ctx)).await;
         };
         let answer = match route {
             GateRoute::Decide => self.gate_decide(ctx, &body).await,
@@ -63,10 +63,15 @@ impl PreauthProxy {
         match answer {
             Ok(v) => {
                 let body = serde_json::to_vec(&v).expect("JSON value serialises");
-                let (headers, n) = super::json_headers(ctx, ctx.verdict, None, None);
+                let (mut headers, mut n) = super::json_headers(ctx, ctx.verdict, None, None);
+                // As on the proxy path: an ALLOW that holds a reservation names it.
+                if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
+                    headers[n] = (super::names::RESERVATION_ID, r.id.as_str());
+                    n += 1;
+                }
                 d.answer(200, &headers[..n], &body).await
             }
-            Err(refusal) => self.respond(d, ctx, &render(&refusal, &ctx.request_id)).await,
+            Err(refusal) => self.respond(d, ctx, &self.refusal(&refusal, ctx)).await,
         }
     }
 
@@ -164,9 +169,7 @@ impl PreauthProxy {
         self.state.group.flush(); // written before the caller hears of it
         match settled {
             Ok(SettleOutcome::Settled(s)) => {
-                if let Some(t) = self.state.take_gate_lease(id) {
-                    let _ = self.state.counters.release_lease(&t).await;
-                }
+                self.state.release_gate_lease(id).await;
                 m.record_settlement("usage", s.drift);
                 let model_label = if price.known { price.name } else { "other" };
                 m.record_spend(&reservation.tenant_tier, &price.price.provider, model_label, actual);

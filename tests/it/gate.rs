@@ -26,8 +26,10 @@ async fn gate_decides_holds_and_the_caller_settles() {
     let request = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100});
     let r = gate(&s, "acme", &json!({"route": "/v1/chat/completions", "request": request})).await;
     assert_eq!(r.status(), 200);
+    let held = r.headers().get("x-preauth-reservation-id").map(|h| h.to_str().unwrap().to_string());
     let v = json_of(r).await;
     assert_eq!(v["decision"], "ALLOW");
+    assert_eq!(held.as_deref(), v["reservation_id"].as_str(), "the header names the hold, as on the proxy path");
     assert_eq!(v["mode"], "hard");
     assert!(v["estimated_cost_usd"].as_str().unwrap().contains('.'));
     let canonical = br#"{"max_tokens":100,"messages":[{"content":"hi","role":"user"}],"model":"gpt-4o-mini"}"#;
@@ -77,5 +79,49 @@ async fn gate_decides_holds_and_the_caller_settles() {
     assert_error(r, 401, "unauthenticated").await;
     let m = metrics(&s).await;
     assert!(m.contains("valdrics_ops_enforcement_gate_decisions_total{decision=\"REQUIRE_APPROVAL\",path=\"normal\",source=\"default\"} 1"), "{m}");
+    s.stop().await;
+}
+
+/// A gate hold holds a concurrency slot until it is settled — by its caller, by an operator's
+/// reconcile, or released by the sweep: either way the slot comes back at once, not at the
+/// lease TTL.
+#[tokio::test(flavor = "multi_thread")]
+async fn released_or_reconciled_gate_holds_give_their_concurrency_slot_back() {
+    let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "2")]).await;
+    let body = json!({"route": "/v1/chat/completions",
+                      "request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}});
+    let hold = || async { json_of(gate(&s, "acme", &body).await).await };
+    let (a, b) = (hold().await, hold().await);
+    assert_eq!((a["decision"].as_str(), b["decision"].as_str()), (Some("ALLOW"), Some("ALLOW")));
+    let full = hold().await;
+    assert_eq!((full["decision"].as_str(), full["reasons"][0].as_str()), (Some("DENY"), Some("fair_use_concurrency")));
+
+    // An operator reconciles one hold: one slot back.
+    let id = a["reservation_id"].as_str().unwrap();
+    let r = client()
+        .post(s.admin_url(&format!("/api/v1/enforcement/reservations/{id}/reconcile")))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"actual_cost_usd": "0.000010"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c = hold().await;
+    assert_eq!(c["decision"], "ALLOW", "{c}");
+    assert_eq!(hold().await["decision"], "DENY");
+
+    // The sweep releases both remaining holds: both slots back.
+    let r = client()
+        .post(s.admin_url("/api/v1/enforcement/reservations/reconcile-overdue"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"older_than_seconds": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_of(r).await["released_count"], 2);
+    for _ in 0..2 {
+        let v = hold().await;
+        assert_eq!(v["decision"], "ALLOW", "{v}");
+    }
     s.stop().await;
 }
