@@ -54,7 +54,7 @@ use crate::telemetry::audit;
 pub use ctx::RequestCtx;
 use downstream::Downstream;
 use extract::names;
-use respond::{render, Refusal, Rendered};
+use respond::{render_stamped, Refusal, Rendered};
 use spend::SpendCtx;
 
 /// The message of the 400 for a request that is not valid HTTP.
@@ -104,6 +104,14 @@ impl PreauthProxy {
         d.answer(r.status, &headers[..n], &r.body).await
     }
 
+    /// The error answer for `r`, its details stamped with the request's mode (from its
+    /// `x-preauth-source`) and the policy version in force.
+    pub(crate) fn refusal(&self, r: &Refusal, ctx: &RequestCtx) -> Rendered {
+        let policy = self.state.policy.current();
+        let mode = policy.mode_for(policy.source_of(ctx.source_header.as_deref()));
+        render_stamped(r, &ctx.request_id, Some((mode, policy.version)))
+    }
+
     fn now_s(&self) -> i64 {
         (self.state.clock.now_ms() / 1000) as i64
     }
@@ -111,7 +119,7 @@ impl PreauthProxy {
     /// The JSON 400 for a request whose head could not be parsed (no request to route).
     pub(crate) fn malformed(&self) -> (RequestCtx, Rendered) {
         let ctx = RequestCtx::new();
-        let r = render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id);
+        let r = self.refusal(&Refusal::InvalidRequest(MALFORMED.into()), &ctx);
         (ctx, r)
     }
 
@@ -650,7 +658,7 @@ impl PreauthProxy {
             (route, passthrough, gate::GateRoute::parse(method, path))
         };
         if route.is_none() && !passthrough && gate.is_none() {
-            self.respond(d, ctx, &render(&Refusal::RouteNotFound, &ctx.request_id)).await?;
+            self.respond(d, ctx, &self.refusal(&Refusal::RouteNotFound, ctx)).await?;
             return Ok(true);
         }
         ctx.route = route;
@@ -661,7 +669,7 @@ impl PreauthProxy {
         match caller {
             Ok(c) => ctx.caller = Some(c),
             Err(why) => {
-                self.respond(d, ctx, &render(&Refusal::Unauthenticated(why), &ctx.request_id)).await?;
+                self.respond(d, ctx, &self.refusal(&Refusal::Unauthenticated(why), ctx)).await?;
                 return Ok(true);
             }
         }
@@ -679,7 +687,7 @@ impl PreauthProxy {
         let content_length = d.header("content-length").and_then(|v| v.parse::<u64>().ok());
         match content_length {
             Some(n) if n > limit => {
-                self.respond(d, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await?;
+                self.respond(d, ctx, &self.refusal(&Refusal::TooLarge { limit }, ctx)).await?;
                 Ok(true)
             }
             Some(n) if n <= RETRY_BUFFER_LIMIT || d.forwards_read_body() => self.read_and_decide(d, ctx, limit).await,
@@ -694,7 +702,7 @@ impl PreauthProxy {
     /// Reads the whole body and decides. `Ok(true)` = refused (answered).
     async fn read_and_decide<D: Downstream>(&self, d: &mut D, ctx: &mut RequestCtx, limit: u64) -> Result<bool> {
         let Some(body) = d.read_body(limit).await? else {
-            self.respond(d, ctx, &render(&Refusal::TooLarge { limit }, &ctx.request_id)).await?;
+            self.respond(d, ctx, &self.refusal(&Refusal::TooLarge { limit }, ctx)).await?;
             return Ok(true);
         };
         // Boxed: the decision's future is ~4 KiB; unboxed it would be part of (and moved
@@ -707,7 +715,7 @@ impl PreauthProxy {
                 Ok(false)
             }
             Err(refusal) => {
-                self.respond(d, ctx, &render(&refusal, &ctx.request_id)).await?;
+                self.respond(d, ctx, &self.refusal(&refusal, ctx)).await?;
                 Ok(true)
             }
         }
@@ -824,11 +832,11 @@ impl PreauthProxy {
             Some(r) => Some(*r),
             None if answered => None,
             None => match e.esource() {
-                ErrorSource::Upstream => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
+                ErrorSource::Upstream => Some(self.refusal(&Refusal::UpstreamUnavailable, ctx)),
                 ErrorSource::Downstream => None,
                 _ => match e.etype() {
-                    HTTPStatus(400) => Some(render(&Refusal::InvalidRequest(MALFORMED.into()), &ctx.request_id)),
-                    _ => Some(render(&Refusal::UpstreamUnavailable, &ctx.request_id)),
+                    HTTPStatus(400) => Some(self.refusal(&Refusal::InvalidRequest(MALFORMED.into()), ctx)),
+                    _ => Some(self.refusal(&Refusal::UpstreamUnavailable, ctx)),
                 },
             },
         }
@@ -949,7 +957,7 @@ impl ProxyHttp for PreauthProxy {
         if let Some(chunk) = body.take() {
             if ctx.held.len() as u64 + chunk.len() as u64 > self.state.config.max_body_bytes {
                 let limit = self.state.config.max_body_bytes;
-                ctx.pending_refusal = Some(Box::new(render(&Refusal::TooLarge { limit }, &ctx.request_id)));
+                ctx.pending_refusal = Some(Box::new(self.refusal(&Refusal::TooLarge { limit }, ctx)));
                 return Error::e_explain(HTTPStatus(413), "request body over PREAUTH_MAX_BODY_BYTES");
             }
             ctx.held.extend_from_slice(&chunk);
@@ -965,7 +973,7 @@ impl ProxyHttp for PreauthProxy {
                 Ok(())
             }
             Err(refusal) => {
-                let r = render(&refusal, &ctx.request_id);
+                let r = self.refusal(&refusal, ctx);
                 let status = r.status;
                 ctx.pending_refusal = Some(Box::new(r));
                 Error::e_explain(HTTPStatus(status), "request refused after reading its body")

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use crate::decide::{Decision, Reason, Verdict};
+use crate::decide::{Decision, Mode, Reason, Verdict};
 
 /// Why the sidecar answers instead of the upstream.
 #[derive(Clone, Debug, PartialEq)]
@@ -112,6 +112,13 @@ fn decision_status(d: &Decision) -> (u16, &'static str, &'static str) {
 
 /// Renders a refusal for request `request_id`.
 pub fn render(r: &Refusal, request_id: &str) -> Rendered {
+    render_stamped(r, request_id, None)
+}
+
+/// Renders a refusal; `stamp` (the request's mode and the policy version in force) fills
+/// `details.mode` and `details.policy_version` of refusals that are not decisions (401, 400,
+/// 413, 404, 502), so every error body has the same four details (a decision carries its own).
+pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>) -> Rendered {
     let mut details = Map::new();
     let (status, code, message, verdict, retry_after): (u16, &'static str, String, Verdict, Option<u64>) = match r {
         Refusal::Unauthenticated(why) => {
@@ -119,7 +126,16 @@ pub fn render(r: &Refusal, request_id: &str) -> Rendered {
             (
                 401,
                 "unauthenticated",
-                "Missing or invalid caller credentials: send Authorization: Bearer <tenant JWT>.".into(),
+                match *why {
+                    "invalid_tenant_id" => {
+                        "The caller's tenant id is not valid: 1 to 128 visible ASCII characters, no spaces."
+                    }
+                    w if w.ends_with("_header") => {
+                        "Missing caller identity: the x-tenant-id header (set by the authenticating gateway) is required."
+                    }
+                    _ => "Missing or invalid caller credentials: send Authorization: Bearer <tenant JWT>.",
+                }
+                .into(),
                 Verdict::Deny,
                 None,
             )
@@ -168,6 +184,13 @@ pub fn render(r: &Refusal, request_id: &str) -> Rendered {
             (status, code, message.to_string(), decision.verdict, retry)
         }
     };
+    if !matches!(r, Refusal::Decision { .. }) {
+        details.insert("decision".into(), json!(verdict.as_str()));
+        if let Some((mode, version)) = stamp {
+            details.insert("mode".into(), json!(mode.as_str()));
+            details.insert("policy_version".into(), json!(version));
+        }
+    }
     let body = json!({"error": {
         "message": message,
         "type": "preauth_error",
@@ -225,5 +248,36 @@ mod tests {
         assert_eq!(render(&Refusal::TooLarge { limit: 10 }, "x").status, 413);
         assert_eq!(render(&Refusal::InvalidRequest("bad".into()), "x").status, 400);
         assert_eq!(render(&Refusal::UpstreamUnavailable, "x").status, 502);
+    }
+
+    #[test]
+    fn every_error_body_carries_reason_decision_mode_and_policy_version() {
+        for r in [
+            Refusal::Unauthenticated("missing_bearer_token"),
+            Refusal::RouteNotFound,
+            Refusal::TooLarge { limit: 10 },
+            Refusal::InvalidRequest("bad".into()),
+            Refusal::UpstreamUnavailable,
+        ] {
+            let v = parse(&render_stamped(&r, "x", Some((Mode::Soft, 9))));
+            let d = &v["error"]["details"];
+            assert!(d["reason"].is_string(), "{r:?}: {v}");
+            assert_eq!(
+                (&d["decision"], &d["mode"], &d["policy_version"]),
+                (&json!("DENY"), &json!("soft"), &json!(9)),
+                "{r:?}"
+            );
+        }
+        // A decision keeps its own mode and version.
+        let d = failsafe(Mode::Hard);
+        let v = parse(&render_stamped(
+            &Refusal::Decision { decision: d, policy_version: 3, extra: Map::new() },
+            "x",
+            Some((Mode::Soft, 9)),
+        ));
+        assert_eq!(
+            (&v["error"]["details"]["mode"], &v["error"]["details"]["policy_version"]),
+            (&json!("hard"), &json!(3))
+        );
     }
 }

@@ -163,6 +163,8 @@ async fn request_errors_have_codes_statuses_and_json() {
     let r = c.post(s.url("/v1/chat/completions")).bearer_auth(expired).json(&chat("m")).send().await.unwrap();
     let v = assert_error(r, 401, "unauthenticated").await;
     assert_eq!(v["error"]["details"]["reason"], "token_expired");
+    let d = &v["error"]["details"];
+    assert_eq!((&d["decision"], &d["mode"], &d["policy_version"]), (&json!("DENY"), &json!("hard"), &json!(1)), "{v}");
     // 404: not an inspected route (and no token needed to learn that).
     let r = c.get(s.url("/admin/secret")).send().await.unwrap();
     assert_error(r, 404, "route_not_found").await;

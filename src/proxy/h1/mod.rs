@@ -51,7 +51,7 @@ use tokio::time::{Instant, Sleep};
 use self::pool::{UpIo, Upstream, UpstreamPool, READ_BUF};
 use self::wire::{Chunked, Framing, Relay, RequestBody, RequestHead, MAX_HEAD_BYTES};
 use super::downstream::Downstream;
-use super::respond::{render, Refusal};
+use super::respond::Refusal;
 use super::{PreauthProxy, RequestCtx};
 
 /// An idle client connection (no request started) is closed after this.
@@ -190,7 +190,7 @@ impl LeanH1 {
                 match c.read_body(limit).await? {
                     Some(b) => b,
                     None => {
-                        let r = render(&Refusal::TooLarge { limit }, &ctx.request_id);
+                        let r = self.core.refusal(&Refusal::TooLarge { limit }, ctx);
                         return self.core.respond(c, ctx, &r).await;
                     }
                 }
