@@ -39,18 +39,21 @@ fn reservation_json(r: &Reservation, now: u64) -> Value {
 pub async fn tenant(state: &AppState, tenant: &str) -> Answer {
     let now = state.clock.now_ms();
     let policy = state.policy.current();
-    let tier = policy
-        .directory
-        .tenant(tenant)
-        .and_then(|t| t.tier)
-        .or_else(|| state.tier_seen(tenant))
-        .unwrap_or(crate::decide::Tier::Free);
-    let budget = policy.directory.monthly_budget(tenant, tier);
     let month = month_key(now);
     let spend = match state.budgets.tenant_spend(tenant, &month).await {
         Ok(s) => s,
         Err(e) => return err(503, "store_unavailable", &format!("Spend could not be read: {e}. Retry.")),
     };
+    // The tenants file decides; else the tier the tenant's requests resolved to (from their
+    // identity): the shared store's record of the latest hold (fleet), this replica's memory.
+    let tier = policy
+        .directory
+        .tenant(tenant)
+        .and_then(|t| t.tier)
+        .or(spend.tier)
+        .or_else(|| state.tier_seen(tenant))
+        .unwrap_or(crate::decide::Tier::Free);
+    let budget = policy.directory.monthly_budget(tenant, tier);
     let counters = state.counters.tenant_view(tenant, now).await.unwrap_or_default();
     (
         200,

@@ -28,7 +28,7 @@ use async_trait::async_trait;
 
 use super::StoreError;
 use crate::decide::time::Month;
-use crate::decide::{Micros, UnixMillis};
+use crate::decide::{Micros, Tier, UnixMillis};
 
 /// What to hold for one request.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +133,10 @@ pub struct SpendView {
     /// Held by active reservations.
     pub reserved: Micros,
     pub active_reservations: u64,
+    /// The tier the tenant's latest hold resolved to, when the store keeps it (Redis: shared by
+    /// every replica, so each one's tenant view shows it; the embedded store leaves it to the
+    /// replica's own memory of tiers seen).
+    pub tier: Option<Tier>,
 }
 
 impl SpendView {

@@ -646,7 +646,7 @@ impl State {
 
     fn spend_view(&self, tenant: &str, month: &str) -> SpendView {
         let a = self.acct(tenant, month);
-        SpendView { spent: Micros(a.spent), reserved: Micros(a.reserved), active_reservations: a.active }
+        SpendView { spent: Micros(a.spent), reserved: Micros(a.reserved), active_reservations: a.active, tier: None }
     }
 
     fn get(&self, id: &Id) -> Option<(Reservation, ReservationState)> {

@@ -152,6 +152,20 @@ async fn three_replicas_share_caps_budget_tokens_and_the_kill_switch() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    // A tenant whose tier comes from its token, seen by one replica: every replica's tenant
+    // view shows that tier and its budget (the shared store keeps the tier of the latest hold).
+    let r =
+        post(&fleet[0], "/v1/embeddings", "claimed", "pro", &json!({"model": "text-embedding-3-small", "input": "x"}))
+            .await;
+    assert_eq!(r.status(), 200);
+    let seen = tenant_view(&fleet[0], "claimed").await;
+    assert_eq!(seen["tier"], "pro");
+    for s in &fleet[1..] {
+        let v = tenant_view(s, "claimed").await;
+        assert_eq!((&v["tier"], &v["monthly_budget_usd"]), (&seen["tier"], &seen["monthly_budget_usd"]), "{v}");
+        assert_eq!(v["spent_usd"], seen["spent_usd"]);
+    }
     for s in fleet {
         s.stop().await;
     }

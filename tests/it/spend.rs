@@ -14,17 +14,6 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
-async fn tenant_view(s: &Sidecar, tenant: &str) -> Value {
-    let r = client()
-        .get(s.admin_url(&format!("/api/v1/enforcement/tenants/{tenant}")))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    json_of(r).await
-}
-
 fn usd(v: &Value) -> Micros {
     Micros::from_usd_str(v.as_str().unwrap_or_else(|| panic!("not a money string: {v}"))).unwrap()
 }

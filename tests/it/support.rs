@@ -164,6 +164,18 @@ pub async fn metrics(s: &Sidecar) -> String {
     client().get(s.admin_url("/metrics")).send().await.unwrap().text().await.unwrap()
 }
 
+/// `GET /api/v1/enforcement/tenants/{tenant}` on `s`'s admin listener (200 expected).
+pub async fn tenant_view(s: &Sidecar, tenant: &str) -> serde_json::Value {
+    let r = client()
+        .get(s.admin_url(&format!("/api/v1/enforcement/tenants/{tenant}")))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    json_of(r).await
+}
+
 /// The sum of the samples in a Prometheus text exposition whose series starts with `series`
 /// (a name, or a name with its opening labels such as `name{op="admit"`); 0 when none.
 pub fn metric_sum(exposition: &str, series: &str) -> f64 {

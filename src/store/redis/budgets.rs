@@ -18,7 +18,7 @@ use redis::Value;
 
 use super::{as_array, as_i64, as_map, as_string, proto, RedisStore};
 use crate::decide::time::{Month, MS_PER_DAY};
-use crate::decide::{Micros, UnixMillis};
+use crate::decide::{Micros, Tier, UnixMillis};
 use crate::store::budget::{
     Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
@@ -260,15 +260,17 @@ impl Budgets for RedisStore {
 
     async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError> {
         let key = self.spend_key(tenant, month);
-        let (spent, reserved, active): (Option<i64>, Option<i64>, Option<i64>) = self
+        let (spent, reserved, active, tier): (Option<i64>, Option<i64>, Option<i64>, Option<String>) = self
             .exec("tenant_spend", 1, |mut c| async move {
-                redis::cmd("HMGET").arg(&key).arg("spent").arg("reserved").arg("active").query_async(&mut c).await
+                let fields = ["spent", "reserved", "active", "tier"];
+                redis::cmd("HMGET").arg(&key).arg(&fields[..]).query_async(&mut c).await
             })
             .await?;
         Ok(SpendView {
             spent: Micros(spent.unwrap_or(0)),
             reserved: Micros(reserved.unwrap_or(0)),
             active_reservations: active.unwrap_or(0).max(0) as u64,
+            tier: tier.as_deref().and_then(Tier::parse),
         })
     }
 

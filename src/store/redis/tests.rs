@@ -253,7 +253,9 @@ async fn spend(b: &RedisStore, tenant: &str, month: &str) -> (i64, i64, u64) {
 async fn budget_arithmetic_clamp_settle_release() {
     let Some(b) = store_at(&prefix()).await else { return };
     let now = t0();
+    assert_eq!(b.tenant_spend("acme", "2026-11").await.unwrap().tier, None, "no hold yet, no tier");
     let r1 = reserved(b.reserve(&rreq("acme", now, BUDGET, 300_000, None)).await.unwrap());
+    assert_eq!(b.tenant_spend("acme", "2026-11").await.unwrap().tier, Some(Tier::Pro), "the hold's tier is shared");
     assert_eq!((r1.amount, &*r1.month, r1.created_at), (Micros(300_000), "2026-11", now));
     assert_eq!(uuid::Uuid::parse_str(&r1.id).unwrap().get_version_num(), 7);
     let r2 = reserved(b.reserve(&rreq("acme", now + 1, BUDGET, 700_000, None)).await.unwrap());

@@ -23,7 +23,9 @@ redis.call('HSET', rk, 'tenant', ARGV[3], 'tier', ARGV[4], 'request_id', ARGV[5]
   'month', ARGV[7], 'amount', hold, 'created_at', ARGV[8], 'state', 'active')
 redis.call('PEXPIRE', rk, tonumber(ARGV[13]))
 -- Written from the values just read (one call instead of two HINCRBYs; the script is atomic).
-redis.call('HSET', KEYS[1], 'reserved', int(reserved + hold), 'active', int(tonumber(a[3] or '0') + 1))
+-- `tier`: the tier the tenant's latest hold resolved to, for every replica's tenant view.
+redis.call('HSET', KEYS[1], 'reserved', int(reserved + hold), 'active', int(tonumber(a[3] or '0') + 1),
+  'tier', ARGV[4])
 if not (a[1] or a[2] or a[3]) then
   -- A month's spend hash gets its TTL when created: 70 days outlast the month and any late settle.
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[12]))
