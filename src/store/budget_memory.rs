@@ -74,7 +74,7 @@ use super::journal::{create_append, sync_dir, Journal};
 use super::StoreError;
 use crate::commit::{StageCounter, Staged};
 use crate::decide::time::{Month, MS_PER_DAY};
-use crate::decide::{FastMap, Micros, UnixMillis};
+use crate::decide::{FastMap, Micros, Tier, UnixMillis};
 
 /// The journal's file name inside the data directory.
 pub const JOURNAL_FILE: &str = "budgets.journal";
@@ -139,11 +139,14 @@ enum Entry<'a> {
         amount: i64,
         at: UnixMillis,
     },
-    /// Snapshot: a month's spend (added, like a charge).
+    /// Snapshot: a month's spend (added, like a charge) and the tier of the tenant's latest hold
+    /// (absent in journals written before it was kept).
     Spent {
         tenant: Cow<'a, str>,
         month: Cow<'a, str>,
         spent: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tier: Option<Cow<'a, str>>,
     },
     /// Snapshot: a settled (`actual` set) or released reservation; does not touch spend.
     Done {
@@ -232,18 +235,21 @@ struct Acct {
     active: u64,
 }
 
-/// One month of a tenant's account (the month packed so that [`Months`] needs no tag of its own).
+/// One month of a tenant's account (the month packed so that [`Months`] needs no tag of its own),
+/// with the tier the tenant's latest hold of the month resolved to (the tenant view's tier when
+/// the tenants file names none; it fits in the slot's padding).
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     acct: Acct,
     year: i32,
     month: NonZeroU8,
+    tier: Option<Tier>,
 }
 
 impl Slot {
     fn new(m: Month) -> Slot {
         let month = u8::try_from(m.month).ok().and_then(NonZeroU8::new).expect("months are 1..=12");
-        Slot { acct: Acct::default(), year: m.year, month }
+        Slot { acct: Acct::default(), year: m.year, month, tier: None }
     }
 
     fn month(&self) -> Month {
@@ -266,7 +272,7 @@ impl Months {
         }
     }
 
-    fn get_or_insert(&mut self, month: Month) -> &mut Acct {
+    fn get_or_insert(&mut self, month: Month) -> &mut Slot {
         let i = match self.as_slice().iter().position(|s| s.month() == month) {
             Some(i) => i,
             None => {
@@ -282,8 +288,8 @@ impl Months {
             }
         };
         match self {
-            Months::One(s) => &mut s.acct,
-            Months::Many(v) => &mut v[i].acct,
+            Months::One(s) => s,
+            Months::Many(v) => &mut v[i],
         }
     }
 
@@ -459,16 +465,22 @@ impl State {
     }
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
-        let Some(m) = Month::parse(month) else { return Acct::default() };
-        self.accts
-            .get(tenant)
-            .and_then(|ms| ms.as_slice().iter().find(|s| s.month() == m))
-            .map(|s| s.acct)
-            .unwrap_or_default()
+        self.slot(tenant, month).map(|s| s.acct).unwrap_or_default()
+    }
+
+    fn slot(&self, tenant: &str, month: &str) -> Option<Slot> {
+        let m = Month::parse(month)?;
+        self.accts.get(tenant).and_then(|ms| ms.as_slice().iter().find(|s| s.month() == m)).copied()
     }
 
     /// The account of `tenant` in `month`, and the tenant's shared name.
     fn acct_mut(&mut self, tenant: &str, month: Month) -> (Arc<str>, &mut Acct) {
+        let (key, slot) = self.slot_mut(tenant, month);
+        (key, &mut slot.acct)
+    }
+
+    /// [`State::acct_mut`] with the rest of the month's slot.
+    fn slot_mut(&mut self, tenant: &str, month: Month) -> (Arc<str>, &mut Slot) {
         let key = match self.accts.get_key_value(tenant) {
             Some((k, _)) => k.clone(),
             None => {
@@ -484,7 +496,11 @@ impl State {
     /// The account of a month given as text; a month that does not parse (only possible from a
     /// damaged journal line) books into year 0, which the month pruning drops.
     fn acct_mut_text(&mut self, tenant: &str, month: &str) -> &mut Acct {
-        self.acct_mut(tenant, Month::parse(month).unwrap_or(Month { year: 0, month: 1 })).1
+        &mut self.slot_mut_text(tenant, month).acct
+    }
+
+    fn slot_mut_text(&mut self, tenant: &str, month: &str) -> &mut Slot {
+        self.slot_mut(tenant, Month::parse(month).unwrap_or(Month { year: 0, month: 1 })).1
     }
 
     /// Moves time forward: forgets old months and old finished records.
@@ -515,7 +531,11 @@ impl State {
             return;
         }
         let labels = self.labels.get(r.tier, r.model, r.month);
-        let (tenant, acct) = self.acct_mut(r.tenant, labels.account_month);
+        let (tenant, slot) = self.slot_mut(r.tenant, labels.account_month);
+        if labels.account_tier.is_some() {
+            slot.tier = labels.account_tier;
+        }
+        let acct = &mut slot.acct;
         acct.reserved = acct.reserved.saturating_add(r.amount);
         acct.active += 1;
         self.by_age.insert((r.created_at, id.clone()));
@@ -586,9 +606,12 @@ impl State {
                 let a = self.acct_mut_text(tenant, month);
                 a.spent = a.spent.saturating_add(*amount);
             }
-            Entry::Spent { tenant, month, spent } => {
-                let a = self.acct_mut_text(tenant, month);
-                a.spent = a.spent.saturating_add(*spent);
+            Entry::Spent { tenant, month, spent, tier } => {
+                let slot = self.slot_mut_text(tenant, month);
+                slot.acct.spent = slot.acct.spent.saturating_add(*spent);
+                if let Some(t) = tier.as_deref().and_then(Tier::parse) {
+                    slot.tier = Some(t);
+                }
             }
             Entry::Done { id, tenant, tier, request_id, model, month, amount, created, at, actual } => {
                 self.advance(*at);
@@ -627,8 +650,8 @@ impl State {
             .accts
             .iter()
             .flat_map(|(tenant, months)| months.as_slice().iter().map(move |slot| (tenant, slot)))
-            .filter(|(_, slot)| slot.acct.spent != 0 && (slot.acct.active > 0 || slot.month() >= prev))
-            .map(|(tenant, slot)| (tenant.clone(), slot.month(), slot.acct.spent))
+            .filter(|(_, s)| (s.acct.spent != 0 || s.tier.is_some()) && (s.acct.active > 0 || s.month() >= prev))
+            .map(|(tenant, slot)| (tenant.clone(), slot.month(), slot.acct.spent, slot.tier))
             .collect();
         let active =
             self.by_age.iter().filter_map(|(_, id)| self.active.get(id).map(|h| (id.clone(), h.clone()))).collect();
@@ -645,8 +668,10 @@ impl State {
     }
 
     fn spend_view(&self, tenant: &str, month: &str) -> SpendView {
-        let a = self.acct(tenant, month);
-        SpendView { spent: Micros(a.spent), reserved: Micros(a.reserved), active_reservations: a.active, tier: None }
+        let slot = self.slot(tenant, month);
+        let a = slot.map(|s| s.acct).unwrap_or_default();
+        let tier = slot.and_then(|s| s.tier);
+        SpendView { spent: Micros(a.spent), reserved: Micros(a.reserved), active_reservations: a.active, tier }
     }
 
     fn get(&self, id: &Id) -> Option<(Reservation, ReservationState)> {
@@ -664,12 +689,13 @@ impl State {
         let mut accts: Vec<_> = self
             .accts
             .iter()
-            .flat_map(|(t, ms)| ms.as_slice().iter().map(move |s| (t, s.month().to_string(), s.acct)))
-            .filter(|(_, _, a)| *a != Acct::default())
+            .flat_map(|(t, ms)| ms.as_slice().iter().map(move |s| (t, s.month().to_string(), s.acct, s.tier)))
+            .filter(|(_, _, a, tier)| *a != Acct::default() || tier.is_some())
             .collect();
         accts.sort();
-        for (t, m, a) in accts {
-            let _ = writeln!(s, "acct {t} {m} spent={} reserved={} active={}", a.spent, a.reserved, a.active);
+        for (t, m, a, tier) in accts {
+            let _ =
+                writeln!(s, "acct {t} {m} spent={} reserved={} active={} tier={tier:?}", a.spent, a.reserved, a.active);
         }
         for (_, id) in &self.by_age {
             let _ = writeln!(s, "active {:?}", self.active[id].reservation(id));
@@ -720,7 +746,7 @@ impl Inner {
 /// reservations oldest first, the finished ones in finishing order.
 struct Snapshot {
     now: UnixMillis,
-    spent: Vec<(Arc<str>, Month, i64)>,
+    spent: Vec<(Arc<str>, Month, i64, Option<Tier>)>,
     active: Vec<(Id, Held)>,
     finished: Vec<(Id, Finished)>,
 }
@@ -741,8 +767,13 @@ impl Snapshot {
         };
         let out = &mut buf;
         entry_line(out, &Entry::Snapshot { v: SNAPSHOT_VERSION, now: self.now })?;
-        for (tenant, month, spent) in &self.spent {
-            let e = Entry::Spent { tenant: Cow::Borrowed(tenant), month: Cow::Owned(month.to_string()), spent: *spent };
+        for (tenant, month, spent, tier) in &self.spent {
+            let e = Entry::Spent {
+                tenant: Cow::Borrowed(tenant),
+                month: Cow::Owned(month.to_string()),
+                spent: *spent,
+                tier: tier.map(|t| Cow::Borrowed(t.as_str())),
+            };
             entry_line(out, &e)?;
             spill(out, false)?;
         }

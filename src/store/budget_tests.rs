@@ -923,3 +923,28 @@ fn hand_written_journal_lines_are_serdes_bytes() {
         assert_eq!(String::from_utf8(fast).unwrap(), serde_json::to_string(e).unwrap());
     }
 }
+
+#[test]
+fn the_tier_of_the_latest_hold_survives_reopen_and_compaction() {
+    assert!(std::mem::size_of::<Slot>() <= 32, "the tier fits in the slot's padding");
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    let now = t0();
+    assert_eq!(b.tenant_spend_now("acme", "2026-11").tier, None, "no hold yet");
+    let r = reserved(
+        b.reserve_now(&ReserveRequest { tenant_tier: "growth", ..req("acme", now, BUDGET, 10, None) }).unwrap(),
+    );
+    assert_eq!(b.tenant_spend_now("acme", "2026-11").tier, Some(Tier::Growth));
+    // The latest hold decides; released, nothing spent: the tier is still kept.
+    let r2 = reserved(b.reserve_now(&req("acme", now + 1, BUDGET, 10, None)).unwrap());
+    b.release_now(&r.id, now + 2).unwrap();
+    b.release_now(&r2.id, now + 2).unwrap();
+    assert_eq!(b.tenant_spend_now("acme", "2026-11"), SpendView { tier: Some(Tier::Pro), ..SpendView::default() });
+    drop(b);
+    let b = MemoryBudgets::open(&dir.0).unwrap(); // replays, then compacts
+    assert_eq!(b.tenant_spend_now("acme", "2026-11").tier, Some(Tier::Pro));
+    drop(b);
+    let b = MemoryBudgets::open(&dir.0).unwrap(); // from the snapshot alone
+    assert_eq!(b.tenant_spend_now("acme", "2026-11").tier, Some(Tier::Pro));
+    assert_eq!(b.tenant_spend_now("beta", "2026-11").tier, None);
+}

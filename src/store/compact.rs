@@ -15,6 +15,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use crate::decide::time::Month;
+use crate::decide::Tier;
 use crate::ids::hyphenated;
 
 /// A reservation or request id. A canonical UUID (36 characters, lowercase hex, hyphenated — what
@@ -125,6 +126,8 @@ pub(crate) struct Labels {
     /// `month` parsed; a month that does not parse (only possible from a damaged journal line)
     /// books into year 0.
     pub(crate) account_month: Month,
+    /// `tier` parsed (`None` for text that names no tier).
+    pub(crate) account_tier: Option<Tier>,
 }
 
 /// Lookup of [`Labels`] by borrowed text (no allocation for a hit).
@@ -205,6 +208,7 @@ impl LabelTable {
             model: model.into(),
             month: month.into(),
             account_month: Month::parse(month).unwrap_or(Month { year: 0, month: 1 }),
+            account_tier: Tier::parse(tier),
         });
         self.set.insert(l.clone());
         l

@@ -266,9 +266,16 @@ async fn restart_keeps_spend_and_active_reservations() {
     r.bytes().await.unwrap();
     let want = price_cost("gpt-4o", Usage { prompt_tokens: 1000, completion_tokens: 1000, ..Usage::default() });
     wait_for("settlement", || async { usd(&tenant_view(&s, "acme").await["spent_usd"]) == want }).await;
+    let before = tenant_view(&s, "acme").await;
     s.stop().await;
     let s = start_in(&[], Arc::new(MemoryCounters::new()), &dir).await;
-    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), want, "spend survived the restart");
+    let after = tenant_view(&s, "acme").await;
+    assert_eq!(usd(&after["spent_usd"]), want, "spend survived the restart");
+    // The tier came from the token, not the tenants file: still known before the next request.
+    for field in ["tier", "monthly_budget_usd", "remaining_usd"] {
+        assert_eq!(after[field], before[field], "{field} after the restart");
+    }
+    assert_eq!(after["tier"], "pro");
     s.stop().await;
 }
 
