@@ -445,3 +445,87 @@ async fn long_streams_arrive_whole_and_in_order() {
     assert!(text.trim_end().ends_with("data: [DONE]"), "in order, to the end");
     s.stop().await;
 }
+
+/// A raw upstream that answers the first request on each connection (keep-alive), then reads
+/// the next one and closes without a word: a gateway that took a request and died. Counts the
+/// requests it received.
+async fn upstream_dying_on_the_second_request() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+{
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for answered in 0.. {
+                    // One request: the head, then `content-length` bytes.
+                    loop {
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let len = text[..end]
+                                .lines()
+                                .find_map(|l| {
+                                    l.to_ascii_lowercase()
+                                        .strip_prefix("content-length:")
+                                        .map(|v| v.trim().parse::<usize>().unwrap())
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                buf.drain(..end + 4 + len);
+                                break;
+                            }
+                        }
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if answered == 1 {
+                        return; // took the request, then went away
+                    }
+                    let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(resp.as_bytes()).await;
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// An LLM call the gateway may have received is never sent to it twice: a POST written on a
+/// reused connection that then closes without an answer gets 502 (nothing charged); an
+/// idempotent GET in the same spot is retried once on a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_the_gateway_may_have_received_is_not_sent_again() {
+    use std::sync::atomic::Ordering;
+    let (addr, received) = upstream_dying_on_the_second_request().await;
+    let url = format!("http://{addr}");
+    let s = start(&[("PREAUTH_UPSTREAM_URL", url.as_str())]).await;
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    assert_error(r, 502, "upstream_unavailable").await;
+    assert_eq!(received.load(Ordering::SeqCst), 2, "the second POST reached the gateway once, not twice");
+
+    // GET /v1/models: one answered request opens a connection, the next dies on it and is
+    // retried on a new one, which answers.
+    let models = || client().get(s.url("/v1/models")).bearer_auth(token("acme", "pro")).send();
+    assert_eq!(models().await.unwrap().status(), 200);
+    let before = received.load(Ordering::SeqCst);
+    assert_eq!(models().await.unwrap().status(), 200, "an idempotent request is retried");
+    assert_eq!(received.load(Ordering::SeqCst), before + 2);
+    s.stop().await;
+}

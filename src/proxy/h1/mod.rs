@@ -20,8 +20,11 @@
 //! - the client is watched while the gateway works: a client that goes away ends the exchange
 //!   and `finish` settles at once; the whole exchange may not outlive
 //!   `PREAUTH_UPSTREAM_TIMEOUT_SECONDS`; an idle client connection is closed after 60 s;
-//! - a pooled gateway connection that turns out closed before any byte of the answer is
-//!   retried once on a new connection.
+//! - a pooled gateway connection idle for a while is checked before it is used (a closed one is
+//!   dropped, nothing sent on it); a request whose write fails is retried once on a new
+//!   connection; one that was written and got no byte of answer is retried only when its method
+//!   is idempotent (`GET` /v1/models) — an LLM POST the gateway may have received is never sent
+//!   twice (it answers 502, as nginx does for non-idempotent requests).
 //!
 //! Owns: `LeanH1` (a pingora `ServerApp`), the client connection. Imports: the proxy phases,
 //! `wire`, `pool`, pingora's stream, connector and h2 proxy.
@@ -199,7 +202,7 @@ impl LeanH1 {
         let mut wire = std::mem::take(&mut c.wire);
         self.upstream_request(c, ctx, &body, &mut wire);
         c.deadline.as_mut().reset(self.upstream_deadline(ctx));
-        let sent = self.send(c, &wire).await;
+        let sent = self.send(c, &wire, c.head.method.is_idempotent()).await;
         c.wire = wire;
         let up = sent?;
         self.relay(c, ctx, up).await
@@ -246,9 +249,10 @@ impl LeanH1 {
         wire.extend_from_slice(body);
     }
 
-    /// Sends the request on a pooled connection (once more on a fresh one when a pooled
-    /// connection turns out closed) and reads the answer's head, watching the client meanwhile.
-    async fn send(&self, c: &mut Client, wire: &[u8]) -> Result<Upstream> {
+    /// Sends the request on a pooled connection and reads the answer's head, watching the client
+    /// meanwhile. A pooled connection that turns out closed is retried once on a new one when
+    /// nothing reached the gateway (the write failed), or when the request is `idempotent`.
+    async fn send(&self, c: &mut Client, wire: &[u8], idempotent: bool) -> Result<Upstream> {
         let mut reused = self.pool.take();
         loop {
             let was_reused = reused.is_some();
@@ -266,8 +270,9 @@ impl LeanH1 {
             };
             match self.attempt(c, &mut up, wire).await {
                 Ok(()) => return Ok(up),
-                Err(Attempt::Stale(_)) if was_reused => continue,
-                Err(Attempt::Stale(e) | Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Unsent(_)) if was_reused => continue,
+                Err(Attempt::Unanswered(_)) if was_reused && idempotent => continue,
+                Err(Attempt::Unsent(e) | Attempt::Unanswered(e) | Attempt::Failed(e)) => return Err(e),
             }
         }
     }
@@ -298,7 +303,7 @@ impl LeanH1 {
         match c.watch(write).await.map_err(Attempt::Failed)? {
             Ok(()) => {}
             Err(e) => {
-                return Err(Attempt::Stale(Error::because(WriteError, "writing the request upstream", e).into_up()))
+                return Err(Attempt::Unsent(Error::because(WriteError, "writing the request upstream", e).into_up()))
             }
         }
         up.buf.clear();
@@ -307,7 +312,7 @@ impl LeanH1 {
             let n = c.read_upstream(up).await.map_err(Attempt::Failed)?;
             match n {
                 Ok(0) if !got_any => {
-                    return Err(Attempt::Stale(
+                    return Err(Attempt::Unanswered(
                         Error::explain(ConnectionClosed, "the gateway closed the connection").into_up(),
                     ))
                 }
@@ -318,7 +323,7 @@ impl LeanH1 {
                 }
                 Ok(_) => got_any = true,
                 Err(e) if !got_any => {
-                    return Err(Attempt::Stale(Error::because(ReadError, "reading the answer", e).into_up()))
+                    return Err(Attempt::Unanswered(Error::because(ReadError, "reading the answer", e).into_up()))
                 }
                 Err(e) => return Err(Attempt::Failed(Error::because(ReadError, "reading the answer", e).into_up())),
             }
@@ -430,10 +435,13 @@ impl LeanH1 {
     }
 }
 
-/// How one try on a gateway connection failed: `Stale` = before any byte of the answer (a
-/// pooled connection the gateway had closed; worth one more try on a new one).
+/// How one try on a gateway connection failed.
 enum Attempt {
-    Stale(Box<Error>),
+    /// Writing the request failed: the gateway had closed the connection, nothing was taken.
+    Unsent(Box<Error>),
+    /// Written, then closed or reset before any byte of the answer: the gateway may or may not
+    /// have acted on it.
+    Unanswered(Box<Error>),
     Failed(Box<Error>),
 }
 

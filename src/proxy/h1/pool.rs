@@ -4,6 +4,7 @@
 //! Owns: `Upstream`, `UpIo`, `UpstreamPool`. Imports: pingora's stream, tokio's TCP stream and
 //! I/O traits, the wire format.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,6 +22,12 @@ const POOL_SIZE: usize = 256;
 /// keep-alive of common servers (Node.js), so a reused connection is rarely one the gateway is
 /// closing. Under load connections come back within milliseconds.
 const POOL_IDLE: Duration = Duration::from_secs(4);
+/// A pooled connection idle longer than this is also checked with a non-blocking read before
+/// reuse: gateways close idle keep-alive connections after seconds, and a request written on a
+/// closed one cannot be retried safely. Every reused connection gets the check that costs no
+/// system call (has the runtime seen the gateway's FIN?); under load connections come back
+/// within milliseconds and skip the read.
+const CHECK_IDLE_AFTER: Duration = Duration::from_millis(100);
 /// Read buffer of a gateway connection; larger buffers are not kept in the pool.
 pub const READ_BUF: usize = 16 * 1024;
 
@@ -44,6 +51,38 @@ impl Upstream {
 pub enum UpIo {
     Tcp(TcpStream),
     Tls(Stream),
+}
+
+impl UpIo {
+    /// Whether this idle connection still looks usable: the runtime has not seen the gateway
+    /// close it and, with `probe`, a non-blocking read finds neither a close nor bytes (an idle
+    /// connection carries none; any would be out of protocol). Never waits.
+    pub fn is_open(&mut self, probe: bool) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        match self {
+            UpIo::Tcp(s) => {
+                // The readiness the runtime recorded (no system call): FIN or RST seen?
+                let ready = std::pin::pin!(s.ready(tokio::io::Interest::READABLE));
+                match ready.poll(&mut cx) {
+                    Poll::Ready(Ok(r)) if r.is_read_closed() || r.is_error() => false,
+                    Poll::Ready(Err(_)) => false,
+                    Poll::Pending => true, // nothing has arrived since the last read
+                    Poll::Ready(Ok(_)) if !probe => true,
+                    Poll::Ready(Ok(_)) => {
+                        matches!(s.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                    }
+                }
+            }
+            UpIo::Tls(s) if probe => {
+                let mut buf = ReadBuf::new(&mut byte);
+                // Pending: no application data and no close (TLS records such as session
+                // tickets are consumed on the way).
+                Pin::new(s).poll_read(&mut cx, &mut buf).is_pending()
+            }
+            UpIo::Tls(_) => true,
+        }
+    }
 }
 
 impl AsyncRead for UpIo {
@@ -87,15 +126,23 @@ impl UpstreamPool {
         UpstreamPool { idle: parking_lot::Mutex::new(Vec::with_capacity(POOL_SIZE)) }
     }
 
-    /// The most recently used connection if it has been idle for less than `POOL_IDLE`; when it
-    /// has not, every connection is older still and all are dropped (closed).
+    /// The most recently used connection if it has been idle for less than `POOL_IDLE` and is
+    /// still open; when it has been idle longer, every connection is older still and all are
+    /// dropped (closed).
     pub fn take(&self) -> Option<Upstream> {
-        let mut idle = self.idle.lock();
-        match idle.pop() {
-            Some((up, since)) if since.elapsed() < POOL_IDLE => Some(up),
-            _ => {
-                idle.clear();
-                None
+        loop {
+            let (mut up, idle_for) = {
+                let mut idle = self.idle.lock();
+                match idle.pop() {
+                    Some((up, since)) if since.elapsed() < POOL_IDLE => (up, since.elapsed()),
+                    _ => {
+                        idle.clear();
+                        return None;
+                    }
+                }
+            };
+            if up.io.is_open(idle_for >= CHECK_IDLE_AFTER) {
+                return Some(up);
             }
         }
     }
