@@ -47,7 +47,9 @@
 //!   one pass (`usage_object`, known keys compared as words, integers read in place).
 //! - Allocation: the JSON body copy (one exact allocation when it comes in one piece), the partial
 //!   SSE line (at least `MIN_LINE_BUFFER` once one is split, then reused; at most
-//!   `MAX_SSE_LINE_BYTES`), and the model name. The JSON body is kept up to `MAX_JSON_BODY_BYTES`.
+//!   `MAX_SSE_LINE_BYTES`), and the model name. The JSON body is kept up to `MAX_JSON_BODY_BYTES`;
+//!   of a larger one (a big embeddings batch) its last `JSON_TAIL_BYTES`, where the last usage
+//!   object is read (OpenAI shapes; an Anthropic message that large reports no usage).
 
 use super::estimate::TokenCounter;
 use super::route::Route;
@@ -57,8 +59,11 @@ use std::sync::LazyLock;
 
 /// Longest SSE line kept; a longer line is dropped and counted as unparsable.
 pub const MAX_SSE_LINE_BYTES: usize = 1 << 20;
-/// Largest JSON body buffered for parsing; beyond it the scanner gives up (usage `None`).
+/// Largest JSON body buffered for parsing whole; beyond it only its last [`JSON_TAIL_BYTES`] are
+/// kept, and the usage object is read from them (OpenAI shapes end with it).
 pub const MAX_JSON_BODY_BYTES: usize = 8 << 20;
+/// How much of the end of a JSON body past [`MAX_JSON_BODY_BYTES`] is kept for its usage.
+pub const JSON_TAIL_BYTES: usize = 64 << 10;
 /// First capacity of the partial-line buffer (most event lines are shorter).
 const MIN_LINE_BUFFER: usize = 1024;
 
@@ -1146,9 +1151,10 @@ fn count_json_string(b: &[u8], mut i: usize, c: &mut TokenCounter) -> usize {
 pub struct UsageScanner {
     route: Route,
     kind: BodyKind,
-    /// SSE: the partial last line. JSON: the body so far.
+    /// SSE: the partial last line. JSON: the body so far (past the cap: its end).
     buf: Vec<u8>,
-    /// SSE: the current line passed the cap and is being skipped. JSON: the body passed the cap.
+    /// SSE: the current line passed the cap and is being skipped. JSON: the body passed the cap
+    /// (`buf` keeps its last `JSON_TAIL_BYTES` or more, up to twice that).
     overflow: bool,
     unparsable: u64,
     usage: Option<Usage>,
@@ -1203,8 +1209,14 @@ impl UsageScanner {
                     self.sse_line(&line);
                 }
             }
+            BodyKind::Json if self.overflow => {
+                if self.route != Route::Messages {
+                    let tail = std::mem::take(&mut self.buf);
+                    self.tail_usage(&tail);
+                }
+            }
             BodyKind::Json => {
-                if !self.overflow && !self.buf.is_empty() {
+                if !self.buf.is_empty() {
                     let body = std::mem::take(&mut self.buf);
                     if self.route == Route::Messages {
                         self.deserialize_frame(&body);
@@ -1234,13 +1246,18 @@ impl UsageScanner {
 
     fn feed_json(&mut self, chunk: &[u8]) {
         if self.overflow {
+            self.keep_tail(chunk);
             return;
         }
         if self.buf.len() + chunk.len() > MAX_JSON_BODY_BYTES {
-            // Give up on usage; keep what the seen text says about output.
+            // Too large to parse whole: count the text seen (in case no usage turns up) and keep
+            // only the end, where the usage object is.
             self.overflow = true;
-            let body = std::mem::take(&mut self.buf);
-            scan_keys(&body, text_keys(self.route, self.kind), Some(&mut self.text));
+            scan_keys(&self.buf, text_keys(self.route, self.kind), Some(&mut self.text));
+            let cut = self.buf.len().saturating_sub(JSON_TAIL_BYTES);
+            self.buf.drain(..cut);
+            self.buf.shrink_to(2 * JSON_TAIL_BYTES);
+            self.keep_tail(chunk);
             return;
         }
         if self.buf.capacity() == 0 {
@@ -1248,6 +1265,42 @@ impl UsageScanner {
             self.buf = chunk.to_vec();
         } else {
             self.buf.extend_from_slice(chunk);
+        }
+    }
+
+    /// Appends to the kept end of an oversized JSON body, dropping its front past twice the
+    /// tail (each byte moves at most once).
+    fn keep_tail(&mut self, chunk: &[u8]) {
+        let chunk = &chunk[chunk.len().saturating_sub(JSON_TAIL_BYTES)..];
+        if self.buf.len() + chunk.len() > 2 * JSON_TAIL_BYTES {
+            let cut = (self.buf.len() + chunk.len()).saturating_sub(JSON_TAIL_BYTES).min(self.buf.len());
+            self.buf.drain(..cut);
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The usage of an oversized OpenAI-shaped JSON body: its last `"usage": {…}` in the kept
+    /// end (a key: quotes inside strings are escaped).
+    fn tail_usage(&mut self, tail: &[u8]) {
+        let mut last = None;
+        let mut from = 0;
+        while let Some(i) = tail.get(from..).and_then(|h| USAGE_FINDER.find(h)).map(|i| i + from) {
+            let colon = skip_ws(tail, i + USAGE_FINDER.needle().len());
+            if tail.get(colon) == Some(&b':') {
+                let v = skip_ws(tail, colon + 1);
+                if tail.get(v) == Some(&b'{') {
+                    last = Some(v);
+                }
+            }
+            from = i + 1;
+        }
+        let Some(j) = last else { return };
+        let raw = usage_object(tail, j).or_else(|| {
+            let obj = &tail[j..object_end(tail, j)?];
+            raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())
+        });
+        if let Some(u) = raw.and_then(|u| openai_usage(&u, self.route)) {
+            self.usage = Some(u);
         }
     }
 
@@ -1927,14 +1980,37 @@ mod tests {
     }
 
     #[test]
-    fn oversized_json_body_gives_up() {
+    fn an_oversized_json_body_is_read_for_the_usage_at_its_end() {
+        // A chat completion past the cap, in pieces of every size; the usage object at the end,
+        // split across pieces, and a decoy inside a string before it.
+        let mut body = b"{\"model\":\"gpt-4o\",\"choices\":[{\"message\":{\"content\":\"\\\"usage\\\": {}".to_vec();
+        body.extend(std::iter::repeat_n(b'a', MAX_JSON_BODY_BYTES + 3 * JSON_TAIL_BYTES));
+        body.extend_from_slice(b"\"}}],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":5,\"total_tokens\":15}}");
+        for piece in [1 << 20, 16 << 10, 4097, 100] {
+            let mut s = UsageScanner::new(Route::ChatCompletions, BodyKind::Json);
+            for c in body.chunks(piece) {
+                s.feed(c);
+            }
+            assert!(s.buf.len() <= 2 * JSON_TAIL_BYTES, "only the end is kept: {}", s.buf.len());
+            assert_eq!(s.finish().usage, Some(u(10, 5, 0, 0)), "pieces of {piece}");
+        }
+        // An embeddings batch: usage after a long data array.
+        let mut emb = b"{\"object\":\"list\",\"data\":[".to_vec();
+        while emb.len() <= MAX_JSON_BODY_BYTES {
+            emb.extend_from_slice(b"{\"object\":\"embedding\",\"index\":0,\"embedding\":[0.0123,-0.0456,0.0789]},");
+        }
+        emb.extend_from_slice(
+            b"{}],\"model\":\"text-embedding-3-small\",\"usage\":{\"prompt_tokens\":4800,\"total_tokens\":4800}}",
+        );
+        let (r, _) = scan(Route::Embeddings, BodyKind::Json, &emb.chunks(16 << 10).collect::<Vec<_>>());
+        assert_eq!(r.usage.map(|u| u.prompt_tokens), Some(4800));
+        // No usage at the end: none, and the output text seen is what is left to go on.
         let mut s = UsageScanner::new(Route::ChatCompletions, BodyKind::Json);
         s.feed(b"{\"choices\":[{\"message\":{\"content\":\"");
-        let chunk = vec![b'a'; 1 << 20];
-        for _ in 0..8 {
-            s.feed(&chunk);
+        for _ in 0..9 {
+            s.feed(&[b'a'; 1 << 20]);
         }
-        s.feed(b"\"}}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}");
+        s.feed(b"\"}}]}");
         let r = s.finish();
         assert_eq!(r.usage, None);
         assert!(r.observed_output_tokens > 0);

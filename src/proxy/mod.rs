@@ -158,6 +158,7 @@ impl PreauthProxy {
             model_label: spend::model_label(if price.known { price.name } else { "other" }),
             price: price.price.clone(),
             prompt_tokens: est.prompt_tokens,
+            max_output_tokens: max_output,
             estimated_cost,
             reservation: None,
             charge_only: false,

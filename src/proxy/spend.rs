@@ -22,6 +22,9 @@ pub struct SpendCtx {
     pub model_label: std::sync::Arc<str>,
     pub price: ModelPrice,
     pub prompt_tokens: u64,
+    /// The most output the request may produce (its max tokens × choices, else the model's):
+    /// what the hold was sized for, and the cap of an output estimated from the text seen.
+    pub max_output_tokens: u64,
     pub estimated_cost: Micros,
     /// The hold, when one was taken (not in shadow mode or on the failsafe path).
     pub reservation: Option<Reservation>,
@@ -84,7 +87,9 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         None => (
             Usage {
                 prompt_tokens: spend.prompt_tokens,
-                completion_tokens: scan.as_ref().map_or(0, |s| s.observed_output_tokens),
+                // The text seen, never more than the request allowed (an answer too odd to
+                // read usage from must not cost more than the hold was sized for).
+                completion_tokens: scan.as_ref().map_or(0, |s| s.observed_output_tokens).min(spend.max_output_tokens),
                 cached_tokens: 0,
                 reasoning_tokens: 0,
             },

@@ -247,6 +247,28 @@ async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
     let spent = usd(&tenant_view(&s, "acme").await["spent_usd"]);
     let worst = price_cost("gpt-4o-mini", Usage { prompt_tokens: 50, completion_tokens: 2000, ..Usage::default() });
     assert!(spent < worst, "charged from what was observed ({spent}), not the worst case ({worst})");
+
+    // More text than the request allowed (max_tokens 3) before the cut: the estimate is capped
+    // at what the hold was sized for.
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]});
+    let r = post_with(
+        &s,
+        "/v1/chat/completions",
+        "capped",
+        "pro",
+        &body,
+        &[("x-mock-cut-after", "60"), ("x-mock-chunks", "100")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let settled = || async {
+        let url = s.admin_url("/api/v1/enforcement/ledger?tenant_id=capped&event_type=reservation_settled");
+        json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await["items"][0].clone()
+    };
+    wait_for("the capped settlement", || async { settled().await.is_object() }).await;
+    let e = settled().await;
+    assert_eq!((&e["usage_source"], &e["usage"]["completion_tokens"]), (&json!("estimated"), &json!(3)), "{e}");
     s.stop().await;
 }
 
