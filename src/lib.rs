@@ -19,6 +19,7 @@ pub mod commit;
 pub mod config;
 pub mod decide;
 pub mod demo;
+pub mod drain;
 pub mod ids;
 pub mod intern;
 pub mod jsonw;

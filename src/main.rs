@@ -296,7 +296,8 @@ fn run(src: &dyn Strings, purpose: Purpose) -> ExitCode {
         }
     };
     tracing::info!(%listen, %admin, "preauth-sidecar starting");
-    built.server.run(RunArgs::default());
+    let signals = server::Draining(built.state.clone());
+    built.server.run(RunArgs { shutdown_signal: Box::new(signals) });
     ExitCode::SUCCESS
 }
 

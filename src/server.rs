@@ -37,8 +37,10 @@ use crate::store::redis::RedisStore;
 use crate::store::{Counters, Gatekeeper, HealthProbe, PolicyStore, Sequential};
 use crate::worker::{Housekeeper, Reloader};
 
-/// Seconds pingora waits for in-flight requests after SIGTERM before stopping its runtimes.
-/// Kubernetes' `terminationGracePeriodSeconds` must exceed this plus the preStop delay.
+/// Longest drain after SIGTERM ([`crate::drain`]): requests in flight get this long to finish
+/// (the process goes on as soon as none is left); those still running 2 s before it are ended
+/// and settled from what was seen. Then pingora stops its services (up to 5 s). Kubernetes'
+/// `terminationGracePeriodSeconds` must exceed this plus 5 s plus the preStop delay.
 pub const GRACE_PERIOD_SECONDS: u64 = 10;
 
 /// A built, not yet running, sidecar.
@@ -178,7 +180,9 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
 
     let conf = ServerConf {
         threads,
-        grace_period_seconds: Some(GRACE_PERIOD_SECONDS),
+        // The drain happens before pingora hears of the signal (`Draining`): nothing is left
+        // to wait for once it does.
+        grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
         work_stealing: work_stealing(threads),
         ..ServerConf::default()
@@ -236,6 +240,26 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
 /// in-process tests keep to more threads and run `PREAUTH_THREADS=1` through the binary).
 fn work_stealing(threads: usize) -> bool {
     threads > 1
+}
+
+/// The process's signals, with a drain on `SIGTERM` before pingora stops: `/readyz` answers
+/// 503, connections close after their current request, and the signal reaches pingora once no
+/// request is in flight (at most [`GRACE_PERIOD_SECONDS`]). `SIGINT` stops at once, `SIGQUIT`
+/// is pingora's graceful upgrade.
+pub struct Draining(pub Arc<AppState>);
+
+#[async_trait]
+impl ShutdownSignalWatch for Draining {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = pingora::server::UnixShutdownSignalWatch.recv().await;
+        if let ShutdownSignal::GracefulTerminate = signal {
+            self.0.set_ready(false);
+            let t0 = std::time::Instant::now();
+            let cut = self.0.drain.drain(std::time::Duration::from_secs(GRACE_PERIOD_SECONDS)).await;
+            tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, cut, "drained; stopping");
+        }
+        signal
+    }
 }
 
 struct NotifyShutdown(Arc<Notify>);

@@ -100,6 +100,8 @@ pub struct AppState {
     pricing: parking_lot::RwLock<Arc<PriceTable>>,
     /// The tier each tenant was last seen with (for the admin tenant view), bounded.
     tiers_seen: TiersSeen,
+    /// Requests in flight and open client connections, for draining on `SIGTERM`.
+    pub drain: crate::drain::Drain,
     /// Concurrency leases of gate-API holds, released when the caller settles (or by TTL).
     gate_leases: parking_lot::Mutex<std::collections::HashMap<String, crate::store::Ticket>>,
     /// False while starting and once shutdown began (`/readyz` answers 503).
@@ -161,6 +163,7 @@ impl AppState {
             ledger,
             metrics,
             tiers_seen: TiersSeen::default(),
+            drain: crate::drain::Drain::default(),
             gate_leases: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,
             pricing: parking_lot::RwLock::new(pricing),

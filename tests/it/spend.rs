@@ -2,7 +2,7 @@
 //! errors, cut streams, restart, sweep, clamp, and the admin reconcile API.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use preauth_sidecar::decide::pricing::{cost, PriceTable};
@@ -485,5 +485,44 @@ async fn sighup_reload_swaps_prices_and_keeps_them_on_a_bad_file() {
         m.contains("preauth_config_reloads_total{result=\"error\"} 1")
             && m.contains("preauth_config_reloads_total{result=\"ok\"} 1")
     );
+    s.stop().await;
+}
+
+/// SIGTERM's drain: with nothing in flight it ends at once; a stream still running at its
+/// deadline is ended and settled from what was seen — no hold or lease is left behind for the
+/// sweep — and connections close after their current request meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_ends_at_once_when_idle_and_settles_streams_it_cuts() {
+    let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true")]).await;
+    let t0 = Instant::now();
+    assert_eq!(s.state().drain.drain(Duration::from_secs(10)).await, 0);
+    assert!(t0.elapsed() < Duration::from_millis(500), "idle: no wait ({:?})", t0.elapsed());
+    s.stop().await;
+
+    let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true")]).await;
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 500, "messages": [{"role": "user", "content": "long"}]});
+    let r = post_with(
+        &s,
+        "/v1/chat/completions",
+        "acme",
+        "pro",
+        &body,
+        &[("x-mock-delay-ms", "200"), ("x-mock-chunks", "100")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let v = tenant_view(&s, "acme").await;
+    assert_eq!((v["active_reservations"].as_u64(), v["in_flight"].as_u64()), (Some(1), Some(1)), "{v}");
+    let t0 = Instant::now();
+    assert_eq!(s.state().drain.drain(Duration::from_secs(3)).await, 1, "the stream was still running");
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    // The client sees its stream end (cut short), and the hold was settled from what was seen.
+    while let Some(Ok(_)) = stream.next().await {}
+    let v = tenant_view(&s, "acme").await;
+    assert_eq!((v["active_reservations"].as_u64(), v["in_flight"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert_eq!(usd(&v["reserved_usd"]), Micros::ZERO, "{v}");
+    assert!(usd(&v["spent_usd"]).is_positive(), "{v}");
     s.stop().await;
 }

@@ -116,7 +116,10 @@ impl LeanH1 {
 
     /// One client connection, request after request.
     async fn serve(self: &Arc<Self>, io: Stream, shutdown: &ShutdownWatch) {
+        let drain = &self.core.state.drain;
         let mut c = Client::new(io);
+        // Declared after the client: forgotten by the drain before its socket closes.
+        let _known = drain.client(c.io.id());
         let mut shutdown = shutdown.clone();
         let mut first = true;
         loop {
@@ -139,9 +142,10 @@ impl LeanH1 {
                 }
             }
             first = false;
-            if *shutdown.borrow() {
+            if *shutdown.borrow() || drain.is_draining() {
                 c.close = true;
             }
+            let in_flight = drain.request();
             let mut ctx = RequestCtx::new();
             if let Err(e) = self.exchange(&mut c, &mut ctx).await {
                 c.close = true;
@@ -161,6 +165,7 @@ impl LeanH1 {
                 }
             }
             self.core.finish(&mut ctx).await;
+            drop(in_flight);
             if c.close || !c.body_done || !c.head.keep_alive {
                 let _ = c.io.shutdown().await;
                 return;
