@@ -529,3 +529,39 @@ async fn a_post_the_gateway_may_have_received_is_not_sent_again() {
     assert_eq!(received.load(Ordering::SeqCst), before + 2);
     s.stop().await;
 }
+
+/// Headers the gateway's `Connection` header names are hop-by-hop: not passed to the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_named_by_the_gateways_connection_header_are_not_forwarded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut seen = Vec::new();
+                while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") || !seen.ends_with(b"}") {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let body = r#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nx-secret: s\r\nx-kept: k\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    let url = format!("http://{addr}");
+    let s = start(&[("PREAUTH_UPSTREAM_URL", url.as_str())]).await;
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get("x-kept").map(|v| v.to_str().unwrap()), Some("k"));
+    assert!(r.headers().get("x-secret").is_none(), "{:?}", r.headers());
+    s.stop().await;
+}
