@@ -39,6 +39,11 @@ fn main() -> ExitCode {
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_thp_disable(true);
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().skip(1).any(|a| a == "-h" || a == "--help") {
+        // `preauth-sidecar demo --help` explains, it does not start the demo.
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     match args.first().map(String::as_str) {
         None | Some("run") => run(&Env, Purpose::Run),
         Some("demo") => demo(),
@@ -276,7 +281,8 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
         LogFormat::Json => builder.json().with_ansi(false).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+        // Colour only for a terminal: a file or a log collector gets plain text.
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).try_init(),
     };
 }
 

@@ -68,3 +68,13 @@ fn run_refuses_bad_config_before_binding() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("PREAUTH_LISTEN_ADDR") && err.contains("PREAUTH_UPSTREAM_URL"), "{err}");
 }
+
+#[test]
+fn help_after_a_command_explains_instead_of_starting_it() {
+    for cmd in ["demo", "run", "check-config"] {
+        let out = clean_command().args([cmd, "--help"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{cmd} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("preauth-sidecar demo") && text.contains("check-config"), "{cmd}: {text}");
+    }
+}
