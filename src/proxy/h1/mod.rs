@@ -372,9 +372,10 @@ impl LeanH1 {
         let own = &own[..n_own];
         let framed_by_length = matches!(head.body, wire::ResponseBody::Length(_) | wire::ResponseBody::Empty);
         // Fields the gateway's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
-        let named = head.fields.get(&up.buf, "connection").unwrap_or("");
+        let named =
+            if head.connection_names_fields { head.fields.get(&up.buf, "connection").unwrap_or("") } else { "" };
         let named_by_connection =
-            |n: &[u8]| named.split(',').any(|t| t.trim().as_bytes().eq_ignore_ascii_case(n) && !n.is_empty());
+            |n: &[u8]| !named.is_empty() && named.split(',').any(|t| t.trim().as_bytes().eq_ignore_ascii_case(n));
         let mut lower = [0u8; 64];
         for (name, value) in head.fields.iter(&up.buf) {
             let skip = lowercase(name, &mut lower).is_some_and(|n| {

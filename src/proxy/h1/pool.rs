@@ -133,8 +133,8 @@ impl UpstreamPool {
         loop {
             let (mut up, idle_for) = {
                 let mut idle = self.idle.lock();
-                match idle.pop() {
-                    Some((up, since)) if since.elapsed() < POOL_IDLE => (up, since.elapsed()),
+                match idle.pop().map(|(up, since)| (up, since.elapsed())) {
+                    Some((up, idle_for)) if idle_for < POOL_IDLE => (up, idle_for),
                     _ => {
                         idle.clear();
                         return None;

@@ -103,8 +103,10 @@ impl Fields {
                 }
             } else if is("connection") {
                 for t in tokens() {
-                    f.close |= t.eq_ignore_ascii_case(b"close");
-                    f.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                    let (close, keep_alive) = (t.eq_ignore_ascii_case(b"close"), t.eq_ignore_ascii_case(b"keep-alive"));
+                    f.close |= close;
+                    f.keep_alive |= keep_alive;
+                    f.names_fields |= !(close || keep_alive || t.is_empty());
                 }
             } else if is("expect") {
                 f.expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
@@ -124,6 +126,8 @@ struct FramingHeaders {
     /// `connection: close` / `connection: keep-alive`.
     close: bool,
     keep_alive: bool,
+    /// `connection` names other fields (hop-by-hop for this hop only).
+    names_fields: bool,
     expect_continue: bool,
 }
 
@@ -267,6 +271,8 @@ pub struct ResponseHead {
     pub body: ResponseBody,
     /// The gateway may be sent another request on this connection once the body is read.
     pub reusable: bool,
+    /// The `connection` header names fields other than `close` / `keep-alive`.
+    pub connection_names_fields: bool,
     pub len: usize,
 }
 
@@ -278,6 +284,7 @@ impl Default for ResponseHead {
             fields: Fields::default(),
             body: ResponseBody::Empty,
             reusable: false,
+            connection_names_fields: false,
             len: 0,
         }
     }
@@ -318,6 +325,7 @@ impl ResponseHead {
             }
         };
         self.reusable = keep_alive && self.body != ResponseBody::Close;
+        self.connection_names_fields = f.names_fields;
         Ok(true)
     }
 
