@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long, within the drain's deadline, ended connections get to settle before the runtimes
@@ -36,6 +37,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// One request in flight on pingora's h2c path, whose context must own its count.
+pub struct Counted(Arc<Drain>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One open client connection, known to the drain while it lives. Drop it before the socket.
 pub struct ClientConn<'a>(&'a Drain, RawFd);
 
@@ -49,6 +59,12 @@ impl Drain {
     pub fn request(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self)
+    }
+
+    /// [`Drain::request`] for a context that outlives any borrow (h2c requests).
+    pub fn counted(self: &Arc<Self>) -> Counted {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Counted(self.clone())
     }
 
     pub fn client(&self, fd: RawFd) -> ClientConn<'_> {

@@ -101,7 +101,7 @@ pub struct AppState {
     /// The tier each tenant was last seen with (for the admin tenant view), bounded.
     tiers_seen: TiersSeen,
     /// Requests in flight and open client connections, for draining on `SIGTERM`.
-    pub drain: crate::drain::Drain,
+    pub drain: Arc<crate::drain::Drain>,
     /// Concurrency leases of gate-API holds, released when the caller settles (or by TTL).
     gate_leases: parking_lot::Mutex<std::collections::HashMap<String, crate::store::Ticket>>,
     /// False while starting and once shutdown began (`/readyz` answers 503).
@@ -163,7 +163,7 @@ impl AppState {
             ledger,
             metrics,
             tiers_seen: TiersSeen::default(),
-            drain: crate::drain::Drain::default(),
+            drain: Arc::default(),
             gate_leases: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,
             pricing: parking_lot::RwLock::new(pricing),

@@ -59,6 +59,8 @@ pub struct RequestCtx {
     /// from there. `Some` once `conclude` ran (settled, lease released, counted), which then does
     /// nothing the next time.
     pub staged_since: Option<u64>,
+    /// Counts this request as in flight for the drain (h2c; the HTTP/1 driver counts its own).
+    pub counted: Option<crate::drain::Counted>,
 }
 
 impl RequestCtx {
@@ -90,6 +92,7 @@ impl RequestCtx {
             estimated_cost: None,
             fingerprint: None,
             staged_since: None,
+            counted: None,
         }
     }
 }

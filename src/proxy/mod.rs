@@ -916,7 +916,10 @@ impl ProxyHttp for PreauthProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        // pingora's path (h2c): the context counts the request for the drain while it lives.
+        let mut ctx = RequestCtx::new();
+        ctx.counted = Some(self.state.drain.counted());
+        ctx
     }
 
     /// No downstream modules: pingora's default adds a (disabled) response-compression module that

@@ -526,3 +526,31 @@ async fn the_drain_ends_at_once_when_idle_and_settles_streams_it_cuts() {
     assert!(usd(&v["spent_usd"]).is_positive(), "{v}");
     s.stop().await;
 }
+
+/// The drain counts h2c requests too: a stream over h2c still running at the deadline is ended
+/// and settled, not dropped with the runtime.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_drain_counts_and_settles_h2c_streams() {
+    let s = start(&[]).await;
+    let c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let body = json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 500, "messages": [{"role": "user", "content": "long"}]});
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .header("x-mock-delay-ms", "200")
+        .header("x-mock-chunks", "100")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((r.version(), r.status().as_u16()), (reqwest::Version::HTTP_2, 200));
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    assert_eq!(s.state().drain.in_flight(), 1);
+    assert_eq!(s.state().drain.drain(Duration::from_secs(3)).await, 1, "the h2c stream was still running");
+    while let Some(Ok(_)) = stream.next().await {}
+    let v = tenant_view(&s, "acme").await;
+    assert_eq!((usd(&v["reserved_usd"]), v["active_reservations"].as_u64()), (Micros::ZERO, Some(0)), "{v}");
+    assert!(usd(&v["spent_usd"]).is_positive(), "{v}");
+    s.stop().await;
+}
