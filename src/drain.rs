@@ -4,7 +4,7 @@
 //! that went away does, settling its hold from what was seen and releasing its lease, before
 //! the runtimes stop (which would drop it with its hold still active).
 //!
-//! Owns: `Drain` (in-flight count, open client connections, the draining flag), `InFlight` and
+//! Owns: `Drain` (in-flight count, open client connections, the draining flag), `Counted` and
 //! `ClientConn` guards. Imports: std, tokio (sleep), nix (shutdown(2)), tracing.
 
 use std::collections::HashSet;
@@ -28,16 +28,7 @@ pub struct Drain {
     clients: parking_lot::Mutex<HashSet<RawFd>>,
 }
 
-/// One request in flight, counted while it lives.
-pub struct InFlight<'a>(&'a Drain);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// One request in flight on pingora's h2c path, whose context must own its count.
+/// One request in flight, counted while it lives (owned: pingora's h2c context keeps it too).
 pub struct Counted(Arc<Drain>);
 
 impl Drop for Counted {
@@ -56,12 +47,6 @@ impl Drop for ClientConn<'_> {
 }
 
 impl Drain {
-    pub fn request(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self)
-    }
-
-    /// [`Drain::request`] for a context that outlives any borrow (h2c requests).
     pub fn counted(self: &Arc<Self>) -> Counted {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Counted(self.clone())
@@ -86,10 +71,7 @@ impl Drain {
     /// gives them the rest to settle. Returns how many were cut.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.draining.store(true, Ordering::Relaxed);
-        let until = tokio::time::Instant::now() + deadline.saturating_sub(SETTLE_AFTER_CUT);
-        while self.in_flight() > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(POLL).await;
-        }
+        self.wait_idle(deadline.saturating_sub(SETTLE_AFTER_CUT)).await;
         let left = self.in_flight();
         if left == 0 {
             return 0;
@@ -104,10 +86,15 @@ impl Drain {
                 let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
             }
         }
-        let until = tokio::time::Instant::now() + SETTLE_AFTER_CUT;
+        self.wait_idle(SETTLE_AFTER_CUT).await;
+        left
+    }
+
+    /// Until no request is in flight, at most `at_most`.
+    async fn wait_idle(&self, at_most: Duration) {
+        let until = tokio::time::Instant::now() + at_most;
         while self.in_flight() > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(POLL).await;
         }
-        left
     }
 }

@@ -635,17 +635,23 @@ static MODEL_FINDER: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"
 /// The `"key":` occurrences of a text found by `memmem` (for a whole JSON body, where most bytes
 /// are far from both keys); the same count as [`scan_keys`] gives.
 fn occurrences(b: &[u8], finder: &Finder<'_>) -> Occurrences {
-    let after_key = finder.needle().len();
     let mut o = Occurrences::default();
+    each_value(b, finder, |v| o.add(v, b.len()));
+    o
+}
+
+/// Calls `f` with where the value starts (maybe `b.len()`) for each occurrence of the quoted key
+/// `finder` looks for that a colon follows.
+fn each_value(b: &[u8], finder: &Finder<'_>, mut f: impl FnMut(usize)) {
+    let after_key = finder.needle().len();
     let mut from = 0;
     while let Some(i) = b.get(from..).and_then(|h| finder.find(h)).map(|i| i + from) {
         let colon = skip_ws(b, i + after_key);
         if b.get(colon) == Some(&b':') {
-            o.add(skip_ws(b, colon + 1), b.len());
+            f(skip_ws(b, colon + 1));
         }
         from = i + 1;
     }
-    o
 }
 
 // -------------------------------------------------------------------------- frame readers
@@ -655,13 +661,7 @@ fn occurrences(b: &[u8], finder: &Finder<'_>) -> Occurrences {
 fn fast_frame(b: &[u8], usage: Occurrences, model: Occurrences, want_model: bool) -> Option<FastFrame> {
     let usage = match (usage.n, usage.first) {
         (0, _) => None,
-        (1, Some(j)) if b[j] == b'{' => Some(match usage_object(b, j) {
-            Some(u) => u,
-            None => {
-                let obj = &b[j..object_end(b, j)?];
-                raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())?
-            }
-        }),
+        (1, Some(j)) if b[j] == b'{' => Some(usage_at(b, j)?),
         (1, Some(j)) if b[j..].starts_with(b"null") => None,
         _ => return None,
     };
@@ -672,6 +672,15 @@ fn fast_frame(b: &[u8], usage: Occurrences, model: Occurrences, want_model: bool
         _ => return None,
     };
     Some(FastFrame { model, usage })
+}
+
+/// The usage object opening at `b[j]`: read in place, else cut out and read with the fast reader,
+/// else with serde; `None` when none of them can.
+fn usage_at(b: &[u8], j: usize) -> Option<RawUsage> {
+    usage_object(b, j).or_else(|| {
+        let obj = &b[j..object_end(b, j)?];
+        raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())
+    })
 }
 
 /// What [`fast_frame`] read.
@@ -1283,23 +1292,13 @@ impl UsageScanner {
     /// end (a key: quotes inside strings are escaped).
     fn tail_usage(&mut self, tail: &[u8]) {
         let mut last = None;
-        let mut from = 0;
-        while let Some(i) = tail.get(from..).and_then(|h| USAGE_FINDER.find(h)).map(|i| i + from) {
-            let colon = skip_ws(tail, i + USAGE_FINDER.needle().len());
-            if tail.get(colon) == Some(&b':') {
-                let v = skip_ws(tail, colon + 1);
-                if tail.get(v) == Some(&b'{') {
-                    last = Some(v);
-                }
+        each_value(tail, &USAGE_FINDER, |v| {
+            if tail.get(v) == Some(&b'{') {
+                last = Some(v);
             }
-            from = i + 1;
-        }
-        let Some(j) = last else { return };
-        let raw = usage_object(tail, j).or_else(|| {
-            let obj = &tail[j..object_end(tail, j)?];
-            raw_usage_fast(obj).or_else(|| serde_json::from_slice::<RawUsage>(obj).ok())
         });
-        if let Some(u) = raw.and_then(|u| openai_usage(&u, self.route)) {
+        let Some(j) = last else { return };
+        if let Some(u) = usage_at(tail, j).and_then(|u| openai_usage(&u, self.route)) {
             self.usage = Some(u);
         }
     }

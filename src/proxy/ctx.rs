@@ -59,11 +59,17 @@ pub struct RequestCtx {
     /// from there. `Some` once `conclude` ran (settled, lease released, counted), which then does
     /// nothing the next time.
     pub staged_since: Option<u64>,
-    /// Counts this request as in flight for the drain (h2c; the HTTP/1 driver counts its own).
+    /// Counts this request as in flight for the drain (h2c; the HTTP/1 driver holds its count
+    /// beside the context, until `finish` is done).
     pub counted: Option<crate::drain::Counted>,
 }
 
 impl RequestCtx {
+    /// The id of the reservation this request holds, if any (`x-preauth-reservation-id`).
+    pub fn reservation_id(&self) -> Option<&str> {
+        self.spend.as_ref().and_then(|s| s.reservation.as_ref()).map(|r| r.id.as_str())
+    }
+
     pub fn new() -> RequestCtx {
         RequestCtx {
             start: Instant::now(),

@@ -65,8 +65,8 @@ impl PreauthProxy {
                 let body = serde_json::to_vec(&v).expect("JSON value serialises");
                 let (mut headers, mut n) = super::json_headers(ctx, ctx.verdict, None, None);
                 // As on the proxy path: an ALLOW that holds a reservation names it.
-                if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
-                    headers[n] = (super::names::RESERVATION_ID, r.id.as_str());
+                if let Some(id) = ctx.reservation_id() {
+                    headers[n] = (super::names::RESERVATION_ID, id);
                     n += 1;
                 }
                 d.answer(200, &headers[..n], &body).await

@@ -797,8 +797,8 @@ impl PreauthProxy {
         if ctx.route.is_some() {
             add(names::REQUEST_ID, &ctx.request_id);
             add(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str());
-            if let Some(r) = ctx.spend.as_ref().and_then(|s| s.reservation.as_ref()) {
-                add(names::RESERVATION_ID, r.id.as_str());
+            if let Some(id) = ctx.reservation_id() {
+                add(names::RESERVATION_ID, id);
             }
         }
     }

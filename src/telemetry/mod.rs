@@ -249,8 +249,8 @@ impl Metrics {
         for op in STORE_OPS {
             self.store_errors.with_label_values(&[op]);
         }
-        for class in ["2xx", "3xx", "4xx", "5xx", "error"] {
-            self.upstream_responses.with_label_values(&[class]);
+        for status in [Some(200), Some(300), Some(400), Some(500), None] {
+            self.upstream_responses.with_label_values(&[status_class(status)]);
         }
         for result in ["ok", "error"] {
             self.config_reloads.with_label_values(&[result]);

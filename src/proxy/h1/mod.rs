@@ -145,7 +145,7 @@ impl LeanH1 {
             if *shutdown.borrow() || drain.is_draining() {
                 c.close = true;
             }
-            let in_flight = drain.request();
+            let in_flight = drain.counted();
             let mut ctx = RequestCtx::new();
             if let Err(e) = self.exchange(&mut c, &mut ctx).await {
                 c.close = true;
