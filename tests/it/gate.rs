@@ -98,26 +98,16 @@ async fn released_or_reconciled_gate_holds_give_their_concurrency_slot_back() {
 
     // An operator reconciles one hold: one slot back.
     let id = a["reservation_id"].as_str().unwrap();
-    let r = client()
-        .post(s.admin_url(&format!("/api/v1/enforcement/reservations/{id}/reconcile")))
-        .bearer_auth(ADMIN_KEY)
-        .json(&json!({"actual_cost_usd": "0.000010"}))
-        .send()
-        .await
-        .unwrap();
+    let r = s
+        .admin_post(&format!("/api/v1/enforcement/reservations/{id}/reconcile"), json!({"actual_cost_usd": "0.000010"}))
+        .await;
     assert_eq!(r.status(), 200);
     let c = hold().await;
     assert_eq!(c["decision"], "ALLOW", "{c}");
     assert_eq!(hold().await["decision"], "DENY");
 
     // The sweep releases both remaining holds: both slots back.
-    let r = client()
-        .post(s.admin_url("/api/v1/enforcement/reservations/reconcile-overdue"))
-        .bearer_auth(ADMIN_KEY)
-        .json(&json!({"older_than_seconds": 0}))
-        .send()
-        .await
-        .unwrap();
+    let r = s.admin_post("/api/v1/enforcement/reservations/reconcile-overdue", json!({"older_than_seconds": 0})).await;
     assert_eq!(json_of(r).await["released_count"], 2);
     for _ in 0..2 {
         let v = hold().await;

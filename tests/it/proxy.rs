@@ -233,6 +233,34 @@ async fn upstream_errors_pass_through_and_unreachable_is_502() {
     s.stop().await;
 }
 
+/// Reads one request off a raw upstream socket (its head, then `content-length` bytes of body),
+/// taking it off the front of `buf` and keeping what follows; false when the connection closes
+/// first.
+async fn read_request(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(buf).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return true;
+            }
+        }
+        let n = sock.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return false;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// A bare HTTP/1.1 upstream on a raw socket: counts the connections it accepts and answers one
 /// request per connection with a keep-alive-looking JSON answer, then closes the connection —
 /// what a gateway does to a keep-alive connection it has just timed out.
@@ -249,7 +277,7 @@ impl ClosingUpstream {
     /// `with_length: false` answers without `content-length`: the body ends when the connection does.
     async fn start_framed(with_length: bool) -> ClosingUpstream {
         use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -258,29 +286,8 @@ impl ClosingUpstream {
             while let Ok((mut sock, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    // Read one request: the header, then `content-length` bytes of body.
-                    loop {
-                        let n = sock.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        let text = String::from_utf8_lossy(&buf).to_string();
-                        if let Some(end) = text.find("\r\n\r\n") {
-                            let len = text[..end]
-                                .lines()
-                                .find_map(|l| {
-                                    l.to_ascii_lowercase()
-                                        .strip_prefix("content-length:")
-                                        .map(|v| v.trim().parse::<usize>().unwrap())
-                                })
-                                .unwrap_or(0);
-                            if buf.len() >= end + 4 + len {
-                                break;
-                            }
-                        }
+                    if !read_request(&mut sock, &mut Vec::new()).await {
+                        return;
                     }
                     let body = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
                     let resp = if with_length {
@@ -452,7 +459,7 @@ async fn long_streams_arrive_whole_and_in_order() {
 async fn upstream_dying_on_the_second_request() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
 {
     use std::sync::atomic::Ordering;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -462,30 +469,9 @@ async fn upstream_dying_on_the_second_request() -> (std::net::SocketAddr, std::s
             let count = count.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
                 for answered in 0.. {
-                    // One request: the head, then `content-length` bytes.
-                    loop {
-                        let text = String::from_utf8_lossy(&buf).to_string();
-                        if let Some(end) = text.find("\r\n\r\n") {
-                            let len = text[..end]
-                                .lines()
-                                .find_map(|l| {
-                                    l.to_ascii_lowercase()
-                                        .strip_prefix("content-length:")
-                                        .map(|v| v.trim().parse::<usize>().unwrap())
-                                })
-                                .unwrap_or(0);
-                            if buf.len() >= end + 4 + len {
-                                buf.drain(..end + 4 + len);
-                                break;
-                            }
-                        }
-                        let n = sock.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
+                    if !read_request(&mut sock, &mut buf).await {
+                        return;
                     }
                     count.fetch_add(1, Ordering::SeqCst);
                     if answered == 1 {
@@ -533,20 +519,14 @@ async fn a_post_the_gateway_may_have_received_is_not_sent_again() {
 /// Headers the gateway's `Connection` header names are hop-by-hop: not passed to the client.
 #[tokio::test(flavor = "multi_thread")]
 async fn headers_named_by_the_gateways_connection_header_are_not_forwarded() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                let mut seen = Vec::new();
-                while !String::from_utf8_lossy(&seen).contains("\r\n\r\n") || !seen.ends_with(b"}") {
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
+                if !read_request(&mut sock, &mut Vec::new()).await {
+                    return;
                 }
                 let body = r#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
                 let resp = format!(

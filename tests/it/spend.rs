@@ -263,8 +263,8 @@ async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
     assert_eq!(r.status(), 200);
     let _ = r.bytes().await;
     let settled = || async {
-        let url = s.admin_url("/api/v1/enforcement/ledger?tenant_id=capped&event_type=reservation_settled");
-        json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await["items"][0].clone()
+        s.admin_get("/api/v1/enforcement/ledger?tenant_id=capped&event_type=reservation_settled").await["items"][0]
+            .clone()
     };
     wait_for("the capped settlement", || async { settled().await.is_object() }).await;
     let e = settled().await;

@@ -46,6 +46,12 @@ impl Sidecar {
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
     }
+    pub async fn admin_get(&self, path: &str) -> serde_json::Value {
+        admin_get(self.admin_url(path)).await
+    }
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        admin_post(self.admin_url(path), body).await
+    }
     pub fn state(&self) -> Arc<preauth_sidecar::state::AppState> {
         self.running.as_ref().unwrap().state.clone()
     }
@@ -158,6 +164,16 @@ pub async fn json_of(r: reqwest::Response) -> serde_json::Value {
 
 pub async fn patch_runtime(s: &Sidecar, body: serde_json::Value) -> reqwest::Response {
     client().patch(s.admin_url("/api/v1/enforcement/runtime")).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap()
+}
+
+/// An admin `GET` with the admin key; the JSON answer.
+pub async fn admin_get(url: String) -> serde_json::Value {
+    json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await
+}
+
+/// An admin `POST` of `body` with the admin key.
+pub async fn admin_post(url: String, body: serde_json::Value) -> reqwest::Response {
+    client().post(url).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap()
 }
 
 pub async fn metrics(s: &Sidecar) -> String {
@@ -343,11 +359,11 @@ impl Binary {
     }
 
     pub async fn admin_get(&self, path: &str) -> serde_json::Value {
-        json_of(client().get(self.admin_url(path)).bearer_auth(ADMIN_KEY).send().await.unwrap()).await
+        admin_get(self.admin_url(path)).await
     }
 
     pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        client().post(self.admin_url(path)).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap()
+        admin_post(self.admin_url(path), body).await
     }
 
     /// An LLM call as `tenant` with extra headers.
