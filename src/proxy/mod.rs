@@ -151,7 +151,9 @@ impl PreauthProxy {
         let choices = estimate::output_choices(route, &req.json).max(1);
         let max_output = estimate::max_output_tokens(est.requested_max_output, price.price, route) * choices;
         let estimated_cost = worst_case_cost(price.price, est.prompt_tokens, max_output);
-        let mut spend = SpendCtx {
+        // Boxed from the start: it ends in `ctx.spend`, and unboxed it would be moved there and
+        // with every move of this future.
+        let mut spend = Box::new(SpendCtx {
             route,
             tier,
             tenant: caller.tenant.clone(),
@@ -164,7 +166,7 @@ impl PreauthProxy {
             charge_only: false,
             scanner: None,
             event: None,
-        };
+        });
         let facts = Facts {
             tenant: &caller.tenant,
             tier,
@@ -373,7 +375,7 @@ impl PreauthProxy {
                 Some(n) => extract::clamp_body(route, &req, n),
                 None => extract::inject_include_usage(route, &req, body),
             };
-            ctx.spend = Some(Box::new(spend));
+            ctx.spend = Some(spend);
             return Ok(());
         }
         extra.insert("estimated_cost_usd".into(), json!(estimated_cost.to_string()));
