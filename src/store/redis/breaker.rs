@@ -1,7 +1,15 @@
 //! A circuit breaker in front of the shared store: after `failure_threshold` consecutive failures
-//! it opens for `cool_down`, during which every call fails at once (no network, no timeout); then
-//! it lets exactly one probe through (half-open) and closes on its success or re-opens on its
-//! failure. A dead Redis thus costs microseconds per request instead of a store timeout.
+//! that span at least `min_outage` (no call succeeded for that long), it opens for `cool_down`,
+//! during which every call fails at once (no network, no timeout); then it lets exactly one probe
+//! through (half-open) and closes on its success or re-opens on its failure. A dead Redis thus
+//! costs microseconds per request instead of a store timeout.
+//!
+//! `min_outage` keeps a stall from reading as an outage: Redis that stops answering for a few
+//! tens of milliseconds (starved of CPU, a slow command, a burst queued ahead) fails the calls
+//! sent meanwhile all together, and without it five of those opened the breaker and refused
+//! every request for the whole `cool_down` (measured: 256 concurrent clients on one replica,
+//! over half of all requests refused by the open breaker). Now the stalled calls take the
+//! failsafe path each and the requests after the stall are served.
 //!
 //! Calls take a [`Permit`] and report on it; a permit dropped without a report (the caller's
 //! future was cancelled, e.g. by the gate timeout) counts as a failure, so a lost probe can never
@@ -21,11 +29,18 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// How long it stays open before a probe is let through. Default 1 s.
     pub cool_down: Duration,
+    /// How long the failures must have lasted (from the first of the streak) to open it.
+    /// Default 250 ms.
+    pub min_outage: Duration,
 }
 
 impl Default for BreakerConfig {
     fn default() -> Self {
-        BreakerConfig { failure_threshold: 5, cool_down: Duration::from_secs(1) }
+        BreakerConfig {
+            failure_threshold: 5,
+            cool_down: Duration::from_secs(1),
+            min_outage: Duration::from_millis(250),
+        }
     }
 }
 
@@ -42,6 +57,8 @@ pub enum BreakerState {
 #[derive(Debug)]
 struct Inner {
     consecutive_failures: u32,
+    /// When the current streak of failures began (`None`: the last call succeeded).
+    failing_since: Option<Instant>,
     /// Set while open: when the next probe may go.
     open_until: Option<Instant>,
     probe_out: bool,
@@ -87,7 +104,12 @@ impl Breaker {
     pub fn new(cfg: BreakerConfig) -> Breaker {
         Breaker {
             cfg: BreakerConfig { failure_threshold: cfg.failure_threshold.max(1), ..cfg },
-            inner: Mutex::new(Inner { consecutive_failures: 0, open_until: None, probe_out: false }),
+            inner: Mutex::new(Inner {
+                consecutive_failures: 0,
+                failing_since: None,
+                open_until: None,
+                probe_out: false,
+            }),
             openings: AtomicU64::new(0),
         }
     }
@@ -140,18 +162,33 @@ impl Breaker {
             tracing::info!("state store reachable again: circuit closed");
         }
         g.consecutive_failures = 0;
+        g.failing_since = None;
         g.open_until = None;
         g.probe_out = false;
     }
 
+    /// Opens it now (Redis unreachable at start-up): calls fail fast until a probe succeeds.
+    pub fn force_open(&self) {
+        let mut g = self.inner.lock();
+        if g.open_until.is_none() {
+            g.open_until = Some(Instant::now() + self.cfg.cool_down);
+            self.openings.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn on_failure(&self, probe: bool) {
         let mut g = self.inner.lock();
+        let now = Instant::now();
         g.consecutive_failures = g.consecutive_failures.saturating_add(1);
+        let since = *g.failing_since.get_or_insert(now);
         if probe {
             g.probe_out = false;
-            g.open_until = Some(Instant::now() + self.cfg.cool_down);
-        } else if g.open_until.is_none() && g.consecutive_failures >= self.cfg.failure_threshold {
-            g.open_until = Some(Instant::now() + self.cfg.cool_down);
+            g.open_until = Some(now + self.cfg.cool_down);
+        } else if g.open_until.is_none()
+            && g.consecutive_failures >= self.cfg.failure_threshold
+            && now.duration_since(since) >= self.cfg.min_outage
+        {
+            g.open_until = Some(now + self.cfg.cool_down);
             self.openings.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 failures = g.consecutive_failures,
@@ -167,7 +204,47 @@ mod tests {
     use super::*;
 
     fn quick() -> Breaker {
-        Breaker::new(BreakerConfig { failure_threshold: 3, cool_down: Duration::from_millis(30) })
+        Breaker::new(BreakerConfig {
+            failure_threshold: 3,
+            cool_down: Duration::from_millis(30),
+            min_outage: Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn a_stall_shorter_than_min_outage_does_not_open_it() {
+        let b = Breaker::new(BreakerConfig {
+            failure_threshold: 3,
+            cool_down: Duration::from_secs(5),
+            min_outage: Duration::from_millis(60),
+        });
+        // A stall: many calls fail together, then Redis answers again.
+        for _ in 0..20 {
+            b.try_acquire().unwrap().failure();
+        }
+        assert!(b.is_closed(), "failing for less than min_outage is a stall");
+        b.try_acquire().unwrap().success();
+        std::thread::sleep(Duration::from_millis(70));
+        // The streak restarted at the success: a new one must last min_outage again.
+        b.try_acquire().unwrap().failure();
+        assert!(b.is_closed());
+        std::thread::sleep(Duration::from_millis(70));
+        b.try_acquire().unwrap().failure();
+        assert!(b.is_closed(), "below the threshold count");
+        b.try_acquire().unwrap().failure();
+        assert_eq!(b.state(), BreakerState::Open, "threshold reached, failing for longer than min_outage");
+        assert_eq!(b.openings(), 1);
+    }
+
+    #[test]
+    fn force_open_fails_fast_until_a_probe_succeeds() {
+        let b = quick();
+        b.force_open();
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(b.try_acquire().is_none());
+        std::thread::sleep(Duration::from_millis(40));
+        b.try_acquire().expect("probe").success();
+        assert!(b.is_closed());
     }
 
     #[test]

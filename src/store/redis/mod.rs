@@ -505,11 +505,7 @@ impl RedisStore {
 
     /// Opens the breaker (start-up failure): requests fail fast until the health task's probe.
     fn mark_down(&self) {
-        for _ in 0..self.inner.breaker.config().failure_threshold {
-            if let Some(p) = self.inner.breaker.try_acquire() {
-                p.failure();
-            }
-        }
+        self.inner.breaker.force_open();
     }
 
     /// A fresh connection replaces the current one (single: a new lazy manager; cluster: a new
