@@ -4,7 +4,7 @@
 //!
 //! Owns: `AppState`, `TiersSeen`. Imports: config, store traits, telemetry, clock.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::clock::Clock;
@@ -108,6 +108,8 @@ pub struct AppState {
     ready: AtomicBool,
     /// Set while the state store is failing (`/readyz` answers 503).
     store_unhealthy: AtomicBool,
+    /// Paces the store-failure log line (a dead store fails every request).
+    store_failure_log: EverySecond,
 }
 
 /// Whether the outbox took `e`; logs the loss otherwise.
@@ -169,6 +171,7 @@ impl AppState {
             pricing: parking_lot::RwLock::new(pricing),
             ready: AtomicBool::new(false),
             store_unhealthy: AtomicBool::new(false),
+            store_failure_log: EverySecond::default(),
         }
     }
 
@@ -276,18 +279,58 @@ impl AppState {
     }
 
     /// A failed state-store operation on the request path: counted by `op`, readiness follows,
-    /// logged. Returns the error for the caller's failsafe path.
+    /// logged (one line a second at most, with the count of those not logged; the metric counts
+    /// each). Returns the error for the caller's failsafe path.
     pub fn store_failed(&self, op: &str, e: crate::store::StoreError) -> crate::store::StoreError {
         self.metrics.store_errors.with_label_values(&[op]).inc();
         self.set_store_healthy(false);
-        tracing::warn!(op, error = %e, "state store operation failed; taking the failsafe path");
+        if let Some(not_logged) = self.store_failure_log.pass(self.clock.now_ms() / 1000) {
+            tracing::warn!(
+                op,
+                error = %e,
+                not_logged,
+                "state store operation failed; taking the failsafe path (see preauth_store_errors_total for every failure)"
+            );
+        }
         e
+    }
+}
+
+/// Lets one event a second through and counts the others.
+#[derive(Debug, Default)]
+struct EverySecond {
+    /// The second (Unix) of the last event let through.
+    last: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl EverySecond {
+    /// `Some(events not let through since the last one)` when this one, at `now_s`, may pass.
+    fn pass(&self, now_s: u64) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        if now_s <= last || self.last.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.skipped.swap(0, Ordering::Relaxed))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_second_lets_one_through_per_second_and_counts_the_rest() {
+        let g = EverySecond::default();
+        assert_eq!(g.pass(100), Some(0));
+        assert_eq!(g.pass(100), None);
+        assert_eq!(g.pass(100), None);
+        assert_eq!(g.pass(99), None, "a clock step back lets nothing through");
+        assert_eq!(g.pass(101), Some(3));
+        assert_eq!(g.pass(101), None);
+        assert_eq!(g.pass(105), Some(1));
+    }
 
     #[test]
     fn tiers_seen_keeps_the_last_tier_stores_no_free_and_stays_bounded() {
