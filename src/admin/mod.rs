@@ -195,6 +195,7 @@ impl AdminApp {
             return admin_error(400, "invalid_request", &e);
         }
         let changes = Value::Object(patch.clone()).to_string();
+        let global_changed = runtime::changes_global_guard(&patch);
         let applied = self
             .state
             .policy
@@ -207,13 +208,34 @@ impl AdminApp {
                 let m = &self.state.metrics;
                 m.policy_version.set(p.version as i64);
                 m.kill_switch_enabled.set(i64::from(p.kill_switch));
+                // A block in force was tripped under the guard settings just replaced: it is
+                // lifted, and the next request is judged by the new settings.
+                let lifted = match global_changed {
+                    false => Ok(false),
+                    true => self.state.counters.clear_global_block().await,
+                };
+                if let Ok(true) = lifted {
+                    m.global_block_active.set(0);
+                }
                 audit::runtime_change(p.version, &reason, &changes);
                 let mut e = self.state.event(EventType::RuntimeChanged, p.version);
-                e.details = Some(
-                    json!({"reason": reason, "changes": serde_json::from_str::<Value>(&changes).unwrap_or(Value::Null)}),
-                );
+                e.details = Some(json!({
+                    "reason": reason,
+                    "changes": serde_json::from_str::<Value>(&changes).unwrap_or(Value::Null),
+                    "global_block_lifted": lifted.as_ref().is_ok_and(|l| *l),
+                }));
                 self.state.emit(&e);
-                json_response(200, &runtime::view(&p))
+                match lifted {
+                    Ok(_) => json_response(200, &runtime::view(&p)),
+                    Err(e) => admin_error(
+                        503,
+                        "store_unavailable",
+                        &format!(
+                            "The change was applied (policy_version {}), but the global block in force could not be lifted: {e}. Send the PATCH again.",
+                            p.version
+                        ),
+                    ),
+                }
             }
             Err(e) => admin_error(503, "store_unavailable", &format!("The change was not applied: {e}. Retry.")),
         }

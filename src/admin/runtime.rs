@@ -28,6 +28,19 @@ pub const PATCHABLE: &[&str] = &[
     "audit_sample_rate",
 ];
 
+/// Settings of the global abuse guard: changing any of them lifts a block in force.
+pub const GLOBAL_GUARD: &[&str] = &[
+    "global_abuse_guards_enabled",
+    "global_abuse_per_minute_cap",
+    "global_abuse_unique_tenants_threshold",
+    "global_abuse_block_seconds",
+];
+
+/// Whether `patch` changes a setting of the global abuse guard.
+pub fn changes_global_guard(patch: &Map<String, Value>) -> bool {
+    GLOBAL_GUARD.iter().any(|k| patch.contains_key(*k))
+}
+
 /// The runtime document for a policy snapshot.
 pub fn view(p: &Policy) -> Value {
     let sources: Map<String, Value> = p.source_modes.iter().map(|(s, m)| (s.clone(), json!(m.as_str()))).collect();

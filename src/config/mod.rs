@@ -41,19 +41,21 @@ pub struct Upstream {
 impl Upstream {
     /// Parses `http(s)://host[:port][/]`. A path prefix is not supported (requests keep their path).
     pub fn parse(url: &str) -> Result<Upstream, String> {
+        // Errors name the URL without its credentials (they reach logs and terminals).
+        let shown = redact_userinfo(url);
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {
             (false, r)
         } else {
-            return Err(format!("`{url}` must start with http:// or https://"));
+            return Err(format!("`{shown}` must start with http:// or https://"));
         };
         let authority = rest.trim_end_matches('/');
         if authority.contains('/') || authority.contains('?') || authority.contains('@') {
-            return Err(format!("`{url}`: give only scheme, host and port (no path, query or credentials)"));
+            return Err(format!("`{shown}`: give only scheme, host and port (no path, query or credentials)"));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, p) = v6.split_once(']').ok_or_else(|| format!("`{url}`: unclosed IPv6 bracket"))?;
+            let (h, p) = v6.split_once(']').ok_or_else(|| format!("`{shown}`: unclosed IPv6 bracket"))?;
             (h.to_string(), p.strip_prefix(':'))
         } else {
             match authority.rsplit_once(':') {
@@ -62,14 +64,24 @@ impl Upstream {
             }
         };
         if host.is_empty() {
-            return Err(format!("`{url}` has no host"));
+            return Err(format!("`{shown}` has no host"));
         }
         let port = match port {
-            Some(p) => p.parse::<u16>().map_err(|_| format!("`{url}`: port `{p}` is not a port number"))?,
+            Some(p) => p.parse::<u16>().map_err(|_| format!("`{shown}`: port `{p}` is not a port number"))?,
             None if tls => 443,
             None => 80,
         };
         Ok(Upstream { tls, host, port, url: url.to_string() })
+    }
+}
+
+/// `url` with any `user:password@` of its authority replaced by `<redacted>@`.
+fn redact_userinfo(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
     }
 }
 

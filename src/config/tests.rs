@@ -190,3 +190,13 @@ fn the_example_env_files_load_as_docker_and_systemd_read_them() {
     let e = parse(&env_file(include_str!("../../config/invalid.env.example")), Purpose::Run).unwrap_err();
     assert!(e.len() >= 5, "config/invalid.env.example names each of its bad lines: {e:?}");
 }
+
+#[test]
+fn upstream_url_errors_do_not_echo_credentials() {
+    for bad in ["http://svc:s3cr3t-pw@gw:4000", "https://svc:s3cr3t-pw@gw:4000/v1", "ftp://svc:s3cr3t-pw@gw"] {
+        let errors = parse(&env(&[("PREAUTH_UPSTREAM_URL", bad)]), Purpose::Run).unwrap_err();
+        let text = format!("{errors:?}");
+        assert!(text.contains("PREAUTH_UPSTREAM_URL"), "{text}");
+        assert!(!text.contains("s3cr3t-pw"), "the password is printed: {text}");
+    }
+}

@@ -326,7 +326,11 @@ impl PreauthProxy {
 
         // The decision reaches the outbox (the OS) before anything is forwarded; when it cannot,
         // no decision can be recorded and the failsafe path applies.
-        let reservation = spend.reservation.as_ref();
+        // A refused request holds nothing (its hold is given back below) and names its body.
+        let reservation = spend.reservation.as_ref().filter(|_| decision.is_allow());
+        if !decision.is_allow() {
+            fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body));
+        }
         let mut ev = base;
         ev.decision = Some(event::label(decision.verdict.as_str()));
         ev.reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();

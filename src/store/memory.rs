@@ -539,6 +539,10 @@ impl Counters for MemoryCounters {
         Ok(())
     }
 
+    async fn clear_global_block(&self) -> Result<bool, StoreError> {
+        Ok(self.global.lock().block_until.take().is_some())
+    }
+
     async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError> {
         let mut shard = self.shard(tenant).lock();
         Ok(shard.get_mut(tenant).map_or_else(TenantView::default, |st| {

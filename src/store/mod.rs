@@ -98,6 +98,9 @@ pub trait Counters: Send + Sync {
     async fn release_lease(&self, ticket: &Ticket) -> Result<(), StoreError>;
     /// Records a global block until `until` (every tenant, every replica sharing the store).
     async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError>;
+    /// Lifts a global block in force (an operator changed the guard that tripped it); `true`
+    /// when there was one to lift.
+    async fn clear_global_block(&self) -> Result<bool, StoreError>;
     /// Read-only views (admin API, gauges).
     async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError>;
     async fn global_view(&self, now: UnixMillis) -> Result<GlobalView, StoreError>;

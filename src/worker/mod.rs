@@ -156,11 +156,31 @@ impl Reloader {
 }
 
 impl Reloader {
+    /// A successful reload changes the policy like a `PATCH` does: an audit line and a
+    /// `runtime_changed` event naming the files, so the change is on record.
+    fn record_reload(&self) {
+        const REASON: &str = "SIGHUP: tenants, tiers and pricing files reloaded";
+        let c = &self.state.config;
+        let files: Vec<String> = [&c.tenants_file, &c.tiers_file, &c.pricing_file]
+            .into_iter()
+            .flatten()
+            .map(|f| f.display().to_string())
+            .collect();
+        let changes = serde_json::json!({ "files_reloaded": files });
+        let version = self.state.policy.current().version;
+        crate::telemetry::audit::runtime_change(version, REASON, &changes.to_string());
+        let mut e = self.state.event(EventType::RuntimeChanged, version);
+        e.details = Some(serde_json::json!({ "reason": REASON, "changes": changes }));
+        self.state.emit(&e);
+    }
+}
+
+impl Reloader {
     /// `reload`, logged and counted in `preauth_config_reloads_total{result}`.
     pub async fn reload_and_count(&self) -> Result<(), String> {
         let r = self.reload().await;
         match &r {
-            Ok(()) => tracing::info!("SIGHUP: tenants, tiers and pricing files reloaded"),
+            Ok(()) => self.record_reload(),
             Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the previous tables"),
         }
         let result = if r.is_ok() { "ok" } else { "error" };

@@ -60,6 +60,50 @@ async fn global_burst_trips_then_blocks_everyone() {
     s.stop().await;
 }
 
+/// Runbook, false-positive block: the operator raises the global cap/threshold (or switches the
+/// guard off and on again). The block in force was tripped under the old settings, so it is lifted
+/// at once; the next request is judged by the new settings (and re-trips if they say so).
+#[tokio::test(flavor = "multi_thread")]
+async fn changing_the_global_guard_lifts_the_block_in_force() {
+    let s = start(&[
+        ("LLM_GLOBAL_ABUSE_PER_MINUTE_CAP", "3"),
+        ("LLM_GLOBAL_ABUSE_UNIQUE_TENANTS_THRESHOLD", "2"),
+        ("LLM_GLOBAL_ABUSE_BLOCK_SECONDS", "300"),
+    ])
+    .await;
+    let body = chat("gpt-4o-mini");
+    let call = |t: &'static str| post(&s, "/v1/chat/completions", t, "pro", &body);
+    for t in ["a", "b", "a"] {
+        assert_eq!(call(t).await.status(), 200);
+    }
+    let v = assert_error(call("b").await, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "global_abuse_triggered");
+    // Raising the cap and threshold (normal peak was above them) lifts the block at once.
+    let r = patch_runtime(
+        &s,
+        json!({"global_abuse_per_minute_cap": 1000, "global_abuse_unique_tenants_threshold": 100, "reason": "INC: guard below normal peak"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(call("a").await.status(), 200, "raised thresholds lift the block in force");
+    assert_eq!(sample(&metrics(&s).await, "preauth_global_block_active"), 0.0);
+    let lifted = s.admin_get("/api/v1/enforcement/ledger?event_type=runtime_changed&limit=1").await;
+    assert_eq!(lifted["items"][0]["details"]["global_block_lifted"], true, "{lifted}");
+    // Tightened again: the live window re-trips under the new settings.
+    patch_runtime(
+        &s,
+        json!({"global_abuse_per_minute_cap": 2, "global_abuse_unique_tenants_threshold": 2, "reason": "INC: tighten"}),
+    )
+    .await;
+    let v = assert_error(call("a").await, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "global_abuse_triggered");
+    // Switched off and on again: the old block does not come back with the guard.
+    patch_runtime(&s, json!({"global_abuse_guards_enabled": false, "reason": "INC: guard off"})).await;
+    patch_runtime(&s, json!({"global_abuse_guards_enabled": true, "global_abuse_per_minute_cap": 1000, "reason": "INC: guard on, higher cap"})).await;
+    assert_eq!(call("b").await.status(), 200, "re-enabling the guard does not revive the old block");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tier_daily_quota_is_402() {
     let s = start(&[]).await;
@@ -172,6 +216,9 @@ impl Counters for SlowRelease {
     async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError> {
         self.0.set_global_block(until).await
     }
+    async fn clear_global_block(&self) -> Result<bool, StoreError> {
+        self.0.clear_global_block().await
+    }
     async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError> {
         self.0.tenant_view(tenant, now).await
     }
@@ -276,6 +323,9 @@ impl Counters for DeadStore {
         Err(StoreError::Unavailable("connection refused".into()))
     }
     async fn set_global_block(&self, _: UnixMillis) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn clear_global_block(&self) -> Result<bool, StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))
     }
     async fn tenant_view(&self, _: &str, _: UnixMillis) -> Result<TenantView, StoreError> {

@@ -385,3 +385,27 @@ async fn http_sink_delivers_cloudevents_after_a_503_spell() {
     assert!(items[0]["actual_cost_usd"].as_str().is_some());
     s.stop().await;
 }
+
+/// Runbook, false positives and drift: a refused request's decision event names the request's
+/// fingerprint (the evidence to capture) and no hold — the hold the store took alongside the
+/// admission was given back at once, so a reconciliation reading the ledger finds no orphan.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_decision_events_carry_the_fingerprint_and_no_hold() {
+    let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PER_MINUTE_CAP", "1")]).await;
+    let body = chat("gpt-4o-mini");
+    assert_eq!(post(&s, "/v1/chat/completions", "fp-t", "pro", &body).await.status(), 200);
+    assert_error(post(&s, "/v1/chat/completions", "fp-t", "pro", &body).await, 429, "llm_fair_use_exceeded").await;
+    let want = preauth_sidecar::proxy::fingerprint(
+        "fp-t",
+        "POST",
+        "/v1/chat/completions",
+        &serde_json::to_vec(&body).unwrap(),
+    );
+    let v = s.admin_get("/api/v1/enforcement/ledger?event_type=decision&tenant_id=fp-t&limit=1").await;
+    let e = &v["items"][0];
+    assert_eq!(e["decision"], "DENY", "{e}");
+    assert_eq!(e["request_fingerprint"], want.as_str(), "{e}");
+    assert_eq!(e["reservation_id"], Value::Null, "{e}");
+    assert_eq!(e["reserved_usd"], "0.000000", "{e}");
+    s.stop().await;
+}

@@ -477,6 +477,14 @@ async fn sighup_reload_swaps_prices_and_keeps_them_on_a_bad_file() {
     let after = usd(&gate(body.clone()).await["estimated_cost_usd"]);
     assert!(after.0 > before.0 * 5, "new prices in force: {before} -> {after}");
     assert_eq!(tenant_view(&s, "acme").await["tier"], "enterprise", "tenants file reloaded");
+    // The reload is on record like any runtime change (the runbook's evidence of config changes).
+    let changes = s.admin_get("/api/v1/enforcement/ledger?event_type=runtime_changed").await;
+    let items = changes["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{changes}");
+    assert_eq!(items[0]["details"]["reason"], "SIGHUP: tenants, tiers and pricing files reloaded", "{changes}");
+    let files = items[0]["details"]["changes"]["files_reloaded"].as_array().unwrap();
+    assert!(files.contains(&json!(tenants.display().to_string())), "{changes}");
+    assert!(files.contains(&json!(pricing.display().to_string())), "{changes}");
     std::fs::write(&pricing, "[models.\"house-model\"]\nunknown_key = 1\n").unwrap();
     assert!(reloader.reload_and_count().await.is_err());
     assert_eq!(usd(&gate(body).await["estimated_cost_usd"]), after, "a bad file keeps the old table");

@@ -213,6 +213,14 @@ impl Counters for RedisStore {
         self.exec("set_global_block", 1, |mut c| async move { inv.invoke_async::<()>(&mut c).await }).await
     }
 
+    async fn clear_global_block(&self) -> Result<bool, StoreError> {
+        let key = self.inner.keys.global("block");
+        let removed: i64 = self
+            .exec("clear_global_block", 1, |mut c| async move { redis::cmd("DEL").arg(&key).query_async(&mut c).await })
+            .await?;
+        Ok(removed > 0)
+    }
+
     async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError> {
         let mut inv = self.inner.scripts.tenant_view.prepare_invoke();
         for k in tenant_keys(self, tenant, now) {

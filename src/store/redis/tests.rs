@@ -174,6 +174,19 @@ async fn global_block_keeps_the_later_end_and_expires_by_the_callers_clock() {
 }
 
 #[tokio::test]
+async fn global_block_is_lifted_for_every_replica() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    assert!(!c.clear_global_block().await.unwrap(), "nothing to lift");
+    c.set_global_block(t0 + 120_000).await.unwrap();
+    assert!(c.clear_global_block().await.unwrap());
+    assert_eq!(c.global_view(t0).await.unwrap().block_until, None);
+    let (_, v) = c.admit(&req("a", t0 + 1, None)).await.unwrap();
+    assert_eq!(v.global.block_until, None);
+    cleanup(&c).await;
+}
+
+#[tokio::test]
 async fn odd_tenant_names_get_their_own_keys() {
     let Some(c) = store_at(&prefix()).await else { return };
     let t0 = t0();
