@@ -100,7 +100,11 @@ impl PreauthProxy {
     async fn respond<D: Downstream>(&self, d: &mut D, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
         let mut retry = itoa::Buffer::new();
         let retry = r.retry_after.map(|s| retry.format(s));
-        let (headers, n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry);
+        let (mut headers, mut n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry);
+        if let Some(retry) = r.should_retry {
+            headers[n] = ("x-should-retry", if retry { "true" } else { "false" });
+            n += 1;
+        }
         d.answer(r.status, &headers[..n], &r.body).await
     }
 
@@ -585,8 +589,8 @@ fn json_headers<'a>(
     verdict: Option<Verdict>,
     error: Option<&'static str>,
     retry_after: Option<&'a str>,
-) -> ([(&'static str, &'a str); 6], usize) {
-    let mut h = [("", ""); 6];
+) -> ([(&'static str, &'a str); 7], usize) {
+    let mut h = [("", ""); 7];
     let mut n = 0;
     let mut add = |name: &'static str, value: &'a str| {
         h[n] = (name, value);
