@@ -48,6 +48,8 @@ pub const SDK_RETRY_AFTER_MAX_SECONDS: u64 = 60;
 fn should_retry(status: u16, retry_after: Option<u64>) -> Option<bool> {
     match status {
         429 | 503 => Some(retry_after.is_some_and(|s| s <= SDK_RETRY_AFTER_MAX_SECONDS)),
+        // 409s (approval token expired or used, reservation already settled) stay as they are.
+        409 => Some(false),
         _ => None,
     }
 }
@@ -226,6 +228,7 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::approval::ApprovalError;
     use crate::decide::{failsafe, kill_switch, Mode, Policy};
 
     fn parse(r: &Rendered) -> Value {
@@ -277,6 +280,17 @@ mod tests {
         let r =
             render(&Refusal::Decision { decision: failsafe(Mode::Hard), policy_version: 1, extra: Map::new() }, "x");
         assert_eq!((r.status, r.should_retry), (503, Some(true)));
+    }
+
+    /// The SDKs retry 409 ("lock timeout") by default; an expired or used approval token never
+    /// becomes valid again, so these say `x-should-retry: false`.
+    #[test]
+    fn approval_token_conflicts_are_not_retried() {
+        for e in [ApprovalError::Expired, ApprovalError::Replayed] {
+            let d = crate::decide::token_refusal(Mode::Hard, e);
+            let r = render(&Refusal::Decision { decision: d, policy_version: 1, extra: Map::new() }, "x");
+            assert_eq!((r.status, r.should_retry), (409, Some(false)), "{}", r.code);
+        }
     }
 
     #[test]

@@ -113,6 +113,8 @@ async fn full_loop_request_approve_retry_replay() {
     assert!(r.headers().get("x-preauth-reservation-id").is_some());
     r.bytes().await.unwrap();
     let r = send(&s, "acme", &body, Some(&token)).await;
+    // 409 is retried by the OpenAI/Anthropic SDKs unless told otherwise; a used token stays used.
+    assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
     assert_error(r, 409, "approval_token_replayed").await;
     // Approving again is refused: it is no longer pending.
     let again = client()
