@@ -583,14 +583,14 @@ impl PreauthProxy {
 }
 
 /// The headers of a sidecar-made JSON answer (`content-length` is the driver's): type, no
-/// caching, request id, decision, error code, `retry-after`.
+/// caching, request id (also under the SDKs' names), decision, error code, `retry-after`.
 fn json_headers<'a>(
     ctx: &'a RequestCtx,
     verdict: Option<Verdict>,
     error: Option<&'static str>,
     retry_after: Option<&'a str>,
-) -> ([(&'static str, &'a str); 7], usize) {
-    let mut h = [("", ""); 7];
+) -> ([(&'static str, &'a str); 9], usize) {
+    let mut h = [("", ""); 9];
     let mut n = 0;
     let mut add = |name: &'static str, value: &'a str| {
         h[n] = (name, value);
@@ -599,6 +599,10 @@ fn json_headers<'a>(
     add("content-type", "application/json");
     add("cache-control", "no-store");
     add(names::REQUEST_ID, &ctx.request_id);
+    // The sidecar is the origin of this answer: the SDKs show its id as the request id
+    // (OpenAI: `x-request-id`, Anthropic: `request-id`).
+    add("x-request-id", &ctx.request_id);
+    add("request-id", &ctx.request_id);
     if let Some(v) = verdict {
         add(names::DECISION, v.as_str());
     }
