@@ -806,13 +806,19 @@ impl PreauthProxy {
         }
     }
 
-    /// The `x-preauth-*` headers of a forwarded answer (none on pass-through routes).
+    /// The `x-preauth-*` headers of a forwarded answer (none on pass-through routes), and
+    /// `x-should-retry: false` on a failed answer to a request that used an approval token.
     pub(crate) fn response_headers<'a>(&self, ctx: &'a RequestCtx, mut add: impl FnMut(&'static str, &'a str)) {
         if ctx.route.is_some() {
             add(names::REQUEST_ID, &ctx.request_id);
             add(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str());
             if let Some(id) = ctx.reservation_id() {
                 add(names::RESERVATION_ID, id);
+            }
+            // The request used its approval token up: an SDK retrying the gateway's failure
+            // (they retry 408/409/429/5xx) would only get `approval_token_replayed` instead.
+            if ctx.approval_id.is_some() && !ctx.upstream_status.is_some_and(|s| (200..300).contains(&s)) {
+                add("x-should-retry", "false");
             }
         }
     }
