@@ -100,7 +100,11 @@ impl PreauthProxy {
     async fn respond<D: Downstream>(&self, d: &mut D, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
         let mut retry = itoa::Buffer::new();
         let retry = r.retry_after.map(|s| retry.format(s));
-        let (headers, n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry);
+        let (mut headers, mut n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry);
+        if let Some(retry) = r.should_retry {
+            headers[n] = ("x-should-retry", if retry { "true" } else { "false" });
+            n += 1;
+        }
         d.answer(r.status, &headers[..n], &r.body).await
     }
 
@@ -579,14 +583,14 @@ impl PreauthProxy {
 }
 
 /// The headers of a sidecar-made JSON answer (`content-length` is the driver's): type, no
-/// caching, request id, decision, error code, `retry-after`.
+/// caching, request id (also under the SDKs' names), decision, error code, `retry-after`.
 fn json_headers<'a>(
     ctx: &'a RequestCtx,
     verdict: Option<Verdict>,
     error: Option<&'static str>,
     retry_after: Option<&'a str>,
-) -> ([(&'static str, &'a str); 6], usize) {
-    let mut h = [("", ""); 6];
+) -> ([(&'static str, &'a str); 9], usize) {
+    let mut h = [("", ""); 9];
     let mut n = 0;
     let mut add = |name: &'static str, value: &'a str| {
         h[n] = (name, value);
@@ -595,6 +599,10 @@ fn json_headers<'a>(
     add("content-type", "application/json");
     add("cache-control", "no-store");
     add(names::REQUEST_ID, &ctx.request_id);
+    // The sidecar is the origin of this answer: the SDKs show its id as the request id
+    // (OpenAI: `x-request-id`, Anthropic: `request-id`).
+    add("x-request-id", &ctx.request_id);
+    add("request-id", &ctx.request_id);
     if let Some(v) = verdict {
         add(names::DECISION, v.as_str());
     }
@@ -798,13 +806,19 @@ impl PreauthProxy {
         }
     }
 
-    /// The `x-preauth-*` headers of a forwarded answer (none on pass-through routes).
+    /// The `x-preauth-*` headers of a forwarded answer (none on pass-through routes), and
+    /// `x-should-retry: false` on a failed answer to a request that used an approval token.
     pub(crate) fn response_headers<'a>(&self, ctx: &'a RequestCtx, mut add: impl FnMut(&'static str, &'a str)) {
         if ctx.route.is_some() {
             add(names::REQUEST_ID, &ctx.request_id);
             add(names::DECISION, ctx.verdict.unwrap_or(Verdict::Allow).as_str());
             if let Some(id) = ctx.reservation_id() {
                 add(names::RESERVATION_ID, id);
+            }
+            // The request used its approval token up: an SDK retrying the gateway's failure
+            // (they retry 408/409/429/5xx) would only get `approval_token_replayed` instead.
+            if ctx.approval_id.is_some() && !ctx.upstream_status.is_some_and(|s| (200..300).contains(&s)) {
+                add("x-should-retry", "false");
             }
         }
     }

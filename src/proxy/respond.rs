@@ -34,7 +34,24 @@ pub struct Rendered {
     pub code: &'static str,
     pub verdict: Verdict,
     pub retry_after: Option<u64>,
+    /// `x-should-retry`, the retry hint the OpenAI and Anthropic SDKs obey over their own rule
+    /// (they retry 408/409/429/5xx, sleeping the whole `Retry-After`). `None`: no header.
+    pub should_retry: Option<bool>,
     pub body: Bytes,
+}
+
+/// The longest `Retry-After` an SDK is told to wait out itself; a refusal lasting longer says
+/// `x-should-retry: false`, so the caller gets its 429 at once (and the `Retry-After` with it).
+pub const SDK_RETRY_AFTER_MAX_SECONDS: u64 = 60;
+
+/// The `x-should-retry` hint of a sidecar answer.
+fn should_retry(status: u16, retry_after: Option<u64>) -> Option<bool> {
+    match status {
+        429 | 503 => Some(retry_after.is_some_and(|s| s <= SDK_RETRY_AFTER_MAX_SECONDS)),
+        // 409s (approval token expired or used, reservation already settled) stay as they are.
+        409 => Some(false),
+        _ => None,
+    }
 }
 
 /// Status, code and message of a decision's rule.
@@ -203,6 +220,7 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
         code,
         verdict,
         retry_after,
+        should_retry: should_retry(status, retry_after),
         body: Bytes::from(serde_json::to_vec(&body).expect("JSON value serialises")),
     }
 }
@@ -210,6 +228,7 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decide::approval::ApprovalError;
     use crate::decide::{failsafe, kill_switch, Mode, Policy};
 
     fn parse(r: &Rendered) -> Value {
@@ -239,6 +258,39 @@ mod tests {
         let r =
             render(&Refusal::Decision { decision: failsafe(Mode::Soft), policy_version: 1, extra: Map::new() }, "x");
         assert_eq!((r.status, r.code, r.retry_after), (403, "approval_required", None));
+    }
+
+    /// The OpenAI and Anthropic SDKs retry every 429 (twice by default) after sleeping for the
+    /// whole `Retry-After`, however long (openai-node 6, anthropic-python 2): a refusal that
+    /// cannot clear within a minute must say `x-should-retry: false`, or the caller hangs for
+    /// hours (soft daily cap: until UTC midnight).
+    #[test]
+    fn long_retry_after_tells_sdks_not_to_retry() {
+        let deny = |reason, retry| Refusal::Decision {
+            decision: crate::decide::violation(Mode::Hard, reason, Some(retry)),
+            policy_version: 1,
+            extra: Map::new(),
+        };
+        let r = render(&deny(Reason::FairUseSoftDaily, 2220), "x");
+        assert_eq!((r.status, r.retry_after, r.should_retry), (429, Some(2220), Some(false)));
+        let r = render(&deny(Reason::GlobalTemporalBlock, 61), "x");
+        assert_eq!((r.status, r.should_retry), (429, Some(false)));
+        let r = render(&deny(Reason::FairUsePerMinute, 60), "x");
+        assert_eq!((r.status, r.retry_after, r.should_retry), (429, Some(60), Some(true)));
+        let r =
+            render(&Refusal::Decision { decision: failsafe(Mode::Hard), policy_version: 1, extra: Map::new() }, "x");
+        assert_eq!((r.status, r.should_retry), (503, Some(true)));
+    }
+
+    /// The SDKs retry 409 ("lock timeout") by default; an expired or used approval token never
+    /// becomes valid again, so these say `x-should-retry: false`.
+    #[test]
+    fn approval_token_conflicts_are_not_retried() {
+        for e in [ApprovalError::Expired, ApprovalError::Replayed] {
+            let d = crate::decide::token_refusal(Mode::Hard, e);
+            let r = render(&Refusal::Decision { decision: d, policy_version: 1, extra: Map::new() }, "x");
+            assert_eq!((r.status, r.should_retry), (409, Some(false)), "{}", r.code);
+        }
     }
 
     #[test]

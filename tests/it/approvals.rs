@@ -113,6 +113,8 @@ async fn full_loop_request_approve_retry_replay() {
     assert!(r.headers().get("x-preauth-reservation-id").is_some());
     r.bytes().await.unwrap();
     let r = send(&s, "acme", &body, Some(&token)).await;
+    // 409 is retried by the OpenAI/Anthropic SDKs unless told otherwise; a used token stays used.
+    assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
     assert_error(r, 409, "approval_token_replayed").await;
     // Approving again is refused: it is no longer pending.
     let again = client()
@@ -309,4 +311,44 @@ fn mint_approval_cli() {
         .output()
         .unwrap();
     assert_eq!(short.status.code(), Some(64), "secrets shorter than 32 characters are a config error");
+}
+
+/// An approved request is admitted and uses its token up; when the gateway then fails (5xx, 429),
+/// the OpenAI/Anthropic SDKs retry the same request with the same, now used, token and the
+/// caller sees `409 approval_token_replayed` instead of the gateway's error. The forwarded
+/// failure says `x-should-retry: false`; without a token the gateway's answer is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_upstream_answer_of_an_approved_request_is_not_retried_by_sdks() {
+    let s = start(&env(KEY_NEW, "")).await;
+    let body = expensive();
+    let fp = fingerprint("acme", "/v1/chat/completions", &body);
+    let token = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &claims("acme", &fp, "5.00", "appr-up"), KEY_NEW);
+    let call = |token: Option<String>, status: &'static str, body: Vec<u8>| {
+        let mut r = client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(crate::support::token("acme", "enterprise"))
+            .header("content-type", "application/json")
+            .header("x-mock-status", status)
+            .body(body);
+        if let Some(t) = token {
+            r = r.header("x-approval-token", t);
+        }
+        r.send()
+    };
+    let r = call(Some(token.clone()), "500", body.clone()).await.unwrap();
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
+    assert_eq!(json_of(r).await["error"]["code"], "mock_status", "the gateway's body passes through");
+    // What the SDK's retry would have got.
+    assert_error(send(&s, "acme", &body, Some(&token)).await, 409, "approval_token_replayed").await;
+    // An approved request that succeeds, and a failure without a token, carry no hint.
+    let ok = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &claims("acme", &fp, "5.00", "appr-ok"), KEY_NEW);
+    let r = send(&s, "acme", &body, Some(&ok)).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-should-retry").is_none());
+    r.bytes().await.unwrap();
+    let r = call(None, "503", serde_json::to_vec(&chat("gpt-4o-mini")).unwrap()).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("x-should-retry").is_none(), "no token: the gateway's answer as sent");
+    s.stop().await;
 }

@@ -127,6 +127,22 @@ async fn tier_daily_quota_is_402() {
     s.stop().await;
 }
 
+/// SDKs (openai-node, anthropic) retry a 429 after sleeping its whole `Retry-After`: the soft
+/// daily cap (until UTC midnight) says `x-should-retry: false` so the caller gets its error now.
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_daily_429_tells_sdks_not_to_wait_until_midnight() {
+    let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PRO_DAILY_SOFT_CAP", "1")]).await;
+    assert_eq!(post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await.status(), 200);
+    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    // Within the last minute of the UTC day a retry may succeed.
+    let want = if retry > 60 { "false" } else { "true" };
+    assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some(want), "Retry-After {retry}");
+    let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "fair_use_soft_daily");
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn per_minute_cap_with_retry_after() {
     let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PER_MINUTE_CAP", "3")]).await;
@@ -136,6 +152,7 @@ async fn per_minute_cap_with_retry_after() {
     let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
     let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((55..=60).contains(&retry), "seconds until the window admits again: {retry}");
+    assert_eq!(r.headers()["x-should-retry"], "true", "an SDK may wait this out");
     let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
     assert_eq!(v["error"]["details"]["reason"], "fair_use_per_minute");
     assert_eq!(post(&s, "/v1/chat/completions", "other", "pro", &chat("gpt-4o-mini")).await.status(), 200);

@@ -211,6 +211,11 @@ pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> serd
     assert_eq!(h.get("content-type").and_then(|v| v.to_str().ok()), Some("application/json"));
     let rid = h.get("x-preauth-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
     assert!(rid.is_some(), "x-preauth-request-id on {code}");
+    // The SDKs expose the origin's request id from these (openai: `x-request-id` → `requestID` /
+    // `request_id`; anthropic: `request-id`): for a sidecar-made answer that is the sidecar's.
+    for name in ["x-request-id", "request-id"] {
+        assert_eq!(h.get(name).and_then(|v| v.to_str().ok()), rid.as_deref(), "{name} on {code}");
+    }
     if matches!(status, 429 | 503) {
         assert!(h.get("retry-after").is_some(), "Retry-After on {status} {code}");
     }

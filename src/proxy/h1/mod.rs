@@ -363,7 +363,7 @@ impl LeanH1 {
         out.push(b' ');
         out.extend_from_slice(head.reason(&up.buf));
         out.extend_from_slice(b"\r\n");
-        let mut own: [(&'static str, &str); 3] = [("", ""); 3];
+        let mut own: [(&'static str, &str); 4] = [("", ""); 4];
         let mut n_own = 0;
         self.core.response_headers(ctx, |name, value| {
             own[n_own] = (name, value);
