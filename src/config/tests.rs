@@ -129,6 +129,29 @@ fn describe_redacts_secrets() {
     assert!(text.contains("PREAUTH_LEDGER_URL=postgres://<redacted>@db/ledger"));
 }
 
+#[test]
+fn describe_redacts_credentials_in_url_query_strings() {
+    for (url, shown) in [
+        (
+            "postgres://db/ledger?user=preauth&password=pw5ecret&sslmode=disable",
+            "postgres://db/ledger?user=<redacted>&password=<redacted>&sslmode=<redacted>",
+        ),
+        ("https://ledger.example/ingest?token=qtok123", "https://ledger.example/ingest?token=<redacted>"),
+        (
+            "https://u:p@ledger.example/ingest?key=k#frag",
+            "https://<redacted>@ledger.example/ingest?key=<redacted>#frag",
+        ),
+    ] {
+        let c = parse(&env(&[("PREAUTH_LEDGER_URL", url)]), Purpose::Run).unwrap();
+        let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        assert!(!text.contains("pw5ecret") && !text.contains("qtok123") && !text.contains("key=k"), "{text}");
+        assert!(text.contains(&format!("PREAUTH_LEDGER_URL={shown}\n")), "{text}");
+    }
+    let c = parse(&env(&[("PREAUTH_REDIS_URL", "redis://db:6379/0?password=rpw")]), Purpose::Run).unwrap();
+    let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    assert!(!text.contains("rpw"), "{text}");
+}
+
 /// Writes `text` to a fresh file under the system temp directory; its path lives for the test.
 fn file(name: &str, text: &str) -> &'static str {
     let dir = std::env::temp_dir().join(format!("preauth-config-{}-{name}", std::process::id()));
