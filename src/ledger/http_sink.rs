@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::ledger::event::Event;
-use crate::ledger::sink::{Sink, SinkError};
+use crate::ledger::sink::{error_chain, Sink, SinkError};
 
 pub const CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,9 +78,10 @@ impl HttpSink {
         Ok(HttpSink { client, url, source: format!("preauth-sidecar/{instance_id}") })
     }
 
-    /// Host and path only (credentials in the URL are never logged).
+    /// Scheme, host, port and path only (credentials and the query string are never logged).
     pub fn endpoint(&self) -> String {
-        format!("{}://{}{}", self.url.scheme(), self.url.host_str().unwrap_or(""), self.url.path())
+        let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{}://{}{port}{}", self.url.scheme(), self.url.host_str().unwrap_or(""), self.url.path())
     }
 }
 
@@ -107,7 +108,7 @@ impl Sink for HttpSink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SinkError::Retryable(format!("{}: {}", self.endpoint(), e.without_url())))?;
+            .map_err(|e| SinkError::Retryable(format!("{}: {}", self.endpoint(), error_chain(&e.without_url()))))?;
         let status = resp.status().as_u16();
         match classify_status(status) {
             None => Ok(()),

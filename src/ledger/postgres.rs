@@ -88,7 +88,7 @@ const INSERT: &str = "INSERT INTO enforcement_ledger \
 pub enum PgError {
     #[error("invalid PREAUTH_LEDGER_URL: {0}")]
     Url(String),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", crate::ledger::sink::error_chain(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("postgres: timed out after {0:?}")]
     Timeout(Duration),
@@ -283,6 +283,12 @@ fn classify(e: PgError) -> SinkError {
             Some(d) if d.code().code().starts_with("22") || d.code().code().starts_with("23") => {
                 SinkError::Rejected(format!("{}: {}", d.code().code(), d.message()))
             }
+            // 42P01 undefined_table: the schema was never created at this URL.
+            Some(d) if d.code().code() == "42P01" => SinkError::Retryable(format!(
+                "{}: {}; create the schema with `preauth-sidecar migrate` (same PREAUTH_LEDGER_URL), events wait in the outbox until then",
+                d.code().code(),
+                d.message()
+            )),
             Some(d) => SinkError::Retryable(format!("{}: {}", d.code().code(), d.message())),
             None => SinkError::Retryable(e.to_string()),
         },

@@ -32,6 +32,26 @@ pub trait Sink: Send + Sync {
     async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError>;
 }
 
+/// `e` and each of its causes, `: `-separated ("error sending request: client error (Connect):
+/// tcp connect error: Connection refused (os error 111)"): the top-level message of an HTTP or
+/// Postgres client error alone does not tell the operator what went wrong. Causes that repeat
+/// the previous message are skipped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !m.is_empty() && !last.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        last = m;
+        cause = c.source();
+    }
+    out
+}
+
 /// What `PREAUTH_LEDGER_URL` points at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LedgerTarget {
