@@ -16,11 +16,11 @@ use crate::ledger::event::Event;
 /// Why a batch was not delivered.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SinkError {
-    /// Transient (connection refused, timeout, 5xx, 408, 429, database unavailable): retried with
-    /// backoff until it succeeds.
+    /// Transient or fixed on the receiver's side (connection refused, timeout, 5xx, 408, 429,
+    /// 401/403/404, database unavailable): retried with backoff until it succeeds.
     #[error("retryable: {0}")]
     Retryable(String),
-    /// The receiver refuses this batch for good (4xx, invalid data): the relay parks the batch in
+    /// The receiver refuses this batch for good (400, 409, 413, 422, invalid data): the relay parks the batch in
     /// `outbox/parked/`, logs an error and moves on instead of looping.
     #[error("rejected: {0}")]
     Rejected(String),

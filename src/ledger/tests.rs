@@ -446,3 +446,25 @@ async fn sink_errors_name_their_cause_and_what_to_do() {
     assert!(matches!(err, super::sink::SinkError::Retryable(_)), "{err:?}");
     assert!(err.to_string().contains("preauth-sidecar migrate"), "{err}");
 }
+
+/// A receiver that refuses every request (bad credentials, wrong path) is a configuration
+/// problem, not a bad batch: the relay keeps the events and retries until it is fixed, instead of
+/// parking the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_retries_auth_and_routing_failures_instead_of_parking() {
+    for status in [401, 403, 404, 301] {
+        let (recv, url) = Receiver::start(3, status, 200).await;
+        let dir = TempDir::new("relay-http-auth");
+        let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
+        for i in 0..750 {
+            outbox.append(&event(i)).unwrap();
+        }
+        let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
+        let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+        let o = outbox.clone();
+        assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await, "{status}");
+        let s = outbox.stats();
+        assert_eq!((s.parked, s.delivered, s.depth), (0, 750, 0), "{status}");
+        assert_eq!(recv.accepted_ids().into_iter().collect::<HashSet<_>>().len(), 750, "{status}");
+    }
+}
