@@ -36,7 +36,11 @@
 //! # Bound (`PREAUTH_OUTBOX_MAX_BYTES`, `PREAUTH_OUTBOX_FULL_POLICY`)
 //! With a relay (a ledger URL is set) the bytes not yet delivered are bounded by `max_bytes`:
 //! past it `failsafe` makes `append` return [`OutboxError::Full`] (the proxy takes the failsafe
-//! path of its mode) and `drop` drops the event (counted as `dropped`). Without a relay nothing is
+//! path of its mode) and `drop` drops the event (counted as `dropped`). That bound applies to
+//! what starts a request (decisions, approval requests); the events that complete an admitted
+//! request (settlements, releases, approval consumptions) and operator events may use a further
+//! headroom of max(`max_bytes` / 8, 64 KiB), so that a request forwarded before the outbox filled
+//! does not lose its settlement ([`takes_headroom`]). Without a relay nothing is
 //! "undelivered": the local ledger is bounded instead by deleting its oldest segments once the
 //! directory exceeds `max_bytes` (and, always, segments older than the retention).
 //!
@@ -66,7 +70,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, OutboxFullPolicy};
 use crate::decide::time::parse_rfc3339;
-use crate::ledger::event::Event;
+use crate::ledger::event::{Event, EventType};
 
 /// Segments roll past this size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -74,6 +78,8 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// How often [`OutboxSyncer`] applies retention.
 pub const MAINTAIN_INTERVAL: Duration = Duration::from_secs(10);
+/// Smallest headroom above `max_bytes` for follow-up events (see [`takes_headroom`]).
+pub const FOLLOW_UP_HEADROOM_MIN: u64 = 64 * 1024;
 /// Sub-directory for rejected batches and unreadable lines.
 pub const PARKED_DIR: &str = "parked";
 
@@ -119,6 +125,16 @@ pub fn mtime_ms(meta: &fs::Metadata) -> u64 {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether an event of type `t` may use the headroom above `max_bytes`: everything except what a
+/// new request starts with (its decision, its approval request). Settlements, releases and
+/// approval consumptions complete a request admitted before the outbox filled (their number is
+/// bounded by the reservations already held, since a full outbox admits nothing new under
+/// `failsafe`), and approval grants/denials and runtime changes are operator actions: losing
+/// them would leave a forwarded, charged request without its settlement in the ledger.
+pub fn takes_headroom(t: EventType) -> bool {
+    !matches!(t, EventType::Decision | EventType::ApprovalRequested)
 }
 
 /// A place in the outbox: the byte right after an event's line (so acknowledging a position
@@ -680,7 +696,7 @@ impl Outbox {
     /// returns `Ok` (counted as `dropped`).
     pub fn append(&self, event: &Event) -> Result<(), OutboxError> {
         with_line(event, |line| {
-            let Some(seq) = self.stage_line(line, true)? else { return Ok(()) };
+            let Some(seq) = self.stage_line(line, true, takes_headroom(event.event_type))? else { return Ok(()) };
             self.wait_written(seq)
         })
     }
@@ -689,14 +705,14 @@ impl Outbox {
     /// makes (`flush_staged`) before anything that depends on the event is acknowledged. `Err`:
     /// the outbox is full under the `failsafe` policy (nothing staged).
     pub fn stage(&self, event: &Event) -> Result<(), OutboxError> {
-        self.stage_written(|line| event.write_json(line))
+        self.stage_written(event.event_type, |line| event.write_json(line))
     }
 
-    /// [`Outbox::stage`] of the event `write` writes as JSON (no newline): for callers that
-    /// write an event from parts ([`crate::ledger::event::Template`]).
-    pub fn stage_written(&self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), OutboxError> {
+    /// [`Outbox::stage`] of the event of type `event_type` that `write` writes as JSON (no
+    /// newline): for callers that write an event from parts ([`crate::ledger::event::Template`]).
+    pub fn stage_written(&self, event_type: EventType, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), OutboxError> {
         with_written(write, |line| {
-            if self.stage_line(line, false)?.is_some() {
+            if self.stage_line(line, false, takes_headroom(event_type))?.is_some() {
                 if let Some(c) = &self.stage_counter {
                     c.staged();
                 }
@@ -710,14 +726,26 @@ impl Outbox {
         self.stage_counter = Some(counter);
     }
 
-    /// Puts `line` in the staging buffer; `Ok(None)`: dropped (full, `drop` policy).
-    fn stage_line(&self, line: &[u8], waiter: bool) -> Result<Option<u64>, OutboxError> {
+    /// The most undelivered bytes an event may bring the outbox to: `max_bytes`, plus the
+    /// follow-up headroom (max(`max_bytes` / 8, [`FOLLOW_UP_HEADROOM_MIN`])) for `headroom` events.
+    fn limit(&self, headroom: bool) -> u64 {
+        let max = self.opts.max_bytes;
+        if headroom {
+            max.saturating_add((max / 8).max(FOLLOW_UP_HEADROOM_MIN))
+        } else {
+            max
+        }
+    }
+
+    /// Puts `line` in the staging buffer; `Ok(None)`: dropped (full, `drop` policy). `headroom`:
+    /// the event may go past `max_bytes` into the follow-up headroom ([`takes_headroom`]).
+    fn stage_line(&self, line: &[u8], waiter: bool, headroom: bool) -> Result<Option<u64>, OutboxError> {
         let len = line.len() as u64;
         let mut s = self.staging.lock();
         if self.opts.relay {
             // Reserve under the staging lock so concurrent appenders cannot overshoot.
             let used = self.undelivered_bytes.load(Ordering::Acquire);
-            if used + len > self.opts.max_bytes {
+            if used + len > self.limit(headroom) {
                 return match self.opts.full_policy {
                     OutboxFullPolicy::Failsafe => {
                         Err(OutboxError::Full { undelivered_bytes: used, max_bytes: self.opts.max_bytes })
@@ -1366,6 +1394,59 @@ pub(crate) mod tests {
         o.append(&event(5)).unwrap();
         assert!(matches!(o.append(&event(6)), Err(OutboxError::Full { .. })));
         assert_eq!(o.stats().dropped, 0);
+    }
+
+    /// A full outbox refuses new decisions, but the settlement or release of a request admitted
+    /// before it filled (and operator events) still goes in, within a bounded headroom: losing
+    /// them would leave a forwarded, charged request without its settlement in the ledger.
+    #[test]
+    fn full_outbox_still_takes_follow_up_events_within_the_headroom() {
+        use crate::commit::{StageCounter, Staged};
+        for policy in [OutboxFullPolicy::Failsafe, OutboxFullPolicy::Drop] {
+            let d = TempDir::new("outbox-headroom");
+            let line = serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1;
+            let max = line * 3 + line / 2;
+            let mut o = Outbox::open(&d.0, max, policy).unwrap();
+            o.group_commit(Arc::new(StageCounter::default()));
+            for i in 0..3 {
+                o.append(&event(i)).unwrap();
+            }
+            let decision = o.append(&event(3));
+            assert!(matches!(
+                (policy, &decision),
+                (OutboxFullPolicy::Drop, Ok(())) | (_, Err(OutboxError::Full { .. }))
+            ));
+            let follow_up = |i: u64, t: EventType| {
+                let mut e = event(i);
+                e.event_type = t;
+                e.decision = None;
+                e
+            };
+            o.append(&follow_up(0, EventType::ReservationSettled)).unwrap();
+            o.stage(&follow_up(1, EventType::ReservationReleased)).unwrap();
+            o.flush_staged().unwrap();
+            o.append(&follow_up(2, EventType::RuntimeChanged)).unwrap();
+            let s = o.stats();
+            assert_eq!(
+                (s.appended, s.depth, s.dropped),
+                (6, 6, u64::from(policy == OutboxFullPolicy::Drop)),
+                "{policy:?}"
+            );
+            // Still no room for a new decision or approval request.
+            let mut r = follow_up(9, EventType::ApprovalRequested);
+            r.approval_id = Some("a-1".into());
+            assert!(o.append(&r).is_err() || o.stats().dropped == 2, "{policy:?}");
+            // The headroom is bounded too.
+            let mut n = 0;
+            while o.append(&follow_up(10 + n, EventType::ReservationSettled)).is_ok()
+                && o.stats().dropped <= 2
+                && n < 100_000
+            {
+                n += 1;
+            }
+            assert!(n < 100_000, "{policy:?}: the headroom must be bounded");
+            assert!(o.stats().undelivered_bytes <= max + FOLLOW_UP_HEADROOM_MIN.max(max / 8), "{policy:?}");
+        }
     }
 
     #[test]
