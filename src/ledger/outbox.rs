@@ -432,6 +432,9 @@ pub struct Outbox {
     delivered: AtomicU64,
     dropped: AtomicU64,
     parked: AtomicU64,
+    /// The second (Unix) of the last "outbox full" log line, and the refusals since.
+    full_log_s: AtomicU64,
+    full_skipped: AtomicU64,
     appended_signal: tokio::sync::Notify,
     /// Group-commit mode (`stage`): counts staged lines for the group commit.
     stage_counter: Option<Arc<crate::commit::StageCounter>>,
@@ -677,6 +680,8 @@ impl Outbox {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            full_log_s: AtomicU64::new(0),
+            full_skipped: AtomicU64::new(0),
             appended_signal: tokio::sync::Notify::new(),
             opts,
         })
@@ -746,6 +751,7 @@ impl Outbox {
             // Reserve under the staging lock so concurrent appenders cannot overshoot.
             let used = self.undelivered_bytes.load(Ordering::Acquire);
             if used + len > self.limit(headroom) {
+                self.log_full(used);
                 return match self.opts.full_policy {
                     OutboxFullPolicy::Failsafe => {
                         Err(OutboxError::Full { undelivered_bytes: used, max_bytes: self.opts.max_bytes })
@@ -766,6 +772,39 @@ impl Outbox {
         s.waiters += u64::from(waiter);
         s.last_seq += 1;
         Ok(Some(s.last_seq))
+    }
+
+    /// Logs a refused or dropped event of a full outbox, at most once a second (with the count
+    /// since the last line): under sustained traffic every request meets the full outbox.
+    fn log_full(&self, undelivered_bytes: u64) {
+        let now_s = now_ms() / 1000;
+        let last = self.full_log_s.load(Ordering::Relaxed);
+        if now_s <= last || self.full_log_s.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            self.full_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let events = self.full_skipped.swap(0, Ordering::Relaxed) + 1;
+        let max_bytes = self.opts.max_bytes;
+        match self.opts.full_policy {
+            OutboxFullPolicy::Failsafe => tracing::error!(
+                events,
+                undelivered_bytes,
+                max_bytes,
+                "outbox full: the ledger sink is not taking events (see the `ledger delivery failed` warnings) and \
+                 PREAUTH_OUTBOX_MAX_BYTES is reached; new requests take the failsafe path of their mode \
+                 (PREAUTH_OUTBOX_FULL_POLICY=failsafe) until the ledger is back or the bound is raised"
+            ),
+            OutboxFullPolicy::Drop => tracing::error!(
+                events,
+                undelivered_bytes,
+                max_bytes,
+                "outbox full: the ledger sink is not taking events (see the `ledger delivery failed` warnings) and \
+                 PREAUTH_OUTBOX_MAX_BYTES is reached; events are dropped, not recorded anywhere \
+                 (PREAUTH_OUTBOX_FULL_POLICY=drop, counted in preauth_outbox_events_total{{state=\"dropped\"}}) \
+                 until the ledger is back or the bound is raised"
+            ),
+        }
     }
 
     /// Waits until line `seq` is written (leading the write if no one has): its outcome.
@@ -1446,6 +1485,53 @@ pub(crate) mod tests {
             }
             assert!(n < 100_000, "{policy:?}: the headroom must be bounded");
             assert!(o.stats().undelivered_bytes <= max + FOLLOW_UP_HEADROOM_MIN.max(max / 8), "{policy:?}");
+        }
+    }
+
+    /// What `f` logs (text format, all levels) on this thread.
+    pub(crate) fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+        text
+    }
+
+    /// A full outbox under sustained traffic: one line a second (with the count since the last
+    /// one), that names the cause and the way out, for both policies; not one line per event,
+    /// and not silence under `drop`.
+    #[test]
+    fn full_outbox_is_logged_once_a_second_with_what_to_do() {
+        for policy in [OutboxFullPolicy::Failsafe, OutboxFullPolicy::Drop] {
+            let d = TempDir::new("outbox-full-log");
+            let line = serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1;
+            let o = Outbox::open(&d.0, line * 2 + line / 2, policy).unwrap();
+            let text = logs_of(|| {
+                for i in 0..500 {
+                    let _ = o.append(&event(i));
+                }
+            });
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("outbox full")).collect();
+            assert!((1..=2).contains(&lines.len()), "{policy:?}: {text}");
+            assert!(lines[0].contains("PREAUTH_OUTBOX_MAX_BYTES") && lines[0].contains("ledger"), "{}", lines[0]);
+            let what = if policy == OutboxFullPolicy::Drop { "dropped" } else { "failsafe" };
+            assert!(lines[0].contains(what), "{}", lines[0]);
         }
     }
 
