@@ -325,6 +325,8 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
     if let Some(u) = &ledger_url {
         if !["postgres://", "postgresql://", "http://", "https://"].iter().any(|p| u.starts_with(p)) {
             r.error(ENV_LEDGER_URL, "must start with postgres://, postgresql://, http:// or https://");
+        } else if let Err(e) = crate::ledger::sink::check_url(u) {
+            r.error(ENV_LEDGER_URL, e);
         }
     }
     let local_ledger_retention_hours =

@@ -223,3 +223,23 @@ fn upstream_url_errors_do_not_echo_credentials() {
         assert!(!text.contains("s3cr3t-pw"), "the password is printed: {text}");
     }
 }
+
+/// A ledger URL that `run` cannot use is a configuration error found by `check-config` too (and
+/// reported with the others, exit 64), without echoing its credentials.
+#[test]
+fn unusable_ledger_urls_are_config_errors() {
+    for url in [
+        "postgres://postgres:pw5ecret@127.0.0.1:notaport/db",
+        "postgres://postgres:pw5ecret@127.0.0.1/db?sslmode=require",
+        "http://u:pw5ecret@[::1/ingest",
+    ] {
+        let e = parse(&env(&[("PREAUTH_LEDGER_URL", url), ("PREAUTH_OUTBOX_FULL_POLICY", "nope")]), Purpose::Run)
+            .unwrap_err();
+        let vars: Vec<&str> = e.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(vars, ["PREAUTH_LEDGER_URL", "PREAUTH_OUTBOX_FULL_POLICY"], "{url}: {e:?}");
+        assert!(!format!("{e:?}").contains("pw5ecret"), "{e:?}");
+    }
+    for ok in ["postgres://postgres@127.0.0.1:5432/db?sslmode=disable", "https://ledger.example:8443/ingest"] {
+        assert!(parse(&env(&[("PREAUTH_LEDGER_URL", ok)]), Purpose::Run).is_ok(), "{ok}");
+    }
+}

@@ -14,8 +14,9 @@
 //! the crate builds tokio-postgres without its uuid/json/chrono features. `payload` is the event
 //! object of CONTRACT §7 (money stays a six-decimal string inside it).
 //!
-//! TLS: connections are made without TLS (`NoTls`); a URL with `sslmode=require` fails to
-//! connect. Run the ledger on a private network or a local socket proxy.
+//! TLS: connections are made without TLS (`NoTls`); a URL with `sslmode=require` is refused by
+//! the configuration check ([`check_url`]). Run the ledger on a private network or a local
+//! socket proxy.
 //!
 //! Owns: the ledger schema and its SQL. Imports: event, sink, LedgerFilter, tokio-postgres.
 
@@ -121,6 +122,23 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
 
 async fn timed<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, PgError> {
     Ok(tokio::time::timeout(STATEMENT_TIMEOUT, f).await.map_err(|_| PgError::Timeout(STATEMENT_TIMEOUT))??)
+}
+
+/// Whether `url` is a Postgres URL this sink can connect with: it parses, and it does not demand
+/// TLS (`sslmode=require`), which is not supported yet (connections are made with `NoTls`).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let c = parse_url(url).map_err(|e| match e {
+        PgError::Url(_) => {
+            "invalid Postgres URL (expected postgres://user[:password]@host[:port]/database[?options])".to_string()
+        }
+        other => other.to_string(),
+    })?;
+    if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require: TLS to the Postgres ledger is not supported yet; use sslmode=disable \
+                    (or prefer) over a private network or a local TLS proxy"
+            .into());
+    }
+    Ok(())
 }
 
 /// Creates or completes the ledger schema (`preauth-sidecar migrate`). Safe to run again, and

@@ -76,6 +76,20 @@ pub fn is_postgres_url(url: &str) -> bool {
     LedgerTarget::of(url) == Ok(LedgerTarget::Postgres)
 }
 
+/// Whether `url` is a ledger URL the sinks can use (the configuration check, so that
+/// `check-config` and `run` refuse the same URLs, exit 64); the error is a sentence for the
+/// config report and never contains the URL's credentials.
+pub fn check_url(url: &str) -> Result<(), String> {
+    match LedgerTarget::of(url)? {
+        LedgerTarget::Postgres => crate::ledger::postgres::check_url(url),
+        LedgerTarget::Http => match reqwest::Url::parse(url) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+            Ok(_) => Err("the HTTP ledger URL has no host".into()),
+            Err(e) => Err(format!("invalid HTTP ledger URL: {e}")),
+        },
+    }
+}
+
 /// The sink for `url`. Nothing is connected yet (the relay connects, and reconnects, on use), so
 /// this succeeds while the ledger is down; it fails only on a malformed URL.
 pub fn sink_from_url(url: &str, instance_id: &str) -> Result<Arc<dyn Sink>, String> {
