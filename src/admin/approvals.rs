@@ -108,9 +108,12 @@ pub async fn deny(state: &AppState, id: &str, body: &Value) -> Answer {
             state.metrics.approval_queue_backlog.dec();
             let mut e = state.event(EventType::ApprovalDenied, state.policy.current().version);
             e.tenant_id = Some(a.tenant_id.clone().into());
+            e.tenant_tier = Some(a.tenant_tier.clone().into());
             e.request_id = Some(a.request_id.clone().into());
+            e.model = Some(a.model.clone().into());
             e.approval_id = Some(a.approval_id.clone());
             e.request_fingerprint = Some(a.request_fingerprint.clone());
+            e.estimated_cost_usd = Some(a.estimated_cost);
             e.details = Some(json!({"reason": reason}));
             state.emit(&e);
             tracing::warn!(target: "audit", event = "approval_denied", approval_id = %a.approval_id, tenant_id = %a.tenant_id, reason = reason.unwrap_or(""));

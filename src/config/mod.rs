@@ -85,6 +85,22 @@ fn redact_userinfo(url: &str) -> String {
     }
 }
 
+/// `url` for display: `user:password@` replaced by `<redacted>@`, and the value of every query
+/// parameter by `<redacted>` (`?password=…`, `?token=…` carry credentials just as well).
+fn redact_url(url: &str) -> String {
+    let url = redact_userinfo(url);
+    let Some(q) = url.find('?') else { return url };
+    let end = url[q..].find('#').map_or(url.len(), |i| q + i);
+    let query: Vec<String> = url[q + 1..end]
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !v.is_empty() => format!("{k}=<redacted>"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{}?{}{}", &url[..q], query.join("&"), &url[end..])
+}
+
 /// What to do when the outbox is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutboxFullPolicy {
@@ -309,6 +325,8 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
     if let Some(u) = &ledger_url {
         if !["postgres://", "postgresql://", "http://", "https://"].iter().any(|p| u.starts_with(p)) {
             r.error(ENV_LEDGER_URL, "must start with postgres://, postgresql://, http:// or https://");
+        } else if let Err(e) = crate::ledger::sink::check_url(u) {
+            r.error(ENV_LEDGER_URL, e);
         }
     }
     let local_ledger_retention_hours =
@@ -478,12 +496,7 @@ pub fn describe(c: &Config) -> Vec<(String, String)> {
     let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(unset)".into());
     let path = |o: &Option<PathBuf>| o.as_ref().map_or("(built-in)".into(), |p| p.display().to_string());
     let secret = |o: &Option<Secret>| if o.is_some() { "<redacted>" } else { "(unset)" }.to_string();
-    let redact_url = |o: &Option<String>| {
-        o.as_ref().map_or("(unset)".to_string(), |u| match (u.find("://"), u.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}<redacted>{}", &u[..s + 3], &u[at..]),
-            _ => u.clone(),
-        })
-    };
+    let redact_url = |o: &Option<String>| o.as_deref().map_or("(unset)".to_string(), redact_url);
     let mut v: Vec<(&str, String)> = vec![
         (ENV_LISTEN_ADDR, c.listen_addr.to_string()),
         (ENV_ADMIN_ADDR, c.admin_addr.to_string()),

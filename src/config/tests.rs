@@ -129,6 +129,29 @@ fn describe_redacts_secrets() {
     assert!(text.contains("PREAUTH_LEDGER_URL=postgres://<redacted>@db/ledger"));
 }
 
+#[test]
+fn describe_redacts_credentials_in_url_query_strings() {
+    for (url, shown) in [
+        (
+            "postgres://db/ledger?user=preauth&password=pw5ecret&sslmode=disable",
+            "postgres://db/ledger?user=<redacted>&password=<redacted>&sslmode=<redacted>",
+        ),
+        ("https://ledger.example/ingest?token=qtok123", "https://ledger.example/ingest?token=<redacted>"),
+        (
+            "https://u:p@ledger.example/ingest?key=k#frag",
+            "https://<redacted>@ledger.example/ingest?key=<redacted>#frag",
+        ),
+    ] {
+        let c = parse(&env(&[("PREAUTH_LEDGER_URL", url)]), Purpose::Run).unwrap();
+        let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        assert!(!text.contains("pw5ecret") && !text.contains("qtok123") && !text.contains("key=k"), "{text}");
+        assert!(text.contains(&format!("PREAUTH_LEDGER_URL={shown}\n")), "{text}");
+    }
+    let c = parse(&env(&[("PREAUTH_REDIS_URL", "redis://db:6379/0?password=rpw")]), Purpose::Run).unwrap();
+    let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    assert!(!text.contains("rpw"), "{text}");
+}
+
 /// Writes `text` to a fresh file under the system temp directory; its path lives for the test.
 fn file(name: &str, text: &str) -> &'static str {
     let dir = std::env::temp_dir().join(format!("preauth-config-{}-{name}", std::process::id()));
@@ -198,5 +221,25 @@ fn upstream_url_errors_do_not_echo_credentials() {
         let text = format!("{errors:?}");
         assert!(text.contains("PREAUTH_UPSTREAM_URL"), "{text}");
         assert!(!text.contains("s3cr3t-pw"), "the password is printed: {text}");
+    }
+}
+
+/// A ledger URL that `run` cannot use is a configuration error found by `check-config` too (and
+/// reported with the others, exit 64), without echoing its credentials.
+#[test]
+fn unusable_ledger_urls_are_config_errors() {
+    for url in [
+        "postgres://postgres:pw5ecret@127.0.0.1:notaport/db",
+        "postgres://postgres:pw5ecret@127.0.0.1/db?sslmode=require",
+        "http://u:pw5ecret@[::1/ingest",
+    ] {
+        let e = parse(&env(&[("PREAUTH_LEDGER_URL", url), ("PREAUTH_OUTBOX_FULL_POLICY", "nope")]), Purpose::Run)
+            .unwrap_err();
+        let vars: Vec<&str> = e.iter().map(|e| e.var.as_str()).collect();
+        assert_eq!(vars, ["PREAUTH_LEDGER_URL", "PREAUTH_OUTBOX_FULL_POLICY"], "{url}: {e:?}");
+        assert!(!format!("{e:?}").contains("pw5ecret"), "{e:?}");
+    }
+    for ok in ["postgres://postgres@127.0.0.1:5432/db?sslmode=disable", "https://ledger.example:8443/ingest"] {
+        assert!(parse(&env(&[("PREAUTH_LEDGER_URL", ok)]), Purpose::Run).is_ok(), "{ok}");
     }
 }

@@ -4,9 +4,11 @@
 //! "type":"dev.preauth.<event_type>","time":<occurred_at>,"datacontenttype":"application/json",
 //! "data":<the CONTRACT §7 event object>}`.
 //!
-//! Outcome: 2xx acknowledges the batch. 408, 429, 5xx, connection errors and timeouts are
-//! retryable (the relay backs off). Any other status (other 4xx, and 3xx: redirects are not
-//! followed, configure the final URL) rejects the batch: it is parked, never looped on.
+//! Outcome: 2xx acknowledges the batch. 400, 409, 413 and 422 (the receiver refuses this
+//! batch's content) reject it: it is parked, never looped on. Every other status (5xx, 408, 429,
+//! and the configuration failures 3xx — redirects are not followed, configure the final URL —,
+//! 401, 403, 404, …), connection errors and timeouts are retryable: the relay backs off and the
+//! events wait in the outbox until the receiver is fixed.
 //! Receivers deduplicate by `id` (delivery is at-least-once).
 //!
 //! Owns: the CloudEvents mapping. Imports: event, sink, reqwest.
@@ -17,7 +19,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::ledger::event::Event;
-use crate::ledger::sink::{Sink, SinkError};
+use crate::ledger::sink::{error_chain, Sink, SinkError};
 
 pub const CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,18 +80,32 @@ impl HttpSink {
         Ok(HttpSink { client, url, source: format!("preauth-sidecar/{instance_id}") })
     }
 
-    /// Host and path only (credentials in the URL are never logged).
+    /// Scheme, host, port and path only (credentials and the query string are never logged).
     pub fn endpoint(&self) -> String {
-        format!("{}://{}{}", self.url.scheme(), self.url.host_str().unwrap_or(""), self.url.path())
+        let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{}://{}{port}{}", self.url.scheme(), self.url.host_str().unwrap_or(""), self.url.path())
     }
 }
 
-/// How a response status is treated.
+/// How a response status is treated: `None` acknowledged, `Some(true)` retryable, `Some(false)`
+/// rejected for good. Only statuses that refuse the batch's content (400, 409, 413, 422) reject:
+/// every other one (5xx, 408, 429, but also 3xx, 401, 403, 404, 405, 415 …) says the receiver or
+/// its configuration is not ready, which is fixed on that side, so the events wait in the outbox.
 pub fn classify_status(status: u16) -> Option<bool> {
     match status {
         200..=299 => None,
-        408 | 429 | 500..=599 => Some(true),
-        _ => Some(false),
+        400 | 409 | 413 | 422 => Some(false),
+        _ => Some(true),
+    }
+}
+
+/// What the operator can do about a retried status that will not pass by itself.
+fn status_hint(status: u16) -> &'static str {
+    match status {
+        300..=399 => " (redirects are not followed: set PREAUTH_LEDGER_URL to the final URL)",
+        401 | 403 => " (the receiver refuses the credentials: check those in PREAUTH_LEDGER_URL)",
+        404 | 405 | 410 | 415 => " (the receiver has no CloudEvents batch endpoint here: check PREAUTH_LEDGER_URL)",
+        _ => "",
     }
 }
 
@@ -107,14 +123,14 @@ impl Sink for HttpSink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SinkError::Retryable(format!("{}: {}", self.endpoint(), e.without_url())))?;
+            .map_err(|e| SinkError::Retryable(format!("{}: {}", self.endpoint(), error_chain(&e.without_url()))))?;
         let status = resp.status().as_u16();
         match classify_status(status) {
             None => Ok(()),
             Some(retryable) => {
                 let text = resp.text().await.unwrap_or_default();
                 let snippet: String = text.chars().take(300).collect();
-                let msg = format!("{} answered {status}: {snippet}", self.endpoint());
+                let msg = format!("{} answered {status}{}: {snippet}", self.endpoint(), status_hint(status));
                 Err(if retryable { SinkError::Retryable(msg) } else { SinkError::Rejected(msg) })
             }
         }
@@ -145,6 +161,9 @@ mod tests {
         assert_eq!(classify_status(503), Some(true));
         assert_eq!(classify_status(408), Some(true));
         assert_eq!(classify_status(400), Some(false));
-        assert_eq!(classify_status(301), Some(false));
+        assert_eq!(classify_status(422), Some(false));
+        assert_eq!(classify_status(401), Some(true));
+        assert_eq!(classify_status(404), Some(true));
+        assert_eq!(classify_status(301), Some(true));
     }
 }

@@ -36,7 +36,11 @@
 //! # Bound (`PREAUTH_OUTBOX_MAX_BYTES`, `PREAUTH_OUTBOX_FULL_POLICY`)
 //! With a relay (a ledger URL is set) the bytes not yet delivered are bounded by `max_bytes`:
 //! past it `failsafe` makes `append` return [`OutboxError::Full`] (the proxy takes the failsafe
-//! path of its mode) and `drop` drops the event (counted as `dropped`). Without a relay nothing is
+//! path of its mode) and `drop` drops the event (counted as `dropped`). That bound applies to
+//! what starts a request (decisions, approval requests); the events that complete an admitted
+//! request (settlements, releases, approval consumptions) and operator events may use a further
+//! headroom of max(`max_bytes` / 8, 64 KiB), so that a request forwarded before the outbox filled
+//! does not lose its settlement ([`takes_headroom`]). Without a relay nothing is
 //! "undelivered": the local ledger is bounded instead by deleting its oldest segments once the
 //! directory exceeds `max_bytes` (and, always, segments older than the retention).
 //!
@@ -66,7 +70,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, OutboxFullPolicy};
 use crate::decide::time::parse_rfc3339;
-use crate::ledger::event::Event;
+use crate::ledger::event::{Event, EventType};
 
 /// Segments roll past this size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -74,6 +78,8 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// How often [`OutboxSyncer`] applies retention.
 pub const MAINTAIN_INTERVAL: Duration = Duration::from_secs(10);
+/// Smallest headroom above `max_bytes` for follow-up events (see [`takes_headroom`]).
+pub const FOLLOW_UP_HEADROOM_MIN: u64 = 64 * 1024;
 /// Sub-directory for rejected batches and unreadable lines.
 pub const PARKED_DIR: &str = "parked";
 
@@ -119,6 +125,16 @@ pub fn mtime_ms(meta: &fs::Metadata) -> u64 {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether an event of type `t` may use the headroom above `max_bytes`: everything except what a
+/// new request starts with (its decision, its approval request). Settlements, releases and
+/// approval consumptions complete a request admitted before the outbox filled (their number is
+/// bounded by the reservations already held, since a full outbox admits nothing new under
+/// `failsafe`), and approval grants/denials and runtime changes are operator actions: losing
+/// them would leave a forwarded, charged request without its settlement in the ledger.
+pub fn takes_headroom(t: EventType) -> bool {
+    !matches!(t, EventType::Decision | EventType::ApprovalRequested)
 }
 
 /// A place in the outbox: the byte right after an event's line (so acknowledging a position
@@ -416,6 +432,9 @@ pub struct Outbox {
     delivered: AtomicU64,
     dropped: AtomicU64,
     parked: AtomicU64,
+    /// The second (Unix) of the last "outbox full" log line, and the refusals since.
+    full_log_s: AtomicU64,
+    full_skipped: AtomicU64,
     appended_signal: tokio::sync::Notify,
     /// Group-commit mode (`stage`): counts staged lines for the group commit.
     stage_counter: Option<Arc<crate::commit::StageCounter>>,
@@ -661,6 +680,8 @@ impl Outbox {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            full_log_s: AtomicU64::new(0),
+            full_skipped: AtomicU64::new(0),
             appended_signal: tokio::sync::Notify::new(),
             opts,
         })
@@ -680,7 +701,7 @@ impl Outbox {
     /// returns `Ok` (counted as `dropped`).
     pub fn append(&self, event: &Event) -> Result<(), OutboxError> {
         with_line(event, |line| {
-            let Some(seq) = self.stage_line(line, true)? else { return Ok(()) };
+            let Some(seq) = self.stage_line(line, true, takes_headroom(event.event_type))? else { return Ok(()) };
             self.wait_written(seq)
         })
     }
@@ -689,14 +710,14 @@ impl Outbox {
     /// makes (`flush_staged`) before anything that depends on the event is acknowledged. `Err`:
     /// the outbox is full under the `failsafe` policy (nothing staged).
     pub fn stage(&self, event: &Event) -> Result<(), OutboxError> {
-        self.stage_written(|line| event.write_json(line))
+        self.stage_written(event.event_type, |line| event.write_json(line))
     }
 
-    /// [`Outbox::stage`] of the event `write` writes as JSON (no newline): for callers that
-    /// write an event from parts ([`crate::ledger::event::Template`]).
-    pub fn stage_written(&self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), OutboxError> {
+    /// [`Outbox::stage`] of the event of type `event_type` that `write` writes as JSON (no
+    /// newline): for callers that write an event from parts ([`crate::ledger::event::Template`]).
+    pub fn stage_written(&self, event_type: EventType, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), OutboxError> {
         with_written(write, |line| {
-            if self.stage_line(line, false)?.is_some() {
+            if self.stage_line(line, false, takes_headroom(event_type))?.is_some() {
                 if let Some(c) = &self.stage_counter {
                     c.staged();
                 }
@@ -710,14 +731,27 @@ impl Outbox {
         self.stage_counter = Some(counter);
     }
 
-    /// Puts `line` in the staging buffer; `Ok(None)`: dropped (full, `drop` policy).
-    fn stage_line(&self, line: &[u8], waiter: bool) -> Result<Option<u64>, OutboxError> {
+    /// The most undelivered bytes an event may bring the outbox to: `max_bytes`, plus the
+    /// follow-up headroom (max(`max_bytes` / 8, [`FOLLOW_UP_HEADROOM_MIN`])) for `headroom` events.
+    fn limit(&self, headroom: bool) -> u64 {
+        let max = self.opts.max_bytes;
+        if headroom {
+            max.saturating_add((max / 8).max(FOLLOW_UP_HEADROOM_MIN))
+        } else {
+            max
+        }
+    }
+
+    /// Puts `line` in the staging buffer; `Ok(None)`: dropped (full, `drop` policy). `headroom`:
+    /// the event may go past `max_bytes` into the follow-up headroom ([`takes_headroom`]).
+    fn stage_line(&self, line: &[u8], waiter: bool, headroom: bool) -> Result<Option<u64>, OutboxError> {
         let len = line.len() as u64;
         let mut s = self.staging.lock();
         if self.opts.relay {
             // Reserve under the staging lock so concurrent appenders cannot overshoot.
             let used = self.undelivered_bytes.load(Ordering::Acquire);
-            if used + len > self.opts.max_bytes {
+            if used + len > self.limit(headroom) {
+                self.log_full(used);
                 return match self.opts.full_policy {
                     OutboxFullPolicy::Failsafe => {
                         Err(OutboxError::Full { undelivered_bytes: used, max_bytes: self.opts.max_bytes })
@@ -738,6 +772,39 @@ impl Outbox {
         s.waiters += u64::from(waiter);
         s.last_seq += 1;
         Ok(Some(s.last_seq))
+    }
+
+    /// Logs a refused or dropped event of a full outbox, at most once a second (with the count
+    /// since the last line): under sustained traffic every request meets the full outbox.
+    fn log_full(&self, undelivered_bytes: u64) {
+        let now_s = now_ms() / 1000;
+        let last = self.full_log_s.load(Ordering::Relaxed);
+        if now_s <= last || self.full_log_s.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            self.full_skipped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let events = self.full_skipped.swap(0, Ordering::Relaxed) + 1;
+        let max_bytes = self.opts.max_bytes;
+        match self.opts.full_policy {
+            OutboxFullPolicy::Failsafe => tracing::error!(
+                events,
+                undelivered_bytes,
+                max_bytes,
+                "outbox full: the ledger sink is not taking events (see the `ledger delivery failed` warnings) and \
+                 PREAUTH_OUTBOX_MAX_BYTES is reached; new requests take the failsafe path of their mode \
+                 (PREAUTH_OUTBOX_FULL_POLICY=failsafe) until the ledger is back or the bound is raised"
+            ),
+            OutboxFullPolicy::Drop => tracing::error!(
+                events,
+                undelivered_bytes,
+                max_bytes,
+                "outbox full: the ledger sink is not taking events (see the `ledger delivery failed` warnings) and \
+                 PREAUTH_OUTBOX_MAX_BYTES is reached; events are dropped, not recorded anywhere \
+                 (PREAUTH_OUTBOX_FULL_POLICY=drop, counted in preauth_outbox_events_total{{state=\"dropped\"}}) \
+                 until the ledger is back or the bound is raised"
+            ),
+        }
     }
 
     /// Waits until line `seq` is written (leading the write if no one has): its outcome.
@@ -1366,6 +1433,106 @@ pub(crate) mod tests {
         o.append(&event(5)).unwrap();
         assert!(matches!(o.append(&event(6)), Err(OutboxError::Full { .. })));
         assert_eq!(o.stats().dropped, 0);
+    }
+
+    /// A full outbox refuses new decisions, but the settlement or release of a request admitted
+    /// before it filled (and operator events) still goes in, within a bounded headroom: losing
+    /// them would leave a forwarded, charged request without its settlement in the ledger.
+    #[test]
+    fn full_outbox_still_takes_follow_up_events_within_the_headroom() {
+        use crate::commit::{StageCounter, Staged};
+        for policy in [OutboxFullPolicy::Failsafe, OutboxFullPolicy::Drop] {
+            let d = TempDir::new("outbox-headroom");
+            let line = serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1;
+            let max = line * 3 + line / 2;
+            let mut o = Outbox::open(&d.0, max, policy).unwrap();
+            o.group_commit(Arc::new(StageCounter::default()));
+            for i in 0..3 {
+                o.append(&event(i)).unwrap();
+            }
+            let decision = o.append(&event(3));
+            assert!(matches!(
+                (policy, &decision),
+                (OutboxFullPolicy::Drop, Ok(())) | (_, Err(OutboxError::Full { .. }))
+            ));
+            let follow_up = |i: u64, t: EventType| {
+                let mut e = event(i);
+                e.event_type = t;
+                e.decision = None;
+                e
+            };
+            o.append(&follow_up(0, EventType::ReservationSettled)).unwrap();
+            o.stage(&follow_up(1, EventType::ReservationReleased)).unwrap();
+            o.flush_staged().unwrap();
+            o.append(&follow_up(2, EventType::RuntimeChanged)).unwrap();
+            let s = o.stats();
+            assert_eq!(
+                (s.appended, s.depth, s.dropped),
+                (6, 6, u64::from(policy == OutboxFullPolicy::Drop)),
+                "{policy:?}"
+            );
+            // Still no room for a new decision or approval request.
+            let mut r = follow_up(9, EventType::ApprovalRequested);
+            r.approval_id = Some("a-1".into());
+            assert!(o.append(&r).is_err() || o.stats().dropped == 2, "{policy:?}");
+            // The headroom is bounded too.
+            let mut n = 0;
+            while o.append(&follow_up(10 + n, EventType::ReservationSettled)).is_ok()
+                && o.stats().dropped <= 2
+                && n < 100_000
+            {
+                n += 1;
+            }
+            assert!(n < 100_000, "{policy:?}: the headroom must be bounded");
+            assert!(o.stats().undelivered_bytes <= max + FOLLOW_UP_HEADROOM_MIN.max(max / 8), "{policy:?}");
+        }
+    }
+
+    /// What `f` logs (text format, all levels) on this thread.
+    pub(crate) fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+        text
+    }
+
+    /// A full outbox under sustained traffic: one line a second (with the count since the last
+    /// one), that names the cause and the way out, for both policies; not one line per event,
+    /// and not silence under `drop`.
+    #[test]
+    fn full_outbox_is_logged_once_a_second_with_what_to_do() {
+        for policy in [OutboxFullPolicy::Failsafe, OutboxFullPolicy::Drop] {
+            let d = TempDir::new("outbox-full-log");
+            let line = serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1;
+            let o = Outbox::open(&d.0, line * 2 + line / 2, policy).unwrap();
+            let text = logs_of(|| {
+                for i in 0..500 {
+                    let _ = o.append(&event(i));
+                }
+            });
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("outbox full")).collect();
+            assert!((1..=2).contains(&lines.len()), "{policy:?}: {text}");
+            assert!(lines[0].contains("PREAUTH_OUTBOX_MAX_BYTES") && lines[0].contains("ledger"), "{}", lines[0]);
+            let what = if policy == OutboxFullPolicy::Drop { "dropped" } else { "failsafe" };
+            assert!(lines[0].contains(what), "{}", lines[0]);
+        }
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! the crate builds tokio-postgres without its uuid/json/chrono features. `payload` is the event
 //! object of CONTRACT §7 (money stays a six-decimal string inside it).
 //!
-//! TLS: connections are made without TLS (`NoTls`); a URL with `sslmode=require` fails to
-//! connect. Run the ledger on a private network or a local socket proxy.
+//! TLS: connections are made without TLS (`NoTls`); a URL with `sslmode=require` is refused by
+//! the configuration check ([`check_url`]). Run the ledger on a private network or a local
+//! socket proxy.
 //!
 //! Owns: the ledger schema and its SQL. Imports: event, sink, LedgerFilter, tokio-postgres.
 
@@ -88,7 +89,7 @@ const INSERT: &str = "INSERT INTO enforcement_ledger \
 pub enum PgError {
     #[error("invalid PREAUTH_LEDGER_URL: {0}")]
     Url(String),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", crate::ledger::sink::error_chain(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("postgres: timed out after {0:?}")]
     Timeout(Duration),
@@ -121,6 +122,23 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
 
 async fn timed<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, PgError> {
     Ok(tokio::time::timeout(STATEMENT_TIMEOUT, f).await.map_err(|_| PgError::Timeout(STATEMENT_TIMEOUT))??)
+}
+
+/// Whether `url` is a Postgres URL this sink can connect with: it parses, and it does not demand
+/// TLS (`sslmode=require`), which is not supported yet (connections are made with `NoTls`).
+pub fn check_url(url: &str) -> Result<(), String> {
+    let c = parse_url(url).map_err(|e| match e {
+        PgError::Url(_) => {
+            "invalid Postgres URL (expected postgres://user[:password]@host[:port]/database[?options])".to_string()
+        }
+        other => other.to_string(),
+    })?;
+    if c.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require: TLS to the Postgres ledger is not supported yet; use sslmode=disable \
+                    (or prefer) over a private network or a local TLS proxy"
+            .into());
+    }
+    Ok(())
 }
 
 /// Creates or completes the ledger schema (`preauth-sidecar migrate`). Safe to run again, and
@@ -283,6 +301,12 @@ fn classify(e: PgError) -> SinkError {
             Some(d) if d.code().code().starts_with("22") || d.code().code().starts_with("23") => {
                 SinkError::Rejected(format!("{}: {}", d.code().code(), d.message()))
             }
+            // 42P01 undefined_table: the schema was never created at this URL.
+            Some(d) if d.code().code() == "42P01" => SinkError::Retryable(format!(
+                "{}: {}; create the schema with `preauth-sidecar migrate` (same PREAUTH_LEDGER_URL), events wait in the outbox until then",
+                d.code().code(),
+                d.message()
+            )),
             Some(d) => SinkError::Retryable(format!("{}: {}", d.code().code(), d.message())),
             None => SinkError::Retryable(e.to_string()),
         },

@@ -16,11 +16,11 @@ use crate::ledger::event::Event;
 /// Why a batch was not delivered.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SinkError {
-    /// Transient (connection refused, timeout, 5xx, 408, 429, database unavailable): retried with
-    /// backoff until it succeeds.
+    /// Transient or fixed on the receiver's side (connection refused, timeout, 5xx, 408, 429,
+    /// 401/403/404, database unavailable): retried with backoff until it succeeds.
     #[error("retryable: {0}")]
     Retryable(String),
-    /// The receiver refuses this batch for good (4xx, invalid data): the relay parks the batch in
+    /// The receiver refuses this batch for good (400, 409, 413, 422, invalid data): the relay parks the batch in
     /// `outbox/parked/`, logs an error and moves on instead of looping.
     #[error("rejected: {0}")]
     Rejected(String),
@@ -30,6 +30,26 @@ pub enum SinkError {
 #[async_trait]
 pub trait Sink: Send + Sync {
     async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError>;
+}
+
+/// `e` and each of its causes, `: `-separated ("error sending request: client error (Connect):
+/// tcp connect error: Connection refused (os error 111)"): the top-level message of an HTTP or
+/// Postgres client error alone does not tell the operator what went wrong. Causes that repeat
+/// the previous message are skipped.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let m = c.to_string();
+        if !m.is_empty() && !last.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        last = m;
+        cause = c.source();
+    }
+    out
 }
 
 /// What `PREAUTH_LEDGER_URL` points at.
@@ -54,6 +74,20 @@ impl LedgerTarget {
 /// `true` for `postgres://` and `postgresql://` URLs.
 pub fn is_postgres_url(url: &str) -> bool {
     LedgerTarget::of(url) == Ok(LedgerTarget::Postgres)
+}
+
+/// Whether `url` is a ledger URL the sinks can use (the configuration check, so that
+/// `check-config` and `run` refuse the same URLs, exit 64); the error is a sentence for the
+/// config report and never contains the URL's credentials.
+pub fn check_url(url: &str) -> Result<(), String> {
+    match LedgerTarget::of(url)? {
+        LedgerTarget::Postgres => crate::ledger::postgres::check_url(url),
+        LedgerTarget::Http => match reqwest::Url::parse(url) {
+            Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(()),
+            Ok(_) => Err("the HTTP ledger URL has no host".into()),
+            Err(e) => Err(format!("invalid HTTP ledger URL: {e}")),
+        },
+    }
 }
 
 /// The sink for `url`. Nothing is connected yet (the relay connects, and reconnects, on use), so

@@ -423,3 +423,48 @@ async fn relay_resumes_from_the_cursor_after_a_restart() {
     assert_eq!(ids.len(), 800);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 800);
 }
+
+/// What an operator reads in the relay's warning: the cause (not just "error sending request"),
+/// the endpoint with its port (credentials and query left out), and for a database without the
+/// schema, the command that creates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_errors_name_their_cause_and_what_to_do() {
+    let port = closed_port();
+    let http = HttpSink::new(&format!("http://user:pw@127.0.0.1:{port}/ingest?token=qtok"), "i-test").unwrap();
+    let msg = http.deliver(&[event(1)]).await.unwrap_err().to_string();
+    assert!(msg.to_ascii_lowercase().contains("connection refused"), "{msg}");
+    assert!(msg.contains(&format!("http://127.0.0.1:{port}/ingest")), "{msg}");
+    assert!(!msg.contains("pw") && !msg.contains("qtok"), "{msg}");
+
+    let pg = PostgresSink::new(&format!("postgres://postgres:pgpw@127.0.0.1:{port}/x")).unwrap();
+    let msg = pg.deliver(&[event(1)]).await.unwrap_err().to_string();
+    assert!(msg.to_ascii_lowercase().contains("connection refused"), "{msg}");
+    assert!(!msg.contains("pgpw"), "{msg}");
+
+    let db = TestDb::new().await;
+    let err = PostgresSink::new(&db.url).unwrap().deliver(&[event(1)]).await.unwrap_err();
+    assert!(matches!(err, super::sink::SinkError::Retryable(_)), "{err:?}");
+    assert!(err.to_string().contains("preauth-sidecar migrate"), "{err}");
+}
+
+/// A receiver that refuses every request (bad credentials, wrong path) is a configuration
+/// problem, not a bad batch: the relay keeps the events and retries until it is fixed, instead of
+/// parking the whole stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sink_retries_auth_and_routing_failures_instead_of_parking() {
+    for status in [401, 403, 404, 301] {
+        let (recv, url) = Receiver::start(3, status, 200).await;
+        let dir = TempDir::new("relay-http-auth");
+        let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
+        for i in 0..750 {
+            outbox.append(&event(i)).unwrap();
+        }
+        let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
+        let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+        let o = outbox.clone();
+        assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await, "{status}");
+        let s = outbox.stats();
+        assert_eq!((s.parked, s.delivered, s.depth), (0, 750, 0), "{status}");
+        assert_eq!(recv.accepted_ids().into_iter().collect::<HashSet<_>>().len(), 750, "{status}");
+    }
+}

@@ -352,3 +352,34 @@ async fn failed_upstream_answer_of_an_approved_request_is_not_retried_by_sdks() 
     assert!(r.headers().get("x-should-retry").is_none(), "no token: the gateway's answer as sent");
     s.stop().await;
 }
+
+/// Every approval step's ledger event carries what the approval is about (tier, model, estimated
+/// cost), the denial as much as the request and the grant: a ledger reader filtering by tier or
+/// model must see the denials too.
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_events_all_carry_tier_model_and_cost() {
+    let s = start(&env(KEY_NEW, "")).await;
+    let body = expensive();
+    for (tenant, action, event_type) in
+        [("ev-granted", "approve", "approval_granted"), ("ev-denied", "deny", "approval_denied")]
+    {
+        let v = assert_error(send(&s, tenant, &body, None).await, 403, "approval_required").await;
+        let id = v["error"]["details"]["approval_id"].as_str().unwrap().to_string();
+        let r = client()
+            .post(s.admin_url(&format!("/api/v1/enforcement/approvals/{id}/{action}")))
+            .bearer_auth(ADMIN_KEY)
+            .json(&json!({"reason": "test"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let items = s.admin_get(&format!("/api/v1/enforcement/ledger?tenant_id={tenant}")).await["items"].clone();
+        let of = |t: &str| items.as_array().unwrap().iter().find(|e| e["event_type"] == t).cloned().unwrap_or_default();
+        let (requested, step) = (of("approval_requested"), of(event_type));
+        for k in ["tenant_tier", "model", "estimated_cost_usd", "request_id", "request_fingerprint", "approval_id"] {
+            assert!(!requested[k].is_null(), "{k}: {requested}");
+            assert_eq!(step[k], requested[k], "{action} {k}: {step}");
+        }
+    }
+    s.stop().await;
+}

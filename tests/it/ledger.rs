@@ -409,3 +409,44 @@ async fn refused_decision_events_carry_the_fingerprint_and_no_hold() {
     assert_eq!(e["reserved_usd"], "0.000000", "{e}");
     s.stop().await;
 }
+
+/// The outbox fills while the ledger is down (failsafe policy): new requests are refused
+/// (503, hard mode), but a request forwarded before it filled still gets its settlement recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_outbox_still_records_the_settlement_of_a_request_in_flight() {
+    let ledger = format!("http://127.0.0.1:{}/ingest", free_port());
+    let s = Arc::new(
+        start(&[
+            ("PREAUTH_LEDGER_URL", ledger.as_str()),
+            ("PREAUTH_OUTBOX_MAX_BYTES", "1048576"),
+            ("LLM_GLOBAL_ABUSE_GUARDS_ENABLED", "false"),
+        ])
+        .await,
+    );
+    let body = chat("gpt-4o-mini");
+    let slow = {
+        let (s, body) = (s.clone(), body.clone());
+        tokio::spawn(async move {
+            post_with(&s, "/v1/chat/completions", "inflight-t", "pro", &body, &[("x-mock-delay-ms", "3000")]).await
+        })
+    };
+    let t0 = Instant::now();
+    while s.upstream.requests().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut refused = false;
+    for i in 0..4000 {
+        let r = post(&s, "/v1/chat/completions", &format!("fill-{}", i % 64), "pro", &body).await;
+        if r.status() == 503 {
+            assert_error(r, 503, "enforcement_unavailable").await;
+            refused = true;
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    assert!(refused, "the outbox never filled");
+    assert_eq!(slow.await.unwrap().status(), 200);
+    let v = s.admin_get("/api/v1/enforcement/ledger?event_type=reservation_settled&tenant_id=inflight-t").await;
+    assert_eq!(v["items"].as_array().map(Vec::len), Some(1), "{v}");
+    Arc::try_unwrap(s).ok().expect("one owner").stop().await;
+}
