@@ -38,7 +38,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::FailToProxy;
-use serde_json::{json, Map};
+use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::config::Identity;
@@ -356,6 +356,14 @@ impl PreauthProxy {
         if !recorded {
             self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "outbox_unavailable"]).inc();
             decision = decide::failsafe(mode);
+        }
+        if decision.verdict == Verdict::RequireApproval {
+            // Every key an `approval_required` answer promises; `null` where no approval could be
+            // queued (approvals store or outbox unusable: the soft failsafe path).
+            let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body));
+            extra.entry("request_fingerprint").or_insert_with(|| json!(fp));
+            extra.entry("approval_id").or_insert(Value::Null);
+            extra.entry("expires_at").or_insert(Value::Null);
         }
 
         let ticket = self.settle_admission(decision.is_allow(), ticket).await;

@@ -450,3 +450,37 @@ async fn a_full_outbox_still_records_the_settlement_of_a_request_in_flight() {
     assert_eq!(v["items"].as_array().map(Vec::len), Some(1), "{v}");
     Arc::try_unwrap(s).ok().expect("one owner").stop().await;
 }
+
+/// Soft mode with the outbox full: the request cannot be recorded, so it takes the soft failsafe
+/// path (403 `approval_required`, `soft_mode_fail_safe_escalation`); its details still carry every
+/// key the contract names for that code — the body's fingerprint and cost, and `null` for the
+/// approval that could not be queued.
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_failsafe_on_a_full_outbox_names_every_approval_detail() {
+    let ledger = format!("http://127.0.0.1:{}/ingest", free_port());
+    let s = start(&[
+        ("PREAUTH_LEDGER_URL", ledger.as_str()),
+        ("PREAUTH_OUTBOX_MAX_BYTES", "1048576"),
+        ("PREAUTH_ENFORCEMENT_MODE", "soft"),
+        ("LLM_GLOBAL_ABUSE_GUARDS_ENABLED", "false"),
+    ])
+    .await;
+    let body = chat("gpt-4o-mini");
+    let mut details = None;
+    for i in 0..4000 {
+        let r = post(&s, "/v1/chat/completions", &format!("fill-{}", i % 64), "pro", &body).await;
+        if r.status() == 403 {
+            details = Some(assert_error(r, 403, "approval_required").await["error"]["details"].clone());
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let d = details.expect("the outbox never filled");
+    assert_eq!(d["reason"], "soft_mode_fail_safe_escalation", "{d}");
+    assert_eq!(d["request_fingerprint"].as_str().map(str::len), Some(64), "{d}");
+    assert!(d["estimated_cost_usd"].is_string(), "{d}");
+    for k in ["approval_id", "expires_at"] {
+        assert!(d.as_object().unwrap().contains_key(k), "{k} missing: {d}");
+    }
+    s.stop().await;
+}
