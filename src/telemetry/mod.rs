@@ -177,7 +177,7 @@ impl Metrics {
             outbox_events: counter(
                 &r,
                 "preauth_outbox_events_total",
-                "Outbox events by state (appended|delivered|dropped).",
+                "Outbox events by state (appended|delivered|dropped; parked: refused by the ledger, set aside in the outbox parked/ directory).",
                 &["state"],
             ),
             outbox_depth: gauge(&r, "preauth_outbox_depth", "Events in the outbox not yet delivered."),
