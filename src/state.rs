@@ -102,8 +102,6 @@ pub struct AppState {
     tiers_seen: TiersSeen,
     /// Requests in flight and open client connections, for draining on `SIGTERM`.
     pub drain: Arc<crate::drain::Drain>,
-    /// Concurrency leases of gate-API holds, released when the caller settles (or by TTL).
-    gate_leases: parking_lot::Mutex<std::collections::HashMap<String, crate::store::Ticket>>,
     /// False while starting and once shutdown began (`/readyz` answers 503).
     ready: AtomicBool,
     /// Set while the state store is failing (`/readyz` answers 503).
@@ -171,7 +169,6 @@ impl AppState {
             metrics,
             tiers_seen: TiersSeen::default(),
             drain: Arc::default(),
-            gate_leases: parking_lot::Mutex::new(std::collections::HashMap::new()),
             clock,
             pricing: parking_lot::RwLock::new(pricing),
             ready: AtomicBool::new(false),
@@ -249,23 +246,24 @@ impl AppState {
         self.group.commit_now(since).is_ok()
     }
 
-    /// Keeps a gate-API hold's lease until the caller settles it.
-    pub fn hold_gate_lease(&self, reservation_id: &str, ticket: crate::store::Ticket) {
-        let mut m = self.gate_leases.lock();
-        if m.len() >= MAX_TIERS_SEEN {
-            // Unbounded callers that never settle: forget the oldest bookkeeping; leases expire by TTL.
-            m.clear();
+    /// Keeps a gate-API hold's lease until the hold ends, parked in the counters store so that
+    /// whichever replica ends it (the caller's settle, the sweep, an operator) gives it back.
+    pub async fn hold_gate_lease(&self, reservation_id: &str, ticket: crate::store::Ticket) {
+        if !ticket.has_lease() {
+            return;
         }
-        m.insert(reservation_id.to_string(), ticket);
+        let ttl_ms = self.policy.current().fair_use.lease_ttl_seconds.saturating_mul(1000).saturating_add(60_000);
+        if let Err(e) = self.counters.park_lease(reservation_id, &ticket, ttl_ms).await {
+            self.metrics.store_errors.with_label_values(&["park_lease"]).inc();
+            tracing::warn!(error = %e, reservation_id, "gate hold's lease not parked; it expires by its TTL");
+        }
     }
 
-    /// Gives back the concurrency lease of a gate-API hold that was settled or released (by
-    /// its caller, the sweep or an operator); nothing when this replica holds none for it.
-    pub async fn release_gate_lease(&self, reservation_id: &str) {
-        let Some(ticket) = self.gate_leases.lock().remove(reservation_id) else {
-            return;
-        };
-        if let Err(e) = self.counters.release_lease(&ticket).await {
+    /// Gives back the concurrency lease of a gate-API hold of `tenant` that was settled or
+    /// released (by its caller, the sweep or an operator, on any replica); nothing when none is
+    /// parked for it.
+    pub async fn release_gate_lease(&self, tenant: &str, reservation_id: &str) {
+        if let Err(e) = self.counters.release_parked_lease(tenant, reservation_id).await {
             self.metrics.store_errors.with_label_values(&["release_lease"]).inc();
             tracing::warn!(error = %e, reservation_id, "gate hold's lease not released; it expires by its TTL");
         }

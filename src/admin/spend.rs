@@ -156,7 +156,7 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
     state.group.flush(); // written before the operator hears of it
     match settled {
         Ok(SettleOutcome::Settled(s)) => {
-            state.release_gate_lease(id).await;
+            state.release_gate_lease(&s.tenant, id).await;
             let status = m.record_settlement("manual", s.drift);
             let answer = json!({
                 "reservation_id": id,

@@ -60,6 +60,9 @@ impl PreauthProxy {
             GateRoute::Decide => self.gate_decide(ctx, &body).await,
             GateRoute::Settle(id) => self.gate_settle(ctx, &id, &body).await,
         };
+        // A hold's lease is parked before the caller hears of the hold: it may settle at once, on
+        // any replica, and that must find the lease to give back.
+        self.conclude(ctx).await;
         match answer {
             Ok(v) => {
                 let body = serde_json::to_vec(&v).expect("JSON value serialises");
@@ -169,7 +172,7 @@ impl PreauthProxy {
         self.state.group.flush(); // written before the caller hears of it
         match settled {
             Ok(SettleOutcome::Settled(s)) => {
-                self.state.release_gate_lease(id).await;
+                self.state.release_gate_lease(&s.tenant, id).await;
                 m.record_settlement("usage", s.drift);
                 let model_label = if price.known { price.name } else { "other" };
                 m.record_spend(&reservation.tenant_tier, &price.price.provider, model_label, actual);

@@ -910,7 +910,7 @@ impl PreauthProxy {
         if ctx.gate {
             // Gate API: the caller settles its own hold later; the lease lives until then.
             if let (Some(t), Some(r)) = (ctx.ticket.take(), ctx.spend.as_ref().and_then(|s| s.reservation.as_ref())) {
-                self.state.hold_gate_lease(&r.id, t);
+                self.state.hold_gate_lease(&r.id, t).await;
             }
         } else if let Some(mut s) = ctx.spend.take() {
             spend::settle(&self.state, &mut s, ctx.upstream_status, &mut ctx.ticket).await;

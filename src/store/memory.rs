@@ -388,7 +388,13 @@ pub struct MemoryCounters {
     global: Mutex<GlobalState>,
     shards: Vec<Mutex<FastMap<Arc<str>, TenantState>>>,
     seq: AtomicU64,
+    /// Leases of gate-API holds by reservation id (see `Counters::park_lease`), bounded.
+    parked: Mutex<std::collections::HashMap<String, Ticket>>,
 }
+
+/// Parked leases remembered at most: callers that never settle make the oldest bookkeeping go
+/// (their leases expire by TTL).
+const MAX_PARKED: usize = 200_000;
 
 impl Default for MemoryCounters {
     fn default() -> Self {
@@ -396,6 +402,7 @@ impl Default for MemoryCounters {
             global: Mutex::new(GlobalState::default()),
             shards: (0..SHARDS).map(|_| Mutex::new(FastMap::default())).collect(),
             seq: AtomicU64::new(1),
+            parked: Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -530,6 +537,25 @@ impl Counters for MemoryCounters {
 
     async fn release_lease(&self, ticket: &Ticket) -> Result<(), StoreError> {
         self.release_now(ticket);
+        Ok(())
+    }
+
+    async fn park_lease(&self, reservation_id: &str, ticket: &Ticket, _ttl_ms: u64) -> Result<(), StoreError> {
+        if ticket.has_lease {
+            let mut m = self.parked.lock();
+            if m.len() >= MAX_PARKED {
+                m.clear();
+            }
+            m.insert(reservation_id.to_string(), ticket.clone());
+        }
+        Ok(())
+    }
+
+    async fn release_parked_lease(&self, _tenant: &str, reservation_id: &str) -> Result<(), StoreError> {
+        let parked = self.parked.lock().remove(reservation_id);
+        if let Some(ticket) = parked {
+            self.release_now(&ticket);
+        }
         Ok(())
     }
 

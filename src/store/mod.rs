@@ -96,6 +96,12 @@ pub trait Counters: Send + Sync {
     async fn rollback(&self, ticket: &Ticket) -> Result<(), StoreError>;
     /// Frees the ticket's concurrency lease (request finished, failed or was abandoned).
     async fn release_lease(&self, ticket: &Ticket) -> Result<(), StoreError>;
+    /// Keeps the lease of a gate-API hold (`reservation_id`) until the hold ends, findable by every
+    /// replica sharing the store (the hold may end on any of them); forgotten after `ttl_ms` (the
+    /// lease has expired by then).
+    async fn park_lease(&self, reservation_id: &str, ticket: &Ticket, ttl_ms: u64) -> Result<(), StoreError>;
+    /// Frees the lease parked for `reservation_id` of `tenant`; nothing when none is.
+    async fn release_parked_lease(&self, tenant: &str, reservation_id: &str) -> Result<(), StoreError>;
     /// Records a global block until `until` (every tenant, every replica sharing the store).
     async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError>;
     /// Lifts a global block in force (an operator changed the guard that tripped it); `true`

@@ -91,7 +91,7 @@ pub async fn release_overdue(
     };
     for r in &released {
         // A gate API hold released here gives its concurrency slot back too.
-        state.release_gate_lease(&r.id).await;
+        state.release_gate_lease(&r.tenant, &r.id).await;
         // Exactly one replica's expire claims each hold, so each release is recorded once.
         let mut e = state.reservation_event(r, EventType::ReservationReleased);
         e.reasons = vec!["reservation_auto_released_sla".to_string()];

@@ -218,6 +218,61 @@ async fn approval_tokens_are_single_use_across_replicas() {
     redis_cleanup(&p).await;
 }
 
+/// A gate-API hold keeps a concurrency slot until it ends; it may end on any replica (the caller's
+/// settle behind a load balancer, an operator's reconcile, the sweep) and that gives the slot back
+/// fleet-wide, not only when it ends on the replica that took it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gate_hold_ended_on_another_replica_gives_its_concurrency_slot_back() {
+    let p = redis_prefix();
+    let env = [("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "2")];
+    let a = start_fleet(&env, REDIS, &p).await;
+    let b = start_fleet(&env, REDIS, &p).await;
+    let request = json!({"route": "/v1/chat/completions", "request": chat("gpt-4o-mini")});
+    let gate = |s: &Sidecar| {
+        let (url, body) = (s.url("/api/v1/enforcement/gate/llm"), request.clone());
+        async move {
+            json_of(client().post(url).bearer_auth(token("acme", "enterprise")).json(&body).send().await.unwrap()).await
+        }
+    };
+    let held: Vec<String> = [gate(&a).await, gate(&a).await]
+        .iter()
+        .map(|v| {
+            assert_eq!(v["decision"], "ALLOW", "{v}");
+            v["reservation_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let v = gate(&b).await;
+    assert_eq!((&v["decision"], &v["reasons"][0]), (&json!("DENY"), &json!("fair_use_concurrency")), "{v}");
+    // One settled by its caller on B, one reconciled by an operator on B.
+    let r = client()
+        .post(b.url(&format!("/api/v1/enforcement/reservations/{}/settle", held[0])))
+        .bearer_auth(token("acme", "enterprise"))
+        .json(&json!({"actual_cost_usd": "0.000001"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = b
+        .admin_post(
+            &format!("/api/v1/enforcement/reservations/{}/reconcile", held[1]),
+            json!({"actual_cost_usd": "0.000001", "idempotency_key": "k1", "notes": "test"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(tenant_view(&a, "acme").await["in_flight"], 0, "both slots given back");
+    for s in [&a, &b] {
+        let v = gate(s).await;
+        assert_eq!(v["decision"], "ALLOW", "{v}");
+    }
+    // Both released by the sweep run on B: the slots come back too.
+    let r = b.admin_post("/api/v1/enforcement/reservations/reconcile-overdue", json!({"older_than_seconds": 0})).await;
+    assert_eq!(json_of(r).await["released_count"], 2);
+    assert_eq!(tenant_view(&a, "acme").await["in_flight"], 0, "slots given back by the sweep");
+    a.stop().await;
+    b.stop().await;
+    redis_cleanup(&p).await;
+}
+
 /// A TCP relay to Redis that can cut every connection and refuse new ones ("Redis gone").
 struct Switch {
     port: u16,

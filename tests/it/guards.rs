@@ -230,6 +230,13 @@ impl Counters for SlowRelease {
         tokio::time::sleep(Duration::from_millis(300)).await;
         self.0.release_lease(t).await
     }
+    async fn park_lease(&self, id: &str, t: &Ticket, ttl_ms: u64) -> Result<(), StoreError> {
+        self.0.park_lease(id, t, ttl_ms).await
+    }
+    async fn release_parked_lease(&self, tenant: &str, id: &str) -> Result<(), StoreError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.0.release_parked_lease(tenant, id).await
+    }
     async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError> {
         self.0.set_global_block(until).await
     }
@@ -337,6 +344,12 @@ impl Counters for DeadStore {
         Err(StoreError::Unavailable("connection refused".into()))
     }
     async fn release_lease(&self, _: &Ticket) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn park_lease(&self, _: &str, _: &Ticket, _: u64) -> Result<(), StoreError> {
+        Err(StoreError::Unavailable("connection refused".into()))
+    }
+    async fn release_parked_lease(&self, _: &str, _: &str) -> Result<(), StoreError> {
         Err(StoreError::Unavailable("connection refused".into()))
     }
     async fn set_global_block(&self, _: UnixMillis) -> Result<(), StoreError> {

@@ -37,6 +37,11 @@ fn tenant_keys(store: &RedisStore, tenant: &str, day_of: UnixMillis) -> [String;
     ]
 }
 
+/// Where a gate-API hold's lease is parked (the tenant's slot): its seq in the leases set.
+fn parked_key(store: &RedisStore, tenant: &str, reservation_id: &str) -> String {
+    store.inner.keys.tenant(tenant, &format!("gate_lease:{reservation_id}"))
+}
+
 fn global_keys(store: &RedisStore) -> [String; 4] {
     let k = &store.inner.keys;
     [k.global("window"), k.global("window_tenants"), k.global("block"), k.global("seq")]
@@ -205,6 +210,24 @@ impl Counters for RedisStore {
             redis::cmd("ZREM").arg(&key).arg(seq).query_async::<()>(&mut c).await
         })
         .await
+    }
+
+    async fn park_lease(&self, reservation_id: &str, ticket: &Ticket, ttl_ms: u64) -> Result<(), StoreError> {
+        if !ticket.has_lease {
+            return Ok(());
+        }
+        let key = parked_key(self, &ticket.tenant, reservation_id);
+        let seq = ticket.seq;
+        self.exec("park_lease", 1, |mut c| async move {
+            redis::cmd("SET").arg(&key).arg(seq).arg("PX").arg(ttl_ms.max(1)).query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
+    async fn release_parked_lease(&self, tenant: &str, reservation_id: &str) -> Result<(), StoreError> {
+        let mut inv = self.inner.scripts.release_parked.prepare_invoke();
+        inv.key(parked_key(self, tenant, reservation_id)).key(self.inner.keys.tenant(tenant, "leases"));
+        self.exec("release_parked_lease", 1, |mut c| async move { inv.invoke_async::<()>(&mut c).await }).await
     }
 
     async fn set_global_block(&self, until: UnixMillis) -> Result<(), StoreError> {

@@ -10,7 +10,8 @@
 //! # Keys (all under the prefix `P` = `PREAUTH_REDIS_KEY_PREFIX`)
 //! Redis Cluster hash tags keep what one script touches in one slot:
 //! - tenant counters, tag `{<tenant>}`: `P t:{T}:minute` (zset seq → ms), `…:tokens` (zset
-//!   `seq:n` → ms) and `…:tokens_sum`, `…:day:<YYYYMMDD>` (counter), `…:leases` (zset seq → expiry);
+//!   `seq:n` → ms) and `…:tokens_sum`, `…:day:<YYYYMMDD>` (counter), `…:leases` (zset seq → expiry),
+//!   `…:gate_lease:<reservation id>` (a gate-API hold's lease seq, so any replica frees it);
 //! - global counters, tag `{global}`: `P{global}:window` (zset `seq|tenant` → ms),
 //!   `P{global}:window_tenants` (hash tenant → entries), `P{global}:block`, `P{global}:seq`,
 //!   and the runtime policy `P{global}:policy` (JSON) published on channel `P policy`;
@@ -22,7 +23,7 @@
 //! A tenant name that is empty or contains `{`, `}` or `%` is percent-encoded in its tag
 //! (injective, so tenants never share keys). TTLs (server clock) bound every key that can be
 //! orphaned: windows 120 s after the last write, day counters 2 days after their first count,
-//! leases their TTL + 60 s, month spend 70 days after its first reservation (or last `charge`),
+//! leases (and a gate-API hold's parked lease) their TTL + 60 s, month spend 70 days after its first reservation (or last `charge`),
 //! active reservation records 35 days, finished ones 24 h (and the list indexing them is
 //! refreshed at least every 1,000 appends), consumed token ids until the token's `exp` + 5 min,
 //! approvals 24 h after they end. A TTL is set only when it must move: the scripts make one
@@ -167,6 +168,7 @@ pub(crate) struct Scripts {
     pub global_view: Script,
     pub tenant_view: Script,
     pub set_block: Script,
+    pub release_parked: Script,
     pub reserve: Script,
     pub finish: Script,
     pub expire: Script,
@@ -194,6 +196,7 @@ impl Scripts {
             global_view: with(counters, include_str!("scripts/global_view.lua")),
             tenant_view: with(counters, include_str!("scripts/tenant_view.lua")),
             set_block: with(counters, include_str!("scripts/set_block.lua")),
+            release_parked: Script::new(include_str!("scripts/release_parked.lua")),
             reserve: with(budget, include_str!("scripts/reserve.lua")),
             finish: with(budget, include_str!("scripts/finish.lua")),
             expire: with(budget, include_str!("scripts/expire.lua")),
@@ -206,7 +209,7 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 18] {
+    fn all(&self) -> [&Script; 19] {
         [
             &self.admit,
             &self.admit_global,
@@ -217,6 +220,7 @@ impl Scripts {
             &self.global_view,
             &self.tenant_view,
             &self.set_block,
+            &self.release_parked,
             &self.reserve,
             &self.finish,
             &self.expire,
