@@ -235,6 +235,27 @@ fn mint_approval(args: &[String]) -> ExitCode {
         eprintln!("approval issuance is frozen (ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true): no token minted");
         return ExitCode::from(1);
     }
+    // Fleet mode: a freeze set at runtime (`PATCH approval_issuance_frozen`) lives in the shared
+    // store and binds this tool too; when the store cannot be read, no token is minted.
+    if let Some(url) = &config.redis_url {
+        let timeout = std::time::Duration::from_millis(config.store_timeout_ms.max(1000));
+        let read = preauth_sidecar::store::redis::RedisStore::connect_blocking(url, &config.redis_key_prefix, timeout)
+            .and_then(|store| store.read_policy_blocking(&config.policy));
+        match read {
+            Ok(p) if p.approval_issuance_frozen => {
+                eprintln!(
+                    "approval issuance is frozen at runtime (fleet policy version {}): no token minted",
+                    p.version
+                );
+                return ExitCode::from(1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("PREAUTH_REDIS_URL: the fleet's runtime policy could not be read ({e}): no token minted");
+                return ExitCode::from(1);
+            }
+        }
+    }
     let Some(secret) = config.approvals.secret.as_ref() else {
         eprintln!("ENFORCEMENT_APPROVAL_TOKEN_SECRET is not set: it signs approval tokens (at least 32 characters)");
         return ExitCode::from(EXIT_CONFIG as u8);

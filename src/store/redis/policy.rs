@@ -198,6 +198,36 @@ impl RedisStore {
         Arc::new(RedisPolicy { shared })
     }
 
+    /// The fleet's runtime policy as stored, over `local` (the knobs the document lacks keep the
+    /// local value), read once: nothing written, no subscription (for tools such as
+    /// `mint-approval`). `local` as is when no document exists yet.
+    pub async fn read_policy(&self, local: &Policy) -> Result<Policy, StoreError> {
+        let key = self.inner.keys.global("policy");
+        let text = self
+            .exec("policy_read", 1, |mut c| async move {
+                redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut c).await
+            })
+            .await?;
+        let mut p = local.clone();
+        if let Some(text) = text {
+            let doc = Doc::parse(&text)
+                .ok_or_else(|| StoreError::Unavailable("runtime policy document is unreadable".into()))?;
+            doc.knobs_over(local).apply(&mut p);
+            p.version = doc.version;
+        }
+        Ok(p)
+    }
+
+    /// [`read_policy`](Self::read_policy) for synchronous callers (not from inside a task).
+    pub fn read_policy_blocking(&self, local: &Policy) -> Result<Policy, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s, local) = (self.clone(), local.clone());
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(s.read_policy(&local).await);
+        });
+        rx.recv().map_err(|_| StoreError::Unavailable("redis runtime stopped".into()))?
+    }
+
     /// [`policy_store`](Self::policy_store) for synchronous callers (not from inside a task).
     pub fn policy_store_blocking(&self, local: Policy) -> Arc<RedisPolicy> {
         let (tx, rx) = std::sync::mpsc::channel();
