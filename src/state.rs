@@ -4,7 +4,7 @@
 //!
 //! Owns: `AppState`, `TiersSeen`. Imports: config, store traits, telemetry, clock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::clock::Clock;
@@ -107,7 +107,7 @@ pub struct AppState {
     /// Set while the state store is failing (`/readyz` answers 503).
     store_unhealthy: AtomicBool,
     /// Paces the store-failure log line (a dead store fails every request).
-    store_failure_log: EverySecond,
+    store_failure_log: crate::telemetry::EverySecond,
 }
 
 /// Whether the outbox took `e`; logs the loss otherwise (a full outbox logs it itself, once a
@@ -173,7 +173,7 @@ impl AppState {
             pricing: parking_lot::RwLock::new(pricing),
             ready: AtomicBool::new(false),
             store_unhealthy: AtomicBool::new(false),
-            store_failure_log: EverySecond::default(),
+            store_failure_log: crate::telemetry::EverySecond::default(),
         }
     }
 
@@ -300,41 +300,9 @@ impl AppState {
     }
 }
 
-/// Lets one event a second through and counts the others.
-#[derive(Debug, Default)]
-struct EverySecond {
-    /// The second (Unix) of the last event let through.
-    last: AtomicU64,
-    skipped: AtomicU64,
-}
-
-impl EverySecond {
-    /// `Some(events not let through since the last one)` when this one, at `now_s`, may pass.
-    fn pass(&self, now_s: u64) -> Option<u64> {
-        let last = self.last.load(Ordering::Relaxed);
-        if now_s <= last || self.last.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err() {
-            self.skipped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.skipped.swap(0, Ordering::Relaxed))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_second_lets_one_through_per_second_and_counts_the_rest() {
-        let g = EverySecond::default();
-        assert_eq!(g.pass(100), Some(0));
-        assert_eq!(g.pass(100), None);
-        assert_eq!(g.pass(100), None);
-        assert_eq!(g.pass(99), None, "a clock step back lets nothing through");
-        assert_eq!(g.pass(101), Some(3));
-        assert_eq!(g.pass(101), None);
-        assert_eq!(g.pass(105), Some(1));
-    }
 
     #[test]
     fn tiers_seen_keeps_the_last_tier_stores_no_free_and_stays_bounded() {

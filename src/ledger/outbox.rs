@@ -432,9 +432,8 @@ pub struct Outbox {
     delivered: AtomicU64,
     dropped: AtomicU64,
     parked: AtomicU64,
-    /// The second (Unix) of the last "outbox full" log line, and the refusals since.
-    full_log_s: AtomicU64,
-    full_skipped: AtomicU64,
+    /// Paces the "outbox full" log line.
+    full_log: crate::telemetry::EverySecond,
     appended_signal: tokio::sync::Notify,
     /// Group-commit mode (`stage`): counts staged lines for the group commit.
     stage_counter: Option<Arc<crate::commit::StageCounter>>,
@@ -680,8 +679,7 @@ impl Outbox {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             parked: AtomicU64::new(0),
-            full_log_s: AtomicU64::new(0),
-            full_skipped: AtomicU64::new(0),
+            full_log: crate::telemetry::EverySecond::default(),
             appended_signal: tokio::sync::Notify::new(),
             opts,
         })
@@ -777,14 +775,8 @@ impl Outbox {
     /// Logs a refused or dropped event of a full outbox, at most once a second (with the count
     /// since the last line): under sustained traffic every request meets the full outbox.
     fn log_full(&self, undelivered_bytes: u64) {
-        let now_s = now_ms() / 1000;
-        let last = self.full_log_s.load(Ordering::Relaxed);
-        if now_s <= last || self.full_log_s.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err()
-        {
-            self.full_skipped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let events = self.full_skipped.swap(0, Ordering::Relaxed) + 1;
+        let Some(skipped) = self.full_log.pass(now_ms() / 1000) else { return };
+        let events = skipped + 1;
         let max_bytes = self.opts.max_bytes;
         match self.opts.full_policy {
             OutboxFullPolicy::Failsafe => tracing::error!(

@@ -3,10 +3,12 @@
 //! Label values are bounded enums (sources are the configured set plus `default`; tenant ids
 //! never appear).
 //!
-//! Owns: `Metrics`, `audit`. Imports: `decide` label types, prometheus, parking_lot, tracing.
+//! Owns: `Metrics`, `audit`, `EverySecond` (pacing of per-request log lines). Imports: `decide`
+//! label types, prometheus, parking_lot, tracing.
 
 pub mod audit;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use prometheus::{
@@ -452,10 +454,44 @@ pub fn status_class(status: Option<u16>) -> &'static str {
     }
 }
 
+/// Paces a log line that every request may trigger (a failing store, a full outbox): lets one
+/// event a second through and counts the others, so the line that passes can say how many it
+/// stands for.
+#[derive(Debug, Default)]
+pub struct EverySecond {
+    /// The second (Unix) of the last event let through.
+    last: AtomicU64,
+    skipped: AtomicU64,
+}
+
+impl EverySecond {
+    /// `Some(events not let through since the last one)` when this one, at `now_s`, may pass.
+    pub fn pass(&self, now_s: u64) -> Option<u64> {
+        let last = self.last.load(Ordering::Relaxed);
+        if now_s <= last || self.last.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.skipped.swap(0, Ordering::Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::decide::Micros;
+
+    #[test]
+    fn every_second_lets_one_through_per_second_and_counts_the_rest() {
+        let g = EverySecond::default();
+        assert_eq!(g.pass(100), Some(0));
+        assert_eq!(g.pass(100), None);
+        assert_eq!(g.pass(100), None);
+        assert_eq!(g.pass(99), None, "a clock step back lets nothing through");
+        assert_eq!(g.pass(101), Some(3));
+        assert_eq!(g.pass(101), None);
+        assert_eq!(g.pass(105), Some(1));
+    }
 
     #[test]
     fn spend_is_added_to_the_child_of_its_labels_also_past_the_remembered_ones() {
