@@ -153,9 +153,7 @@ impl Reloader {
         }
         Ok(())
     }
-}
 
-impl Reloader {
     /// A successful reload changes the policy like a `PATCH` does: an audit line and a
     /// `runtime_changed` event naming the files, so the change is on record.
     fn record_reload(&self) {
@@ -173,9 +171,7 @@ impl Reloader {
         e.details = Some(serde_json::json!({ "reason": REASON, "changes": changes }));
         self.state.emit(&e);
     }
-}
 
-impl Reloader {
     /// `reload`, logged and counted in `preauth_config_reloads_total{result}`.
     pub async fn reload_and_count(&self) -> Result<(), String> {
         let r = self.reload().await;
