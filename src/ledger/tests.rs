@@ -333,6 +333,15 @@ impl Receiver {
     }
 }
 
+/// Runs an HTTP relay from `outbox` to `url` until the outbox is empty; `false` if it is not
+/// within `within`.
+async fn drain_over_http(outbox: &Arc<Outbox>, url: &str, within: Duration) -> bool {
+    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(url, "i-test").unwrap());
+    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
+    let o = outbox.clone();
+    run_relay_until(relay, within, move || o.depth() == 0).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_sink_retries_503_then_delivers_everything_once() {
     let (recv, url) = Receiver::start(4, 503, 200).await;
@@ -342,10 +351,7 @@ async fn http_sink_retries_503_then_delivers_everything_once() {
     for e in &events {
         outbox.append(e).unwrap();
     }
-    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
-    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
-    let o = outbox.clone();
-    assert!(run_relay_until(relay, Duration::from_secs(30), move || o.depth() == 0).await, "drained");
+    assert!(drain_over_http(&outbox, &url, Duration::from_secs(30)).await, "drained");
 
     let accepted = recv.accepted_ids();
     let unique: HashSet<&String> = accepted.iter().collect();
@@ -376,10 +382,7 @@ async fn http_sink_400_parks_the_batch_without_looping() {
     for i in 0..750 {
         outbox.append(&event(i)).unwrap();
     }
-    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
-    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
-    let o = outbox.clone();
-    assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await);
+    assert!(drain_over_http(&outbox, &url, Duration::from_secs(10)).await);
     // Give a looping relay the chance to misbehave.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(recv.seen.load(Ordering::SeqCst), 2, "two batches (500 + 250), each posted once");
@@ -415,10 +418,7 @@ async fn relay_resumes_from_the_cursor_after_a_restart() {
     }
     let outbox = Arc::new(Outbox::open_with(&dir.0, opts).unwrap());
     assert_eq!(outbox.depth(), 300);
-    let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
-    let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
-    let o = outbox.clone();
-    assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await);
+    assert!(drain_over_http(&outbox, &url, Duration::from_secs(10)).await);
     let ids = recv.accepted_ids();
     assert_eq!(ids.len(), 800);
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 800);
@@ -459,10 +459,7 @@ async fn http_sink_retries_auth_and_routing_failures_instead_of_parking() {
         for i in 0..750 {
             outbox.append(&event(i)).unwrap();
         }
-        let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&url, "i-test").unwrap());
-        let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
-        let o = outbox.clone();
-        assert!(run_relay_until(relay, Duration::from_secs(10), move || o.depth() == 0).await, "{status}");
+        assert!(drain_over_http(&outbox, &url, Duration::from_secs(10)).await, "{status}");
         let s = outbox.stats();
         assert_eq!((s.parked, s.delivered, s.depth), (0, 750, 0), "{status}");
         assert_eq!(recv.accepted_ids().into_iter().collect::<HashSet<_>>().len(), 750, "{status}");
