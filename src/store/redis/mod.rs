@@ -434,13 +434,18 @@ impl RedisStore {
         let opts = RedisOptions::default();
         let store = Self::build(url, key_prefix, op_timeout, opts.clone())?;
         let s = store.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        store.inner.handle.spawn(async move {
-            s.establish(opts.connect_wait).await;
-            let _ = tx.send(());
-        });
-        let _ = rx.recv();
+        store.block_on(async move { s.establish(opts.connect_wait).await });
         Ok(store)
+    }
+
+    /// Runs `fut` on the store's own runtime and waits for its output (synchronous callers; not
+    /// from inside an async task). `None`: the runtime stopped first.
+    pub(crate) fn block_on<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().ok()
     }
 
     fn build(url: &str, key_prefix: &str, op_timeout: Duration, opts: RedisOptions) -> Result<RedisStore, StoreError> {

@@ -147,6 +147,14 @@ impl Doc {
         Knobs::merged(&Knobs::of(local), &self.knobs)
     }
 
+    /// `local` running this document: its knobs over `local`'s, and its version.
+    fn over(&self, local: &Policy) -> Policy {
+        let mut p = local.clone();
+        self.knobs_over(local).apply(&mut p);
+        p.version = self.version;
+        p
+    }
+
     fn parse(text: &str) -> Option<Doc> {
         serde_json::from_str(text).ok()
     }
@@ -202,51 +210,40 @@ impl RedisStore {
     /// local value), read once: nothing written, no subscription (for tools such as
     /// `mint-approval`). `local` as is when no document exists yet.
     pub async fn read_policy(&self, local: &Policy) -> Result<Policy, StoreError> {
-        let key = self.inner.keys.global("policy");
-        let text = self
-            .exec("policy_read", 1, |mut c| async move {
-                redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut c).await
-            })
-            .await?;
-        let mut p = local.clone();
-        if let Some(text) = text {
-            let doc = Doc::parse(&text)
-                .ok_or_else(|| StoreError::Unavailable("runtime policy document is unreadable".into()))?;
-            doc.knobs_over(local).apply(&mut p);
-            p.version = doc.version;
+        match self.policy_doc(self.inner.keys.global("policy")).await? {
+            None => Ok(local.clone()),
+            Some(text) => Doc::parse(&text)
+                .map(|doc| doc.over(local))
+                .ok_or_else(|| StoreError::Unavailable("runtime policy document is unreadable".into())),
         }
-        Ok(p)
     }
 
     /// [`read_policy`](Self::read_policy) for synchronous callers (not from inside a task).
     pub fn read_policy_blocking(&self, local: &Policy) -> Result<Policy, StoreError> {
-        let (tx, rx) = std::sync::mpsc::channel();
         let (s, local) = (self.clone(), local.clone());
-        self.inner.handle.spawn(async move {
-            let _ = tx.send(s.read_policy(&local).await);
-        });
-        rx.recv().map_err(|_| StoreError::Unavailable("redis runtime stopped".into()))?
+        self.block_on(async move { s.read_policy(&local).await })
+            .ok_or_else(|| StoreError::Unavailable("redis runtime stopped".into()))?
     }
 
     /// [`policy_store`](Self::policy_store) for synchronous callers (not from inside a task).
     pub fn policy_store_blocking(&self, local: Policy) -> Arc<RedisPolicy> {
-        let (tx, rx) = std::sync::mpsc::channel();
         let s = self.clone();
-        self.inner.handle.spawn(async move {
-            let _ = tx.send(s.policy_store(local).await);
-        });
-        rx.recv().expect("the redis runtime runs while the store exists")
+        self.block_on(async move { s.policy_store(local).await })
+            .expect("the redis runtime runs while the store exists")
+    }
+
+    /// The stored runtime policy document at `key`, as text.
+    async fn policy_doc(&self, key: String) -> Result<Option<String>, StoreError> {
+        self.exec("policy_read", 1, |mut c| async move {
+            redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut c).await
+        })
+        .await
     }
 }
 
 impl Shared {
     async fn get_doc(&self) -> Result<Option<String>, StoreError> {
-        let key = self.doc_key.clone();
-        self.store
-            .exec("policy_read", 1, |mut c| async move {
-                redis::cmd("GET").arg(&key).query_async::<Option<String>>(&mut c).await
-            })
-            .await
+        self.store.policy_doc(self.doc_key.clone()).await
     }
 
     /// Writes `doc` if the stored version is `expected` (-1: absent, -2: unreadable).
@@ -267,9 +264,7 @@ impl Shared {
         if *epoch == doc.epoch && doc.version <= cur.version {
             return;
         }
-        let mut next = self.local.lock().clone();
-        doc.knobs_over(&next).apply(&mut next);
-        next.version = doc.version;
+        let next = doc.over(&self.local.lock());
         if *epoch != doc.epoch || Knobs::of(&next) != Knobs::of(&cur) || next.version != cur.version {
             tracing::info!(
                 version = doc.version,
