@@ -320,15 +320,19 @@ impl Binary {
         wait_listening(self.admin);
     }
 
+    /// Restarts the process with `set`/`unset` applied to its environment, on fresh ports: the
+    /// ports the old process freed may be taken meanwhile by another test's listener (which
+    /// `wait_listening` would then mistake for this process; seen as a 404 from a stranger).
     pub fn restart_with(&mut self, set: &[(&str, &str)], unset: &[&str]) {
         self.kill();
-        for (k, v) in set {
+        self.proxy = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        self.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let ports = [("PREAUTH_LISTEN_ADDR", self.proxy.to_string()), ("PREAUTH_ADMIN_ADDR", self.admin.to_string())];
+        for (k, v) in set.iter().map(|(k, v)| (*k, v.to_string())).chain(ports) {
             self.env.retain(|(ek, _)| ek != k);
-            self.env.push((k.to_string(), v.to_string()));
+            self.env.push((k.to_string(), v));
         }
         self.env.retain(|(k, _)| !unset.contains(&k.as_str()));
-        // The old process is gone; wait for its ports to be free again.
-        std::thread::sleep(Duration::from_millis(100));
         self.spawn();
     }
 
