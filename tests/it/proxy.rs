@@ -498,9 +498,7 @@ async fn a_post_the_gateway_may_have_received_is_not_sent_again() {
     use std::sync::atomic::Ordering;
     let (addr, received) = upstream_dying_on_the_second_request().await;
     let url = format!("http://{addr}");
-    // One worker thread: gateway connections are pooled per thread, and the second request must
-    // find the first one's connection (on another thread it would open a fresh one, answered).
-    let s = start(&[("PREAUTH_UPSTREAM_URL", url.as_str()), ("PREAUTH_THREADS", "1")]).await;
+    let s = start(&[("PREAUTH_UPSTREAM_URL", url.as_str())]).await;
     let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
