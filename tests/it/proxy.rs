@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::json;
 
+use preauth_sidecar::demo::upstream::FakeUpstream;
+
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -498,22 +500,25 @@ async fn a_post_the_gateway_may_have_received_is_not_sent_again() {
     use std::sync::atomic::Ordering;
     let (addr, received) = upstream_dying_on_the_second_request().await;
     let url = format!("http://{addr}");
-    let s = start(&[("PREAUTH_UPSTREAM_URL", url.as_str())]).await;
-    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    // One worker thread: gateway connections are pooled per thread, and the second request must
+    // find the first one's connection (on another thread it opens a fresh one, which answers).
+    // Through the binary: in-process servers keep to more threads (`server::work_stealing`).
+    let unused = FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let b = Binary::start(&unused, &temp_dir(), &[("PREAUTH_UPSTREAM_URL", url.as_str()), ("PREAUTH_THREADS", "1")]);
+    let r = b.call("acme", &chat("gpt-4o-mini"), &[]).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    let r = b.call("acme", &chat("gpt-4o-mini"), &[]).await;
     assert_error(r, 502, "upstream_unavailable").await;
     assert_eq!(received.load(Ordering::SeqCst), 2, "the second POST reached the gateway once, not twice");
 
     // GET /v1/models: one answered request opens a connection, the next dies on it and is
     // retried on a new one, which answers.
-    let models = || client().get(s.url("/v1/models")).bearer_auth(token("acme", "pro")).send();
+    let models = || client().get(b.url("/v1/models")).bearer_auth(token("acme", "pro")).send();
     assert_eq!(models().await.unwrap().status(), 200);
     let before = received.load(Ordering::SeqCst);
     assert_eq!(models().await.unwrap().status(), 200, "an idempotent request is retried");
     assert_eq!(received.load(Ordering::SeqCst), before + 2);
-    s.stop().await;
 }
 
 /// Headers the gateway's `Connection` header names are hop-by-hop: not passed to the client.
