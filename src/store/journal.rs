@@ -5,6 +5,9 @@
 //! threshold. Snapshot contents, replay and
 //! compaction policy stay with each store.
 //!
+//! `install` (write a whole file atomically) also writes the embedded counters' daily snapshot
+//! (`store::daily`).
+//!
 //! Owns: `Journal`, `push_line`, `create_append`, `sync_dir`, `install`. Imports: std, serde.
 
 use std::fs::{self, File, OpenOptions};
@@ -31,9 +34,8 @@ pub(crate) struct Journal {
 }
 
 impl Journal {
-    /// Writes `snapshot` to `tmp_name`, fsyncs it and renames it over `path` (then fsyncs the
-    /// directory): a crash leaves either the old or the new journal complete. The result is open
-    /// for appending.
+    /// [`install`]s `snapshot` as the journal at `path`: a crash leaves either the old or the new
+    /// journal complete. The result is open for appending.
     pub(crate) fn install(
         dir: &Path,
         tmp_name: &str,
@@ -41,12 +43,7 @@ impl Journal {
         snapshot: &[u8],
         compact_above: u64,
     ) -> io::Result<Journal> {
-        let tmp_path = dir.join(tmp_name);
-        let file = create_append(&tmp_path)?;
-        (&file).write_all(snapshot)?;
-        file.sync_all()?;
-        fs::rename(&tmp_path, path)?;
-        sync_dir(dir)?;
+        let file = install(dir, tmp_name, path, snapshot)?;
         let len = snapshot.len() as u64;
         Ok(Journal {
             dir: dir.to_path_buf(),
@@ -157,6 +154,19 @@ pub(crate) fn create_append(path: &Path) -> io::Result<File> {
         _ => {}
     }
     OpenOptions::new().create_new(true).append(true).open(path)
+}
+
+/// Writes `bytes` to `tmp_name` in `dir`, fsyncs it and renames it over `path` (then fsyncs the
+/// directory): a crash leaves either the old or the new file complete. Returns the new file,
+/// open for appending.
+pub(crate) fn install(dir: &Path, tmp_name: &str, path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let tmp_path = dir.join(tmp_name);
+    let file = create_append(&tmp_path)?;
+    (&file).write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp_path, path)?;
+    sync_dir(dir)?;
+    Ok(file)
 }
 
 /// Makes a rename in `dir` durable.
