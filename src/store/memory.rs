@@ -9,17 +9,31 @@
 //!
 //! Lock order: a tenant's shard, then the global window (never the other way round).
 //!
-//! Owns: `MemoryCounters`, `MemoryPolicy`. Imports: `store` traits, `decide` types, parking_lot.
+//! # Restarts
+//! Opened on a data directory ([`MemoryCounters::open`]), the day's request counts (the tier
+//! daily quota) survive a restart: [`MemoryCounters::persist_daily_now`] writes the tenants'
+//! counts of the current UTC day as one snapshot (`store::daily`), and `open` restores them when
+//! the snapshot is of the same day. The request path does nothing for it but add one to a
+//! counter under the shard lock it already holds (`Shard::daily_changes`); the housekeeper
+//! writes the snapshot every [`crate::worker::DAILY_COUNTS_INTERVAL`] when a count changed, and
+//! once more at shutdown, so a `SIGKILL` loses at most the admissions of that last interval. The
+//! windows, leases and the global guard are not kept: they cover at most a minute (a lease its
+//! TTL) and start afresh.
+//!
+//! Owns: `MemoryCounters` (and when its daily counts are written), `MemoryPolicy`. Imports:
+//! `store` traits, `store::daily`, `decide` types, parking_lot.
 
 use std::collections::VecDeque;
+use std::io;
 use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
-use super::{AdmitRequest, Counters, PolicyPatch, PolicyStore, StoreError, SweepStats, Ticket};
+use super::{daily, AdmitRequest, Counters, PolicyPatch, PolicyStore, StoreError, SweepStats, Ticket};
 use crate::decide::time::{utc_day, MS_PER_MINUTE};
 use crate::decide::{CountersView, FastMap, GlobalView, Policy, TenantView, UnixMillis};
 
@@ -383,13 +397,33 @@ impl TenantState {
     }
 }
 
+/// The tenants whose names hash to one shard.
+#[derive(Default)]
+struct Shard {
+    tenants: FastMap<Arc<str>, TenantState>,
+    /// Changes of a daily count in this shard (admissions, rollbacks that took one back), counted
+    /// under the shard's lock: a daily snapshot that copied the shard knows exactly which changes
+    /// it holds, and a later count above that says it is behind (see `persist_daily_now`).
+    daily_changes: u64,
+}
+
+/// Where the daily counts are kept across restarts, and what was last written there.
+struct DailyFile {
+    dir: PathBuf,
+    /// The day and the sum of every shard's `daily_changes` the file holds (`None`: nothing
+    /// written yet). Its lock also keeps two writers apart.
+    written: Mutex<Option<(u32, u64)>>,
+}
+
 /// In-process counters (embedded mode).
 pub struct MemoryCounters {
     global: Mutex<GlobalState>,
-    shards: Vec<Mutex<FastMap<Arc<str>, TenantState>>>,
+    shards: Vec<Mutex<Shard>>,
     seq: AtomicU64,
     /// Leases of gate-API holds by reservation id (see `Counters::park_lease`), bounded.
     parked: Mutex<std::collections::HashMap<String, Ticket>>,
+    /// `None`: the daily counts live in memory only (`new`).
+    daily_file: Option<DailyFile>,
 }
 
 /// Parked leases remembered at most: callers that never settle make the oldest bookkeeping go
@@ -400,19 +434,71 @@ impl Default for MemoryCounters {
     fn default() -> Self {
         MemoryCounters {
             global: Mutex::new(GlobalState::default()),
-            shards: (0..SHARDS).map(|_| Mutex::new(FastMap::default())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             seq: AtomicU64::new(1),
             parked: Mutex::new(std::collections::HashMap::new()),
+            daily_file: None,
         }
     }
 }
 
 impl MemoryCounters {
+    /// Counters in memory only: nothing survives the process (tests, benches).
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn shard(&self, tenant: &str) -> &Mutex<FastMap<Arc<str>, TenantState>> {
+    /// Counters whose daily request counts survive a restart in `dir` (the data directory): the
+    /// counts of `now`'s UTC day kept there are restored (a snapshot of another day is ignored,
+    /// an unreadable one moved aside with a warning: see `store::daily`), and
+    /// [`MemoryCounters::persist_daily_now`] writes them back.
+    pub fn open(dir: &Path, now: UnixMillis) -> Self {
+        let today = utc_day(now);
+        let counters = MemoryCounters {
+            daily_file: Some(DailyFile { dir: dir.to_path_buf(), written: Mutex::new(None) }),
+            ..Self::default()
+        };
+        for (tenant, daily) in daily::load(dir, today) {
+            let st = TenantState { daily, day: today, ..TenantState::default() };
+            counters.shard(&tenant).lock().tenants.insert(Arc::from(tenant), st);
+        }
+        // What was just read is what the file holds: nothing to write until a count changes.
+        *counters.daily_file.as_ref().expect("set above").written.lock() = Some((today, 0));
+        counters
+    }
+
+    /// Writes the daily counts (see [`MemoryCounters::open`]) when they changed since the last
+    /// write: the tenants with a count above zero on `now`'s UTC day — or on a later day some
+    /// tenant already counts in (an admission stamped just after midnight, `now` just before).
+    /// Off the request path: the housekeeper calls it every few seconds and at shutdown. Returns
+    /// whether it wrote; nothing to do without a data directory.
+    pub fn persist_daily_now(&self, now: UnixMillis) -> io::Result<bool> {
+        let Some(file) = &self.daily_file else { return Ok(false) };
+        let mut written = file.written.lock();
+        // Cheap check first: one short lock per shard, no copy.
+        let changes: u64 = self.shards.iter().map(|s| s.lock().daily_changes).sum();
+        let today = utc_day(now);
+        if written.is_some_and(|(day, seen)| seen == changes && day >= today) {
+            return Ok(false);
+        }
+        // Each shard copied together with its change count, under one lock hold.
+        let mut changes = 0;
+        let mut counts: Vec<(u32, Arc<str>, u64)> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock();
+            changes += shard.daily_changes;
+            let current = shard.tenants.iter().filter(|(_, st)| st.daily > 0 && st.day >= today);
+            counts.extend(current.map(|(tenant, st)| (st.day, tenant.clone(), st.daily)));
+        }
+        let day = counts.iter().map(|&(day, _, _)| day).max().unwrap_or(today);
+        let counts: Vec<(Arc<str>, u64)> =
+            counts.into_iter().filter(|&(d, _, _)| d == day).map(|(_, tenant, n)| (tenant, n)).collect();
+        daily::write(&file.dir, day, &counts)?;
+        *written = Some((day, changes));
+        Ok(true)
+    }
+
+    fn shard(&self, tenant: &str) -> &Mutex<Shard> {
         // FNV-1a: cheap and stable; the map inside uses a seeded hasher against adversarial keys.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in tenant.as_bytes() {
@@ -424,19 +510,21 @@ impl MemoryCounters {
     /// Synchronous core of `admit` (also used by benches).
     pub fn admit_now(&self, req: &AdmitRequest<'_>) -> (Ticket, CountersView) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let mut shard = self.shard(req.tenant).lock();
-        let key = match shard.get_key_value(req.tenant) {
+        let mut guard = self.shard(req.tenant).lock();
+        let shard = &mut *guard;
+        let key = match shard.tenants.get_key_value(req.tenant) {
             Some((k, _)) => k.clone(),
             None => {
                 let k: Arc<str> = Arc::from(req.tenant);
-                shard.insert(k.clone(), TenantState::default());
+                shard.tenants.insert(k.clone(), TenantState::default());
                 k
             }
         };
-        let st = shard.get_mut(&key).expect("inserted above");
+        let st = shard.tenants.get_mut(&key).expect("inserted above");
         st.prune(req.now);
         let tenant_view = st.view();
         st.daily += 1;
+        shard.daily_changes += 1;
         st.minute.push(req.now, req.tokens);
         if let Some(ttl) = req.lease_ttl_ms {
             let seq = NonZeroU64::new(seq).expect("sequence numbers start at 1");
@@ -449,17 +537,19 @@ impl MemoryCounters {
             g.add(req.now, &mut st.slot);
             view
         };
-        drop(shard);
+        drop(guard);
         let ticket =
             Ticket { seq, tenant: key, at: req.now, tokens: req.tokens, has_lease: req.lease_ttl_ms.is_some() };
         (ticket, CountersView { global: global_view, tenant: tenant_view })
     }
 
     pub fn rollback_now(&self, t: &Ticket) {
-        let mut shard = self.shard(&t.tenant).lock();
-        if let Some(st) = shard.get_mut(&t.tenant) {
-            if st.day == utc_day(t.at) {
-                st.daily = st.daily.saturating_sub(1);
+        let mut guard = self.shard(&t.tenant).lock();
+        let shard = &mut *guard;
+        if let Some(st) = shard.tenants.get_mut(&t.tenant) {
+            if st.day == utc_day(t.at) && st.daily > 0 {
+                st.daily -= 1;
+                shard.daily_changes += 1;
             }
             st.minute.remove(t.at, t.tokens);
             st.leases.retain(|l| l.seq.get() != t.seq);
@@ -474,7 +564,7 @@ impl MemoryCounters {
             return;
         }
         let mut shard = self.shard(&t.tenant).lock();
-        if let Some(st) = shard.get_mut(&t.tenant) {
+        if let Some(st) = shard.tenants.get_mut(&t.tenant) {
             st.leases.retain(|l| l.seq.get() != t.seq);
         }
     }
@@ -483,7 +573,8 @@ impl MemoryCounters {
         let mut stats = SweepStats::default();
         self.global.lock().prune(now);
         for shard in &self.shards {
-            let mut map = shard.lock();
+            let mut shard = shard.lock();
+            let map = &mut shard.tenants;
             map.retain(|_, st| {
                 stats.leases_expired += st.prune(now);
                 if !st.is_idle() {
@@ -571,7 +662,7 @@ impl Counters for MemoryCounters {
 
     async fn tenant_view(&self, tenant: &str, now: UnixMillis) -> Result<TenantView, StoreError> {
         let mut shard = self.shard(tenant).lock();
-        Ok(shard.get_mut(tenant).map_or_else(TenantView::default, |st| {
+        Ok(shard.tenants.get_mut(tenant).map_or_else(TenantView::default, |st| {
             st.prune(now);
             st.view()
         }))
@@ -585,6 +676,10 @@ impl Counters for MemoryCounters {
 
     async fn sweep(&self, now: UnixMillis) -> Result<SweepStats, StoreError> {
         Ok(self.sweep_now(now))
+    }
+
+    fn persist_daily(&self, now: UnixMillis) -> Result<bool, StoreError> {
+        self.persist_daily_now(now).map_err(|e| StoreError::Unavailable(format!("daily counts snapshot: {e}")))
     }
 }
 
@@ -621,7 +716,7 @@ impl PolicyStore for MemoryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::time::parse_rfc3339;
+    use crate::decide::time::{parse_rfc3339, MS_PER_DAY};
 
     fn req(tenant: &str, now: UnixMillis, lease: Option<u64>) -> AdmitRequest<'_> {
         AdmitRequest { tenant, now, tokens: 10, lease_ttl_ms: lease }
@@ -768,6 +863,106 @@ mod tests {
         assert_eq!((s.tenants_tracked, s.tenants_reclaimed), (1000, 0), "counted today: kept");
         let s = c.sweep_now(t0 + 86_400_000);
         assert_eq!((s.tenants_tracked, s.tenants_reclaimed), (0, 1000));
+    }
+
+    fn data_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("preauth-counters-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn daily_of(c: &MemoryCounters, tenant: &str, now: UnixMillis) -> u64 {
+        let mut shard = c.shard(tenant).lock();
+        shard.tenants.get_mut(tenant).map_or(0, |st| {
+            st.prune(now);
+            st.daily
+        })
+    }
+
+    #[test]
+    fn daily_counts_survive_a_restart_on_the_same_day() {
+        let d = data_dir();
+        let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        let c = MemoryCounters::open(&d, t0);
+        assert!(!c.persist_daily_now(t0).unwrap(), "nothing counted: nothing to write");
+        c.admit_now(&req("free-tenant", t0, None));
+        c.admit_now(&req("pro", t0 + 1, Some(5_000)));
+        c.admit_now(&req("pro", t0 + 2, None));
+        let (denied, _) = c.admit_now(&req("pro", t0 + 3, None));
+        c.rollback_now(&denied);
+        assert!(c.persist_daily_now(t0 + 10).unwrap());
+        assert!(!c.persist_daily_now(t0 + 20).unwrap(), "unchanged since: not written again");
+        drop(c);
+
+        let later = t0 + 5 * 3_600_000;
+        let c = MemoryCounters::open(&d, later);
+        assert_eq!((daily_of(&c, "free-tenant", later), daily_of(&c, "pro", later)), (1, 2));
+        let (_, v) = c.admit_now(&req("free-tenant", later, Some(5_000)));
+        assert_eq!(v.tenant.daily_requests, 1, "the quota already used before the restart");
+        assert_eq!((v.tenant.minute_requests, v.tenant.in_flight), (0, 0), "windows and leases start afresh");
+        assert_eq!(v.global, GlobalView::default());
+        assert_eq!(c.sweep_now(later).tenants_reclaimed, 0, "restored tenants count today: kept");
+        assert!(c.persist_daily_now(later).unwrap());
+        drop(c);
+        let c = MemoryCounters::open(&d, later);
+        assert_eq!(daily_of(&c, "free-tenant", later), 2);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_rollback_after_a_snapshot_is_written_too() {
+        let d = data_dir();
+        let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        let c = MemoryCounters::open(&d, t0);
+        let (t, _) = c.admit_now(&req("a", t0, None));
+        assert!(c.persist_daily_now(t0).unwrap());
+        // The decision refused it after the snapshot was taken: the count goes back down.
+        c.rollback_now(&t);
+        assert!(c.persist_daily_now(t0 + 1).unwrap());
+        assert_eq!(daily_of(&MemoryCounters::open(&d, t0 + 2), "a", t0 + 2), 0);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn daily_counts_of_another_day_are_not_restored() {
+        let d = data_dir();
+        let late = parse_rfc3339("2026-11-25T23:59:59Z").unwrap();
+        let c = MemoryCounters::open(&d, late);
+        c.admit_now(&req("a", late, None));
+        // An admission stamped just after midnight while the writer's clock is still before it:
+        // the snapshot is of the new day (the old day's counts are over).
+        c.admit_now(&req("b", late + 1_000, None));
+        assert!(c.persist_daily_now(late).unwrap());
+        drop(c);
+        let c = MemoryCounters::open(&d, late + 1_000);
+        assert_eq!((daily_of(&c, "a", late + 1_000), daily_of(&c, "b", late + 1_000)), (0, 1));
+        drop(c);
+        let c = MemoryCounters::open(&d, late + 1_000 + MS_PER_DAY);
+        assert_eq!(daily_of(&c, "b", late + 1_000 + MS_PER_DAY), 0, "a day later: ignored");
+        assert_eq!(c.sweep_now(late + 1_000 + MS_PER_DAY).tenants_tracked, 0, "nothing restored");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_daily_snapshot_starts_from_zero_and_is_replaced() {
+        let d = data_dir();
+        let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        std::fs::write(d.join(daily::FILE), b"{\"day\": 20417, \"counts\": {\"a\": ").unwrap();
+        let c = MemoryCounters::open(&d, t0);
+        assert_eq!(daily_of(&c, "a", t0), 0);
+        assert!(d.join(daily::CORRUPT_FILE).exists(), "moved aside for the operator");
+        c.admit_now(&req("a", t0, None));
+        assert!(c.persist_daily_now(t0).unwrap());
+        assert_eq!(daily_of(&MemoryCounters::open(&d, t0), "a", t0), 1);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn counters_without_a_data_directory_write_nothing() {
+        let c = MemoryCounters::new();
+        let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
+        c.admit_now(&req("a", t0, None));
+        assert!(!c.persist_daily_now(t0).unwrap());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ pub mod approvals_memory;
 pub mod budget;
 pub mod budget_memory;
 mod compact;
+mod daily;
 mod journal;
 pub mod memory;
 pub mod redis;
@@ -112,6 +113,15 @@ pub trait Counters: Send + Sync {
     async fn global_view(&self, now: UnixMillis) -> Result<GlobalView, StoreError>;
     /// Expires leases and windows and forgets idle tenants.
     async fn sweep(&self, now: UnixMillis) -> Result<SweepStats, StoreError>;
+    /// Makes the day's request counts (tier daily quota) of `now`'s UTC day survive a restart,
+    /// when they changed since the last call; returns whether it wrote. The embedded store writes
+    /// a snapshot to its data directory (blocking file I/O: called off the request path, by the
+    /// housekeeper every few seconds and once more after the server stopped — not async, as no
+    /// runtime is left then). A shared store keeps its counts across restarts already: nothing
+    /// to do (the default).
+    fn persist_daily(&self, _now: UnixMillis) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// Admission and reservation of one request as one step: a shared store sends both in one

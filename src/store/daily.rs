@@ -1,0 +1,158 @@
+//! The embedded counters' daily request counts on disk: `<data dir>/counters-daily.json`, so that
+//! a restart (deploy, crash) does not hand every tenant a fresh tier daily quota.
+//!
+//! The file is one JSON object, `{"day": <UTC day number>, "counts": {"<tenant>": <requests>}}`:
+//! the tenants with a count above zero on that day. It is rewritten whole, atomically
+//! (`journal::install`: temporary file, fsync, rename, fsync of the directory), so a crash leaves
+//! the previous or the new snapshot, never a mix. When and what to write is the counters'
+//! business (`store::memory`); this module owns the format, the write and the load:
+//!
+//! - a file of another day than the one asked for is ignored (its counts are over);
+//! - a missing file is a first start: nothing to load;
+//! - a file that cannot be read or parsed is moved aside (`counters-daily.json.corrupt`, for
+//!   inspection) with a warning, and the day's counts start from zero — the sidecar still
+//!   starts, like the journals that skip unreadable lines and the outbox that replays without an
+//!   unreadable cursor.
+//!
+//! Owns: the snapshot format, `load`, `write`. Imports: `store::journal`, serde, tracing, std.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::journal;
+
+/// The snapshot's file name in the data directory.
+pub(crate) const FILE: &str = "counters-daily.json";
+const TMP_FILE: &str = "counters-daily.json.tmp";
+/// Where an unreadable snapshot is moved (the latest one only).
+pub(crate) const CORRUPT_FILE: &str = "counters-daily.json.corrupt";
+
+#[derive(Serialize)]
+struct Out<'a> {
+    day: u32,
+    #[serde(serialize_with = "as_map")]
+    counts: &'a [(Arc<str>, u64)],
+}
+
+fn as_map<S: Serializer>(counts: &&[(Arc<str>, u64)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(counts.iter().map(|(tenant, n)| (&**tenant, n)))
+}
+
+#[derive(Deserialize)]
+struct In {
+    day: u32,
+    counts: HashMap<String, u64>,
+}
+
+/// The snapshot's bytes.
+pub(crate) fn encode(day: u32, counts: &[(Arc<str>, u64)]) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Out { day, counts }).expect("strings and integers serialise");
+    out.push(b'\n');
+    out
+}
+
+/// Replaces the snapshot in `dir` with `counts` of `day`, atomically and durably.
+pub(crate) fn write(dir: &Path, day: u32, counts: &[(Arc<str>, u64)]) -> io::Result<()> {
+    journal::install(dir, TMP_FILE, &dir.join(FILE), &encode(day, counts)).map(drop)
+}
+
+/// The counts of `today` kept in `dir` (empty when there is no snapshot, or one of another day;
+/// an unreadable one is moved aside with a warning, see the module docs).
+pub(crate) fn load(dir: &Path, today: u32) -> Vec<(String, u64)> {
+    let path = dir.join(FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => return unreadable(dir, &e.to_string()),
+    };
+    let snapshot: In = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => return unreadable(dir, &e.to_string()),
+    };
+    if snapshot.day != today {
+        tracing::info!(
+            path = %path.display(),
+            snapshot_day = snapshot.day,
+            today,
+            "daily request counts: the snapshot is of another UTC day; today's counts start from zero"
+        );
+        return Vec::new();
+    }
+    let counts: Vec<(String, u64)> = snapshot.counts.into_iter().filter(|&(_, n)| n > 0).collect();
+    tracing::info!(path = %path.display(), tenants = counts.len(), "daily request counts: restored today's counts");
+    counts
+}
+
+fn unreadable(dir: &Path, error: &str) -> Vec<(String, u64)> {
+    let (path, aside) = (dir.join(FILE), dir.join(CORRUPT_FILE));
+    let moved = fs::rename(&path, &aside);
+    tracing::warn!(
+        path = %path.display(),
+        error,
+        moved_to = %aside.display(),
+        moved = moved.is_ok(),
+        "daily request counts: the snapshot cannot be read; today's tier daily quotas count from zero \
+         on this replica until UTC midnight. Check the data volume (disk errors, full disk, permissions \
+         of PREAUTH_DATA_DIR); the file was moved aside for inspection (delete it when done) and a new \
+         snapshot is written within seconds of the next request"
+    );
+    Vec::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("preauth-daily-{}", uuid::Uuid::new_v4()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn sorted(mut v: Vec<(String, u64)>) -> Vec<(String, u64)> {
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_leaves_no_temporary_file() {
+        let d = dir();
+        let counts: Vec<(Arc<str>, u64)> = vec![(Arc::from("acme"), 3), (Arc::from("we\"ird\n"), 1)];
+        write(&d, 20_000, &counts).unwrap();
+        assert_eq!(sorted(load(&d, 20_000)), vec![("acme".into(), 3), ("we\"ird\n".into(), 1)]);
+        assert!(!d.join(TMP_FILE).exists());
+        write(&d, 20_000, &[]).unwrap();
+        assert_eq!(load(&d, 20_000), vec![], "a rewrite replaces the whole snapshot");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_of_another_day_is_ignored_and_a_missing_one_is_empty() {
+        let d = dir();
+        assert_eq!(load(&d, 20_000), vec![]);
+        write(&d, 19_999, &[(Arc::from("acme"), 1)]).unwrap();
+        assert_eq!(load(&d, 20_000), vec![], "yesterday's counts are over");
+        assert_eq!(load(&d, 19_998), vec![], "a snapshot from the future (clock stepped back) too");
+        assert!(d.join(FILE).exists(), "kept: it is not damaged");
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn an_unreadable_snapshot_is_moved_aside_and_counts_start_from_zero() {
+        let d = dir();
+        for garbage in
+            [&b"{\"day\": 20000, \"counts\": {\"acme\": 1"[..], b"", b"\x00\xff", b"{\"day\":-1,\"counts\":{}}"]
+        {
+            fs::write(d.join(FILE), garbage).unwrap();
+            assert_eq!(load(&d, 20_000), vec![]);
+            assert!(!d.join(FILE).exists());
+            assert_eq!(fs::read(d.join(CORRUPT_FILE)).unwrap(), garbage, "kept for inspection");
+        }
+        fs::remove_dir_all(d).unwrap();
+    }
+}
