@@ -324,7 +324,7 @@ fn run(src: &dyn Strings, purpose: Purpose) -> ExitCode {
     };
     tracing::info!(%listen, %admin, "preauth-sidecar starting");
     let signals = server::Draining(built.state.clone());
-    built.server.run(RunArgs { shutdown_signal: Box::new(signals) });
+    server::run(built, RunArgs { shutdown_signal: Box::new(signals) });
     ExitCode::SUCCESS
 }
 

@@ -86,9 +86,10 @@ impl Parts {
         let approvals = MemoryApprovals::open(&config.data_dir)
             .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
         let budgets = Arc::new(budgets);
+        let clock = Arc::new(SystemClock);
         Ok(Parts {
-            clock: Arc::new(SystemClock),
-            counters: Arc::new(MemoryCounters::new()),
+            counters: Arc::new(MemoryCounters::open(&config.data_dir, clock.now_ms())),
+            clock,
             budgets: budgets.clone(),
             approvals: Arc::new(approvals),
             policy: None,
@@ -289,15 +290,24 @@ impl RunningServer {
     }
 }
 
-/// Runs a built server on a dedicated thread (pingora builds its own runtimes; never call this
-/// from inside one). Stop it with [`RunningServer::stop`].
+/// Runs a built server until it stops (on this thread; pingora builds its own runtimes, so never
+/// from inside one), then writes the embedded counters' daily request counts a last time: every
+/// service has stopped, nothing is admitted any more. The housekeeper wrote them when shutdown
+/// began, but pingora tells services of a `SIGINT` only by stopping their runtimes.
+pub fn run(built: Built, args: RunArgs) {
+    let Built { server, state } = built;
+    server.run(args);
+    crate::worker::persist_daily(&state);
+}
+
+/// Runs a built server on a dedicated thread ([`run`]). Stop it with [`RunningServer::stop`].
 pub fn spawn(built: Built) -> RunningServer {
     let stop = Arc::new(Notify::new());
     let signal = stop.clone();
-    let Built { server, state } = built;
+    let state = built.state.clone();
     let thread = std::thread::Builder::new()
         .name("preauth-server".into())
-        .spawn(move || server.run(RunArgs { shutdown_signal: Box::new(NotifyShutdown(signal)) }))
+        .spawn(move || run(built, RunArgs { shutdown_signal: Box::new(NotifyShutdown(signal)) }))
         .expect("spawn server thread");
     RunningServer { stop, thread: Some(thread), state }
 }

@@ -1,6 +1,8 @@
 //! Background services (pingora `BackgroundService`s) that honour shutdown:
 //! - [`Housekeeper`]: marks the replica ready, sweeps expired leases and idle tenants, refreshes
-//!   gauges, and marks it not ready when shutdown begins (so `/readyz` fails before listeners stop).
+//!   gauges, writes the embedded counters' daily request counts when they changed (every
+//!   [`DAILY_COUNTS_INTERVAL`], and once more when shutdown begins), and marks the replica not
+//!   ready when shutdown begins (so `/readyz` fails before listeners stop).
 //! - [`Reloader`]: on `SIGHUP` re-reads the tenants, tiers and pricing files; a bad file keeps the
 //!   old table and is logged.
 //!
@@ -19,6 +21,11 @@ use crate::state::AppState;
 
 /// How often the sweep runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the embedded counters' daily request counts are written to the data directory when
+/// they changed (`Counters::persist_daily`): what a `SIGKILL` can lose of them. A graceful stop
+/// writes them at the end.
+pub const DAILY_COUNTS_INTERVAL: Duration = Duration::from_secs(2);
 
 pub struct Housekeeper {
     pub state: Arc<AppState>,
@@ -60,6 +67,21 @@ impl Housekeeper {
         let p = self.state.policy.current();
         m.kill_switch_enabled.set(i64::from(p.kill_switch));
         m.policy_version.set(p.version as i64);
+    }
+}
+
+/// [`Counters::persist_daily`](crate::store::Counters::persist_daily) at the state's clock (the
+/// embedded store writes the day's request counts if they changed; a no-op on Redis), failures
+/// logged and counted (`preauth_store_errors_total{op="sync"}`; retried at the next call).
+/// Blocking file I/O: on the housekeeper's own thread, or after the server stopped.
+pub fn persist_daily(state: &AppState) {
+    if let Err(e) = state.counters.persist_daily(state.clock.now_ms()) {
+        state.metrics.store_errors.with_label_values(&["sync"]).inc();
+        tracing::error!(
+            error = %e,
+            "daily request counts could not be written to PREAUTH_DATA_DIR; a restart would count \
+             today's tier daily quotas from zero (retrying; check the data volume)"
+        );
     }
 }
 
@@ -122,13 +144,19 @@ impl BackgroundService for Housekeeper {
         self.state.set_ready(true);
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut daily = tokio::time::interval(DAILY_COUNTS_INTERVAL);
+        daily.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = tick.tick() => self.tick().await,
+                _ = daily.tick() => persist_daily(&self.state),
             }
         }
         self.state.set_ready(false);
+        // SIGTERM: the drain is over (no request in flight) by the time services hear of it.
+        // The composition root writes once more after every service stopped (`server::run`).
+        persist_daily(&self.state);
     }
 }
 
