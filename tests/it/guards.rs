@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use preauth_sidecar::decide::{CountersView, GlobalView, TenantView, UnixMillis};
+use preauth_sidecar::demo::upstream::FakeUpstream;
 use preauth_sidecar::store::memory::MemoryCounters;
 use preauth_sidecar::store::{AdmitRequest, Counters, StoreError, SweepStats, Ticket};
 use serde_json::json;
@@ -125,6 +126,46 @@ async fn tier_daily_quota_is_402() {
         200
     );
     s.stop().await;
+}
+
+/// The tier daily quota is not handed out again by a restart of an embedded sidecar: the day's
+/// counts are kept in `PREAUTH_DATA_DIR`, written when a graceful stop (SIGTERM) ends and every
+/// few seconds (what a SIGKILL keeps). Through the real binary: its signals and shutdown order.
+#[tokio::test(flavor = "multi_thread")]
+async fn tier_daily_quota_survives_a_restart() {
+    let up = FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let dir = temp_dir();
+    let mut b = Binary::start(&up, &dir, &[]);
+    let call = |b: &Binary, tenant: &str| {
+        let r = client()
+            .post(b.url("/v1/embeddings"))
+            .bearer_auth(token(tenant, "free"))
+            .json(&json!({"model": "text-embedding-3-small", "input": "a"}));
+        async move { r.send().await.unwrap() }
+    };
+    let refused = |r: reqwest::Response| async move {
+        let v = assert_error(r, 402, "budget_exceeded").await;
+        assert_eq!(v["error"]["details"]["reason"], "daily_tenant_limit_exceeded", "{v}");
+    };
+    assert_eq!(call(&b, "free-a").await.status(), 200);
+    refused(call(&b, "free-a").await).await;
+    b.restart_gracefully(&[], &[]);
+    refused(call(&b, "free-a").await).await;
+    let v = b.admin_get("/api/v1/enforcement/tenants/free-a").await;
+    assert_eq!(v["daily_requests"], 1, "{v}");
+
+    // A SIGKILL keeps what the periodic snapshot holds.
+    assert_eq!(call(&b, "free-b").await.status(), 200);
+    let snapshot = dir.join("counters-daily.json");
+    wait_for("the periodic snapshot to hold free-b", || {
+        let s = std::fs::read_to_string(&snapshot).unwrap_or_default();
+        async move { s.contains("\"free-b\":1") }
+    })
+    .await;
+    b.restart_with(&[], &[]);
+    refused(call(&b, "free-a").await).await;
+    refused(call(&b, "free-b").await).await;
+    assert_eq!(call(&b, "free-c").await.status(), 200, "another tenant is unaffected");
 }
 
 /// SDKs (openai-node, anthropic) retry a 429 after sleeping its whole `Retry-After`: the soft

@@ -325,6 +325,17 @@ impl Binary {
     /// `wait_listening` would then mistake for this process; seen as a 404 from a stranger).
     pub fn restart_with(&mut self, set: &[(&str, &str)], unset: &[&str]) {
         self.kill();
+        self.relaunch(set, unset);
+    }
+
+    /// [`Binary::restart_with`] after a graceful stop ([`Binary::terminate`]) instead of a SIGKILL.
+    pub fn restart_gracefully(&mut self, set: &[(&str, &str)], unset: &[&str]) {
+        self.terminate();
+        self.relaunch(set, unset);
+    }
+
+    /// Starts the stopped process again with `set`/`unset` applied, on fresh ports.
+    fn relaunch(&mut self, set: &[(&str, &str)], unset: &[&str]) {
         self.proxy = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         self.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let ports = [("PREAUTH_LISTEN_ADDR", self.proxy.to_string()), ("PREAUTH_ADMIN_ADDR", self.admin.to_string())];
@@ -334,6 +345,27 @@ impl Binary {
         }
         self.env.retain(|(k, _)| !unset.contains(&k.as_str()));
         self.spawn();
+    }
+
+    /// Stops the process as Kubernetes and systemd do (SIGTERM: drain, then the services stop)
+    /// and waits for it to exit cleanly.
+    pub fn terminate(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        let sent = std::process::Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {}", c.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("the sidecar did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "exit after SIGTERM: {status}");
     }
 
     pub fn kill(&mut self) {
