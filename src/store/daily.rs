@@ -14,15 +14,14 @@
 //!   starts, like the journals that skip unreadable lines and the outbox that replays without an
 //!   unreadable cursor.
 //!
-//! Owns: the snapshot format, `load`, `write`. Imports: `store::journal`, serde, tracing, std.
+//! Owns: the snapshot format, `load`, `write` (and its `Sink`). Imports: `store::journal`, serde, tracing, std.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Write};
 use std::path::Path;
-use std::sync::Arc;
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::Deserialize;
 
 use super::journal;
 
@@ -32,33 +31,51 @@ const TMP_FILE: &str = "counters-daily.json.tmp";
 /// Where an unreadable snapshot is moved (the latest one only).
 pub(crate) const CORRUPT_FILE: &str = "counters-daily.json.corrupt";
 
-#[derive(Serialize)]
-struct Out<'a> {
-    day: u32,
-    #[serde(serialize_with = "as_map")]
-    counts: &'a [(Arc<str>, u64)],
-}
-
-fn as_map<S: Serializer>(counts: &&[(Arc<str>, u64)], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_map(counts.iter().map(|(tenant, n)| (&**tenant, n)))
-}
-
 #[derive(Deserialize)]
 struct In {
     day: u32,
     counts: HashMap<String, u64>,
 }
 
-/// The snapshot's bytes.
-pub(crate) fn encode(day: u32, counts: &[(Arc<str>, u64)]) -> Vec<u8> {
-    let mut out = serde_json::to_vec(&Out { day, counts }).expect("strings and integers serialise");
-    out.push(b'\n');
-    out
+/// Where [`write`]'s caller puts the counts: in pieces, each kept in memory until
+/// [`Sink::end_piece`] hands it to the file — so a piece can be gathered under a lock and written
+/// after it is let go, and no more than one piece is ever held (not the whole snapshot).
+pub(crate) struct Sink<'a> {
+    file: &'a File,
+    buf: Vec<u8>,
+    first: bool,
 }
 
-/// Replaces the snapshot in `dir` with `counts` of `day`, atomically and durably.
-pub(crate) fn write(dir: &Path, day: u32, counts: &[(Arc<str>, u64)]) -> io::Result<()> {
-    journal::install(dir, TMP_FILE, &dir.join(FILE), &encode(day, counts)).map(drop)
+impl Sink<'_> {
+    /// Adds `tenant`'s count to the current piece.
+    pub(crate) fn push(&mut self, tenant: &str, count: u64) {
+        if !std::mem::take(&mut self.first) {
+            self.buf.push(b',');
+        }
+        serde_json::to_writer(&mut self.buf, tenant).expect("a string serialises into a Vec");
+        self.buf.push(b':');
+        self.buf.extend_from_slice(itoa::Buffer::new().format(count).as_bytes());
+    }
+
+    /// Writes the current piece to the file.
+    pub(crate) fn end_piece(&mut self) -> io::Result<()> {
+        let r = (&*self.file).write_all(&self.buf);
+        self.buf.clear();
+        r
+    }
+}
+
+/// Replaces the snapshot in `dir` with the counts of `day` that `fill` pushes, atomically and
+/// durably (a failed `fill` leaves the previous snapshot in place).
+pub(crate) fn write(dir: &Path, day: u32, fill: impl FnOnce(&mut Sink<'_>) -> io::Result<()>) -> io::Result<()> {
+    journal::install_with(dir, TMP_FILE, &dir.join(FILE), |file| {
+        let mut sink = Sink { file, buf: Vec::new(), first: true };
+        sink.buf.extend_from_slice(format!("{{\"day\":{day},\"counts\":{{").as_bytes());
+        fill(&mut sink)?;
+        sink.buf.extend_from_slice(b"}}\n");
+        sink.end_piece()
+    })
+    .map(drop)
 }
 
 /// The counts of `today` kept in `dir` (empty when there is no snapshot, or one of another day;
@@ -114,6 +131,18 @@ mod tests {
         d
     }
 
+    fn write_all(d: &Path, day: u32, counts: &[(&str, u64)]) -> io::Result<()> {
+        write(d, day, |sink| {
+            for (i, &(tenant, n)) in counts.iter().enumerate() {
+                sink.push(tenant, n);
+                if i % 2 == 1 {
+                    sink.end_piece()?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn sorted(mut v: Vec<(String, u64)>) -> Vec<(String, u64)> {
         v.sort();
         v
@@ -122,11 +151,10 @@ mod tests {
     #[test]
     fn a_snapshot_round_trips_and_leaves_no_temporary_file() {
         let d = dir();
-        let counts: Vec<(Arc<str>, u64)> = vec![(Arc::from("acme"), 3), (Arc::from("we\"ird\n"), 1)];
-        write(&d, 20_000, &counts).unwrap();
-        assert_eq!(sorted(load(&d, 20_000)), vec![("acme".into(), 3), ("we\"ird\n".into(), 1)]);
+        write_all(&d, 20_000, &[("acme", 3), ("we\"ird\n", 1), ("b", 7)]).unwrap();
+        assert_eq!(sorted(load(&d, 20_000)), vec![("acme".into(), 3), ("b".into(), 7), ("we\"ird\n".into(), 1)]);
         assert!(!d.join(TMP_FILE).exists());
-        write(&d, 20_000, &[]).unwrap();
+        write_all(&d, 20_000, &[]).unwrap();
         assert_eq!(load(&d, 20_000), vec![], "a rewrite replaces the whole snapshot");
         fs::remove_dir_all(d).unwrap();
     }
@@ -135,7 +163,7 @@ mod tests {
     fn a_snapshot_of_another_day_is_ignored_and_a_missing_one_is_empty() {
         let d = dir();
         assert_eq!(load(&d, 20_000), vec![]);
-        write(&d, 19_999, &[(Arc::from("acme"), 1)]).unwrap();
+        write_all(&d, 19_999, &[("acme", 1)]).unwrap();
         assert_eq!(load(&d, 20_000), vec![], "yesterday's counts are over");
         assert_eq!(load(&d, 19_998), vec![], "a snapshot from the future (clock stepped back) too");
         assert!(d.join(FILE).exists(), "kept: it is not damaged");

@@ -160,9 +160,20 @@ pub(crate) fn create_append(path: &Path) -> io::Result<File> {
 /// directory): a crash leaves either the old or the new file complete. Returns the new file,
 /// open for appending.
 pub(crate) fn install(dir: &Path, tmp_name: &str, path: &Path, bytes: &[u8]) -> io::Result<File> {
+    install_with(dir, tmp_name, path, |mut file| file.write_all(bytes))
+}
+
+/// [`install`] of what `write` writes to the temporary file (in pieces, without the whole file
+/// in memory). When `write` fails, `path` is left as it was.
+pub(crate) fn install_with(
+    dir: &Path,
+    tmp_name: &str,
+    path: &Path,
+    write: impl FnOnce(&File) -> io::Result<()>,
+) -> io::Result<File> {
     let tmp_path = dir.join(tmp_name);
     let file = create_append(&tmp_path)?;
-    (&file).write_all(bytes)?;
+    write(&file)?;
     file.sync_all()?;
     fs::rename(&tmp_path, path)?;
     sync_dir(dir)?;

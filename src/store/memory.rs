@@ -481,20 +481,38 @@ impl MemoryCounters {
         if written.is_some_and(|(day, seen)| seen == changes && day >= today) {
             return Ok(false);
         }
-        // Each shard copied together with its change count, under one lock hold.
-        let mut changes = 0;
-        let mut counts: Vec<(u32, Arc<str>, u64)> = Vec::new();
-        for shard in &self.shards {
-            let shard = shard.lock();
-            changes += shard.daily_changes;
-            let current = shard.tenants.iter().filter(|(_, st)| st.daily > 0 && st.day >= today);
-            counts.extend(current.map(|(tenant, st)| (st.day, tenant.clone(), st.daily)));
-        }
-        let day = counts.iter().map(|&(day, _, _)| day).max().unwrap_or(today);
-        let counts: Vec<(Arc<str>, u64)> =
-            counts.into_iter().filter(|&(d, _, _)| d == day).map(|(_, tenant, n)| (tenant, n)).collect();
-        daily::write(&file.dir, day, &counts)?;
-        *written = Some((day, changes));
+        // The latest day a tenant counts in: `today`, or the next day for an admission stamped
+        // just after midnight while `now` is just before it.
+        let counted = |st: &&TenantState| st.daily > 0 && st.day >= today;
+        let day = self
+            .shards
+            .iter()
+            .filter_map(|shard| shard.lock().tenants.values().filter(counted).map(|st| st.day).max())
+            .max()
+            .unwrap_or(today);
+        // Shard by shard: each one's counts gathered with its change count under one lock hold,
+        // written to the file after the lock is let go (never the whole snapshot in memory).
+        // A count of a later day than `day` (midnight passed since) is not in this snapshot:
+        // then the next call writes again.
+        let (mut changes, mut later) = (0, false);
+        daily::write(&file.dir, day, |sink| {
+            for shard in &self.shards {
+                {
+                    let shard = shard.lock();
+                    changes += shard.daily_changes;
+                    for (tenant, st) in shard.tenants.iter().filter(|(_, st)| st.daily > 0 && st.day >= day) {
+                        if st.day == day {
+                            sink.push(tenant, st.daily);
+                        } else {
+                            later = true;
+                        }
+                    }
+                }
+                sink.end_piece()?;
+            }
+            Ok(())
+        })?;
+        *written = if later { None } else { Some((day, changes)) };
         Ok(true)
     }
 
