@@ -24,6 +24,24 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Whether process `pid` holds the socket listening on `addr` (an IPv4 address; Linux
+/// `/proc/net/tcp`), so that a listener of another test on the same port is not mistaken for it.
+pub fn listens_on(pid: u32, addr: SocketAddr) -> bool {
+    let SocketAddr::V4(v4) = addr else { panic!("IPv4 only: {addr}") };
+    let local = format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), v4.port());
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inodes: Vec<String> = tcp
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1] == local && f[3] == "0A")
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str())))
+}
+
 pub fn wait_listening(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
@@ -308,16 +326,40 @@ impl Binary {
         b
     }
 
-    /// (Re)starts the process with `self.env`.
+    /// (Re)starts the process with `self.env` and waits until it listens on both of its ports.
+    /// A port handed out by [`free_port`] may be taken by another test before the sidecar binds
+    /// it: the sidecar then exits (or another process answers there), so the ports are checked
+    /// to belong to this process, and on a clash it starts again on fresh ones.
     pub fn spawn(&mut self) {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"));
-        c.arg("run").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).env("RUST_LOG", "warn");
-        for (k, v) in &self.env {
-            c.env(k, v);
+        for _ in 0..5 {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"));
+            c.arg("run")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .env("RUST_LOG", "warn");
+            for (k, v) in &self.env {
+                c.env(k, v);
+            }
+            let mut child = c.spawn().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().unwrap().is_some() {
+                    break; // did not start (a port was taken): again on fresh ports
+                }
+                if listens_on(child.id(), self.proxy) && listens_on(child.id(), self.admin) {
+                    self.child = Some(child);
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("the sidecar did not listen on {} and {} within 10 s", self.proxy, self.admin);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            self.use_fresh_ports(&[], &[]);
         }
-        self.child = Some(c.spawn().unwrap());
-        wait_listening(self.proxy);
-        wait_listening(self.admin);
+        panic!("the sidecar did not start in 5 attempts (see `preauth-sidecar check-config` with this env)");
     }
 
     /// Restarts the process with `set`/`unset` applied to its environment, on fresh ports: the
@@ -336,6 +378,12 @@ impl Binary {
 
     /// Starts the stopped process again with `set`/`unset` applied, on fresh ports.
     fn relaunch(&mut self, set: &[(&str, &str)], unset: &[&str]) {
+        self.use_fresh_ports(set, unset);
+        self.spawn();
+    }
+
+    /// Applies `set`/`unset` to the environment, with fresh proxy and admin ports.
+    fn use_fresh_ports(&mut self, set: &[(&str, &str)], unset: &[&str]) {
         self.proxy = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         self.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let ports = [("PREAUTH_LISTEN_ADDR", self.proxy.to_string()), ("PREAUTH_ADMIN_ADDR", self.admin.to_string())];
@@ -344,7 +392,6 @@ impl Binary {
             self.env.push((k.to_string(), v));
         }
         self.env.retain(|(k, _)| !unset.contains(&k.as_str()));
-        self.spawn();
     }
 
     /// Stops the process as Kubernetes and systemd do (SIGTERM: drain, then the services stop)
