@@ -17,6 +17,7 @@ pub mod budget_memory;
 mod compact;
 mod daily;
 mod journal;
+mod knobs;
 pub mod memory;
 pub mod redis;
 
