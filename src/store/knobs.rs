@@ -59,7 +59,7 @@ impl Knobs {
         }
     }
 
-    /// Sets `p`'s knobs to these (a mode that does not parse leaves `p`'s).
+    /// Sets `p`'s knobs to these (a mode that does not parse leaves `p`'s; see [`Knobs::check`]).
     pub(crate) fn apply(&self, p: &mut Policy) {
         p.kill_switch = self.kill_switch;
         p.global.enabled = self.global_abuse_guards_enabled;
@@ -79,6 +79,15 @@ impl Knobs {
         p.source_modes = self.source_modes.iter().filter_map(|(s, m)| Mode::parse(m).map(|m| (s.clone(), m))).collect();
         p.approval_issuance_frozen = self.approval_issuance_frozen;
         p.audit_sample_rate = self.audit_sample_rate;
+    }
+
+    /// Whether every mode names one (`apply` would otherwise skip it).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let modes = std::iter::once(&self.enforcement_mode).chain(self.source_modes.iter().map(|(_, m)| m));
+        match modes.into_iter().find(|m| Mode::parse(m).is_none()) {
+            Some(bad) => Err(format!("`{bad}` is not a mode")),
+            None => Ok(()),
+        }
     }
 
     /// The knobs as a JSON object, one field per knob.
@@ -127,10 +136,13 @@ mod tests {
     }
 
     #[test]
-    fn merged_lays_known_fields_over() {
+    fn merged_lays_known_fields_over_and_check_names_a_bad_mode() {
         let base = Knobs::of(&Policy::for_test());
         let m = Knobs::merged(&base, json!({"kill_switch": true, "nonsense": 1}).as_object().unwrap());
         assert!(m.kill_switch && m.global_abuse_per_minute_cap == base.global_abuse_per_minute_cap);
         assert_eq!(Knobs::merged(&base, json!({"kill_switch": "yes"}).as_object().unwrap()), base);
+        assert!(base.check().is_ok());
+        let bad = Knobs { source_modes: vec![("batch".into(), "strict".into())], ..base };
+        assert!(bad.check().unwrap_err().contains("strict"));
     }
 }
