@@ -67,7 +67,8 @@ pub struct Parts {
     pub counters: Arc<dyn Counters>,
     pub budgets: Arc<dyn Budgets>,
     pub approvals: Arc<dyn Approvals>,
-    /// `None`: the runtime policy lives in this process (embedded).
+    /// `None`: the runtime policy lives in this process (embedded), its runtime knobs and version
+    /// kept in `PREAUTH_DATA_DIR` across restarts (`MemoryPolicy::open`).
     pub policy: Option<Arc<dyn PolicyStore>>,
     /// `None`: admit, then reserve, in-process (`store::Sequential`).
     pub gatekeeper: Option<Arc<dyn Gatekeeper>>,
@@ -143,7 +144,7 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let Parts { clock, counters, budgets, approvals, policy, gatekeeper, health, journal } = parts;
     let gatekeeper =
         gatekeeper.unwrap_or_else(|| Arc::new(Sequential { counters: counters.clone(), budgets: budgets.clone() }));
-    let policy = policy.unwrap_or_else(|| Arc::new(MemoryPolicy::new(config.policy.clone())));
+    let policy = policy.unwrap_or_else(|| Arc::new(MemoryPolicy::open(&config.data_dir, config.policy.clone())));
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;

@@ -6,7 +6,7 @@
 //! compaction policy stay with each store.
 //!
 //! `install` (write a whole file atomically) also writes the embedded counters' daily snapshot
-//! (`store::daily`).
+//! (`store::daily`) and the embedded runtime policy (`store::runtime_policy`).
 //!
 //! Owns: `Journal`, `push_line`, `create_append`, `sync_dir`, `install`. Imports: std, serde.
 

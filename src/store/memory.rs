@@ -20,8 +20,16 @@
 //! windows, leases and the global guard are not kept: they cover at most a minute (a lease its
 //! TTL) and start afresh.
 //!
-//! Owns: `MemoryCounters` (and when its daily counts are written), `MemoryPolicy`. Imports:
-//! `store` traits, `store::daily`, `decide` types, parking_lot.
+//! Opened on the data directory too ([`MemoryPolicy::open`]), the runtime policy keeps its
+//! runtime knobs (what `PATCH /api/v1/enforcement/runtime` changes) and `policy_version` across a
+//! restart: every change is saved (`store::runtime_policy`, written durably) before it is
+//! published, a change of the knobs that cannot be saved is refused, and a start merges the
+//! saved knobs with the configuration per knob (the configuration wins for a knob it changed
+//! since). The request path only reads the current snapshot, as before.
+//!
+//! Owns: `MemoryCounters` (and when its daily counts are written), `MemoryPolicy` (and when its
+//! knobs are saved). Imports: `store` traits, `store::daily`, `store::runtime_policy`,
+//! `store::knobs`, `decide` types, parking_lot, tracing.
 
 use std::collections::VecDeque;
 use std::io;
@@ -33,7 +41,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::{Mutex, RwLock};
 
-use super::{daily, AdmitRequest, Counters, PolicyPatch, PolicyStore, StoreError, SweepStats, Ticket};
+use super::knobs::Knobs;
+use super::{daily, runtime_policy, AdmitRequest, Counters, PolicyPatch, PolicyStore, StoreError, SweepStats, Ticket};
 use crate::decide::time::{utc_day, MS_PER_MINUTE};
 use crate::decide::{CountersView, FastMap, GlobalView, Policy, TenantView, UnixMillis};
 
@@ -701,16 +710,52 @@ impl Counters for MemoryCounters {
     }
 }
 
-/// In-process runtime policy.
+/// In-process runtime policy; opened on a data directory ([`MemoryPolicy::open`]) its runtime
+/// knobs and version survive a restart (see the module docs, `# Restarts`).
 pub struct MemoryPolicy {
     current: RwLock<Arc<Policy>>,
     /// Serialises updates so no change is lost between read and publish.
     write: Mutex<()>,
+    /// Where the runtime knobs are kept; `None`: in memory only.
+    disk: Option<PolicyDisk>,
+}
+
+struct PolicyDisk {
+    dir: PathBuf,
+    /// The local configuration's knobs (the file's `base`).
+    base: Knobs,
 }
 
 impl MemoryPolicy {
+    /// A policy in memory only (nothing survives the process).
     pub fn new(initial: Policy) -> Self {
-        MemoryPolicy { current: RwLock::new(Arc::new(initial)), write: Mutex::new(()) }
+        MemoryPolicy { current: RwLock::new(Arc::new(initial)), write: Mutex::new(()), disk: None }
+    }
+
+    /// The runtime policy kept in `dir` (`store::runtime_policy`): starts from `config` (the local
+    /// configuration's policy) with the runtime changes saved there merged in per knob, at a
+    /// version after the saved one, and saves that at once (so the next start compares with this
+    /// configuration, and a version is never handed out twice). Never fails: an unreadable file
+    /// is moved aside, a failed write is logged (the next change reports it).
+    pub fn open(dir: &Path, config: Policy) -> Self {
+        let found = runtime_policy::restore(dir, &config);
+        let initial = found.policy(&config);
+        let base = Knobs::of(&config);
+        if !matches!(found, runtime_policy::Found::Nothing) {
+            if let Err(e) = runtime_policy::write(dir, initial.version, &Knobs::of(&initial), &base) {
+                tracing::warn!(
+                    path = %dir.join(runtime_policy::FILE).display(),
+                    error = %e,
+                    "runtime policy: cannot save the policy at start; a runtime change (PATCH) will fail until \
+                     PREAUTH_DATA_DIR is writable again"
+                );
+            }
+        }
+        MemoryPolicy {
+            current: RwLock::new(Arc::new(initial)),
+            write: Mutex::new(()),
+            disk: Some(PolicyDisk { dir: dir.to_path_buf(), base }),
+        }
     }
 }
 
@@ -720,11 +765,39 @@ impl PolicyStore for MemoryPolicy {
         self.current.read().clone()
     }
 
+    /// Opened on a data directory, the new version and knobs are saved (blocking file I/O and an
+    /// fsync, a few milliseconds: called by the admin listener and the reloader, never on the
+    /// request path) before they are published. When that fails, a change of the runtime knobs
+    /// is refused and nothing changes; a change of local parts only (a `SIGHUP` reload of the
+    /// files, not saved) is applied all the same, with a warning.
     async fn update(&self, patch: PolicyPatch) -> Result<Arc<Policy>, StoreError> {
         let _w = self.write.lock();
-        let mut next = (**self.current.read()).clone();
+        let before = self.current.read().clone();
+        let mut next = (*before).clone();
         patch(&mut next);
-        next.version = self.current.read().version + 1;
+        next.version = before.version + 1;
+        if let Some(disk) = &self.disk {
+            let knobs = Knobs::of(&next);
+            if let Err(e) = runtime_policy::write(&disk.dir, next.version, &knobs, &disk.base) {
+                let path = disk.dir.join(runtime_policy::FILE);
+                if knobs != Knobs::of(&before) {
+                    return Err(StoreError::Unavailable(format!(
+                        "the runtime policy could not be saved to {} ({e}); it would not survive a restart, so \
+                         nothing was changed and policy_version {} is still in force. Check the data volume \
+                         (full disk, disk errors, permissions of PREAUTH_DATA_DIR)",
+                        path.display(),
+                        before.version
+                    )));
+                }
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    policy_version = next.version,
+                    "runtime policy: cannot save the new policy_version (the change itself is not a runtime \
+                     setting and is applied); check PREAUTH_DATA_DIR"
+                );
+            }
+        }
         let next = Arc::new(next);
         *self.current.write() = next.clone();
         Ok(next)
@@ -989,5 +1062,76 @@ mod tests {
         let v = p.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
         assert_eq!((v.version, v.kill_switch), (2, true));
         assert!(p.current().kill_switch);
+    }
+
+    #[tokio::test]
+    async fn a_runtime_change_survives_a_restart_and_the_version_never_goes_back() {
+        let d = data_dir();
+        let config = Policy::for_test();
+        let p = MemoryPolicy::open(&d, config.clone());
+        assert_eq!(p.current().version, 1, "a first start is the configuration as is");
+        assert!(!d.join(runtime_policy::FILE).exists(), "nothing to keep yet");
+        let v = p.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+        assert_eq!(v.version, 2);
+        let mut versions = vec![v.version];
+        for _ in 0..3 {
+            let p = MemoryPolicy::open(&d, config.clone());
+            assert!(p.current().kill_switch, "a plain restart keeps the kill switch");
+            versions.push(p.current().version);
+        }
+        assert_eq!(versions, vec![2, 3, 4, 5], "each start resumes after the last");
+        // A reload of the files (local parts only) is saved too: its version is not handed out again.
+        let p = MemoryPolicy::open(&d, config.clone());
+        let reloaded = p.update(Box::new(|_| {})).await.unwrap().version;
+        assert!(MemoryPolicy::open(&d, config.clone()).current().version > reloaded);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_redeployed_configuration_wins_and_is_the_new_base() {
+        let d = data_dir();
+        let config = Policy::for_test();
+        let p = MemoryPolicy::open(&d, config.clone());
+        p.update(Box::new(|p| p.fair_use.per_minute_cap = 5)).await.unwrap();
+        let mut redeployed = config.clone();
+        redeployed.fair_use.per_minute_cap = 12;
+        assert_eq!(MemoryPolicy::open(&d, redeployed.clone()).current().fair_use.per_minute_cap, 12);
+        // That start saved the new configuration as the base: going back to the old
+        // configuration later does not bring the superseded runtime change back.
+        assert_eq!(MemoryPolicy::open(&d, config.clone()).current().fair_use.per_minute_cap, 30);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_runtime_change_that_cannot_be_saved_is_refused_and_changes_nothing() {
+        let d = data_dir();
+        let p = MemoryPolicy::open(&d, Policy::for_test());
+        p.update(Box::new(|p| p.approval_issuance_frozen = true)).await.unwrap();
+        // The temporary file's name taken by a directory: the write fails (even as root).
+        std::fs::create_dir(d.join(runtime_policy::TMP_FILE)).unwrap();
+        let before = p.current();
+        let e = p.update(Box::new(|p| p.kill_switch = true)).await.unwrap_err();
+        let StoreError::Unavailable(msg) = e else { panic!("{e:?}") };
+        assert!(msg.contains("runtime-policy.json") && msg.contains("nothing was changed"), "{msg}");
+        assert!(Arc::ptr_eq(&p.current(), &before), "no half-applied state");
+        assert!(!p.current().kill_switch);
+        // A reload of local parts still goes through (it is not a saved setting).
+        let v = p.update(Box::new(|_| {})).await.unwrap();
+        assert_eq!(v.version, before.version + 1);
+        std::fs::remove_dir(d.join(runtime_policy::TMP_FILE)).unwrap();
+        assert!(MemoryPolicy::open(&d, Policy::for_test()).current().approval_issuance_frozen, "the file is intact");
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_runtime_policy_file_starts_from_the_configuration() {
+        let d = data_dir();
+        std::fs::write(d.join(runtime_policy::FILE), b"{\"version\": 41, \"knobs\": {\"kill_sw").unwrap();
+        let p = MemoryPolicy::open(&d, Policy::for_test());
+        assert!(!p.current().kill_switch);
+        assert!(d.join(runtime_policy::CORRUPT_FILE).exists(), "moved aside for the operator");
+        p.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+        assert!(MemoryPolicy::open(&d, Policy::for_test()).current().kill_switch, "saving works again");
+        std::fs::remove_dir_all(d).unwrap();
     }
 }

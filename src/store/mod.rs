@@ -17,8 +17,10 @@ pub mod budget_memory;
 mod compact;
 mod daily;
 mod journal;
+mod knobs;
 pub mod memory;
 pub mod redis;
+mod runtime_policy;
 
 use std::sync::Arc;
 

@@ -55,3 +55,91 @@ async fn admin_disabled_without_key() {
     assert_eq!(client().get(s.admin_url("/metrics")).send().await.unwrap().status(), 200);
     s.stop().await;
 }
+
+/// An embedded replica keeps what the on-call engineer changed at runtime across restarts
+/// (`PREAUTH_DATA_DIR/runtime-policy.json`): a kill switch stays on after a graceful stop and
+/// after a SIGKILL, and `policy_version` does not go back. A setting the configuration changed
+/// since the runtime change is the configuration's (a redeploy with a new intent). Through the
+/// real binary: its start-up, signals and environment.
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_changes_survive_a_restart_unless_the_configuration_changed_them() {
+    use preauth_sidecar::demo::upstream::FakeUpstream;
+    let up = FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let dir = temp_dir();
+    let mut b = Binary::start(&up, &dir, &[("LLM_FAIR_USE_GUARDS_ENABLED", "true")]);
+    let body = chat("gpt-4o-mini");
+    let killed = |r: reqwest::Response| async move {
+        let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+        assert_eq!(v["error"]["details"]["reason"], "global_abuse_kill_switch", "{v}");
+    };
+    assert_eq!(b.call("acme", &body, &[]).await.status(), 200);
+    let v = b
+        .patch(json!({"kill_switch": true, "fair_use_per_minute_cap": 2, "reason": "INC-7: cross-tenant burst"}))
+        .await;
+    let mut version = v["policy_version"].as_u64().unwrap();
+    killed(b.call("acme", &body, &[]).await).await;
+
+    for graceful in [true, false] {
+        if graceful {
+            b.restart_gracefully(&[], &[]);
+        } else {
+            b.restart_with(&[], &[]);
+        }
+        killed(b.call("acme", &body, &[]).await).await;
+        let rt = b.admin_get("/api/v1/enforcement/runtime").await;
+        assert_eq!(
+            (rt["kill_switch"].as_bool(), rt["fair_use_per_minute_cap"].as_i64()),
+            (Some(true), Some(2)),
+            "{rt}"
+        );
+        let now = rt["policy_version"].as_u64().unwrap();
+        assert!(now > version, "policy_version {now} after a restart, {version} before (graceful: {graceful})");
+        version = now;
+        let m = b.metrics().await;
+        assert_eq!(sample(&m, "preauth_kill_switch_enabled"), 1.0);
+        assert_eq!(sample(&m, "preauth_policy_version"), now as f64);
+    }
+
+    // Redeployed with a new per-minute cap: the environment's value is in force; the kill
+    // switch, which the configuration did not change, is still on.
+    b.restart_with(&[("LLM_FAIR_USE_PER_MINUTE_CAP", "3")], &[]);
+    let rt = b.admin_get("/api/v1/enforcement/runtime").await;
+    assert_eq!((rt["kill_switch"].as_bool(), rt["fair_use_per_minute_cap"].as_i64()), (Some(true), Some(3)), "{rt}");
+    assert!(rt["policy_version"].as_u64().unwrap() > version);
+    b.patch(json!({"kill_switch": false, "reason": "INC-7 resolved"})).await;
+    for _ in 0..3 {
+        assert_eq!(b.call("beta", &body, &[]).await.status(), 200);
+    }
+    let v = assert_error(b.call("beta", &body, &[]).await, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "fair_use_per_minute", "the environment's cap of 3: {v}");
+}
+
+/// A runtime change an embedded replica cannot save would be undone by the next restart: it is
+/// refused (503, saying why) and nothing changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_change_that_cannot_be_saved_is_refused() {
+    let dir = temp_dir();
+    let s = start_in(&[], std::sync::Arc::new(preauth_sidecar::store::memory::MemoryCounters::new()), &dir).await;
+    // The temporary file's name taken by a directory: the write fails (even as root).
+    std::fs::create_dir(dir.join("runtime-policy.json.tmp")).unwrap();
+    let r = patch_runtime(&s, json!({"kill_switch": true, "reason": "INC-8"})).await;
+    assert_eq!(r.status(), 503);
+    let v = json_of(r).await;
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("runtime-policy.json") && msg.contains("not applied"), "{msg}");
+    let rt = admin_get(s.admin_url("/api/v1/enforcement/runtime")).await;
+    assert_eq!((rt["kill_switch"].as_bool(), rt["policy_version"].as_u64()), (Some(false), Some(1)), "{rt}");
+    assert_eq!(
+        client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(token("acme", "pro"))
+            .json(&chat("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    s.stop().await;
+}

@@ -177,7 +177,12 @@ async fn drill_3_signing_key_compromise() {
     b.restart_with(&[("ENFORCEMENT_APPROVAL_TOKEN_SECRET", NEW)], &[]);
     let r = b.call("acme", &big, &[("x-approval-token", leaked.as_str())]).await;
     assert_error(r, 401, "approval_token_invalid").await;
-    // Step 4: issue and consume work with the new key; replay protection still holds.
+    // The freeze survived the rotation's restart (embedded: kept in PREAUTH_DATA_DIR).
+    let id = request_token(&b).await;
+    assert_eq!(approve(&b, id).await.status(), 423, "still frozen after the restart");
+    // Step 4: unfreeze for the re-test; issue and consume work with the new key; replay
+    // protection still holds.
+    b.patch(json!({"approval_issuance_frozen": false, "reason": "INC-3: key rotated, re-testing issue/consume"})).await;
     let id = request_token(&b).await;
     let fresh = json_of(approve(&b, id).await).await["approval_token"].as_str().unwrap().to_string();
     let r = b.call("acme", &big, &[("x-approval-token", fresh.as_str())]).await;

@@ -18,8 +18,9 @@
 //! - A patch that changes only local parts (a `SIGHUP` directory reload) is applied locally,
 //!   without Redis and without a version bump, so reloads work while Redis is down.
 //!
-//! Owns: `RedisPolicy`, the document format. Imports: `store::redis` core, `decide::policy`,
-//! serde_json, tokio, futures-util, parking_lot.
+//! Owns: `RedisPolicy`, the document format (its `knobs` are `store::knobs::Knobs`, the
+//! serialisation the embedded runtime-policy file shares). Imports: `store::redis` core,
+//! `store::knobs`, `decide::policy`, serde_json, tokio, futures-util, parking_lot.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -30,97 +31,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
 use super::{RedisStore, Target};
-use crate::decide::{Mode, Policy};
+use crate::decide::Policy;
+use crate::store::knobs::Knobs;
 use crate::store::{PolicyPatch, PolicyStore, StoreError};
 
 /// The safety-net re-read period.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// Compare-and-set attempts before `update` gives up.
 const CAS_ATTEMPTS: usize = 16;
-
-/// The shared runtime knobs. Field names are the document's (stable across versions; unknown
-/// fields are ignored and missing ones keep the local value).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Knobs {
-    kill_switch: bool,
-    global_abuse_guards_enabled: bool,
-    global_abuse_per_minute_cap: u64,
-    global_abuse_unique_tenants_threshold: u64,
-    global_abuse_block_seconds: u64,
-    fair_use_guards_enabled: bool,
-    fair_use_per_minute_cap: i64,
-    fair_use_per_tenant_concurrency_cap: i64,
-    fair_use_concurrency_lease_ttl_seconds: u64,
-    fair_use_pro_daily_soft_cap: i64,
-    fair_use_enterprise_daily_soft_cap: i64,
-    fair_use_tokens_per_minute: i64,
-    enforcement_mode: String,
-    source_modes: Vec<(String, String)>,
-    approval_issuance_frozen: bool,
-    audit_sample_rate: f64,
-}
-
-impl Knobs {
-    fn of(p: &Policy) -> Knobs {
-        Knobs {
-            kill_switch: p.kill_switch,
-            global_abuse_guards_enabled: p.global.enabled,
-            global_abuse_per_minute_cap: p.global.per_minute_cap,
-            global_abuse_unique_tenants_threshold: p.global.unique_tenants_threshold,
-            global_abuse_block_seconds: p.global.block_seconds,
-            fair_use_guards_enabled: p.fair_use.enabled,
-            fair_use_per_minute_cap: p.fair_use.per_minute_cap,
-            fair_use_per_tenant_concurrency_cap: p.fair_use.concurrency_cap,
-            fair_use_concurrency_lease_ttl_seconds: p.fair_use.lease_ttl_seconds,
-            fair_use_pro_daily_soft_cap: p.fair_use.pro_daily_soft_cap,
-            fair_use_enterprise_daily_soft_cap: p.fair_use.enterprise_daily_soft_cap,
-            fair_use_tokens_per_minute: p.fair_use.tokens_per_minute,
-            enforcement_mode: p.mode.as_str().to_string(),
-            source_modes: p.source_modes.iter().map(|(s, m)| (s.clone(), m.as_str().to_string())).collect(),
-            approval_issuance_frozen: p.approval_issuance_frozen,
-            audit_sample_rate: p.audit_sample_rate,
-        }
-    }
-
-    fn apply(&self, p: &mut Policy) {
-        p.kill_switch = self.kill_switch;
-        p.global.enabled = self.global_abuse_guards_enabled;
-        p.global.per_minute_cap = self.global_abuse_per_minute_cap;
-        p.global.unique_tenants_threshold = self.global_abuse_unique_tenants_threshold;
-        p.global.block_seconds = self.global_abuse_block_seconds;
-        p.fair_use.enabled = self.fair_use_guards_enabled;
-        p.fair_use.per_minute_cap = self.fair_use_per_minute_cap;
-        p.fair_use.concurrency_cap = self.fair_use_per_tenant_concurrency_cap;
-        p.fair_use.lease_ttl_seconds = self.fair_use_concurrency_lease_ttl_seconds;
-        p.fair_use.pro_daily_soft_cap = self.fair_use_pro_daily_soft_cap;
-        p.fair_use.enterprise_daily_soft_cap = self.fair_use_enterprise_daily_soft_cap;
-        p.fair_use.tokens_per_minute = self.fair_use_tokens_per_minute;
-        if let Some(m) = Mode::parse(&self.enforcement_mode) {
-            p.mode = m;
-        }
-        p.source_modes = self.source_modes.iter().filter_map(|(s, m)| Mode::parse(m).map(|m| (s.clone(), m))).collect();
-        p.approval_issuance_frozen = self.approval_issuance_frozen;
-        p.audit_sample_rate = self.audit_sample_rate;
-    }
-
-    fn to_map(&self) -> Map<String, Json> {
-        match serde_json::to_value(self) {
-            Ok(Json::Object(m)) => m,
-            _ => Map::new(),
-        }
-    }
-
-    /// The knobs of `base` with the fields of `over` laid on top (unknown fields ignored).
-    fn merged(base: &Knobs, over: &Map<String, Json>) -> Knobs {
-        let mut m = base.to_map();
-        for (k, v) in over {
-            if m.contains_key(k) {
-                m.insert(k.clone(), v.clone());
-            }
-        }
-        serde_json::from_value(Json::Object(m)).unwrap_or_else(|_| base.clone())
-    }
-}
 
 /// The stored document.
 #[derive(Clone, Debug, Serialize, Deserialize)]

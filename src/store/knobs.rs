@@ -1,0 +1,148 @@
+//! The runtime knobs of a [`Policy`] as one serialisable value: the settings an operator changes
+//! at runtime (`PATCH /api/v1/enforcement/runtime`) — kill switch, global and fair-use guards,
+//! modes, source modes, approval issuance freeze, audit sample rate — without the parts that come
+//! only from the local configuration (the tenants/tiers directory, spend thresholds).
+//!
+//! One serialisation shared by the stores that keep the knobs outside the process: the fleet's
+//! document in Redis (`store::redis::policy`) and the embedded runtime-policy file
+//! (`store::runtime_policy`). Field names are the admin API's setting names and stable across
+//! versions. Pure: no I/O.
+//!
+//! Owns: `Knobs`. Imports: `decide` policy types, serde, serde_json.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use crate::decide::{Mode, Policy};
+
+/// The runtime knobs of a policy (see the module docs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Knobs {
+    pub(crate) kill_switch: bool,
+    pub(crate) global_abuse_guards_enabled: bool,
+    pub(crate) global_abuse_per_minute_cap: u64,
+    pub(crate) global_abuse_unique_tenants_threshold: u64,
+    pub(crate) global_abuse_block_seconds: u64,
+    pub(crate) fair_use_guards_enabled: bool,
+    pub(crate) fair_use_per_minute_cap: i64,
+    pub(crate) fair_use_per_tenant_concurrency_cap: i64,
+    pub(crate) fair_use_concurrency_lease_ttl_seconds: u64,
+    pub(crate) fair_use_pro_daily_soft_cap: i64,
+    pub(crate) fair_use_enterprise_daily_soft_cap: i64,
+    pub(crate) fair_use_tokens_per_minute: i64,
+    pub(crate) enforcement_mode: String,
+    pub(crate) source_modes: Vec<(String, String)>,
+    pub(crate) approval_issuance_frozen: bool,
+    pub(crate) audit_sample_rate: f64,
+}
+
+impl Knobs {
+    /// The knobs of `p`.
+    pub(crate) fn of(p: &Policy) -> Knobs {
+        Knobs {
+            kill_switch: p.kill_switch,
+            global_abuse_guards_enabled: p.global.enabled,
+            global_abuse_per_minute_cap: p.global.per_minute_cap,
+            global_abuse_unique_tenants_threshold: p.global.unique_tenants_threshold,
+            global_abuse_block_seconds: p.global.block_seconds,
+            fair_use_guards_enabled: p.fair_use.enabled,
+            fair_use_per_minute_cap: p.fair_use.per_minute_cap,
+            fair_use_per_tenant_concurrency_cap: p.fair_use.concurrency_cap,
+            fair_use_concurrency_lease_ttl_seconds: p.fair_use.lease_ttl_seconds,
+            fair_use_pro_daily_soft_cap: p.fair_use.pro_daily_soft_cap,
+            fair_use_enterprise_daily_soft_cap: p.fair_use.enterprise_daily_soft_cap,
+            fair_use_tokens_per_minute: p.fair_use.tokens_per_minute,
+            enforcement_mode: p.mode.as_str().to_string(),
+            source_modes: p.source_modes.iter().map(|(s, m)| (s.clone(), m.as_str().to_string())).collect(),
+            approval_issuance_frozen: p.approval_issuance_frozen,
+            audit_sample_rate: p.audit_sample_rate,
+        }
+    }
+
+    /// Sets `p`'s knobs to these (a mode that does not parse leaves `p`'s; see [`Knobs::check`]).
+    pub(crate) fn apply(&self, p: &mut Policy) {
+        p.kill_switch = self.kill_switch;
+        p.global.enabled = self.global_abuse_guards_enabled;
+        p.global.per_minute_cap = self.global_abuse_per_minute_cap;
+        p.global.unique_tenants_threshold = self.global_abuse_unique_tenants_threshold;
+        p.global.block_seconds = self.global_abuse_block_seconds;
+        p.fair_use.enabled = self.fair_use_guards_enabled;
+        p.fair_use.per_minute_cap = self.fair_use_per_minute_cap;
+        p.fair_use.concurrency_cap = self.fair_use_per_tenant_concurrency_cap;
+        p.fair_use.lease_ttl_seconds = self.fair_use_concurrency_lease_ttl_seconds;
+        p.fair_use.pro_daily_soft_cap = self.fair_use_pro_daily_soft_cap;
+        p.fair_use.enterprise_daily_soft_cap = self.fair_use_enterprise_daily_soft_cap;
+        p.fair_use.tokens_per_minute = self.fair_use_tokens_per_minute;
+        if let Some(m) = Mode::parse(&self.enforcement_mode) {
+            p.mode = m;
+        }
+        p.source_modes = self.source_modes.iter().filter_map(|(s, m)| Mode::parse(m).map(|m| (s.clone(), m))).collect();
+        p.approval_issuance_frozen = self.approval_issuance_frozen;
+        p.audit_sample_rate = self.audit_sample_rate;
+    }
+
+    /// Whether every mode names one (`apply` would otherwise skip it).
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let modes = std::iter::once(&self.enforcement_mode).chain(self.source_modes.iter().map(|(_, m)| m));
+        match modes.into_iter().find(|m| Mode::parse(m).is_none()) {
+            Some(bad) => Err(format!("`{bad}` is not a mode")),
+            None => Ok(()),
+        }
+    }
+
+    /// The knobs as a JSON object, one field per knob.
+    pub(crate) fn to_map(&self) -> Map<String, Json> {
+        match serde_json::to_value(self) {
+            Ok(Json::Object(m)) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// The knobs of a JSON object with every field ([`Knobs::to_map`]'s inverse).
+    pub(crate) fn from_map(m: Map<String, Json>) -> Result<Knobs, String> {
+        serde_json::from_value(Json::Object(m)).map_err(|e| e.to_string())
+    }
+
+    /// The knobs of `base` with the fields of `over` laid on top (unknown fields ignored).
+    pub(crate) fn merged(base: &Knobs, over: &Map<String, Json>) -> Knobs {
+        let mut m = base.to_map();
+        for (k, v) in over {
+            if m.contains_key(k) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        Knobs::from_map(m).unwrap_or_else(|_| base.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn knobs_round_trip_through_a_policy_and_json() {
+        let mut p = Policy::for_test();
+        p.kill_switch = true;
+        p.fair_use.per_minute_cap = -1;
+        p.mode = Mode::Soft;
+        p.source_modes = vec![("batch".into(), Mode::Shadow)];
+        let k = Knobs::of(&p);
+        assert_eq!(Knobs::from_map(k.to_map()).unwrap(), k);
+        let mut q = Policy::for_test();
+        k.apply(&mut q);
+        assert_eq!(Knobs::of(&q), k);
+        assert_eq!(k.to_map().len(), 16, "one field per PATCHable setting");
+    }
+
+    #[test]
+    fn merged_lays_known_fields_over_and_check_names_a_bad_mode() {
+        let base = Knobs::of(&Policy::for_test());
+        let m = Knobs::merged(&base, json!({"kill_switch": true, "nonsense": 1}).as_object().unwrap());
+        assert!(m.kill_switch && m.global_abuse_per_minute_cap == base.global_abuse_per_minute_cap);
+        assert_eq!(Knobs::merged(&base, json!({"kill_switch": "yes"}).as_object().unwrap()), base);
+        assert!(base.check().is_ok());
+        let bad = Knobs { source_modes: vec![("batch".into(), "strict".into())], ..base };
+        assert!(bad.check().unwrap_err().contains("strict"));
+    }
+}
