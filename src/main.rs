@@ -256,6 +256,24 @@ fn mint_approval(args: &[String]) -> ExitCode {
             }
         }
     }
+    // Embedded mode: a runtime freeze is kept in the data directory (`runtime-policy.json`,
+    // merged with the environment as the sidecar does at start); an unreadable file mints nothing.
+    if config.redis_url.is_none() {
+        match preauth_sidecar::store::runtime_policy::peek(&config.data_dir, &config.policy) {
+            Ok(Some(p)) if p.approval_issuance_frozen => {
+                eprintln!("approval issuance is frozen at runtime (policy version {}): no token minted", p.version);
+                return ExitCode::from(1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!(
+                    "PREAUTH_DATA_DIR: the runtime policy could not be read ({e}): no token minted; \
+                     check the file, or run mint-approval with the sidecar's PREAUTH_DATA_DIR"
+                );
+                return ExitCode::from(1);
+            }
+        }
+    }
     let Some(secret) = config.approvals.secret.as_ref() else {
         eprintln!("ENFORCEMENT_APPROVAL_TOKEN_SECRET is not set: it signs approval tokens (at least 32 characters)");
         return ExitCode::from(EXIT_CONFIG as u8);

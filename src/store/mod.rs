@@ -20,7 +20,7 @@ mod journal;
 mod knobs;
 pub mod memory;
 pub mod redis;
-mod runtime_policy;
+pub mod runtime_policy;
 
 use std::sync::Arc;
 

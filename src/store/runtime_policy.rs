@@ -27,7 +27,7 @@
 //!   as with the daily counts snapshot (`store::daily`). The version resumes after the one the
 //!   file names when that much can still be read.
 //!
-//! Owns: the file format, `write`, `restore` (load + pure `merge`). Imports: `store::journal`,
+//! Owns: the file format, `write`, `restore` (load + pure `merge`), `peek` (read-only, for tools). Imports: `store::journal`,
 //! `store::knobs`, `decide::Policy`, serde, serde_json, tracing, std.
 
 use std::fs;
@@ -152,6 +152,20 @@ impl Found {
             Found::Unreadable(p) => p.clone(),
         }
     }
+}
+
+/// The policy a sidecar on `dir` runs (or would start with), read without changing anything:
+/// for tools beside it (`mint-approval`). `Ok(None)`: no file, the configuration as is. An
+/// unreadable file is an error here (the sidecar, not a tool, moves it aside).
+pub fn peek(dir: &Path, config: &Policy) -> Result<Option<Policy>, String> {
+    let path = dir.join(FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    merge(config, &saved).map(|m| Some(m.policy)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Reads the file in `dir` and merges it with `config` (see the module docs); logs what was

@@ -143,3 +143,46 @@ async fn a_runtime_change_that_cannot_be_saved_is_refused() {
     );
     s.stop().await;
 }
+
+/// Embedded mode: a freeze set at runtime (`PATCH approval_issuance_frozen`), kept in the data
+/// directory, also stops `mint-approval` run with the sidecar's `PREAUTH_DATA_DIR`; a runtime
+/// policy file it cannot read mints nothing either.
+#[tokio::test(flavor = "multi_thread")]
+async fn mint_approval_honours_a_runtime_freeze_kept_in_the_data_directory() {
+    let secret = "embedded-approval-secret-0123456789abcdef";
+    let dir = temp_dir();
+    let s = start_in(
+        &[("ENFORCEMENT_APPROVAL_TOKEN_SECRET", secret)],
+        std::sync::Arc::new(preauth_sidecar::store::memory::MemoryCounters::new()),
+        &dir,
+    )
+    .await;
+    let mint = || {
+        let (dir, fp) = (dir.clone(), "a".repeat(64));
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
+                .args(["mint-approval", "--tenant", "acme", "--fingerprint", &fp, "--max-cost-usd", "2.50"])
+                .env("ENFORCEMENT_APPROVAL_TOKEN_SECRET", secret)
+                .env_remove("ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN")
+                .env_remove("PREAUTH_REDIS_URL")
+                .env("PREAUTH_DATA_DIR", &dir)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = mint().await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = patch_runtime(&s, json!({"approval_issuance_frozen": true, "reason": "INC-3 key compromise"})).await;
+    assert_eq!(r.status(), 200);
+    let out = mint().await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "frozen at runtime: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "no token printed");
+    let r = patch_runtime(&s, json!({"approval_issuance_frozen": false, "reason": "key rotated"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(mint().await.unwrap().status.code(), Some(0));
+    s.stop().await;
+    std::fs::write(dir.join("runtime-policy.json"), b"{\"version\": 3, \"knobs\": ").unwrap();
+    let out = mint().await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "unreadable runtime policy: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("runtime policy could not be read"));
+}
