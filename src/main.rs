@@ -383,7 +383,14 @@ fn demo() -> ExitCode {
     defaults.insert("PREAUTH_LOG_FORMAT", "text".into());
     defaults.insert("LLM_FAIR_USE_GUARDS_ENABLED", "true".into());
     defaults.insert("LLM_FAIR_USE_PER_MINUTE_CAP", "5".into());
-    defaults.insert("PREAUTH_DATA_DIR", std::env::temp_dir().join("preauth-demo").display().to_string());
+    // A fresh state each run (the daily quota and a kill switch left on would otherwise carry
+    // over from the last demo): the demo's own directory is emptied first. With PREAUTH_DATA_DIR
+    // set, that directory is used as is.
+    let demo_dir = std::env::temp_dir().join("preauth-demo");
+    if Env.get("PREAUTH_DATA_DIR").is_none() {
+        let _ = std::fs::remove_dir_all(&demo_dir);
+    }
+    defaults.insert("PREAUTH_DATA_DIR", demo_dir.display().to_string());
     let overlay = Overlay(defaults);
     let listen = overlay.get("PREAUTH_LISTEN_ADDR").unwrap_or_default();
     let admin = overlay.get("PREAUTH_ADMIN_ADDR").unwrap_or_else(|| "127.0.0.1:9090".into());
@@ -397,6 +404,7 @@ preauth-sidecar demo
 fake LLM upstream : {upstream}
 sidecar (proxy)   : http://{listen}
 admin API         : http://{admin}   (ADMIN_API_KEY={admin_key})
+state             : {data_dir}   (fresh each run unless PREAUTH_DATA_DIR is set)
 
 Tenant JWTs (HS256, valid 24 h):
   PRO  tenant "acme"    : {pro}
@@ -447,6 +455,7 @@ OpenAI SDK (Python: pip install openai):
 Ctrl-C stops the demo.
 "#,
         upstream = fake.base_url(),
+        data_dir = overlay.get("PREAUTH_DATA_DIR").unwrap_or_default(),
     );
     let code = run(&overlay, Purpose::Demo);
     drop(fake);
