@@ -15,7 +15,7 @@ use prometheus::{
     Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-use crate::decide::{Decision, Gate, Tier};
+use crate::decide::{Decision, Gate, Reason, Tier};
 
 /// Latency buckets, 100 µs to 5 s (CONTRACT §9).
 pub const LATENCY_BUCKETS: &[f64] =
@@ -228,7 +228,28 @@ impl Metrics {
         for gate in Gate::ALL {
             for tier in Tier::ALL {
                 self.fair_use_denials.with_label_values(&[gate.as_str(), tier.as_str()]);
+                for outcome in ["allow", "deny"] {
+                    self.fair_use_evaluations.with_label_values(&[gate.as_str(), outcome, tier.as_str()]);
+                }
+                if gate != Gate::GlobalAbuse {
+                    self.fair_use_observed.with_label_values(&[gate.as_str(), tier.as_str()]);
+                }
             }
+        }
+        // Reason counters: every reason code of the default source, and every code that refuses
+        // or escalates per tier (what `pre_auth_denials` counts), so the first denial of a kind
+        // is an increase from 0, not a new series.
+        for reason in Reason::ALL {
+            self.gate_decision_reasons.with_label_values(&[default, reason.as_str()]);
+            if !matches!(reason, Reason::MaxTokensClamped | Reason::ApprovedOverBudget | Reason::ShadowFailOpen) {
+                for tier in Tier::ALL {
+                    self.pre_auth_denials.with_label_values(&[reason.as_str(), tier.as_str()]);
+                }
+            }
+        }
+        // Spend: the series of models outside the price table (provider and model `other`).
+        for tier in Tier::ALL {
+            self.spend_usd.with_label_values(&[tier.as_str(), "other", "other"]);
         }
         for direction in ["overage", "savings"] {
             self.drift_usd.with_label_values(&[direction]);

@@ -186,3 +186,59 @@ async fn mint_approval_honours_a_runtime_freeze_kept_in_the_data_directory() {
     assert_eq!(out.status.code(), Some(1), "unreadable runtime policy: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("runtime policy could not be read"));
 }
+
+/// CONTRACT §9: a replica exposes every metric name of the contract from the start, with the
+/// listed labels (before, the reason, denial, evaluation, observed and spend families appeared
+/// only after their first event, so a fresh replica or one with fair use off lacked them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_sidecar_exposes_every_contract_metric_with_its_labels() {
+    let s = start(&[]).await;
+    let text = metrics(&s).await;
+    for (name, labels) in [
+        ("valdrics_ops_enforcement_gate_decisions_total", &["source", "decision", "path"][..]),
+        ("valdrics_ops_enforcement_gate_decision_reasons_total", &["source", "reason"]),
+        ("valdrics_ops_enforcement_gate_failures_total", &["source", "failure_type"]),
+        ("valdrics_ops_enforcement_gate_latency_seconds_bucket", &["source", "path", "le"]),
+        ("valdrics_ops_llm_pre_auth_denials_total", &["reason", "tenant_tier"]),
+        ("valdrics_ops_llm_fair_use_denials_total", &["gate", "tenant_tier"]),
+        ("valdrics_ops_llm_fair_use_evaluations_total", &["gate", "outcome", "tenant_tier"]),
+        ("valdrics_ops_llm_fair_use_observed", &["gate", "tenant_tier"]),
+        ("valdrics_ops_llm_spend_usd_total", &["tenant_tier", "provider", "model"]),
+        ("valdrics_ops_enforcement_reservation_drift_usd_total", &["direction"]),
+        ("valdrics_ops_enforcement_reservation_reconciliations_total", &["trigger", "status"]),
+        ("valdrics_ops_enforcement_approval_token_events_total", &["event"]),
+        ("valdrics_ops_enforcement_approval_queue_backlog", &[]),
+        ("preauth_kill_switch_enabled", &[]),
+        ("preauth_global_block_active", &[]),
+        ("preauth_policy_version", &[]),
+        ("preauth_reservations_active", &[]),
+        ("preauth_outbox_events_total", &["state"]),
+        ("preauth_outbox_depth", &[]),
+        ("preauth_outbox_oldest_age_seconds", &[]),
+        ("preauth_store_errors_total", &["op"]),
+        ("preauth_upstream_responses_total", &["status_class"]),
+    ] {
+        let sample = text
+            .lines()
+            .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(['{', ' '])))
+            .unwrap_or_else(|| panic!("{name} missing from a fresh sidecar's /metrics:\n{text}"));
+        let names: Vec<&str> = match sample[name.len()..].strip_prefix('{') {
+            Some(rest) => rest.split('}').next().unwrap().split(',').map(|kv| kv.split('=').next().unwrap()).collect(),
+            None => Vec::new(),
+        };
+        let (mut got, mut want) = (names.clone(), labels.to_vec());
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want, "labels of {sample}");
+    }
+    // The series a dashboard reads first exist at 0.
+    for series in [
+        "valdrics_ops_enforcement_gate_decision_reasons_total{reason=\"budget_exceeded\",source=\"default\"} 0",
+        "valdrics_ops_llm_pre_auth_denials_total{reason=\"fair_use_per_minute\",tenant_tier=\"free\"} 0",
+        "valdrics_ops_llm_fair_use_evaluations_total{gate=\"per_minute\",outcome=\"deny\",tenant_tier=\"pro\"} 0",
+        "valdrics_ops_llm_fair_use_observed{gate=\"concurrency\",tenant_tier=\"enterprise\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series} missing");
+    }
+    s.stop().await;
+}
