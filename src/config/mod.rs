@@ -41,8 +41,9 @@ pub struct Upstream {
 impl Upstream {
     /// Parses `http(s)://host[:port][/]`. A path prefix is not supported (requests keep their path).
     pub fn parse(url: &str) -> Result<Upstream, String> {
-        // Errors name the URL without its credentials (they reach logs and terminals).
-        let shown = redact_userinfo(url);
+        // Errors name the URL without its credentials, userinfo or query values (they reach logs
+        // and terminals; `?api_key=…` is a credential as much as `user:password@`).
+        let shown = redact_url(url);
         let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("http://") {

@@ -78,3 +78,19 @@ fn help_after_a_command_explains_instead_of_starting_it() {
         assert!(text.contains("preauth-sidecar demo") && text.contains("check-config"), "{cmd}: {text}");
     }
 }
+
+#[test]
+fn a_bad_upstream_url_is_reported_without_its_credentials() {
+    for url in ["http://gw:4000/v1?api_key=sk-live-leak123", "http://user:sk-live-leak123@gw:4000"] {
+        let out = clean_command()
+            .arg("check-config")
+            .env("PREAUTH_UPSTREAM_URL", url)
+            .env("SUPABASE_JWT_SECRET", "s3cret-0123456789abcdef0123456789abcdef")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("PREAUTH_UPSTREAM_URL") && err.contains("gw:4000"), "{err}");
+        assert!(!err.contains("sk-live-leak123"), "credential printed: {err}");
+    }
+}
