@@ -307,7 +307,16 @@ fn mint_approval(args: &[String]) -> ExitCode {
         ttl_seconds,
     };
     if let Err(field) = req.validate() {
-        eprintln!("invalid {field} (the fingerprint is 64 lowercase hex characters; ids are at most 256 characters)");
+        let (flag, what) = match field {
+            "request_fingerprint" => {
+                ("--fingerprint", "64 lowercase hex characters (the request_fingerprint of the 403)")
+            }
+            "max_cost_usd" => ("--max-cost-usd", "a decimal amount of at least 0, like 2.50"),
+            "approval_id" => ("--approval-id", "1 to 256 bytes, no control characters"),
+            "tenant_id" => ("--tenant", "1 to 256 bytes, no control characters"),
+            _ => ("--ttl-seconds", "a whole number between 60 and 86400"),
+        };
+        eprintln!("{flag} must be {what}\n{usage}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }
     println!("{}", mint(&req, secret.expose().as_bytes(), config.approvals.kid.as_deref()));

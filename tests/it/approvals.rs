@@ -311,6 +311,23 @@ fn mint_approval_cli() {
         .output()
         .unwrap();
     assert_eq!(short.status.code(), Some(64), "secrets shorter than 32 characters are a config error");
+    // A bad option is named with what it must be (a negative cost was reported as a bad id or
+    // fingerprint).
+    for (flag, value) in [("--max-cost-usd", "-2.50"), ("--fingerprint", "ABC")] {
+        let mut args = vec!["mint-approval", "--tenant", "acme", "--fingerprint", &fp, "--max-cost-usd", "2.50"];
+        let at = args.iter().position(|a| *a == flag).unwrap() + 1;
+        args[at] = value;
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .env("ENFORCEMENT_APPROVAL_TOKEN_SECRET", KEY_NEW)
+            .env_remove("ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with(&format!("{flag} must be")), "{flag} {value}: {err}");
+    }
 }
 
 /// An approved request is admitted and uses its token up; when the gateway then fails (5xx, 429),
