@@ -83,7 +83,15 @@ impl PreauthProxy {
     async fn gate_decide(&self, ctx: &mut RequestCtx, body: &[u8]) -> std::result::Result<Value, Refusal> {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| Refusal::InvalidRequest(format!("Gate body is not valid JSON: {e}")))?;
-        let path = v.get("route").and_then(Value::as_str).unwrap_or("/v1/chat/completions");
+        // `route` may be left out (chat completions); given, it must name a route.
+        let path = match v.get("route") {
+            None => "/v1/chat/completions",
+            Some(r) => r.as_str().ok_or_else(|| {
+                Refusal::InvalidRequest(
+                    "`route` must be the LLM route as a string, e.g. \"/v1/chat/completions\".".into(),
+                )
+            })?,
+        };
         let route = Route::from_path(path)
             .ok_or_else(|| Refusal::InvalidRequest(format!("`route` `{path}` is not an inspected LLM route.")))?;
         let request = v.get("request").filter(|r| r.is_object()).ok_or_else(|| {

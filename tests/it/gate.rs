@@ -115,3 +115,20 @@ async fn released_or_reconciled_gate_holds_give_their_concurrency_slot_back() {
     }
     s.stop().await;
 }
+
+/// A `route` that is not a string is a 400, not silently the chat route (whose fingerprint and
+/// required fields the caller did not ask for).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_route_that_is_not_a_string_is_refused() {
+    let s = start(&[]).await;
+    let request = json!({"model": "gpt-4o-mini", "input": "hi"});
+    for route in [json!(5), json!(["/v1/embeddings"]), json!(null)] {
+        let r = gate(&s, "acme", &json!({"route": route, "request": request})).await;
+        let v = assert_error(r, 400, "invalid_request").await;
+        assert!(v["error"]["message"].as_str().unwrap().contains("route"), "{v}");
+    }
+    // Left out, it is the chat route.
+    let r = gate(&s, "acme", &json!({"request": {"model": "gpt-4o-mini", "messages": []}})).await;
+    assert_eq!(json_of(r).await["decision"], "ALLOW");
+    s.stop().await;
+}
