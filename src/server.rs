@@ -61,6 +61,21 @@ pub fn resolve_upstream(config: &Config) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("PREAUTH_UPSTREAM_URL: {} resolves to no address", up.host))
 }
 
+/// Fails when a listener address cannot be bound (in use by another process, not a local
+/// address, no permission). pingora retries a busy address for 30 s and then loses that listener
+/// in a panicked thread while the process, and its admin `/readyz`, lived on: the operator saw a
+/// ready replica that refused every connection. Checked with `SO_REUSEADDR` as pingora binds, so
+/// only a live listener (not a `TIME_WAIT` connection) counts as in use.
+pub fn check_listeners(config: &Config) -> Result<(), String> {
+    for (var, addr) in [("PREAUTH_LISTEN_ADDR", config.listen_addr), ("PREAUTH_ADMIN_ADDR", config.admin_addr)] {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+        socket.and_then(|s| s.set_reuseaddr(true).and_then(|()| s.bind(addr))).map_err(|e| {
+            format!("{var}: cannot listen on {addr}: {e} (stop the process that holds it or choose another address)")
+        })?;
+    }
+    Ok(())
+}
+
 /// The replaceable parts of a sidecar: time and state backends.
 pub struct Parts {
     pub clock: Arc<dyn Clock>,
@@ -139,6 +154,7 @@ pub fn build(config: Config) -> Result<Built, String> {
 pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let pricing = Arc::new(load_pricing(&config)?);
     let upstream_addr = resolve_upstream(&config)?;
+    check_listeners(&config)?;
     let up = config.upstream.clone().expect("resolved above");
 
     let Parts { clock, counters, budgets, approvals, policy, gatekeeper, health, journal } = parts;

@@ -179,6 +179,12 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
 
     let listen_addr = r.socket_addr(ENV_LISTEN_ADDR, DEFAULT_LISTEN_ADDR);
     let admin_addr = r.socket_addr(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR);
+    if admin_addr == listen_addr && admin_addr.port() != 0 {
+        r.error(
+            ENV_ADMIN_ADDR,
+            format!("{admin_addr} is also {ENV_LISTEN_ADDR}: give the admin listener a port of its own"),
+        );
+    }
     let upstream = match (r.raw(ENV_UPSTREAM_URL), purpose) {
         (Some(u), _) => match Upstream::parse(&u) {
             Ok(up) => Some(up),

@@ -94,3 +94,55 @@ fn a_bad_upstream_url_is_reported_without_its_credentials() {
         assert!(!err.contains("sk-live-leak123"), "credential printed: {err}");
     }
 }
+
+/// A listener address another process holds stops the start (exit 64, the variable named):
+/// before, pingora retried for 30 s, then lost the proxy listener in a panicked thread while the
+/// process and its admin `/readyz` (200) lived on, refusing every LLM call.
+#[test]
+fn a_listener_address_in_use_stops_the_start() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().to_string();
+    let dir = crate::support::temp_dir();
+    for (var, other) in [("PREAUTH_LISTEN_ADDR", "PREAUTH_ADMIN_ADDR"), ("PREAUTH_ADMIN_ADDR", "PREAUTH_LISTEN_ADDR")] {
+        let free = format!("127.0.0.1:{}", crate::support::free_port());
+        let mut child = clean_command()
+            .arg("run")
+            .env("PREAUTH_UPSTREAM_URL", "http://127.0.0.1:9")
+            .env("SUPABASE_JWT_SECRET", crate::support::JWT_SECRET)
+            .env("PREAUTH_DATA_DIR", &dir)
+            .env(var, &busy)
+            .env(other, &free)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{var} in use: the process kept running");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(64), "{var}: {err}");
+        assert!(err.contains(var) && err.contains(&busy), "{var}: {err}");
+    }
+    // One address for both listeners is a configuration error, reported with the others.
+    let out = clean_command()
+        .arg("check-config")
+        .env("PREAUTH_UPSTREAM_URL", "http://127.0.0.1:9")
+        .env("SUPABASE_JWT_SECRET", crate::support::JWT_SECRET)
+        .env("PREAUTH_LISTEN_ADDR", "127.0.0.1:28999")
+        .env("PREAUTH_ADMIN_ADDR", "127.0.0.1:28999")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PREAUTH_ADMIN_ADDR"));
+    drop(held);
+}
