@@ -52,7 +52,10 @@ impl AdminApp {
 
     /// Authenticated routes under `/api/v1/enforcement/` other than `runtime`.
     async fn enforcement(&self, s: &mut ServerSession, method: &Method, rest: &str, query: &str) -> Response<Vec<u8>> {
-        let parts: Vec<&str> = rest.split('/').collect();
+        // Ids are percent-decoded per segment: tenant ids may hold `/`, `?`, `%` or `#`
+        // (`/tenants/org%2F1` is tenant `org/1`), as the query parameters are decoded.
+        let decoded: Vec<String> = rest.split('/').map(crate::ledger::percent_decode_path).collect();
+        let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let (status, body) = match (method, parts.as_slice()) {
             (&Method::GET, ["tenants", id]) if !id.is_empty() => spend::tenant(&self.state, id).await,
             (&Method::GET, ["reservations"]) => spend::list(&self.state, query).await,

@@ -128,12 +128,21 @@ fn parse_time(name: &str, v: &str) -> Result<UnixMillis, String> {
 /// `application/x-www-form-urlencoded` value decoding (`+` is a space, `%XX` a byte); invalid
 /// escapes are kept literally.
 pub fn percent_decode(s: &str) -> String {
+    decode(s, true)
+}
+
+/// URL path segment decoding (`%XX` a byte, `+` itself): `/tenants/org%2F1` names `org/1`.
+pub fn percent_decode_path(s: &str) -> String {
+    decode(s, false)
+}
+
+fn decode(s: &str, plus_is_space: bool) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' => {
                 let hex = |c: u8| (c as char).to_digit(16);
                 match (b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
@@ -206,5 +215,6 @@ mod filter_tests {
         assert!(LedgerFilter::from_query("start_at=yesterday").is_err());
         assert!(LedgerFilter::from_query("event_type=nope").is_err());
         assert_eq!(percent_decode("a%2Fb%zz%"), "a/b%zz%");
+        assert_eq!(percent_decode_path("a+b%2Fc%zz"), "a+b/c%zz");
     }
 }

@@ -242,3 +242,21 @@ async fn a_fresh_sidecar_exposes_every_contract_metric_with_its_labels() {
     }
     s.stop().await;
 }
+
+/// Tenant ids are any visible ASCII (`org/1`, `x?y`, `a%b`, `a+b`): the admin path segment is
+/// percent-decoded like the query parameters, so `/tenants/org%2F1` shows tenant `org/1`
+/// (before, it showed an empty view of a tenant literally named `org%2F1`, and `org/1` could not
+/// be looked up at all); `+` in a path is itself, not a space.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_paths_name_tenants_percent_encoded() {
+    let s = start(&[]).await;
+    for (tenant, segment) in [("org/1?x#%", "org%2F1%3Fx%23%25"), ("a+b", "a+b"), ("a+b", "a%2Bb")] {
+        let r = post(&s, "/v1/chat/completions", tenant, "pro", &chat("gpt-4o-mini")).await;
+        assert_eq!(r.status(), 200, "{tenant}");
+        let v = tenant_view(&s, segment).await;
+        assert_eq!(v["tenant_id"], tenant, "{segment}");
+        assert!(v["daily_requests"].as_u64() >= Some(1), "{segment}: {v}");
+        assert_eq!(v["tier"], "pro", "{segment}: {v}");
+    }
+    s.stop().await;
+}
