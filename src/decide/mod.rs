@@ -213,6 +213,14 @@ pub fn spend_threshold(policy: &Policy, estimated_cost: Micros, approved: bool) 
     }
 }
 
+/// Whether a valid approval token lifts the step-7 `threshold` in `mode`. The approval threshold
+/// is lifted by [`spend_threshold`] itself; the hard limit is a soft-mode escalation in soft
+/// mode, which a valid token lifts like every other (CONTRACT §5), bounded by the token's
+/// `max_cost_usd`. In hard mode the hard limit is a 402 no token lifts; shadow holds nothing.
+pub fn token_lifts_threshold(mode: Mode, approved: bool, threshold: Option<Reason>) -> bool {
+    approved && mode == Mode::Soft && threshold == Some(Reason::HardDenyThreshold)
+}
+
 /// Steps 5–6: the first tenant rule violated, with its retry hint in seconds.
 fn first_tenant_violation(
     policy: &Policy,

@@ -203,6 +203,11 @@ fn spend_thresholds_and_their_modes() {
     assert_eq!(spend_threshold(&p, Micros(1_000_001), false), Some(Reason::ApprovalRequired));
     assert_eq!(spend_threshold(&p, Micros(1_000_001), true), None, "a valid token lifts the approval threshold");
     assert_eq!(spend_threshold(&p, Micros(50_000_001), true), Some(Reason::HardDenyThreshold), "never the hard limit");
+    let hard_limit = Some(Reason::HardDenyThreshold);
+    assert!(token_lifts_threshold(Mode::Soft, true, hard_limit), "soft mode: a token lifts the escalated hard limit");
+    assert!(!token_lifts_threshold(Mode::Hard, true, hard_limit), "hard mode: the hard limit is a 402");
+    assert!(!token_lifts_threshold(Mode::Soft, false, hard_limit));
+    assert!(!token_lifts_threshold(Mode::Soft, true, None));
     let hard = violation(Mode::Hard, Reason::ApprovalRequired, None);
     assert_eq!((hard.verdict, hard.reason_label()), (Verdict::RequireApproval, Some("approval_required")));
     let hard = violation(Mode::Hard, Reason::BudgetExceeded, None);

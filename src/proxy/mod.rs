@@ -197,11 +197,14 @@ impl PreauthProxy {
             };
             let approved = matches!(token_check, Some(Ok(_)));
             let threshold = decide::spend_threshold(&policy, estimated_cost, approved);
+            let threshold_lifted = decide::token_lifts_threshold(mode, approved, threshold);
             let over_budget_ok = approved && mode == Mode::Soft;
             let budget = limits.monthly_budget(tier);
             // Steps 4–6 and 9 in one store step: count the request and, when it may be admitted,
             // hold its cost. A request the guards then refuse gives both back.
-            let wants_hold = mode != Mode::Shadow && threshold.is_none() && !matches!(token_check, Some(Err(_)));
+            let wants_hold = mode != Mode::Shadow
+                && (threshold.is_none() || threshold_lifted)
+                && !matches!(token_check, Some(Err(_)));
             let hold = wants_hold
                 .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok, now));
             let lease = limits.wants_lease();
@@ -234,6 +237,9 @@ impl PreauthProxy {
             if d.is_allow() && !d.is_would_deny() {
                 if let Some(reason) = threshold {
                     d = Decision { evaluations: d.evaluations, ..decide::violation(mode, reason, None) };
+                    if threshold_lifted {
+                        d = decide::lift_soft_escalation(d);
+                    }
                 }
             }
             if d.is_allow() && !d.is_would_deny() {

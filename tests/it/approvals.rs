@@ -282,6 +282,43 @@ async fn soft_mode_token_admits_over_budget_hard_mode_does_not() {
     s.stop().await;
 }
 
+/// Soft mode escalates a request above the hard limit to REQUIRE_APPROVAL and queues an
+/// approval; the token the operator then issues admits it (CONTRACT §5: a valid token lifts
+/// soft-mode escalations), holding its cost. Before, the retry met the same 403 and queued yet
+/// another approval: an approval that could never be used. In hard mode it stays a 402.
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_mode_hard_limit_escalation_is_lifted_by_its_approval() {
+    let mut e = env(KEY_NEW, "");
+    e.push(("PREAUTH_HARD_DENY_ABOVE_USD", "0.06"));
+    e.push(("PREAUTH_ENFORCEMENT_MODE", "soft"));
+    let s = start(&e).await;
+    let body = expensive(); // ≈ 0.10 USD: above both thresholds
+    let v = assert_error(send(&s, "acme", &body, None).await, 403, "approval_required").await;
+    assert_eq!(v["error"]["details"]["reason"], "soft_mode_hard_deny_threshold_exceeded");
+    let id = v["error"]["details"]["approval_id"].as_str().expect("an approval is queued").to_string();
+    let r = s.admin_post(&format!("/api/v1/enforcement/approvals/{id}/approve"), json!({})).await;
+    assert_eq!(r.status(), 200);
+    let token = json_of(r).await["approval_token"].as_str().unwrap().to_string();
+    let r = send(&s, "acme", &body, Some(&token)).await;
+    assert_eq!(r.status(), 200, "the approved request is admitted");
+    assert_eq!(r.headers()["x-preauth-decision"], "ALLOW");
+    assert!(r.headers().get("x-preauth-reservation-id").is_some(), "and holds its cost");
+    r.bytes().await.unwrap();
+    let pending = s.admin_get("/api/v1/enforcement/approvals?status=pending").await;
+    assert_eq!(pending["items"].as_array().map(Vec::len), Some(0), "no new approval was queued");
+    assert_error(send(&s, "acme", &body, Some(&token)).await, 409, "approval_token_replayed").await;
+    s.stop().await;
+
+    // Hard mode: the hard limit is refused outright, token or not (and the token stays unused).
+    e.retain(|(k, _)| *k != "PREAUTH_ENFORCEMENT_MODE");
+    let s = start(&e).await;
+    let fp = fingerprint("acme", "/v1/chat/completions", &body);
+    let t = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &claims("acme", &fp, "5.00", "hl-1"), KEY_NEW);
+    let v = assert_error(send(&s, "acme", &body, Some(&t)).await, 402, "budget_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "hard_deny_threshold_exceeded");
+    s.stop().await;
+}
+
 #[test]
 fn mint_approval_cli() {
     let bin = env!("CARGO_BIN_EXE_preauth-sidecar");
