@@ -224,6 +224,11 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
         "header" => Identity::Header,
         other => {
             r.error(ENV_IDENTITY, format!("`{other}` is not an identity mode (use jwt or header)"));
+            // A mistyped mode (`jtw`) most likely meant jwt: its settings are checked too, so
+            // every bad variable is reported at once.
+            let _ = r.secret(ENV_JWT_SECRET, MIN_SECRET_LEN);
+            claim_path(&mut r, ENV_JWT_TENANT_CLAIM, DEFAULT_JWT_TENANT_CLAIM);
+            claim_path(&mut r, ENV_JWT_TIER_CLAIM, DEFAULT_JWT_TIER_CLAIM);
             Identity::Header
         }
     };

@@ -65,6 +65,22 @@ fn every_bad_variable_is_reported() {
     assert!(!e.iter().any(|e| e.message.contains(SECRET)), "secrets never appear in errors");
 }
 
+/// A mistyped identity mode does not hide the errors of the jwt settings it most likely meant.
+#[test]
+fn a_bad_identity_mode_still_reports_bad_jwt_settings() {
+    let e = parse(
+        &env(&[
+            ("PREAUTH_IDENTITY", "jtw"),
+            ("SUPABASE_JWT_SECRET", "short"),
+            ("PREAUTH_JWT_TENANT_CLAIM", "app_metadata..tenant"),
+        ]),
+        Purpose::Run,
+    )
+    .unwrap_err();
+    let vars: Vec<&str> = e.iter().map(|e| e.var.as_str()).collect();
+    assert_eq!(vars, ["PREAUTH_IDENTITY", "SUPABASE_JWT_SECRET", "PREAUTH_JWT_TENANT_CLAIM"]);
+}
+
 #[test]
 fn booleans_are_strict() {
     for (v, want) in [("TRUE", true), ("yes", true), ("1", true), ("No", false), ("0", false)] {
