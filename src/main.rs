@@ -44,6 +44,17 @@ fn main() -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
+    // Configuration is environment only: an argument after a command that takes none
+    // (`run --listen 0.0.0.0:9000`) would otherwise be ignored silently.
+    if let (Some("run" | "demo" | "check-config" | "migrate"), Some(extra)) =
+        (args.first().map(String::as_str), args.get(1))
+    {
+        eprintln!(
+            "unexpected argument `{extra}`: `{}` takes none (configuration is environment only)\n\n{USAGE}",
+            args[0]
+        );
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     match args.first().map(String::as_str) {
         None | Some("run") => run(&Env, Purpose::Run),
         Some("demo") => demo(),

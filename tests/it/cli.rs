@@ -146,3 +146,15 @@ fn a_listener_address_in_use_stops_the_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("PREAUTH_ADMIN_ADDR"));
     drop(held);
 }
+
+/// Configuration is environment only: `run --listen …` is refused (exit 64) instead of starting
+/// on the defaults with the argument ignored.
+#[test]
+fn commands_refuse_arguments_they_do_not_take() {
+    for cmd in ["run", "demo", "check-config", "migrate"] {
+        let out = clean_command().args([cmd, "--listen", "127.0.0.1:1"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("unexpected argument `--listen`"), "{cmd}: {err}");
+    }
+}
