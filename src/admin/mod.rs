@@ -154,8 +154,10 @@ impl AdminApp {
             .headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            // The scheme is case-insensitive (RFC 9110 §11.1): `bearer KEY` is the same key.
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, k)| k.trim())
             .unwrap_or("");
         if ct_eq(given.as_bytes(), key.expose().as_bytes()) {
             Ok(())

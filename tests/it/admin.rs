@@ -19,6 +19,17 @@ async fn health_ready_and_auth() {
     assert_eq!(json_of(r).await["error"]["code"], "unauthorized");
     let r = c.get(s.admin_url("/api/v1/enforcement/runtime")).bearer_auth("wrong").send().await.unwrap();
     assert_eq!(r.status(), 401);
+    let r = c.get(s.admin_url("/api/v1/enforcement/runtime")).header("authorization", ADMIN_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 401, "the key alone, without the scheme, is refused");
+    for scheme in ["bearer", "BEARER"] {
+        let r = c
+            .get(s.admin_url("/api/v1/enforcement/runtime"))
+            .header("authorization", format!("{scheme} {ADMIN_KEY}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the auth scheme is case-insensitive: {scheme}");
+    }
     let r = c.get(s.admin_url("/api/v1/enforcement/runtime")).bearer_auth(ADMIN_KEY).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let v = json_of(r).await;
