@@ -381,6 +381,10 @@ impl Chunked {
                             if v >> 59 != 0 {
                                 return Err("chunk size too large");
                             }
+                            if self.line >= MAX_CHUNK_LINE {
+                                // Leading zeros: the size line would never end.
+                                return Err("chunk size line too long");
+                            }
                             self.state = Size(v << 4 | u64::from(d));
                         }
                         None if self.state == Start => return Err("invalid chunk size"),
@@ -738,6 +742,8 @@ mod tests {
         assert_eq!(dechunk(&[b"x\r\n"]).err(), Some("invalid chunk size"));
         assert_eq!(dechunk(&[b"2\r\nabc\r\n"]).err(), Some("chunk data longer than its size"));
         assert_eq!(dechunk(&[b"fffffffffffffffff\r\n"]).err(), Some("chunk size too large"));
+        let zeros = vec![b'0'; MAX_CHUNK_LINE + 1];
+        assert_eq!(dechunk(&[&zeros]).err(), Some("chunk size line too long"), "before the line ends");
         assert_eq!(dechunk(&[b"0\r\n\rx"]).err(), Some("invalid chunked body end"));
         assert!(dechunk(&[b"0\n\n"]).unwrap().2, "bare LF tolerated");
     }
