@@ -165,6 +165,23 @@ async fn chunked_framing_bytes_count_against_the_body_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_answer_to_head_has_no_body_and_the_connection_stays_in_step() {
+    let s = start(&[]).await;
+    let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+    let wire = format!(
+        "HEAD /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        token("acme", "pro")
+    );
+    sock.write_all(wire.as_bytes()).await.unwrap();
+    let text = read_to_close(&mut sock).await;
+    let (first, rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(first.to_ascii_lowercase().contains("content-length:"), "the length a GET would get: {first}");
+    assert!(rest.starts_with("HTTP/1.1 200"), "nothing between the HEAD answer and the next: {text}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn conflicting_framing_is_served_by_the_chunked_coding_then_closed() {
     let s = start(&[]).await;
     let body = chat_body(false);

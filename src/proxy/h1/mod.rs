@@ -745,7 +745,11 @@ impl Downstream for Client {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body);
+        if self.head.method != Method::HEAD {
+            // An answer to HEAD has no content (RFC 9110 §9.3.2); the client would read it as
+            // the start of the next answer.
+            out.extend_from_slice(body);
+        }
         self.answered = true;
         self.write_out().await
     }
