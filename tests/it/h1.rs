@@ -145,6 +145,43 @@ async fn a_chunked_upload_is_decided_and_forwarded_with_its_length() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn chunked_framing_bytes_count_against_the_body_limit() {
+    let s = start(&[("PREAUTH_MAX_BODY_BYTES", "1024")]).await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ntransfer-encoding: chunked\r\n\r\n",
+        token("acme", "pro")
+    );
+    // 40 bytes of data in 160 KB of chunk extensions: buffered whole, such a body would let a
+    // client hold thousands of times the body limit in memory.
+    let chunk = format!("1;{}\r\na\r\n", "e".repeat(4000));
+    let wire = [head.as_bytes(), chunk.repeat(40).as_bytes(), b"0\r\n\r\n"].concat();
+    let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+    // The sidecar may answer and close before it has read all of it.
+    let _ = sock.write_all(&wire).await;
+    let text = read_to_close(&mut sock).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("\"code\":\"request_too_large\""), "{text}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answer_to_head_has_no_body_and_the_connection_stays_in_step() {
+    let s = start(&[]).await;
+    let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+    let wire = format!(
+        "HEAD /v1/chat/completions HTTP/1.1\r\nhost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+        token("acme", "pro")
+    );
+    sock.write_all(wire.as_bytes()).await.unwrap();
+    let text = read_to_close(&mut sock).await;
+    let (first, rest) = text.split_once("\r\n\r\n").unwrap();
+    assert!(first.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(first.to_ascii_lowercase().contains("content-length:"), "the length a GET would get: {first}");
+    assert!(rest.starts_with("HTTP/1.1 200"), "nothing between the HEAD answer and the next: {text}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn conflicting_framing_is_served_by_the_chunked_coding_then_closed() {
     let s = start(&[]).await;
     let body = chat_body(false);

@@ -683,6 +683,10 @@ impl Downstream for Client {
                 Ok(Some(Bytes::copy_from_slice(&self.buf[start..end])))
             }
             RequestBody::Chunked => {
+                // Framing bytes (chunk sizes, extensions, trailers) stay in `buf` with the data
+                // until the body is decided: bounded too, or tiny chunks with long extensions
+                // would buffer thousands of times the body limit.
+                let wire_limit = limit.saturating_mul(2).saturating_add(64 * 1024);
                 let mut decoder = Chunked::default();
                 let mut body = Vec::new();
                 let mut at = start;
@@ -705,6 +709,9 @@ impl Downstream for Client {
                     if decoder.is_done() {
                         self.body_done = true;
                         return Ok(Some(Bytes::from(body)));
+                    }
+                    if (self.buf.len() - start) as u64 > wire_limit {
+                        return Ok(None);
                     }
                     self.continue_if_expected().await?;
                     self.read_more().await?;
@@ -738,7 +745,11 @@ impl Downstream for Client {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(body);
+        if self.head.method != Method::HEAD {
+            // An answer to HEAD has no content (RFC 9110 §9.3.2); the client would read it as
+            // the start of the next answer.
+            out.extend_from_slice(body);
+        }
         self.answered = true;
         self.write_out().await
     }

@@ -110,6 +110,8 @@ impl Fields {
                 }
             } else if is("expect") {
                 f.expect_continue |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+            } else if is("host") {
+                f.hosts = f.hosts.saturating_add(1);
             }
         }
         Ok(f)
@@ -129,6 +131,8 @@ struct FramingHeaders {
     /// `connection` names other fields (hop-by-hop for this hop only).
     names_fields: bool,
     expect_continue: bool,
+    /// `host` lines.
+    hosts: u8,
 }
 
 fn parse_decimal(s: &[u8]) -> Option<u64> {
@@ -210,15 +214,19 @@ impl RequestHead {
         self.len = len;
 
         let f = self.fields.framing(buf)?;
+        // RFC 9112 §3.2: an HTTP/1.1 request without `host`, or any with more than one, is a 400.
+        if f.hosts > 1 || (f.hosts == 0 && !self.http10) {
+            return Err("missing or repeated host");
+        }
         self.body = match (f.chunked, f.length) {
             (Some(true), _) => RequestBody::Chunked,
             (Some(false), _) => return Err("unsupported transfer-encoding"),
             (None, n) => RequestBody::Length(n.unwrap_or(0)),
         };
         // Both framings: the chunked one wins (RFC 9112 §6.3), and the connection is not trusted
-        // with another request.
-        let both = f.chunked.is_some() && f.length.is_some();
-        self.keep_alive = !both && !f.close && (!self.http10 || f.keep_alive);
+        // with another request; nor after `transfer-encoding` from HTTP/1.0 (§6.1: faulty framing).
+        let suspect = f.chunked.is_some() && (f.length.is_some() || self.http10);
+        self.keep_alive = !suspect && !f.close && (!self.http10 || f.keep_alive);
         self.expect_continue = !self.http10 && f.expect_continue;
         Ok(true)
     }
@@ -380,6 +388,10 @@ impl Chunked {
                         Some(d) => {
                             if v >> 59 != 0 {
                                 return Err("chunk size too large");
+                            }
+                            if self.line >= MAX_CHUNK_LINE {
+                                // Leading zeros: the size line would never end.
+                                return Err("chunk size line too long");
                             }
                             self.state = Size(v << 4 | u64::from(d));
                         }
@@ -595,8 +607,14 @@ fn hex_len(n: usize, buf: &mut [u8; 16]) -> &[u8] {
 mod tests {
     use super::*;
 
+    /// Parses `raw`, with a `host` line added after the request line when it has none.
     fn req(raw: &str) -> Result<(RequestHead, Vec<u8>), Malformed> {
         let mut h = RequestHead::default();
+        let raw = if raw.to_ascii_lowercase().contains("\r\nhost:") {
+            raw.to_string()
+        } else {
+            raw.replacen("\r\n", "\r\nHost: h\r\n", 1)
+        };
         let buf = raw.as_bytes().to_vec();
         assert!(h.parse(&buf)?, "complete");
         Ok((h, buf))
@@ -668,6 +686,19 @@ mod tests {
         assert!(req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().0.keep_alive);
         assert!(req("POST / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").unwrap().0.expect_continue);
         assert!(!req("POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").unwrap().0.expect_continue);
+        let (h, _) = req("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert_eq!((h.body, h.keep_alive), (RequestBody::Chunked, false), "HTTP/1.0 with transfer-encoding: close");
+    }
+
+    #[test]
+    fn host_is_required_once_on_http11() {
+        let mut h = RequestHead::default();
+        assert_eq!(h.parse(b"GET / HTTP/1.1\r\n\r\n"), Err("missing or repeated host"));
+        assert_eq!(h.parse(b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n"), Err("missing or repeated host"));
+        assert_eq!(h.parse(b"GET / HTTP/1.0\r\nHost: a\r\nHOST: b\r\n\r\n"), Err("missing or repeated host"));
+        assert_eq!(h.parse(b"GET / HTTP/1.0\r\n\r\n"), Ok(true), "optional in HTTP/1.0");
+        assert_eq!(h.parse(b"GET http://a/ HTTP/1.1\r\n\r\n"), Err("missing or repeated host"), "absolute form too");
+        assert_eq!(h.parse(b"GET / HTTP/1.1\r\nhOsT: a\r\n\r\n"), Ok(true));
     }
 
     #[test]
@@ -738,6 +769,8 @@ mod tests {
         assert_eq!(dechunk(&[b"x\r\n"]).err(), Some("invalid chunk size"));
         assert_eq!(dechunk(&[b"2\r\nabc\r\n"]).err(), Some("chunk data longer than its size"));
         assert_eq!(dechunk(&[b"fffffffffffffffff\r\n"]).err(), Some("chunk size too large"));
+        let zeros = vec![b'0'; MAX_CHUNK_LINE + 1];
+        assert_eq!(dechunk(&[&zeros]).err(), Some("chunk size line too long"), "before the line ends");
         assert_eq!(dechunk(&[b"0\r\n\rx"]).err(), Some("invalid chunked body end"));
         assert!(dechunk(&[b"0\n\n"]).unwrap().2, "bare LF tolerated");
     }
