@@ -76,6 +76,11 @@ pub fn check_listeners(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// The `reason` of the `runtime_changed` event a restart records in embedded mode: the runtime
+/// policy is assembled anew (a new `policy_version`) from the configuration and the runtime
+/// changes kept in the data directory.
+pub const RESTART_REASON: &str = "restart: runtime policy restored from PREAUTH_DATA_DIR/runtime-policy.json";
+
 /// The replaceable parts of a sidecar: time and state backends.
 pub struct Parts {
     pub clock: Arc<dyn Clock>,
@@ -160,7 +165,16 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let Parts { clock, counters, budgets, approvals, policy, gatekeeper, health, journal } = parts;
     let gatekeeper =
         gatekeeper.unwrap_or_else(|| Arc::new(Sequential { counters: counters.clone(), budgets: budgets.clone() }));
-    let policy = policy.unwrap_or_else(|| Arc::new(MemoryPolicy::open(&config.data_dir, config.policy.clone())));
+    // Embedded: the runtime policy kept in the data directory; what its start changed goes on
+    // record once the ledger is open (below).
+    let (policy, restarted) = match policy {
+        Some(p) => (p, None),
+        None => {
+            let p = Arc::new(MemoryPolicy::open(&config.data_dir, config.policy.clone()));
+            let changes = p.take_start_changes();
+            (p as Arc<dyn PolicyStore>, changes)
+        }
+    };
     let listen = config.listen_addr.to_string();
     let admin_addr = config.admin_addr.to_string();
     let threads = config.threads;
@@ -195,6 +209,10 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
         clock,
         pricing,
     ));
+    if let Some(changes) = restarted {
+        let version = state.policy.current().version;
+        state.record_runtime_change(version, RESTART_REASON, changes, serde_json::Map::new());
+    }
 
     let conf = ServerConf {
         threads,

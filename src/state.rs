@@ -219,6 +219,26 @@ impl AppState {
         recorded(e, self.outbox.append(e))
     }
 
+    /// A runtime change on record (a `PATCH`, a `SIGHUP` reload, a runtime policy restored at
+    /// start): an audit line and a `runtime_changed` event whose `details` are `reason`,
+    /// `changes` and the `extra` fields.
+    pub fn record_runtime_change(
+        &self,
+        version: u64,
+        reason: &str,
+        changes: serde_json::Value,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) {
+        crate::telemetry::audit::runtime_change(version, reason, &changes.to_string());
+        let mut details = serde_json::Map::new();
+        details.insert("reason".into(), reason.into());
+        details.insert("changes".into(), changes);
+        details.extend(extra);
+        let mut e = self.event(EventType::RuntimeChanged, version);
+        e.details = Some(serde_json::Value::Object(details));
+        self.emit(&e);
+    }
+
     /// Stages `e` for the group commit (`group.commit` writes it before the request goes on).
     /// `false` when it cannot be recorded (outbox full under the `failsafe` policy).
     pub fn stage(&self, e: &Event) -> bool {

@@ -33,9 +33,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{json, Value};
 
-use crate::ledger::event::EventType;
 use crate::state::AppState;
-use crate::telemetry::audit;
 
 /// Largest admin request body accepted.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -199,7 +197,7 @@ impl AdminApp {
         if let Err(e) = runtime::apply_patch(&mut probe, &patch) {
             return admin_error(400, "invalid_request", &e);
         }
-        let changes = Value::Object(patch.clone()).to_string();
+        let changes = Value::Object(patch.clone());
         let global_changed = runtime::changes_global_guard(&patch);
         let applied = self
             .state
@@ -222,14 +220,9 @@ impl AdminApp {
                 if let Ok(true) = lifted {
                     m.global_block_active.set(0);
                 }
-                audit::runtime_change(p.version, &reason, &changes);
-                let mut e = self.state.event(EventType::RuntimeChanged, p.version);
-                e.details = Some(json!({
-                    "reason": reason,
-                    "changes": serde_json::from_str::<Value>(&changes).unwrap_or(Value::Null),
-                    "global_block_lifted": lifted.as_ref().is_ok_and(|l| *l),
-                }));
-                self.state.emit(&e);
+                let mut extra = serde_json::Map::new();
+                extra.insert("global_block_lifted".into(), json!(lifted.as_ref().is_ok_and(|l| *l)));
+                self.state.record_runtime_change(p.version, &reason, changes, extra);
                 match lifted {
                     Ok(_) => json_response(200, &runtime::view(&p)),
                     Err(e) => admin_error(

@@ -718,6 +718,8 @@ pub struct MemoryPolicy {
     write: Mutex<()>,
     /// Where the runtime knobs are kept; `None`: in memory only.
     disk: Option<PolicyDisk>,
+    /// What `open` changed against the configuration (see [`MemoryPolicy::take_start_changes`]).
+    start_changes: Mutex<Option<serde_json::Value>>,
 }
 
 struct PolicyDisk {
@@ -729,7 +731,12 @@ struct PolicyDisk {
 impl MemoryPolicy {
     /// A policy in memory only (nothing survives the process).
     pub fn new(initial: Policy) -> Self {
-        MemoryPolicy { current: RwLock::new(Arc::new(initial)), write: Mutex::new(()), disk: None }
+        MemoryPolicy {
+            current: RwLock::new(Arc::new(initial)),
+            write: Mutex::new(()),
+            disk: None,
+            start_changes: Mutex::new(None),
+        }
     }
 
     /// The runtime policy kept in `dir` (`store::runtime_policy`): starts from `config` (the local
@@ -755,7 +762,15 @@ impl MemoryPolicy {
             current: RwLock::new(Arc::new(initial)),
             write: Mutex::new(()),
             disk: Some(PolicyDisk { dir: dir.to_path_buf(), base }),
+            start_changes: Mutex::new(found.changes()),
         }
+    }
+
+    /// What [`MemoryPolicy::open`] changed against the configuration (the runtime knobs
+    /// restored or dropped, an unreadable file), once, for the restart's `runtime_changed`
+    /// event; `None` after a first start, or when already taken.
+    pub fn take_start_changes(&self) -> Option<serde_json::Value> {
+        self.start_changes.lock().take()
     }
 }
 

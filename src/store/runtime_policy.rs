@@ -152,6 +152,27 @@ impl Found {
             Found::Unreadable(p) => p.clone(),
         }
     }
+
+    /// What the start changed against the configuration, for the `runtime_changed` event of a
+    /// restart (`None` on a first start): the knobs restored (`{knob: value}`), those whose saved
+    /// value the configuration overrode (`{knob: {"dropped", "configured"}}`), and whether the
+    /// file was unreadable (moved aside).
+    pub(crate) fn changes(&self) -> Option<Json> {
+        match self {
+            Found::Nothing => None,
+            Found::Merged(m) => {
+                let restored: Map<String, Json> =
+                    m.restored.iter().map(|k| (k.knob.clone(), k.saved.clone())).collect();
+                let overridden: Map<String, Json> = m
+                    .configuration_won
+                    .iter()
+                    .map(|k| (k.knob.clone(), serde_json::json!({"dropped": k.saved, "configured": k.configured})))
+                    .collect();
+                Some(serde_json::json!({"restored": restored, "configuration_won": overridden}))
+            }
+            Found::Unreadable(_) => Some(serde_json::json!({"unreadable_file_moved_to": CORRUPT_FILE})),
+        }
+    }
 }
 
 /// The policy a sidecar on `dir` runs (or would start with), read without changing anything:

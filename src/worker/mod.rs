@@ -194,10 +194,7 @@ impl Reloader {
             .collect();
         let changes = serde_json::json!({ "files_reloaded": files });
         let version = self.state.policy.current().version;
-        crate::telemetry::audit::runtime_change(version, REASON, &changes.to_string());
-        let mut e = self.state.event(EventType::RuntimeChanged, version);
-        e.details = Some(serde_json::json!({ "reason": REASON, "changes": changes }));
-        self.state.emit(&e);
+        self.state.record_runtime_change(version, REASON, changes, serde_json::Map::new());
     }
 
     /// `reload`, logged and counted in `preauth_config_reloads_total{result}`.

@@ -109,6 +109,10 @@ async fn runtime_changes_survive_a_restart_unless_the_configuration_changed_them
         let m = b.metrics().await;
         assert_eq!(sample(&m, "preauth_kill_switch_enabled"), 1.0);
         assert_eq!(sample(&m, "preauth_policy_version"), now as f64);
+        // The restart's new version is on record, with what it restored.
+        let e = restart_event(&b).await;
+        assert_eq!(e["policy_version"], now, "{e}");
+        assert_eq!(e["details"]["changes"]["restored"], json!({"kill_switch": true, "fair_use_per_minute_cap": 2}));
     }
 
     // Redeployed with a new per-minute cap: the environment's value is in force; the kill
@@ -117,12 +121,27 @@ async fn runtime_changes_survive_a_restart_unless_the_configuration_changed_them
     let rt = b.admin_get("/api/v1/enforcement/runtime").await;
     assert_eq!((rt["kill_switch"].as_bool(), rt["fair_use_per_minute_cap"].as_i64()), (Some(true), Some(3)), "{rt}");
     assert!(rt["policy_version"].as_u64().unwrap() > version);
+    let e = restart_event(&b).await;
+    assert_eq!(e["details"]["changes"]["restored"], json!({"kill_switch": true}), "{e}");
+    assert_eq!(
+        e["details"]["changes"]["configuration_won"],
+        json!({"fair_use_per_minute_cap": {"dropped": 2, "configured": 3}}),
+        "{e}"
+    );
     b.patch(json!({"kill_switch": false, "reason": "INC-7 resolved"})).await;
     for _ in 0..3 {
         assert_eq!(b.call("beta", &body, &[]).await.status(), 200);
     }
     let v = assert_error(b.call("beta", &body, &[]).await, 429, "llm_fair_use_exceeded").await;
     assert_eq!(v["error"]["details"]["reason"], "fair_use_per_minute", "the environment's cap of 3: {v}");
+}
+
+/// The newest `runtime_changed` event, which must be a restart's.
+async fn restart_event(b: &Binary) -> serde_json::Value {
+    let v = b.admin_get("/api/v1/enforcement/ledger?event_type=runtime_changed&limit=1").await;
+    let e = v["items"][0].clone();
+    assert_eq!(e["details"]["reason"], preauth_sidecar::server::RESTART_REASON, "{v}");
+    e
 }
 
 /// A runtime change an embedded replica cannot save would be undone by the next restart: it is
