@@ -124,12 +124,7 @@ fn unreadable(dir: &Path, error: &str) -> Vec<(String, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("preauth-daily-{}", uuid::Uuid::new_v4()));
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
+    use crate::ledger::outbox::tests::TempDir;
 
     fn write_all(d: &Path, day: u32, counts: &[(&str, u64)]) -> io::Result<()> {
         write(d, day, |sink| {
@@ -150,29 +145,30 @@ mod tests {
 
     #[test]
     fn a_snapshot_round_trips_and_leaves_no_temporary_file() {
-        let d = dir();
+        let tmp = TempDir::new("daily");
+        let d = tmp.0.clone();
         write_all(&d, 20_000, &[("acme", 3), ("we\"ird\n", 1), ("b", 7)]).unwrap();
         assert_eq!(sorted(load(&d, 20_000)), vec![("acme".into(), 3), ("b".into(), 7), ("we\"ird\n".into(), 1)]);
         assert!(!d.join(TMP_FILE).exists());
         write_all(&d, 20_000, &[]).unwrap();
         assert_eq!(load(&d, 20_000), vec![], "a rewrite replaces the whole snapshot");
-        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn a_snapshot_of_another_day_is_ignored_and_a_missing_one_is_empty() {
-        let d = dir();
+        let tmp = TempDir::new("daily");
+        let d = tmp.0.clone();
         assert_eq!(load(&d, 20_000), vec![]);
         write_all(&d, 19_999, &[("acme", 1)]).unwrap();
         assert_eq!(load(&d, 20_000), vec![], "yesterday's counts are over");
         assert_eq!(load(&d, 19_998), vec![], "a snapshot from the future (clock stepped back) too");
         assert!(d.join(FILE).exists(), "kept: it is not damaged");
-        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn an_unreadable_snapshot_is_moved_aside_and_counts_start_from_zero() {
-        let d = dir();
+        let tmp = TempDir::new("daily");
+        let d = tmp.0.clone();
         for garbage in
             [&b"{\"day\": 20000, \"counts\": {\"acme\": 1"[..], b"", b"\x00\xff", b"{\"day\":-1,\"counts\":{}}"]
         {
@@ -181,6 +177,5 @@ mod tests {
             assert!(!d.join(FILE).exists());
             assert_eq!(fs::read(d.join(CORRUPT_FILE)).unwrap(), garbage, "kept for inspection");
         }
-        fs::remove_dir_all(d).unwrap();
     }
 }

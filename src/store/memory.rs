@@ -823,6 +823,7 @@ impl PolicyStore for MemoryPolicy {
 mod tests {
     use super::*;
     use crate::decide::time::{parse_rfc3339, MS_PER_DAY};
+    use crate::ledger::outbox::tests::TempDir;
 
     fn req(tenant: &str, now: UnixMillis, lease: Option<u64>) -> AdmitRequest<'_> {
         AdmitRequest { tenant, now, tokens: 10, lease_ttl_ms: lease }
@@ -971,12 +972,6 @@ mod tests {
         assert_eq!((s.tenants_tracked, s.tenants_reclaimed), (0, 1000));
     }
 
-    fn data_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("preauth-counters-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     fn daily_of(c: &MemoryCounters, tenant: &str, now: UnixMillis) -> u64 {
         let mut shard = c.shard(tenant).lock();
         shard.tenants.get_mut(tenant).map_or(0, |st| {
@@ -987,7 +982,8 @@ mod tests {
 
     #[test]
     fn daily_counts_survive_a_restart_on_the_same_day() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
         let c = MemoryCounters::open(&d, t0);
         assert!(!c.persist_daily_now(t0).unwrap(), "nothing counted: nothing to write");
@@ -1012,12 +1008,12 @@ mod tests {
         drop(c);
         let c = MemoryCounters::open(&d, later);
         assert_eq!(daily_of(&c, "free-tenant", later), 2);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn a_rollback_after_a_snapshot_is_written_too() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
         let c = MemoryCounters::open(&d, t0);
         let (t, _) = c.admit_now(&req("a", t0, None));
@@ -1026,12 +1022,12 @@ mod tests {
         c.rollback_now(&t);
         assert!(c.persist_daily_now(t0 + 1).unwrap());
         assert_eq!(daily_of(&MemoryCounters::open(&d, t0 + 2), "a", t0 + 2), 0);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn daily_counts_of_another_day_are_not_restored() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let late = parse_rfc3339("2026-11-25T23:59:59Z").unwrap();
         let c = MemoryCounters::open(&d, late);
         c.admit_now(&req("a", late, None));
@@ -1046,12 +1042,12 @@ mod tests {
         let c = MemoryCounters::open(&d, late + 1_000 + MS_PER_DAY);
         assert_eq!(daily_of(&c, "b", late + 1_000 + MS_PER_DAY), 0, "a day later: ignored");
         assert_eq!(c.sweep_now(late + 1_000 + MS_PER_DAY).tenants_tracked, 0, "nothing restored");
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn an_unreadable_daily_snapshot_starts_from_zero_and_is_replaced() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let t0 = parse_rfc3339("2026-11-25T10:00:00Z").unwrap();
         std::fs::write(d.join(daily::FILE), b"{\"day\": 20417, \"counts\": {\"a\": ").unwrap();
         let c = MemoryCounters::open(&d, t0);
@@ -1060,7 +1056,6 @@ mod tests {
         c.admit_now(&req("a", t0, None));
         assert!(c.persist_daily_now(t0).unwrap());
         assert_eq!(daily_of(&MemoryCounters::open(&d, t0), "a", t0), 1);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
@@ -1081,7 +1076,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_runtime_change_survives_a_restart_and_the_version_never_goes_back() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let config = Policy::for_test();
         let p = MemoryPolicy::open(&d, config.clone());
         assert_eq!(p.current().version, 1, "a first start is the configuration as is");
@@ -1099,12 +1095,12 @@ mod tests {
         let p = MemoryPolicy::open(&d, config.clone());
         let reloaded = p.update(Box::new(|_| {})).await.unwrap().version;
         assert!(MemoryPolicy::open(&d, config.clone()).current().version > reloaded);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[tokio::test]
     async fn a_redeployed_configuration_wins_and_is_the_new_base() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let config = Policy::for_test();
         let p = MemoryPolicy::open(&d, config.clone());
         p.update(Box::new(|p| p.fair_use.per_minute_cap = 5)).await.unwrap();
@@ -1114,12 +1110,12 @@ mod tests {
         // That start saved the new configuration as the base: going back to the old
         // configuration later does not bring the superseded runtime change back.
         assert_eq!(MemoryPolicy::open(&d, config.clone()).current().fair_use.per_minute_cap, 30);
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[tokio::test]
     async fn a_runtime_change_that_cannot_be_saved_is_refused_and_changes_nothing() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         let p = MemoryPolicy::open(&d, Policy::for_test());
         p.update(Box::new(|p| p.approval_issuance_frozen = true)).await.unwrap();
         // The temporary file's name taken by a directory: the write fails (even as root).
@@ -1135,18 +1131,17 @@ mod tests {
         assert_eq!(v.version, before.version + 1);
         std::fs::remove_dir(d.join(runtime_policy::TMP_FILE)).unwrap();
         assert!(MemoryPolicy::open(&d, Policy::for_test()).current().approval_issuance_frozen, "the file is intact");
-        std::fs::remove_dir_all(d).unwrap();
     }
 
     #[tokio::test]
     async fn an_unreadable_runtime_policy_file_starts_from_the_configuration() {
-        let d = data_dir();
+        let tmp = TempDir::new("counters");
+        let d = tmp.0.clone();
         std::fs::write(d.join(runtime_policy::FILE), b"{\"version\": 41, \"knobs\": {\"kill_sw").unwrap();
         let p = MemoryPolicy::open(&d, Policy::for_test());
         assert!(!p.current().kill_switch);
         assert!(d.join(runtime_policy::CORRUPT_FILE).exists(), "moved aside for the operator");
         p.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
         assert!(MemoryPolicy::open(&d, Policy::for_test()).current().kill_switch, "saving works again");
-        std::fs::remove_dir_all(d).unwrap();
     }
 }
