@@ -175,39 +175,43 @@ impl Found {
     }
 }
 
+/// Why the file cannot be used, and the version it still names (if any).
+type Unusable = (String, Option<u64>);
+
+/// The file in `dir` read and merged with `config` (with the version it saved), nothing logged
+/// or moved: `Ok(None)` when there is none.
+fn read(dir: &Path, config: &Policy) -> Result<Option<(u64, Merged)>, Unusable> {
+    let bytes = match fs::read(dir.join(FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err((e.to_string(), None)),
+    };
+    let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| {
+        let version = serde_json::from_slice::<Json>(&bytes).ok().and_then(|v| v.get("version")?.as_u64());
+        (e.to_string(), version)
+    })?;
+    let merged = merge(config, &saved).map_err(|e| (e, Some(saved.version)))?;
+    Ok(Some((saved.version, merged)))
+}
+
 /// The policy a sidecar on `dir` runs (or would start with), read without changing anything:
 /// for tools beside it (`mint-approval`). `Ok(None)`: no file, the configuration as is. An
 /// unreadable file is an error here (the sidecar, not a tool, moves it aside).
 pub fn peek(dir: &Path, config: &Policy) -> Result<Option<Policy>, String> {
-    let path = dir.join(FILE);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let saved: Saved = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    merge(config, &saved).map(|m| Some(m.policy)).map_err(|e| format!("{}: {e}", path.display()))
+    match read(dir, config) {
+        Ok(found) => Ok(found.map(|(_, m)| m.policy)),
+        Err((e, _)) => Err(format!("{}: {e}", dir.join(FILE).display())),
+    }
 }
 
 /// Reads the file in `dir` and merges it with `config` (see the module docs); logs what was
 /// restored, what the configuration overrode, and an unreadable file (moved aside).
 pub(crate) fn restore(dir: &Path, config: &Policy) -> Found {
     let path = dir.join(FILE);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Found::Nothing,
-        Err(e) => return unreadable(dir, config, &e.to_string(), None),
-    };
-    let saved: Saved = match serde_json::from_slice(&bytes) {
-        Ok(s) => s,
-        Err(e) => {
-            let version = serde_json::from_slice::<Json>(&bytes).ok().and_then(|v| v.get("version")?.as_u64());
-            return unreadable(dir, config, &e.to_string(), version);
-        }
-    };
-    let merged = match merge(config, &saved) {
-        Ok(m) => m,
-        Err(e) => return unreadable(dir, config, &e, Some(saved.version)),
+    let (saved_version, merged) = match read(dir, config) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Found::Nothing,
+        Err((e, version)) => return unreadable(dir, config, &e, version),
     };
     for k in &merged.restored {
         tracing::warn!(
@@ -231,7 +235,7 @@ pub(crate) fn restore(dir: &Path, config: &Policy) -> Found {
     }
     tracing::info!(
         path = %path.display(),
-        saved_version = saved.version,
+        saved_version,
         policy_version = merged.policy.version,
         restored = merged.restored.len(),
         configuration_won = merged.configuration_won.len(),
@@ -266,13 +270,8 @@ fn unreadable(dir: &Path, config: &Policy, error: &str, saved_version: Option<u6
 mod tests {
     use super::*;
     use crate::decide::Mode;
+    use crate::ledger::outbox::tests::TempDir;
     use serde_json::json;
-
-    fn dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("preauth-rtp-{}", uuid::Uuid::new_v4()));
-        fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     /// The file a replica running `config` writes after `change` was PATCHed, at `version`.
     fn saved_after(config: &Policy, version: u64, change: impl FnOnce(&mut Policy)) -> Saved {
@@ -355,7 +354,8 @@ mod tests {
 
     #[test]
     fn written_files_restore_and_the_version_only_goes_up() {
-        let d = dir();
+        let tmp = TempDir::new("rtp");
+        let d = tmp.0.clone();
         let config = Policy::for_test();
         assert!(matches!(restore(&d, &config), Found::Nothing));
         let mut p = config.clone();
@@ -369,12 +369,12 @@ mod tests {
         let mut high = config.clone();
         high.version = 10;
         assert_eq!(restore(&d, &high).policy(&high).version, 10);
-        fs::remove_dir_all(d).unwrap();
     }
 
     #[test]
     fn an_unreadable_file_is_moved_aside_and_the_configuration_starts() {
-        let d = dir();
+        let tmp = TempDir::new("rtp");
+        let d = tmp.0.clone();
         let config = Policy::for_test();
         for (garbage, version) in [
             (&b"{\"version\": 7, \"knobs\": {\"kill_switch\": tr"[..], 1),
@@ -392,6 +392,5 @@ mod tests {
             assert!(!d.join(FILE).exists());
             assert_eq!(fs::read(d.join(CORRUPT_FILE)).unwrap(), garbage, "kept for inspection");
         }
-        fs::remove_dir_all(d).unwrap();
     }
 }
