@@ -187,32 +187,21 @@ async fn mint_approval_honours_a_runtime_freeze_kept_in_the_data_directory() {
         &dir,
     )
     .await;
-    let mint = || {
-        let (dir, fp) = (dir.clone(), "a".repeat(64));
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
-                .args(["mint-approval", "--tenant", "acme", "--fingerprint", &fp, "--max-cost-usd", "2.50"])
-                .env("ENFORCEMENT_APPROVAL_TOKEN_SECRET", secret)
-                .env_remove("ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN")
-                .env_remove("PREAUTH_REDIS_URL")
-                .env("PREAUTH_DATA_DIR", &dir)
-                .output()
-                .unwrap()
-        })
-    };
-    let out = mint().await.unwrap();
+    let data_dir = dir.display().to_string();
+    let mint = || mint_approval(secret, &[("PREAUTH_DATA_DIR", &data_dir)]);
+    let out = mint().await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let r = patch_runtime(&s, json!({"approval_issuance_frozen": true, "reason": "INC-3 key compromise"})).await;
     assert_eq!(r.status(), 200);
-    let out = mint().await.unwrap();
+    let out = mint().await;
     assert_eq!(out.status.code(), Some(1), "frozen at runtime: {}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout.is_empty(), "no token printed");
     let r = patch_runtime(&s, json!({"approval_issuance_frozen": false, "reason": "key rotated"})).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(mint().await.unwrap().status.code(), Some(0));
+    assert_eq!(mint().await.status.code(), Some(0));
     s.stop().await;
     std::fs::write(dir.join("runtime-policy.json"), b"{\"version\": 3, \"knobs\": ").unwrap();
-    let out = mint().await.unwrap();
+    let out = mint().await;
     assert_eq!(out.status.code(), Some(1), "unreadable runtime policy: {}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("runtime policy could not be read"));
 }

@@ -280,29 +280,17 @@ async fn mint_approval_honours_the_fleets_runtime_freeze() {
     let p = redis_prefix();
     let secret = "fleet-approval-secret-0123456789abcdef";
     let s = start_fleet(&[("ENFORCEMENT_APPROVAL_TOKEN_SECRET", secret)], REDIS, &p).await;
-    let mint = || {
-        let (p, fp) = (p.clone(), "a".repeat(64));
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
-                .args(["mint-approval", "--tenant", "acme", "--fingerprint", &fp, "--max-cost-usd", "2.50"])
-                .env("ENFORCEMENT_APPROVAL_TOKEN_SECRET", secret)
-                .env_remove("ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN")
-                .env("PREAUTH_REDIS_URL", REDIS)
-                .env("PREAUTH_REDIS_KEY_PREFIX", &p)
-                .output()
-                .unwrap()
-        })
-    };
-    let out = mint().await.unwrap();
+    let mint = || mint_approval(secret, &[("PREAUTH_REDIS_URL", REDIS), ("PREAUTH_REDIS_KEY_PREFIX", &p)]);
+    let out = mint().await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let r = patch_runtime(&s, json!({"approval_issuance_frozen": true, "reason": "incident"})).await;
     assert_eq!(r.status(), 200);
-    let out = mint().await.unwrap();
+    let out = mint().await;
     assert_eq!(out.status.code(), Some(1), "frozen at runtime: {}", String::from_utf8_lossy(&out.stdout));
     assert!(out.stdout.is_empty(), "no token printed");
     let r = patch_runtime(&s, json!({"approval_issuance_frozen": false, "reason": "incident over"})).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(mint().await.unwrap().status.code(), Some(0));
+    assert_eq!(mint().await.status.code(), Some(0));
     s.stop().await;
     redis_cleanup(&p).await;
 }

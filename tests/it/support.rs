@@ -493,3 +493,22 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Runs `preauth-sidecar mint-approval` for tenant `acme` (a fixed fingerprint, 2.50 USD) with the
+/// approval `secret`, issuance not frozen by the environment, and `env` set (where the runtime
+/// freeze is read from: a data directory or Redis). The command is built at once: the future
+/// borrows nothing.
+pub fn mint_approval(
+    secret: &str,
+    env: &[(&str, &str)],
+) -> impl std::future::Future<Output = std::process::Output> + use<> {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"));
+    c.args(["mint-approval", "--tenant", "acme", "--fingerprint", &"a".repeat(64), "--max-cost-usd", "2.50"])
+        .env("ENFORCEMENT_APPROVAL_TOKEN_SECRET", secret)
+        .env_remove("ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN")
+        .env_remove("PREAUTH_REDIS_URL");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    async move { tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap() }
+}
