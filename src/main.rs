@@ -246,43 +246,39 @@ fn mint_approval(args: &[String]) -> ExitCode {
         eprintln!("approval issuance is frozen (ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true): no token minted");
         return ExitCode::from(1);
     }
-    // Fleet mode: a freeze set at runtime (`PATCH approval_issuance_frozen`) lives in the shared
-    // store and binds this tool too; when the store cannot be read, no token is minted.
-    if let Some(url) = &config.redis_url {
-        let timeout = std::time::Duration::from_millis(config.store_timeout_ms.max(1000));
-        let read = preauth_sidecar::store::redis::RedisStore::connect_blocking(url, &config.redis_key_prefix, timeout)
-            .and_then(|store| store.read_policy_blocking(&config.policy));
-        match read {
-            Ok(p) if p.approval_issuance_frozen => {
-                eprintln!(
-                    "approval issuance is frozen at runtime (fleet policy version {}): no token minted",
-                    p.version
-                );
-                return ExitCode::from(1);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!("PREAUTH_REDIS_URL: the fleet's runtime policy could not be read ({e}): no token minted");
-                return ExitCode::from(1);
-            }
+    // A freeze set at runtime (`PATCH approval_issuance_frozen`) binds this tool too, read where
+    // the sidecar keeps it: the fleet's store, or the data directory (embedded:
+    // `runtime-policy.json`, merged with the environment as the sidecar does at start). When it
+    // cannot be read, no token is minted.
+    let (runtime, version_of, cannot_read, hint) = match &config.redis_url {
+        Some(url) => {
+            let timeout = std::time::Duration::from_millis(config.store_timeout_ms.max(1000));
+            let read =
+                preauth_sidecar::store::redis::RedisStore::connect_blocking(url, &config.redis_key_prefix, timeout)
+                    .and_then(|store| store.read_policy_blocking(&config.policy));
+            (
+                read.map(Some).map_err(|e| e.to_string()),
+                "fleet policy version",
+                "PREAUTH_REDIS_URL: the fleet's runtime policy could not be read",
+                "",
+            )
         }
-    }
-    // Embedded mode: a runtime freeze is kept in the data directory (`runtime-policy.json`,
-    // merged with the environment as the sidecar does at start); an unreadable file mints nothing.
-    if config.redis_url.is_none() {
-        match preauth_sidecar::store::runtime_policy::peek(&config.data_dir, &config.policy) {
-            Ok(Some(p)) if p.approval_issuance_frozen => {
-                eprintln!("approval issuance is frozen at runtime (policy version {}): no token minted", p.version);
-                return ExitCode::from(1);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                eprintln!(
-                    "PREAUTH_DATA_DIR: the runtime policy could not be read ({e}): no token minted; \
-                     check the file, or run mint-approval with the sidecar's PREAUTH_DATA_DIR"
-                );
-                return ExitCode::from(1);
-            }
+        None => (
+            preauth_sidecar::store::runtime_policy::peek(&config.data_dir, &config.policy),
+            "policy version",
+            "PREAUTH_DATA_DIR: the runtime policy could not be read",
+            "; check the file, or run mint-approval with the sidecar's PREAUTH_DATA_DIR",
+        ),
+    };
+    match runtime {
+        Ok(Some(p)) if p.approval_issuance_frozen => {
+            eprintln!("approval issuance is frozen at runtime ({version_of} {}): no token minted", p.version);
+            return ExitCode::from(1);
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("{cannot_read} ({e}): no token minted{hint}");
+            return ExitCode::from(1);
         }
     }
     let Some(secret) = config.approvals.secret.as_ref() else {
