@@ -867,14 +867,19 @@ impl PreauthProxy {
             Some(r) => Some(*r),
             None if answered => None,
             None => match e.esource() {
-                ErrorSource::Upstream => Some(self.refusal(&Refusal::UpstreamUnavailable, ctx)),
+                ErrorSource::Upstream => Some(self.unreachable(ctx)),
                 ErrorSource::Downstream => None,
                 _ => match e.etype() {
                     HTTPStatus(400) => Some(self.refusal(&Refusal::InvalidRequest(MALFORMED.into()), ctx)),
-                    _ => Some(self.refusal(&Refusal::UpstreamUnavailable, ctx)),
+                    _ => Some(self.unreachable(ctx)),
                 },
             },
         }
+    }
+
+    /// The 502 for a request the upstream failed: `ALLOW` when it had been admitted.
+    fn unreachable(&self, ctx: &RequestCtx) -> Rendered {
+        self.refusal(&Refusal::UpstreamUnavailable { admitted: ctx.verdict == Some(Verdict::Allow) }, ctx)
     }
 
     /// pingora's path: writes [`Self::failure_answer`]; returns the status written (0 = none).

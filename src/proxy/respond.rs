@@ -21,8 +21,10 @@ pub enum Refusal {
     RouteNotFound,
     /// A non-ALLOW decision.
     Decision { decision: Decision, policy_version: u64, extra: Map<String, Value> },
-    /// 502: the upstream could not be reached or broke the protocol.
-    UpstreamUnavailable,
+    /// 502: the upstream could not be reached or broke the protocol. `admitted`: the request
+    /// was allowed and forwarded (the answer then says `ALLOW`, the decision the ledger holds;
+    /// the failure was the gateway's, not a refusal).
+    UpstreamUnavailable { admitted: bool },
     /// Any other sidecar answer (gate API): status, code and message.
     Other { status: u16, code: &'static str, message: String },
 }
@@ -174,13 +176,13 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
             details.insert("reason".into(), json!(code));
             (*status, *code, message.clone(), Verdict::Deny, None)
         }
-        Refusal::UpstreamUnavailable => {
+        Refusal::UpstreamUnavailable { admitted } => {
             details.insert("reason".into(), json!("upstream_unavailable"));
             (
                 502,
                 "upstream_unavailable",
                 "The LLM gateway could not be reached or broke the protocol.".into(),
-                Verdict::Deny,
+                if *admitted { Verdict::Allow } else { Verdict::Deny },
                 None,
             )
         }
@@ -299,7 +301,7 @@ mod tests {
         assert_eq!(render(&Refusal::RouteNotFound, "x").code, "route_not_found");
         assert_eq!(render(&Refusal::TooLarge { limit: 10 }, "x").status, 413);
         assert_eq!(render(&Refusal::InvalidRequest("bad".into()), "x").status, 400);
-        assert_eq!(render(&Refusal::UpstreamUnavailable, "x").status, 502);
+        assert_eq!(render(&Refusal::UpstreamUnavailable { admitted: false }, "x").status, 502);
     }
 
     #[test]
@@ -309,7 +311,7 @@ mod tests {
             Refusal::RouteNotFound,
             Refusal::TooLarge { limit: 10 },
             Refusal::InvalidRequest("bad".into()),
-            Refusal::UpstreamUnavailable,
+            Refusal::UpstreamUnavailable { admitted: false },
         ] {
             let v = parse(&render_stamped(&r, "x", Some((Mode::Soft, 9))));
             let d = &v["error"]["details"];
@@ -320,6 +322,10 @@ mod tests {
                 "{r:?}"
             );
         }
+        // The gateway failing an admitted request is not a refusal: the answer keeps its ALLOW.
+        let r = render(&Refusal::UpstreamUnavailable { admitted: true }, "x");
+        assert_eq!((r.status, r.verdict), (502, Verdict::Allow));
+        assert_eq!(parse(&r)["error"]["details"]["decision"], json!("ALLOW"));
         // A decision keeps its own mode and version.
         let d = failsafe(Mode::Hard);
         let v = parse(&render_stamped(

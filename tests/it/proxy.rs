@@ -226,6 +226,8 @@ async fn upstream_errors_pass_through_and_unreachable_is_502() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let s = start(&[("PREAUTH_UPSTREAM_URL", &dead)]).await;
     let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
+    // Admitted, then failed by the gateway: the decision stays ALLOW (as in the ledger).
+    assert_eq!(r.headers()["x-preauth-decision"], "ALLOW");
     assert_error(r, 502, "upstream_unavailable").await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !metrics(&s).await.contains("preauth_upstream_responses_total{status_class=\"error\"} 1") {
