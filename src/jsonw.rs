@@ -2,7 +2,10 @@
 //! journal records): byte for byte what `serde_json` writes for the same values (tested where
 //! used), without serde's per-field machinery.
 //!
-//! Owns: `json_str`, `str_field`, `uint_field`, `opt_str`, `opt_money`, `money`, `uint`. Imports: decide (money), itoa.
+//! Also the canonical form the gate API hashes ([`canonical`]).
+//!
+//! Owns: `json_str`, `str_field`, `uint_field`, `opt_str`, `opt_money`, `money`, `uint`,
+//! `canonical`. Imports: decide (money), itoa, serde_json (`Value`).
 
 use crate::decide::Micros;
 
@@ -139,6 +142,127 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// `v` as Python's `json.dumps(v, sort_keys=True, separators=(",", ":"))` writes it: compact,
+/// keys sorted, every character outside printable ASCII escaped as `\uXXXX` (UTF-16, lowercase
+/// hex), floats as Python's `repr` (`1e+16`, `1e-05`, `100.0`). The gate API hashes this form
+/// (CONTRACT §10: "compact JSON with sorted keys"), so a client can compute the same
+/// fingerprint with the standard library of the reference control plane's language.
+/// Integers beyond 64 bits were already read as floats by serde_json and are written as such.
+pub fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                uint(out, u);
+            } else if let Some(i) = n.as_i64() {
+                uint(out, i);
+            } else {
+                python_float(out, n.as_f64().unwrap_or(0.0));
+            }
+        }
+        Value::String(s) => ascii_str(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            // serde_json's map (without `preserve_order`) iterates by key, in code point order,
+            // which is Python's order for `str` keys.
+            out.push(b'{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                ascii_str(out, k);
+                out.push(b':');
+                canonical(item, out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+/// A JSON string as Python's `ensure_ascii` writes it.
+fn ascii_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let unit = |out: &mut Vec<u8>, u: u16| {
+        out.extend_from_slice(b"\\u");
+        for shift in [12, 8, 4, 0] {
+            out.push(HEX[usize::from((u >> shift) & 15)]);
+        }
+    };
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            ' '..='~' => out.push(c as u8),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    unit(out, *u);
+                }
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// A finite float as Python's `repr`: the shortest digits that read back to it, positional
+/// when the decimal point falls within -4 < exponent < 16 (with `.0` for whole numbers),
+/// scientific otherwise (`1.5e-07`, `1e+16`).
+fn python_float(out: &mut Vec<u8>, f: f64) {
+    use std::io::Write;
+    if f == 0.0 {
+        out.extend_from_slice(if f.is_sign_negative() { b"-0.0" } else { b"0.0" });
+        return;
+    }
+    // Rust's `{:e}` writes the same shortest round-trip digits: `d[.ddd]e<exp>`.
+    let sci = format!("{:e}", f.abs());
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} writes an exponent");
+    let exp: i32 = exp.parse().expect("{:e} writes an integer exponent");
+    let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
+    if f < 0.0 {
+        out.push(b'-');
+    }
+    // The value is 0.d1d2… × 10^decpt.
+    let decpt = exp + 1;
+    let n = digits.len() as i32;
+    if decpt <= -4 || decpt > 16 {
+        out.push(digits[0]);
+        if n > 1 {
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
+        }
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    } else if decpt <= 0 {
+        out.extend_from_slice(b"0.");
+        out.extend(std::iter::repeat_n(b'0', (-decpt) as usize));
+        out.extend_from_slice(&digits);
+    } else if decpt >= n {
+        out.extend_from_slice(&digits);
+        out.extend(std::iter::repeat_n(b'0', (decpt - n) as usize));
+        out.extend_from_slice(b".0");
+    } else {
+        out.extend_from_slice(&digits[..decpt as usize]);
+        out.push(b'.');
+        out.extend_from_slice(&digits[decpt as usize..]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +308,25 @@ mod tests {
             json_str(&mut out, s);
             assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(s).unwrap());
         }
+    }
+
+    /// Expected outputs are Python 3.11's `json.dumps(json.loads(input), sort_keys=True,
+    /// separators=(",", ":"))`.
+    #[test]
+    fn canonical_is_what_python_json_dumps_writes() {
+        let input = r#"{"b": 1, "a": [1.0, -0.0, 0.5, 1e+16, 1000000000000000.0, 123456789.125, 1.5e-07,
+            0.0001, 1e-05, -2.5e+300, 1e+22, 3.14, 100.0, 1.2345678901234568e+16, 5e-324,
+            1.7976931348623157e+308, 0.1, 2.5e-05, 1E2],
+            "é": "naïve ☃ 😀 \u007f \u0001 \n\t\"\\ /", "z": null, "t": true, "f": false,
+            "n": -42, "u": 18446744073709551615, "e": {}, "l": [], "Z": {"y": [{"b": 2, "a": 1}]}}"#;
+        let want = r#"{"Z":{"y":[{"a":1,"b":2}]},"a":[1.0,-0.0,0.5,1e+16,1000000000000000.0,123456789.125,1.5e-07,0.0001,1e-05,-2.5e+300,1e+22,3.14,100.0,1.2345678901234568e+16,5e-324,1.7976931348623157e+308,0.1,2.5e-05,100.0],"b":1,"e":{},"f":false,"l":[],"n":-42,"t":true,"u":18446744073709551615,"z":null,"\u00e9":"na\u00efve \u2603 \ud83d\ude00 \u007f \u0001 \n\t\"\\ /"}"#;
+        let mut out = Vec::new();
+        canonical(&serde_json::from_str(input).unwrap(), &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+        // Plain ASCII without floats: the same bytes as serde_json's compact form.
+        let v = serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16});
+        let mut out = Vec::new();
+        canonical(&v, &mut out);
+        assert_eq!(out, serde_json::to_vec(&v).unwrap());
     }
 }

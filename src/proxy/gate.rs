@@ -79,7 +79,9 @@ impl PreauthProxy {
     }
 
     /// `{"route": "/v1/chat/completions", "request": {...}}` → the decision, HTTP 200 for every
-    /// decision. The fingerprint hashes `request` as compact JSON with sorted keys.
+    /// decision. The fingerprint hashes `request` as compact JSON with sorted keys, written as
+    /// Python's `json.dumps(request, sort_keys=True, separators=(",", ":"))` writes it
+    /// (non-ASCII escaped), so clients of the reference control plane's language match it.
     async fn gate_decide(&self, ctx: &mut RequestCtx, body: &[u8]) -> std::result::Result<Value, Refusal> {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| Refusal::InvalidRequest(format!("Gate body is not valid JSON: {e}")))?;
@@ -97,8 +99,9 @@ impl PreauthProxy {
         let request = v.get("request").filter(|r| r.is_object()).ok_or_else(|| {
             Refusal::InvalidRequest("`request` must be the LLM request body (a JSON object).".to_string())
         })?;
-        // serde_json's map is ordered by key: this is the compact, sorted-key serialisation.
-        let canonical = serde_json::to_vec(request).expect("JSON value serialises");
+        // Compact, sorted keys, as Python's `json.dumps(…, sort_keys=True, separators=(",", ":"))`.
+        let mut canonical = Vec::with_capacity(body.len());
+        crate::jsonw::canonical(request, &mut canonical);
         ctx.route = Some(route);
         ctx.gate = true;
         let outcome = self.decide_body(ctx, &canonical).await;

@@ -36,6 +36,16 @@ async fn gate_decides_holds_and_the_caller_settles() {
     let inner = hex(&Sha256::digest(canonical));
     let want = hex(&Sha256::digest(format!("acme\nPOST /v1/chat/completions\n{inner}").as_bytes()));
     assert_eq!(v["request_fingerprint"], want.as_str());
+    // Non-ASCII text and floats as Python's json.dumps(sort_keys=True, separators=(",", ":"))
+    // writes them: what a client of the reference control plane computes.
+    let intl = json!({"model": "gpt-4o-mini", "temperature": 1.0, "top_p": 1e-5,
+                      "messages": [{"role": "user", "content": "héllo 😀"}]});
+    let r = gate(&s, "acme", &json!({"route": "/v1/chat/completions", "request": intl})).await;
+    let fp = json_of(r).await["request_fingerprint"].clone();
+    let canonical = br#"{"messages":[{"content":"h\u00e9llo \ud83d\ude00","role":"user"}],"model":"gpt-4o-mini","temperature":1.0,"top_p":1e-05}"#;
+    let inner = hex(&Sha256::digest(canonical));
+    let want_intl = hex(&Sha256::digest(format!("acme\nPOST /v1/chat/completions\n{inner}").as_bytes()));
+    assert_eq!(fp, want_intl.as_str());
     let rid = v["reservation_id"].as_str().expect("ALLOW holds a reservation").to_string();
     assert!(s.upstream.requests().is_empty(), "the gate never forwards");
 
