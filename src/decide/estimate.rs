@@ -335,7 +335,8 @@ pub struct Estimate {
     pub requested_max_output: Option<u64>,
 }
 
-fn as_count(v: Json<'_>) -> Option<u64> {
+/// A token count: a non-negative integer (a whole float like `100.0` included).
+pub fn as_count(v: Json<'_>) -> Option<u64> {
     match v.kind() {
         Kind::Number(n) => {
             n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0 && f.fract() == 0.0 && *f < 1.8e19).map(|f| f as u64))

@@ -12,6 +12,7 @@ use http::HeaderMap;
 use serde_json::{Map, Value};
 
 use crate::config::Identity;
+use crate::decide::estimate;
 use crate::decide::json::{Doc, Json};
 use crate::decide::jwt;
 use crate::decide::Route;
@@ -192,6 +193,7 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
     // The fields read here, in one pass (keys are unique in a `Doc`).
     let (mut model, mut messages, mut prompt, mut input, mut max_tokens, mut stream) =
         (None, None, None, None, None, None);
+    let (mut max_completion_tokens, mut max_output_tokens) = (None, None);
     for (k, v) in obj {
         let slot = match k {
             "model" => &mut model,
@@ -199,6 +201,8 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
             "prompt" => &mut prompt,
             "input" => &mut input,
             "max_tokens" => &mut max_tokens,
+            "max_completion_tokens" => &mut max_completion_tokens,
+            "max_output_tokens" => &mut max_output_tokens,
             "stream" => &mut stream,
             _ => continue,
         };
@@ -224,6 +228,21 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
         .to_string();
     if route == Route::Messages && max_tokens.is_none_or(|v| v.as_u64().is_none()) {
         return Err("Field `max_tokens` must be a non-negative integer.".to_string());
+    }
+    // The output limit prices the request: a limit the estimate cannot read (a string, a
+    // negative or fractional number) would otherwise be priced at the model's default while a
+    // lenient gateway might still honour it. `null` means absent, as for the providers.
+    if route.has_output() {
+        let limits = [
+            ("max_tokens", max_tokens),
+            ("max_completion_tokens", max_completion_tokens),
+            ("max_output_tokens", max_output_tokens),
+        ];
+        for (field, v) in limits {
+            if v.is_some_and(|v| !v.is_null() && estimate::as_count(v).is_none()) {
+                return Err(format!("Field `{field}` must be a non-negative integer."));
+            }
+        }
     }
     let stream = stream.and_then(Json::as_bool).unwrap_or(false);
     Ok(LlmRequest { json, raw: body, model, stream })
@@ -391,6 +410,26 @@ mod tests {
         assert!(parse_body(Route::ChatCompletions, br#"{"model":"m","messages":[]}"#).is_ok());
         assert!(parse_body(Route::ChatCompletions, br#"{"model":"m"}"#).unwrap_err().contains("messages"));
         assert!(parse_body(Route::Messages, br#"{"model":"m","messages":[]}"#).unwrap_err().contains("max_tokens"));
+        // Output limits the estimate cannot read are refused, on every route with output.
+        for (route, body) in [
+            (Route::ChatCompletions, r#"{"model":"m","messages":[],"max_tokens":"100000"}"#),
+            (Route::ChatCompletions, r#"{"model":"m","messages":[],"max_completion_tokens":-1}"#),
+            (Route::Completions, r#"{"model":"m","prompt":"p","max_tokens":1.5}"#),
+            (Route::Responses, r#"{"model":"m","input":"i","max_output_tokens":[1]}"#),
+        ] {
+            assert!(
+                parse_body(route, body.as_bytes()).unwrap_err().contains("must be a non-negative integer"),
+                "{body}"
+            );
+        }
+        for (route, body) in [
+            (Route::ChatCompletions, r#"{"model":"m","messages":[],"max_tokens":null}"#),
+            (Route::ChatCompletions, r#"{"model":"m","messages":[],"max_tokens":100.0,"max_completion_tokens":0}"#),
+            // Embeddings have no output: the field is not the sidecar's to judge.
+            (Route::Embeddings, r#"{"model":"m","input":"i","max_tokens":"x"}"#),
+        ] {
+            assert!(parse_body(route, body.as_bytes()).is_ok(), "{body}");
+        }
         assert!(parse_body(Route::Embeddings, br#"{"model":"m","input":"x"}"#).is_ok());
         assert!(parse_body(Route::Responses, b"[1]").is_err());
         assert!(parse_body(Route::Completions, b"{not json").is_err());

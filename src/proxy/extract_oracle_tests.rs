@@ -298,6 +298,13 @@ mod oracle {
         if route == Route::Messages && obj.get("max_tokens").is_none_or(|v| v.as_u64().is_none()) {
             return Err("Field `max_tokens` must be a non-negative integer.".to_string());
         }
+        if route.has_output() {
+            for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+                if obj.get(field).is_some_and(|v| !v.is_null() && as_count(v).is_none()) {
+                    return Err(format!("Field `{field}` must be a non-negative integer."));
+                }
+            }
+        }
         let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
         Ok(LlmRequest { json, model, stream })
     }
@@ -783,6 +790,6 @@ fn random_bodies_match_the_value_implementation() {
         compare(body.as_bytes(), &mut seen);
     }
     println!("{seen:?}");
-    assert!(seen.parsed >= 4000 && seen.walked >= 6000, "{seen:?}");
-    assert!(seen.spliced >= 300 && seen.reserialised >= 200, "{seen:?}");
+    assert!(seen.parsed >= 3500 && seen.walked >= 6000, "{seen:?}");
+    assert!(seen.spliced >= 250 && seen.reserialised >= 200, "{seen:?}");
 }
