@@ -22,6 +22,10 @@ import time
 import urllib.request
 
 import openai
+try:  # the HTTP client the SDK is built on: httpx2 from openai 3, httpx before
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 from openai import AsyncOpenAI, OpenAI
 
 SECRET = "sdk-test-jwt-secret-0123456789abcdef0123456789"
@@ -67,6 +71,7 @@ class Sidecar:
                 "LLM_FAIR_USE_GUARDS_ENABLED": "true",
                 "LLM_FAIR_USE_PER_MINUTE_CAP": "5",
                 "PREAUTH_REQUIRE_APPROVAL_ABOVE_USD": "0.10",
+                "LLM_FAIR_USE_ENTERPRISE_DAILY_SOFT_CAP": "1",
                 "RUST_LOG": "warn",
             })
             self.proc = subprocess.Popen([binary, "demo"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -92,6 +97,13 @@ class Sidecar:
     def client(self, tenant, tier="pro", cls=OpenAI):
         # max_retries=0: every answer is seen as the sidecar gave it.
         return cls(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=tenant_jwt(tenant, tier), max_retries=0)
+
+    def retrying_client(self, tenant, tier="pro"):
+        """A client with the SDK's default retries (2), and the list of HTTP requests it sent."""
+        sent = []
+        http = httpx.Client(event_hooks={"request": [lambda req: sent.append(req.url.path)]})
+        return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=tenant_jwt(tenant, tier),
+                      http_client=http), sent
 
     def approve(self, approval_id):
         req = urllib.request.Request(
@@ -177,6 +189,13 @@ def run(s):
         expect_error("replayed approval token → 409", openai.ConflictError,
                      lambda: globex.chat.completions.create(**big, extra_headers={"x-approval-token": token}),
                      409, "approval_token_replayed")
+        # With the SDK's default retries, `x-should-retry: false` keeps it from sending the
+        # replay again (the SDK retries 409 on its own rule otherwise).
+        retrying, sent = s.retrying_client("globex")
+        expect_error("replay with SDK default retries → 409 at once", openai.ConflictError,
+                     lambda: retrying.chat.completions.create(**big, extra_headers={"x-approval-token": token}),
+                     409, "approval_token_replayed")
+        check("the SDK did not retry the 409", len(sent) == 1, f"{len(sent)} request(s) sent")
 
     # Per-minute cap 5: the SDK sees a RateLimitError with Retry-After and the retry hint.
     initech = s.client("initech")
@@ -190,6 +209,24 @@ def run(s):
     check("6th call in a minute → RateLimitError", limited is not None and limited.code == "llm_fair_use_exceeded"
           and limited.response.headers.get("retry-after") is not None,
           f"retry-after={limited.response.headers.get('retry-after') if limited else None}")
+
+    # Enterprise soft daily cap 1: the second call is a 429 whose Retry-After runs to UTC
+    # midnight; past 60 s it says `x-should-retry: false`, so the SDK's default retries do not
+    # sleep through it.
+    hooli, sent = s.retrying_client("hooli", "enterprise")
+    hooli.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=5)
+    sent.clear()
+    try:
+        hooli.chat.completions.create(model="gpt-4o-mini", messages=CHAT, max_tokens=5)
+        check("soft daily cap → 429 without SDK retries", False, "no error raised")
+    except openai.RateLimitError as err:
+        retry_after = int(err.response.headers.get("retry-after", "0"))
+        hint = err.response.headers.get("x-should-retry")
+        if retry_after > 60:
+            check("soft daily cap → 429 without SDK retries", hint == "false" and len(sent) == 1,
+                  f"retry-after={retry_after} x-should-retry={hint} {len(sent)} request(s) sent")
+        else:
+            print(f"SKIP soft daily cap retry hint — within {retry_after} s of UTC midnight")
 
     # Free tier: one request a day, then 402.
     tiny = s.client("tiny-co", "free")
