@@ -3,9 +3,12 @@
 //!
 //! Owns: `view`, `apply_patch`, `PATCHABLE`. Imports: decide policy types, config parsers.
 
+use std::ops::RangeInclusive;
+
 use serde_json::{json, Map, Value};
 
 use crate::config::parse_source_modes;
+use crate::decide::policy::bounds;
 use crate::decide::{Mode, Policy};
 
 /// Fields `PATCH` accepts (besides the required `reason`).
@@ -76,24 +79,33 @@ fn int_in(v: &Value, k: &str, lo: i64, hi: i64) -> Result<i64, String> {
     }
 }
 
+fn count_in(v: &Value, k: &str, range: RangeInclusive<u64>) -> Result<u64, String> {
+    match v.as_u64() {
+        Some(n) if range.contains(&n) => Ok(n),
+        _ => Err(format!("`{k}` must be an integer between {} and {}", range.start(), range.end())),
+    }
+}
+
 /// Validates and applies `patch` (without `reason`) to `p`. Unknown fields are errors.
 pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), String> {
     for (k, v) in patch {
         match k.as_str() {
             "kill_switch" => p.kill_switch = boolean(v, k)?,
             "global_abuse_guards_enabled" => p.global.enabled = boolean(v, k)?,
-            "global_abuse_per_minute_cap" => p.global.per_minute_cap = int_in(v, k, 1, 100_000)? as u64,
+            "global_abuse_per_minute_cap" => p.global.per_minute_cap = count_in(v, k, bounds::GLOBAL_PER_MINUTE_CAP)?,
             "global_abuse_unique_tenants_threshold" => {
-                p.global.unique_tenants_threshold = int_in(v, k, 1, 10_000)? as u64
+                p.global.unique_tenants_threshold = count_in(v, k, bounds::GLOBAL_UNIQUE_TENANTS)?
             }
-            "global_abuse_block_seconds" => p.global.block_seconds = int_in(v, k, 30, 86_400)? as u64,
+            "global_abuse_block_seconds" => p.global.block_seconds = count_in(v, k, bounds::GLOBAL_BLOCK_SECONDS)?,
             "fair_use_guards_enabled" => p.fair_use.enabled = boolean(v, k)?,
             "fair_use_per_minute_cap" => p.fair_use.per_minute_cap = int_in(v, k, i64::MIN, i64::MAX)?,
             // `fair_use_concurrency_cap` is accepted as a shorter spelling.
             "fair_use_per_tenant_concurrency_cap" | "fair_use_concurrency_cap" => {
                 p.fair_use.concurrency_cap = int_in(v, k, i64::MIN, i64::MAX)?
             }
-            "fair_use_concurrency_lease_ttl_seconds" => p.fair_use.lease_ttl_seconds = int_in(v, k, 1, 86_400)? as u64,
+            "fair_use_concurrency_lease_ttl_seconds" => {
+                p.fair_use.lease_ttl_seconds = count_in(v, k, bounds::LEASE_TTL_SECONDS)?
+            }
             "fair_use_pro_daily_soft_cap" => p.fair_use.pro_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?,
             "fair_use_enterprise_daily_soft_cap" => {
                 p.fair_use.enterprise_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?
@@ -119,7 +131,7 @@ pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), Str
             }
             "approval_issuance_frozen" => p.approval_issuance_frozen = boolean(v, k)?,
             "audit_sample_rate" => match v.as_f64() {
-                Some(r) if (0.0..=1.0).contains(&r) => p.audit_sample_rate = r,
+                Some(r) if bounds::AUDIT_SAMPLE_RATE.contains(&r) => p.audit_sample_rate = r,
                 _ => return Err(format!("`{k}` must be a number between 0 and 1")),
             },
             other => {

@@ -10,7 +10,7 @@ pub mod env;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::decide::policy::{Directory, FairUse, GlobalAbuse, SpendPolicy};
+use crate::decide::policy::{bounds, Directory, FairUse, GlobalAbuse, SpendPolicy};
 use crate::decide::pricing::PriceTable;
 use crate::decide::{Mode, Policy};
 use env::*;
@@ -251,9 +251,17 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
 
     let global = GlobalAbuse {
         enabled: r.bool(ENV_GLOBAL_GUARDS_ENABLED, true),
-        per_minute_cap: r.u64_in(ENV_GLOBAL_PER_MINUTE_CAP, DEFAULT_GLOBAL_PER_MINUTE_CAP, 1..=100_000),
-        unique_tenants_threshold: r.u64_in(ENV_GLOBAL_UNIQUE_TENANTS, DEFAULT_GLOBAL_UNIQUE_TENANTS, 1..=10_000),
-        block_seconds: r.u64_in(ENV_GLOBAL_BLOCK_SECONDS, DEFAULT_GLOBAL_BLOCK_SECONDS, 30..=86_400),
+        per_minute_cap: r.u64_in(
+            ENV_GLOBAL_PER_MINUTE_CAP,
+            DEFAULT_GLOBAL_PER_MINUTE_CAP,
+            bounds::GLOBAL_PER_MINUTE_CAP,
+        ),
+        unique_tenants_threshold: r.u64_in(
+            ENV_GLOBAL_UNIQUE_TENANTS,
+            DEFAULT_GLOBAL_UNIQUE_TENANTS,
+            bounds::GLOBAL_UNIQUE_TENANTS,
+        ),
+        block_seconds: r.u64_in(ENV_GLOBAL_BLOCK_SECONDS, DEFAULT_GLOBAL_BLOCK_SECONDS, bounds::GLOBAL_BLOCK_SECONDS),
     };
     let kill_switch = r.bool(ENV_KILL_SWITCH, false);
     let tokens_per_minute = r.opt_i64(ENV_TOKENS_PER_MINUTE).unwrap_or(0);
@@ -261,7 +269,11 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
         enabled: r.bool(ENV_FAIR_USE_ENABLED, false),
         per_minute_cap: r.i64(ENV_FAIR_USE_PER_MINUTE_CAP, DEFAULT_FAIR_USE_PER_MINUTE_CAP),
         concurrency_cap: r.i64(ENV_FAIR_USE_CONCURRENCY_CAP, DEFAULT_FAIR_USE_CONCURRENCY_CAP),
-        lease_ttl_seconds: r.u64_in(ENV_FAIR_USE_LEASE_TTL_SECONDS, DEFAULT_FAIR_USE_LEASE_TTL_SECONDS, 1..=86_400),
+        lease_ttl_seconds: r.u64_in(
+            ENV_FAIR_USE_LEASE_TTL_SECONDS,
+            DEFAULT_FAIR_USE_LEASE_TTL_SECONDS,
+            bounds::LEASE_TTL_SECONDS,
+        ),
         pro_daily_soft_cap: r.i64(ENV_FAIR_USE_PRO_DAILY, DEFAULT_FAIR_USE_PRO_DAILY),
         enterprise_daily_soft_cap: r.i64(ENV_FAIR_USE_ENTERPRISE_DAILY, DEFAULT_FAIR_USE_ENTERPRISE_DAILY),
         tokens_per_minute,
@@ -353,7 +365,12 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
         }
     };
     let admin_api_key = r.raw(ENV_ADMIN_API_KEY).map(Secret::new);
-    let audit_sample_rate = r.f64_in(ENV_AUDIT_SAMPLE_RATE, DEFAULT_AUDIT_SAMPLE_RATE, 0.0, 1.0);
+    let audit_sample_rate = r.f64_in(
+        ENV_AUDIT_SAMPLE_RATE,
+        DEFAULT_AUDIT_SAMPLE_RATE,
+        *bounds::AUDIT_SAMPLE_RATE.start(),
+        *bounds::AUDIT_SAMPLE_RATE.end(),
+    );
     let instance_id = r.raw(ENV_INSTANCE_ID).unwrap_or_else(default_instance_id);
     let log_format = match r.string(ENV_LOG_FORMAT, "json").to_ascii_lowercase().as_str() {
         "json" => LogFormat::Json,

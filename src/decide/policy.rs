@@ -283,6 +283,20 @@ impl TenantLimits<'_> {
     }
 }
 
+/// The ranges the bounded runtime knobs may take, wherever they come from: the environment
+/// (`config`), `PATCH /runtime` (`admin`), and a saved runtime policy read back at start
+/// (`store::runtime_policy`). The caps and thresholds not listed take any integer (≤ 0 disables
+/// a fair-use gate).
+pub mod bounds {
+    use std::ops::RangeInclusive;
+
+    pub const GLOBAL_PER_MINUTE_CAP: RangeInclusive<u64> = 1..=100_000;
+    pub const GLOBAL_UNIQUE_TENANTS: RangeInclusive<u64> = 1..=10_000;
+    pub const GLOBAL_BLOCK_SECONDS: RangeInclusive<u64> = 30..=86_400;
+    pub const LEASE_TTL_SECONDS: RangeInclusive<u64> = 1..=86_400;
+    pub const AUDIT_SAMPLE_RATE: RangeInclusive<f64> = 0.0..=1.0;
+}
+
 /// Global abuse guard settings (names from the reference system).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GlobalAbuse {

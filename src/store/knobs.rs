@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
+use crate::decide::policy::bounds;
 use crate::decide::{Mode, Policy};
 
 /// The runtime knobs of a policy (see the module docs).
@@ -81,13 +82,37 @@ impl Knobs {
         p.audit_sample_rate = self.audit_sample_rate;
     }
 
-    /// Whether every mode names one (`apply` would otherwise skip it).
+    /// Whether every mode names one (`apply` would otherwise skip it) and every bounded knob is
+    /// within the range the admin API accepts ([`bounds`]): a set read back from outside the
+    /// process (a saved runtime policy) is held to what `PATCH /runtime` could have written.
     pub(crate) fn check(&self) -> Result<(), String> {
         let modes = std::iter::once(&self.enforcement_mode).chain(self.source_modes.iter().map(|(_, m)| m));
-        match modes.into_iter().find(|m| Mode::parse(m).is_none()) {
-            Some(bad) => Err(format!("`{bad}` is not a mode")),
-            None => Ok(()),
+        if let Some(bad) = modes.into_iter().find(|m| Mode::parse(m).is_none()) {
+            return Err(format!("`{bad}` is not a mode"));
         }
+        let counts = [
+            ("global_abuse_per_minute_cap", self.global_abuse_per_minute_cap, bounds::GLOBAL_PER_MINUTE_CAP),
+            (
+                "global_abuse_unique_tenants_threshold",
+                self.global_abuse_unique_tenants_threshold,
+                bounds::GLOBAL_UNIQUE_TENANTS,
+            ),
+            ("global_abuse_block_seconds", self.global_abuse_block_seconds, bounds::GLOBAL_BLOCK_SECONDS),
+            (
+                "fair_use_concurrency_lease_ttl_seconds",
+                self.fair_use_concurrency_lease_ttl_seconds,
+                bounds::LEASE_TTL_SECONDS,
+            ),
+        ];
+        for (knob, value, range) in counts {
+            if !range.contains(&value) {
+                return Err(format!("`{knob}` is {value}, outside {}..={}", range.start(), range.end()));
+            }
+        }
+        if !bounds::AUDIT_SAMPLE_RATE.contains(&self.audit_sample_rate) {
+            return Err(format!("`audit_sample_rate` is {}, outside 0..=1", self.audit_sample_rate));
+        }
+        Ok(())
     }
 
     /// The knobs as a JSON object, one field per knob.
@@ -136,13 +161,18 @@ mod tests {
     }
 
     #[test]
-    fn merged_lays_known_fields_over_and_check_names_a_bad_mode() {
+    fn merged_lays_known_fields_over_and_check_names_a_bad_mode_or_an_out_of_range_value() {
         let base = Knobs::of(&Policy::for_test());
         let m = Knobs::merged(&base, json!({"kill_switch": true, "nonsense": 1}).as_object().unwrap());
         assert!(m.kill_switch && m.global_abuse_per_minute_cap == base.global_abuse_per_minute_cap);
         assert_eq!(Knobs::merged(&base, json!({"kill_switch": "yes"}).as_object().unwrap()), base);
         assert!(base.check().is_ok());
-        let bad = Knobs { source_modes: vec![("batch".into(), "strict".into())], ..base };
+        let bad = Knobs { source_modes: vec![("batch".into(), "strict".into())], ..base.clone() };
         assert!(bad.check().unwrap_err().contains("strict"));
+        // Values the admin API would refuse are refused when read back too.
+        let zero_cap = Knobs { global_abuse_per_minute_cap: 0, ..base.clone() };
+        assert!(zero_cap.check().unwrap_err().contains("global_abuse_per_minute_cap"));
+        let rate = Knobs { audit_sample_rate: 2.0, ..base };
+        assert!(rate.check().unwrap_err().contains("audit_sample_rate"));
     }
 }

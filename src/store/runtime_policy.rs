@@ -105,7 +105,8 @@ fn same(a: &Json, b: &Json) -> bool {
 /// The policy to start with: `config` (the local configuration's) with each knob of `saved`
 /// restored where the configuration still has the knob's base value, at `saved.version + 1`.
 /// Pure. Errors when the merged knobs are not a valid set (a value of the wrong type, a mode
-/// that does not parse): the file is then unreadable.
+/// that does not parse, a value outside the range `PATCH /runtime` accepts): the file is then
+/// unreadable.
 pub(crate) fn merge(config: &Policy, saved: &Saved) -> Result<Merged, String> {
     let configured = Knobs::of(config).to_map();
     let mut out = configured.clone();
@@ -350,6 +351,10 @@ mod tests {
         let mut bad = saved_after(&config, 1, |_| {});
         bad.knobs.insert("enforcement_mode".into(), json!("strict"));
         assert!(merge(&config, &bad).unwrap_err().contains("strict"));
+        // A value PATCH /runtime would refuse (a hand-edited file) makes the file unusable too.
+        let mut bad = saved_after(&config, 1, |_| {});
+        bad.knobs.insert("global_abuse_block_seconds".into(), json!(5));
+        assert!(merge(&config, &bad).unwrap_err().contains("global_abuse_block_seconds"));
     }
 
     #[test]
