@@ -94,6 +94,9 @@ fn check_config() -> ExitCode {
             for (k, v) in config::describe(&c) {
                 println!("{k}={v}");
             }
+            for w in config::warnings(&c) {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -347,6 +350,9 @@ fn run(src: &dyn Strings, purpose: Purpose) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.log_format);
+    for w in config::warnings(&config) {
+        tracing::warn!("{w}");
+    }
     let (listen, admin) = (config.listen_addr, config.admin_addr);
     let built = match server::build(config) {
         Ok(b) => b,
@@ -396,6 +402,8 @@ fn demo() -> ExitCode {
     defaults.insert("PREAUTH_LISTEN_ADDR", "127.0.0.1:8080".into());
     defaults.insert("SUPABASE_JWT_SECRET", secret.clone());
     defaults.insert("ADMIN_API_KEY", admin_key.clone());
+    // Approvals work in the demo (POST /api/v1/enforcement/approvals/{id}/approve issues tokens).
+    defaults.insert("ENFORCEMENT_APPROVAL_TOKEN_SECRET", random_hex(32));
     defaults.insert("PREAUTH_LOG_FORMAT", "text".into());
     defaults.insert("LLM_FAIR_USE_GUARDS_ENABLED", "true".into());
     defaults.insert("LLM_FAIR_USE_PER_MINUTE_CAP", "5".into());

@@ -519,6 +519,21 @@ fn default_instance_id() -> String {
         .unwrap_or_else(|| "preauth-sidecar".to_string())
 }
 
+/// Settings that are valid but leave a feature unusable: logged as warnings at start and printed
+/// by `check-config`, each saying what to set.
+pub fn warnings(c: &Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if c.approvals.secret.is_none() {
+        w.push(format!(
+            "{ENV_APPROVAL_SECRET} is not set: requests estimated above {ENV_REQUIRE_APPROVAL_ABOVE} ({}) and \
+             soft-mode escalations are answered 403 approval_required, but no approval token can be issued \
+             (approving answers 503) or verified; set it (at least {MIN_SECRET_LEN} characters) to use approvals",
+            c.policy.spend.require_approval_above
+        ));
+    }
+    w
+}
+
 /// The effective configuration as `KEY=value` lines, secrets redacted (for `check-config`).
 pub fn describe(c: &Config) -> Vec<(String, String)> {
     let p = &c.policy;

@@ -259,3 +259,15 @@ fn unusable_ledger_urls_are_config_errors() {
         assert!(parse(&env(&[("PREAUTH_LEDGER_URL", ok)]), Purpose::Run).is_ok(), "{ok}");
     }
 }
+
+#[test]
+fn approvals_without_a_signing_secret_are_warned_about() {
+    let c = parse(&env(&[]), Purpose::Run).unwrap();
+    let w = warnings(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("ENFORCEMENT_APPROVAL_TOKEN_SECRET") && w[0].contains("1.000000"), "{w:?}");
+    assert!(!w[0].contains(SECRET));
+    let c = parse(&env(&[("ENFORCEMENT_APPROVAL_TOKEN_SECRET", "approval-secret-0123456789abcdef0123")]), Purpose::Run)
+        .unwrap();
+    assert!(warnings(&c).is_empty());
+}
