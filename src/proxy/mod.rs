@@ -178,9 +178,9 @@ impl PreauthProxy {
             estimated_tokens: est.prompt_tokens + max_output,
         };
 
-        // The fingerprint binds approvals to this exact body; computed only when needed.
-        let needs_fingerprint = ctx.approval_token.is_some();
-        let mut fp = needs_fingerprint.then(|| fingerprint(&caller.tenant, "POST", route.path(), body));
+        // The fingerprint binds approvals to this exact body, and every decision event names it
+        // (CONTRACT §7).
+        let fp = fingerprint(&caller.tenant, "POST", route.path(), body);
         let gate = Duration::from_millis(self.state.config.gate_timeout_ms);
         // One clock read for the whole decision (store windows, token expiry, the hold's time).
         let now = self.state.clock.now_ms();
@@ -191,10 +191,10 @@ impl PreauthProxy {
             }
             // Pure pre-checks first, so the store is asked once: the approval token (verified and
             // bound, not yet used; step 8) and the thresholds it may lift (step 7).
-            let token_check = match (ctx.approval_token.as_deref(), fp.as_deref()) {
-                (Some(token), Some(fp)) => Some(self.verify_approval(token, &caller.tenant, fp, estimated_cost, now_s)),
-                _ => None,
-            };
+            let token_check = ctx
+                .approval_token
+                .as_deref()
+                .map(|token| self.verify_approval(token, &caller.tenant, &fp, estimated_cost, now_s));
             let approved = matches!(token_check, Some(Ok(_)));
             let threshold = decide::spend_threshold(&policy, estimated_cost, approved);
             let threshold_lifted = decide::token_lifts_threshold(mode, approved, threshold);
@@ -293,7 +293,6 @@ impl PreauthProxy {
         let event_of = |event_type: EventType| base.sibling(self.state.event(event_type, policy.version));
         let mut extra = Map::new();
         if decision.verdict == Verdict::RequireApproval {
-            let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body)).clone();
             let reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
             let now = self.state.clock.now_ms();
             let pending = self
@@ -338,22 +337,19 @@ impl PreauthProxy {
         // no decision can be recorded and the failsafe path applies.
         // A refused request holds nothing (its hold is given back below) and names its body.
         let reservation = spend.reservation.as_ref().filter(|_| decision.is_allow());
-        if !decision.is_allow() {
-            fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body));
-        }
         let mut ev = base;
         ev.decision = Some(event::label(decision.verdict.as_str()));
         ev.reasons = decision.reason_label().map(|r| vec![r.to_string()]).unwrap_or_default();
         ev.reservation_id = reservation.map(|r| r.id.clone());
         ev.reserved_usd = Some(reservation.map_or(Micros::ZERO, |r| r.amount));
-        ev.request_fingerprint = fp.clone();
+        ev.request_fingerprint = Some(fp.clone());
         ev.approval_id = ctx.approval_id.clone();
         let (mut recorded, template) = self.state.stage_decision(ev);
         if let (true, true, Some(id)) = (recorded, decision.is_allow(), consumed_approval) {
             let mut e = template.event().sibling(self.state.event(EventType::ApprovalConsumed, policy.version));
             (e.reservation_id, e.reserved_usd) = (None, None);
             e.approval_id = Some(id);
-            e.request_fingerprint = fp.clone();
+            e.request_fingerprint = Some(fp.clone());
             self.state.stage(&e);
         }
         // The hold and the events staged above are written (with those of every request served
@@ -366,7 +362,6 @@ impl PreauthProxy {
         if decision.verdict == Verdict::RequireApproval {
             // Every key an `approval_required` answer promises; `null` where no approval could be
             // queued (approvals store or outbox unusable: the soft failsafe path).
-            let fp = fp.get_or_insert_with(|| fingerprint(&caller.tenant, "POST", route.path(), body));
             extra.entry("request_fingerprint").or_insert_with(|| json!(fp));
             extra.entry("approval_id").or_insert(Value::Null);
             extra.entry("expires_at").or_insert(Value::Null);
@@ -387,7 +382,7 @@ impl PreauthProxy {
         ctx.mode = Some(mode);
         ctx.policy_version = policy.version;
         ctx.estimated_cost = Some(estimated_cost);
-        ctx.fingerprint = fp.clone();
+        ctx.fingerprint = Some(fp);
         if decision.is_allow() {
             ctx.ticket = ticket;
             // Shadow mode and fail-open hold nothing but still settle usage into spend.
@@ -645,9 +640,11 @@ struct ReserveStep {
     over_budget: bool,
 }
 
-/// `request_fingerprint` of CONTRACT §5.
+/// `request_fingerprint` of CONTRACT §5. Computed for every decision (its event names it): the
+/// hex digits are written into stack buffers, one allocation for the result.
 pub fn fingerprint(tenant: &str, method: &str, path: &str, body: &[u8]) -> String {
-    let body_hash = hex(&Sha256::digest(body));
+    let mut body_hash = [0u8; 64];
+    hex_into(&Sha256::digest(body).into(), &mut body_hash);
     let mut h = Sha256::new();
     h.update(tenant.as_bytes());
     h.update(b"\n");
@@ -655,18 +652,19 @@ pub fn fingerprint(tenant: &str, method: &str, path: &str, body: &[u8]) -> Strin
     h.update(b" ");
     h.update(path.as_bytes());
     h.update(b"\n");
-    h.update(body_hash.as_bytes());
-    hex(&h.finalize())
+    h.update(body_hash);
+    let mut out = [0u8; 64];
+    hex_into(&h.finalize().into(), &mut out);
+    String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `digest` as 64 lowercase hex digits.
+fn hex_into(digest: &[u8; 32], out: &mut [u8; 64]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 0xf) as usize] as char);
+    for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
-    s
 }
 
 /// 16 random bits of a v7 UUID string (its last hex digits), for audit sampling.

@@ -386,11 +386,12 @@ async fn http_sink_delivers_cloudevents_after_a_503_spell() {
     s.stop().await;
 }
 
-/// Runbook, false positives and drift: a refused request's decision event names the request's
-/// fingerprint (the evidence to capture) and no hold — the hold the store took alongside the
-/// admission was given back at once, so a reconciliation reading the ledger finds no orphan.
+/// Runbook, false positives and drift: every decision event names the request's fingerprint
+/// (CONTRACT §7; for a refusal, the evidence to capture), and a refused one no hold — the hold
+/// the store took alongside the admission was given back at once, so a reconciliation reading
+/// the ledger finds no orphan.
 #[tokio::test(flavor = "multi_thread")]
-async fn refused_decision_events_carry_the_fingerprint_and_no_hold() {
+async fn decision_events_carry_the_fingerprint_and_refused_ones_no_hold() {
     let s = start(&[("LLM_FAIR_USE_GUARDS_ENABLED", "true"), ("LLM_FAIR_USE_PER_MINUTE_CAP", "1")]).await;
     let body = chat("gpt-4o-mini");
     assert_eq!(post(&s, "/v1/chat/completions", "fp-t", "pro", &body).await.status(), 200);
@@ -407,6 +408,20 @@ async fn refused_decision_events_carry_the_fingerprint_and_no_hold() {
     assert_eq!(e["request_fingerprint"], want.as_str(), "{e}");
     assert_eq!(e["reservation_id"], Value::Null, "{e}");
     assert_eq!(e["reserved_usd"], "0.000000", "{e}");
+    // The admitted request's decision, and the settlement that follows it, name it too.
+    // (The settlement is recorded after the answer: wait for it.)
+    for kind in ["decision", "reservation_settled"] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let e = loop {
+            let v = s.admin_get(&format!("/api/v1/enforcement/ledger?event_type={kind}&tenant_id=fp-t&limit=2")).await;
+            if let Some(e) = v["items"].as_array().unwrap().iter().find(|e| e["decision"] != "DENY") {
+                break e.clone();
+            }
+            assert!(Instant::now() < deadline, "no {kind} event of the admitted request: {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(e["request_fingerprint"], want.as_str(), "{e}");
+    }
     s.stop().await;
 }
 
