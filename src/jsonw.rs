@@ -117,25 +117,15 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
-        let esc: &[u8] = match c {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => {
-                out.extend_from_slice(&b[start..i]);
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]);
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
+        let esc = short_escape(c);
+        if esc.is_none() && c >= 0x20 {
+            continue;
+        }
         out.extend_from_slice(&b[start..i]);
-        out.extend_from_slice(esc);
+        match esc {
+            Some(esc) => out.extend_from_slice(esc),
+            None => unicode_escape(out, u16::from(c)),
+        }
         start = i + 1;
     }
     out.extend_from_slice(&b[start..]);
@@ -190,30 +180,44 @@ pub fn canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
     }
 }
 
-/// A JSON string as Python's `ensure_ascii` writes it.
-fn ascii_str(out: &mut Vec<u8>, s: &str) {
+/// The two-character escape JSON has for `c` (`\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`).
+fn short_escape(c: u8) -> Option<&'static [u8]> {
+    Some(match c {
+        b'"' => b"\\\"",
+        b'\\' => b"\\\\",
+        b'\n' => b"\\n",
+        b'\r' => b"\\r",
+        b'\t' => b"\\t",
+        0x08 => b"\\b",
+        0x0c => b"\\f",
+        _ => return None,
+    })
+}
+
+/// `\uXXXX` (lowercase hex) for one UTF-16 code unit.
+fn unicode_escape(out: &mut Vec<u8>, u: u16) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let unit = |out: &mut Vec<u8>, u: u16| {
-        out.extend_from_slice(b"\\u");
-        for shift in [12, 8, 4, 0] {
-            out.push(HEX[usize::from((u >> shift) & 15)]);
-        }
-    };
+    out.extend_from_slice(b"\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(HEX[usize::from((u >> shift) & 15)]);
+    }
+}
+
+/// A JSON string as Python's `ensure_ascii` writes it: [`json_str`]'s escapes, and every
+/// character outside printable ASCII as `\uXXXX` code units.
+fn ascii_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     for c in s.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            '\u{8}' => out.extend_from_slice(b"\\b"),
-            '\u{c}' => out.extend_from_slice(b"\\f"),
-            ' '..='~' => out.push(c as u8),
+        match u8::try_from(c) {
+            Ok(b) if b.is_ascii() => match short_escape(b) {
+                Some(esc) => out.extend_from_slice(esc),
+                None if (b' '..=b'~').contains(&b) => out.push(b),
+                None => unicode_escape(out, u16::from(b)),
+            },
             _ => {
                 let mut units = [0u16; 2];
                 for u in c.encode_utf16(&mut units) {
-                    unit(out, *u);
+                    unicode_escape(out, *u);
                 }
             }
         }

@@ -335,7 +335,7 @@ impl PreauthProxy {
 
         // The decision reaches the outbox (the OS) before anything is forwarded; when it cannot,
         // no decision can be recorded and the failsafe path applies.
-        // A refused request holds nothing (its hold is given back below) and names its body.
+        // A refused request holds nothing (its hold is given back below).
         let reservation = spend.reservation.as_ref().filter(|_| decision.is_allow());
         let mut ev = base;
         ev.decision = Some(event::label(decision.verdict.as_str()));
