@@ -128,15 +128,32 @@ impl Knobs {
         serde_json::from_value(Json::Object(m)).map_err(|e| e.to_string())
     }
 
-    /// The knobs of `base` with the fields of `over` laid on top (unknown fields ignored).
-    pub(crate) fn merged(base: &Knobs, over: &Map<String, Json>) -> Knobs {
-        let mut m = base.to_map();
+    /// The knobs of `base` with the fields of `over` laid on top, one field at a time (unknown
+    /// fields ignored). A field of the wrong type, or with a value [`Knobs::check`] refuses (one
+    /// the admin API would not have written), keeps `base`'s value and is named in the second
+    /// result: one bad field of a stored document must not keep its other knobs — a kill switch
+    /// — from acting.
+    pub(crate) fn merged(base: &Knobs, over: &Map<String, Json>) -> (Knobs, Vec<String>) {
+        let (mut knobs, mut m, mut rejected) = (base.clone(), base.to_map(), Vec::new());
         for (k, v) in over {
-            if m.contains_key(k) {
-                m.insert(k.clone(), v.clone());
+            let Some(old) = m.insert(k.clone(), v.clone()) else {
+                m.remove(k); // not a knob
+                continue;
+            };
+            if old == *v {
+                continue;
+            }
+            match Knobs::from_map(m.clone()) {
+                // A base that fails the check itself (never from a validated configuration)
+                // still takes well-typed fields.
+                Ok(next) if next.check().is_ok() || knobs.check().is_err() => knobs = next,
+                _ => {
+                    m.insert(k.clone(), old);
+                    rejected.push(k.clone());
+                }
             }
         }
-        Knobs::from_map(m).unwrap_or_else(|_| base.clone())
+        (knobs, rejected)
     }
 }
 
@@ -161,11 +178,40 @@ mod tests {
     }
 
     #[test]
+    fn one_bad_field_keeps_its_base_value_and_the_others_still_act() {
+        let base = Knobs::of(&Policy::for_test());
+        let doc = json!({
+            "kill_switch": true,
+            "audit_sample_rate": 7.0,
+            "global_abuse_per_minute_cap": "lots",
+            "global_abuse_block_seconds": 0,
+            "enforcement_mode": "strict",
+            "fair_use_per_minute_cap": 42,
+        });
+        let (m, mut rejected) = Knobs::merged(&base, doc.as_object().unwrap());
+        assert!(m.kill_switch, "the kill switch acts despite the bad fields");
+        assert_eq!(m.fair_use_per_minute_cap, 42);
+        assert_eq!(
+            (m.audit_sample_rate, m.global_abuse_per_minute_cap, m.global_abuse_block_seconds),
+            (base.audit_sample_rate, base.global_abuse_per_minute_cap, base.global_abuse_block_seconds)
+        );
+        assert_eq!(m.enforcement_mode, base.enforcement_mode);
+        assert!(m.check().is_ok());
+        rejected.sort();
+        assert_eq!(
+            rejected,
+            ["audit_sample_rate", "enforcement_mode", "global_abuse_block_seconds", "global_abuse_per_minute_cap"]
+        );
+    }
+
+    #[test]
     fn merged_lays_known_fields_over_and_check_names_a_bad_mode_or_an_out_of_range_value() {
         let base = Knobs::of(&Policy::for_test());
-        let m = Knobs::merged(&base, json!({"kill_switch": true, "nonsense": 1}).as_object().unwrap());
+        let (m, rejected) = Knobs::merged(&base, json!({"kill_switch": true, "nonsense": 1}).as_object().unwrap());
         assert!(m.kill_switch && m.global_abuse_per_minute_cap == base.global_abuse_per_minute_cap);
-        assert_eq!(Knobs::merged(&base, json!({"kill_switch": "yes"}).as_object().unwrap()), base);
+        assert!(rejected.is_empty(), "unknown fields are ignored, not rejected: {rejected:?}");
+        let (m, rejected) = Knobs::merged(&base, json!({"kill_switch": "yes"}).as_object().unwrap());
+        assert_eq!((m, rejected), (base.clone(), vec!["kill_switch".to_string()]));
         assert!(base.check().is_ok());
         let bad = Knobs { source_modes: vec![("batch".into(), "strict".into())], ..base.clone() };
         assert!(bad.check().unwrap_err().contains("strict"));

@@ -21,8 +21,11 @@
 //!   configuration's): whatever was restored, the policy in force after a restart is assembled
 //!   anew (environment and files re-read, as a `SIGHUP` reload does, which bumps it too), so no
 //!   version ever names two different policies and ledger readers can order changes.
+//! - **A bad saved value** (wrong type, not a mode, outside the range `PATCH /runtime` accepts: a
+//!   hand-edited file) is not restored: that knob keeps the configuration's value, logged as an
+//!   error and listed as `rejected`; the other knobs are restored (a saved kill switch survives).
 //! - A missing file is a first start: the configuration as is.
-//! - A file that cannot be read or parsed is moved aside (`runtime-policy.json.corrupt`, for
+//! - A file that cannot be read or parsed as this format is moved aside (`runtime-policy.json.corrupt`, for
 //!   inspection) with a warning, and the configuration is in force — the sidecar still starts,
 //!   as with the daily counts snapshot (`store::daily`). The version resumes after the one the
 //!   file names when that much can still be read.
@@ -88,6 +91,9 @@ pub(crate) struct Merged {
     pub(crate) restored: Vec<KnobOutcome>,
     /// Knobs whose saved value was dropped: the configuration changed them since.
     pub(crate) configuration_won: Vec<KnobOutcome>,
+    /// Knobs whose saved value was dropped because it is not one `PATCH /runtime` could have
+    /// written (wrong type, not a mode, out of range): the configuration's value is in force.
+    pub(crate) rejected: Vec<KnobOutcome>,
 }
 
 /// Two knob values are the same (numbers compare as numbers: a float read back from the file may
@@ -104,12 +110,13 @@ fn same(a: &Json, b: &Json) -> bool {
 
 /// The policy to start with: `config` (the local configuration's) with each knob of `saved`
 /// restored where the configuration still has the knob's base value, at `saved.version + 1`.
-/// Pure. Errors when the merged knobs are not a valid set (a value of the wrong type, a mode
-/// that does not parse, a value outside the range `PATCH /runtime` accepts): the file is then
-/// unreadable.
-pub(crate) fn merge(config: &Policy, saved: &Saved) -> Result<Merged, String> {
+/// Pure. A saved value of the wrong type, a mode that does not parse, or a value outside the
+/// range `PATCH /runtime` accepts (a hand-edited file) is not restored: that knob keeps the
+/// configuration's value and is listed in `rejected`, and the other knobs are restored as usual
+/// (one bad value must not drop a saved kill switch).
+pub(crate) fn merge(config: &Policy, saved: &Saved) -> Merged {
     let configured = Knobs::of(config).to_map();
-    let mut out = configured.clone();
+    let mut out = Map::new();
     let (mut restored, mut configuration_won) = (Vec::new(), Vec::new());
     for (knob, conf) in &configured {
         let (Some(base), Some(value)) = (saved.base.get(knob), saved.knobs.get(knob)) else { continue };
@@ -124,12 +131,12 @@ pub(crate) fn merge(config: &Policy, saved: &Saved) -> Result<Merged, String> {
             configuration_won.push(outcome);
         }
     }
-    let knobs = Knobs::from_map(out)?;
-    knobs.check()?;
+    let (knobs, bad) = Knobs::merged(&Knobs::of(config), &out);
+    let (rejected, restored) = restored.into_iter().partition(|k| bad.contains(&k.knob));
     let mut policy = config.clone();
     knobs.apply(&mut policy);
     policy.version = config.version.max(saved.version.saturating_add(1));
-    Ok(Merged { policy, restored, configuration_won })
+    Merged { policy, restored, configuration_won, rejected }
 }
 
 /// What a start found in the data directory.
@@ -169,7 +176,12 @@ impl Found {
                     .iter()
                     .map(|k| (k.knob.clone(), serde_json::json!({"dropped": k.saved, "configured": k.configured})))
                     .collect();
-                Some(serde_json::json!({"restored": restored, "configuration_won": overridden}))
+                let rejected: Map<String, Json> = m
+                    .rejected
+                    .iter()
+                    .map(|k| (k.knob.clone(), serde_json::json!({"dropped": k.saved, "configured": k.configured})))
+                    .collect();
+                Some(serde_json::json!({"restored": restored, "configuration_won": overridden, "rejected": rejected}))
             }
             Found::Unreadable(_) => Some(serde_json::json!({"unreadable_file_moved_to": CORRUPT_FILE})),
         }
@@ -191,8 +203,7 @@ fn read(dir: &Path, config: &Policy) -> Result<Option<(u64, Merged)>, Unusable> 
         let version = serde_json::from_slice::<Json>(&bytes).ok().and_then(|v| v.get("version")?.as_u64());
         (e.to_string(), version)
     })?;
-    let merged = merge(config, &saved).map_err(|e| (e, Some(saved.version)))?;
-    Ok(Some((saved.version, merged)))
+    Ok(Some((saved.version, merge(config, &saved))))
 }
 
 /// The policy a sidecar on `dir` runs (or would start with), read without changing anything:
@@ -234,12 +245,24 @@ pub(crate) fn restore(dir: &Path, config: &Policy) -> Found {
              the configuration's value is in force, the runtime change is dropped"
         );
     }
+    for k in &merged.rejected {
+        tracing::error!(
+            path = %path.display(),
+            knob = %k.knob,
+            dropped_value = %k.saved,
+            configured = %k.configured,
+            "runtime policy: the saved value of this setting is of the wrong type or outside the range \
+             PATCH /api/v1/enforcement/runtime accepts (was the file edited by hand?); the configuration's value is \
+             in force and the other settings were restored. Set it again with PATCH if the change is still wanted"
+        );
+    }
     tracing::info!(
         path = %path.display(),
         saved_version,
         policy_version = merged.policy.version,
         restored = merged.restored.len(),
         configuration_won = merged.configuration_won.len(),
+        rejected = merged.rejected.len(),
         "runtime policy: resumed from the data directory"
     );
     Found::Merged(merged)
@@ -294,7 +317,7 @@ mod tests {
             p.source_modes = vec![("batch".into(), Mode::Shadow)];
             p.audit_sample_rate = 0.3;
         });
-        let m = merge(&config, &saved).unwrap();
+        let m = merge(&config, &saved);
         assert!(m.policy.kill_switch && m.policy.approval_issuance_frozen);
         assert_eq!(m.policy.source_modes, vec![("batch".to_string(), Mode::Shadow)]);
         assert_eq!(m.policy.audit_sample_rate, 0.3);
@@ -316,7 +339,7 @@ mod tests {
         });
         let mut config = old.clone();
         config.fair_use.per_minute_cap = 12;
-        let m = merge(&config, &saved).unwrap();
+        let m = merge(&config, &saved);
         assert_eq!(m.policy.fair_use.per_minute_cap, 12, "the redeployed intent wins");
         assert!(m.policy.kill_switch, "an untouched knob is still restored");
         assert_eq!(
@@ -327,7 +350,7 @@ mod tests {
         // A runtime change the configuration now agrees with is neither.
         let mut config = old.clone();
         config.kill_switch = true;
-        let m = merge(&config, &saved).unwrap();
+        let m = merge(&config, &saved);
         assert!(m.policy.kill_switch);
         assert_eq!(knobs(&m.restored), vec!["fair_use_per_minute_cap"]);
         assert!(m.configuration_won.is_empty());
@@ -340,21 +363,29 @@ mod tests {
         saved.knobs.remove("global_abuse_per_minute_cap");
         saved.knobs.insert("knob_of_a_later_version".into(), json!(1));
         saved.base.insert("audit_sample_rate".into(), json!(0.010000000000000002));
-        let m = merge(&config, &saved).unwrap();
+        let m = merge(&config, &saved);
         assert!(m.policy.kill_switch);
         assert_eq!(m.policy.global.per_minute_cap, config.global.per_minute_cap);
         assert_eq!(knobs(&m.restored), vec!["kill_switch"]);
 
-        let mut bad = saved_after(&config, 1, |_| {});
-        bad.knobs.insert("kill_switch".into(), json!("yes"));
-        assert!(merge(&config, &bad).is_err());
-        let mut bad = saved_after(&config, 1, |_| {});
+        // Values PATCH /runtime would refuse (a hand-edited file) keep the configuration's
+        // value, each named; the saved kill switch is restored all the same.
+        let mut bad = saved_after(&config, 1, |p| p.kill_switch = true);
+        bad.knobs.insert("audit_sample_rate".into(), json!("yes"));
         bad.knobs.insert("enforcement_mode".into(), json!("strict"));
-        assert!(merge(&config, &bad).unwrap_err().contains("strict"));
-        // A value PATCH /runtime would refuse (a hand-edited file) makes the file unusable too.
-        let mut bad = saved_after(&config, 1, |_| {});
         bad.knobs.insert("global_abuse_block_seconds".into(), json!(5));
-        assert!(merge(&config, &bad).unwrap_err().contains("global_abuse_block_seconds"));
+        let m = merge(&config, &bad);
+        assert!(m.policy.kill_switch);
+        assert_eq!(knobs(&m.restored), vec!["kill_switch"]);
+        let mut rejected = knobs(&m.rejected);
+        rejected.sort();
+        assert_eq!(rejected, vec!["audit_sample_rate", "enforcement_mode", "global_abuse_block_seconds"]);
+        assert_eq!(Knobs::of(&m.policy), Knobs { kill_switch: true, ..Knobs::of(&config) });
+        let changes = Found::Merged(m).changes().unwrap();
+        assert_eq!(
+            changes["rejected"]["global_abuse_block_seconds"],
+            json!({"dropped": 5, "configured": config.global.block_seconds})
+        );
     }
 
     #[test]
@@ -386,7 +417,6 @@ mod tests {
             (b"", 1),
             (b"\x00\xff", 1),
             (b"{\"version\": 7, \"knobs\": {}}", 8),
-            (b"{\"version\": 7, \"knobs\": {\"enforcement_mode\": \"strict\"}, \"base\": {\"enforcement_mode\": \"hard\"}}", 8),
         ] {
             fs::write(d.join(FILE), garbage).unwrap();
             let found = restore(&d, &config);
@@ -397,5 +427,14 @@ mod tests {
             assert!(!d.join(FILE).exists());
             assert_eq!(fs::read(d.join(CORRUPT_FILE)).unwrap(), garbage, "kept for inspection");
         }
+        // A well-formed file with a bad value is not unreadable: that knob is rejected.
+        let mode = config.mode.as_str();
+        let text = format!(
+            r#"{{"version": 7, "knobs": {{"enforcement_mode": "strict"}}, "base": {{"enforcement_mode": "{mode}"}}}}"#
+        );
+        fs::write(d.join(FILE), &text).unwrap();
+        let Found::Merged(m) = restore(&d, &config) else { panic!("a bad value is rejected, the file is read") };
+        assert_eq!((knobs(&m.rejected), m.policy.version), (vec!["enforcement_mode"], 8));
+        assert_eq!(Knobs::of(&m.policy), Knobs::of(&config));
     }
 }

@@ -15,6 +15,9 @@
 //!   re-created from the replica's current knobs, so a kill switch survives a flush.
 //! - Each document carries an `epoch` (random, set when it is created): a replica applies a
 //!   document of a newer version, or any document of another epoch (a re-created one).
+//! - A stored field of the wrong type or out of the admin API's range (written by hand) keeps the
+//!   replica's value, logged as an error naming it; the document's other fields still apply (a
+//!   kill switch acts whatever else is wrong), and the next update writes the repaired document.
 //! - A patch that changes only local parts (a `SIGHUP` directory reload) is applied locally,
 //!   without Redis and without a version bump, so reloads work while Redis is down.
 //!
@@ -60,17 +63,20 @@ impl Doc {
         }
     }
 
-    /// The document's knobs over `local`'s (fields it lacks keep the local value).
-    fn knobs_over(&self, local: &Policy) -> Knobs {
+    /// The document's knobs over `local`'s: fields it lacks, and fields of the wrong type or out
+    /// of range (named in the second result), keep the local value.
+    fn knobs_over(&self, local: &Policy) -> (Knobs, Vec<String>) {
         Knobs::merged(&Knobs::of(local), &self.knobs)
     }
 
-    /// `local` running this document: its knobs over `local`'s, and its version.
-    fn over(&self, local: &Policy) -> Policy {
+    /// `local` running this document: its knobs over `local`'s, and its version; the second
+    /// result names the fields that kept the local value because they were bad.
+    fn over(&self, local: &Policy) -> (Policy, Vec<String>) {
         let mut p = local.clone();
-        self.knobs_over(local).apply(&mut p);
+        let (knobs, rejected) = self.knobs_over(local);
+        knobs.apply(&mut p);
         p.version = self.version;
-        p
+        (p, rejected)
     }
 
     fn parse(text: &str) -> Option<Doc> {
@@ -131,7 +137,7 @@ impl RedisStore {
         match self.policy_doc(self.inner.keys.global("policy")).await? {
             None => Ok(local.clone()),
             Some(text) => Doc::parse(&text)
-                .map(|doc| doc.over(local))
+                .map(|doc| doc.over(local).0)
                 .ok_or_else(|| StoreError::Unavailable("runtime policy document is unreadable".into())),
         }
     }
@@ -182,7 +188,16 @@ impl Shared {
         if *epoch == doc.epoch && doc.version <= cur.version {
             return;
         }
-        let next = doc.over(&self.local.lock());
+        let (next, rejected) = doc.over(&self.local.lock());
+        if !rejected.is_empty() {
+            tracing::error!(
+                version = doc.version,
+                fields = ?rejected,
+                "runtime policy document (shared store): these fields are of the wrong type or out of range and keep \
+                 this replica's values; the document's other fields apply. Set them again with \
+                 PATCH /api/v1/enforcement/runtime"
+            );
+        }
         if *epoch != doc.epoch || Knobs::of(&next) != Knobs::of(&cur) || next.version != cur.version {
             tracing::info!(
                 version = doc.version,
@@ -261,7 +276,8 @@ impl PolicyStore for RedisPolicy {
                 Some(Some(d)) => (d.version as i64, d),
             };
             let local = sh.local.lock().clone();
-            let knobs = Knobs::merged(&base.knobs_over(&local), &changed);
+            // The patch was validated; a bad stored field is replaced by this replica's value.
+            let (knobs, _) = Knobs::merged(&base.knobs_over(&local).0, &changed);
             let doc = Doc {
                 version: base.version + 1,
                 epoch: base.epoch.clone(),

@@ -718,6 +718,45 @@ async fn policy_document_lost_is_recreated_from_the_running_policy() {
     cleanup(&a).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_document_with_bad_fields_still_applies_its_kill_switch() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let local = Policy::for_test();
+    let pa = a.policy_store(local.clone()).await;
+    // Edited by hand (redis-cli), not through the admin API: one field out of range, one of the
+    // wrong type, and the kill switch on. No message is published: the 2 s re-read finds it.
+    let key = a.inner.keys.global("policy");
+    let mut conn = a.inner.conn.read().clone().unwrap();
+    let get = |mut conn: Conn, key: String| async move {
+        let text: String = redis::cmd("GET").arg(key).query_async(&mut conn).await.unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let mut doc = get(conn.clone(), key.clone()).await;
+    doc["version"] = serde_json::json!(doc["version"].as_u64().unwrap() + 1);
+    doc["knobs"]["kill_switch"] = true.into();
+    doc["knobs"]["audit_sample_rate"] = 7.0.into();
+    doc["knobs"]["global_abuse_per_minute_cap"] = "lots".into();
+    redis::cmd("SET").arg(&key).arg(doc.to_string()).query_async::<()>(&mut conn).await.unwrap();
+
+    assert!(wait_until(Duration::from_secs(4), || pa.current().kill_switch).await.is_some(), "the kill switch acts");
+    let cur = pa.current();
+    assert_eq!(
+        (cur.audit_sample_rate, cur.global.per_minute_cap),
+        (local.audit_sample_rate, local.global.per_minute_cap),
+        "the bad fields keep this replica's values"
+    );
+    // The next update writes a repaired document.
+    pa.update(Box::new(|p| p.fair_use.per_minute_cap = 9)).await.unwrap();
+    let stored = get(conn, key).await;
+    assert_eq!(stored["knobs"]["kill_switch"], true);
+    assert_eq!(stored["knobs"]["fair_use_per_minute_cap"], 9);
+    assert_eq!(stored["knobs"]["audit_sample_rate"], local.audit_sample_rate);
+    assert_eq!(stored["knobs"]["global_abuse_per_minute_cap"], local.global.per_minute_cap);
+    drop(pa);
+    cleanup(&a).await;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Failures
 
