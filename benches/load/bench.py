@@ -281,14 +281,20 @@ async def tenants_main(a):
 # /proc helpers
 # ---------------------------------------------------------------------------------------------
 
-def proc_cpu_ticks(pid):
+def proc_cpu_split(pid):
+    """(utime, stime) of a process in clock ticks, or None."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             s = f.read()
         fields = s[s.rindex(")") + 2:].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, ValueError):
+        return int(fields[11]), int(fields[12])
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def proc_cpu_ticks(pid):
+    split = proc_cpu_split(pid)
+    return None if split is None else split[0] + split[1]
 
 
 def proc_status_kb(pid, key):
@@ -659,8 +665,9 @@ tokens_per_minute = 1000000000000
         return ps
 
     def snapshot(self):
-        return {"sys": sys_cpu(), "pids": {k: proc_cpu_ticks(v) for k, v in self.known_pids().items()},
-                "t": time.time()}
+        split = {k: proc_cpu_split(v) for k, v in self.known_pids().items()}
+        return {"sys": sys_cpu(), "pids": {k: None if v is None else v[0] + v[1] for k, v in split.items()},
+                "split": split, "t": time.time()}
 
     def delta(self, s0, s1, loadgen_cpu_s):
         d = {k: (s1["pids"][k] - s0["pids"][k]) / CLK_TCK for k in s0["pids"]
@@ -700,11 +707,14 @@ tokens_per_minute = 1000000000000
         d, sysd, other = self.delta(s0, s1, lg_cpu)
         reqs = w["requests"]
         key = "mock" if target == "direct" else target
+        u0, u1 = s0["split"].get(key), s1["split"].get(key)
+        user_us, kernel_us = ((b - a) / CLK_TCK * 1e6 / max(1, reqs) for a, b in zip(u0, u1)) if u0 and u1 else (0.0, 0.0)
         errs = w["status"] + w["connect"] + w["read"] + w["write"] + w["timeout"]
         res = {
             "target": target, "mode": mode, "round": rnd, "requests": reqs,
             "rps": reqs / (w["duration_us"] / 1e6), "p50_ms": w["p50_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
-            "cpu_us": d.get(key, 0) * 1e6 / max(1, reqs), "rss_mb": (rss or 0) / 1024,
+            "cpu_us": d.get(key, 0) * 1e6 / max(1, reqs), "user_us": user_us, "kernel_us": kernel_us,
+            "rss_mb": (rss or 0) / 1024,
             "mock_us": d.get("mock", 0) * 1e6 / max(1, reqs),
             "redis_us": d.get("redis-server", 0) * 1e6 / max(1, reqs) if target == "redis" else None,
             "loadgen_cpu_s": lg_cpu, "other_cpu_s": other, "softirq_s": sysd["softirq"], "steal_s": sysd["steal"],
@@ -866,9 +876,9 @@ tokens_per_minute = 1000000000000
         nginx = {r["round"]: r for r in by.get("nginx", [])}
         self.md(f"### {mode.upper()} ({'chat completion' if mode == 'json' else 'chat completion, SSE, 5 chunks'})")
         self.md()
-        self.md("| target | req/s | p50 ms | p99 ms | CPU µs/req | RSS MB | CPU × nginx | req/s × nginx "
-                "| mock µs/req | other CPU s |")
-        self.md("|---|---|---|---|---|---|---|---|---|---|")
+        self.md("| target | req/s | p50 ms | p99 ms | CPU µs/req | user / kernel µs | RSS MB | CPU × nginx "
+                "| req/s × nginx | mock µs/req | other CPU s |")
+        self.md("|---|---|---|---|---|---|---|---|---|---|---|")
         for t in self.targets:
             rs = by.get(t, [])
             if not rs:
@@ -880,6 +890,7 @@ tokens_per_minute = 1000000000000
                      "redis": "sidecar Redis"}[t]
             self.md(f"| {label} | {med_range([r['rps'] for r in rs])} | {med_range([r['p50_ms'] for r in rs], '{:.2f}')}"
                     f" | {med_range([r['p99_ms'] for r in rs], '{:.2f}')} | {med_range([r['cpu_us'] for r in rs], '{:.1f}')}"
+                    f" | {statistics.median([r['user_us'] for r in rs]):.1f} / {statistics.median([r['kernel_us'] for r in rs]):.1f}"
                     f" | {med_range([r['rss_mb'] for r in rs], '{:.1f}')}"
                     f" | {'–' if t == 'direct' else med_range(cpu_ratio, '{:.2f}')}"
                     f" | {med_range(rps_ratio, '{:.2f}')}"
@@ -1058,7 +1069,8 @@ tokens_per_minute = 1000000000000
                 f"target{' (identical upstream traffic)' if self.include_usage else ' (the sidecar splices it in)'}.")
         self.md()
         self.md("Cells: median over rounds (min–max). CPU µs/req = utime+stime delta of the proxy process from "
-                "/proc/PID/stat (10 ms ticks) ÷ requests; for *direct* it is the mock's. RSS = VmRSS at the end of the "
+                "/proc/PID/stat (10 ms ticks) ÷ requests; for *direct* it is the mock's; *user / kernel* splits it (medians). "
+                "RSS = VmRSS at the end of the "
                 "run. × nginx = per-round ratio to nginx in the same round. *other CPU s* = max over rounds of CPU "
                 "used by processes outside the benchmark during the run (noise); non-2xx = 0 in every run.")
         self.md()
