@@ -29,6 +29,16 @@ fn defaults_match_the_contract() {
     assert_eq!(c.gate_timeout_ms, 50);
     assert_eq!(c.reservation_ttl_seconds, 1800);
     assert_eq!(c.upstream.unwrap().port, 4000);
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(c.threads, (cpus / 2).max(1), "half the CPUs, at least one");
+}
+
+#[test]
+fn proxy_threads_default_to_half_the_cpus_and_the_variable_wins() {
+    let halves: Vec<u64> = [1, 2, 3, 4, 16].into_iter().map(default_threads).collect();
+    assert_eq!(halves, [1, 1, 1, 2, 8]);
+    assert_eq!(parse(&env(&[("PREAUTH_THREADS", "6")]), Purpose::Run).unwrap().threads, 6);
+    assert!(parse(&env(&[("PREAUTH_THREADS", "0")]), Purpose::Run).is_err());
 }
 
 #[test]
