@@ -927,7 +927,7 @@ impl PreauthProxy {
         // Whatever lease the settlement did not take along.
         if let Some(ticket) = ctx.ticket.take() {
             if ticket.has_lease() {
-                if let Err(err) = self.state.counters.release_lease(&ticket).await {
+                if let (Err(err), _) = spend::retrying(|| self.state.counters.release_lease(&ticket)).await {
                     self.store_failed("release_lease", err);
                 }
             }

@@ -2,7 +2,18 @@
 //! the reservation it holds, the usage scanner fed by the response, and settlement when the
 //! response ends. The arithmetic lives in `decide::pricing`; the atomic hold in `store::budget`.
 //!
-//! Owns: `SpendCtx`, `settle`. Imports: decide (pricing, usage), store::budget, telemetry, state.
+//! Settlement, release and lease release run once the gateway has answered, and a store timeout
+//! there is retried ([`retrying`], [`RETRY_WAITS`]): it is most often the sidecar's own queueing
+//! under saturation (the step may even have run: each is idempotent by reservation id or lease),
+//! and giving up would leave the hold to the sweep after `PREAUTH_RESERVATION_TTL_SECONDS` (its
+//! spend never charged) and the lease counting against the tenant's concurrency cap until its
+//! TTL. Only a timeout is retried: an open breaker or a store error fails at once.
+//!
+//! Owns: `SpendCtx`, `settle`, `retrying`. Imports: decide (pricing, usage), store::budget,
+//! telemetry, state.
+
+use std::future::Future;
+use std::time::Duration;
 
 use crate::decide::pricing::{cost, ModelPrice};
 use crate::decide::usage::{BodyKind, UsageScanner};
@@ -12,6 +23,30 @@ use crate::ledger::event::{Event, EventType, Template};
 use crate::state::AppState;
 use crate::store::budget::{Reservation, SettleOutcome};
 use crate::store::{StoreError, Ticket};
+
+/// The waits before each retry of a timed-out store step after the gateway answered: at most
+/// three attempts, ≈ 60 ms of waiting plus the attempts' own `PREAUTH_STORE_TIMEOUT_MS`.
+pub const RETRY_WAITS: [Duration; 2] = [Duration::from_millis(10), Duration::from_millis(50)];
+
+/// Runs `step`, and again after each of [`RETRY_WAITS`] while it times out. The second result
+/// says whether a retry ran (a retried step may find its work done by the attempt that timed out).
+pub async fn retrying<T, F, Fut>(mut step: F) -> (Result<T, StoreError>, bool)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut out = step().await;
+    let mut retried = false;
+    for wait in RETRY_WAITS {
+        if !matches!(out, Err(StoreError::Timeout)) {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        retried = true;
+        out = step().await;
+    }
+    (out, retried)
+}
 
 /// Cost facts of one admitted request.
 pub struct SpendCtx {
@@ -69,7 +104,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
             );
             state.stage_follow_up(template, &e);
         }
-        match state.budgets.release(&r.id, now).await {
+        match retrying(|| state.budgets.release(&r.id, now)).await.0 {
             Ok(_) => m.reconciliations.with_label_values(&["usage", "released"]).inc(),
             Err(e) => {
                 m.store_errors.with_label_values(&["release"]).inc();
@@ -110,15 +145,19 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     }
     match reservation {
         Some(r) => match settle_release(state, &r.id, actual, now, lease).await {
-            Ok(SettleOutcome::Settled(s)) => {
+            (Ok(SettleOutcome::Settled(s)), _) => {
                 m.record_settlement("usage", s.drift);
             }
-            Ok(_) => {
+            (Ok(SettleOutcome::NotActive), true) => {
+                // The attempt that timed out settled it (a retry finds it done): charged once.
+                tracing::info!(reservation_id = %r.id, "settlement confirmed by a retry after a store timeout");
+            }
+            (Ok(_), _) => {
                 // Released by the sweep or reconciled by an operator meanwhile: never charge twice.
                 tracing::warn!(reservation_id = %r.id, "reservation no longer active at settlement; not charged again");
                 return;
             }
-            Err(e) => {
+            (Err(e), _) => {
                 m.store_errors.with_label_values(&["settle"]).inc();
                 tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; the sweep will release the hold");
                 return;
@@ -126,7 +165,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         },
         None => {
             let month = crate::store::budget::month_key(now);
-            if let Err(e) = state.budgets.charge(&spend.tenant, &month, actual, now).await {
+            if let (Err(e), _) = retrying(|| state.budgets.charge(&spend.tenant, &month, actual, now)).await {
                 m.store_errors.with_label_values(&["charge"]).inc();
                 tracing::error!(error = %e, "charging shadow-mode usage failed");
                 return;
@@ -136,28 +175,144 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     m.record_spend(spend.tier.as_str(), &spend.price.provider, &spend.model_label, actual);
 }
 
-/// Settles `id` and releases `lease` (taken) through the gatekeeper: one store step.
+/// Settles `id` and releases `lease` (taken) through the gatekeeper: one store step, whose
+/// timed-out halves are retried after [`RETRY_WAITS`]. The second result says whether the
+/// settlement was retried.
 async fn settle_release(
     state: &AppState,
     id: &str,
     actual: Micros,
     now: crate::decide::UnixMillis,
     lease: &mut Option<Ticket>,
-) -> Result<SettleOutcome, StoreError> {
+) -> (Result<SettleOutcome, StoreError>, bool) {
     let ticket = lease.take();
     let settle = Some((id, actual, now));
-    let (settled, released) = match state.gatekeeper.settle_release_now(settle, ticket.as_ref()) {
+    let first = match state.gatekeeper.settle_release_now(settle, ticket.as_ref()) {
         Some(done) => done,
         None => state.gatekeeper.settle_release(settle, ticket.as_ref()).await,
     };
+    let (settled, released, retried) = retry_halves(first, |settle_again, release_again| {
+        state.gatekeeper.settle_release(settle.filter(|_| settle_again), ticket.as_ref().filter(|_| release_again))
+    })
+    .await;
     if let Err(e) = released {
         state.store_failed("release_lease", e);
     }
-    settled.unwrap_or(Ok(SettleOutcome::NotFound))
+    (settled.unwrap_or(Ok(SettleOutcome::NotFound)), retried)
+}
+
+/// The settlement's and the lease release's results of one step.
+type Halves<S> = (Option<Result<S, StoreError>>, Result<(), StoreError>);
+
+/// Redoes the timed-out halves of a settle-and-release step (`step(settle, release)` runs the
+/// halves asked for) after each of [`RETRY_WAITS`]; the third result says whether the
+/// settlement half was retried.
+async fn retry_halves<S, F, Fut>(
+    first: Halves<S>,
+    mut step: F,
+) -> (Option<Result<S, StoreError>>, Result<(), StoreError>, bool)
+where
+    F: FnMut(bool, bool) -> Fut,
+    Fut: Future<Output = Halves<S>>,
+{
+    let (mut settled, mut released) = first;
+    let mut retried = false;
+    for wait in RETRY_WAITS {
+        let settle_again = matches!(settled, Some(Err(StoreError::Timeout)));
+        let release_again = matches!(released, Err(StoreError::Timeout));
+        if !settle_again && !release_again {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        retried |= settle_again;
+        let (s, l) = step(settle_again, release_again).await;
+        if settle_again {
+            settled = s;
+        }
+        if release_again {
+            released = l;
+        }
+    }
+    (settled, released, retried)
 }
 
 /// A follow-up event of this request (settlement, release), built from its decision event.
 fn follow_up<'s>(state: &AppState, spend: &'s SpendCtx, event_type: EventType) -> Option<(&'s Template, Event)> {
     let template = spend.event.as_ref()?;
     Some((template, template.follow_up(state.event(event_type, template.event().policy_version))))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    fn timeout_then<T: Clone>(timeouts: usize, then: Result<T, StoreError>) -> impl FnMut() -> Result<T, StoreError> {
+        let mut n = 0;
+        move || {
+            n += 1;
+            if n <= timeouts {
+                Err(StoreError::Timeout)
+            } else {
+                then.clone()
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_step_is_retried_and_other_errors_are_not() {
+        let calls = RefCell::new(0);
+        let mut f = timeout_then(2, Ok(7));
+        let (r, retried) = retrying(|| {
+            *calls.borrow_mut() += 1;
+            std::future::ready(f())
+        })
+        .await;
+        assert_eq!((r.ok(), retried, *calls.borrow()), (Some(7), true, 3));
+
+        *calls.borrow_mut() = 0;
+        let (r, retried) = retrying(|| {
+            *calls.borrow_mut() += 1;
+            std::future::ready(Err::<(), _>(StoreError::Timeout))
+        })
+        .await;
+        assert!(matches!(r, Err(StoreError::Timeout)) && retried);
+        assert_eq!(*calls.borrow(), 1 + RETRY_WAITS.len(), "bounded");
+
+        *calls.borrow_mut() = 0;
+        let (r, retried) = retrying(|| {
+            *calls.borrow_mut() += 1;
+            std::future::ready(Err::<(), _>(StoreError::Unavailable("circuit open".into())))
+        })
+        .await;
+        assert!(matches!(r, Err(StoreError::Unavailable(_))) && !retried);
+        assert_eq!(*calls.borrow(), 1, "an open breaker or a store error is not retried");
+    }
+
+    #[tokio::test]
+    async fn only_the_timed_out_half_of_a_settlement_is_redone() {
+        // The lease release timed out once; the settlement went through: only the lease again.
+        let asked = RefCell::new(Vec::new());
+        let first: Halves<u8> = (Some(Ok(1)), Err(StoreError::Timeout));
+        let (s, l, retried) = retry_halves(first, |settle, release| {
+            asked.borrow_mut().push((settle, release));
+            std::future::ready((None, Ok(())))
+        })
+        .await;
+        assert_eq!((s.unwrap().ok(), l.is_ok(), retried), (Some(1), true, false));
+        assert_eq!(*asked.borrow(), [(false, true)]);
+
+        // The settlement timed out twice; the third attempt answers.
+        asked.borrow_mut().clear();
+        let mut answers = vec![(Some(Ok(3)), Ok(())), (Some(Err(StoreError::Timeout)), Ok(()))];
+        let first: Halves<u8> = (Some(Err(StoreError::Timeout)), Ok(()));
+        let (s, l, retried) = retry_halves(first, |settle, release| {
+            asked.borrow_mut().push((settle, release));
+            std::future::ready(answers.pop().unwrap())
+        })
+        .await;
+        assert_eq!((s.unwrap().ok(), l.is_ok(), retried), (Some(3), true, true));
+        assert_eq!(*asked.borrow(), [(true, false), (true, false)]);
+    }
 }
