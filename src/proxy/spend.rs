@@ -191,7 +191,7 @@ async fn settle_release(
         Some(done) => done,
         None => state.gatekeeper.settle_release(settle, ticket.as_ref()).await,
     };
-    let (settled, released, retried) = retry_halves(first, |settle_again, release_again| {
+    let ((settled, released), retried) = retry_halves(first, |settle_again, release_again| {
         state.gatekeeper.settle_release(settle.filter(|_| settle_again), ticket.as_ref().filter(|_| release_again))
     })
     .await;
@@ -205,12 +205,9 @@ async fn settle_release(
 type Halves<S> = (Option<Result<S, StoreError>>, Result<(), StoreError>);
 
 /// Redoes the timed-out halves of a settle-and-release step (`step(settle, release)` runs the
-/// halves asked for) after each of [`RETRY_WAITS`]; the third result says whether the
+/// halves asked for) after each of [`RETRY_WAITS`]; the second result says whether the
 /// settlement half was retried.
-async fn retry_halves<S, F, Fut>(
-    first: Halves<S>,
-    mut step: F,
-) -> (Option<Result<S, StoreError>>, Result<(), StoreError>, bool)
+async fn retry_halves<S, F, Fut>(first: Halves<S>, mut step: F) -> (Halves<S>, bool)
 where
     F: FnMut(bool, bool) -> Fut,
     Fut: Future<Output = Halves<S>>,
@@ -233,7 +230,7 @@ where
             released = l;
         }
     }
-    (settled, released, retried)
+    ((settled, released), retried)
 }
 
 /// A follow-up event of this request (settlement, release), built from its decision event.
@@ -295,7 +292,7 @@ mod tests {
         // The lease release timed out once; the settlement went through: only the lease again.
         let asked = RefCell::new(Vec::new());
         let first: Halves<u8> = (Some(Ok(1)), Err(StoreError::Timeout));
-        let (s, l, retried) = retry_halves(first, |settle, release| {
+        let ((s, l), retried) = retry_halves(first, |settle, release| {
             asked.borrow_mut().push((settle, release));
             std::future::ready((None, Ok(())))
         })
@@ -307,7 +304,7 @@ mod tests {
         asked.borrow_mut().clear();
         let mut answers = vec![(Some(Ok(3)), Ok(())), (Some(Err(StoreError::Timeout)), Ok(()))];
         let first: Halves<u8> = (Some(Err(StoreError::Timeout)), Ok(()));
-        let (s, l, retried) = retry_halves(first, |settle, release| {
+        let ((s, l), retried) = retry_halves(first, |settle, release| {
             asked.borrow_mut().push((settle, release));
             std::future::ready(answers.pop().unwrap())
         })

@@ -163,29 +163,31 @@ impl Found {
 
     /// What the start changed against the configuration, for the `runtime_changed` event of a
     /// restart (`None` on a first start): the knobs restored (`{knob: value}`), those whose saved
-    /// value the configuration overrode (`{knob: {"dropped", "configured"}}`), and whether the
-    /// file was unreadable (moved aside).
+    /// value the configuration overrode or that was rejected as bad (each `{knob: {"dropped",
+    /// "configured"}}`), and whether the file was unreadable (moved aside).
     pub(crate) fn changes(&self) -> Option<Json> {
         match self {
             Found::Nothing => None,
             Found::Merged(m) => {
                 let restored: Map<String, Json> =
                     m.restored.iter().map(|k| (k.knob.clone(), k.saved.clone())).collect();
-                let overridden: Map<String, Json> = m
-                    .configuration_won
-                    .iter()
-                    .map(|k| (k.knob.clone(), serde_json::json!({"dropped": k.saved, "configured": k.configured})))
-                    .collect();
-                let rejected: Map<String, Json> = m
-                    .rejected
-                    .iter()
-                    .map(|k| (k.knob.clone(), serde_json::json!({"dropped": k.saved, "configured": k.configured})))
-                    .collect();
-                Some(serde_json::json!({"restored": restored, "configuration_won": overridden, "rejected": rejected}))
+                Some(serde_json::json!({
+                    "restored": restored,
+                    "configuration_won": dropped(&m.configuration_won),
+                    "rejected": dropped(&m.rejected),
+                }))
             }
             Found::Unreadable(_) => Some(serde_json::json!({"unreadable_file_moved_to": CORRUPT_FILE})),
         }
     }
+}
+
+/// Knobs whose saved value is not in force, as `{knob: {"dropped", "configured"}}`.
+fn dropped(outcomes: &[KnobOutcome]) -> Map<String, Json> {
+    outcomes
+        .iter()
+        .map(|k| (k.knob.clone(), serde_json::json!({"dropped": k.saved, "configured": k.configured})))
+        .collect()
 }
 
 /// Why the file cannot be used, and the version it still names (if any).
