@@ -133,8 +133,15 @@ pub fn rfc3339_seconds(now: UnixMillis) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", sod / 3600, (sod / 60) % 60, sod % 60)
 }
 
-/// Parses an RFC 3339 timestamp (`Z` or `±hh:mm` offset, optional fraction) into Unix millis.
+/// Parses an RFC 3339 timestamp (`Z` or `±hh:mm` offset, optional fraction) into Unix millis
+/// (the fraction truncated to the millisecond).
 pub fn parse_rfc3339(s: &str) -> Option<UnixMillis> {
+    parse_rfc3339_micros(s).map(|us| us / 1000)
+}
+
+/// Parses an RFC 3339 timestamp into Unix microseconds (the fraction truncated to the
+/// microsecond): event times (`occurred_at`) compare exactly.
+pub fn parse_rfc3339_micros(s: &str) -> Option<u64> {
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return None;
@@ -153,7 +160,7 @@ pub fn parse_rfc3339(s: &str) -> Option<UnixMillis> {
         return None;
     }
     let mut i = 19;
-    let mut frac_ms = 0i64;
+    let mut frac_us = 0i64;
     if b.get(i) == Some(&b'.') {
         i += 1;
         let start = i;
@@ -164,8 +171,8 @@ pub fn parse_rfc3339(s: &str) -> Option<UnixMillis> {
         if digits.is_empty() {
             return None;
         }
-        let ms: String = digits.chars().chain("000".chars()).take(3).collect();
-        frac_ms = ms.parse().ok()?;
+        let us: String = digits.chars().chain("000000".chars()).take(6).collect();
+        frac_us = us.parse().ok()?;
     }
     let offset_s = match &s[i..] {
         "Z" | "z" => 0,
@@ -179,7 +186,7 @@ pub fn parse_rfc3339(s: &str) -> Option<UnixMillis> {
     };
     let days = days_from_civil(y as i32, mo as u32, d as u32);
     let secs = days * 86_400 + h * 3600 + mi * 60 + se - offset_s;
-    u64::try_from(secs * 1000 + frac_ms).ok()
+    u64::try_from(secs.checked_mul(1_000_000)?.checked_add(frac_us)?).ok()
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub fn query_local(dir: &Path, filter: &LedgerFilter) -> io::Result<Vec<Event>> 
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        if filter.start_at_ms.is_some_and(|s| mtime_ms(&meta) + SKEW_MS < s) {
+        if filter.start_at_us.is_some_and(|s| mtime_ms(&meta) + SKEW_MS < s / 1000) {
             break;
         }
         let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);

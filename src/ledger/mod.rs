@@ -30,17 +30,19 @@ mod tests;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::decide::time::{parse_rfc3339, UnixMillis};
+use crate::decide::time::parse_rfc3339_micros;
 use event::{Event, EventType};
 
 /// Filters of `GET /api/v1/enforcement/ledger` (CONTRACT §8). Bounds are inclusive and compare
-/// with `occurred_at`; results are newest first.
+/// with `occurred_at` to the microsecond (an event's own `occurred_at` as `end_at` includes it,
+/// and nothing later); results are newest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LedgerFilter {
     /// 1..=1000, default 200.
     pub limit: usize,
-    pub start_at_ms: Option<UnixMillis>,
-    pub end_at_ms: Option<UnixMillis>,
+    /// Unix microseconds.
+    pub start_at_us: Option<u64>,
+    pub end_at_us: Option<u64>,
     pub tenant_id: Option<String>,
     pub event_type: Option<EventType>,
     pub reservation_id: Option<String>,
@@ -50,8 +52,8 @@ impl Default for LedgerFilter {
     fn default() -> Self {
         LedgerFilter {
             limit: LedgerFilter::DEFAULT_LIMIT,
-            start_at_ms: None,
-            end_at_ms: None,
+            start_at_us: None,
+            end_at_us: None,
             tenant_id: None,
             event_type: None,
             reservation_id: None,
@@ -81,8 +83,8 @@ impl LedgerFilter {
                             format!("limit must be an integer from 1 to {}, got `{v}`", Self::MAX_LIMIT)
                         })?;
                 }
-                "start_at" => f.start_at_ms = Some(parse_time("start_at", &v)?),
-                "end_at" => f.end_at_ms = Some(parse_time("end_at", &v)?),
+                "start_at" => f.start_at_us = Some(parse_time("start_at", &v)?),
+                "end_at" => f.end_at_us = Some(parse_time("end_at", &v)?),
                 "tenant_id" => f.tenant_id = Some(v),
                 "reservation_id" => f.reservation_id = Some(v),
                 "event_type" => {
@@ -108,9 +110,9 @@ impl LedgerFilter {
         if self.reservation_id.as_ref().is_some_and(|r| e.reservation_id.as_ref() != Some(r)) {
             return false;
         }
-        if self.start_at_ms.is_some() || self.end_at_ms.is_some() {
-            let Some(t) = parse_rfc3339(&e.occurred_at) else { return false };
-            if self.start_at_ms.is_some_and(|s| t < s) || self.end_at_ms.is_some_and(|end| t > end) {
+        if self.start_at_us.is_some() || self.end_at_us.is_some() {
+            let Some(t) = parse_rfc3339_micros(&e.occurred_at) else { return false };
+            if self.start_at_us.is_some_and(|s| t < s) || self.end_at_us.is_some_and(|end| t > end) {
                 return false;
             }
         }
@@ -118,10 +120,10 @@ impl LedgerFilter {
     }
 }
 
-fn parse_time(name: &str, v: &str) -> Result<UnixMillis, String> {
+fn parse_time(name: &str, v: &str) -> Result<u64, String> {
     // A literal `+` in a query string decodes to a space: accept `…T10:00:00 02:00` as `+02:00`.
-    parse_rfc3339(v)
-        .or_else(|| parse_rfc3339(&v.replace(' ', "+")))
+    parse_rfc3339_micros(v)
+        .or_else(|| parse_rfc3339_micros(&v.replace(' ', "+")))
         .ok_or_else(|| format!("{name} must be an RFC 3339 timestamp (e.g. 2026-11-25T10:00:00Z), got `{v}`"))
 }
 
@@ -205,8 +207,8 @@ mod filter_tests {
         )
         .unwrap();
         assert_eq!(f.limit, 5);
-        assert_eq!(f.start_at_ms, parse_rfc3339("2026-11-25T10:00:00Z"));
-        assert_eq!(f.end_at_ms, parse_rfc3339("2026-11-25T10:00:00Z"));
+        assert_eq!(f.start_at_us, parse_rfc3339_micros("2026-11-25T10:00:00Z"));
+        assert_eq!(f.end_at_us, parse_rfc3339_micros("2026-11-25T10:00:00Z"));
         assert_eq!(f.tenant_id.as_deref(), Some("ac me"));
         assert_eq!(f.event_type, Some(EventType::Decision));
         assert_eq!(LedgerFilter::from_query("").unwrap(), LedgerFilter::default());
@@ -216,5 +218,26 @@ mod filter_tests {
         assert!(LedgerFilter::from_query("event_type=nope").is_err());
         assert_eq!(percent_decode("a%2Fb%zz%"), "a/b%zz%");
         assert_eq!(percent_decode_path("a+b%2Fc%zz"), "a+b/c%zz");
+    }
+
+    /// Bounds compare with `occurred_at` to the microsecond, inclusive: an event's own time as
+    /// `end_at` keeps it and drops one a microsecond later, at any precision the bound is given.
+    #[test]
+    fn time_bounds_are_exact_to_the_microsecond() {
+        let at = |t: &str| {
+            let mut e = Event::by(EventType::Decision, "i".into(), 0, 1);
+            e.occurred_at = t.into();
+            e
+        };
+        let (e1, e2) = (at("2026-12-05T07:00:26.989133Z"), at("2026-12-05T07:00:26.989134Z"));
+        let f = LedgerFilter::from_query("end_at=2026-12-05T07:00:26.989133Z").unwrap();
+        assert!(f.matches(&e1) && !f.matches(&e2));
+        let f = LedgerFilter::from_query("start_at=2026-12-05T07:00:26.989134Z").unwrap();
+        assert!(!f.matches(&e1) && f.matches(&e2));
+        // Millisecond precision: 26.989 is 26.989000, before both.
+        let f = LedgerFilter::from_query("end_at=2026-12-05T07:00:26.989Z").unwrap();
+        assert!(!f.matches(&e1) && !f.matches(&e2));
+        let f = LedgerFilter::from_query("end_at=2026-12-05T09:00:26.9891335%2B02:00").unwrap();
+        assert!(f.matches(&e1) && !f.matches(&e2), "offsets apply; digits past the microsecond are cut");
     }
 }

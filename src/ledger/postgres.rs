@@ -164,12 +164,11 @@ async fn run_query(client: &Client, f: &LedgerFilter) -> Result<Vec<Event>, PgEr
         params.push(v);
         sql.push_str(&cond.replace('?', &format!("${}", params.len())));
     };
-    if let Some(t) = f.start_at_ms {
-        add(&mut sql, " AND occurred_at >= ?::text::timestamptz", Box::new(rfc3339_micros(t * 1000)));
+    if let Some(t) = f.start_at_us {
+        add(&mut sql, " AND occurred_at >= ?::text::timestamptz", Box::new(rfc3339_micros(t)));
     }
-    if let Some(t) = f.end_at_ms {
-        // Inclusive to the millisecond the filter names.
-        add(&mut sql, " AND occurred_at <= ?::text::timestamptz", Box::new(rfc3339_micros(t * 1000 + 999)));
+    if let Some(t) = f.end_at_us {
+        add(&mut sql, " AND occurred_at <= ?::text::timestamptz", Box::new(rfc3339_micros(t)));
     }
     if let Some(t) = &f.tenant_id {
         add(&mut sql, " AND tenant_id = ?", Box::new(t.clone()));
