@@ -213,7 +213,8 @@ fn read(dir: &Path, config: &Policy) -> Result<Option<(u64, Merged)>, Unusable> 
 /// unreadable file is an error here (the sidecar, not a tool, moves it aside).
 pub fn peek(dir: &Path, config: &Policy) -> Result<Option<Policy>, String> {
     match read(dir, config) {
-        Ok(found) => Ok(found.map(|(_, m)| m.policy)),
+        // The version in force now is the saved one (a restart would move to the next).
+        Ok(found) => Ok(found.map(|(saved, m)| Policy { version: saved, ..m.policy })),
         Err((e, _)) => Err(format!("{}: {e}", dir.join(FILE).display())),
     }
 }

@@ -193,9 +193,12 @@ async fn mint_approval_honours_a_runtime_freeze_kept_in_the_data_directory() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let r = patch_runtime(&s, json!({"approval_issuance_frozen": true, "reason": "INC-3 key compromise"})).await;
     assert_eq!(r.status(), 200);
+    let version = json_of(r).await["policy_version"].as_u64().unwrap();
     let out = mint().await;
     assert_eq!(out.status.code(), Some(1), "frozen at runtime: {}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout.is_empty(), "no token printed");
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(said.contains(&format!("(policy version {version})")), "names the version in force: {said}");
     let r = patch_runtime(&s, json!({"approval_issuance_frozen": false, "reason": "key rotated"})).await;
     assert_eq!(r.status(), 200);
     assert_eq!(mint().await.status.code(), Some(0));
