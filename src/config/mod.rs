@@ -531,6 +531,14 @@ pub fn warnings(c: &Config) -> Vec<String> {
             c.policy.spend.require_approval_above
         ));
     }
+    if c.reservation_ttl_seconds <= c.upstream_timeout_seconds {
+        w.push(format!(
+            "{ENV_RESERVATION_TTL_SECONDS} ({}) is not longer than {ENV_UPSTREAM_TIMEOUT_SECONDS} ({}): the sweep can \
+             release the hold of a request still running, whose budget is then free for other requests until it \
+             ends (its cost is charged then); set {ENV_RESERVATION_TTL_SECONDS} above {ENV_UPSTREAM_TIMEOUT_SECONDS}",
+            c.reservation_ttl_seconds, c.upstream_timeout_seconds
+        ));
+    }
     w
 }
 

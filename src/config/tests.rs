@@ -281,3 +281,16 @@ fn approvals_without_a_signing_secret_are_warned_about() {
         .unwrap();
     assert!(warnings(&c).is_empty());
 }
+
+#[test]
+fn a_reservation_ttl_a_request_can_outlive_is_warned_about() {
+    let secret = ("ENFORCEMENT_APPROVAL_TOKEN_SECRET", "approval-secret-0123456789abcdef0123");
+    let c = parse(&env(&[secret, ("PREAUTH_RESERVATION_TTL_SECONDS", "600")]), Purpose::Run).unwrap();
+    let w = warnings(&c);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with(
+        "PREAUTH_RESERVATION_TTL_SECONDS (600) is not longer than PREAUTH_UPSTREAM_TIMEOUT_SECONDS (600)"
+    ));
+    let c = parse(&env(&[secret, ("PREAUTH_RESERVATION_TTL_SECONDS", "601")]), Purpose::Run).unwrap();
+    assert!(warnings(&c).is_empty());
+}

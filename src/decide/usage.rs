@@ -100,6 +100,10 @@ pub struct ScanResult {
     pub observed_output_tokens: u64,
     /// The model the provider reported, if seen.
     pub model: Option<String>,
+    /// A stream cut before its usage whose provider had already reported the prompt (Anthropic
+    /// `message_start`: input, cache reads and writes): `(prompt_tokens, cached_tokens)`,
+    /// normalised as in `usage`. `None` when `usage` is known or nothing was reported.
+    pub reported_prompt: Option<(u64, u64)>,
 }
 
 // ---------------------------------------------------------------------------- wire structs
@@ -1241,7 +1245,23 @@ impl UsageScanner {
             }
         }
         self.buf = Vec::new();
-        ScanResult { usage: self.current_usage(), observed_output_tokens: self.text.tokens(), model: self.model.take() }
+        ScanResult {
+            usage: self.current_usage(),
+            observed_output_tokens: self.text.tokens(),
+            model: self.model.take(),
+            reported_prompt: self.reported_prompt(),
+        }
+    }
+
+    /// The prompt an Anthropic stream reported in `message_start`, when it ended before its
+    /// final `message_delta`.
+    fn reported_prompt(&self) -> Option<(u64, u64)> {
+        let a = &self.anthropic;
+        let reported = a.input.is_some() || a.cache_read.is_some() || a.cache_creation.is_some();
+        (self.route == Route::Messages && !self.anthropic_final && reported).then(|| {
+            let u = a.usage();
+            (u.prompt_tokens, u.cached_tokens)
+        })
     }
 
     /// The usage seen so far (Anthropic: only once the final `message_delta` arrived).
@@ -1923,8 +1943,12 @@ mod tests {
                 assert_eq!(r.usage, None, "{route:?}");
                 assert!(r.observed_output_tokens > 0, "{route:?}");
                 assert!(r.model.is_some(), "{route:?}");
+                // Anthropic reported the prompt in message_start (25 + 1800 read + 7 written).
+                let want = (route == Route::Messages).then_some((25 + 1800 + 7, 1800));
+                assert_eq!(r.reported_prompt, want, "{route:?}");
             }
         }
+        assert_eq!(whole(Route::Messages, BodyKind::Sse, ANTHROPIC_SSE).reported_prompt, None, "usage known");
         // a JSON body cut short
         let cut = &ANTHROPIC_JSON[..ANTHROPIC_JSON.find("\"usage\"").unwrap()];
         let (r, bad) = scan(Route::Messages, BodyKind::Json, &[cut.as_bytes()]);

@@ -338,6 +338,16 @@ impl Reference {
         }
     }
 
+    /// Anthropic input, cache reads and writes reported before a cut: `(prompt, cached)`.
+    fn reported_prompt(&self) -> Option<(u64, u64)> {
+        let [input, read, creation, _] = self.anthropic;
+        let reported = input.is_some() || read.is_some() || creation.is_some();
+        (self.route == Route::Messages && !self.anthropic_final && reported).then(|| {
+            let r = read.unwrap_or(0);
+            (input.unwrap_or(0).saturating_add(r).saturating_add(creation.unwrap_or(0)), r)
+        })
+    }
+
     fn current_usage(&self) -> Option<Usage> {
         if self.route != Route::Messages {
             return self.usage;
@@ -394,7 +404,13 @@ impl Reference {
                 Err(_) => r.unparsable += 1,
             },
         }
-        let result = ScanResult { usage: r.current_usage(), observed_output_tokens: r.text.tokens(), model: r.model };
+        let reported_prompt = r.reported_prompt();
+        let result = ScanResult {
+            usage: r.current_usage(),
+            observed_output_tokens: r.text.tokens(),
+            model: r.model,
+            reported_prompt,
+        };
         (result, r.unparsable)
     }
 }

@@ -21,7 +21,7 @@ use crate::decide::usage_types::Usage;
 use crate::decide::{Micros, Route, Tier};
 use crate::ledger::event::{Event, EventType, Template};
 use crate::state::AppState;
-use crate::store::budget::{Reservation, SettleOutcome};
+use crate::store::budget::{Reservation, ReservationState, SettleOutcome};
 use crate::store::{StoreError, Ticket};
 
 /// The waits before each retry of a timed-out store step after the gateway answered: at most
@@ -119,17 +119,21 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     let scan = spend.scanner.take().map(|mut s| s.finish());
     let (usage, usage_source) = match scan.as_ref().and_then(|s| s.usage) {
         Some(u) => (u, "reported"),
-        None => (
-            Usage {
-                prompt_tokens: spend.prompt_tokens,
+        None => {
+            // The prompt as the provider reported it before the stream was cut (Anthropic's
+            // message_start), else as estimated from the request.
+            let (prompt_tokens, cached_tokens) =
+                scan.as_ref().and_then(|s| s.reported_prompt).unwrap_or((spend.prompt_tokens, 0));
+            let usage = Usage {
+                prompt_tokens,
                 // The text seen, never more than the request allowed (an answer too odd to
                 // read usage from must not cost more than the hold was sized for).
                 completion_tokens: scan.as_ref().map_or(0, |s| s.observed_output_tokens).min(spend.max_output_tokens),
-                cached_tokens: 0,
+                cached_tokens,
                 reasoning_tokens: 0,
-            },
-            "estimated",
-        ),
+            };
+            (usage, "estimated")
+        }
     };
     let actual = cost(&spend.price, &usage);
     // The settlement reaches the outbox before the hold is released.
@@ -153,9 +157,9 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
                 tracing::info!(reservation_id = %r.id, "settlement confirmed by a retry after a store timeout");
             }
             (Ok(_), _) => {
-                // Released by the sweep or reconciled by an operator meanwhile: never charge twice.
-                tracing::warn!(reservation_id = %r.id, "reservation no longer active at settlement; not charged again");
-                return;
+                if !charge_late(state, &r, actual, now).await {
+                    return;
+                }
             }
             (Err(e), _) => {
                 m.store_errors.with_label_values(&["settle"]).inc();
@@ -173,6 +177,47 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
         }
     }
     m.record_spend(spend.tier.as_str(), &spend.price.provider, &spend.model_label, actual);
+}
+
+/// A settlement that found its hold no longer active although no retry of its own ended it: the
+/// sweep released it (the request outlived `PREAUTH_RESERVATION_TTL_SECONDS`, or an operator ran
+/// the overdue sweep while it was in flight) or an operator reconciled it. A released hold charged
+/// nothing, yet the gateway did the work: its actual cost is charged to the hold's month now, as
+/// the settlement event already staged says. A reconciled one was charged by the operator: never
+/// twice. Only this request settles its proxy hold (the reconcile and gate-settle endpoints
+/// refuse one that is not active), so the check and the charge cannot race with another charge.
+/// `true` when the cost was charged here.
+async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: crate::decide::UnixMillis) -> bool {
+    let m = &state.metrics;
+    match state.budgets.get(&r.id).await {
+        Ok(Some((_, ReservationState::Released))) => {}
+        Ok(found) => {
+            let settled = matches!(found, Some((_, ReservationState::Settled { .. })));
+            tracing::warn!(
+                reservation_id = %r.id,
+                "reservation no longer active at settlement ({}); not charged again",
+                if settled { "already settled or reconciled" } else { "forgotten" }
+            );
+            return false;
+        }
+        Err(e) => {
+            m.store_errors.with_label_values(&["settle"]).inc();
+            tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "settlement after the sweep released the hold could not read it; its cost is not charged");
+            return false;
+        }
+    }
+    if let (Err(e), _) = retrying(|| state.budgets.charge(&r.tenant, &r.month, actual, now)).await {
+        m.store_errors.with_label_values(&["charge"]).inc();
+        tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "charging a settlement after the sweep released its hold failed");
+        return false;
+    }
+    tracing::warn!(
+        reservation_id = %r.id,
+        actual = %actual,
+        "the sweep released this hold while its request was still running (it outlived PREAUTH_RESERVATION_TTL_SECONDS or an overdue sweep ran); its actual cost is charged now"
+    );
+    m.record_settlement("usage", Micros(actual.0 - r.amount.0));
+    true
 }
 
 /// Settles `id` and releases `lease` (taken) through the gatekeeper: one store step, whose

@@ -269,6 +269,33 @@ async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
     wait_for("the capped settlement", || async { settled().await.is_object() }).await;
     let e = settled().await;
     assert_eq!((&e["usage_source"], &e["usage"]["completion_tokens"]), (&json!("estimated"), &json!(3)), "{e}");
+
+    // An Anthropic stream cut after message_start: the prompt the provider reported there is
+    // charged, not the sidecar's estimate of the request (a client hanging up mid-stream does not
+    // make the prompt cheaper).
+    let body = json!({"model": "claude-sonnet-4", "stream": true, "max_tokens": 300, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_with(
+        &s,
+        "/v1/messages",
+        "claude",
+        "pro",
+        &body,
+        &[("x-mock-prompt-tokens", "5000"), ("x-mock-cut-after", "2")],
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    let settled = || async {
+        s.admin_get("/api/v1/enforcement/ledger?tenant_id=claude&event_type=reservation_settled").await["items"][0]
+            .clone()
+    };
+    wait_for("the cut Anthropic settlement", || async { settled().await.is_object() }).await;
+    let e = settled().await;
+    assert_eq!((&e["usage_source"], &e["usage"]["prompt_tokens"]), (&json!("estimated"), &json!(5000)), "{e}");
+    let seen = e["usage"]["completion_tokens"].as_u64().unwrap();
+    let want =
+        price_cost("claude-sonnet-4", Usage { prompt_tokens: 5000, completion_tokens: seen, ..Usage::default() });
+    assert_eq!(usd(&e["actual_cost_usd"]), want, "{e}");
     s.stop().await;
 }
 
@@ -301,9 +328,15 @@ async fn restart_keeps_spend_and_active_reservations() {
     s.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sweep_releases_an_orphaned_reservation_and_reconcile_api() {
-    let s = start(&[("PREAUTH_RESERVATION_TTL_SECONDS", "1")]).await;
+fn active_list(s: &Sidecar) -> impl std::future::Future<Output = Value> {
+    let url = s.admin_url("/api/v1/enforcement/reservations?active=true");
+    async move { json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await }
+}
+
+/// The sweep releases the hold of a request still streaming (`PREAUTH_RESERVATION_TTL_SECONDS=1`);
+/// the request still ran at the gateway and is charged when it ends, as its settlement event
+/// says (the ledger and the spend agree).
+async fn a_request_outliving_its_hold_is_charged_when_it_ends(s: Sidecar) {
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "slow"}]});
     let r = client()
         .post(s.url("/v1/chat/completions"))
@@ -317,22 +350,53 @@ async fn sweep_releases_an_orphaned_reservation_and_reconcile_api() {
     let rid = r.headers()["x-preauth-reservation-id"].to_str().unwrap().to_string();
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
-    let list = |s: &Sidecar| {
-        let url = s.admin_url("/api/v1/enforcement/reservations?active=true");
-        async move { json_of(client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap()).await }
-    };
-    let items = list(&s).await;
+    let items = active_list(&s).await;
     assert_eq!(items["items"][0]["reservation_id"], rid.as_str());
-    wait_for("the sweep", || async { list(&s).await["items"].as_array().unwrap().is_empty() }).await;
+    wait_for("the sweep", || async { active_list(&s).await["items"].as_array().unwrap().is_empty() }).await;
     assert!(metrics(&s).await.contains(
         "valdrics_ops_enforcement_reservation_reconciliations_total{status=\"auto_release\",trigger=\"auto\"} 1"
     ));
     drop(stream);
-    // Settlement after the sweep must not charge: the hold is gone.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros::ZERO);
+    let ledger = s.admin_url(&format!("/api/v1/enforcement/ledger?reservation_id={rid}"));
+    let settled = || async {
+        let v = json_of(client().get(&ledger).bearer_auth(ADMIN_KEY).send().await.unwrap()).await;
+        let items = v["items"].as_array().unwrap().clone();
+        items.into_iter().find(|e| e["event_type"] == "reservation_settled")
+    };
+    wait_for("the late settlement", || async { settled().await.is_some() }).await;
+    let event = settled().await.unwrap();
+    let actual = usd(&event["actual_cost_usd"]);
+    assert!(actual > Micros::ZERO, "{event}");
+    wait_for("the late charge", || async { usd(&tenant_view(&s, "acme").await["spent_usd"]) == actual }).await;
+    let view = tenant_view(&s, "acme").await;
+    assert_eq!(usd(&view["reserved_usd"]), Micros::ZERO, "{view}");
+    assert_eq!(
+        sample(
+            &metrics(&s).await,
+            r#"valdrics_ops_enforcement_reservation_reconciliations_total{status="savings",trigger="usage"}"#
+        ),
+        1.0,
+        "the late settlement counts as one (a cut stream costs less than its hold)"
+    );
     s.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_outliving_its_hold_is_charged_embedded() {
+    a_request_outliving_its_hold_is_charged_when_it_ends(start(&[("PREAUTH_RESERVATION_TTL_SECONDS", "1")]).await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_outliving_its_hold_is_charged_on_redis() {
+    let p = redis_prefix();
+    let s = start_fleet(&[("PREAUTH_RESERVATION_TTL_SECONDS", "1")], REDIS, &p).await;
+    a_request_outliving_its_hold_is_charged_when_it_ends(s).await;
+    redis_cleanup(&p).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_api_and_a_reconciled_hold_is_not_charged_again() {
     // Manual reconcile: idempotent by key, 409 on payload change or inactive reservation.
     let s = start(&[]).await;
     let r = client()
@@ -342,9 +406,10 @@ async fn sweep_releases_an_orphaned_reservation_and_reconcile_api() {
         .json(&chat("gpt-4o-mini"))
         .send();
     let pending = tokio::spawn(r);
+    // A reconciled hold is never charged again by its request's own settlement.
     let mut rid = None;
     for _ in 0..100 {
-        if let Some(id) = list(&s).await["items"][0]["reservation_id"].as_str() {
+        if let Some(id) = active_list(&s).await["items"][0]["reservation_id"].as_str() {
             rid = Some(id.to_string());
             break;
         }
