@@ -54,7 +54,9 @@ pub async fn approve(state: &AppState, id: &str) -> Answer {
         return err(
             423,
             "approval_issuance_frozen",
-            "Approval issuance is frozen (ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN / runtime approval_issuance_frozen).",
+            "Approval issuance is frozen (ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN / runtime approval_issuance_frozen): \
+             no token is issued until it is lifted with PATCH /api/v1/enforcement/runtime \
+             {\"approval_issuance_frozen\": false, \"reason\": \"…\"}.",
         );
     }
     let Some(secret) = state.config.approvals.secret.as_ref() else {

@@ -66,12 +66,8 @@ impl PreauthProxy {
         match answer {
             Ok(v) => {
                 let body = serde_json::to_vec(&v).expect("JSON value serialises");
-                let (mut headers, mut n) = super::json_headers(ctx, ctx.verdict, None, None);
                 // As on the proxy path: an ALLOW that holds a reservation names it.
-                if let Some(id) = ctx.reservation_id() {
-                    headers[n] = (super::names::RESERVATION_ID, id);
-                    n += 1;
-                }
+                let (headers, n) = super::json_headers(ctx, ctx.verdict, None, None, ctx.reservation_id());
                 d.answer(200, &headers[..n], &body).await
             }
             Err(refusal) => self.respond(d, ctx, &self.refusal(&refusal, ctx)).await,

@@ -98,9 +98,21 @@ impl PreauthProxy {
 
     /// Writes a sidecar-made error response.
     async fn respond<D: Downstream>(&self, d: &mut D, ctx: &RequestCtx, r: &Rendered) -> Result<()> {
+        self.respond_naming(d, ctx, r, ctx.reservation_id()).await
+    }
+
+    /// [`Self::respond`] naming `hold`, the request's reservation (settled already, so no longer
+    /// in `ctx`), when the answer is an `ALLOW` (a 502 for an admitted request).
+    async fn respond_naming<D: Downstream>(
+        &self,
+        d: &mut D,
+        ctx: &RequestCtx,
+        r: &Rendered,
+        hold: Option<&str>,
+    ) -> Result<()> {
         let mut retry = itoa::Buffer::new();
         let retry = r.retry_after.map(|s| retry.format(s));
-        let (mut headers, mut n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry);
+        let (mut headers, mut n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry, hold);
         if let Some(retry) = r.should_retry {
             headers[n] = ("x-should-retry", if retry { "true" } else { "false" });
             n += 1;
@@ -194,7 +206,7 @@ impl PreauthProxy {
             let token_check = ctx
                 .approval_token
                 .as_deref()
-                .map(|token| self.verify_approval(token, &caller.tenant, &fp, estimated_cost, now_s));
+                .map(|token| self.verify_approval(token, &caller.tenant, &ctx.request_id, &fp, estimated_cost, now_s));
             let approved = matches!(token_check, Some(Ok(_)));
             let threshold = decide::spend_threshold(&policy, estimated_cost, approved);
             let threshold_lifted = decide::token_lifts_threshold(mode, approved, threshold);
@@ -258,7 +270,7 @@ impl PreauthProxy {
             }
             // Step 8, consumption: only an admitted request uses its token up.
             if let (true, Some(claims)) = (d.is_allow(), approval.as_ref()) {
-                if self.consume_approval(claims).await? {
+                if self.consume_approval(claims, &caller.tenant, &ctx.request_id).await? {
                     d = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, ApprovalError::Replayed) };
                 }
             }
@@ -400,10 +412,13 @@ impl PreauthProxy {
     }
 
     /// Verifies an approval token (primary secret, then fallbacks) and binds it to this request.
+    /// Audit lines: every rejection, and every token only a fallback secret verified (during a
+    /// rotation after a key compromise, the tokens still signed with the old key).
     fn verify_approval(
         &self,
         token: &str,
         tenant: &str,
+        request_id: &str,
         fingerprint: &str,
         estimated_cost: Micros,
         now_s: i64,
@@ -414,25 +429,48 @@ impl PreauthProxy {
         let result = if keys.is_empty() {
             Err(ApprovalError::Invalid("no_signing_secret_configured"))
         } else {
-            approval::verify(token, &keys, &a.issuer, now_s)
-                .and_then(|c| approval::check_binding(&c, tenant, fingerprint, estimated_cost).map(|()| c))
+            approval::verify_keyed(token, &keys, &a.issuer, now_s).and_then(|(c, key)| {
+                approval::check_binding(&c, tenant, fingerprint, estimated_cost).map(|()| (c, key))
+            })
         };
-        if let Err(e) = &result {
-            self.state.metrics.approval_token_events.with_label_values(&[e.metric_event()]).inc();
-            tracing::warn!(
-                target: "audit",
-                event = "approval_token_rejected",
-                tenant_id = tenant,
-                code = e.code(),
-                detail = e.detail().unwrap_or(""),
-            );
+        match result {
+            Ok((claims, key)) => {
+                if key > 0 {
+                    tracing::warn!(
+                        target: "audit",
+                        event = "approval_token_verified_by_fallback",
+                        tenant_id = tenant,
+                        request_id,
+                        approval_id = %claims.approval_id,
+                        jti = %claims.jti,
+                        fallback = key,
+                    );
+                }
+                Ok(claims)
+            }
+            Err(e) => {
+                self.state.metrics.approval_token_events.with_label_values(&[e.metric_event()]).inc();
+                tracing::warn!(
+                    target: "audit",
+                    event = "approval_token_rejected",
+                    tenant_id = tenant,
+                    request_id,
+                    code = e.code(),
+                    detail = e.detail().unwrap_or(""),
+                );
+                Err(e)
+            }
         }
-        result
     }
 
     /// Uses a verified token up (single use by `jti`, across replicas sharing the store).
     /// `Ok(true)` = it had been used before.
-    async fn consume_approval(&self, claims: &ApprovalClaims) -> std::result::Result<bool, StoreError> {
+    async fn consume_approval(
+        &self,
+        claims: &ApprovalClaims,
+        tenant: &str,
+        request_id: &str,
+    ) -> std::result::Result<bool, StoreError> {
         let now = self.state.clock.now_ms();
         let outcome = match tokio::time::timeout(
             Duration::from_millis(self.state.config.store_timeout_ms),
@@ -447,7 +485,15 @@ impl PreauthProxy {
         let replayed = outcome == ConsumeOutcome::Replayed;
         let event = if replayed { "replay" } else { "consumed" };
         self.state.metrics.approval_token_events.with_label_values(&[event]).inc();
-        tracing::info!(target: "audit", event = "approval_token_consumed", approval_id = %claims.approval_id, replayed);
+        tracing::info!(
+            target: "audit",
+            event = "approval_token_consumed",
+            tenant_id = tenant,
+            request_id,
+            approval_id = %claims.approval_id,
+            jti = %claims.jti,
+            replayed
+        );
         Ok(replayed)
     }
 
@@ -592,14 +638,16 @@ impl PreauthProxy {
 }
 
 /// The headers of a sidecar-made JSON answer (`content-length` is the driver's): type, no
-/// caching, request id (also under the SDKs' names), decision, error code, `retry-after`.
+/// caching, request id (also under the SDKs' names), decision, the hold of an `ALLOW`, error
+/// code, `retry-after`.
 fn json_headers<'a>(
     ctx: &'a RequestCtx,
     verdict: Option<Verdict>,
     error: Option<&'static str>,
     retry_after: Option<&'a str>,
-) -> ([(&'static str, &'a str); 9], usize) {
-    let mut h = [("", ""); 9];
+    hold: Option<&'a str>,
+) -> ([(&'static str, &'a str); 10], usize) {
+    let mut h = [("", ""); 10];
     let mut n = 0;
     let mut add = |name: &'static str, value: &'a str| {
         h[n] = (name, value);
@@ -614,6 +662,10 @@ fn json_headers<'a>(
     add("request-id", &ctx.request_id);
     if let Some(v) = verdict {
         add(names::DECISION, v.as_str());
+        // An admitted request the gateway then failed (502) names its hold, as every ALLOW does.
+        if let (Verdict::Allow, Some(id)) = (v, hold) {
+            add(names::RESERVATION_ID, id);
+        }
     }
     if let Some(code) = error {
         add(names::ERROR, code);
@@ -932,7 +984,8 @@ impl PreauthProxy {
                 }
             }
         }
-        if ctx.verdict == Some(Verdict::Allow) || ctx.passthrough {
+        // The gate API contacts no gateway: its answers are not upstream responses.
+        if !ctx.gate && (ctx.verdict == Some(Verdict::Allow) || ctx.passthrough) {
             self.state.metrics.count_upstream(ctx.upstream_status);
         }
     }

@@ -107,7 +107,7 @@ fn decision_status(d: &Decision) -> (u16, &'static str, &'static str) {
         Some(Reason::ApprovalTokenInvalid) => (
             401,
             "approval_token_invalid",
-            "The x-approval-token is not a valid approval token (signature, algorithm, audience, issuer or claims).",
+            "The x-approval-token is not a valid approval token (signature, algorithm, audience, issuer or claims): ask for a new approval.",
         ),
         Some(Reason::ApprovalTokenExpired) => {
             (409, "approval_token_expired", "The approval token has expired: ask for a new approval.")
@@ -115,10 +115,10 @@ fn decision_status(d: &Decision) -> (u16, &'static str, &'static str) {
         Some(Reason::ApprovalTokenMismatch) => (
             403,
             "approval_token_mismatch",
-            "The approval token was issued for another tenant, another request body or a lower cost.",
+            "The approval token was issued for another tenant, another request body or a lower cost: ask for an approval of this request.",
         ),
         Some(Reason::ApprovalTokenReplayed) => {
-            (409, "approval_token_replayed", "The approval token has already been used: each token admits one request.")
+            (409, "approval_token_replayed", "The approval token has already been used: each token admits one request; ask for a new approval.")
         }
         Some(Reason::HardFailClosed) => (
             503,
@@ -200,6 +200,15 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
                 details.insert("retry_after_seconds".into(), json!(s));
             }
             details.extend(extra.clone());
+            // An `approval_required` for which no approval could be queued (the soft failsafe
+            // path: approvals store or outbox unusable) has nothing to approve yet.
+            let message = if code == "approval_required" && extra.get("approval_id") == Some(&Value::Null) {
+                "This request needs an approval, but none could be queued (the sidecar cannot record \
+                 decisions right now): send it again shortly, or have an operator mint an approval token \
+                 (preauth-sidecar mint-approval) for the request_fingerprint in details."
+            } else {
+                message
+            };
             (status, code, message.to_string(), decision.verdict, retry)
         }
     };

@@ -89,6 +89,8 @@ async fn gate_decides_holds_and_the_caller_settles() {
     assert_error(r, 401, "unauthenticated").await;
     let m = metrics(&s).await;
     assert!(m.contains("valdrics_ops_enforcement_gate_decisions_total{decision=\"REQUIRE_APPROVAL\",path=\"normal\",source=\"default\"} 1"), "{m}");
+    // The gate contacts no gateway: none of its answers is an upstream response.
+    assert_eq!(metric_sum(&m, "preauth_upstream_responses_total"), 0.0, "{m}");
     s.stop().await;
 }
 

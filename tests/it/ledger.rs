@@ -485,7 +485,10 @@ async fn soft_failsafe_on_a_full_outbox_names_every_approval_detail() {
     for i in 0..4000 {
         let r = post(&s, "/v1/chat/completions", &format!("fill-{}", i % 64), "pro", &body).await;
         if r.status() == 403 {
-            details = Some(assert_error(r, 403, "approval_required").await["error"]["details"].clone());
+            let body = assert_error(r, 403, "approval_required").await;
+            let message = body["error"]["message"].as_str().unwrap().to_string();
+            assert!(message.contains("none could be queued") && message.contains("mint-approval"), "{message}");
+            details = Some(body["error"]["details"].clone());
             break;
         }
         assert_eq!(r.status(), 200);

@@ -226,9 +226,16 @@ async fn upstream_errors_pass_through_and_unreachable_is_502() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let s = start(&[("PREAUTH_UPSTREAM_URL", &dead)]).await;
     let r = post(&s, "/v1/chat/completions", "acme", "pro", &chat("gpt-4o-mini")).await;
-    // Admitted, then failed by the gateway: the decision stays ALLOW (as in the ledger).
+    // Admitted, then failed by the gateway: the decision stays ALLOW (as in the ledger), and the
+    // answer names the hold it had (released, as the ledger says).
     assert_eq!(r.headers()["x-preauth-decision"], "ALLOW");
+    let rid = r.headers()["x-preauth-reservation-id"].to_str().unwrap().to_string();
     assert_error(r, 502, "upstream_unavailable").await;
+    let released = format!("/api/v1/enforcement/ledger?reservation_id={rid}&event_type=reservation_released");
+    wait_for("the hold named is the one released", || async {
+        s.admin_get(&released).await["items"].as_array().map(Vec::len) == Some(1)
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while !metrics(&s).await.contains("preauth_upstream_responses_total{status_class=\"error\"} 1") {
         assert!(Instant::now() < deadline, "{}", metrics(&s).await);

@@ -157,9 +157,10 @@ impl LeanH1 {
                 }
                 if let Some(r) = answer {
                     // Settled and the lease released before the client has the answer (as for
-                    // a relayed answer).
+                    // a relayed answer); the answer still names the hold it had.
+                    let hold = ctx.reservation_id().map(str::to_owned);
                     self.core.conclude(&mut ctx).await;
-                    if let Err(we) = self.core.respond(&mut c, &ctx, &r).await {
+                    if let Err(we) = self.core.respond_naming(&mut c, &ctx, &r, hold.as_deref()).await {
                         tracing::debug!(error = %we, "could not write error response; client gone");
                     }
                 }
