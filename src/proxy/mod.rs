@@ -197,9 +197,13 @@ impl PreauthProxy {
         // One clock read for the whole decision (store windows, token expiry, the hold's time).
         let now = self.state.clock.now_ms();
         let now_s = (now / 1000) as i64;
+        // What the store admitted, kept outside the timed decision: when the decision fails
+        // after the admission (a later store step times out, or the gate timeout ends it), the
+        // failsafe answer still gives the counts and the lease back (and `spend` the hold).
+        let mut admitted: Option<Ticket> = None;
         let decided = tokio::time::timeout(gate, async {
             if let Some(d) = decide::kill_switch(&policy, mode) {
-                return Ok((d, None, None, None));
+                return Ok((d, None, None));
             }
             // Pure pre-checks first, so the store is asked once: the approval token (verified and
             // bound, not yet used; step 8) and the thresholds it may lift (step 7).
@@ -221,6 +225,7 @@ impl PreauthProxy {
                 .then(|| self.reserve_request(ctx, &policy, &spend, budget, max_output, choices, over_budget_ok, now));
             let lease = limits.wants_lease();
             let (mut d, ticket, held) = self.guard(&policy, &facts, mode, lease, hold.as_ref(), now).await?;
+            admitted = Some(ticket);
             // What the store held: the reservation goes to `spend`, its amount to the decision.
             let held = held.map(|outcome| match outcome {
                 ReserveOutcome::Reserved(r) => {
@@ -230,8 +235,13 @@ impl PreauthProxy {
                 }
                 ReserveOutcome::Insufficient { .. } => Held::Insufficient,
             });
+            if let Some(until) = d.trip_global_block_until {
+                if let Err(e) = self.state.counters.set_global_block(until).await {
+                    self.store_failed("set_global_block", e);
+                }
+            }
             if d.verdict == Verdict::Deny {
-                return Ok((d, Some(ticket), None, None));
+                return Ok((d, None, None));
             }
             let mut approval = None;
             match token_check {
@@ -241,7 +251,7 @@ impl PreauthProxy {
                 }
                 Some(Err(e)) => {
                     let refusal = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, e) };
-                    return Ok((refusal, Some(ticket), None, None));
+                    return Ok((refusal, None, None));
                 }
                 None => {}
             }
@@ -275,10 +285,10 @@ impl PreauthProxy {
                 }
             }
             let consumed = approval.filter(|_| d.is_allow()).map(|c| c.approval_id);
-            Ok::<_, StoreError>((d, Some(ticket), clamp_to, consumed))
+            Ok::<_, StoreError>((d, clamp_to, consumed))
         })
         .await;
-        let (mut decision, ticket, clamp_to, consumed_approval) = match decided {
+        let (mut decision, clamp_to, consumed_approval) = match decided {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 let failure = match e {
@@ -286,11 +296,11 @@ impl PreauthProxy {
                     StoreError::Unavailable(_) => "store_error",
                 };
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
-                (decide::failsafe(mode), None, None, None)
+                (decide::failsafe(mode), None, None)
             }
             Err(_) => {
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
-                (decide::failsafe(mode), None, None, None)
+                (decide::failsafe(mode), None, None)
             }
         };
         // The fields every event of this request carries.
@@ -379,7 +389,7 @@ impl PreauthProxy {
             extra.entry("expires_at").or_insert(Value::Null);
         }
 
-        let ticket = self.settle_admission(decision.is_allow(), ticket).await;
+        let ticket = self.settle_admission(decision.is_allow(), admitted).await;
         if !decision.is_allow() {
             if let Some(r) = spend.reservation.take() {
                 // A hold taken before a later refusal: give it back at once.
@@ -589,13 +599,7 @@ impl PreauthProxy {
             Ok(Err(e)) => return Err(self.store_failed("admit", e)),
             Err(_) => return Err(self.store_failed("admit", StoreError::Timeout)),
         };
-        let decision = decide::evaluate(policy, facts, &view, mode, now);
-        if let Some(until) = decision.trip_global_block_until {
-            if let Err(e) = self.state.counters.set_global_block(until).await {
-                self.store_failed("set_global_block", e);
-            }
-        }
-        Ok((decision, ticket, held))
+        Ok((decide::evaluate(policy, facts, &view, mode, now), ticket, held))
     }
 
     fn store_failed(&self, op: &str, e: StoreError) -> StoreError {

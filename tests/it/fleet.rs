@@ -1,11 +1,12 @@
 //! Fleet mode: three sidecars sharing one Redis enforce one global cap, one budget, single-use
 //! approvals and one kill switch; and fail safe when Redis is gone, recovering when it is back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::*;
@@ -518,4 +519,88 @@ async fn rediss_urls_speak_tls() {
     .await;
     assert_eq!(v["daily_requests"], 1, "the counter lives in the TLS Redis");
     s.stop().await;
+}
+
+/// A TCP relay to Redis whose replies arrive `delay_ms` late (a Redis, or a network, slower than
+/// `PREAUTH_STORE_TIMEOUT_MS`): every command still runs in Redis.
+async fn slow_redis(delay_ms: Arc<AtomicU64>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let delay_ms = delay_ms.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect("127.0.0.1:6379").await else { return };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                    tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst))).await;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Requests answered on the failsafe path because Redis answered too late hold and count
+/// nothing: their admission ran in Redis all the same (counts, concurrency lease, hold) and is
+/// given back once its answer comes unclaimed. Before, each such 503 kept its hold until the
+/// sweep, its concurrency slot until the lease TTL and its daily count for the day.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admission_answered_too_late_holds_and_counts_nothing() {
+    let p = redis_prefix();
+    let delay = Arc::new(AtomicU64::new(0));
+    let url = format!("redis://127.0.0.1:{}", slow_redis(delay.clone()).await);
+    let s = start_fleet(
+        &[
+            ("PREAUTH_STORE_TIMEOUT_MS", "40"),
+            ("LLM_FAIR_USE_GUARDS_ENABLED", "true"),
+            ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "2"),
+        ],
+        &url,
+        &p,
+    )
+    .await;
+    let chat = chat("gpt-4o-mini");
+    assert_eq!(post(&s, "/v1/chat/completions", "late", "pro", &chat).await.status(), 200);
+    let view = || tenant_view(&s, "late");
+    wait_for("the first request settled", || async { view().await["active_reservations"] == 0 }).await;
+    assert_eq!(view().await["daily_requests"], 1);
+
+    delay.store(150, Ordering::SeqCst);
+    let tries = 3;
+    for _ in 0..tries {
+        let r = post(&s, "/v1/chat/completions", "late", "pro", &chat).await;
+        let v = assert_error(r, 503, "enforcement_unavailable").await;
+        assert_eq!(v["error"]["details"]["reason"], "hard_mode_fail_closed", "{v}");
+    }
+    delay.store(0, Ordering::SeqCst);
+    // Once the late answers came (and the breaker closed again), nothing of them is left.
+    wait_for("the late admissions given back", || async {
+        let v = view().await;
+        v["active_reservations"] == 0
+            && v["reserved_usd"] == "0.000000"
+            && v["in_flight"] == 0
+            && v["daily_requests"] == 1
+    })
+    .await;
+    // The tenant's two concurrency slots are free: two slow requests at once are admitted.
+    let slow = |s: &Sidecar| {
+        client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(token("late", "pro"))
+            .header("x-mock-delay-ms", "300")
+            .json(&chat)
+            .send()
+    };
+    let (a, b) = tokio::join!(slow(&s), slow(&s));
+    assert_eq!((a.unwrap().status().as_u16(), b.unwrap().status().as_u16()), (200, 200));
+    s.stop().await;
+    redis_cleanup(&p).await;
 }

@@ -143,11 +143,15 @@ impl RedisStore {
     /// Prepares the atomic check-and-hold of `r` without sending it: the reservation it would
     /// create and the script call.
     pub(crate) fn plan_reserve(&self, r: &ReserveRequest<'_>) -> (Reservation, redis::ScriptInvocation<'_>) {
-        let amount = r.amount.0.clamp(0, MAX_EXACT);
-        let min = r.min_amount.map_or(-1, |m| m.0.clamp(0, amount));
-        let res = r.reservation(Micros(amount));
+        let (res, args) = reservation_of(r);
+        let inv = self.reserve_invocation(&res, &args);
+        (res, inv)
+    }
+
+    /// The reserve script call creating `res` (see [`reservation_of`]).
+    pub(crate) fn reserve_invocation(&self, res: &Reservation, a: &ReserveArgs) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.scripts.reserve.prepare_invoke();
-        inv.key(self.spend_key(r.tenant, &res.month))
+        inv.key(self.spend_key(&res.tenant, &res.month))
             .key(self.active_key())
             .arg(self.inner.keys.budget_base())
             .arg(&res.id)
@@ -156,14 +160,31 @@ impl RedisStore {
             .arg(&res.request_id)
             .arg(&*res.model)
             .arg(&*res.month)
-            .arg(r.now)
-            .arg(r.monthly_budget.0.clamp(i64::MIN / 2, MAX_EXACT))
-            .arg(amount)
-            .arg(min)
+            .arg(res.created_at)
+            .arg(a.budget)
+            .arg(res.amount.0)
+            .arg(a.min)
             .arg(SPEND_TTL_MS)
             .arg(ACTIVE_RECORD_TTL_MS);
-        (res, inv)
+        inv
     }
+}
+
+/// The reserve script's arguments besides the reservation itself.
+pub(crate) struct ReserveArgs {
+    /// The tenant's budget for the month, clamped to what the script computes exactly.
+    budget: i64,
+    /// Clamp mode's smallest hold; -1: all of the amount or nothing.
+    min: i64,
+}
+
+/// The reservation `r` would create (its amount clamped to what the script computes exactly),
+/// and the rest of the script's arguments.
+pub(crate) fn reservation_of(r: &ReserveRequest<'_>) -> (Reservation, ReserveArgs) {
+    let amount = r.amount.0.clamp(0, MAX_EXACT);
+    let min = r.min_amount.map_or(-1, |m| m.0.clamp(0, amount));
+    let res = r.reservation(Micros(amount));
+    (res, ReserveArgs { budget: r.monthly_budget.0.clamp(i64::MIN / 2, MAX_EXACT), min })
 }
 
 /// Sends a prepared reserve call.

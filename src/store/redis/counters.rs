@@ -126,6 +126,12 @@ impl AdmitPlan<'_> {
     }
 }
 
+/// The admission a ticket stands for (what [`RedisStore::plan_admit`] needs), for a step that
+/// owns its data (`exec_undoable`).
+pub(crate) fn admission_of(t: &Ticket, lease_ttl_ms: Option<u64>) -> AdmitRequest<'_> {
+    AdmitRequest { tenant: &t.tenant, now: t.at, tokens: t.tokens, lease_ttl_ms }
+}
+
 pub(crate) fn ticket_of(req: &AdmitRequest<'_>, seq: u64) -> Ticket {
     Ticket {
         seq,
@@ -137,6 +143,15 @@ pub(crate) fn ticket_of(req: &AdmitRequest<'_>, seq: u64) -> Ticket {
 }
 
 impl RedisStore {
+    /// Gives back an admission nobody waited for (its counts and lease; the rollback is
+    /// idempotent, so it is sent again while Redis does not answer), logging a failure: the
+    /// windows and the lease then end by their TTLs.
+    pub(crate) async fn undo_admission(&self, ticket: &Ticket) {
+        if let Err(e) = super::patiently(|| self.rollback(ticket)).await {
+            tracing::warn!(error = %e, "an admission nobody waited for could not be rolled back; its counts and lease end by their TTLs");
+        }
+    }
+
     /// Prepares the admission of `req` without sending it.
     pub(crate) fn plan_admit(&self, req: &AdmitRequest<'_>) -> AdmitPlan<'_> {
         let s = &self.inner.scripts;
@@ -167,9 +182,17 @@ impl RedisStore {
 #[async_trait]
 impl Counters for RedisStore {
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError> {
-        let plan = self.plan_admit(req);
-        let (seq, view) = self.exec("admit", plan.round_trip_commands(), |c| plan.run(c)).await?;
-        Ok((ticket_of(req, seq), view))
+        // The step runs in a task of its own (`exec_undoable`): it owns what it sends.
+        let ticket = ticket_of(req, 0);
+        let commands = self.plan_admit(req).round_trip_commands();
+        let (store, lease_ttl_ms, held) = (self.clone(), req.lease_ttl_ms, ticket.clone());
+        let run =
+            move |c: super::Conn| async move { store.plan_admit(&admission_of(&held, lease_ttl_ms)).run(c).await };
+        let (store, taken) = (self.clone(), ticket.clone());
+        let undo =
+            move |(seq, _): (u64, CountersView)| async move { store.undo_admission(&Ticket { seq, ..taken }).await };
+        let (seq, view) = self.exec_undoable("admit", commands, run, undo).await?;
+        Ok((Ticket { seq, ..ticket }, view))
     }
 
     async fn rollback(&self, ticket: &Ticket) -> Result<(), StoreError> {

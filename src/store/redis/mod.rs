@@ -45,7 +45,11 @@
 //!
 //! # Failures
 //! Every operation is bounded by `op_timeout` (`PREAUTH_STORE_TIMEOUT_MS`) → `StoreError::Timeout`;
-//! other errors → `StoreError::Unavailable`. A [`Breaker`] fails calls in microseconds while
+//! other errors → `StoreError::Unavailable`. A command whose answer is no longer awaited still runs
+//! in Redis: the admission (counts, lease, hold) therefore runs in a task of its own to the end
+//! ([`RedisStore::exec_undoable`]), and when nobody takes its answer (the timeout, or the caller's
+//! own deadline) that task gives back what it took, so a request answered on the failsafe path
+//! holds and counts nothing. A [`Breaker`] fails calls in microseconds while
 //! Redis is down; a background task on the store's own runtime pings every 500 ms (probing the
 //! half-open breaker, so recovery is noticed without traffic) and replaces the connection once
 //! per breaker opening (a connection wedged by a silent network loss cannot survive). The
@@ -91,6 +95,28 @@ use super::StoreError;
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// Bound on establishing a connection (initial and replacement).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Waits between attempts to give back what a step nobody waited for took: the breaker may be
+/// open while Redis recovers (its health probe closes it within about a second).
+const UNDO_WAITS: [Duration; 4] =
+    [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
+
+/// Runs an idempotent `step` until it succeeds, at most once more after each of [`UNDO_WAITS`].
+pub(crate) async fn patiently<T, F, Fut>(mut step: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut out = step().await;
+    for wait in UNDO_WAITS {
+        if out.is_ok() {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        out = step().await;
+    }
+    out
+}
+
 /// Default of [`RedisOptions::max_finished`] (≈ 50 MB of Redis memory at ≈ 0.5 KB a record).
 const MAX_FINISHED: u64 = 100_000;
 
@@ -613,6 +639,44 @@ impl RedisStore {
         }
     }
 
+    /// [`Self::exec`] for a step with effects that a caller who stops waiting must not keep (an
+    /// admission: counts, a lease, a hold). The commands `f` sends run in a task of their own to
+    /// the end; whoever finds their answer unclaimed — the task, when the caller is gone (the
+    /// store timeout, or the caller's own deadline, dropped it) before the answer came, or the
+    /// caller's dropped [`Answer`] when it came but was not taken — runs `undo` on it.
+    pub(crate) async fn exec_undoable<T, F, Fut, U, UFut>(
+        &self,
+        op: &'static str,
+        round_trips: u64,
+        f: F,
+        undo: U,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = RedisResult<T>> + Send + 'static,
+        U: FnOnce(T) -> UFut + Send + 'static,
+        UFut: Future<Output = ()> + Send + 'static,
+    {
+        self.exec(op, round_trips, |conn| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let undo: Undo<T> = Box::new(move |t| Box::pin(undo(t)));
+            let undo = Arc::new(Mutex::new(Some(undo)));
+            let running = f(conn);
+            let task_undo = undo.clone();
+            tokio::spawn(async move {
+                if let Err(Ok(unclaimed)) = tx.send(running.await) {
+                    let undo = task_undo.lock().take();
+                    if let Some(undo) = undo {
+                        undo(unclaimed).await;
+                    }
+                }
+            });
+            Answer { rx, undo }
+        })
+        .await
+    }
+
     /// The connection a command is sent on. Single node, called from a runtime other than the
     /// store's (the proxy's): this thread's own connection to the same node, so that its driver
     /// runs on the caller's runtime. A command then goes out and its reply comes back without
@@ -781,6 +845,38 @@ async fn health_task(weak: Weak<Inner>) {
     }
 }
 
+/// The answer of a step run by [`RedisStore::exec_undoable`], awaited. Dropped before it was
+/// taken (the store timeout, or the caller's deadline), it closes the channel: an answer that had
+/// come already is undone here, one still to come by the task that runs the step.
+struct Answer<T> {
+    rx: tokio::sync::oneshot::Receiver<RedisResult<T>>,
+    undo: Arc<Mutex<Option<Undo<T>>>>,
+}
+
+/// Gives back what an unclaimed answer took.
+type Undo<T> = Box<dyn FnOnce(T) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+impl<T> Future for Answer<T> {
+    type Output = RedisResult<T>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| Err(RedisError::from((redis::ErrorKind::Client, "the store step's task ended"))))
+        })
+    }
+}
+
+impl<T> Drop for Answer<T> {
+    fn drop(&mut self) {
+        self.rx.close();
+        let Ok(Ok(unclaimed)) = self.rx.try_recv() else { return };
+        let Some(undo) = self.undo.lock().take() else { return };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(undo(unclaimed));
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reply decoding helpers.
 
@@ -859,22 +955,41 @@ impl crate::store::Gatekeeper for RedisStore {
             let (t, v) = self.admit(admit).await?;
             return Ok((t, v, None));
         };
-        let plan = self.plan_admit(admit);
-        let (res, inv) = self.plan_reserve(r);
-        let commands = plan.round_trip_commands() + 1;
-        let (a, b) = self
-            .exec("admit_reserve", commands, |c| async move {
-                let mut c2 = c.clone();
-                // Both futures write before either reads: the commands share one round trip.
-                Ok(tokio::join!(plan.run(c), budgets::run_reserve(inv, &mut c2)))
-            })
-            .await?;
+        // The step runs in a task of its own (`exec_undoable`): it owns what it sends.
+        let ticket = counters::ticket_of(admit, 0);
+        let (res, args) = budgets::reservation_of(r);
+        let commands = self.plan_admit(admit).round_trip_commands() + 1;
+        let (store, held, lease_ttl_ms) = (self.clone(), ticket.clone(), admit.lease_ttl_ms);
+        let run = move |c: Conn| async move {
+            let admit = counters::admission_of(&held, lease_ttl_ms);
+            let plan = store.plan_admit(&admit);
+            let inv = store.reserve_invocation(&res, &args);
+            let mut c2 = c.clone();
+            // Both futures write before either reads: the commands share one round trip.
+            let (a, b) = tokio::join!(plan.run(c), budgets::run_reserve(inv, &mut c2));
+            Ok((a, b, res))
+        };
+        let (store, taken) = (self.clone(), ticket.clone());
+        let undo = move |(a, b, res): (RedisResult<(u64, crate::decide::CountersView)>, RedisResult<Vec<i64>>, _)| async move {
+            let now = taken.at;
+            if let Ok((seq, _)) = a {
+                store.undo_admission(&crate::store::Ticket { seq, ..taken }).await;
+            }
+            if let Ok(ReserveOutcome::Reserved(held)) =
+                b.map_err(|_| ()).and_then(|r| budgets::reserve_outcome(res, &r).map_err(|_| ()))
+            {
+                if let Err(e) = patiently(|| store.release(&held.id, now)).await {
+                    tracing::warn!(error = %e, reservation_id = %held.id, "a hold nobody waited for could not be released; the sweep will");
+                }
+            }
+        };
+        let (a, b, res) = self.exec_undoable("admit_reserve", commands, run, undo).await?;
         let outcome =
             b.map_err(|e| unavailable(format!("reserve: {e}"))).and_then(|reply| budgets::reserve_outcome(res, &reply));
         match (a, outcome) {
-            (Ok((seq, view)), Ok(o)) => Ok((counters::ticket_of(admit, seq), view, Some(o))),
+            (Ok((seq, view)), Ok(o)) => Ok((crate::store::Ticket { seq, ..ticket }, view, Some(o))),
             (Ok((seq, _)), Err(e)) => {
-                let _ = self.rollback(&counters::ticket_of(admit, seq)).await;
+                let _ = self.rollback(&crate::store::Ticket { seq, ..ticket }).await;
                 Err(e)
             }
             (Err(e), Ok(ReserveOutcome::Reserved(held))) => {

@@ -160,6 +160,58 @@ async fn rollback_undoes_everything() {
     cleanup(&c).await;
 }
 
+/// A rollback sent again (its first answer lost to a timeout) takes nothing twice: the day's
+/// count of another admission stays.
+#[tokio::test]
+async fn rollback_is_idempotent() {
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    c.admit(&req("a", t0, None)).await.unwrap();
+    let (t, _) = c.admit(&req("a", t0 + 1, Some(1000))).await.unwrap();
+    c.rollback(&t).await.unwrap();
+    c.rollback(&t).await.unwrap();
+    let v = c.tenant_view("a", t0 + 2).await.unwrap();
+    assert_eq!((v.daily_requests, v.minute_requests, v.in_flight), (1, 1, 0), "{v:?}");
+    cleanup(&c).await;
+}
+
+/// An admission whose answer came but was never taken (its caller dropped the wait between the
+/// answer and its next poll) is given back by the dropped wait: nothing counts, nothing is held.
+#[tokio::test]
+async fn an_admission_answered_but_never_taken_is_given_back() {
+    use crate::store::Gatekeeper;
+    let Some(c) = store_at(&prefix()).await else { return };
+    let t0 = t0();
+    let admit = req("late", t0, Some(60_000));
+    let hold = ReserveRequest {
+        tenant: "late",
+        tenant_tier: "pro",
+        request_id: "r1",
+        model: "gpt-4o-mini",
+        now: t0,
+        monthly_budget: Micros(1_000_000),
+        amount: Micros(1000),
+        min_amount: None,
+    };
+    {
+        let mut step = std::pin::pin!(c.admit_reserve(&admit, Some(&hold)));
+        // Polled once: the step's task runs; its answer then waits, untaken, until the drop.
+        assert!(futures_util::poll!(step.as_mut()).is_pending());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = c.tenant_view("late", t0 + 1).await.unwrap();
+        let spend = c.tenant_spend("late", &crate::store::budget::month_key(t0)).await.unwrap();
+        if (v.daily_requests, v.in_flight, spend.active_reservations, spend.reserved) == (0, 0, 0, Micros::ZERO) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted or held: {v:?} {spend:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cleanup(&c).await;
+}
+
 #[tokio::test]
 async fn global_block_keeps_the_later_end_and_expires_by_the_callers_clock() {
     let Some(c) = store_at(&prefix()).await else { return };

@@ -133,12 +133,15 @@ local function admit_tenant(km, ktk, ksum, kday, kl, seq, now, tokens_arg, lease
   return t
 end
 
+-- Idempotent: the day's count goes down only with the admission's minute-window member, so a
+-- rollback sent again (its first answer lost to a timeout) takes nothing twice.
 local function rollback_tenant(km, ktk, ksum, kday, kl, seq, at)
-  local daily = num(redis.call('GET', kday))
-  if daily ~= nil and daily > 0 then
-    redis.call('DECR', kday)
+  if redis.call('ZREM', km, seq) == 1 then
+    local daily = num(redis.call('GET', kday))
+    if daily ~= nil and daily > 0 then
+      redis.call('DECR', kday)
+    end
   end
-  redis.call('ZREM', km, seq)
   local prefix = seq .. ':'
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', ktk, at, at)) do
     if string.sub(m, 1, #prefix) == prefix then
