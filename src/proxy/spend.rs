@@ -7,18 +7,20 @@
 //! under saturation (the step may even have run: each is idempotent by reservation id or lease),
 //! and giving up would leave the hold to the sweep after `PREAUTH_RESERVATION_TTL_SECONDS` (its
 //! spend never charged) and the lease counting against the tenant's concurrency cap until its
-//! TTL. Only a timeout is retried: an open breaker or a store error fails at once.
+//! TTL. Only a timeout is retried at once; a settlement the store still refuses is retried in
+//! the background ([`LATER_WAITS`]) until it lands.
 //!
 //! Owns: `SpendCtx`, `settle`, `retrying`. Imports: decide (pricing, usage), store::budget,
 //! telemetry, state.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::decide::pricing::{cost, ModelPrice};
 use crate::decide::usage::{BodyKind, UsageScanner};
 use crate::decide::usage_types::Usage;
-use crate::decide::{Micros, Route, Tier};
+use crate::decide::{Micros, Route, Tier, UnixMillis};
 use crate::ledger::event::{Event, EventType, Template};
 use crate::state::AppState;
 use crate::store::budget::{Reservation, ReservationState, SettleOutcome};
@@ -89,7 +91,12 @@ pub fn model_label(key: &str) -> std::sync::Arc<str> {
 /// Settles a finished request: charge the real cost and release the rest, or release everything
 /// when the upstream did not answer 2xx. Events and journal lines are staged: the caller commits. A settlement takes the concurrency lease (`lease`) along,
 /// in the same store round trip, and leaves `None`; otherwise the lease stays for the caller.
-pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Option<u16>, lease: &mut Option<Ticket>) {
+pub async fn settle(
+    state: &Arc<AppState>,
+    spend: &mut SpendCtx,
+    upstream_status: Option<u16>,
+    lease: &mut Option<Ticket>,
+) {
     let now = state.clock.now_ms();
     let m = &state.metrics;
     let ok = upstream_status.is_some_and(|s| (200..300).contains(&s));
@@ -163,7 +170,13 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
             }
             (Err(e), _) => {
                 m.store_errors.with_label_values(&["settle"]).inc();
-                tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; the sweep will release the hold");
+                tracing::warn!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; retried in the background");
+                let labels = SpendLabels {
+                    tier: spend.tier,
+                    provider: spend.price.provider.clone(),
+                    model: spend.model_label.clone(),
+                };
+                tokio::spawn(settle_later(state.clone(), r, actual, now, labels));
                 return;
             }
         },
@@ -179,6 +192,61 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
     m.record_spend(spend.tier.as_str(), &spend.price.provider, &spend.model_label, actual);
 }
 
+/// Waits before each background attempt of a settlement the store refused after the gateway
+/// answered (Redis down, the breaker open): ≈ 9 minutes in all, long enough for a Redis restart
+/// or failover, shorter than `PREAUTH_RESERVATION_TTL_SECONDS`' default (30 min).
+pub const LATER_WAITS: [Duration; 7] = [
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+    Duration::from_secs(15),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(300),
+];
+
+/// The metric labels of a settlement finished in the background.
+struct SpendLabels {
+    tier: Tier,
+    provider: std::sync::Arc<str>,
+    model: std::sync::Arc<str>,
+}
+
+/// A settlement that failed against the store, retried until it lands: its event is in the
+/// ledger already, and without it the tenant's spend would miss a call the gateway served (the
+/// sweep would only release the hold). Settling is idempotent by reservation id; a hold the
+/// sweep released meanwhile is charged as a late settlement ([`charge_late`]). Given up after
+/// [`LATER_WAITS`] (or at shutdown), the ledger still has the settlement:
+/// `preauth-sidecar rebuild-spend` restores a fleet's spend from it.
+async fn settle_later(state: Arc<AppState>, r: Reservation, actual: Micros, now: UnixMillis, labels: SpendLabels) {
+    let m = &state.metrics;
+    for wait in LATER_WAITS {
+        tokio::time::sleep(wait).await;
+        let charged = match state.budgets.settle(&r.id, actual, now).await {
+            Ok(SettleOutcome::Settled(s)) => {
+                m.record_settlement("usage", s.drift);
+                true
+            }
+            Ok(SettleOutcome::NotActive) => charge_late(&state, &r, actual, now).await,
+            Ok(SettleOutcome::NotFound) => false,
+            Err(_) => continue,
+        };
+        if charged {
+            m.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
+            tracing::info!(reservation_id = %r.id, actual = %actual, "settlement retried in the background went through");
+        }
+        return;
+    }
+    m.store_errors.with_label_values(&["settle"]).inc();
+    tracing::error!(
+        reservation_id = %r.id,
+        tenant_id = %r.tenant,
+        actual = %actual,
+        "settlement could not be written to the state store in ≈ 9 minutes; the sweep releases the hold and the \
+         ledger keeps the settlement (preauth-sidecar rebuild-spend restores spend from a Postgres ledger)"
+    );
+}
+
 /// A settlement that found its hold no longer active although no retry of its own ended it: the
 /// sweep released it (the request outlived `PREAUTH_RESERVATION_TTL_SECONDS`, or an operator ran
 /// the overdue sweep while it was in flight) or an operator reconciled it. A released hold charged
@@ -187,7 +255,7 @@ pub async fn settle(state: &AppState, spend: &mut SpendCtx, upstream_status: Opt
 /// twice. Only this request settles its proxy hold (the reconcile and gate-settle endpoints
 /// refuse one that is not active), so the check and the charge cannot race with another charge.
 /// `true` when the cost was charged here.
-async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: crate::decide::UnixMillis) -> bool {
+async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: UnixMillis) -> bool {
     let m = &state.metrics;
     match state.budgets.get(&r.id).await {
         Ok(Some((_, ReservationState::Released))) => {}

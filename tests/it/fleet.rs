@@ -604,3 +604,45 @@ async fn an_admission_answered_too_late_holds_and_counts_nothing() {
     s.stop().await;
     redis_cleanup(&p).await;
 }
+
+/// A settlement Redis refused (gone while the gateway answered) is retried in the background
+/// until it lands: the tenant's spend then agrees with the settlement event the ledger has.
+/// Before, the hold was left to the sweep and the call was never charged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_settlement_refused_while_redis_is_gone_lands_when_it_is_back() {
+    let p = redis_prefix();
+    let sw = switchable_redis().await;
+    let url = format!("redis://127.0.0.1:{}", sw.port);
+    let s = start_fleet(&[("PREAUTH_STORE_TIMEOUT_MS", "50")], &url, &p).await;
+    let call = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("later", "pro"))
+        .header("x-mock-delay-ms", "600")
+        .header("x-mock-completion-tokens", "500")
+        .json(&chat("gpt-4o-mini"))
+        .send();
+    let call = tokio::spawn(call);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sw.up.store(false, Ordering::SeqCst);
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200);
+    let rid = r.headers()["x-preauth-reservation-id"].to_str().unwrap().to_string();
+    r.bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sw.up.store(true, Ordering::SeqCst);
+    let ledger = format!("/api/v1/enforcement/ledger?reservation_id={rid}&event_type=reservation_settled");
+    let event = s.admin_get(&ledger).await;
+    let actual = event["items"][0]["actual_cost_usd"].as_str().expect("the settlement is in the ledger").to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        // 503 while the store is still unusable right after its return: asked again.
+        let v = s.admin_get("/api/v1/enforcement/tenants/later").await;
+        if v["spent_usd"] == actual.as_str() && v["active_reservations"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spend never caught up with the ledger ({actual}): {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+    redis_cleanup(&p).await;
+}
