@@ -2,6 +2,7 @@
 //! 64 listing every bad variable before any port is bound), sets up logging and runs a command.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::process::ExitCode;
 
 use pingora::server::RunArgs;
@@ -91,16 +92,25 @@ fn check_config() -> ExitCode {
     match parse_or_report(&Env, Purpose::Run) {
         Ok(c) => {
             // `parse` has read the tier, tenant and price files too: any bad one was reported.
+            // Written without `println!`: a reader that stops early (`| head`) is not an error.
+            let mut out = std::io::stdout().lock();
             for (k, v) in config::describe(&c) {
-                println!("{k}={v}");
+                if writeln!(out, "{k}={v}").is_err() {
+                    break;
+                }
             }
-            for w in config::warnings(&c) {
+            for w in config::warnings(&c).into_iter().chain(unknown_variables()) {
                 eprintln!("warning: {w}");
             }
             ExitCode::SUCCESS
         }
         Err(code) => code,
     }
+}
+
+/// Warnings for variables of the process environment that look like the sidecar's but are not.
+fn unknown_variables() -> Vec<String> {
+    config::env::unknown_variables(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))
 }
 
 /// `migrate`: creates or updates the central ledger schema (idempotent).
@@ -350,10 +360,18 @@ fn run(src: &dyn Strings, purpose: Purpose) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.log_format);
-    for w in config::warnings(&config) {
+    for w in config::warnings(&config).into_iter().chain(unknown_variables()) {
         tracing::warn!("{w}");
     }
     let (listen, admin) = (config.listen_addr, config.admin_addr);
+    // Held until the process exits: one process per data directory.
+    let _data_dir = match server::lock_data_dir(&config.data_dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
     let built = match server::build(config) {
         Ok(b) => b,
         Err(e) => {
@@ -412,6 +430,11 @@ fn demo() -> ExitCode {
     // set, that directory is used as is.
     let demo_dir = std::env::temp_dir().join("preauth-demo");
     if Env.get("PREAUTH_DATA_DIR").is_none() {
+        // Not the directory of a demo still running (its lock is let go before `run` takes it).
+        if let Err(e) = server::lock_data_dir(&demo_dir) {
+            eprintln!("demo: {e}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
         let _ = std::fs::remove_dir_all(&demo_dir);
     }
     defaults.insert("PREAUTH_DATA_DIR", demo_dir.display().to_string());

@@ -264,6 +264,44 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     Ok(Built { server, state })
 }
 
+/// The lock file that makes a data directory one process's (`PREAUTH_DATA_DIR/.lock`).
+pub const DATA_DIR_LOCK: &str = ".lock";
+
+/// Takes `dir` (created if missing) for this process: an exclusive lock on its `.lock` file,
+/// holding this process's id, kept until the returned file is dropped (the process exits). A
+/// second process on the same directory would rewrite the journals under the first one, whose
+/// later writes then go to deleted files (lost at its next restart): it is refused instead, with
+/// the holder's pid.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::{Read, Seek, Write};
+    let cannot = |e: std::io::Error| format!("PREAUTH_DATA_DIR {}: cannot lock {DATA_DIR_LOCK}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(cannot)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(DATA_DIR_LOCK))
+        .map_err(cannot)?;
+    let mut f = match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(format!(
+                "PREAUTH_DATA_DIR {} is in use by another preauth-sidecar process (pid {}): one process per data \
+                 directory; give each replica its own, or stop the other one",
+                dir.display(),
+                holder.trim()
+            ));
+        }
+        Err((_, errno)) => return Err(cannot(errno.into())),
+    };
+    f.set_len(0).and_then(|()| f.rewind()).and_then(|()| write!(f, "{}", std::process::id())).map_err(cannot)?;
+    Ok(f)
+}
+
 /// Whether pingora runs each service on a work-stealing runtime. With one thread there is nothing
 /// to steal from: a single-threaded runtime then drives the same tasks with less per-wake-up work
 /// (no shared run queues, no atomics on the hand-off), about 5% less CPU per request on the

@@ -132,6 +132,110 @@ pub const DEFAULT_AUDIT_SAMPLE_RATE: f64 = 0.01;
 pub const ENV_INSTANCE_ID: &str = "PREAUTH_INSTANCE_ID";
 pub const ENV_LOG_FORMAT: &str = "PREAUTH_LOG_FORMAT";
 
+/// Every variable above (a test keeps the list complete).
+pub const ALL: &[&str] = &[
+    ENV_LISTEN_ADDR,
+    ENV_ADMIN_ADDR,
+    ENV_UPSTREAM_URL,
+    ENV_UPSTREAM_API_KEY,
+    ENV_THREADS,
+    ENV_MAX_BODY_BYTES,
+    ENV_UPSTREAM_TIMEOUT_SECONDS,
+    ENV_IDENTITY,
+    ENV_JWT_SECRET,
+    ENV_JWT_AUDIENCE,
+    ENV_JWT_TENANT_CLAIM,
+    ENV_JWT_TIER_CLAIM,
+    ENV_TENANTS_FILE,
+    ENV_TIERS_FILE,
+    ENV_PRICING_FILE,
+    ENV_GLOBAL_GUARDS_ENABLED,
+    ENV_KILL_SWITCH,
+    ENV_GLOBAL_PER_MINUTE_CAP,
+    ENV_GLOBAL_UNIQUE_TENANTS,
+    ENV_GLOBAL_BLOCK_SECONDS,
+    ENV_FAIR_USE_ENABLED,
+    ENV_FAIR_USE_PER_MINUTE_CAP,
+    ENV_FAIR_USE_CONCURRENCY_CAP,
+    ENV_FAIR_USE_LEASE_TTL_SECONDS,
+    ENV_FAIR_USE_PRO_DAILY,
+    ENV_FAIR_USE_ENTERPRISE_DAILY,
+    ENV_TOKENS_PER_MINUTE,
+    ENV_REQUIRE_APPROVAL_ABOVE,
+    ENV_HARD_DENY_ABOVE,
+    ENV_CLAMP,
+    ENV_CLAMP_MIN_OUTPUT,
+    ENV_RESERVATION_TTL_SECONDS,
+    ENV_MODE,
+    ENV_SOURCE_MODES,
+    ENV_GATE_TIMEOUT_MS,
+    ENV_APPROVAL_SECRET,
+    ENV_APPROVAL_FALLBACKS,
+    ENV_APPROVAL_TTL_SECONDS,
+    ENV_APPROVAL_FROZEN,
+    ENV_APPROVAL_ISSUER,
+    ENV_APPROVAL_KID,
+    ENV_REDIS_URL,
+    ENV_REDIS_KEY_PREFIX,
+    ENV_STORE_TIMEOUT_MS,
+    ENV_DATA_DIR,
+    ENV_LEDGER_URL,
+    ENV_LOCAL_LEDGER_RETENTION_HOURS,
+    ENV_OUTBOX_MAX_BYTES,
+    ENV_OUTBOX_FULL_POLICY,
+    ENV_ADMIN_API_KEY,
+    ENV_AUDIT_SAMPLE_RATE,
+    ENV_INSTANCE_ID,
+    ENV_LOG_FORMAT,
+];
+
+/// Prefixes of the sidecar's own variables: one of these that is not in [`ALL`] is a typo (or a
+/// setting of another version), warned about with the nearest known name.
+pub const OWN_PREFIXES: &[&str] =
+    &["PREAUTH_", "LLM_GLOBAL_ABUSE_", "LLM_FAIR_USE_", "ENFORCEMENT_APPROVAL_", "SUPABASE_JWT", "ADMIN_API"];
+
+/// Read by the test suite only, not by the sidecar (never warned about).
+const TEST_ONLY: &[&str] = &["PREAUTH_TEST_REDIS_URL"];
+
+/// A warning for each of `names` that looks like the sidecar's (an [`OWN_PREFIXES`] prefix) but
+/// is not one of its variables, naming the nearest known one when it is close: a misspelled
+/// `LLM_GLOBAL_ABUSE_KILLSWITCH` is not applied, and an operator must hear of it.
+pub fn unknown_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter(|n| OWN_PREFIXES.iter().any(|p| n.starts_with(p)))
+        .filter(|n| !ALL.contains(&n.as_str()) && !TEST_ONLY.contains(&n.as_str()))
+        .collect();
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|n| {
+            let (dist, near) = ALL.iter().map(|k| (edit_distance(&n, k), *k)).min().expect("ALL is not empty");
+            if dist <= 4 {
+                format!("{n} is not a variable of this sidecar and is ignored: did you mean {near}?")
+            } else {
+                format!("{n} is not a variable of this sidecar and is ignored (README, Configuration, lists them)")
+            }
+        })
+        .collect()
+}
+
+/// Levenshtein distance (bytes; the names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(diag + usize::from(ca != cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// One bad variable: its name and what is wrong, phrased so the operator knows what to set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

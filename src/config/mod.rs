@@ -345,6 +345,11 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
     let redis_key_prefix = r.string(ENV_REDIS_KEY_PREFIX, DEFAULT_REDIS_KEY_PREFIX);
     let store_timeout_ms = r.u64_in(ENV_STORE_TIMEOUT_MS, DEFAULT_STORE_TIMEOUT_MS, 1..=60_000);
     let data_dir = PathBuf::from(r.string(ENV_DATA_DIR, DEFAULT_DATA_DIR));
+    if purpose != Purpose::Tool {
+        if let Some(e) = unusable_dir(&data_dir) {
+            r.error(ENV_DATA_DIR, e);
+        }
+    }
     let ledger_url = r.raw(ENV_LEDGER_URL);
     if let Some(u) = &ledger_url {
         if !["postgres://", "postgresql://", "http://", "https://"].iter().any(|p| u.starts_with(p)) {
@@ -517,6 +522,19 @@ fn default_instance_id() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "preauth-sidecar".to_string())
+}
+
+/// Why `dir` cannot be the data directory (without creating anything): it, or the nearest of its
+/// ancestors that exists, is not a directory.
+fn unusable_dir(dir: &std::path::Path) -> Option<String> {
+    let existing = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists())?;
+    (!existing.is_dir()).then(|| {
+        format!(
+            "`{}` cannot be a directory: `{}` is a file; set a directory path (created if missing)",
+            dir.display(),
+            existing.display()
+        )
+    })
 }
 
 /// Settings that are valid but leave a feature unusable: logged as warnings at start and printed

@@ -294,3 +294,41 @@ fn a_reservation_ttl_a_request_can_outlive_is_warned_about() {
     let c = parse(&env(&[secret, ("PREAUTH_RESERVATION_TTL_SECONDS", "601")]), Purpose::Run).unwrap();
     assert!(warnings(&c).is_empty());
 }
+
+#[test]
+fn a_data_directory_under_a_file_is_refused_and_tools_do_not_care() {
+    let file = std::env::temp_dir().join(format!("preauth-cfg-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&file, b"x").unwrap();
+    let under: &'static str = Box::leak(file.join("sub").display().to_string().into_boxed_str());
+    let e = parse(&env(&[("PREAUTH_DATA_DIR", under)]), Purpose::Run).unwrap_err();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].var, "PREAUTH_DATA_DIR");
+    assert!(e[0].message.contains("is a file"), "{e:?}");
+    assert!(parse(&env(&[("PREAUTH_DATA_DIR", under)]), Purpose::Tool).is_ok(), "offline tools read no data dir");
+    let missing: &'static str = Box::leak(format!("{}.d/a/b", file.display()).into_boxed_str());
+    assert!(parse(&env(&[("PREAUTH_DATA_DIR", missing)]), Purpose::Run).is_ok(), "created when missing");
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn every_variable_is_known_and_a_misspelled_one_is_named_with_the_nearest() {
+    let declared = include_str!("env.rs").lines().filter(|l| l.starts_with("pub const ENV_")).count();
+    assert_eq!(env::ALL.len(), declared, "env::ALL lists every ENV_ constant");
+    let names = [
+        "LLM_GLOBAL_ABUSE_KILLSWITCH",
+        "PREAUTH_ENFORCMENT_MODE",
+        "PREAUTH_SOMETHING_ELSE_ENTIRELY",
+        "PREAUTH_ENFORCEMENT_MODE",
+        "PREAUTH_TEST_REDIS_URL",
+        "PATH",
+        "LLM_PROVIDER",
+    ];
+    let w = env::unknown_variables(names.iter().map(|n| n.to_string()));
+    assert_eq!(w.len(), 3, "{w:?}");
+    assert!(
+        w[0].starts_with("LLM_GLOBAL_ABUSE_KILLSWITCH is not a variable")
+            && w[0].ends_with("LLM_GLOBAL_ABUSE_KILL_SWITCH?")
+    );
+    assert!(w[1].ends_with("did you mean PREAUTH_ENFORCEMENT_MODE?"), "{w:?}");
+    assert!(w[2].starts_with("PREAUTH_SOMETHING_ELSE_ENTIRELY") && !w[2].contains("did you mean"), "{w:?}");
+}

@@ -52,13 +52,35 @@ fn check_config_prints_effective_config_redacted() {
         .env("PREAUTH_UPSTREAM_URL", "http://127.0.0.1:4000")
         .env("SUPABASE_JWT_SECRET", secret)
         .env("ADMIN_API_KEY", "admin-secret-key")
+        .env("LLM_GLOBAL_ABUSE_KILLSWITCH", "true")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let warned = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warned.contains("warning: LLM_GLOBAL_ABUSE_KILLSWITCH is not a variable of this sidecar and is ignored: did you mean LLM_GLOBAL_ABUSE_KILL_SWITCH?"),
+        "a misspelled variable is named: {warned}"
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("PREAUTH_UPSTREAM_URL=http://127.0.0.1:4000"));
     assert!(text.contains("LLM_GLOBAL_ABUSE_PER_MINUTE_CAP=600"));
     assert!(!text.contains(secret) && !text.contains("admin-secret-key"), "{text}");
+}
+
+/// `check-config | head -1`: a reader that stops early is not a crash (exit 0, not a panic's 101).
+#[test]
+fn check_config_into_a_closed_pipe_exits_0() {
+    let mut child = clean_command()
+        .arg("check-config")
+        .env("PREAUTH_UPSTREAM_URL", "http://127.0.0.1:4000")
+        .env("SUPABASE_JWT_SECRET", "s3cret-0123456789abcdef0123456789abcdef")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -157,4 +179,30 @@ fn commands_refuse_arguments_they_do_not_take() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("unexpected argument `--listen`"), "{cmd}: {err}");
     }
+}
+
+/// One process per data directory: a second `run` on a directory a running sidecar holds exits
+/// 64 naming it (before, it rewrote the journals under the first process, whose later spend was
+/// then lost at its next restart); the first one keeps serving, and once it is gone the
+/// directory can be taken again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_process_on_the_same_data_directory_is_refused() {
+    use crate::support::*;
+    let up = preauth_sidecar::demo::upstream::FakeUpstream::start("127.0.0.1:0").await.unwrap();
+    let dir = temp_dir();
+    let mut first = Binary::start(&up, &dir, &[]);
+    let mut second = clean_command();
+    second.arg("run");
+    for (k, v) in &first.env {
+        second.env(k, v);
+    }
+    let (proxy, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let out = second.env("PREAUTH_LISTEN_ADDR", &proxy).env("PREAUTH_ADMIN_ADDR", &admin).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{said}");
+    assert!(said.contains("is in use by another preauth-sidecar process (pid "), "{said}");
+    assert!(said.contains(&dir.display().to_string()), "names the directory: {said}");
+    assert_eq!(first.call("acme", &chat("gpt-4o-mini"), &[]).await.status(), 200, "the first one serves on");
+    first.restart_with(&[], &[]);
+    assert_eq!(first.call("acme", &chat("gpt-4o-mini"), &[]).await.status(), 200, "taken again after the first exit");
 }
