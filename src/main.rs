@@ -186,7 +186,8 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
         let end = preauth_sidecar::decide::time::rfc3339_seconds(month.next().start());
         let rows = client
             .query(
-                "SELECT tenant_id, sum(round((payload->>'actual_cost_usd')::numeric * 1000000))::bigint \
+                "SELECT tenant_id, sum(round((payload->>'actual_cost_usd')::numeric * 1000000))::bigint, \
+                 (array_agg(payload->>'tenant_tier' ORDER BY occurred_at DESC))[1] \
                  FROM enforcement_ledger WHERE event_type = 'reservation_settled' AND tenant_id IS NOT NULL \
                  AND payload->>'actual_cost_usd' IS NOT NULL \
                  AND occurred_at >= $1::text::timestamptz AND occurred_at < $2::text::timestamptz GROUP BY tenant_id",
@@ -199,12 +200,17 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
         for row in rows {
             let tenant: String = row.get(0);
             let ledger_total = Micros(row.get::<_, i64>(1));
+            let tier: Option<String> = row.get(2);
             let current = store.tenant_spend(&tenant, &key).await.map_err(|e| format!("store: {e}"))?.spent;
             if ledger_total > current {
                 store
                     .charge(&tenant, &key, Micros(ledger_total.0 - current.0), SystemClock.now_ms())
                     .await
                     .map_err(|e| format!("store: {e}"))?;
+                // The tier the tenant view shows comes with the spend (its latest settlement's).
+                if let Some(tier) = tier.filter(|t| !t.is_empty()) {
+                    store.restore_tier(&tenant, &key, &tier).await.map_err(|e| format!("store: {e}"))?;
+                }
             }
             out.push((tenant, current, ledger_total));
         }

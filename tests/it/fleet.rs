@@ -443,6 +443,10 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("acme"));
     assert_eq!(view(&s).await["spent_usd"].as_str().unwrap(), before, "spend restored from the ledger");
+    // A replica that never saw the tenant shows the tier restored with the spend (its budget too).
+    let fresh = start_fleet(&[("PREAUTH_LEDGER_URL", &ledger_url)], REDIS, &p).await;
+    assert_eq!(view(&fresh).await["tier"], "enterprise");
+    fresh.stop().await;
     s.stop().await;
     redis_cleanup(&p).await;
     crate::ledger::drop_db(&db).await;

@@ -140,6 +140,18 @@ pub(crate) fn settle_outcome(r: Result<Reservation, i64>, actual: Micros) -> Set
 }
 
 impl RedisStore {
+    /// Sets the tier kept with a tenant's month spend (what every replica's tenant view shows)
+    /// when none is kept: `rebuild-spend` restores it from the ledger with the spend, without
+    /// overwriting the tier of a hold made since.
+    pub async fn restore_tier(&self, tenant: &str, month: &str, tier: &str) -> Result<(), StoreError> {
+        let key = self.spend_key(tenant, month);
+        let tier = tier.to_string();
+        self.exec("restore_tier", 1, |mut c| async move {
+            redis::cmd("HSETNX").arg(&key).arg("tier").arg(&tier).query_async::<()>(&mut c).await
+        })
+        .await
+    }
+
     /// Prepares the atomic check-and-hold of `r` without sending it: the reservation it would
     /// create and the script call.
     pub(crate) fn plan_reserve(&self, r: &ReserveRequest<'_>) -> (Reservation, redis::ScriptInvocation<'_>) {
