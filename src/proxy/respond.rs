@@ -226,12 +226,15 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
         "id": request_id,
         "details": Value::Object(details),
     }});
+    // The kill switch lasts until an operator lifts it: its `Retry-After` is a polling hint, and an
+    // SDK waiting it out twice would hang every caller for two minutes during the incident.
+    let until_lifted = matches!(r, Refusal::Decision { decision, .. } if decision.reason == Some(Reason::KillSwitch));
     Rendered {
         status,
         code,
         verdict,
         retry_after,
-        should_retry: should_retry(status, retry_after),
+        should_retry: if until_lifted { Some(false) } else { should_retry(status, retry_after) },
         body: Bytes::from(serde_json::to_vec(&body).expect("JSON value serialises")),
     }
 }
@@ -253,6 +256,7 @@ mod tests {
         let d = kill_switch(&p, Mode::Hard).unwrap();
         let r = render(&Refusal::Decision { decision: d, policy_version: 7, extra: Map::new() }, "rid");
         assert_eq!((r.status, r.code, r.retry_after), (429, "llm_fair_use_exceeded", Some(60)));
+        assert_eq!(r.should_retry, Some(false), "lasts until lifted: SDKs must not wait it out twice");
         let v = parse(&r);
         assert_eq!(v["error"]["type"], "preauth_error");
         assert_eq!(v["error"]["id"], "rid");
