@@ -92,14 +92,6 @@ pub(crate) struct AdmitPlan<'a> {
 }
 
 impl AdmitPlan<'_> {
-    pub(crate) fn round_trip_commands(&self) -> u64 {
-        if self.single.is_some() {
-            1
-        } else {
-            2
-        }
-    }
-
     /// Sends the plan on `c` and parses `(seq, view)`.
     pub(crate) async fn run(self, c: super::Conn) -> redis::RedisResult<(u64, CountersView)> {
         match (self.single, self.halves) {
@@ -143,6 +135,16 @@ pub(crate) fn ticket_of(req: &AdmitRequest<'_>, seq: u64) -> Ticket {
 }
 
 impl RedisStore {
+    /// Commands an admission sends: one script on a single node, two (global and tenant halves)
+    /// in a cluster.
+    pub(crate) fn admit_commands(&self) -> u64 {
+        if self.inner.cluster {
+            2
+        } else {
+            1
+        }
+    }
+
     /// Gives back an admission nobody waited for (its counts and lease; the rollback is
     /// idempotent, so it is sent again while Redis does not answer), logging a failure: the
     /// windows and the lease then end by their TTLs.
@@ -184,7 +186,7 @@ impl Counters for RedisStore {
     async fn admit(&self, req: &AdmitRequest<'_>) -> Result<(Ticket, CountersView), StoreError> {
         // The step runs in a task of its own (`exec_undoable`): it owns what it sends.
         let ticket = ticket_of(req, 0);
-        let commands = self.plan_admit(req).round_trip_commands();
+        let commands = self.admit_commands();
         let (store, lease_ttl_ms, held) = (self.clone(), req.lease_ttl_ms, ticket.clone());
         let run =
             move |c: super::Conn| async move { store.plan_admit(&admission_of(&held, lease_ttl_ms)).run(c).await };

@@ -958,7 +958,7 @@ impl crate::store::Gatekeeper for RedisStore {
         // The step runs in a task of its own (`exec_undoable`): it owns what it sends.
         let ticket = counters::ticket_of(admit, 0);
         let (res, args) = budgets::reservation_of(r);
-        let commands = self.plan_admit(admit).round_trip_commands() + 1;
+        let commands = self.admit_commands() + 1;
         let (store, held, lease_ttl_ms) = (self.clone(), ticket.clone(), admit.lease_ttl_ms);
         let run = move |c: Conn| async move {
             let admit = counters::admission_of(&held, lease_ttl_ms);
