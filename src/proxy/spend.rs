@@ -195,9 +195,11 @@ pub async fn settle(
 /// Waits before each background attempt of a settlement the store refused after the gateway
 /// answered (Redis down, the breaker open): ≈ 9 minutes in all, long enough for a Redis restart
 /// or failover, shorter than `PREAUTH_RESERVATION_TTL_SECONDS`' default (30 min).
-pub const LATER_WAITS: [Duration; 7] = [
+pub const LATER_WAITS: [Duration; 9] = [
     Duration::from_secs(1),
+    Duration::from_secs(2),
     Duration::from_secs(4),
+    Duration::from_secs(8),
     Duration::from_secs(15),
     Duration::from_secs(30),
     Duration::from_secs(60),
