@@ -401,11 +401,23 @@ mod tests {
             "mistral-large-latest",
             "mistral-small-latest",
             "codestral-latest",
+            // Every model of the reference control plane's table, for migrated callers.
+            "claude-3-5-sonnet",
+            "claude-3-opus",
+            "gemini-1.5-pro",
+            "gemini-1.5-flash",
+            "mixtral-8x7b-32768",
         ] {
             let r = t.lookup(name);
             assert!(r.known && r.name == name, "{name} missing from the built-in table");
             assert!(r.price.cached_input_per_mtok <= r.price.input_per_mtok, "{name}");
         }
+        // The reference's dated names find them; Opus costs what Anthropic lists (15 / 75).
+        let opus = t.lookup("claude-3-opus-20240229");
+        assert_eq!(opus.name, "claude-3-opus");
+        let u = Usage { prompt_tokens: 1000, completion_tokens: 10_000, cached_tokens: 0, reasoning_tokens: 0 };
+        assert_eq!(cost(opus.price, &u), Micros(765_000));
+        assert_eq!(t.lookup("claude-3-5-sonnet-20241022").name, "claude-3-5-sonnet");
     }
 
     #[test]
