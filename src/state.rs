@@ -272,7 +272,7 @@ impl AppState {
         if !ticket.has_lease() {
             return;
         }
-        let ttl_ms = self.policy.current().fair_use.lease_ttl_seconds.saturating_mul(1000).saturating_add(60_000);
+        let ttl_ms = self.policy.current().fair_use.lease_life_ms().saturating_add(60_000);
         if let Err(e) = self.counters.park_lease(reservation_id, &ticket, ttl_ms).await {
             self.metrics.store_errors.with_label_values(&["park_lease"]).inc();
             tracing::warn!(error = %e, reservation_id, "gate hold's lease not parked; it expires by its TTL");

@@ -77,10 +77,21 @@ impl AdminApp {
                 Ok(v) => spend::reconcile_overdue(&self.state, &v).await,
                 Err(r) => return r,
             },
-            (&Method::POST, ["reservations", id, "reconcile"]) => match read_json(s).await {
-                Ok(v) => spend::reconcile(&self.state, &self.reconciles, id, &v).await,
-                Err(r) => return r,
-            },
+            (&Method::POST, ["reservations", id, "reconcile"]) => {
+                // An `Idempotency-Key` header wins over the body's `idempotency_key` (as in the
+                // reference system, whose clients send either).
+                let header_key =
+                    s.req_header().headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+                match read_json(s).await {
+                    Ok(mut v) => {
+                        if let (Some(k), Some(o)) = (header_key, v.as_object_mut()) {
+                            o.insert("idempotency_key".into(), Value::String(k));
+                        }
+                        spend::reconcile(&self.state, &self.reconciles, id, &v).await
+                    }
+                    Err(r) => return r,
+                }
+            }
             _ => return admin_error(404, "not_found", "No such admin route."),
         };
         json_response(status, &body)

@@ -319,6 +319,20 @@ pub struct FairUse {
     pub tokens_per_minute: i64,
 }
 
+impl FairUse {
+    /// The shortest a concurrency lease lives, whatever `lease_ttl_seconds` says (the reference
+    /// system applies `max(30, ttl)`): a lease is given back when its request ends, and its TTL
+    /// only reclaims the slot of a request that never ended — a short one would free the slots
+    /// of requests still streaming.
+    pub const MIN_LEASE_SECONDS: u64 = 30;
+
+    /// How long a lease lives (ms): `lease_ttl_seconds`, at least [`Self::MIN_LEASE_SECONDS`].
+    /// `Retry-After` still says `lease_ttl_seconds` (5..60).
+    pub fn lease_life_ms(&self) -> u64 {
+        self.lease_ttl_seconds.max(Self::MIN_LEASE_SECONDS).saturating_mul(1000)
+    }
+}
+
 /// Spend thresholds (CONTRACT §3 step 7, §4).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpendPolicy {

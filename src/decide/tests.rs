@@ -118,6 +118,12 @@ fn concurrency_retry_after_is_bounded() {
     assert_eq!(d.retry_after_seconds, Some(60));
     p.fair_use.lease_ttl_seconds = 2;
     assert_eq!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).retry_after_seconds, Some(5));
+    // The hint follows the setting; the lease itself lives at least 30 s (as the reference's
+    // max(30, ttl)), so a short TTL does not free the slots of requests still streaming.
+    assert_eq!(p.fair_use.lease_life_ms(), 30_000);
+    p.fair_use.lease_ttl_seconds = 180;
+    assert_eq!(p.fair_use.lease_life_ms(), 180_000);
+    p.fair_use.lease_ttl_seconds = 2;
     p.fair_use.concurrency_cap = 0;
     assert!(evaluate(&p, &facts(Tier::Free), &v, Mode::Hard, now).is_allow(), "cap <= 0 disables the gate");
 }

@@ -583,7 +583,7 @@ impl PreauthProxy {
         hold: Option<&ReserveRequest<'_>>,
         now: UnixMillis,
     ) -> std::result::Result<(Decision, Ticket, Option<ReserveOutcome>), StoreError> {
-        let lease_ttl_ms = lease.then(|| policy.fair_use.lease_ttl_seconds * 1000);
+        let lease_ttl_ms = lease.then(|| policy.fair_use.lease_life_ms());
         let req = AdmitRequest { tenant: facts.tenant, now, tokens: facts.estimated_tokens, lease_ttl_ms };
         let store_timeout = Duration::from_millis(self.state.config.store_timeout_ms);
         // An in-process store answers at once; a shared one is awaited under the store timeout.

@@ -428,6 +428,17 @@ async fn reconcile_api_and_a_reconciled_hold_is_not_charged_again() {
     let again = call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k1", "notes": "manual"})).await;
     assert_eq!(again.status(), 200);
     assert_eq!(json_of(again).await, first, "same key and payload: same answer");
+    // The key as an `Idempotency-Key` header (it wins over the body's).
+    let by_header = client()
+        .post(&url)
+        .bearer_auth(ADMIN_KEY)
+        .header("idempotency-key", "k1")
+        .json(&json!({"actual_cost_usd": "0.001000", "idempotency_key": "other", "notes": "manual"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_header.status(), 200);
+    assert_eq!(json_of(by_header).await, first, "the header's key replays");
     assert_eq!(call(json!({"actual_cost_usd": "0.002000", "idempotency_key": "k1"})).await.status(), 409);
     assert_eq!(call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k2"})).await.status(), 409);
     assert_eq!(call(json!({"idempotency_key": "k3"})).await.status(), 400);
