@@ -60,3 +60,46 @@ impl Route {
         !matches!(self, Route::Embeddings)
     }
 }
+
+/// Whether `GET path` is the models list or one model (`/v1/models`, `/v1/models/{id}`), passed
+/// through after identity. The id is one plain segment: no `/` or `\`, no percent-escapes, not
+/// `.` or `..` — a gateway that normalises dot-segments or decodes `%2F` would otherwise see some
+/// other path behind `/v1/models/`, with the sidecar's gateway key on it (the sidecar is not an
+/// open proxy).
+pub fn is_models_path(path: &str) -> bool {
+    match path.strip_prefix("/v1/models") {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix('/')
+            .is_some_and(|id| !id.is_empty() && id != "." && id != ".." && !id.contains(['/', '\\', '%'])),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_models_list_and_one_model_pass_through() {
+        for ok in
+            ["/v1/models", "/v1/models/gpt-4o-mini", "/v1/models/ft:gpt-4o-mini:acme::abc123", "/v1/models/gpt-4.1"]
+        {
+            assert!(is_models_path(ok), "{ok}");
+        }
+        for bad in [
+            "/v1/models/",
+            "/v1/models/../../admin/keys",
+            "/v1/models/..",
+            "/v1/models/.",
+            "/v1/models/..%2F..%2Fkey%2Flist",
+            "/v1/models/%2e%2e",
+            "/v1/models/a/b",
+            "/v1/models\\..\\x",
+            "/v1/modelsx",
+            "/v1/models..",
+        ] {
+            assert!(!is_models_path(bad), "{bad}");
+        }
+    }
+}

@@ -23,6 +23,9 @@ pub(crate) trait Downstream: Send {
     /// The first value of header `name` (lowercase), trimmed, when it is non-empty visible ASCII.
     fn header(&self, name: &str) -> Option<&str>;
 
+    /// How many lines carry header `name` (lowercase).
+    fn header_count(&self, name: &str) -> usize;
+
     /// Whether this driver forwards a body read by [`Downstream::read_body`] itself (every body is
     /// then read and decided before the gateway is contacted). pingora's proxy can only replay
     /// what its retry buffer holds (64 KiB).
@@ -66,6 +69,10 @@ impl Downstream for ServerSession {
 
     fn header(&self, name: &str) -> Option<&str> {
         self.req_header().headers.get(name).and_then(|v| header_text(v.as_bytes()))
+    }
+
+    fn header_count(&self, name: &str) -> usize {
+        self.req_header().headers.get_all(name).iter().count()
     }
 
     fn forwards_read_body(&self) -> bool {

@@ -111,6 +111,16 @@ pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<
     identify_cached(identity, |n| header_str(headers, n), now_s, None)
 }
 
+/// Header identity: a request that names its tenant, tier or user more than once is refused
+/// (`duplicate_identity_header`) — a front proxy that appends its own `x-tenant-id` instead of
+/// replacing the client's would otherwise let the client's first one win. `count(name)` counts
+/// the request's lines of a header.
+pub fn ambiguous_identity(identity: &Identity, count: impl Fn(&str) -> usize) -> Option<&'static str> {
+    let header_mode = matches!(identity, Identity::Header);
+    let repeated = || [names::TENANT_ID, names::TENANT_TIER, names::USER_ID].into_iter().any(|n| count(n) > 1);
+    (header_mode && repeated()).then_some("duplicate_identity_header")
+}
+
 /// [`identify`] over a header lookup (`header(name)`: the first value, trimmed, when non-empty
 /// text), reusing (and filling) `cache` for bearer tokens.
 pub fn identify_cached<'h>(
@@ -393,6 +403,20 @@ mod tests {
             );
         }
         assert!(cache.shards.iter().all(|s| s.lock().len() <= 2));
+    }
+
+    #[test]
+    fn a_repeated_identity_header_is_ambiguous_in_header_mode_only() {
+        let twice = |n: &str| if n == names::TENANT_ID { 2 } else { 1 };
+        assert_eq!(ambiguous_identity(&Identity::Header, twice), Some("duplicate_identity_header"));
+        assert_eq!(ambiguous_identity(&Identity::Header, |_| 1), None);
+        let jwt = Identity::Jwt {
+            secret: crate::config::Secret::new("s".repeat(32)),
+            audience: "a".into(),
+            tenant_claim: "t".into(),
+            tier_claim: "tier".into(),
+        };
+        assert_eq!(ambiguous_identity(&jwt, twice), None, "JWT mode: the token names the tenant");
     }
 
     #[test]

@@ -737,7 +737,7 @@ impl PreauthProxy {
         let (route, passthrough, gate) = {
             let (method, path) = (d.method(), d.path());
             let route = (method == http::Method::POST).then(|| Route::from_path(path)).flatten();
-            let passthrough = method == http::Method::GET && (path == "/v1/models" || path.starts_with("/v1/models/"));
+            let passthrough = method == http::Method::GET && crate::decide::route::is_models_path(path);
             (route, passthrough, gate::GateRoute::parse(method, path))
         };
         if route.is_none() && !passthrough && gate.is_none() {
@@ -747,8 +747,12 @@ impl PreauthProxy {
         ctx.route = route;
         ctx.passthrough = passthrough;
 
-        let caller =
-            extract::identify_cached(&self.state.config.identity, |n| d.header(n), self.now_s(), Some(&self.tokens));
+        let caller = match extract::ambiguous_identity(&self.state.config.identity, |n| d.header_count(n)) {
+            Some(why) => Err(why),
+            None => {
+                extract::identify_cached(&self.state.config.identity, |n| d.header(n), self.now_s(), Some(&self.tokens))
+            }
+        };
         match caller {
             Ok(c) => ctx.caller = Some(c),
             Err(why) => {

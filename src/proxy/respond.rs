@@ -149,6 +149,10 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
                     "invalid_tenant_id" => {
                         "The caller's tenant id is not valid: 1 to 128 visible ASCII characters, no spaces."
                     }
+                    "duplicate_identity_header" => {
+                        "The caller's identity is ambiguous: x-tenant-id, x-tenant-tier and x-user-id must each appear \
+                         at most once (the authenticating gateway should replace them, not append)."
+                    }
                     w if w.ends_with("_header") => {
                         "Missing caller identity: the x-tenant-id header (set by the authenticating gateway) is required."
                     }

@@ -204,6 +204,23 @@ async fn request_errors_have_codes_statuses_and_json() {
     assert_eq!(r.status(), 200);
     let r = c.get(s.url("/v1/models")).send().await.unwrap();
     assert_error(r, 401, "unauthenticated").await;
+    // Only the list and one model: a path behind /v1/models/ that a gateway normalising dot
+    // segments or decoding %2F would read as another route is not forwarded (raw: a client
+    // library would resolve the dot segments itself).
+    let bearer = token("acme", "pro");
+    for path in ["/v1/models/gpt-4o-mini", "/v1/models/../../admin/keys", "/v1/models/..%2F..%2Fkey%2Flist"] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+        let head =
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let status = String::from_utf8_lossy(&answer[..12]).to_string();
+        let want = if path.ends_with("gpt-4o-mini") { "HTTP/1.1 200" } else { "HTTP/1.1 404" };
+        assert_eq!(status, want, "{path}");
+    }
+    assert!(s.upstream.requests().iter().all(|r| !r.path.contains("..")), "nothing odd reached the gateway");
     s.stop().await;
 }
 
@@ -557,5 +574,37 @@ async fn headers_named_by_the_gateways_connection_header_are_not_forwarded() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers().get("x-kept").map(|v| v.to_str().unwrap()), Some("k"));
     assert!(r.headers().get("x-secret").is_none(), "{:?}", r.headers());
+    s.stop().await;
+}
+
+/// Header identity: a request naming its tenant twice (a front proxy that appends its own
+/// `x-tenant-id` instead of replacing the client's) is refused, not charged to the first one;
+/// a single one identifies the caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn header_identity_refuses_a_repeated_tenant_header() {
+    let s = start(&[("PREAUTH_IDENTITY", "header")]).await;
+    let send = |tenants: &'static [&'static str]| {
+        let mut r = client().post(s.url("/v1/chat/completions")).json(&chat("gpt-4o-mini"));
+        for t in tenants {
+            r = r.header("x-tenant-id", *t);
+        }
+        r.send()
+    };
+    let r = send(&["victim"]).await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let v = assert_error(send(&["big", "victim"]).await.unwrap(), 401, "unauthenticated").await;
+    assert_eq!(v["error"]["details"]["reason"], "duplicate_identity_header", "{v}");
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let r = h2c
+        .post(s.url("/v1/chat/completions"))
+        .header("x-tenant-id", "big")
+        .header("x-tenant-id", "victim")
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 401, "unauthenticated").await;
+    assert_eq!(s.upstream.requests().len(), 1, "only the unambiguous request reached the gateway");
     s.stop().await;
 }

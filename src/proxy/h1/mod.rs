@@ -661,6 +661,10 @@ impl Downstream for Client {
         self.head.fields.get(&self.buf, name)
     }
 
+    fn header_count(&self, name: &str) -> usize {
+        self.head.fields.values(&self.buf, name).count()
+    }
+
     fn forwards_read_body(&self) -> bool {
         true
     }
