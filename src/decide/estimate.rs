@@ -330,8 +330,9 @@ fn json_tokens(v: Json<'_>) -> u64 {
 pub struct Estimate {
     /// Estimated input tokens (text, images, tools, schemas, message framing).
     pub prompt_tokens: u64,
-    /// `max_tokens` | `max_completion_tokens` | `max_output_tokens`, the first present as a
-    /// non-negative integer; `None` for embeddings or when absent.
+    /// The largest of `max_tokens`, `max_completion_tokens` and `max_output_tokens` present as a
+    /// non-negative integer (gateways differ in which one they honour when a body names several:
+    /// the hold covers whichever it is); `None` for embeddings or when absent.
     pub requested_max_output: Option<u64>,
 }
 
@@ -534,7 +535,10 @@ pub fn estimate(route: Route, body: &Doc<'_>) -> Estimate {
         Route::Embeddings => prompt_like_tokens(f.input),
     };
     let requested_max_output = if route.has_output() {
-        [f.max_tokens, f.max_completion_tokens, f.max_output_tokens].into_iter().find_map(|v| v.and_then(as_count))
+        [f.max_tokens, f.max_completion_tokens, f.max_output_tokens]
+            .into_iter()
+            .filter_map(|v| v.and_then(as_count))
+            .max()
     } else {
         None
     };
@@ -587,16 +591,31 @@ impl<'d> Fields<'d> {
 }
 
 /// How many completions a request asks for: `n` (chat, completions) and `best_of` (completions,
-/// which generates `best_of` and returns `n`), at least 1. Output cost scales with it, so
-/// callers multiply the output maximum by it.
+/// which generates `best_of` and returns `n`), at least 1; a completions `prompt` that is a list
+/// of prompts (strings, or token-id lists) gets that many for each. Output cost scales with it,
+/// so callers multiply the output maximum by it.
 pub fn output_choices(route: Route, body: &Doc<'_>) -> u64 {
     let body = body.root();
     let n = |k: &str| body.get(k).and_then(as_count).unwrap_or(1).max(1);
     match route {
         Route::ChatCompletions => n("n"),
-        Route::Completions => n("n").max(n("best_of")),
+        Route::Completions => n("n").max(n("best_of")).saturating_mul(prompts(body.get("prompt"))),
         _ => 1,
     }
+}
+
+/// How many prompts a completions `prompt` holds: a list of strings or of token-id lists is one
+/// prompt per item; a string or one token-id list is one.
+fn prompts(prompt: Option<Json<'_>>) -> u64 {
+    let Some(Kind::Array(list)) = prompt.map(|p| p.kind()) else { return 1 };
+    let mut items = 0u64;
+    for item in list {
+        if matches!(item.kind(), Kind::Number(_)) {
+            return 1; // a single prompt given as token ids
+        }
+        items += 1;
+    }
+    items.max(1)
 }
 
 /// Output tokens to reserve: the requested maximum, else the model's default, clamped to the
@@ -728,12 +747,26 @@ mod tests {
     }
 
     #[test]
+    fn a_list_of_completions_prompts_multiplies_the_output() {
+        let c = |b: Value| output_choices(Route::Completions, &b);
+        assert_eq!(c(json!({"prompt": "one"})), 1);
+        assert_eq!(c(json!({"prompt": ["a", "b", "c"], "n": 2})), 6);
+        assert_eq!(c(json!({"prompt": [[1, 2], [3]]})), 2);
+        assert_eq!(c(json!({"prompt": [1, 2, 3]})), 1, "token ids of one prompt");
+        assert_eq!(c(json!({"prompt": []})), 1);
+        let ids: Vec<u64> = (1000..21000).collect();
+        assert_eq!(estimate(Route::Completions, &json!({"prompt": ids})).prompt_tokens, 20_000, "one token an id");
+    }
+
+    #[test]
     fn requested_max_output_fields() {
         let e = |b: Value| estimate(Route::ChatCompletions, &b).requested_max_output;
         assert_eq!(e(json!({"messages": [], "max_tokens": 10})), Some(10));
         assert_eq!(e(json!({"messages": [], "max_completion_tokens": 20})), Some(20));
         assert_eq!(e(json!({"messages": [], "max_output_tokens": 30})), Some(30));
-        assert_eq!(e(json!({"max_tokens": 10, "max_completion_tokens": 20})), Some(10));
+        // Several limits: the largest (a gateway may honour any one of them).
+        assert_eq!(e(json!({"max_tokens": 10, "max_completion_tokens": 20})), Some(20));
+        assert_eq!(e(json!({"max_tokens": 1, "max_completion_tokens": 16384, "max_output_tokens": 5})), Some(16384));
         assert_eq!(e(json!({"max_tokens": null, "max_completion_tokens": 20})), Some(20));
         assert_eq!(e(json!({"max_tokens": -1})), None);
         assert_eq!(e(json!({"max_tokens": "100"})), None);

@@ -203,9 +203,11 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
     // The fields read here, in one pass (keys are unique in a `Doc`).
     let (mut model, mut messages, mut prompt, mut input, mut max_tokens, mut stream) =
         (None, None, None, None, None, None);
-    let (mut max_completion_tokens, mut max_output_tokens) = (None, None);
+    let (mut max_completion_tokens, mut max_output_tokens, mut n, mut best_of) = (None, None, None, None);
     for (k, v) in obj {
         let slot = match k {
+            "n" => &mut n,
+            "best_of" => &mut best_of,
             "model" => &mut model,
             "messages" => &mut messages,
             "prompt" => &mut prompt,
@@ -252,6 +254,18 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
             if v.is_some_and(|v| !v.is_null() && estimate::as_count(v).is_none()) {
                 return Err(format!("Field `{field}` must be a non-negative integer."));
             }
+        }
+    }
+    // So do the number of choices: a gateway that coerces `"n": "5"` would generate five while the
+    // estimate priced one.
+    let counts = match route {
+        Route::ChatCompletions => [("n", n), ("best_of", None)],
+        Route::Completions => [("n", n), ("best_of", best_of)],
+        _ => [("n", None), ("best_of", None)],
+    };
+    for (field, v) in counts {
+        if v.is_some_and(|v| !v.is_null() && estimate::as_count(v).is_none()) {
+            return Err(format!("Field `{field}` must be a non-negative integer."));
         }
     }
     let stream = stream.and_then(Json::as_bool).unwrap_or(false);
@@ -301,15 +315,25 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
 
 /// The request body with its max output tokens lowered to `max_output` (clamp-to-budget),
 /// re-serialised; `include_usage` is injected at the same time when the request needs it.
-/// The field the request used is rewritten (`max_tokens`, `max_completion_tokens`,
-/// `max_output_tokens`); when it named none, the route's field is added.
+/// Every output limit the request named (`max_tokens`, `max_completion_tokens`,
+/// `max_output_tokens`) is lowered, whichever the gateway honours; when it named none, the
+/// route's field is added.
 pub fn clamp_body(route: Route, req: &LlmRequest<'_>, max_output: u64) -> Option<Bytes> {
     let mut obj = body_object(req)?;
-    let field = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+    let named: Vec<&str> = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .into_iter()
-        .find(|f| obj.contains_key(*f))
-        .unwrap_or(if route == Route::Responses { "max_output_tokens" } else { "max_tokens" });
-    obj.insert(field.to_string(), Value::from(max_output));
+        .filter(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
+        .collect();
+    if named.is_empty() {
+        let field = if route == Route::Responses { "max_output_tokens" } else { "max_tokens" };
+        obj.insert(field.to_string(), Value::from(max_output));
+    }
+    for field in named {
+        let lower = obj.get(field).and_then(Value::as_u64).is_none_or(|v| v > max_output);
+        if lower {
+            obj.insert(field.to_string(), Value::from(max_output));
+        }
+    }
     if req.stream
         && route.wants_include_usage()
         && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none())
@@ -440,6 +464,8 @@ mod tests {
             (Route::ChatCompletions, r#"{"model":"m","messages":[],"max_completion_tokens":-1}"#),
             (Route::Completions, r#"{"model":"m","prompt":"p","max_tokens":1.5}"#),
             (Route::Responses, r#"{"model":"m","input":"i","max_output_tokens":[1]}"#),
+            (Route::ChatCompletions, r#"{"model":"m","messages":[],"n":"5"}"#),
+            (Route::Completions, r#"{"model":"m","prompt":"p","best_of":-2}"#),
         ] {
             assert!(
                 parse_body(route, body.as_bytes()).unwrap_err().contains("must be a non-negative integer"),
@@ -467,6 +493,15 @@ mod tests {
         assert_eq!(v["max_completion_tokens"], 300);
         assert!(v.get("max_tokens").is_none());
         assert_eq!(v["stream_options"]["include_usage"], true);
+        // Several limits: each is lowered (one already below stays).
+        let raw =
+            br#"{"model":"m","max_tokens":1,"max_completion_tokens":16384,"max_output_tokens":9000,"messages":[]}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        let v: Value = serde_json::from_slice(&clamp_body(Route::ChatCompletions, &req, 300).unwrap()).unwrap();
+        assert_eq!(
+            (&v["max_tokens"], &v["max_completion_tokens"], &v["max_output_tokens"]),
+            (&json!(1), &json!(300), &json!(300))
+        );
         let raw = br#"{"model":"m","input":"x"}"#;
         let req = parse_body(Route::Responses, raw).unwrap();
         let v: Value = serde_json::from_slice(&clamp_body(Route::Responses, &req, 64).unwrap()).unwrap();

@@ -248,9 +248,9 @@ mod oracle {
             Route::Embeddings => prompt_like_tokens(g("input")),
         };
         let requested_max_output = if route.has_output() {
-            ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-                .iter()
-                .find_map(|k| body.get(*k).and_then(as_count))
+            let limits =
+                ["max_tokens", "max_completion_tokens", "max_output_tokens"].map(|k| body.get(k).and_then(as_count));
+            limits.into_iter().flatten().reduce(u64::max)
         } else {
             None
         };
@@ -264,7 +264,13 @@ mod oracle {
         let n = |k: &str| body.get(k).and_then(as_count).unwrap_or(1).max(1);
         match route {
             Route::ChatCompletions => n("n"),
-            Route::Completions => n("n").max(n("best_of")),
+            Route::Completions => {
+                let prompts = match body.get("prompt") {
+                    Some(Value::Array(items)) if !items.iter().any(Value::is_number) => items.len().max(1) as u64,
+                    _ => 1,
+                };
+                n("n").max(n("best_of")).saturating_mul(prompts)
+            }
             _ => 1,
         }
     }
@@ -303,6 +309,16 @@ mod oracle {
                 if obj.get(field).is_some_and(|v| !v.is_null() && as_count(v).is_none()) {
                     return Err(format!("Field `{field}` must be a non-negative integer."));
                 }
+            }
+        }
+        let counts: &[&str] = match route {
+            Route::ChatCompletions => &["n"],
+            Route::Completions => &["n", "best_of"],
+            _ => &[],
+        };
+        for field in counts {
+            if obj.get(*field).is_some_and(|v| !v.is_null() && as_count(v).is_none()) {
+                return Err(format!("Field `{field}` must be a non-negative integer."));
             }
         }
         let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -344,15 +360,25 @@ mod oracle {
 
     /// The request body with its max output tokens lowered to `max_output` (clamp-to-budget),
     /// re-serialised; `include_usage` is injected at the same time when the request needs it.
-    /// The field the request used is rewritten (`max_tokens`, `max_completion_tokens`,
-    /// `max_output_tokens`); when it named none, the route's field is added.
+    /// Every non-null output limit is lowered to `max_output` (one already lower stays); when
+    /// there is none, the route's field is added.
     pub(super) fn clamp_body(route: Route, req: &LlmRequest, max_output: u64) -> Option<Bytes> {
         let mut obj = req.json.as_object()?.clone();
-        let field = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-            .into_iter()
-            .find(|f| obj.contains_key(*f))
-            .unwrap_or(if route == Route::Responses { "max_output_tokens" } else { "max_tokens" });
-        obj.insert(field.to_string(), Value::from(max_output));
+        let mut any = false;
+        for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+            match obj.get(field) {
+                None | Some(Value::Null) => {}
+                Some(v) => {
+                    any = true;
+                    let kept = v.as_u64().filter(|n| *n <= max_output);
+                    obj.insert(field.to_string(), Value::from(kept.unwrap_or(max_output)));
+                }
+            }
+        }
+        if !any {
+            let field = if route == Route::Responses { "max_output_tokens" } else { "max_tokens" };
+            obj.insert(field.to_string(), Value::from(max_output));
+        }
         if req.stream
             && route.wants_include_usage()
             && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none())

@@ -145,13 +145,19 @@ impl PreauthProxy {
         let pricing = self.state.pricing();
         let price = pricing.lookup(&reservation.model);
         let (actual, usage) = if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            let field = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-            let usage = Usage {
-                prompt_tokens: field("prompt_tokens"),
-                completion_tokens: field("completion_tokens"),
-                cached_tokens: field("cached_tokens"),
-                reasoning_tokens: field("reasoning_tokens"),
+            let field = |k: &str| match u.get(k) {
+                None | Some(Value::Null) => Some(0),
+                Some(n) => n.as_u64().filter(|n| *n <= Usage::MAX_PLAUSIBLE_TOKENS),
             };
+            let counts = ["prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"].map(field);
+            let [Some(prompt_tokens), Some(completion_tokens), Some(cached_tokens), Some(reasoning_tokens)] = counts
+            else {
+                return Err(Refusal::InvalidRequest(format!(
+                    "`usage` token counts must be integers from 0 to {}.",
+                    Usage::MAX_PLAUSIBLE_TOKENS
+                )));
+            };
+            let usage = Usage { prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens };
             (cost(price.price, &usage), Some(usage))
         } else if let Some(a) = v.get("actual_cost_usd") {
             let text = a.as_str().map(str::to_string).unwrap_or_else(|| a.to_string());

@@ -124,7 +124,19 @@ pub async fn settle(
         return;
     }
     let scan = spend.scanner.take().map(|mut s| s.finish());
-    let (usage, usage_source) = match scan.as_ref().and_then(|s| s.usage) {
+    let reported = scan.as_ref().and_then(|s| s.usage);
+    let reported = match reported {
+        Some(u) if !u.plausible() => {
+            tracing::warn!(
+                prompt_tokens = u.prompt_tokens,
+                completion_tokens = u.completion_tokens,
+                "the gateway reported usage beyond any model's (over 10^9 tokens); settled from what was observed"
+            );
+            None
+        }
+        other => other,
+    };
+    let (usage, usage_source) = match reported {
         Some(u) => (u, "reported"),
         None => {
             // The prompt as the provider reported it before the stream was cut (Anthropic's

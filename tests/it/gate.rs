@@ -56,6 +56,10 @@ async fn gate_decides_holds_and_the_caller_settles() {
     let usage =
         json!({"usage": {"prompt_tokens": 10, "completion_tokens": 20, "cached_tokens": 0, "reasoning_tokens": 0}});
     assert_eq!(settle(usage.clone(), "globex").await.status(), 404, "another tenant cannot settle it");
+    // Token counts that are negative or beyond any model's are refused, not charged as 0 or 2^64.
+    for bad in [json!({"usage": {"prompt_tokens": -1000000}}), json!({"usage": {"completion_tokens": u64::MAX}})] {
+        assert_error(settle(bad, "acme").await, 400, "invalid_request").await;
+    }
     let r = settle(usage.clone(), "acme").await;
     assert_eq!(r.status(), 200);
     let v = json_of(r).await;

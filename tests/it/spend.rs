@@ -296,6 +296,21 @@ async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
     let want =
         price_cost("claude-sonnet-4", Usage { prompt_tokens: 5000, completion_tokens: seen, ..Usage::default() });
     assert_eq!(usd(&e["actual_cost_usd"]), want, "{e}");
+
+    // A gateway reporting 10^12 prompt tokens: not usage, settled from what was observed (it would
+    // otherwise charge the tenant more than any budget).
+    let mock = [("x-mock-prompt-tokens", "1000000000000")];
+    let r = post_with(&s, "/v1/chat/completions", "absurd", "pro", &chat("gpt-4o-mini"), &mock).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let settled = || async {
+        s.admin_get("/api/v1/enforcement/ledger?tenant_id=absurd&event_type=reservation_settled").await["items"][0]
+            .clone()
+    };
+    wait_for("the absurd settlement", || async { settled().await.is_object() }).await;
+    let e = settled().await;
+    assert_eq!(e["usage_source"], "estimated", "{e}");
+    assert!(usd(&e["actual_cost_usd"]) < Micros(1000), "{e}");
     s.stop().await;
 }
 
