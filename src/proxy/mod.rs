@@ -1120,7 +1120,13 @@ impl ProxyHttp for PreauthProxy {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
-        // Refusals decided after reading the body travel as errors; they are not failures.
+        // Refusals decided after reading the body travel as errors; they are not failures. Nor is
+        // a client that went away (an h2 stream reset, a closed connection): a debug line, not an
+        // error line per stream.
+        if matches!(error.esource(), ErrorSource::Downstream) {
+            tracing::debug!(error = %error, request_id = %ctx.request_id, "client went away");
+            return true;
+        }
         ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_))
     }
 

@@ -221,3 +221,20 @@ async fn absolute_form_targets_and_oversized_heads() {
     assert!(text.contains("\"code\":\"invalid_request\""), "{text}");
     s.stop().await;
 }
+
+/// Fields the client's `Connection` header names are this hop's only (RFC 9110 §7.6.1): not
+/// forwarded (a client could otherwise smuggle a header the gateway trusts past a front proxy
+/// that strips it by name); the others are.
+#[tokio::test(flavor = "multi_thread")]
+async fn fields_named_by_connection_are_not_forwarded() {
+    let s = start(&[]).await;
+    let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+    let extra = "connection: close, x-drop-me\r\nx-drop-me: 1\r\nx-keep-me: 2\r\n";
+    sock.write_all(&request("/v1/chat/completions", "1.1", extra, &chat_body(false))).await.unwrap();
+    let answer = read_to_close(&mut sock).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = s.upstream.last_request().expect("forwarded");
+    let has = |n: &str| seen.headers.iter().any(|(k, _)| k == n);
+    assert!(!has("x-drop-me") && has("x-keep-me"), "{:?}", seen.headers);
+    s.stop().await;
+}

@@ -228,6 +228,10 @@ impl LeanH1 {
         let mut caller_sent_api_key = false;
         let mut had_length = false;
         let mut lower = [0u8; 64];
+        // Fields the client's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
+        let named = if head.connection_names_fields { head.fields.get(&c.buf, "connection").unwrap_or("") } else { "" };
+        let named_by_connection =
+            |n: &[u8]| !named.is_empty() && named.split(',').any(|t| t.trim().as_bytes().eq_ignore_ascii_case(n));
         for (name, value) in head.fields.iter(&c.buf) {
             let Some(lname) = lowercase(name, &mut lower) else {
                 // Longer than any name the sidecar acts on.
@@ -239,7 +243,7 @@ impl LeanH1 {
                 b"x-api-key" => caller_sent_api_key = true,
                 _ => {}
             }
-            if request_hop_by_hop(lname) || self.core.replaced_upstream(lname) {
+            if request_hop_by_hop(lname) || self.core.replaced_upstream(lname) || named_by_connection(lname) {
                 continue;
             }
             header_line(wire, name, value);

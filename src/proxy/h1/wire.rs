@@ -101,6 +101,11 @@ impl Fields {
                 if let Some(last) = tokens().rev().find(|t| !t.is_empty()) {
                     f.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
                 }
+                // A coding besides `chunked` (`gzip, chunked`) is one the sidecar cannot undo:
+                // the body it would read and decide is not the body the gateway would see.
+                if tokens().any(|t| !t.is_empty() && !t.eq_ignore_ascii_case(b"chunked")) {
+                    f.other_coding = true;
+                }
             } else if is("connection") {
                 for t in tokens() {
                     let (close, keep_alive) = (t.eq_ignore_ascii_case(b"close"), t.eq_ignore_ascii_case(b"keep-alive"));
@@ -130,6 +135,8 @@ struct FramingHeaders {
     keep_alive: bool,
     /// `connection` names other fields (hop-by-hop for this hop only).
     names_fields: bool,
+    /// `transfer-encoding` names a coding other than `chunked`.
+    other_coding: bool,
     expect_continue: bool,
     /// `host` lines.
     hosts: u8,
@@ -163,6 +170,8 @@ pub struct RequestHead {
     /// The client allows the connection to carry another request after this one.
     pub keep_alive: bool,
     pub expect_continue: bool,
+    /// The `connection` header names fields other than `close` / `keep-alive` (not forwarded).
+    pub connection_names_fields: bool,
     /// Bytes of the head, blank line included.
     pub len: usize,
 }
@@ -178,6 +187,7 @@ impl Default for RequestHead {
             body: RequestBody::Length(0),
             keep_alive: false,
             expect_continue: false,
+            connection_names_fields: false,
             len: 0,
         }
     }
@@ -218,6 +228,9 @@ impl RequestHead {
         if f.hosts > 1 || (f.hosts == 0 && !self.http10) {
             return Err("missing or repeated host");
         }
+        if f.other_coding {
+            return Err("unsupported transfer-encoding");
+        }
         self.body = match (f.chunked, f.length) {
             (Some(true), _) => RequestBody::Chunked,
             (Some(false), _) => return Err("unsupported transfer-encoding"),
@@ -228,6 +241,7 @@ impl RequestHead {
         let suspect = f.chunked.is_some() && (f.length.is_some() || self.http10);
         self.keep_alive = !suspect && !f.close && (!self.http10 || f.keep_alive);
         self.expect_continue = !self.http10 && f.expect_continue;
+        self.connection_names_fields = f.names_fields;
         Ok(true)
     }
 
@@ -666,7 +680,12 @@ mod tests {
 
     #[test]
     fn request_framing_and_persistence() {
-        let (h, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap();
+        // A coding besides chunked is one the sidecar cannot undo (it decides on the plain body).
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").err(),
+            Some("unsupported transfer-encoding")
+        );
+        let (h, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
         assert_eq!((h.body, h.keep_alive), (RequestBody::Chunked, true));
         let (h, _) = req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n").unwrap();
         assert_eq!((h.body, h.keep_alive), (RequestBody::Chunked, false), "both framings: chunked, then close");
