@@ -41,9 +41,16 @@ pub async fn list(state: &AppState, query: &str) -> Answer {
         },
     };
     let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(200).clamp(1, 1000);
+    // `tenant_id`: one tenant's approvals, among the newest 1,000 of the status asked for.
+    let tenant = query_param(query, "tenant_id").map(crate::ledger::percent_decode).filter(|t| !t.is_empty());
     let now = state.clock.now_ms();
-    match state.approvals.list(status, now, limit).await {
-        Ok(items) => (200, json!({"items": items.iter().map(|a| a.to_json(now)).collect::<Vec<_>>()})),
+    let fetch = if tenant.is_some() { 1000 } else { limit };
+    match state.approvals.list(status, now, fetch).await {
+        Ok(items) => {
+            let mine = |a: &&crate::store::approvals::Approval| tenant.as_deref().is_none_or(|t| a.tenant_id == t);
+            let items: Vec<_> = items.iter().filter(mine).take(limit).map(|a| a.to_json(now)).collect();
+            (200, json!({ "items": items }))
+        }
         Err(e) => err(503, "store_unavailable", &format!("{e}. Retry.")),
     }
 }

@@ -96,6 +96,10 @@ async fn full_loop_request_approve_retry_replay() {
         .unwrap();
     let pending = json_of(pending).await;
     assert_eq!(pending["items"][0]["approval_id"], id.as_str());
+    let mine = s.admin_get("/api/v1/enforcement/approvals?status=pending&tenant_id=acme").await;
+    assert_eq!(mine["items"].as_array().map(Vec::len), Some(1), "{mine}");
+    let other = s.admin_get("/api/v1/enforcement/approvals?status=pending&tenant_id=globex").await;
+    assert_eq!(other["items"].as_array().map(Vec::len), Some(0), "another tenant's filter: {other}");
     assert!(metrics(&s).await.contains("valdrics_ops_enforcement_approval_queue_backlog 1"));
     let approved = client()
         .post(s.admin_url(&format!("/api/v1/enforcement/approvals/{id}/approve")))
