@@ -177,6 +177,16 @@ impl AppState {
         }
     }
 
+    /// Counts `actual` spent on a call to `model` by a tenant of `tier` (the spend metric's
+    /// labels: the price table's provider and key, `other` outside it) — for settlements made
+    /// outside the proxy path (gate API, manual reconcile).
+    pub fn record_spend_of(&self, tier: &str, model: &str, actual: crate::decide::Micros) {
+        let pricing = self.pricing();
+        let price = pricing.lookup(model);
+        let label = if price.known { price.name } else { "other" };
+        self.metrics.record_spend(tier, &price.price.provider, label, actual);
+    }
+
     pub fn pricing(&self) -> Arc<PriceTable> {
         self.pricing.read().clone()
     }

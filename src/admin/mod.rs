@@ -191,16 +191,22 @@ impl AdminApp {
                 "Body must be a JSON object of runtime settings plus `reason`.",
             );
         };
-        let reason = match patch.remove("reason") {
-            Some(Value::String(r)) if !r.trim().is_empty() && r.len() <= 1000 => r,
-            _ => {
-                return admin_error(
+        let reason =
+            match patch.remove("reason") {
+                Some(Value::String(r)) if !r.trim().is_empty() && r.len() <= 1000 => r,
+                Some(Value::String(r)) if r.len() > 1000 => return admin_error(
                     400,
                     "invalid_request",
-                    "`reason` is required: say why this change is made (it is logged and kept with the change).",
-                )
-            }
-        };
+                    "`reason` is at most 1000 bytes: a short sentence (an incident id and why), kept with the change.",
+                ),
+                _ => {
+                    return admin_error(
+                        400,
+                        "invalid_request",
+                        "`reason` is required: say why this change is made (it is logged and kept with the change).",
+                    )
+                }
+            };
         if patch.is_empty() {
             return admin_error(400, "invalid_request", "No setting to change: name at least one runtime setting.");
         }

@@ -158,6 +158,9 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
         Ok(SettleOutcome::Settled(s)) => {
             state.release_gate_lease(&s.tenant, id).await;
             let status = m.record_settlement("manual", s.drift);
+            if let Some(r) = &active {
+                state.record_spend_of(&r.tenant_tier, &r.model, s.actual);
+            }
             let answer = json!({
                 "reservation_id": id,
                 "tenant_id": s.tenant,

@@ -165,6 +165,11 @@ impl Directory {
                     slot.monthly_budget = b;
                 }
                 if let Some(q) = entry.daily_request_quota {
+                    if q < 0 {
+                        return Err(format!(
+                            "tiers file: [tiers.{name}] daily_request_quota must not be negative (0 = unlimited)"
+                        ));
+                    }
                     slot.daily_request_quota = (q > 0).then_some(q as u64);
                 }
             }
@@ -181,6 +186,11 @@ impl Directory {
                 };
                 if e.monthly_budget_usd.is_some_and(|b| b.0 < 0) {
                     return Err(format!("tenants file: [tenants.\"{id}\"] monthly_budget_usd must not be negative"));
+                }
+                if e.daily_request_quota.is_some_and(|q| q < 0) {
+                    return Err(format!(
+                        "tenants file: [tenants.\"{id}\"] daily_request_quota must not be negative (0 = unlimited)"
+                    ));
                 }
                 tenants.insert(
                     id,
@@ -453,6 +463,11 @@ mod tests {
         assert!(err.contains("unknown field"), "{err}");
         let err = Directory::from_files(Some("[tiers.gold]\ndaily_request_quota = 1\n"), None).unwrap_err();
         assert!(err.contains("gold"), "{err}");
+        // A negative quota is an error, not a silent "unlimited" (0 is the documented unlimited).
+        let err = Directory::from_files(Some("[tiers.free]\ndaily_request_quota = -5\n"), None).unwrap_err();
+        assert!(err.contains("daily_request_quota must not be negative"), "{err}");
+        let err = Directory::from_files(None, Some("[tenants.neg]\ndaily_request_quota = -1\n")).unwrap_err();
+        assert!(err.contains("daily_request_quota must not be negative"), "{err}");
     }
 
     #[test]

@@ -187,8 +187,7 @@ impl PreauthProxy {
             Ok(SettleOutcome::Settled(s)) => {
                 self.state.release_gate_lease(&s.tenant, id).await;
                 m.record_settlement("usage", s.drift);
-                let model_label = if price.known { price.name } else { "other" };
-                m.record_spend(&reservation.tenant_tier, &price.price.provider, model_label, actual);
+                self.state.record_spend_of(&reservation.tenant_tier, &reservation.model, actual);
                 Ok(json!({
                     "reservation_id": id,
                     "actual_cost_usd": s.actual,

@@ -160,7 +160,9 @@ pub async fn settle(
         let reserved = reservation.as_ref().map_or(Micros::ZERO, |r| r.amount);
         e.reserved_usd = Some(reserved);
         e.actual_cost_usd = Some(actual);
-        e.drift_usd = Some(Micros(actual.0 - reserved.0));
+        // Drift compares a hold with its settlement: none without a hold (shadow mode, fail-open),
+        // as the drift metrics count none.
+        e.drift_usd = reservation.as_ref().map(|r| Micros(actual.0 - r.amount.0));
         e.usage = Some(usage);
         e.usage_source = Some(crate::ledger::event::label(usage_source));
         e.upstream_status = upstream_status;

@@ -443,6 +443,8 @@ async fn reconcile_api_and_a_reconciled_hold_is_not_charged_again() {
     let again = call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k1", "notes": "manual"})).await;
     assert_eq!(again.status(), 200);
     assert_eq!(json_of(again).await, first, "same key and payload: same answer");
+    let spend_metric = metric_sum(&metrics(&s).await, "valdrics_ops_llm_spend_usd_total");
+    assert!((spend_metric - 0.001).abs() < 1e-9, "a manual reconcile counts its spend: {spend_metric}");
     // The key as an `Idempotency-Key` header (it wins over the body's).
     let by_header = client()
         .post(&url)
@@ -534,6 +536,10 @@ async fn thresholds_and_shadow_mode_spend() {
     let want = price_cost("gpt-4o", Usage { prompt_tokens: 100, completion_tokens: 100, ..Usage::default() });
     wait_for("shadow charge", || async { usd(&tenant_view(&s, "acme").await["spent_usd"]) == want }).await;
     assert!(metrics(&s).await.contains("reason=\"shadow_mode_approval_required_override\""));
+    // No hold, no drift: the settlement says so, as the drift metrics count none.
+    let e = s.admin_get("/api/v1/enforcement/ledger?tenant_id=acme&event_type=reservation_settled").await["items"][0]
+        .clone();
+    assert_eq!((&e["reserved_usd"], &e["drift_usd"]), (&json!("0.000000"), &Value::Null), "{e}");
     s.stop().await;
 }
 
