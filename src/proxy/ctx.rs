@@ -59,6 +59,9 @@ pub struct RequestCtx {
     /// from there. `Some` once `conclude` ran (settled, lease released, counted), which then does
     /// nothing the next time.
     pub staged_since: Option<u64>,
+    /// The client went away after the request was written to the gateway and before its answer
+    /// began: settled as a cut stream (the estimated prompt), not released.
+    pub client_left_after_forward: bool,
     /// Counts this request as in flight for the drain (h2c; the HTTP/1 driver holds its count
     /// beside the context, until `finish` is done).
     pub counted: Option<crate::drain::Counted>,
@@ -98,6 +101,7 @@ impl RequestCtx {
             estimated_cost: None,
             fingerprint: None,
             staged_since: None,
+            client_left_after_forward: false,
             counted: None,
         }
     }

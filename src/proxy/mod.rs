@@ -113,7 +113,10 @@ impl PreauthProxy {
         let mut retry = itoa::Buffer::new();
         let retry = r.retry_after.map(|s| retry.format(s));
         let (mut headers, mut n) = json_headers(ctx, Some(r.verdict), Some(r.code), retry, hold);
-        if let Some(retry) = r.should_retry {
+        // An admitted request that used its approval token up and then failed (the gateway
+        // unreachable): an SDK retry would only meet `approval_token_replayed`.
+        let used_token = r.verdict == Verdict::Allow && ctx.approval_id.is_some();
+        if let Some(retry) = r.should_retry.or(used_token.then_some(false)) {
             headers[n] = ("x-should-retry", if retry { "true" } else { "false" });
             n += 1;
         }
@@ -982,7 +985,8 @@ impl PreauthProxy {
                 self.state.hold_gate_lease(&r.id, t).await;
             }
         } else if let Some(mut s) = ctx.spend.take() {
-            spend::settle(&self.state, &mut s, ctx.upstream_status, &mut ctx.ticket).await;
+            let left = ctx.client_left_after_forward;
+            spend::settle(&self.state, &mut s, ctx.upstream_status, left, &mut ctx.ticket).await;
         }
         // Whatever lease the settlement did not take along.
         if let Some(ticket) = ctx.ticket.take() {

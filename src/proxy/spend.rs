@@ -95,11 +95,17 @@ pub async fn settle(
     state: &Arc<AppState>,
     spend: &mut SpendCtx,
     upstream_status: Option<u16>,
+    client_left_after_forward: bool,
     lease: &mut Option<Ticket>,
 ) {
     let now = state.clock.now_ms();
     let m = &state.metrics;
-    let ok = upstream_status.is_some_and(|s| (200..300).contains(&s));
+    // A client that went away after its request reached the gateway, before any answer: the
+    // gateway may bill the call all the same (providers do), so it is settled like a stream cut
+    // before its usage — the estimated prompt — not released (short client timeouts would
+    // otherwise make every forwarded call free).
+    let ok = upstream_status.is_some_and(|s| (200..300).contains(&s))
+        || (upstream_status.is_none() && client_left_after_forward);
     let reservation = spend.reservation.take();
     if !ok {
         let Some(r) = reservation else { return };

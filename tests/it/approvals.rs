@@ -408,6 +408,16 @@ async fn failed_upstream_answer_of_an_approved_request_is_not_retried_by_sdks() 
     let r = call(None, "503", serde_json::to_vec(&chat("gpt-4o-mini")).unwrap()).await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("x-should-retry").is_none(), "no token: the gateway's answer as sent");
+    // The sidecar's own 502 (the gateway unreachable) for a request that used its token says so too.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut e = env(KEY_NEW, "");
+    e.push(("PREAUTH_UPSTREAM_URL", dead.as_str()));
+    let down = start(&e).await;
+    let t = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &claims("acme", &fp, "5.00", "appr-502"), KEY_NEW);
+    let r = send(&down, "acme", &body, Some(&t)).await;
+    assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
+    assert_error(r, 502, "upstream_unavailable").await;
+    down.stop().await;
     s.stop().await;
 }
 

@@ -149,6 +149,8 @@ impl LeanH1 {
             let mut ctx = RequestCtx::new();
             if let Err(e) = self.exchange(&mut c, &mut ctx).await {
                 c.close = true;
+                // Gone after its request reached the gateway: the call may be billed all the same.
+                ctx.client_left_after_forward = c.forwarded && matches!(e.esource(), ErrorSource::Downstream);
                 let refusal = ctx.pending_refusal.is_some() || matches!(e.etype(), HTTPStatus(_));
                 let answer = self.core.failure_answer(&e, &mut ctx, c.answered);
                 let status = answer.as_ref().map_or(0, |r| r.status);
@@ -311,7 +313,7 @@ impl LeanH1 {
             up.io.flush().await
         };
         match c.watch(write).await.map_err(Attempt::Failed)? {
-            Ok(()) => {}
+            Ok(()) => c.forwarded = true,
             Err(e) => {
                 return Err(Attempt::Unsent(Error::because(WriteError, "writing the request upstream", e).into_up()))
             }
@@ -496,6 +498,8 @@ struct Client {
     continued: bool,
     /// A final answer head was written for this request.
     answered: bool,
+    /// The request was written to the gateway (it may be billed even if the client goes away).
+    forwarded: bool,
     /// Close the connection after this request.
     close: bool,
     /// The current client write.
@@ -516,6 +520,7 @@ impl Client {
             body_done: false,
             continued: false,
             answered: false,
+            forwarded: false,
             close: false,
             out: Vec::with_capacity(1024),
             wire: Vec::new(),
@@ -533,6 +538,7 @@ impl Client {
         self.body_done = false;
         self.continued = false;
         self.answered = false;
+        self.forwarded = false;
         if self.out.capacity() > 64 * 1024 {
             self.out = Vec::with_capacity(1024);
         }
