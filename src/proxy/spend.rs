@@ -89,8 +89,10 @@ pub fn model_label(key: &str) -> std::sync::Arc<str> {
 }
 
 /// Settles a finished request: charge the real cost and release the rest, or release everything
-/// when the upstream did not answer 2xx. Events and journal lines are staged: the caller commits. A settlement takes the concurrency lease (`lease`) along,
-/// in the same store round trip, and leaves `None`; otherwise the lease stays for the caller.
+/// when the upstream did not answer 2xx (unless the client went away after the request reached
+/// the gateway: see below). Events and journal lines are staged: the caller commits. A
+/// settlement takes the concurrency lease (`lease`) along, in the same store round trip, and
+/// leaves `None`; otherwise the lease stays for the caller.
 pub async fn settle(
     state: &Arc<AppState>,
     spend: &mut SpendCtx,
