@@ -303,13 +303,8 @@ impl AppState {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// Started, the state store usable, and the outbox taking new decisions (a full outbox under
-    /// `PREAUTH_OUTBOX_FULL_POLICY=failsafe` refuses every request: a balancer should send them
-    /// to a replica that can decide). A ledger sink outage alone does not make a replica unready.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
-            && !self.store_unhealthy.load(Ordering::Relaxed)
-            && !self.outbox.refuses_new_decisions()
+        self.ready.load(Ordering::SeqCst) && !self.store_unhealthy.load(Ordering::Relaxed)
     }
 
     /// Store health as seen by the last operation.

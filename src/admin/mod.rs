@@ -3,7 +3,7 @@
 //! | method | path | auth |
 //! |---|---|---|
 //! | GET | `/healthz` | none — the process is up |
-//! | GET | `/readyz` | none — 503 until started, while the state store fails, while a full outbox refuses decisions, and during shutdown |
+//! | GET | `/readyz` | none — 503 until started, while the state store fails, and during shutdown |
 //! | GET | `/metrics` | none — Prometheus text |
 //! | GET | `/api/v1/enforcement/runtime` | bearer `ADMIN_API_KEY` |
 //! | PATCH | `/api/v1/enforcement/runtime` | bearer — applies at once, bumps `policy_version`, `reason` required |

@@ -424,9 +424,6 @@ pub struct Outbox {
     writer: Mutex<Writer>,
     reader: Mutex<Reader>,
     undelivered_bytes: AtomicU64,
-    /// Length of the last line that starts a request (a decision) offered to a relayed outbox:
-    /// the room the next one needs ([`Outbox::refuses_new_decisions`]).
-    decision_room: AtomicU64,
     depth: AtomicU64,
     oldest_ms: AtomicU64,
     disk_bytes: AtomicU64,
@@ -674,7 +671,6 @@ impl Outbox {
             writer: Mutex::new(writer),
             reader: Mutex::new(Reader { cursor, cache, last_read: Vec::new() }),
             undelivered_bytes: AtomicU64::new(undelivered),
-            decision_room: AtomicU64::new(1),
             depth: AtomicU64::new(depth),
             oldest_ms: AtomicU64::new(oldest),
             disk_bytes: AtomicU64::new(disk_bytes),
@@ -744,24 +740,12 @@ impl Outbox {
         }
     }
 
-    /// Whether a new decision would find the outbox full and be refused (a relay, the `failsafe`
-    /// policy, and less room below `max_bytes` than the last decision took): readiness follows it.
-    pub fn refuses_new_decisions(&self) -> bool {
-        self.opts.relay
-            && self.opts.full_policy == OutboxFullPolicy::Failsafe
-            && self.undelivered_bytes.load(Ordering::Acquire) + self.decision_room.load(Ordering::Relaxed)
-                > self.opts.max_bytes
-    }
-
     /// Puts `line` in the staging buffer; `Ok(None)`: dropped (full, `drop` policy). `headroom`:
     /// the event may go past `max_bytes` into the follow-up headroom ([`takes_headroom`]).
     fn stage_line(&self, line: &[u8], waiter: bool, headroom: bool) -> Result<Option<u64>, OutboxError> {
         let len = line.len() as u64;
         let mut s = self.staging.lock();
         if self.opts.relay {
-            if !headroom {
-                self.decision_room.store(len, Ordering::Relaxed);
-            }
             // Reserve under the staging lock so concurrent appenders cannot overshoot.
             let used = self.undelivered_bytes.load(Ordering::Acquire);
             if used + len > self.limit(headroom) {
@@ -1440,11 +1424,7 @@ pub(crate) mod tests {
         o.append(&event(4)).unwrap();
         o.append(&event(5)).unwrap();
         assert!(matches!(o.append(&event(6)), Err(OutboxError::Full { .. })));
-        assert!(o.refuses_new_decisions(), "full: readiness goes");
         assert_eq!(o.stats().dropped, 0);
-        let b = o.read_batch(1).unwrap();
-        o.ack(b[0].0).unwrap();
-        assert!(!o.refuses_new_decisions(), "room for a decision again: ready");
     }
 
     /// A full outbox refuses new decisions, but the settlement or release of a request admitted

@@ -482,12 +482,9 @@ async fn soft_failsafe_on_a_full_outbox_names_every_approval_detail() {
     .await;
     let body = chat("gpt-4o-mini");
     let mut details = None;
-    let readyz = || async { client().get(s.admin_url("/readyz")).send().await.unwrap().status().as_u16() };
-    assert_eq!(readyz().await, 200, "a sink outage alone leaves the replica ready");
     for i in 0..4000 {
         let r = post(&s, "/v1/chat/completions", &format!("fill-{}", i % 64), "pro", &body).await;
         if r.status() == 403 {
-            assert_eq!(readyz().await, 503, "a full outbox refuses every decision: not ready");
             let body = assert_error(r, 403, "approval_required").await;
             let message = body["error"]["message"].as_str().unwrap().to_string();
             assert!(message.contains("none could be queued") && message.contains("mint-approval"), "{message}");
