@@ -196,6 +196,9 @@ pub struct LlmRequest<'a> {
     pub stream: bool,
 }
 
+/// The longest `model` accepted (provider model ids, fine-tuned ones included, are far shorter).
+pub const MAX_MODEL_BYTES: usize = 256;
+
 /// Parses and validates the body of an inspected route (CONTRACT §10 required fields).
 pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
     let json = Doc::parse(body).map_err(|e| format!("Request body is not valid JSON: {e}"))?;
@@ -238,6 +241,11 @@ pub fn parse_body(route: Route, body: &[u8]) -> Result<LlmRequest<'_>, String> {
         .filter(|m| !m.is_empty())
         .ok_or("Field `model` must be a non-empty string.")?
         .to_string();
+    // Every event of the request carries the model: an unbounded one would let one caller fill
+    // the outbox (and push the replica onto its failsafe path).
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(format!("Field `model` must be at most {MAX_MODEL_BYTES} bytes."));
+    }
     if route == Route::Messages && max_tokens.is_none_or(|v| v.as_u64().is_none()) {
         return Err("Field `max_tokens` must be a non-negative integer.".to_string());
     }
@@ -451,6 +459,14 @@ mod tests {
         h.insert("x-tenant-tier", HeaderValue::from_static("growth"));
         let c = identify(&Identity::Header, &h, 0).unwrap();
         assert_eq!((&*c.tenant, c.claimed_tier.as_deref()), ("t-1", Some("growth")));
+    }
+
+    #[test]
+    fn an_overlong_model_is_refused() {
+        let ok = format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(MAX_MODEL_BYTES));
+        assert!(parse_body(Route::ChatCompletions, ok.as_bytes()).is_ok());
+        let long = format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(MAX_MODEL_BYTES + 1));
+        assert!(parse_body(Route::ChatCompletions, long.as_bytes()).unwrap_err().contains("at most 256 bytes"));
     }
 
     #[test]

@@ -301,6 +301,9 @@ mod oracle {
             .filter(|m| !m.is_empty())
             .ok_or("Field `model` must be a non-empty string.")?
             .to_string();
+        if model.len() > 256 {
+            return Err("Field `model` must be at most 256 bytes.".to_string());
+        }
         if route == Route::Messages && obj.get("max_tokens").is_none_or(|v| v.as_u64().is_none()) {
             return Err("Field `max_tokens` must be a non-negative integer.".to_string());
         }
