@@ -484,7 +484,8 @@ Try these in another terminal:
     -H "authorization: Bearer $FREE" -H 'content-type: application/json' \
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done
 
-  # 4. denied: 6 calls in a minute for one tenant (demo sets LLM_FAIR_USE_PER_MINUTE_CAP=5) -> 429
+  # 4. denied: more than 5 calls in a minute for one tenant (demo sets LLM_FAIR_USE_PER_MINUTE_CAP=5)
+  #    -> 429 once the tenant's minute is full (examples 1 and 2 already used two of its 5)
   for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}} ' http://{listen}/v1/chat/completions \
     -H "authorization: Bearer $PRO" -H 'content-type: application/json' \
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done; echo
