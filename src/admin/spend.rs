@@ -200,7 +200,7 @@ pub async fn reconcile_overdue(state: &AppState, body: &Value) -> Answer {
         },
     };
     let now = state.clock.now_ms();
-    let released = crate::worker::release_overdue(state, older, now).await;
+    let released = crate::worker::release_overdue(state, older, now, "manual").await;
     let total = released.iter().fold(Micros::ZERO, |acc, r| acc.saturating_add(r.amount));
     (
         200,

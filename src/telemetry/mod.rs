@@ -256,7 +256,7 @@ impl Metrics {
         }
         for (trigger, statuses) in [
             ("usage", &["matched", "overage", "savings", "released"][..]),
-            ("manual", &["matched", "overage", "savings"][..]),
+            ("manual", &["matched", "overage", "savings", "auto_release"][..]),
             ("auto", &["auto_release"][..]),
         ] {
             for status in statuses {

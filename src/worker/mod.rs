@@ -89,15 +89,18 @@ impl Housekeeper {
     /// Releases reservations older than `PREAUTH_RESERVATION_TTL_SECONDS` (nothing charged;
     /// reason `reservation_auto_released_sla`) and refreshes the active-reservations gauge.
     pub async fn release_overdue(&self, now: crate::decide::UnixMillis) -> Vec<crate::store::budget::Reservation> {
-        release_overdue(&self.state, self.state.config.reservation_ttl_seconds, now).await
+        release_overdue(&self.state, self.state.config.reservation_ttl_seconds, now, "auto").await
     }
 }
 
-/// The sweep: releases every active reservation older than `older_than_seconds`.
+/// The sweep: releases every active reservation older than `older_than_seconds`. `trigger` labels
+/// the reconciliations metric: `auto` for the housekeeper's, `manual` for an operator's
+/// `reconcile-overdue` (so the sweep-release alert counts only the holds nobody settled).
 pub async fn release_overdue(
     state: &AppState,
     older_than_seconds: u64,
     now: crate::decide::UnixMillis,
+    trigger: &'static str,
 ) -> Vec<crate::store::budget::Reservation> {
     let m = &state.metrics;
     let cutoff = now.saturating_sub(older_than_seconds * 1000);
@@ -121,7 +124,7 @@ pub async fn release_overdue(
             serde_json::json!({"reason": "reservation_auto_released_sla", "older_than_seconds": older_than_seconds}),
         );
         state.emit(&e);
-        m.reconciliations.with_label_values(&["auto", "auto_release"]).inc();
+        m.reconciliations.with_label_values(&[trigger, "auto_release"]).inc();
         tracing::warn!(
             target: "audit",
             event = "reservation_released",

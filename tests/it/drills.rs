@@ -254,7 +254,7 @@ async fn drill_4_reconciliation_drift_surge() {
     assert_eq!(
         sample(
             &m,
-            r#"valdrics_ops_enforcement_reservation_reconciliations_total{status="auto_release",trigger="auto"}"#
+            r#"valdrics_ops_enforcement_reservation_reconciliations_total{status="auto_release",trigger="manual"}"#
         ),
         2.0
     );
