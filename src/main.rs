@@ -186,11 +186,19 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
         let end = preauth_sidecar::decide::time::rfc3339_seconds(month.next().start());
         let rows = client
             .query(
-                "SELECT tenant_id, sum(round((payload->>'actual_cost_usd')::numeric * 1000000))::bigint, \
-                 (array_agg(payload->>'tenant_tier' ORDER BY occurred_at DESC))[1] \
+                // One settlement per reservation, as the store charged it: an operator's manual
+                // reconcile wins over the settlement its request wrote when it ended (that one
+                // found the hold reconciled and charged nothing, but its event was already
+                // written); settlements without a hold (shadow mode) each count.
+                "SELECT tenant_id, sum(cost)::bigint, (array_agg(tier ORDER BY occurred_at DESC))[1] FROM ( \
+                 SELECT DISTINCT ON (coalesce(reservation_id, event_id::text)) tenant_id, occurred_at, \
+                 round((payload->>'actual_cost_usd')::numeric * 1000000) AS cost, payload->>'tenant_tier' AS tier \
                  FROM enforcement_ledger WHERE event_type = 'reservation_settled' AND tenant_id IS NOT NULL \
                  AND payload->>'actual_cost_usd' IS NOT NULL \
-                 AND occurred_at >= $1::text::timestamptz AND occurred_at < $2::text::timestamptz GROUP BY tenant_id",
+                 AND occurred_at >= $1::text::timestamptz AND occurred_at < $2::text::timestamptz \
+                 ORDER BY coalesce(reservation_id, event_id::text), \
+                 (payload->'details'->>'trigger' = 'manual') DESC NULLS LAST, occurred_at \
+                 ) settled GROUP BY tenant_id",
                 &[&start, &end],
             )
             .await

@@ -431,6 +431,34 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     };
     let before = view(&s).await["spent_usd"].as_str().unwrap().to_string();
     assert_ne!(before, "0.000000");
+    // One of those requests was reconciled by hand while it ran, in the ledger's words: a
+    // manual reservation_settled of the same reservation (its usage settlement charged nothing
+    // in the store). The rebuild counts the manual one for that reservation, not both.
+    let pg = crate::ledger::db_client(&db).await;
+    let row = pg
+        .query_one(
+            "SELECT reservation_id, payload::text FROM enforcement_ledger WHERE event_type = 'reservation_settled' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (rid, payload): (String, String) = (row.get(0), row.get(1));
+    let mut manual: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    let usage_cost =
+        preauth_sidecar::decide::Micros::from_usd_str(manual["actual_cost_usd"].as_str().unwrap()).unwrap();
+    let manual_id = uuid::Uuid::now_v7().to_string();
+    manual["event_id"] = json!(manual_id);
+    manual["actual_cost_usd"] = json!("0.500000");
+    manual["details"] = json!({"trigger": "manual", "idempotency_key": "k"});
+    pg.execute(
+        "INSERT INTO enforcement_ledger (event_id, event_type, occurred_at, tenant_id, reservation_id, payload) \
+         VALUES ($1::text::uuid, 'reservation_settled', now(), 'acme', $2, $3::text::jsonb)",
+        &[&manual_id, &rid, &manual.to_string()],
+    )
+    .await
+    .unwrap();
+    let spent = preauth_sidecar::decide::Micros::from_usd_str(&before).unwrap();
+    let want = preauth_sidecar::decide::Micros(spent.0 - usage_cost.0 + 500_000).to_string();
     redis_cleanup(&p).await; // Redis lost its data
     assert_eq!(view(&s).await["spent_usd"], "0.000000");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
@@ -442,7 +470,11 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("acme"));
-    assert_eq!(view(&s).await["spent_usd"].as_str().unwrap(), before, "spend restored from the ledger");
+    assert_eq!(
+        view(&s).await["spent_usd"].as_str().unwrap(),
+        want,
+        "spend restored from the ledger, once per reservation"
+    );
     // A replica that never saw the tenant shows the tier restored with the spend (its budget too).
     let fresh = start_fleet(&[("PREAUTH_LEDGER_URL", &ledger_url)], REDIS, &p).await;
     assert_eq!(view(&fresh).await["tier"], "enterprise");

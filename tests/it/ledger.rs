@@ -41,7 +41,7 @@ pub fn url_for(db: &str, port: u16) -> String {
     format!("postgres://postgres@127.0.0.1:{port}/{db}")
 }
 
-async fn db_client(db: &str) -> tokio_postgres::Client {
+pub async fn db_client(db: &str) -> tokio_postgres::Client {
     let (client, conn) =
         tokio_postgres::connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"), tokio_postgres::NoTls)
             .await

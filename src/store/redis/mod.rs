@@ -97,8 +97,17 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Waits between attempts to give back what a step nobody waited for took: the breaker may be
 /// open while Redis recovers (its health probe closes it within about a second).
-const UNDO_WAITS: [Duration; 4] =
-    [Duration::from_millis(250), Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(4)];
+/// ≈ 2 minutes in all: a Redis restart or failover, within the concurrency lease's default TTL.
+const UNDO_WAITS: [Duration; 8] = [
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(15),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+];
 
 /// Runs an idempotent `step` until it succeeds, at most once more after each of [`UNDO_WAITS`].
 pub(crate) async fn patiently<T, F, Fut>(mut step: F) -> Result<T, StoreError>
