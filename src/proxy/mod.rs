@@ -993,6 +993,7 @@ impl PreauthProxy {
             if ticket.has_lease() {
                 if let (Err(err), _) = spend::retrying(|| self.state.counters.release_lease(&ticket)).await {
                     self.store_failed("release_lease", err);
+                    spend::release_lease_later(&self.state, ticket);
                 }
             }
         }

@@ -316,7 +316,7 @@ async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: Uni
 /// timed-out halves are retried after [`RETRY_WAITS`]. The second result says whether the
 /// settlement was retried.
 async fn settle_release(
-    state: &AppState,
+    state: &Arc<AppState>,
     id: &str,
     actual: Micros,
     now: crate::decide::UnixMillis,
@@ -332,10 +332,29 @@ async fn settle_release(
         state.gatekeeper.settle_release(settle.filter(|_| settle_again), ticket.as_ref().filter(|_| release_again))
     })
     .await;
-    if let Err(e) = released {
+    if let (Err(e), Some(t)) = (released, ticket) {
         state.store_failed("release_lease", e);
+        release_lease_later(state, t);
     }
     (settled.unwrap_or(Ok(SettleOutcome::NotFound)), retried)
+}
+
+/// Gives a concurrency lease back in the background after the store refused it (Redis gone):
+/// retried after 1, 2, 4, 8, 15, 30 and 60 s (releasing is idempotent). Without it the slot
+/// counted against the tenant's concurrency cap until the lease's TTL (3 minutes by default),
+/// so a short Redis blip could lock a busy tenant out.
+pub fn release_lease_later(state: &Arc<AppState>, ticket: Ticket) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        for wait in &LATER_WAITS[..7] {
+            tokio::time::sleep(*wait).await;
+            if state.counters.release_lease(&ticket).await.is_ok() {
+                tracing::info!("concurrency lease released in the background");
+                return;
+            }
+        }
+        tracing::warn!("concurrency lease could not be released; it ends by its TTL");
+    });
 }
 
 /// The settlement's and the lease release's results of one step.

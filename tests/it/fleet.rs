@@ -638,7 +638,12 @@ async fn a_settlement_refused_while_redis_is_gone_lands_when_it_is_back() {
     let p = redis_prefix();
     let sw = switchable_redis().await;
     let url = format!("redis://127.0.0.1:{}", sw.port);
-    let s = start_fleet(&[("PREAUTH_STORE_TIMEOUT_MS", "50")], &url, &p).await;
+    let env = [
+        ("PREAUTH_STORE_TIMEOUT_MS", "50"),
+        ("LLM_FAIR_USE_GUARDS_ENABLED", "true"),
+        ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "4"),
+    ];
+    let s = start_fleet(&env, &url, &p).await;
     let call = client()
         .post(s.url("/v1/chat/completions"))
         .bearer_auth(token("later", "pro"))
@@ -663,7 +668,8 @@ async fn a_settlement_refused_while_redis_is_gone_lands_when_it_is_back() {
     loop {
         // 503 while the store is still unusable right after its return: asked again.
         let v = s.admin_get("/api/v1/enforcement/tenants/later").await;
-        if v["spent_usd"] == actual.as_str() && v["active_reservations"] == 0 {
+        // The concurrency lease, refused with the settlement, is given back in the background too.
+        if v["spent_usd"] == actual.as_str() && v["active_reservations"] == 0 && v["in_flight"] == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "spend never caught up with the ledger ({actual}): {v}");
