@@ -686,6 +686,15 @@ impl RedisStore {
         .await
     }
 
+    /// Releases hold `id` (idempotent), again while Redis does not take it ([`patiently`]); a
+    /// failure is logged and left to the sweep.
+    pub(crate) async fn release_patiently(&self, id: &str, now: crate::decide::UnixMillis) {
+        use crate::store::budget::Budgets;
+        if let Err(e) = patiently(|| self.release(id, now)).await {
+            tracing::warn!(error = %e, reservation_id = %id, "a hold nobody waited for could not be released; the sweep will");
+        }
+    }
+
     /// The connection a command is sent on. Single node, called from a runtime other than the
     /// store's (the proxy's): this thread's own connection to the same node, so that its driver
     /// runs on the caller's runtime. A command then goes out and its reply comes back without
@@ -979,22 +988,34 @@ impl crate::store::Gatekeeper for RedisStore {
             Ok((a, b, res))
         };
         let (store, taken) = (self.clone(), ticket.clone());
-        let undo = move |(a, b, res): (RedisResult<(u64, crate::decide::CountersView)>, RedisResult<Vec<i64>>, _)| async move {
+        let undo = move |(a, b, res): (
+            RedisResult<(u64, crate::decide::CountersView)>,
+            RedisResult<Vec<i64>>,
+            crate::store::budget::Reservation,
+        )| async move {
             let now = taken.at;
             if let Ok((seq, _)) = a {
                 store.undo_admission(&crate::store::Ticket { seq, ..taken }).await;
             }
-            if let Ok(ReserveOutcome::Reserved(held)) =
-                b.map_err(|_| ()).and_then(|r| budgets::reserve_outcome(res, &r).map_err(|_| ()))
-            {
-                if let Err(e) = patiently(|| store.release(&held.id, now)).await {
-                    tracing::warn!(error = %e, reservation_id = %held.id, "a hold nobody waited for could not be released; the sweep will");
-                }
+            // A hold it took — or may have taken, when the reply was lost — goes back (releasing a
+            // hold that never was is a no-op); one refused for lack of budget holds nothing.
+            // (The reserve script answers `[1, amount]` when it held.)
+            let nothing_held = b.as_ref().is_ok_and(|reply| !matches!(reply.as_slice(), [1, _]));
+            if !nothing_held {
+                store.release_patiently(&res.id, now).await;
             }
         };
         let (a, b, res) = self.exec_undoable("admit_reserve", commands, run, undo).await?;
-        let outcome =
-            b.map_err(|e| unavailable(format!("reserve: {e}"))).and_then(|reply| budgets::reserve_outcome(res, &reply));
+        let outcome = match b {
+            Ok(reply) => budgets::reserve_outcome(res, &reply),
+            Err(e) => {
+                // The reserve may have run before its reply was lost (a dropped connection): its
+                // hold goes back in the background.
+                let (store, now) = (self.clone(), r.now);
+                tokio::spawn(async move { store.release_patiently(&res.id, now).await });
+                Err(unavailable(format!("reserve: {e}")))
+            }
+        };
         match (a, outcome) {
             (Ok((seq, view)), Ok(o)) => Ok((crate::store::Ticket { seq, ..ticket }, view, Some(o))),
             (Ok((seq, _)), Err(e)) => {
