@@ -196,7 +196,8 @@ async fn a_second_process_on_the_same_data_directory_is_refused() {
     for (k, v) in &first.env {
         second.env(k, v);
     }
-    let (proxy, admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (proxy, admin) = free_pair();
+    let (proxy, admin) = (proxy.to_string(), admin.to_string());
     let out = second.env("PREAUTH_LISTEN_ADDR", &proxy).env("PREAUTH_ADMIN_ADDR", &admin).output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(64), "{said}");

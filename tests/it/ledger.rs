@@ -3,7 +3,6 @@
 //! CloudEvents HTTP sink through a receiver outage; the ledger API.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -204,8 +203,7 @@ async fn sigkill_under_streaming_load_loses_no_event() {
     migrate(&url);
     let upstream = FakeUpstream::start("127.0.0.1:0").await.unwrap();
     let dir = temp_dir();
-    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (proxy, admin) = free_pair();
     let env = vec![
         ("PREAUTH_UPSTREAM_URL", upstream.base_url()),
         ("PREAUTH_LISTEN_ADDR", proxy.to_string()),

@@ -24,6 +24,13 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Two distinct free loopback addresses (proxy, admin): both bound at once, so the kernel cannot
+/// hand out the same port twice (two `free_port` calls can, and the config then refuses it).
+pub fn free_pair() -> (SocketAddr, SocketAddr) {
+    let (a, b) = (TcpListener::bind("127.0.0.1:0").unwrap(), TcpListener::bind("127.0.0.1:0").unwrap());
+    (a.local_addr().unwrap(), b.local_addr().unwrap())
+}
+
 /// Whether process `pid` holds the socket listening on `addr` (an IPv4 address; Linux
 /// `/proc/net/tcp`), so that a listener of another test on the same port is not mistaken for it.
 pub fn listens_on(pid: u32, addr: SocketAddr) -> bool {
@@ -100,8 +107,7 @@ pub fn temp_dir() -> std::path::PathBuf {
 /// Starts a sidecar whose embedded state lives in `dir` (restart tests reuse it).
 pub async fn start_in(env: &[(&str, &str)], counters: Arc<dyn Counters>, dir: &std::path::Path) -> Sidecar {
     let upstream = FakeUpstream::start("127.0.0.1:0").await.unwrap();
-    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (proxy, admin) = free_pair();
     let mut m: HashMap<String, String> = HashMap::new();
     m.insert("PREAUTH_UPSTREAM_URL".into(), upstream.base_url());
     m.insert("PREAUTH_LISTEN_ADDR".into(), proxy.to_string());
@@ -267,8 +273,7 @@ pub async fn redis_cleanup(prefix: &str) {
 /// under `prefix`, so several sidecars in one test are replicas of one fleet.
 pub async fn start_fleet(env: &[(&str, &str)], redis_url: &str, prefix: &str) -> Sidecar {
     let upstream = FakeUpstream::start("127.0.0.1:0").await.unwrap();
-    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (proxy, admin) = free_pair();
     let dir = temp_dir();
     let mut m: HashMap<String, String> = HashMap::new();
     m.insert("PREAUTH_UPSTREAM_URL".into(), upstream.base_url());
@@ -304,8 +309,7 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(upstream: &FakeUpstream, dir: &std::path::Path, extra: &[(&str, &str)]) -> Binary {
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (proxy, admin) = free_pair();
         let mut env: Vec<(String, String)> = vec![
             ("PREAUTH_UPSTREAM_URL".into(), upstream.base_url()),
             ("PREAUTH_LISTEN_ADDR".into(), proxy.to_string()),
@@ -384,8 +388,7 @@ impl Binary {
 
     /// Applies `set`/`unset` to the environment, with fresh proxy and admin ports.
     fn use_fresh_ports(&mut self, set: &[(&str, &str)], unset: &[&str]) {
-        self.proxy = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        self.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        (self.proxy, self.admin) = free_pair();
         let ports = [("PREAUTH_LISTEN_ADDR", self.proxy.to_string()), ("PREAUTH_ADMIN_ADDR", self.admin.to_string())];
         for (k, v) in set.iter().map(|(k, v)| (*k, v.to_string())).chain(ports) {
             self.env.retain(|(ek, _)| ek != k);
