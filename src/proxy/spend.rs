@@ -244,31 +244,29 @@ struct SpendLabels {
 /// `preauth-sidecar rebuild-spend` restores a fleet's spend from it.
 async fn settle_later(state: Arc<AppState>, r: Reservation, actual: Micros, now: UnixMillis, labels: SpendLabels) {
     let m = &state.metrics;
-    for wait in LATER_WAITS {
-        tokio::time::sleep(wait).await;
-        let charged = match state.budgets.settle(&r.id, actual, now).await {
-            Ok(SettleOutcome::Settled(s)) => {
-                m.record_settlement("usage", s.drift);
-                true
-            }
-            Ok(SettleOutcome::NotActive) => charge_late(&state, &r, actual, now).await,
-            Ok(SettleOutcome::NotFound) => false,
-            Err(_) => continue,
-        };
-        if charged {
-            m.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
-            tracing::info!(reservation_id = %r.id, actual = %actual, "settlement retried in the background went through");
+    let charged = match crate::store::after_each(&LATER_WAITS, || state.budgets.settle(&r.id, actual, now)).await {
+        Some(Ok(SettleOutcome::Settled(s))) => {
+            m.record_settlement("usage", s.drift);
+            true
         }
-        return;
+        Some(Ok(SettleOutcome::NotActive)) => charge_late(&state, &r, actual, now).await,
+        Some(Ok(SettleOutcome::NotFound)) => false,
+        Some(Err(_)) | None => {
+            m.store_errors.with_label_values(&["settle"]).inc();
+            tracing::error!(
+                reservation_id = %r.id,
+                tenant_id = %r.tenant,
+                actual = %actual,
+                "settlement could not be written to the state store in ≈ 9 minutes; the sweep releases the hold and \
+                 the ledger keeps the settlement (preauth-sidecar rebuild-spend restores spend from a Postgres ledger)"
+            );
+            return;
+        }
+    };
+    if charged {
+        m.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
+        tracing::info!(reservation_id = %r.id, actual = %actual, "settlement retried in the background went through");
     }
-    m.store_errors.with_label_values(&["settle"]).inc();
-    tracing::error!(
-        reservation_id = %r.id,
-        tenant_id = %r.tenant,
-        actual = %actual,
-        "settlement could not be written to the state store in ≈ 9 minutes; the sweep releases the hold and the \
-         ledger keeps the settlement (preauth-sidecar rebuild-spend restores spend from a Postgres ledger)"
-    );
 }
 
 /// A settlement that found its hold no longer active although no retry of its own ended it: the
@@ -346,14 +344,10 @@ async fn settle_release(
 pub fn release_lease_later(state: &Arc<AppState>, ticket: Ticket) {
     let state = state.clone();
     tokio::spawn(async move {
-        for wait in &LATER_WAITS[..7] {
-            tokio::time::sleep(*wait).await;
-            if state.counters.release_lease(&ticket).await.is_ok() {
-                tracing::info!("concurrency lease released in the background");
-                return;
-            }
+        match crate::store::after_each(&LATER_WAITS[..7], || state.counters.release_lease(&ticket)).await {
+            Some(Ok(())) => tracing::info!("concurrency lease released in the background"),
+            _ => tracing::warn!("concurrency lease could not be released; it ends by its TTL"),
         }
-        tracing::warn!("concurrency lease could not be released; it ends by its TTL");
     });
 }
 

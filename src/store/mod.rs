@@ -8,7 +8,8 @@
 //! Because each admission sees its own pre-increment values, two concurrent requests can never
 //! both take the last slot of a cap.
 //!
-//! Owns: the traits, `StoreError`, `Ticket`. Imports: `decide` types, async-trait, std.
+//! Owns: the traits, `StoreError`, `Ticket`, `after_each` (background retries). Imports: `decide`
+//! types, async-trait, tokio (timer), std.
 
 pub mod approvals;
 pub mod approvals_memory;
@@ -22,7 +23,9 @@ pub mod memory;
 pub mod redis;
 pub mod runtime_policy;
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -270,4 +273,25 @@ pub trait PolicyStore: Send + Sync {
     fn current(&self) -> Arc<Policy>;
     /// Applies `patch` to the current snapshot, bumps `version`, publishes the result.
     async fn update(&self, patch: PolicyPatch) -> Result<Arc<Policy>, StoreError>;
+}
+
+/// Runs `step` after each of `waits` until it succeeds: a store step retried where nobody waits
+/// for it (a give-back, a settlement or lease release the store refused). The last result;
+/// `None` when `waits` is empty.
+pub async fn after_each<T, F, Fut>(waits: &[Duration], mut step: F) -> Option<Result<T, StoreError>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut last = None;
+    for wait in waits {
+        tokio::time::sleep(*wait).await;
+        let out = step().await;
+        let done = out.is_ok();
+        last = Some(out);
+        if done {
+            break;
+        }
+    }
+    last
 }

@@ -69,6 +69,12 @@ const MAX_PIPELINED: usize = MAX_HEAD_BYTES;
 /// The HTTP/2 connection preface (RFC 9113 §3.4): such connections go to pingora.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Whether field `name` (lowercase) is among those a `Connection` header value names (hop-by-hop
+/// for this hop only, RFC 9110 §7.6.1); `connection` is `""` when it names none.
+fn named_by_connection(connection: &str, name: &[u8]) -> bool {
+    !connection.is_empty() && connection.split(',').any(|t| t.trim().as_bytes().eq_ignore_ascii_case(name))
+}
+
 /// Headers (lowercase) that describe one connection or this hop's framing, never forwarded to the
 /// gateway: the body goes out complete with its own `content-length`.
 fn request_hop_by_hop(name: &[u8]) -> bool {
@@ -232,8 +238,6 @@ impl LeanH1 {
         let mut lower = [0u8; 64];
         // Fields the client's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
         let named = if head.connection_names_fields { head.fields.get(&c.buf, "connection").unwrap_or("") } else { "" };
-        let named_by_connection =
-            |n: &[u8]| !named.is_empty() && named.split(',').any(|t| t.trim().as_bytes().eq_ignore_ascii_case(n));
         for (name, value) in head.fields.iter(&c.buf) {
             let Some(lname) = lowercase(name, &mut lower) else {
                 // Longer than any name the sidecar acts on.
@@ -245,7 +249,7 @@ impl LeanH1 {
                 b"x-api-key" => caller_sent_api_key = true,
                 _ => {}
             }
-            if request_hop_by_hop(lname) || self.core.replaced_upstream(lname) || named_by_connection(lname) {
+            if request_hop_by_hop(lname) || self.core.replaced_upstream(lname) || named_by_connection(named, lname) {
                 continue;
             }
             header_line(wire, name, value);
@@ -381,15 +385,13 @@ impl LeanH1 {
         // Fields the gateway's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
         let named =
             if head.connection_names_fields { head.fields.get(&up.buf, "connection").unwrap_or("") } else { "" };
-        let named_by_connection =
-            |n: &[u8]| !named.is_empty() && named.split(',').any(|t| t.trim().as_bytes().eq_ignore_ascii_case(n));
         let mut lower = [0u8; 64];
         for (name, value) in head.fields.iter(&up.buf) {
             let skip = lowercase(name, &mut lower).is_some_and(|n| {
                 answer_hop_by_hop(n)
                     || (!framed_by_length && n == b"content-length")
                     || own.iter().any(|(o, _)| o.as_bytes() == n)
-                    || named_by_connection(n)
+                    || named_by_connection(named, n)
             });
             if !skip {
                 header_line(out, name, value);

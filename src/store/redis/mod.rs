@@ -115,15 +115,11 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StoreError>>,
 {
-    let mut out = step().await;
-    for wait in UNDO_WAITS {
-        if out.is_ok() {
-            break;
-        }
-        tokio::time::sleep(wait).await;
-        out = step().await;
+    let first = step().await;
+    if first.is_ok() {
+        return first;
     }
-    out
+    crate::store::after_each(&UNDO_WAITS, step).await.unwrap_or(first)
 }
 
 /// Default of [`RedisOptions::max_finished`] (≈ 50 MB of Redis memory at ≈ 0.5 KB a record).
