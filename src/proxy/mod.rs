@@ -306,6 +306,15 @@ impl PreauthProxy {
                 (decide::failsafe(mode), None, None)
             }
         };
+        // A refused admission leaves every counter, and its hold the budget, before anything
+        // below waits (the approvals store, the outbox turn): requests racing this one must not
+        // see it counted, or they are refused for a quota or budget it never used.
+        if !decision.is_allow() {
+            admitted = self.settle_admission(false, admitted).await;
+            if let Some(r) = spend.reservation.take() {
+                let _ = self.state.budgets.release(&r.id, self.state.clock.now_ms()).await;
+            }
+        }
         // The fields every event of this request carries.
         let mut base = self.state.event(EventType::Decision, policy.version);
         base.request_id = Some(ctx.request_id.clone());
@@ -395,7 +404,8 @@ impl PreauthProxy {
         let ticket = self.settle_admission(decision.is_allow(), admitted).await;
         if !decision.is_allow() {
             if let Some(r) = spend.reservation.take() {
-                // A hold taken before a later refusal: give it back at once.
+                // Admitted, then refused because the decision could not be recorded: give the
+                // hold back at once.
                 let since = self.state.group.mark();
                 let _ = self.state.budgets.release(&r.id, self.state.clock.now_ms()).await;
                 let _ = self.state.group.commit(since).await;

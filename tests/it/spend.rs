@@ -207,6 +207,77 @@ async fn concurrent_requests_never_overspend() {
     }
 }
 
+/// Requests refused by the concurrency cap (step 6) while they race never make others look over
+/// their daily quota (step 5) or budget (step 9): a refused admission leaves the counters and the
+/// budget before anything waits, so the racing ones are refused for the cap that is really full.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_refusals_are_counted_for_the_cap_that_refused_them() {
+    let body = json!({"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "race"}]});
+    let est = worst_case("gpt-4o", &body, 1000);
+    let dir = temp_dir();
+    let tenants = dir.join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[tenants.\"quota\"]\ntier = \"enterprise\"\ndaily_request_quota = 6\n\n\
+             [tenants.\"budget\"]\ntier = \"enterprise\"\nmonthly_budget_usd = \"{}\"\ndaily_request_quota = 0\n",
+            Micros(est.0 * 3)
+        ),
+    )
+    .unwrap();
+    let s = start_in(
+        &[
+            ("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap()),
+            ("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "50"),
+            ("LLM_FAIR_USE_GUARDS_ENABLED", "true"),
+            ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "2"),
+        ],
+        Arc::new(MemoryCounters::new()),
+        &dir,
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..160 {
+        let tenant = if i % 2 == 0 { "quota" } else { "budget" };
+        let (url, tok, body) = (s.url("/v1/chat/completions"), token(tenant, "enterprise"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r =
+                client().post(url).bearer_auth(tok).header("x-mock-delay-ms", "800").json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let code = r.headers().get("x-preauth-error").map(|v| v.to_str().unwrap().to_string());
+            let v: Value = r.json().await.unwrap();
+            (tenant, status, code, v["error"]["details"]["reason"].as_str().map(str::to_string))
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    for tenant in ["quota", "budget"] {
+        let mine: Vec<_> = results.iter().filter(|r| r.0 == tenant).collect();
+        let admitted = mine.iter().filter(|r| r.1 == 200).count();
+        let capped = mine.iter().filter(|r| r.1 == 429 && r.3.as_deref() == Some("fair_use_concurrency")).count();
+        let other: Vec<_> =
+            mine.iter().filter(|r| r.1 != 200 && r.3.as_deref() != Some("fair_use_concurrency")).collect();
+        assert_eq!((admitted, capped), (2, 78), "{tenant}: other answers {other:?}");
+        let v = tenant_view(&s, tenant).await;
+        assert_eq!(v["daily_requests"], 2, "{tenant}: only the admitted ones count: {v}");
+        assert_eq!(v["active_reservations"], 0, "{tenant}: {v}");
+    }
+    // The quota and the budget were never touched by the refusals: what is left is usable.
+    for _ in 0..4 {
+        assert_eq!(post(&s, "/v1/chat/completions", "quota", "enterprise", &chat("gpt-4o-mini")).await.status(), 200);
+    }
+    let r = post(&s, "/v1/chat/completions", "quota", "enterprise", &chat("gpt-4o-mini")).await;
+    let v = assert_error(r, 402, "budget_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "daily_tenant_limit_exceeded");
+    // The budget tenant's two admitted requests were settled; three estimates still fit minus
+    // what they cost, so one more worst case is admitted.
+    let r = client().post(s.url("/v1/chat/completions")).bearer_auth(token("budget", "enterprise")).json(&body);
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_error_charges_nothing_and_cut_stream_charges_the_estimate() {
     let s = start(&[]).await;
