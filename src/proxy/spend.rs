@@ -206,7 +206,13 @@ pub async fn settle(
             let month = crate::store::budget::month_key(now);
             if let (Err(e), _) = retrying(|| state.budgets.charge(&spend.tenant, &month, actual, now)).await {
                 m.store_errors.with_label_values(&["charge"]).inc();
-                tracing::error!(error = %e, "charging shadow-mode usage failed");
+                tracing::warn!(error = %e, tenant_id = %spend.tenant, actual = %actual, "charging shadow-mode usage failed; retried in the background");
+                let labels = SpendLabels {
+                    tier: spend.tier,
+                    provider: spend.price.provider.clone(),
+                    model: spend.model_label.clone(),
+                };
+                tokio::spawn(charge_later(state.clone(), spend.tenant.clone(), month, actual, now, labels));
                 return;
             }
         }
@@ -266,6 +272,33 @@ async fn settle_later(state: Arc<AppState>, r: Reservation, actual: Micros, now:
     if charged {
         m.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
         tracing::info!(reservation_id = %r.id, actual = %actual, "settlement retried in the background went through");
+    }
+}
+
+/// Shadow-mode usage (no hold) the store refused, charged in the background like
+/// [`settle_later`]: its settlement event is in the ledger already, and the spend should show it.
+async fn charge_later(
+    state: Arc<AppState>,
+    tenant: Arc<str>,
+    month: String,
+    actual: Micros,
+    now: UnixMillis,
+    labels: SpendLabels,
+) {
+    match crate::store::after_each(&LATER_WAITS, || state.budgets.charge(&tenant, &month, actual, now)).await {
+        Some(Ok(())) => {
+            state.metrics.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
+            tracing::info!(tenant_id = %tenant, actual = %actual, "shadow-mode usage charged in the background");
+        }
+        Some(Err(_)) | None => {
+            state.metrics.store_errors.with_label_values(&["charge"]).inc();
+            tracing::error!(
+                tenant_id = %tenant,
+                actual = %actual,
+                "shadow-mode usage could not be written to the state store in ≈ 9 minutes; the ledger keeps the \
+                 settlement (preauth-sidecar rebuild-spend restores spend from a Postgres ledger)"
+            );
+        }
     }
 }
 

@@ -678,3 +678,50 @@ async fn a_settlement_refused_while_redis_is_gone_lands_when_it_is_back() {
     s.stop().await;
     redis_cleanup(&p).await;
 }
+
+/// Shadow-mode usage (nothing held) the store refused is charged in the background once Redis is
+/// back: the spend then agrees with the settlement event. Before, it was logged and dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn shadow_usage_refused_while_redis_is_gone_is_charged_when_it_is_back() {
+    let p = redis_prefix();
+    let sw = switchable_redis().await;
+    let url = format!("redis://127.0.0.1:{}", sw.port);
+    let s = start_fleet(&[("PREAUTH_STORE_TIMEOUT_MS", "50"), ("PREAUTH_ENFORCEMENT_MODE", "shadow")], &url, &p).await;
+    sw.up.store(false, Ordering::SeqCst);
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("shade", "pro"))
+        .header("x-mock-completion-tokens", "500")
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "shadow mode fails open");
+    let rid = r.headers()["x-preauth-request-id"].to_str().unwrap().to_string();
+    r.bytes().await.unwrap();
+    let ledger = format!("/api/v1/enforcement/ledger?request_id={rid}&event_type=reservation_settled");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let actual = loop {
+        let v = s.admin_get(&ledger).await;
+        if let Some(a) = v["items"][0]["actual_cost_usd"].as_str() {
+            break a.to_string();
+        }
+        assert!(Instant::now() < deadline, "no settlement event: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(actual, "0.000000");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sw.up.store(true, Ordering::SeqCst);
+    // Background attempts 1, 3, 7, 15 and 30 s after the failure.
+    let deadline = Instant::now() + Duration::from_secs(32);
+    loop {
+        let v = s.admin_get("/api/v1/enforcement/tenants/shade").await;
+        if v["spent_usd"] == actual.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spend never caught up with the ledger ({actual}): {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+    redis_cleanup(&p).await;
+}
