@@ -114,6 +114,19 @@ pub struct AppState {
 /// second: under sustained traffic every request meets it).
 fn recorded(e: &Event, r: Result<(), crate::ledger::outbox::OutboxError>) -> bool {
     match &r {
+        Err(crate::ledger::outbox::OutboxError::Full { .. }) if crate::ledger::outbox::takes_headroom(e.event_type) => {
+            // Past the follow-up headroom too: what the ledger will miss, for a manual entry.
+            tracing::error!(
+                event_type = e.event_type.as_str(),
+                event_id = %e.event_id,
+                request_id = e.request_id.as_deref().unwrap_or(""),
+                tenant_id = e.tenant_id.as_deref().unwrap_or(""),
+                reservation_id = e.reservation_id.as_deref().unwrap_or(""),
+                actual_cost_usd = %e.actual_cost_usd.map(|m| m.to_string()).unwrap_or_default(),
+                "ledger event lost: the outbox is full beyond the follow-up headroom (counted in \
+                 preauth_outbox_events_total{{state=\"dropped\"}}); the state store has the change, the ledger will not"
+            )
+        }
         Err(crate::ledger::outbox::OutboxError::Full { .. }) => {}
         Err(err) => {
             tracing::error!(error = %err, event_type = e.event_type.as_str(), event_id = %e.event_id, "ledger event not recorded")
