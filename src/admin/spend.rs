@@ -114,6 +114,59 @@ fn money_field(v: &Value) -> Option<Micros> {
     }
 }
 
+/// The answer to a reconcile call repeating `prev`'s key: the same answer for the same payload,
+/// 409 `idempotency_key_mismatch` for another.
+fn replay(state: &AppState, prev: &Reconciled, actual: Micros, notes: Option<&String>) -> Answer {
+    if prev.actual != actual || notes.is_some_and(|n| Some(n) != prev.notes.as_ref()) {
+        return err(
+            409,
+            "idempotency_key_mismatch",
+            "This idempotency key was already used for this reservation with a different payload.",
+        );
+    }
+    let status = prev.answer["status"].as_str().unwrap_or("matched");
+    state.metrics.reconciliations.with_label_values(&["manual_replay", status]).inc();
+    (200, prev.answer.clone())
+}
+
+/// The manual settlement of `r` made with idempotency key `key`, rebuilt from its
+/// `reservation_settled` event (local ledger, or Postgres when it is the sink — another
+/// replica's reconcile shows there once the relay delivered it). `None` when there is none.
+async fn reconciled_in_ledger(state: &AppState, r: &Reservation, key: &str) -> Option<Reconciled> {
+    let filter = crate::ledger::LedgerFilter {
+        limit: 100,
+        start_at_us: Some(r.created_at.saturating_sub(60_000).saturating_mul(1000)),
+        event_type: Some(EventType::ReservationSettled),
+        reservation_id: Some(r.id.clone()),
+        ..crate::ledger::LedgerFilter::default()
+    };
+    let events = state.ledger.query(&filter).await.ok()?;
+    events.into_iter().find_map(|e| {
+        let d = e.details.as_ref()?;
+        if d["trigger"] != "manual" || d["idempotency_key"].as_str() != Some(key) {
+            return None;
+        }
+        let actual = e.actual_cost_usd?;
+        let reserved = e.reserved_usd.unwrap_or(r.amount);
+        let drift = Micros(actual.0 - reserved.0);
+        let notes = d["notes"].as_str().map(str::to_string);
+        let at = crate::decide::time::parse_rfc3339(&e.occurred_at)?;
+        let answer = json!({
+            "reservation_id": r.id,
+            "tenant_id": e.tenant_id.as_deref().unwrap_or(&r.tenant),
+            "status": crate::telemetry::settlement_status(drift),
+            "reserved_usd": reserved,
+            "actual_cost_usd": actual,
+            "released_usd": Micros((reserved.0 - actual.0).max(0)),
+            "drift_usd": drift,
+            "reconciled_at": rfc3339_seconds(at),
+            "idempotency_key": key,
+            "notes": notes,
+        });
+        Some(Reconciled { key: key.to_string(), actual, notes, answer })
+    })
+}
+
 /// `POST /api/v1/enforcement/reservations/{id}/reconcile` `{actual_cost_usd, idempotency_key, notes}`.
 pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &Value) -> Answer {
     let Some(actual) = body.get("actual_cost_usd").and_then(money_field).filter(|m| m.0 >= 0) else {
@@ -125,27 +178,32 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
     let mut memo = memo.inner.lock().await;
     if let (Some(prev), Some(k)) = (memo.get(id), key) {
         if prev.key == k {
-            if prev.actual != actual || notes.as_ref().is_some_and(|n| Some(n) != prev.notes.as_ref()) {
-                return err(
-                    409,
-                    "idempotency_key_mismatch",
-                    "This idempotency key was already used for this reservation with a different payload.",
-                );
-            }
-            let status = prev.answer["status"].as_str().unwrap_or("matched").to_string();
-            m.reconciliations.with_label_values(&["manual_replay", &status]).inc();
-            return (200, prev.answer.clone());
+            return replay(state, prev, actual, notes.as_ref());
         }
     }
     let now = state.clock.now_ms();
     // The settlement reaches the outbox before the hold is released.
     let active = match state.budgets.get(id).await {
         Ok(Some((r, ReservationState::Active))) => Some(r),
-        Ok(_) => None,
+        Ok(Some((r, _))) => {
+            // Ended: by this key before this process remembered it (a restart, another replica)?
+            // The ledger has the answer.
+            if let Some(prev) = match key {
+                Some(k) => reconciled_in_ledger(state, &r, k).await,
+                None => None,
+            } {
+                return replay(state, &prev, actual, notes.as_ref());
+            }
+            None
+        }
+        Ok(None) => None,
         Err(e) => return err(503, "store_unavailable", &format!("Reservation could not be read: {e}. Retry.")),
     };
+    // When it happened, as the ledger says (a replay rebuilt from the ledger says the same).
+    let mut reconciled_at = now;
     if let Some(r) = &active {
         let mut e = state.reservation_event(r, EventType::ReservationSettled);
+        reconciled_at = crate::decide::time::parse_rfc3339(&e.occurred_at).unwrap_or(now);
         e.actual_cost_usd = Some(actual);
         e.drift_usd = Some(Micros(actual.0 - r.amount.0));
         e.usage_source = Some("manual".to_string().into());
@@ -169,7 +227,7 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
                 "actual_cost_usd": s.actual,
                 "released_usd": s.released,
                 "drift_usd": s.drift,
-                "reconciled_at": rfc3339_seconds(now),
+                "reconciled_at": rfc3339_seconds(reconciled_at),
                 "idempotency_key": key,
                 "notes": notes,
             });

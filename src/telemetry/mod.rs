@@ -291,11 +291,7 @@ impl Metrics {
     /// Counts a settlement by `trigger` (`usage`, `manual`) with its drift (actual − reserved);
     /// returns the status label (`matched`, `overage`, `savings`).
     pub fn record_settlement(&self, trigger: &str, drift: crate::decide::Micros) -> &'static str {
-        let status = match drift.0 {
-            0 => "matched",
-            d if d > 0 => "overage",
-            _ => "savings",
-        };
+        let status = settlement_status(drift);
         let i = match status {
             "matched" => 0,
             "overage" => 1,
@@ -494,6 +490,16 @@ impl EverySecond {
             return None;
         }
         Some(self.skipped.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// The status label of a settlement with `drift` (actual − reserved): `matched`, `overage` or
+/// `savings`.
+pub fn settlement_status(drift: crate::decide::Micros) -> &'static str {
+    match drift.0 {
+        0 => "matched",
+        d if d > 0 => "overage",
+        _ => "savings",
     }
 }
 

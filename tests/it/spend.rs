@@ -484,7 +484,8 @@ async fn a_request_outliving_its_hold_is_charged_on_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reconcile_api_and_a_reconciled_hold_is_not_charged_again() {
     // Manual reconcile: idempotent by key, 409 on payload change or inactive reservation.
-    let s = start(&[]).await;
+    let dir = temp_dir();
+    let s = start_in(&[], Arc::new(MemoryCounters::new()), &dir).await;
     let r = client()
         .post(s.url("/v1/chat/completions"))
         .bearer_auth(token("acme", "pro"))
@@ -541,6 +542,29 @@ async fn reconcile_api_and_a_reconciled_hold_is_not_charged_again() {
     pending.await.unwrap().unwrap().bytes().await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros(1000), "reconciled amount, not charged twice");
+    s.stop().await;
+    // After a restart the key still replays: the answer comes back from the ledger.
+    let s = start_in(&[], Arc::new(MemoryCounters::new()), &dir).await;
+    let url = s.admin_url(&format!("/api/v1/enforcement/reservations/{rid}/reconcile"));
+    let call = |body: Value| {
+        let url = url.clone();
+        async move { client().post(url).bearer_auth(ADMIN_KEY).json(&body).send().await.unwrap() }
+    };
+    let again = call(json!({"actual_cost_usd": "0.001000", "idempotency_key": "k1", "notes": "manual"})).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(json_of(again).await, first, "same key and payload after a restart: same answer");
+    for (body, code) in [
+        (
+            json!({"actual_cost_usd": "0.002000", "idempotency_key": "k1", "notes": "manual"}),
+            "idempotency_key_mismatch",
+        ),
+        (json!({"actual_cost_usd": "0.001000", "idempotency_key": "k9"}), "reservation_not_active"),
+    ] {
+        let r = call(body).await;
+        assert_eq!(r.status(), 409);
+        assert_eq!(json_of(r).await["error"]["code"], code);
+    }
+    assert_eq!(usd(&tenant_view(&s, "acme").await["spent_usd"]), Micros(1000), "replays charge nothing");
     s.stop().await;
 }
 
