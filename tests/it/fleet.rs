@@ -725,3 +725,62 @@ async fn shadow_usage_refused_while_redis_is_gone_is_charged_when_it_is_back() {
     s.stop().await;
     redis_cleanup(&p).await;
 }
+
+/// Requests refused by the concurrency cap while they race over three replicas: exactly the cap is
+/// admitted, every other one is refused (4xx), and afterwards only the admitted ones are counted.
+/// Which cap a racing refusal names is not exact on a fleet: one refused by the concurrency cap
+/// stays counted until its rollback's round trip, and a request deciding meanwhile may see the
+/// daily quota or the budget used up (README, "Fleet mode").
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_refusals_over_the_fleet_leave_exact_counts() {
+    let p = redis_prefix();
+    let dir = temp_dir();
+    let tenants = dir.join("tenants.toml");
+    // gpt-4o, 1000 output tokens: ~0.01 USD worst case each; 0.035 fits 3.
+    std::fs::write(
+        &tenants,
+        "[tenants.\"quota\"]\ntier = \"enterprise\"\ndaily_request_quota = 6\n\n\
+         [tenants.\"budget\"]\ntier = \"enterprise\"\nmonthly_budget_usd = \"0.035\"\ndaily_request_quota = 0\n",
+    )
+    .unwrap();
+    let env = [
+        ("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap()),
+        ("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "50"),
+        ("LLM_FAIR_USE_GUARDS_ENABLED", "true"),
+        ("LLM_FAIR_USE_PER_TENANT_CONCURRENCY_CAP", "2"),
+        ("PREAUTH_STORE_TIMEOUT_MS", "1000"),
+        ("PREAUTH_GATE_TIMEOUT_MS", "2000"),
+    ];
+    let fleet =
+        [start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await, start_fleet(&env, REDIS, &p).await];
+    let body = json!({"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "race"}]});
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let tenant = if i % 2 == 0 { "quota" } else { "budget" };
+        let (url, tok, body) = (fleet[i % 3].url("/v1/chat/completions"), token(tenant, "enterprise"), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r =
+                client().post(url).bearer_auth(tok).header("x-mock-delay-ms", "1500").json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap();
+            (tenant, status, v["error"]["details"]["reason"].as_str().map(str::to_string))
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    for tenant in ["quota", "budget"] {
+        let mine: Vec<_> = results.iter().filter(|r| r.0 == tenant).collect();
+        let admitted = mine.iter().filter(|r| r.1 == 200).count();
+        let refused = mine.iter().filter(|r| matches!(r.1, 402 | 429)).count();
+        assert_eq!((admitted, refused), (2, 58), "{tenant}: {mine:?}");
+        let v = tenant_view(&fleet[0], tenant).await;
+        assert_eq!(v["daily_requests"], 2, "{tenant}: only the admitted ones count: {v}");
+        assert_eq!((&v["active_reservations"], &v["in_flight"]), (&json!(0), &json!(0)), "{tenant}: {v}");
+    }
+    for s in fleet {
+        s.stop().await;
+    }
+    redis_cleanup(&p).await;
+}
