@@ -774,6 +774,14 @@ impl PreauthProxy {
             }
         }
         if passthrough {
+            // Nothing inspects a passthrough's body: it may not have one (a gateway that ignores
+            // a GET's body would otherwise run what it holds as a request of its own).
+            let declared = d.header("content-length").is_some_and(|v| v.trim() != "0");
+            if declared || d.header("transfer-encoding").is_some() {
+                let why = format!("{} {} takes no request body.", d.method(), d.path());
+                self.respond(d, ctx, &self.refusal(&Refusal::InvalidRequest(why), ctx)).await?;
+                return Ok(true);
+            }
             return Ok(false);
         }
         if let Some(g) = gate {

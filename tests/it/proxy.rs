@@ -224,6 +224,50 @@ async fn request_errors_have_codes_statuses_and_json() {
     s.stop().await;
 }
 
+/// Request smuggling attempts: a request hidden in a GET /v1/models body, or behind a chunk size
+/// the sidecar might read as the last chunk where a proxy in front reads a longer one. Each is
+/// refused (400, connection closed) and the hidden request never reaches the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn hidden_requests_are_refused_not_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(&[]).await;
+    let (acme, mallory) = (token("acme", "pro"), token("mallory", "pro"));
+    let hidden = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mallory}\r\n\
+         Content-Type: application/json\r\nContent-Length: 66\r\n\r\n\
+         {{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"x\"}}]}}"
+    );
+    assert_eq!(hidden.split("\r\n\r\n").nth(1).unwrap().len(), 66);
+    let get_with_length = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\nContent-Length: {}\r\n\r\n{hidden}",
+        hidden.len()
+    );
+    let get_chunked = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{hidden}\r\n0\r\n\r\n",
+        hidden.len()
+    );
+    let chunk_junk = |size: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{size}\r\n\r\n{hidden}\r\n0\r\n\r\n"
+        )
+    };
+    for attempt in [get_with_length, get_chunked, chunk_junk("0x1ce"), chunk_junk("0 junk"), chunk_junk("0_1")] {
+        let mut conn = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+        conn.write_all(attempt.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{attempt:?} → {answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "one answer, then the connection closes: {answer}");
+    }
+    let reached: Vec<_> = s.upstream.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(reached.is_empty(), "nothing reached the gateway: {reached:?}");
+    assert_eq!(tenant_view(&s, "mallory").await["daily_requests"], 0);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_errors_pass_through_and_unreachable_is_502() {
     let s = start(&[]).await;

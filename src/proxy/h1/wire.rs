@@ -370,14 +370,21 @@ enum ChunkState {
     #[default]
     Start,
     Size(u64),
-    /// After the digits: extensions up to the line end.
-    SizeRest(u64),
+    /// After the digits: blanks (before `;` or the line end).
+    SizeBlank(u64),
+    /// After `;`: extensions up to the line's CR.
+    Ext(u64),
+    /// Saw the size line's CR.
+    SizeLf(u64),
     Data(u64),
-    /// After a chunk's data: its CRLF.
-    DataEnd,
+    /// After a chunk's data: its CR, then its LF.
+    DataCr,
+    DataLf,
     /// After the last chunk: at the start of a trailer line (an empty one ends the body).
     TrailerStart,
     TrailerLine,
+    /// Saw a trailer line's CR.
+    TrailerLf,
     /// Saw CR of the final empty line.
     FinalLf,
     Done,
@@ -390,64 +397,84 @@ impl Chunked {
 
     /// Consumes as much of `input` as belongs to the body, passing every piece of chunk data
     /// to `data`. Returns the bytes consumed (less than `input.len()` only once done).
+    ///
+    /// Strict framing (RFC 9112 §7.1): a size is hex digits, then optional blanks, then `;`
+    /// extensions or the line end; every line ends in CRLF. Anything else is malformed — read
+    /// leniently, a size like `0x1ce` or `0 junk` would end the body where a proxy in front sees
+    /// it go on, and the rest would be served as a request of its own (smuggling).
     pub fn feed(&mut self, input: &[u8], mut data: impl FnMut(&[u8])) -> Result<usize, Malformed> {
         use ChunkState::*;
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
-            match self.state {
-                Start | Size(_) => {
-                    let v = if let Size(v) = self.state { v } else { 0 };
-                    match hex(b) {
-                        Some(d) => {
-                            if v >> 59 != 0 {
-                                return Err("chunk size too large");
-                            }
-                            if self.line >= MAX_CHUNK_LINE {
-                                // Leading zeros: the size line would never end.
-                                return Err("chunk size line too long");
-                            }
-                            self.state = Size(v << 4 | u64::from(d));
-                        }
-                        None if self.state == Start => return Err("invalid chunk size"),
-                        None => {
-                            self.state = SizeRest(v);
-                            continue; // look at this byte again as part of the rest
-                        }
-                    }
-                    self.line += 1;
+            if matches!(self.state, Size(_) | SizeBlank(_) | Ext(_) | SizeLf(_)) {
+                self.line += 1;
+                if self.line > MAX_CHUNK_LINE {
+                    // Leading zeros or endless extensions: the size line would never end.
+                    return Err("chunk size line too long");
                 }
-                SizeRest(v) => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err("chunk size line too long");
+            }
+            match self.state {
+                Start => match hex(b) {
+                    Some(d) => {
+                        self.line = 1;
+                        self.state = Size(u64::from(d));
                     }
-                    if b == b'\n' {
-                        self.line = 0;
-                        self.state = if v == 0 { TrailerStart } else { Data(v) };
-                    } else if b != b'\r' && b != b';' && b != b' ' && b != b'\t' && !b.is_ascii_graphic() {
-                        return Err("invalid chunk extension");
+                    None => return Err("invalid chunk size"),
+                },
+                Size(v) => match (hex(b), b) {
+                    (Some(d), _) => {
+                        if v >> 59 != 0 {
+                            return Err("chunk size too large");
+                        }
+                        self.state = Size(v << 4 | u64::from(d));
                     }
+                    (None, b' ' | b'\t') => self.state = SizeBlank(v),
+                    (None, b';') => self.state = Ext(v),
+                    (None, b'\r') => self.state = SizeLf(v),
+                    (None, _) => return Err("invalid chunk size"),
+                },
+                SizeBlank(v) => match b {
+                    b' ' | b'\t' => {}
+                    b';' => self.state = Ext(v),
+                    b'\r' => self.state = SizeLf(v),
+                    _ => return Err("invalid chunk size"),
+                },
+                Ext(v) => match b {
+                    b'\r' => self.state = SizeLf(v),
+                    b'\t' | b' '..=b'~' => {}
+                    _ => return Err("invalid chunk extension"),
+                },
+                SizeLf(v) => {
+                    if b != b'\n' {
+                        return Err("chunk size line not ended by CRLF");
+                    }
+                    self.line = 0;
+                    self.state = if v == 0 { TrailerStart } else { Data(v) };
                 }
                 Data(left) => {
                     let n = (input.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
                     data(&input[i..i + n]);
                     i += n;
                     let left = left - n as u64;
-                    self.state = if left == 0 { DataEnd } else { Data(left) };
+                    self.state = if left == 0 { DataCr } else { Data(left) };
                     continue;
                 }
-                DataEnd => match b {
-                    b'\r' => {}
-                    b'\n' => self.state = Start,
-                    _ => return Err("chunk data longer than its size"),
-                },
+                DataCr => {
+                    if b != b'\r' {
+                        return Err("chunk data longer than its size");
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err("chunk data not ended by CRLF");
+                    }
+                    self.state = Start;
+                }
                 TrailerStart => match b {
                     b'\r' => self.state = FinalLf,
-                    b'\n' => {
-                        self.state = Done;
-                        return Ok(i + 1);
-                    }
+                    b'\n' => return Err("chunked body end not CRLF"),
                     _ => {
                         self.state = TrailerLine;
                         continue;
@@ -458,9 +485,17 @@ impl Chunked {
                     if self.line > MAX_TRAILERS {
                         return Err("trailers too large");
                     }
-                    if b == b'\n' {
-                        self.state = TrailerStart;
+                    match b {
+                        b'\r' => self.state = TrailerLf,
+                        b'\n' => return Err("trailer line not ended by CRLF"),
+                        _ => {}
                     }
+                }
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err("trailer line not ended by CRLF");
+                    }
+                    self.state = TrailerStart;
                 }
                 FinalLf => {
                     if b != b'\n' {
@@ -791,7 +826,27 @@ mod tests {
         let zeros = vec![b'0'; MAX_CHUNK_LINE + 1];
         assert_eq!(dechunk(&[&zeros]).err(), Some("chunk size line too long"), "before the line ends");
         assert_eq!(dechunk(&[b"0\r\n\rx"]).err(), Some("invalid chunked body end"));
-        assert!(dechunk(&[b"0\n\n"]).unwrap().2, "bare LF tolerated");
+        // Blanks before `;` or the line end are fine; nothing else may follow the digits, and
+        // every line ends in CRLF: each of these would frame the body differently from a
+        // proxy in front that reads the size (or the line end) another way.
+        for ok in [&b"5 \r\nhello\r\n0\r\n\r\n"[..], b"5\t; a=\"b c\"\r\nhello\r\n0 ;x\r\n\r\n"] {
+            assert_eq!(dechunk(&[ok]).map(|(o, _, d)| (o, d)), Ok((b"hello".to_vec(), true)), "{ok:?}");
+        }
+        for (bad, why) in [
+            (&b"0x1ce\r\n\r\n"[..], "invalid chunk size"),
+            (b"0 junk\r\n\r\n", "invalid chunk size"),
+            (b"0_1\r\n\r\n", "invalid chunk size"),
+            (b"5\nhello\r\n0\r\n\r\n", "invalid chunk size"),
+            (b"5\r\rhello", "chunk size line not ended by CRLF"),
+            (b"5\r\nhello\n0\r\n\r\n", "chunk data longer than its size"),
+            (b"5\r\nhello\r\r\n", "chunk data not ended by CRLF"),
+            (b"0\n\n", "invalid chunk size"),
+            (b"0\r\n\n", "chunked body end not CRLF"),
+            (b"0\r\nT: x\n\r\n", "trailer line not ended by CRLF"),
+            (b"1;\x01\r\nx\r\n", "invalid chunk extension"),
+        ] {
+            assert_eq!(dechunk(&[bad]).err(), Some(why), "{bad:?}");
+        }
     }
 
     #[test]
