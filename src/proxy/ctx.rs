@@ -62,6 +62,8 @@ pub struct RequestCtx {
     /// The client went away after the request was written to the gateway and before its answer
     /// began: settled as a cut stream (the estimated prompt), not released.
     pub client_left_after_forward: bool,
+    /// pingora's path (h2c): the request's last body bytes went to the gateway.
+    pub body_forwarded: bool,
     /// Counts this request as in flight for the drain (h2c; the HTTP/1 driver holds its count
     /// beside the context, until `finish` is done).
     pub counted: Option<crate::drain::Counted>,
@@ -102,6 +104,7 @@ impl RequestCtx {
             fingerprint: None,
             staged_since: None,
             client_left_after_forward: false,
+            body_forwarded: false,
             counted: None,
         }
     }

@@ -1076,6 +1076,7 @@ impl ProxyHttp for PreauthProxy {
                 if let Some(b) = ctx.new_body.take() {
                     *body = Some(b);
                 }
+                ctx.body_forwarded = true;
             }
             return Ok(());
         }
@@ -1095,6 +1096,7 @@ impl ProxyHttp for PreauthProxy {
         match self.decide_body(ctx, &full).await {
             Ok(()) => {
                 *body = Some(ctx.new_body.take().unwrap_or(full));
+                ctx.body_forwarded = true;
                 Ok(())
             }
             Err(refusal) => {
@@ -1153,7 +1155,11 @@ impl ProxyHttp for PreauthProxy {
         ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_))
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // Gone (a stream reset, a closed connection) after its request reached the gateway, as
+        // the HTTP/1 driver judges it: the call may be billed all the same.
+        ctx.client_left_after_forward |=
+            ctx.body_forwarded && e.is_some_and(|e| matches!(e.esource(), ErrorSource::Downstream));
         self.finish(ctx).await;
     }
 }

@@ -758,32 +758,33 @@ async fn the_drain_counts_and_settles_h2c_streams() {
 /// A client that gives up (its timeout) after its request reached the gateway, before any answer:
 /// the gateway may bill the call all the same, so the request is charged its estimated prompt
 /// (as a stream cut before its usage), not released — short client timeouts do not make calls
-/// free.
+/// free. Over HTTP/1 (the connection closes) and h2c (the stream is reset) alike.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_before_the_answer_is_charged_its_prompt() {
     let s = start(&[]).await;
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let h1 = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_millis(300)).build().unwrap();
     let body =
         json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "word ".repeat(2000)}]});
-    let r = impatient
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("hasty", "pro"))
-        .header("x-mock-delay-ms", "1500")
-        .json(&body)
-        .send()
-        .await;
-    assert!(r.is_err(), "the client timed out");
-    wait_for("the request reached the gateway", || async { s.upstream.request_count() == 1 }).await;
-    let settled = || async {
-        s.admin_get("/api/v1/enforcement/ledger?tenant_id=hasty&event_type=reservation_settled").await["items"][0]
-            .clone()
-    };
-    wait_for("the settlement", || async { settled().await.is_object() }).await;
-    let e = settled().await;
-    assert_eq!((&e["usage_source"], &e["usage"]["completion_tokens"]), (&json!("estimated"), &json!(0)), "{e}");
-    let prompt = e["usage"]["prompt_tokens"].as_u64().unwrap();
-    assert!(prompt > 1000, "the request's estimated prompt: {e}");
-    let want = price_cost("gpt-4o", Usage { prompt_tokens: prompt, ..Usage::default() });
-    wait_for("charged", || async { usd(&tenant_view(&s, "hasty").await["spent_usd"]) == want }).await;
+    for (n, (tenant, impatient)) in [("hasty", h1), ("hasty-h2", h2c)].into_iter().enumerate() {
+        let r = impatient
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(token(tenant, "pro"))
+            .header("x-mock-delay-ms", "1500")
+            .json(&body)
+            .send()
+            .await;
+        assert!(r.is_err(), "{tenant}: the client timed out");
+        wait_for("the request reached the gateway", || async { s.upstream.request_count() == n as u64 + 1 }).await;
+        let ledger = format!("/api/v1/enforcement/ledger?tenant_id={tenant}&event_type=reservation_settled");
+        let settled = || async { s.admin_get(&ledger).await["items"][0].clone() };
+        wait_for("the settlement", || async { settled().await.is_object() }).await;
+        let e = settled().await;
+        assert_eq!((&e["usage_source"], &e["usage"]["completion_tokens"]), (&json!("estimated"), &json!(0)), "{e}");
+        let prompt = e["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt > 1000, "{tenant}: the request's estimated prompt: {e}");
+        let want = price_cost("gpt-4o", Usage { prompt_tokens: prompt, ..Usage::default() });
+        wait_for("charged", || async { usd(&tenant_view(&s, tenant).await["spent_usd"]) == want }).await;
+    }
     s.stop().await;
 }
