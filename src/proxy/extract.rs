@@ -115,10 +115,16 @@ pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<
 /// (`duplicate_identity_header`) — a front proxy that appends its own `x-tenant-id` instead of
 /// replacing the client's would otherwise let the client's first one win. `count(name)` counts
 /// the request's lines of a header.
+/// JWT identity: two `Authorization` lines are refused alike (`duplicate_authorization_header`),
+/// rather than letting the first one win silently.
 pub fn ambiguous_identity(identity: &Identity, count: impl Fn(&str) -> usize) -> Option<&'static str> {
-    let header_mode = matches!(identity, Identity::Header);
-    let repeated = || [names::TENANT_ID, names::TENANT_TIER, names::USER_ID].into_iter().any(|n| count(n) > 1);
-    (header_mode && repeated()).then_some("duplicate_identity_header")
+    match identity {
+        Identity::Header => [names::TENANT_ID, names::TENANT_TIER, names::USER_ID]
+            .into_iter()
+            .any(|n| count(n) > 1)
+            .then_some("duplicate_identity_header"),
+        Identity::Jwt { .. } => (count("authorization") > 1).then_some("duplicate_authorization_header"),
+    }
 }
 
 /// [`identify`] over a header lookup (`header(name)`: the first value, trimmed, when non-empty
@@ -438,7 +444,7 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_identity_header_is_ambiguous_in_header_mode_only() {
+    fn a_repeated_identity_header_or_token_is_ambiguous() {
         let twice = |n: &str| if n == names::TENANT_ID { 2 } else { 1 };
         assert_eq!(ambiguous_identity(&Identity::Header, twice), Some("duplicate_identity_header"));
         assert_eq!(ambiguous_identity(&Identity::Header, |_| 1), None);
@@ -449,6 +455,9 @@ mod tests {
             tier_claim: "tier".into(),
         };
         assert_eq!(ambiguous_identity(&jwt, twice), None, "JWT mode: the token names the tenant");
+        let two_tokens = |n: &str| if n == "authorization" { 2 } else { 1 };
+        assert_eq!(ambiguous_identity(&jwt, two_tokens), Some("duplicate_authorization_header"));
+        assert_eq!(ambiguous_identity(&Identity::Header, two_tokens), None, "header mode reads no token");
     }
 
     #[test]

@@ -153,6 +153,9 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
                         "The caller's identity is ambiguous: x-tenant-id, x-tenant-tier and x-user-id must each appear \
                          at most once (the authenticating gateway should replace them, not append)."
                     }
+                    "duplicate_authorization_header" => {
+                        "The caller's credentials are ambiguous: send exactly one Authorization: Bearer <tenant JWT>."
+                    }
                     w if w.ends_with("_header") => {
                         "Missing caller identity: the x-tenant-id header (set by the authenticating gateway) is required."
                     }
