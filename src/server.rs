@@ -51,6 +51,11 @@ pub struct Built {
 
 pub use crate::config::load_pricing;
 
+/// An h2c connection with no open stream is closed after this (the HTTP/1 driver's idle time).
+const H2_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Streams one h2c connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
 /// Resolves the upstream once (pingora's `HttpPeer::new` would resolve per request and panic).
 pub fn resolve_upstream(config: &Config) -> Result<SocketAddr, String> {
     let up = config.upstream.as_ref().ok_or("PREAUTH_UPSTREAM_URL is not set")?;
@@ -231,7 +236,14 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     let mut h2 = pingora::proxy::http_proxy(&server.configuration, proxy.clone());
     let mut opts = HttpServerOptions::default();
     opts.h2c = true;
+    // As the HTTP/1 driver: an h2c connection without a stream for 60 s is closed (without it, idle
+    // connections stayed open until the process ran out of file descriptors).
+    opts.h2_idle_timeout = Some(H2_IDLE_TIMEOUT);
     h2.server_options = Some(opts);
+    // nginx's default: one connection cannot open streams without bound.
+    let mut h2_options = pingora::protocols::http::v2::server::H2Options::new();
+    h2_options.max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    h2.h2_options = Some(h2_options);
     let mut svc = Service::new("preauth proxy".to_string(), LeanH1::new(h2, proxy));
     // Unbuffered: the HTTP/1 driver keeps its own buffers (pingora's default 64 KiB read buffer
     // per connection would copy every byte once more), and h2 frames its own.
