@@ -293,9 +293,12 @@ fn ceil_to_micros(numerator: i128) -> Micros {
 /// once, on the sum (never per component), so a call is never priced below its exact cost and by
 /// less than one micro-USD above it. Saturates at `i64::MAX`.
 pub fn cost(price: &ModelPrice, usage: &Usage) -> Micros {
-    let uncached = usage.prompt_tokens.saturating_sub(usage.cached_tokens) as i128;
+    // Cached tokens are part of the prompt: a report claiming more cached than prompt tokens is
+    // charged for the prompt it reports, no more.
+    let cached = usage.cached_tokens.min(usage.prompt_tokens);
+    let uncached = (usage.prompt_tokens - cached) as i128;
     let numerator = uncached * price.input_per_mtok.0 as i128
-        + usage.cached_tokens as i128 * price.cached_input_per_mtok.0 as i128
+        + cached as i128 * price.cached_input_per_mtok.0 as i128
         + usage.completion_tokens as i128 * price.output_per_mtok.0 as i128;
     ceil_to_micros(numerator)
 }
@@ -480,8 +483,9 @@ mod tests {
         // rounding once on the sum: 1 token in (0.15) + 1 token out (0.60) = 0.75 → 1
         assert_eq!(cost(p, &usage(1, 1, 0, 0)), Micros(1));
         assert_eq!(cost(p, &usage(0, 0, 0, 0)), Micros(0));
-        // cached > prompt: uncached saturates at 0, cached still billed
-        assert_eq!(cost(p, &usage(10, 0, 20, 0)), Micros(2));
+        // cached > prompt (an inconsistent report): the 10 prompt tokens reported, all cached
+        // (10 × 0.075 = 0.75 → 1), not 20 cached (1.5 → 2)
+        assert_eq!(cost(p, &usage(10, 0, 20, 0)), Micros(1));
         // huge numbers do not overflow (i128) and saturate on the way out
         let huge = usage(u64::MAX, u64::MAX, 0, 0);
         assert_eq!(cost(p, &huge).0, i64::MAX);

@@ -1237,8 +1237,9 @@ impl UsageScanner {
                         let (usage, model) = (occurrences(&body, &USAGE_FINDER), occurrences(&body, &MODEL_FINDER));
                         self.openai_frame(&body, usage, model);
                     }
-                    // The observed text only matters when the body reports no usage.
-                    if self.current_usage().is_none() {
+                    // The observed text only matters when the body reports no usage it can be
+                    // settled from (none, or counts beyond any model's).
+                    if self.current_usage().is_none_or(|u| !u.plausible()) {
                         scan_keys(&body, text_keys(self.route, self.kind), Some(&mut self.text));
                     }
                 }
@@ -1836,6 +1837,11 @@ mod tests {
         assert_eq!(r.observed_output_tokens, 0, "usage reported: the text is not counted");
         let no_usage = OPENAI_CHAT_JSON.replace("\"usage\"", "\"usage_elsewhere\"");
         assert!(whole(Route::ChatCompletions, BodyKind::Json, &no_usage).observed_output_tokens >= 10);
+        // Usage beyond any model's is not settled from: the text is counted, as without usage.
+        let absurd = OPENAI_CHAT_JSON.replace("\"prompt_tokens\": 1117", "\"prompt_tokens\": 2000000000");
+        assert_ne!(absurd, OPENAI_CHAT_JSON);
+        let a = whole(Route::ChatCompletions, BodyKind::Json, &absurd);
+        assert!(a.usage.is_some_and(|u| !u.plausible()) && a.observed_output_tokens >= 10, "{a:?}");
         // split anywhere, byte by byte
         assert_eq!(assert_split_invariant(Route::ChatCompletions, BodyKind::Json, OPENAI_CHAT_JSON), r);
     }

@@ -397,7 +397,7 @@ impl Reference {
             BodyKind::Json => match serde_json::from_slice::<J>(body) {
                 Ok(j) => {
                     r.read_frame(&j);
-                    if r.current_usage().is_none() {
+                    if r.current_usage().is_none_or(|u| !u.plausible()) {
                         r.count_text(&j);
                     }
                 }
