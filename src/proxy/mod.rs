@@ -391,7 +391,12 @@ impl PreauthProxy {
         recorded &= self.state.group.commit(since).await.is_ok();
         if !recorded {
             self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "outbox_unavailable"]).inc();
-            decision = decide::failsafe(mode);
+            // Only a request that would go on needs its record first. A refusal stands: the kill
+            // switch and the global block act in every mode, and shadow's fail-open must not
+            // turn them (or any refusal) into a forwarded call.
+            if decision.verdict != Verdict::Deny {
+                decision = decide::failsafe(mode);
+            }
         }
         if decision.verdict == Verdict::RequireApproval {
             // Every key an `approval_required` answer promises; `null` where no approval could be

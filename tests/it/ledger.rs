@@ -464,6 +464,45 @@ async fn a_full_outbox_still_records_the_settlement_of_a_request_in_flight() {
     Arc::try_unwrap(s).ok().expect("one owner").stop().await;
 }
 
+/// The kill switch acts in every mode even when nothing can be recorded: with the outbox full, a
+/// shadow-mode source (whose failsafe path lets requests through) is still refused 429, and so
+/// is a soft one (not escalated to an approval).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_outbox_does_not_open_the_kill_switch_to_shadow_sources() {
+    let ledger = format!("http://127.0.0.1:{}/ingest", free_port());
+    let s = start(&[
+        ("PREAUTH_LEDGER_URL", ledger.as_str()),
+        ("PREAUTH_OUTBOX_MAX_BYTES", "1048576"),
+        ("PREAUTH_SOURCE_MODES", "evals=shadow,batch=soft"),
+        ("LLM_GLOBAL_ABUSE_KILL_SWITCH", "true"),
+    ])
+    .await;
+    let body = chat("gpt-4o-mini");
+    let mut full = false;
+    for i in 0..4000 {
+        let r = post(&s, "/v1/chat/completions", &format!("fill-{}", i % 64), "pro", &body).await;
+        let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+        assert_eq!(v["error"]["details"]["reason"], "global_abuse_kill_switch");
+        let m = metrics(&s).await;
+        if metric_sum(
+            &m,
+            "valdrics_ops_enforcement_gate_failures_total{failure_type=\"outbox_unavailable\",source=\"default\"}",
+        ) > 0.0
+        {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the outbox never filled");
+    for source in ["evals", "batch", "default"] {
+        let r = post_with(&s, "/v1/chat/completions", "acme", "pro", &body, &[("x-preauth-source", source)]).await;
+        let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+        assert_eq!(v["error"]["details"]["reason"], "global_abuse_kill_switch", "{source}: {v}");
+    }
+    assert_eq!(s.upstream.request_count(), 0, "nothing reached the gateway");
+    s.stop().await;
+}
+
 /// Soft mode with the outbox full: the request cannot be recorded, so it takes the soft failsafe
 /// path (403 `approval_required`, `soft_mode_fail_safe_escalation`); its details still carry every
 /// key the contract names for that code — the body's fingerprint and cost, and `null` for the
