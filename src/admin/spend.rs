@@ -258,7 +258,10 @@ pub async fn reconcile_overdue(state: &AppState, body: &Value) -> Answer {
         },
     };
     let now = state.clock.now_ms();
-    let released = crate::worker::release_overdue(state, older, now, "manual").await;
+    let released = match crate::worker::release_overdue(state, older, now, "manual").await {
+        Ok(r) => r,
+        Err(e) => return err(503, "store_unavailable", &format!("Reservations could not be swept: {e}. Retry.")),
+    };
     let total = released.iter().fold(Micros::ZERO, |acc, r| acc.saturating_add(r.amount));
     (
         200,

@@ -89,19 +89,21 @@ impl Housekeeper {
     /// Releases reservations older than `PREAUTH_RESERVATION_TTL_SECONDS` (nothing charged;
     /// reason `reservation_auto_released_sla`) and refreshes the active-reservations gauge.
     pub async fn release_overdue(&self, now: crate::decide::UnixMillis) -> Vec<crate::store::budget::Reservation> {
-        release_overdue(&self.state, self.state.config.reservation_ttl_seconds, now, "auto").await
+        // A failure is counted and logged there; the next tick retries.
+        release_overdue(&self.state, self.state.config.reservation_ttl_seconds, now, "auto").await.unwrap_or_default()
     }
 }
 
 /// The sweep: releases every active reservation older than `older_than_seconds`. `trigger` labels
 /// the reconciliations metric: `auto` for the housekeeper's, `manual` for an operator's
-/// `reconcile-overdue` (so the sweep-release alert counts only the holds nobody settled).
+/// `reconcile-overdue` (so the sweep-release alert counts only the holds nobody settled). `Err`
+/// when the store could not be swept (nothing was released).
 pub async fn release_overdue(
     state: &AppState,
     older_than_seconds: u64,
     now: crate::decide::UnixMillis,
     trigger: &'static str,
-) -> Vec<crate::store::budget::Reservation> {
+) -> Result<Vec<crate::store::budget::Reservation>, crate::store::StoreError> {
     let m = &state.metrics;
     let cutoff = now.saturating_sub(older_than_seconds * 1000);
     let expired = state.budgets.expire(cutoff, now).await;
@@ -110,8 +112,8 @@ pub async fn release_overdue(
         Ok(r) => r,
         Err(e) => {
             m.store_errors.with_label_values(&["expire"]).inc();
-            tracing::warn!(error = %e, "reservation sweep failed; retrying next tick");
-            Vec::new()
+            tracing::warn!(error = %e, trigger, "reservation sweep failed; the housekeeper retries next tick");
+            return Err(e);
         }
     };
     for r in &released {
@@ -138,7 +140,7 @@ pub async fn release_overdue(
     if let Ok(n) = state.budgets.active_count().await {
         m.reservations_active.set(n as i64);
     }
-    released
+    Ok(released)
 }
 
 #[async_trait]

@@ -784,3 +784,24 @@ async fn racing_refusals_over_the_fleet_leave_exact_counts() {
     }
     redis_cleanup(&p).await;
 }
+
+/// An operator's overdue sweep while the store is gone says so (503 `store_unavailable`, as the
+/// other admin routes over the store do) instead of reporting nothing released.
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_overdue_without_the_store_is_an_error() {
+    let p = redis_prefix();
+    let sw = switchable_redis().await;
+    let url = format!("redis://127.0.0.1:{}", sw.port);
+    let s = start_fleet(&[("PREAUTH_STORE_TIMEOUT_MS", "50")], &url, &p).await;
+    let overdue =
+        || s.admin_post("/api/v1/enforcement/reservations/reconcile-overdue", json!({"older_than_seconds": 0}));
+    assert_eq!(overdue().await.status(), 200);
+    sw.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(200)).await; // the switch cuts open connections
+    let r = overdue().await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(json_of(r).await["error"]["code"], "store_unavailable");
+    sw.up.store(true, Ordering::SeqCst);
+    s.stop().await;
+    redis_cleanup(&p).await;
+}
