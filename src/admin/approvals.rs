@@ -40,7 +40,11 @@ pub async fn list(state: &AppState, query: &str) -> Answer {
             }
         },
     };
-    let limit = query_param(query, "limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(200).clamp(1, 1000);
+    let limit = match query_param(query, "limit").map(|l| l.parse::<usize>()) {
+        None => 200,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => return err(400, "invalid_request", "`limit` must be an integer between 1 and 1000."),
+    };
     // `tenant_id`: one tenant's approvals, among the newest 1,000 of the status asked for.
     let tenant = query_param(query, "tenant_id").map(crate::ledger::percent_decode).filter(|t| !t.is_empty());
     let now = state.clock.now_ms();

@@ -381,7 +381,7 @@ impl PreauthProxy {
         let (mut recorded, template) = self.state.stage_decision(ev);
         if let (true, true, Some(id)) = (recorded, decision.is_allow(), consumed_approval) {
             let mut e = template.event().sibling(self.state.event(EventType::ApprovalConsumed, policy.version));
-            (e.reservation_id, e.reserved_usd) = (None, None);
+            e.reserved_usd = None; // the hold it admitted is named, its amount is the decision's
             e.approval_id = Some(id);
             e.request_fingerprint = Some(fp.clone());
             self.state.stage(&e);

@@ -393,7 +393,7 @@ pub const GATE_FAILURE_TYPES: [&str; 4] = ["store_timeout", "store_error", "gate
 
 /// `op` values of `preauth_store_errors_total`: the store calls of the request path
 /// (`AppState::store_failed`) and of the background workers.
-pub const STORE_OPS: [&str; 13] = [
+pub const STORE_OPS: [&str; 15] = [
     "admit",
     "consume_approval",
     "create_pending",
@@ -402,7 +402,9 @@ pub const STORE_OPS: [&str; 13] = [
     "rollback",
     "set_global_block",
     "settle",
+    "charge",
     "release",
+    "park_lease",
     "tenant_spend",
     "sweep",
     "expire",

@@ -100,6 +100,11 @@ async fn full_loop_request_approve_retry_replay() {
     assert_eq!(mine["items"].as_array().map(Vec::len), Some(1), "{mine}");
     let other = s.admin_get("/api/v1/enforcement/approvals?status=pending&tenant_id=globex").await;
     assert_eq!(other["items"].as_array().map(Vec::len), Some(0), "another tenant's filter: {other}");
+    for bad in ["0", "1001", "x"] {
+        let url = s.admin_url(&format!("/api/v1/enforcement/approvals?limit={bad}"));
+        let r = client().get(url).bearer_auth(ADMIN_KEY).send().await.unwrap();
+        assert_eq!(r.status(), 400, "limit={bad}");
+    }
     assert!(metrics(&s).await.contains("valdrics_ops_enforcement_approval_queue_backlog 1"));
     let approved = client()
         .post(s.admin_url(&format!("/api/v1/enforcement/approvals/{id}/approve")))
@@ -114,8 +119,16 @@ async fn full_loop_request_approve_retry_replay() {
     let r = send(&s, "acme", &body, Some(&token)).await;
     assert_eq!(r.status(), 200, "approved request goes through");
     assert_eq!(s.upstream.last_request().unwrap().header("x-approval-token"), None, "token not forwarded");
-    assert!(r.headers().get("x-preauth-reservation-id").is_some());
+    let held = r.headers()["x-preauth-reservation-id"].to_str().unwrap().to_string();
     r.bytes().await.unwrap();
+    // The consumption names the approval and the hold it admitted (as its decision does).
+    let consumed = s.admin_get("/api/v1/enforcement/ledger?tenant_id=acme&event_type=approval_consumed").await;
+    let e = &consumed["items"][0];
+    assert_eq!(
+        (e["approval_id"].as_str(), e["reservation_id"].as_str()),
+        (Some(id.as_str()), Some(held.as_str())),
+        "{e}"
+    );
     let r = send(&s, "acme", &body, Some(&token)).await;
     // 409 is retried by the OpenAI/Anthropic SDKs unless told otherwise; a used token stays used.
     assert_eq!(r.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
