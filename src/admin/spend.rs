@@ -188,11 +188,10 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
         Ok(Some((r, _))) => {
             // Ended: by this key before this process remembered it (a restart, another replica)?
             // The ledger has the answer.
-            if let Some(prev) = match key {
-                Some(k) => reconciled_in_ledger(state, &r, k).await,
-                None => None,
-            } {
-                return replay(state, &prev, actual, notes.as_ref());
+            if let Some(k) = key {
+                if let Some(prev) = reconciled_in_ledger(state, &r, k).await {
+                    return replay(state, &prev, actual, notes.as_ref());
+                }
             }
             None
         }

@@ -52,7 +52,7 @@
 //! headroom of max(`max_bytes` / 8, 16 MiB) — room for the settlements of ≈ 18,000 requests in
 //! flight when it filled — so that a request forwarded before the outbox filled does not lose its
 //! settlement ([`takes_headroom`]). A follow-up refused even so is counted as dropped, whatever
-//! the policy, and logged with what it carried (`AppState::stage_follow_up`). Without a relay nothing is
+//! the policy, and logged with what it carried (`state::recorded`). Without a relay nothing is
 //! "undelivered": the local ledger is bounded instead by deleting its oldest segments once the
 //! directory exceeds `max_bytes` (and, always, segments older than the retention).
 //!

@@ -115,6 +115,7 @@ pub fn identify(identity: &Identity, headers: &HeaderMap, now_s: i64) -> Result<
 /// (`duplicate_identity_header`) — a front proxy that appends its own `x-tenant-id` instead of
 /// replacing the client's would otherwise let the client's first one win. `count(name)` counts
 /// the request's lines of a header.
+///
 /// JWT identity: two `Authorization` lines are refused alike (`duplicate_authorization_header`),
 /// rather than letting the first one win silently.
 pub fn ambiguous_identity(identity: &Identity, count: impl Fn(&str) -> usize) -> Option<&'static str> {
