@@ -449,19 +449,32 @@ impl State {
     }
 
     /// Rebuilds a state from journal bytes; unreadable lines are skipped and counted.
+    #[cfg(test)]
     fn replay(bytes: &[u8], opts: &BudgetsOptions) -> (State, u64) {
+        Self::replay_from(bytes, opts).expect("reading a slice cannot fail")
+    }
+
+    /// The state a journal read from `journal` describes, line by line (a journal of up to the
+    /// compaction threshold is never held whole: it would double the memory of a start), and
+    /// how many lines could not be read (a torn last write).
+    fn replay_from(mut journal: impl io::BufRead, opts: &BudgetsOptions) -> io::Result<(State, u64)> {
         let mut st = State::new(opts);
         let mut skipped = 0;
-        for l in bytes.split(|&b| b == b'\n') {
-            if l.iter().all(u8::is_ascii_whitespace) {
+        let mut line = Vec::with_capacity(1024);
+        loop {
+            line.clear();
+            if journal.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match serde_json::from_slice::<Entry<'_>>(l) {
+            match serde_json::from_slice::<Entry<'_>>(&line) {
                 Ok(e) => st.apply(&e),
                 Err(_) => skipped += 1,
             }
         }
-        (st, skipped)
+        Ok((st, skipped))
     }
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
@@ -809,16 +822,14 @@ impl MemoryBudgets {
     pub fn open_with(dir: &Path, opts: BudgetsOptions) -> io::Result<MemoryBudgets> {
         fs::create_dir_all(dir)?;
         let path = dir.join(JOURNAL_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        let (state, skipped) = match File::open(&path) {
+            Ok(f) => State::replay_from(io::BufReader::with_capacity(256 * 1024, f), &opts)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::replay_from(io::empty(), &opts)?,
             Err(e) => return Err(e),
         };
-        let (state, skipped) = State::replay(&bytes, &opts);
         if skipped > 0 {
             tracing::warn!(skipped, path = %path.display(), "budget journal: ignored unreadable lines (torn last write?)");
         }
-        drop(bytes);
         let mut snap = Vec::new();
         state.snapshot().write_to(&mut snap)?;
         let journal = Journal::install(dir, TMP_FILE, &path, &snap, opts.compact_above_bytes)?;
