@@ -193,12 +193,7 @@ pub async fn settle(
             (Err(e), _) => {
                 m.store_errors.with_label_values(&["settle"]).inc();
                 tracing::warn!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; retried in the background");
-                let labels = SpendLabels {
-                    tier: spend.tier,
-                    provider: spend.price.provider.clone(),
-                    model: spend.model_label.clone(),
-                };
-                tokio::spawn(settle_later(state.clone(), r, actual, now, labels));
+                tokio::spawn(settle_later(state.clone(), r, actual, now, SpendLabels::of(spend)));
                 return;
             }
         },
@@ -207,12 +202,8 @@ pub async fn settle(
             if let (Err(e), _) = retrying(|| state.budgets.charge(&spend.tenant, &month, actual, now)).await {
                 m.store_errors.with_label_values(&["charge"]).inc();
                 tracing::warn!(error = %e, tenant_id = %spend.tenant, actual = %actual, "charging shadow-mode usage failed; retried in the background");
-                let labels = SpendLabels {
-                    tier: spend.tier,
-                    provider: spend.price.provider.clone(),
-                    model: spend.model_label.clone(),
-                };
-                tokio::spawn(charge_later(state.clone(), spend.tenant.clone(), month, actual, now, labels));
+                let tenant = spend.tenant.clone();
+                tokio::spawn(charge_later(state.clone(), tenant, month, actual, now, SpendLabels::of(spend)));
                 return;
             }
         }
@@ -240,6 +231,17 @@ struct SpendLabels {
     tier: Tier,
     provider: std::sync::Arc<str>,
     model: std::sync::Arc<str>,
+}
+
+impl SpendLabels {
+    fn of(spend: &SpendCtx) -> SpendLabels {
+        SpendLabels { tier: spend.tier, provider: spend.price.provider.clone(), model: spend.model_label.clone() }
+    }
+
+    /// Counts `actual` in the spend metric under these labels.
+    fn record(&self, state: &AppState, actual: Micros) {
+        state.metrics.record_spend(self.tier.as_str(), &self.provider, &self.model, actual);
+    }
 }
 
 /// A settlement that failed against the store, retried until it lands: its event is in the
@@ -270,7 +272,7 @@ async fn settle_later(state: Arc<AppState>, r: Reservation, actual: Micros, now:
         }
     };
     if charged {
-        m.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
+        labels.record(&state, actual);
         tracing::info!(reservation_id = %r.id, actual = %actual, "settlement retried in the background went through");
     }
 }
@@ -287,7 +289,7 @@ async fn charge_later(
 ) {
     match crate::store::after_each(&LATER_WAITS, || state.budgets.charge(&tenant, &month, actual, now)).await {
         Some(Ok(())) => {
-            state.metrics.record_spend(labels.tier.as_str(), &labels.provider, &labels.model, actual);
+            labels.record(&state, actual);
             tracing::info!(tenant_id = %tenant, actual = %actual, "shadow-mode usage charged in the background");
         }
         Some(Err(_)) | None => {
