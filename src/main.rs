@@ -177,10 +177,18 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = store.probe_blocking() {
+        eprintln!(
+            "rebuild-spend: cannot use the Redis store at PREAUTH_REDIS_URL: {e}; check the address, the \
+             password and that Redis is up (nothing was changed)"
+        );
+        return ExitCode::FAILURE;
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result: Result<Vec<(String, Micros, Micros)>, String> = rt.block_on(async {
-        let (client, conn) =
-            tokio_postgres::connect(&ledger, tokio_postgres::NoTls).await.map_err(|e| format!("ledger: {e}"))?;
+        let (client, conn) = tokio_postgres::connect(&ledger, tokio_postgres::NoTls).await.map_err(|e| {
+            format!("cannot connect to the ledger at PREAUTH_LEDGER_URL: {e}; check the address and credentials")
+        })?;
         tokio::spawn(conn);
         let start = preauth_sidecar::decide::time::rfc3339_seconds(month.start());
         let end = preauth_sidecar::decide::time::rfc3339_seconds(month.next().start());
@@ -358,13 +366,26 @@ fn mint_approval(args: &[String]) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // pingora's trace lines print whole request heads (`Authorization: Bearer <admin key>` on
+    // the admin listener, the upstream key on the TLS path): never logged, whatever RUST_LOG says.
+    let no_pingora_trace = tracing_subscriber::filter::filter_fn(|meta| {
+        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
-        LogFormat::Json => builder.json().with_ansi(false).with_current_span(false).try_init(),
+        LogFormat::Json => {
+            builder.json().with_ansi(false).with_current_span(false).finish().with(no_pingora_trace).try_init()
+        }
         // Colour only for a terminal: a file or a log collector gets plain text.
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .finish()
+            .with(no_pingora_trace)
+            .try_init(),
     };
 }
 
@@ -400,12 +421,19 @@ fn run(src: &dyn Strings, purpose: Purpose) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The environment with demo defaults for whatever the user did not set.
-struct Overlay(HashMap<&'static str, String>);
+/// The environment with demo defaults for whatever the user did not set, except the variables
+/// the demo owns (`forced`: its own upstream, nothing shared), whatever the environment says.
+struct Overlay {
+    defaults: HashMap<&'static str, String>,
+    forced: HashMap<&'static str, Option<String>>,
+}
 
 impl Strings for Overlay {
     fn get(&self, key: &str) -> Option<String> {
-        Env.get(key).or_else(|| self.0.get(key).cloned())
+        if let Some(v) = self.forced.get(key) {
+            return v.clone();
+        }
+        Env.get(key).or_else(|| self.defaults.get(key).cloned())
     }
 }
 
@@ -429,8 +457,18 @@ fn demo() -> ExitCode {
     fake.set_recording(false);
     let secret = Env.get("SUPABASE_JWT_SECRET").unwrap_or_else(|| random_hex(32));
     let admin_key = Env.get("ADMIN_API_KEY").unwrap_or_else(|| random_hex(16));
+    // The demo talks to its own fake upstream and keeps all state and events local, even when
+    // the shell has a real deployment's variables (a sourced sidecar.env): demo traffic must not
+    // reach a real gateway, Redis or ledger.
+    let forced: HashMap<&'static str, Option<String>> = HashMap::from([
+        ("PREAUTH_UPSTREAM_URL", Some(fake.base_url())),
+        ("PREAUTH_UPSTREAM_API_KEY", None),
+        ("PREAUTH_REDIS_URL", None),
+        ("PREAUTH_LEDGER_URL", None),
+    ]);
+    let mut ignored: Vec<&str> = forced.keys().copied().filter(|k| Env.get(k).is_some()).collect();
+    ignored.sort_unstable();
     let mut defaults: HashMap<&'static str, String> = HashMap::new();
-    defaults.insert("PREAUTH_UPSTREAM_URL", fake.base_url());
     defaults.insert("PREAUTH_LISTEN_ADDR", "127.0.0.1:8080".into());
     defaults.insert("SUPABASE_JWT_SECRET", secret.clone());
     defaults.insert("ADMIN_API_KEY", admin_key.clone());
@@ -452,7 +490,14 @@ fn demo() -> ExitCode {
         let _ = std::fs::remove_dir_all(&demo_dir);
     }
     defaults.insert("PREAUTH_DATA_DIR", demo_dir.display().to_string());
-    let overlay = Overlay(defaults);
+    let overlay = Overlay { defaults, forced };
+    if !ignored.is_empty() {
+        eprintln!(
+            "demo: ignoring {} from the environment (the demo uses its own fake upstream and local state only)",
+            ignored.join(", ")
+        );
+    }
+    let per_minute = overlay.get("LLM_FAIR_USE_PER_MINUTE_CAP").unwrap_or_default();
     let listen = overlay.get("PREAUTH_LISTEN_ADDR").unwrap_or_default();
     let admin = overlay.get("PREAUTH_ADMIN_ADDR").unwrap_or_else(|| "127.0.0.1:9090".into());
     let now = (SystemClock.now_ms() / 1000) as i64;
@@ -492,8 +537,8 @@ Try these in another terminal:
     -H "authorization: Bearer $FREE" -H 'content-type: application/json' \
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done
 
-  # 4. denied: more than 5 calls in a minute for one tenant (demo sets LLM_FAIR_USE_PER_MINUTE_CAP=5)
-  #    -> 429 once the tenant's minute is full (examples 1 and 2 already used two of its 5)
+  # 4. denied: more than {per_minute} calls in a minute for one tenant (LLM_FAIR_USE_PER_MINUTE_CAP={per_minute};
+  #    the demo's default is 5) -> 429 once the tenant's minute is full (examples 1 and 2 used two)
   for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}} ' http://{listen}/v1/chat/completions \
     -H "authorization: Bearer $PRO" -H 'content-type: application/json' \
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done; echo

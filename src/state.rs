@@ -108,6 +108,9 @@ pub struct AppState {
     store_unhealthy: AtomicBool,
     /// Paces the store-failure log line (a dead store fails every request).
     store_failure_log: crate::telemetry::EverySecond,
+    /// Paces the housekeeper's warnings (one a minute): its sweeps fail on every tick while the
+    /// store is down.
+    pub housekeeping_log: crate::telemetry::EverySecond,
 }
 
 /// Whether the outbox took `e`; logs the loss otherwise (a full outbox logs it itself, once a
@@ -187,6 +190,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             store_unhealthy: AtomicBool::new(false),
             store_failure_log: crate::telemetry::EverySecond::default(),
+            housekeeping_log: crate::telemetry::EverySecond::default(),
         }
     }
 

@@ -269,12 +269,23 @@ impl<'a, S: Strings + ?Sized> Reader<'a, S> {
         self.src.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
     }
 
+    /// Like `raw`, but a variable that is set to an empty or all-blank value is an error (`fix`
+    /// says what to do instead): for settings where an empty value silently meaning "unset" would
+    /// be a surprise — a switch left off, a fleet replica running on state of its own.
+    pub fn raw_not_blank(&mut self, var: &str, fix: &str) -> Option<String> {
+        let v = self.raw(var);
+        if v.is_none() && self.src.get(var).is_some() {
+            self.error(var, format!("is set but empty: {fix}"));
+        }
+        v
+    }
+
     pub fn string(&self, var: &str, default: &str) -> String {
         self.raw(var).unwrap_or_else(|| default.to_string())
     }
 
     pub fn bool(&mut self, var: &str, default: bool) -> bool {
-        match self.raw(var) {
+        match self.raw_not_blank(var, "set true or false (1/0, yes/no), or remove the variable for the default") {
             None => default,
             Some(v) => match v.to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" => true,

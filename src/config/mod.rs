@@ -67,8 +67,18 @@ impl Upstream {
         if host.is_empty() {
             return Err(format!("`{shown}` has no host"));
         }
+        let v6 = authority.starts_with('[');
+        let host_char =
+            |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') || (v6 && matches!(c, ':' | '%'));
+        if !host.chars().all(host_char) {
+            return Err(format!("`{shown}`: `{host}` is not a host name or IP address"));
+        }
         let port = match port {
-            Some(p) => p.parse::<u16>().map_err(|_| format!("`{shown}`: port `{p}` is not a port number"))?,
+            Some(p) => match p.parse::<u16>() {
+                Ok(0) => return Err(format!("`{shown}`: port 0 is not a port a gateway listens on")),
+                Ok(n) => n,
+                Err(_) => return Err(format!("`{shown}`: port `{p}` is not a port number")),
+            },
             None if tls => 443,
             None => 80,
         };
@@ -336,10 +346,13 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
     };
     let approval_issuance_frozen = r.bool(ENV_APPROVAL_FROZEN, false);
 
-    let redis_url = r.raw(ENV_REDIS_URL);
+    let redis_url =
+        r.raw_not_blank(ENV_REDIS_URL, "remove the variable for embedded (one-replica) state, or give the Redis URL");
     if let Some(u) = &redis_url {
         if !["redis://", "rediss://", "redis+cluster://"].iter().any(|p| u.starts_with(p)) {
             r.error(ENV_REDIS_URL, "must start with redis://, rediss:// or redis+cluster://");
+        } else if let Err(e) = crate::store::redis::check_url(u) {
+            r.error(ENV_REDIS_URL, e);
         }
     }
     let redis_key_prefix = r.string(ENV_REDIS_KEY_PREFIX, DEFAULT_REDIS_KEY_PREFIX);
@@ -350,7 +363,8 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
             r.error(ENV_DATA_DIR, e);
         }
     }
-    let ledger_url = r.raw(ENV_LEDGER_URL);
+    let ledger_url =
+        r.raw_not_blank(ENV_LEDGER_URL, "remove the variable to keep the ledger local, or give the ledger's URL");
     if let Some(u) = &ledger_url {
         if !["postgres://", "postgresql://", "http://", "https://"].iter().any(|p| u.starts_with(p)) {
             r.error(ENV_LEDGER_URL, "must start with postgres://, postgresql://, http:// or https://");
@@ -525,12 +539,24 @@ fn default_instance_id() -> String {
 }
 
 /// Why `dir` cannot be the data directory (without creating anything): it, or the nearest of its
-/// ancestors that exists, is not a directory.
+/// ancestors that exists, is not a directory, or is one this process may not write in (read-only
+/// file system, permissions).
 fn unusable_dir(dir: &std::path::Path) -> Option<String> {
     let existing = dir.ancestors().find(|a| !a.as_os_str().is_empty() && a.exists())?;
-    (!existing.is_dir()).then(|| {
-        format!(
+    if !existing.is_dir() {
+        return Some(format!(
             "`{}` cannot be a directory: `{}` is a file; set a directory path (created if missing)",
+            dir.display(),
+            existing.display()
+        ));
+    }
+    let writable =
+        nix::unistd::access(existing, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK).is_ok();
+    let what = if existing == dir { "it" } else { "its nearest existing parent" };
+    (!writable || existing.starts_with("/proc") || existing.starts_with("/sys")).then(|| {
+        format!(
+            "`{}` cannot be written: {what} `{}` is read-only or not writable by this user; set a \
+             directory this process may write in (created if missing)",
             dir.display(),
             existing.display()
         )

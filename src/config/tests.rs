@@ -101,6 +101,40 @@ fn booleans_are_strict() {
 }
 
 #[test]
+fn an_empty_switch_or_store_url_is_an_error_not_a_default() {
+    for var in [
+        "LLM_GLOBAL_ABUSE_KILL_SWITCH",
+        "ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN",
+        "PREAUTH_REDIS_URL",
+        "PREAUTH_LEDGER_URL",
+    ] {
+        for blank in ["", "  "] {
+            let e = parse(&env(&[(var, blank)]), Purpose::Run).unwrap_err();
+            assert_eq!(e.len(), 1, "{var}={blank:?}: {e:?}");
+            assert_eq!(e[0].var, var);
+            assert!(e[0].message.starts_with("is set but empty: "), "{}", e[0].message);
+        }
+    }
+    // Lists and optional texts: empty is unset (the rotation procedure clears the fallbacks so).
+    let c =
+        parse(&env(&[("ENFORCEMENT_APPROVAL_TOKEN_FALLBACK_SECRETS", ""), ("PREAUTH_TENANTS_FILE", "")]), Purpose::Run)
+            .unwrap();
+    assert!(c.approvals.fallback_secrets.is_empty());
+}
+
+#[test]
+fn a_redis_url_is_checked_as_the_start_would() {
+    for bad in ["redis://:pw@127.0.0.1:notaport/0", "redis://127.0.0.1:6379/abc", "redis+cluster://"] {
+        let e = parse(&env(&[("PREAUTH_REDIS_URL", bad)]), Purpose::Run).unwrap_err();
+        assert_eq!(e[0].var, "PREAUTH_REDIS_URL", "{bad}");
+        assert!(!e[0].message.contains("pw"), "no credential in {:?}", e[0].message);
+    }
+    for good in ["redis://127.0.0.1:6379/0", "rediss://:pw@redis.internal:6380", "redis+cluster://a:7000,b:7001"] {
+        assert!(parse(&env(&[("PREAUTH_REDIS_URL", good)]), Purpose::Run).is_ok(), "{good}");
+    }
+}
+
+#[test]
 fn upstream_is_required_except_in_demo() {
     let mut m = env(&[]);
     m.remove("PREAUTH_UPSTREAM_URL");
@@ -122,6 +156,28 @@ fn source_modes_parse() {
     assert!(parse_source_modes("default=soft").is_err());
     assert!(parse_source_modes("a=soft,a=hard").is_err());
     assert!(parse_source_modes("nonsense").is_err());
+}
+
+#[test]
+fn upstream_hosts_and_ports_are_checked() {
+    for bad in ["http://ho st:80", "http://127.0.0.1:0", "http://gw\u{0}x", "https://gw,b:443"] {
+        assert!(Upstream::parse(bad).is_err(), "{bad}");
+    }
+    for good in ["http://gw_1.internal:4000", "http://[::1]:4000", "http://[fe80::1%eth0]:80", "https://GW-2"] {
+        assert!(Upstream::parse(good).is_ok(), "{good}");
+    }
+}
+
+#[test]
+fn a_data_directory_that_cannot_be_written_is_an_error() {
+    let e = parse(&env(&[("PREAUTH_DATA_DIR", "/proc/preauth-data")]), Purpose::Run).unwrap_err();
+    assert_eq!(e[0].var, "PREAUTH_DATA_DIR");
+    assert!(e[0].message.contains("cannot be written"), "{}", e[0].message);
+    let dir = std::env::temp_dir().join(format!("preauth-cfg-{}", std::process::id())).join("new/sub");
+    let mut m = env(&[]);
+    let dir = dir.display().to_string();
+    m.insert("PREAUTH_DATA_DIR", &dir);
+    assert!(parse(&m, Purpose::Run).is_ok());
 }
 
 #[test]

@@ -486,8 +486,18 @@ pub struct EverySecond {
 impl EverySecond {
     /// `Some(events not let through since the last one)` when this one, at `now_s`, may pass.
     pub fn pass(&self, now_s: u64) -> Option<u64> {
+        self.pass_every(now_s, 1)
+    }
+
+    /// As `pass`, one event per `period_s` seconds (a condition that a periodic task meets on
+    /// every run, such as a sweep failing while the store is down).
+    pub fn pass_every(&self, now_s: u64, period_s: u64) -> Option<u64> {
         let last = self.last.load(Ordering::Relaxed);
-        if now_s <= last || self.last.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        let early = last != 0 && now_s < last.saturating_add(period_s.max(1));
+        if early
+            || now_s <= last
+            || self.last.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -520,6 +530,17 @@ mod tests {
         assert_eq!(g.pass(101), Some(3));
         assert_eq!(g.pass(101), None);
         assert_eq!(g.pass(105), Some(1));
+    }
+
+    #[test]
+    fn every_period_lets_one_through_per_period() {
+        let g = EverySecond::default();
+        assert_eq!(g.pass_every(30, 60), Some(0), "the first one passes");
+        assert_eq!(g.pass_every(31, 60), None);
+        assert_eq!(g.pass_every(89, 60), None);
+        assert_eq!(g.pass_every(90, 60), Some(2));
+        assert_eq!(g.pass_every(80, 60), None, "a clock step back lets nothing through");
+        assert_eq!(g.pass_every(150, 60), Some(1));
     }
 
     #[test]

@@ -22,6 +22,10 @@ use crate::state::AppState;
 /// How often the sweep runs.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A housekeeping failure that repeats on every tick (the store down) is logged once per this
+/// many seconds; the metrics count every one.
+const HOUSEKEEPING_LOG_SECONDS: u64 = 60;
+
 /// How often the embedded counters' daily request counts are written to the data directory when
 /// they changed (`Counters::persist_daily`): what a `SIGKILL` can lose of them. A graceful stop
 /// writes them at the end.
@@ -46,7 +50,9 @@ impl Housekeeper {
             }
             Err(e) => {
                 m.store_errors.with_label_values(&["sweep"]).inc();
-                tracing::warn!(error = %e, "sweep failed");
+                if let Some(not_logged) = self.state.housekeeping_log.pass_every(now / 1000, HOUSEKEEPING_LOG_SECONDS) {
+                    tracing::warn!(error = %e, not_logged, "counters sweep failed; the housekeeper retries every second");
+                }
             }
         }
         if let Ok(g) = self.state.counters.global_view(now).await {
@@ -112,7 +118,18 @@ pub async fn release_overdue(
         Ok(r) => r,
         Err(e) => {
             m.store_errors.with_label_values(&["expire"]).inc();
-            tracing::warn!(error = %e, trigger, "reservation sweep failed; the housekeeper retries next tick");
+            // The housekeeper's sweep fails every second while the store is down: one line a
+            // minute (with how many it stands for); an operator's reconcile is always logged.
+            let log =
+                trigger != "auto" || state.housekeeping_log.pass_every(now / 1000, HOUSEKEEPING_LOG_SECONDS).is_some();
+            if log {
+                tracing::warn!(
+                    error = %e,
+                    trigger,
+                    "reservation sweep failed; the housekeeper retries every second (failures: \
+                     preauth_store_errors_total{{op=\"expire\"}})"
+                );
+            }
             return Err(e);
         }
     };

@@ -207,3 +207,45 @@ async fn a_second_process_on_the_same_data_directory_is_refused() {
     first.restart_with(&[], &[]);
     assert_eq!(first.call("acme", &chat("gpt-4o-mini"), &[]).await.status(), 200, "taken again after the first exit");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_uses_its_own_upstream_and_local_state_whatever_the_shell_has() {
+    use crate::support::*;
+    let dir = temp_dir();
+    let (proxy, admin) = free_pair();
+    // A shell that sourced a real deployment's env file: the demo must not use any of these.
+    let unused = free_port();
+    let mut child = clean_command()
+        .arg("demo")
+        .env("PREAUTH_UPSTREAM_URL", format!("http://127.0.0.1:{unused}"))
+        .env("PREAUTH_REDIS_URL", format!("redis://127.0.0.1:{unused}/0"))
+        .env("PREAUTH_LEDGER_URL", format!("postgres://postgres@127.0.0.1:{unused}/nope"))
+        .env("PREAUTH_LISTEN_ADDR", proxy.to_string())
+        .env("PREAUTH_ADMIN_ADDR", admin.to_string())
+        .env("PREAUTH_DATA_DIR", &dir)
+        .env("SUPABASE_JWT_SECRET", JWT_SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(proxy);
+    let r = client()
+        .post(format!("http://{proxy}/v1/chat/completions"))
+        .bearer_auth(token("acme", "pro"))
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status, 200, "answered by the demo's own upstream:\n{said}");
+    assert!(
+        said.contains(
+            "demo: ignoring PREAUTH_LEDGER_URL, PREAUTH_REDIS_URL, PREAUTH_UPSTREAM_URL from the environment"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("shared state store (redis)"), "no Redis was contacted:\n{said}");
+}

@@ -390,6 +390,19 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Whether `url` is a Redis URL the store can use (parsed as at start, nothing connected), for
+/// configuration checks: the message names no credential.
+pub fn check_url(url: &str) -> Result<(), String> {
+    match target_for(url) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = e.to_string();
+            let e = e.strip_prefix("state store unavailable: ").unwrap_or(&e);
+            Err(e.strip_prefix("PREAUTH_REDIS_URL: ").unwrap_or(e).to_string())
+        }
+    }
+}
+
 /// Parses `redis://`, `rediss://` and `redis+cluster://host:port[,host:port…]`.
 fn target_for(url: &str) -> Result<Target, StoreError> {
     let bad = |e: RedisError| StoreError::Unavailable(format!("PREAUTH_REDIS_URL: {e}"));
@@ -571,6 +584,36 @@ impl RedisStore {
                 Ok(())
             }
         }
+    }
+
+    /// Connects afresh and sends `PING`, outside the breaker, and says why that failed (refused,
+    /// timed out, `WRONGPASS`…; no credential in the text): for command-line tools, whose
+    /// operator needs the cause rather than "circuit open". Synchronous, like `connect_blocking`.
+    pub fn probe_blocking(&self) -> Result<(), String> {
+        let target = match &self.inner.target {
+            Target::Single(c) => Ok(c.clone()),
+            Target::Cluster(c, _) => Err(c.as_ref().clone()),
+        };
+        let probe = async move {
+            let ping = async {
+                match target {
+                    Ok(client) => {
+                        let mut c = client.get_multiplexed_async_connection().await?;
+                        redis::cmd("PING").query_async::<()>(&mut c).await
+                    }
+                    Err(cluster) => {
+                        let mut c = cluster.get_async_connection().await?;
+                        redis::cmd("PING").query_async::<()>(&mut c).await
+                    }
+                }
+            };
+            match tokio::time::timeout(CONNECT_TIMEOUT, ping).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())),
+            }
+        };
+        self.block_on(probe).unwrap_or_else(|| Err("the store's runtime stopped".into()))
     }
 
     /// Whether the store is usable: the breaker is closed (fewer than the threshold of
