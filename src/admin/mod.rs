@@ -216,6 +216,10 @@ impl AdminApp {
         }
         let changes = Value::Object(patch.clone());
         let global_changed = runtime::changes_global_guard(&patch);
+        let asked_off: Vec<&'static str> = ["kill_switch", "approval_issuance_frozen"]
+            .into_iter()
+            .filter(|k| patch.get(*k) == Some(&Value::Bool(false)))
+            .collect();
         let applied = self
             .state
             .policy
@@ -239,9 +243,38 @@ impl AdminApp {
                 }
                 let mut extra = serde_json::Map::new();
                 extra.insert("global_block_lifted".into(), json!(lifted.as_ref().is_ok_and(|l| *l)));
+                let unshared = self.state.policy.unshared();
+                if unshared {
+                    extra.insert("scope".into(), json!("replica"));
+                }
                 self.state.record_runtime_change(p.version, &reason, changes, extra);
+                let mut warnings = Vec::new();
+                if unshared {
+                    warnings.push(
+                        "The state store is unavailable: this change applies to this replica only until the store \
+                         answers again, then it is written for the whole fleet. Until then, send it to every replica."
+                            .to_string(),
+                    );
+                }
+                let view = runtime::view(&p);
+                for k in asked_off {
+                    if view[k] == Value::Bool(true) {
+                        warnings.push(format!(
+                            "`{k}` stays on for this replica: its environment sets it (a kill switch or approval \
+                             freeze in the environment always applies); remove the variable and restart to turn it off."
+                        ));
+                    }
+                }
+                let answer = |status: u16| {
+                    let mut body = view.clone();
+                    if !warnings.is_empty() {
+                        body["warnings"] = json!(warnings);
+                    }
+                    json_response(status, &body)
+                };
                 match lifted {
-                    Ok(_) => json_response(200, &runtime::view(&p)),
+                    // 202: accepted here, not yet for the fleet.
+                    Ok(_) => answer(if unshared { 202 } else { 200 }),
                     Err(e) => admin_error(
                         503,
                         "store_unavailable",

@@ -273,6 +273,11 @@ pub trait PolicyStore: Send + Sync {
     fn current(&self) -> Arc<Policy>;
     /// Applies `patch` to the current snapshot, bumps `version`, publishes the result.
     async fn update(&self, patch: PolicyPatch) -> Result<Arc<Policy>, StoreError>;
+    /// Whether this replica runs runtime changes that the fleet's shared store has not taken yet
+    /// (fleet mode, store unavailable when they were made): they apply here only until it has.
+    fn unshared(&self) -> bool {
+        false
+    }
 }
 
 /// Runs `step` after each of `waits` until it succeeds: a store step retried where nobody waits

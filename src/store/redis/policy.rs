@@ -18,8 +18,18 @@
 //! - A stored field of the wrong type or out of the admin API's range (written by hand) keeps the
 //!   replica's value, logged as an error naming it; the document's other fields still apply (a
 //!   kill switch acts whatever else is wrong), and the next update writes the repaired document.
-//! - A patch that changes only local parts (a `SIGHUP` directory reload) is applied locally,
-//!   without Redis and without a version bump, so reloads work while Redis is down.
+//! - A patch that changes only local parts (a `SIGHUP` directory reload) is applied locally and
+//!   bumps the document's version (same knobs), so that a version never names two policies; with
+//!   Redis down it is applied without the bump, so reloads work all the same.
+//! - A patch of knobs that Redis cannot take (down, timing out) is applied to this replica at
+//!   once and kept as pending (`unshared`); the 2 s re-read writes it to the document when Redis
+//!   answers again, and documents adopted meanwhile keep the pending knobs on top. An operator
+//!   can contain an incident during a store outage, replica by replica.
+//! - The environment's kill switch and approval-issuance freeze are a floor (`Floor`): a replica
+//!   started with `LLM_GLOBAL_ABUSE_KILL_SWITCH=true` or `ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true`
+//!   runs with it on whatever the document says (the runbook's "set the variable and roll out"
+//!   contains an incident); the document cannot turn them off there. Every other knob: the
+//!   document wins, and the start logs which settings of the environment it overrides.
 //!
 //! Owns: `RedisPolicy`, the document format (its `knobs` are `store::knobs::Knobs`, the
 //! serialisation the embedded runtime-policy file shares). Imports: `store::redis` core,
@@ -42,6 +52,25 @@ use crate::store::{PolicyPatch, PolicyStore, StoreError};
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// Compare-and-set attempts before `update` gives up.
 const CAS_ATTEMPTS: usize = 16;
+
+/// What a replica's environment forces whatever the document says, towards the safe side only
+/// (see the module docs).
+#[derive(Clone, Copy, Debug, Default)]
+struct Floor {
+    kill_switch: bool,
+    approval_issuance_frozen: bool,
+}
+
+impl Floor {
+    fn of(configured: &Policy) -> Floor {
+        Floor { kill_switch: configured.kill_switch, approval_issuance_frozen: configured.approval_issuance_frozen }
+    }
+
+    fn apply(self, p: &mut Policy) {
+        p.kill_switch |= self.kill_switch;
+        p.approval_issuance_frozen |= self.approval_issuance_frozen;
+    }
+}
 
 /// The stored document.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -97,6 +126,11 @@ struct Shared {
     local: Mutex<Policy>,
     /// Epoch of the document the current policy came from.
     epoch: Mutex<String>,
+    /// The environment's kill switch and approval freeze (see `Floor`).
+    floor: Floor,
+    /// Knobs changed here that Redis could not take yet: they apply on this replica and are
+    /// written to the document by the re-read once Redis answers.
+    pending: Mutex<Map<String, Json>>,
     /// Serialises this replica's updates (the CAS serialises the fleet's).
     write: tokio::sync::Mutex<()>,
 }
@@ -117,12 +151,32 @@ impl RedisStore {
             doc_key: self.inner.keys.global("policy"),
             channel: self.inner.keys.policy_channel(),
             current: RwLock::new(Arc::new(local.clone())),
-            local: Mutex::new(local),
+            floor: Floor::of(&local),
+            local: Mutex::new(local.clone()),
             epoch: Mutex::new(String::new()),
+            pending: Mutex::new(Map::new()),
             write: tokio::sync::Mutex::new(()),
         });
-        if let Err(e) = shared.refresh().await {
-            tracing::warn!(error = %e, "runtime policy: shared store not reachable; using the local configuration until it is");
+        match shared.refresh().await {
+            Ok(()) => {
+                // Settings of this replica's environment that the fleet's document overrides.
+                let (configured, running) = (Knobs::of(&local).to_map(), Knobs::of(&shared.current.read()).to_map());
+                let overridden: Vec<&String> =
+                    configured.iter().filter(|(k, v)| running.get(*k) != Some(*v)).map(|(k, _)| k).collect();
+                if !overridden.is_empty() {
+                    tracing::warn!(
+                        settings = ?overridden,
+                        version = shared.current.read().version,
+                        "runtime policy: the fleet's document (shared store) overrides these settings of this \
+                         replica's environment; change them fleet-wide with PATCH /api/v1/enforcement/runtime \
+                         (a kill switch or approval freeze set in the environment always applies)"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "runtime policy: shared store not reachable; using the local configuration until it is"
+            ),
         }
         let weak = Arc::downgrade(&shared);
         self.inner.handle.spawn(refresh_task(weak.clone()));
@@ -137,7 +191,11 @@ impl RedisStore {
         match self.policy_doc(self.inner.keys.global("policy")).await? {
             None => Ok(local.clone()),
             Some(text) => Doc::parse(&text)
-                .map(|doc| doc.over(local).0)
+                .map(|doc| {
+                    let mut p = doc.over(local).0;
+                    Floor::of(local).apply(&mut p);
+                    p
+                })
                 .ok_or_else(|| StoreError::Unavailable("runtime policy document is unreadable".into())),
         }
     }
@@ -188,7 +246,8 @@ impl Shared {
         if *epoch == doc.epoch && doc.version <= cur.version {
             return;
         }
-        let (next, rejected) = doc.over(&self.local.lock());
+        let (mut next, rejected) = doc.over(&self.local.lock());
+        self.keep_pending(&mut next);
         if !rejected.is_empty() {
             tracing::error!(
                 version = doc.version,
@@ -207,6 +266,63 @@ impl Shared {
         }
         *epoch = doc.epoch.clone();
         *self.current.write() = Arc::new(next);
+    }
+
+    /// `p` with the knobs Redis has not taken yet and the environment's floor.
+    fn keep_pending(&self, p: &mut Policy) {
+        let pending = self.pending.lock();
+        if !pending.is_empty() {
+            Knobs::merged(&Knobs::of(p), &pending).0.apply(p);
+        }
+        self.floor.apply(p);
+    }
+
+    /// Writes `changes` (knob fields) over the stored document with a version bump (none: a bump
+    /// alone) and adopts the result. `Ok(None)`: too many concurrent writers.
+    async fn write_knobs(&self, changes: &Map<String, Json>) -> Result<Option<Arc<Policy>>, StoreError> {
+        let fallback = (*self.current.read().clone()).clone();
+        for _ in 0..CAS_ATTEMPTS {
+            let text = self.get_doc().await?;
+            let stored = text.as_deref().map(Doc::parse);
+            let (expected, base) = match stored {
+                None => (-1, Doc::new(&fallback)),
+                Some(None) => (-2, Doc::new(&fallback)),
+                Some(Some(d)) => (d.version as i64, d),
+            };
+            let local = self.local.lock().clone();
+            // The patch was validated; a bad stored field is replaced by this replica's value.
+            let (knobs, _) = Knobs::merged(&base.knobs_over(&local).0, changes);
+            let doc = Doc {
+                version: base.version + 1,
+                epoch: base.epoch.clone(),
+                updated_at_ms: now_ms(),
+                knobs: knobs.to_map(),
+            };
+            if self.cas(expected, &doc).await? {
+                self.pending.lock().clear();
+                self.adopt(&doc);
+                return Ok(Some(self.current.read().clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes the knobs changed while Redis was unavailable (the re-read calls it).
+    async fn push_pending(&self) -> Result<(), StoreError> {
+        let _w = self.write.lock().await;
+        let pending = self.pending.lock().clone();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if let Some(p) = self.write_knobs(&pending).await? {
+            tracing::warn!(
+                version = p.version,
+                settings = ?pending.keys().collect::<Vec<_>>(),
+                "runtime policy: the changes made on this replica while the shared store was unavailable are now the \
+                 fleet's"
+            );
+        }
+        Ok(())
     }
 
     /// Reads the document and adopts it; creates it from the current knobs if it is absent.
@@ -260,36 +376,44 @@ impl PolicyStore for RedisPolicy {
             *sh.local.lock() = after.clone();
         }
         if changed.is_empty() && local_changed {
-            // Local only (directory reload): no shared change, no version bump.
+            // Local only (directory reload): applied here at once; the document's version is
+            // bumped (same knobs) when Redis answers.
             let mut next = after;
             k0.apply(&mut next);
             let next = Arc::new(next);
             *sh.current.write() = next.clone();
-            return Ok(next);
+            let pending = sh.pending.lock().clone();
+            return match sh.write_knobs(&pending).await {
+                Ok(Some(p)) => Ok(p),
+                Ok(None) | Err(_) => Ok(next),
+            };
         }
-        for _ in 0..CAS_ATTEMPTS {
-            let text = sh.get_doc().await?;
-            let stored = text.as_deref().map(Doc::parse);
-            let (expected, base) = match stored {
-                None => (-1, Doc::new(&before)),
-                Some(None) => (-2, Doc::new(&before)),
-                Some(Some(d)) => (d.version as i64, d),
-            };
-            let local = sh.local.lock().clone();
-            // The patch was validated; a bad stored field is replaced by this replica's value.
-            let (knobs, _) = Knobs::merged(&base.knobs_over(&local).0, &changed);
-            let doc = Doc {
-                version: base.version + 1,
-                epoch: base.epoch.clone(),
-                updated_at_ms: now_ms(),
-                knobs: knobs.to_map(),
-            };
-            if sh.cas(expected, &doc).await? {
-                sh.adopt(&doc);
-                return Ok(sh.current.read().clone());
+        // Knobs Redis has not taken yet go with this change.
+        let mut changes = sh.pending.lock().clone();
+        changes.extend(changed.clone());
+        match sh.write_knobs(&changes).await {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(StoreError::Unavailable("runtime policy: too many concurrent updates; retry".into())),
+            Err(e) => {
+                // Applied here now, written to the document once Redis answers (`push_pending`).
+                sh.pending.lock().extend(changed.clone());
+                let mut next = before;
+                sh.keep_pending(&mut next);
+                let next = Arc::new(next);
+                *sh.current.write() = next.clone();
+                tracing::warn!(
+                    error = %e,
+                    settings = ?changed.keys().collect::<Vec<_>>(),
+                    "runtime policy: the shared store cannot take this change now; it applies to this replica \
+                     only until the store answers, then to the fleet (repeat it on each replica meanwhile)"
+                );
+                Ok(next)
             }
         }
-        Err(StoreError::Unavailable("runtime policy: too many concurrent updates; retry".into()))
+    }
+
+    fn unshared(&self) -> bool {
+        !self.shared.pending.lock().is_empty()
     }
 }
 
@@ -299,6 +423,9 @@ async fn refresh_task(weak: Weak<Shared>) {
     loop {
         tick.tick().await;
         let Some(sh) = weak.upgrade() else { return };
+        if let Err(e) = sh.push_pending().await {
+            tracing::debug!(error = %e, "runtime policy: pending changes not written yet");
+        }
         if let Err(e) = sh.refresh().await {
             tracing::debug!(error = %e, "runtime policy re-read failed");
         }

@@ -735,13 +735,15 @@ async fn policy_update_on_one_replica_is_seen_by_all_within_a_second() {
         .await
         .is_some());
 
-    // A local-only change (directory reload) bumps nothing and stays local.
+    // A local-only change (directory reload) stays local, and bumps the fleet's version (the
+    // same knobs): a version never names two policies.
     let before = pa.current().version;
     let dir = Arc::new(
         crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 3\n"), None).unwrap(),
     );
     let v = pa.update(Box::new(move |p| p.directory = dir)).await.unwrap();
-    assert_eq!(v.version, before);
+    assert_eq!(v.version, before + 1);
+    assert!(wait_until(Duration::from_secs(1), || pb.current().version == before + 1).await.is_some());
     assert_eq!(v.directory.daily_quota("x", Tier::Free), Some(3));
     assert_eq!(pb.current().directory.daily_quota("x", Tier::Free), Some(1), "directories stay local");
     // Later shared changes keep the reloaded local directory.
@@ -751,8 +753,61 @@ async fn policy_update_on_one_replica_is_seen_by_all_within_a_second() {
 
     // A replica starting later adopts the stored knobs.
     let pd = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
-    assert_eq!((pd.current().global.block_seconds, pd.current().version), (300, 6));
+    assert_eq!((pd.current().global.block_seconds, pd.current().version), (300, 7));
     drop((pa, pb, pc, pd)); // stop the re-reads (they would re-create the document)
+    cleanup(&a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_switch_or_freeze_in_the_environment_applies_whatever_the_document_says() {
+    let p = prefix();
+    let (a, b) = (store_at(&p).await.unwrap(), store_at(&p).await.unwrap());
+    let pa = a.policy_store(Policy::for_test()).await;
+    assert!(!pa.current().kill_switch);
+    let mut forced = Policy::for_test();
+    forced.kill_switch = true;
+    forced.approval_issuance_frozen = true;
+    forced.global.per_minute_cap = 7;
+    let pb = b.policy_store(forced.clone()).await;
+    let now = pb.current();
+    assert!(now.kill_switch && now.approval_issuance_frozen, "the environment's switches apply on b");
+    assert_ne!(now.global.per_minute_cap, 7, "other settings: the document wins");
+    assert!(!pa.current().kill_switch, "and only there: the document is unchanged");
+    // The document cannot turn them off on b; a document change of other knobs still applies.
+    pa.update(Box::new(|p| p.audit_sample_rate = 0.5)).await.unwrap();
+    assert!(wait_until(Duration::from_secs(1), || pb.current().audit_sample_rate == 0.5).await.is_some());
+    assert!(pb.current().kill_switch);
+    let v = pb.update(Box::new(|p| p.kill_switch = false)).await.unwrap();
+    assert!(v.kill_switch, "b keeps its environment's kill switch");
+    // Tools (mint-approval) read the same: frozen for b's environment.
+    assert!(a.read_policy(&forced).await.unwrap().approval_issuance_frozen);
+    assert!(!a.read_policy(&Policy::for_test()).await.unwrap().approval_issuance_frozen);
+    drop((pa, pb));
+    cleanup(&a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_when_it_is_back() {
+    let p = prefix();
+    let a = store_at(&p).await.unwrap();
+    let pa = a.policy_store(Policy::for_test()).await;
+    let mut relay = Relay::start(0).await;
+    let port = relay.port;
+    let b = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), &p, Duration::from_millis(50)).await.unwrap();
+    let pb = b.policy_store(Policy::for_test()).await;
+    let version = pb.current().version;
+    relay.cut();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let v = pb.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+    assert!(v.kill_switch && pb.unshared(), "applied on this replica at once, marked unshared");
+    assert_eq!(v.version, version, "no version of its own while unshared");
+    assert!(!pa.current().kill_switch, "the fleet has not got it yet");
+    let _relay = Relay::start(port).await;
+    let reached = wait_until(Duration::from_secs(10), || pa.current().kill_switch).await;
+    assert!(reached.is_some(), "written for the fleet once Redis answers");
+    assert!(wait_until(Duration::from_secs(2), || !pb.unshared()).await.is_some());
+    assert!(pb.current().kill_switch && pb.current().version > version);
+    drop((pa, pb));
     cleanup(&a).await;
 }
 
