@@ -168,6 +168,9 @@ pub struct Decision {
     pub transform: Transform,
     /// Seconds the client should wait before retrying (`Retry-After`).
     pub retry_after_seconds: Option<u64>,
+    /// Waiting `Retry-After` does not clear this refusal: the kill switch (an operator lifts it),
+    /// a request that alone exceeds its tenant's token rate. Clients are told not to retry.
+    pub lasting: bool,
     /// Set when this request detected a burst: the glue must record a global block until then.
     pub trip_global_block_until: Option<UnixMillis>,
     /// Each gate that was evaluated, in order.
@@ -231,6 +234,7 @@ impl Decision {
             reason: None,
             transform: Transform::None,
             retry_after_seconds: None,
+            lasting: false,
             trip_global_block_until: None,
             evaluations: GateEvals::default(),
         }

@@ -97,6 +97,7 @@ pub fn kill_switch(policy: &Policy, mode: Mode) -> Option<Decision> {
         verdict: Verdict::Deny,
         reason: Some(Reason::KillSwitch),
         retry_after_seconds: Some(60),
+        lasting: true,
         evaluations: [GateEval { gate: Gate::GlobalAbuse, allowed: false, observed: 0 }].into(),
         ..Decision::allow(mode)
     })
@@ -156,7 +157,13 @@ pub fn evaluate(policy: &Policy, facts: &Facts<'_>, view: &CountersView, mode: M
     let t = &view.tenant;
     match first_tenant_violation(policy, facts, t, now, &mut evaluations) {
         None => Decision { evaluations, ..Decision::allow(mode) },
-        Some((reason, retry)) => Decision { evaluations, ..violation(mode, reason, Some(retry)) },
+        Some((reason, retry)) => {
+            // A request larger than the tenant's whole token rate never fits, however long it waits.
+            let lasting = reason == Reason::FairUseTokenRate
+                && facts.estimated_tokens > policy.limits(facts.tenant).tokens_per_minute().max(0) as u64;
+            let d = violation(mode, reason, Some(retry));
+            Decision { evaluations, lasting: lasting && d.verdict == Verdict::Deny, ..d }
+        }
     }
 }
 

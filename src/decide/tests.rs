@@ -155,6 +155,20 @@ fn token_rate_counts_this_request() {
     let d = evaluate(&p, &facts(Tier::Pro), &v, Mode::Hard, now);
     assert_eq!(d.reason, Some(Reason::FairUseTokenRate));
     assert_eq!(d.retry_after_seconds, Some(50));
+    assert!(!d.lasting, "fits once the window drains");
+}
+
+#[test]
+fn a_request_larger_than_the_token_rate_is_a_lasting_refusal() {
+    let mut p = Policy::for_test();
+    p.fair_use.tokens_per_minute = 1000;
+    let now = at("2026-11-25T10:00:10Z");
+    let big = Facts { estimated_tokens: 1001, ..facts(Tier::Pro) };
+    let d = evaluate(&p, &big, &CountersView::default(), Mode::Hard, now);
+    assert_eq!((d.reason, d.lasting), (Some(Reason::FairUseTokenRate), true), "even on an empty window");
+    assert!(kill_switch(&Policy { kill_switch: true, ..Policy::for_test() }, Mode::Hard).unwrap().lasting);
+    // Soft and shadow do not deny: nothing to retry.
+    assert!(!evaluate(&p, &big, &CountersView::default(), Mode::Soft, now).lasting);
 }
 
 #[test]

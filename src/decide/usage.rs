@@ -1265,10 +1265,15 @@ impl UsageScanner {
         })
     }
 
-    /// The usage seen so far (Anthropic: only once the final `message_delta` arrived).
+    /// The usage seen so far (Anthropic: only once the final `message_delta` arrived, and only
+    /// when some answer carried its token counts — a `"usage": {}` or another provider's shape
+    /// reports nothing, and the request is charged from what was observed).
     fn current_usage(&self) -> Option<Usage> {
         if self.route == Route::Messages {
-            self.anthropic_final.then(|| self.anthropic.usage())
+            let a = &self.anthropic;
+            let counted =
+                a.input.is_some() || a.output.is_some() || a.cache_read.is_some() || a.cache_creation.is_some();
+            (self.anthropic_final && counted).then(|| a.usage())
         } else {
             self.usage
         }
@@ -1907,6 +1912,16 @@ mod tests {
         assert_eq!(r.observed_output_tokens, 0, "usage reported: the text is not counted");
         let no_usage = ANTHROPIC_JSON.replace("\"usage\"", "\"usage_elsewhere\"");
         assert!(whole(Route::Messages, BodyKind::Json, &no_usage).observed_output_tokens >= 8);
+        // An empty usage object, or another provider's shape, reports nothing: not a free call.
+        let start = ANTHROPIC_JSON.find("\"usage\"").unwrap();
+        for other in ["\"usage\": {}\n}", "\"usage\": {\"prompt_tokens\": 400, \"completion_tokens\": 100}\n}"] {
+            let body = format!("{}{other}", &ANTHROPIC_JSON[..start]);
+            let r = whole(Route::Messages, BodyKind::Json, &body);
+            assert_eq!(r.usage, None, "{other}");
+            assert!(r.observed_output_tokens >= 8, "{other}: charged from the text seen");
+        }
+        let no_counts = ANTHROPIC_SSE.replace("input_tokens", "in").replace("output_tokens", "out");
+        assert_eq!(whole(Route::Messages, BodyKind::Sse, &no_counts).usage, None, "usage objects without counts");
 
         let s = assert_split_invariant(Route::Messages, BodyKind::Sse, ANTHROPIC_SSE);
         assert_eq!(s.usage, Some(u(25 + 1800 + 7, 89, 1800, 0)));

@@ -352,7 +352,9 @@ impl Reference {
         if self.route != Route::Messages {
             return self.usage;
         }
-        self.anthropic_final.then(|| {
+        // Usage objects without any count (`{}`, another provider's shape) report nothing.
+        let counted = self.anthropic.iter().any(Option::is_some);
+        (self.anthropic_final && counted).then(|| {
             let [input, read, creation, output] = self.anthropic.map(|x| x.unwrap_or(0));
             Usage {
                 prompt_tokens: input.saturating_add(read).saturating_add(creation),

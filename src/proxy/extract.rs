@@ -296,9 +296,11 @@ fn body_object(req: &LlmRequest<'_>) -> Option<Map<String, Value>> {
 }
 
 /// For streaming OpenAI-shape requests without `stream_options.include_usage`, returns the body
-/// with `"stream_options":{"include_usage":true}` added, so the stream reports usage. When the
-/// body has no `stream_options` at all, the field is spliced in after the opening brace and every
-/// original byte is kept; otherwise the object is re-serialised.
+/// with `"stream_options":{"include_usage":true}` added, so the stream reports usage, every
+/// original byte kept: when the body has no `stream_options`, the field is spliced in after the
+/// opening brace; when it has one (an object, or `null`), `"include_usage":true` goes into it.
+/// Only a `stream_options` that cannot be found in the bytes as written (an escaped key) makes
+/// the object re-serialised.
 pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8]) -> Option<Bytes> {
     if !req.stream || !route.wants_include_usage() {
         return None;
@@ -316,6 +318,9 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
         }
         Some(so) if so.get("include_usage").is_some() => None,
         Some(_) => {
+            if let Some(spliced) = splice_into_stream_options(original) {
+                return Some(Bytes::from(spliced));
+            }
             let mut obj = body_object(req)?;
             let mut so = match obj.remove("stream_options") {
                 Some(Value::Object(m)) => m,
@@ -325,6 +330,103 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
             obj.insert("stream_options".into(), Value::Object(so));
             serde_json::to_vec(&obj).ok().map(Bytes::from)
         }
+    }
+}
+
+/// `original` (a valid JSON object whose `stream_options` is an object without
+/// `include_usage`, or `null`) with `"include_usage":true` written into that value. `None` when
+/// the member is not found as written, or its value is of another type.
+fn splice_into_stream_options(original: &[u8]) -> Option<Vec<u8>> {
+    let (start, end) = top_level_member(original, b"stream_options")?;
+    let (at, insert, skip): (usize, &[u8], usize) = match original[start] {
+        b'{' if original.get(skip_blank(original, start + 1)) == Some(&b'}') => {
+            (start + 1, br#""include_usage":true"#, 0)
+        }
+        b'{' => (start + 1, br#""include_usage":true,"#, 0),
+        b'n' => (start, br#"{"include_usage":true}"#, end - start),
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(original.len() + insert.len());
+    out.extend_from_slice(&original[..at]);
+    out.extend_from_slice(insert);
+    out.extend_from_slice(&original[at + skip..]);
+    Some(out)
+}
+
+fn skip_blank(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(|c| matches!(c, b' ' | b'\t' | b'\r' | b'\n')) {
+        i += 1;
+    }
+    i
+}
+
+/// The end (exclusive) of the JSON value starting at `i` of the valid document `b`.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    let string_end = |mut j: usize| loop {
+        match b.get(j)? {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    };
+    match b.get(i)? {
+        b'"' => string_end(i + 1),
+        b'{' | b'[' => {
+            let (mut depth, mut j) = (0usize, i);
+            loop {
+                match b.get(j)? {
+                    b'"' => j = string_end(j + 1)?,
+                    b'{' | b'[' => {
+                        depth += 1;
+                        j += 1;
+                    }
+                    b'}' | b']' => {
+                        depth -= 1;
+                        j += 1;
+                        if depth == 0 {
+                            return Some(j);
+                        }
+                    }
+                    _ => j += 1,
+                }
+            }
+        }
+        _ => Some(i + b[i..].iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n'))?),
+    }
+}
+
+/// The span of the value of the last member of the top-level object of the valid document `b`
+/// whose key is `key` as written (the one a JSON reader keeps).
+fn top_level_member(b: &[u8], key: &[u8]) -> Option<(usize, usize)> {
+    let mut i = skip_blank(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut found = None;
+    loop {
+        i = skip_blank(b, i);
+        match b.get(i)? {
+            b'}' => return found,
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = value_end(b, i)?;
+        let name = &b[i + 1..key_end - 1];
+        i = skip_blank(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_blank(b, i + 1);
+        let end = value_end(b, start)?;
+        if name == key {
+            found = Some((start, end));
+        }
+        i = end;
     }
 }
 
@@ -554,5 +656,48 @@ mod tests {
         let raw = br#"{"model":"m","messages":[]}"#;
         let req = parse_body(Route::ChatCompletions, raw).unwrap();
         assert!(inject_include_usage(Route::ChatCompletions, &req, raw).is_none(), "not streaming");
+    }
+
+    /// A body that already has `stream_options` keeps every byte too (SDKs send
+    /// `include_obfuscation` there; integers beyond 64 bits must not become floats).
+    #[test]
+    fn include_usage_goes_into_an_existing_stream_options_byte_exact() {
+        let big = "123456789012345678901234567890";
+        for (raw, want) in [
+            (
+                format!(
+                    r#"{{"model":"m","messages":[],"big":{big},"stream":true,"stream_options":{{"include_obfuscation":false}},"z":"{{}}"}}"#
+                ),
+                format!(
+                    r#"{{"model":"m","messages":[],"big":{big},"stream":true,"stream_options":{{"include_usage":true,"include_obfuscation":false}},"z":"{{}}"}}"#
+                ),
+            ),
+            (
+                r#"{"stream":true, "stream_options" : { } ,"model":"m","messages":[]}"#.to_string(),
+                r#"{"stream":true, "stream_options" : {"include_usage":true } ,"model":"m","messages":[]}"#.to_string(),
+            ),
+            (
+                r#"{"stream_options":null,"model":"m","messages":["}",{"a":"\"stream_options\""}],"stream":true}"#
+                    .to_string(),
+                r#"{"stream_options":{"include_usage":true},"model":"m","messages":["}",{"a":"\"stream_options\""}],"stream":true}"#
+                    .to_string(),
+            ),
+            // Two of them: the last is the one a reader keeps, and the one written into.
+            (
+                r#"{"model":"m","messages":[],"stream":true,"stream_options":{"a":1},"stream_options":{"b":2}}"#.to_string(),
+                r#"{"model":"m","messages":[],"stream":true,"stream_options":{"a":1},"stream_options":{"include_usage":true,"b":2}}"#
+                    .to_string(),
+            ),
+        ] {
+            let req = parse_body(Route::ChatCompletions, raw.as_bytes()).unwrap();
+            let out = inject_include_usage(Route::ChatCompletions, &req, raw.as_bytes()).unwrap();
+            assert_eq!(String::from_utf8_lossy(&out), want);
+        }
+        // A key written with an escape is not found as written: re-serialised, still correct.
+        let raw = br#"{"model":"m","messages":[],"stream":true,"stream\u005foptions":{"a":1}}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        let v: Value =
+            serde_json::from_slice(&inject_include_usage(Route::ChatCompletions, &req, raw).unwrap()).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"a": 1, "include_usage": true}));
     }
 }

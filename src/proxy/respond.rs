@@ -233,9 +233,10 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
         "id": request_id,
         "details": Value::Object(details),
     }});
-    // The kill switch lasts until an operator lifts it: its `Retry-After` is a polling hint, and an
-    // SDK waiting it out twice would hang every caller for two minutes during the incident.
-    let until_lifted = matches!(r, Refusal::Decision { decision, .. } if decision.reason == Some(Reason::KillSwitch));
+    // A lasting refusal (the kill switch until an operator lifts it, a request larger than its
+    // tenant's token rate) does not clear by waiting: its `Retry-After` is a polling hint, and an
+    // SDK waiting it out twice would hang every caller for two minutes.
+    let until_lifted = matches!(r, Refusal::Decision { decision, .. } if decision.lasting);
     Rendered {
         status,
         code,
