@@ -590,18 +590,15 @@ impl RedisStore {
     /// timed out, `WRONGPASS`…; no credential in the text): for command-line tools, whose
     /// operator needs the cause rather than "circuit open". Synchronous, like `connect_blocking`.
     pub fn probe_blocking(&self) -> Result<(), String> {
-        let target = match &self.inner.target {
-            Target::Single(c) => Ok(c.clone()),
-            Target::Cluster(c, _) => Err(c.as_ref().clone()),
-        };
+        let target = self.inner.target.clone();
         let probe = async move {
             let ping = async {
                 match target {
-                    Ok(client) => {
+                    Target::Single(client) => {
                         let mut c = client.get_multiplexed_async_connection().await?;
                         redis::cmd("PING").query_async::<()>(&mut c).await
                     }
-                    Err(cluster) => {
+                    Target::Cluster(cluster, _) => {
                         let mut c = cluster.get_async_connection().await?;
                         redis::cmd("PING").query_async::<()>(&mut c).await
                     }

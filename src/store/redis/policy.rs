@@ -376,8 +376,8 @@ impl PolicyStore for RedisPolicy {
             *sh.local.lock() = after.clone();
         }
         if changed.is_empty() && local_changed {
-            // Local only (directory reload): applied here at once; the document's version is
-            // bumped (same knobs) when Redis answers.
+            // Local only (directory reload): applied here at once, and the document's version
+            // bumped (same knobs) — not with Redis down, where the reload applies all the same.
             let mut next = after;
             k0.apply(&mut next);
             let next = Arc::new(next);
@@ -397,7 +397,7 @@ impl PolicyStore for RedisPolicy {
             Err(e) => {
                 // Applied here now, written to the document once Redis answers (`push_pending`).
                 sh.pending.lock().extend(changed.clone());
-                let mut next = before;
+                let mut next = after;
                 sh.keep_pending(&mut next);
                 let next = Arc::new(next);
                 *sh.current.write() = next.clone();
