@@ -316,10 +316,14 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
             out.extend_from_slice(&original[brace + 1..]);
             Some(Bytes::from(out))
         }
-        Some(so) if so.get("include_usage").is_some() => None,
-        Some(_) => {
-            if let Some(spliced) = splice_into_stream_options(original) {
-                return Some(Bytes::from(spliced));
+        // An explicit boolean is the client's choice (`false`: no usage chunk, charged from the
+        // text seen); `null` or another type is not a choice, and gets `true`.
+        Some(so) if so.get("include_usage").is_some_and(|v| v.as_bool().is_some()) => None,
+        Some(so) => {
+            if so.get("include_usage").is_none() {
+                if let Some(spliced) = splice_into_stream_options(original) {
+                    return Some(Bytes::from(spliced));
+                }
             }
             let mut obj = body_object(req)?;
             let mut so = match obj.remove("stream_options") {
@@ -442,7 +446,13 @@ pub fn clamp_body(route: Route, req: &LlmRequest<'_>, max_output: u64) -> Option
         .filter(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
         .collect();
     if named.is_empty() {
-        let field = if route == Route::Responses { "max_output_tokens" } else { "max_tokens" };
+        // Chat: `max_completion_tokens`, which every current chat model takes (o-series and
+        // gpt-5 refuse `max_tokens`).
+        let field = match route {
+            Route::Responses => "max_output_tokens",
+            Route::ChatCompletions => "max_completion_tokens",
+            _ => "max_tokens",
+        };
         obj.insert(field.to_string(), Value::from(max_output));
     }
     for field in named {
@@ -453,7 +463,7 @@ pub fn clamp_body(route: Route, req: &LlmRequest<'_>, max_output: u64) -> Option
     }
     if req.stream
         && route.wants_include_usage()
-        && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none())
+        && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none_or(|v| !v.is_boolean()))
     {
         let mut so = match obj.remove("stream_options") {
             Some(Value::Object(m)) => m,
@@ -634,6 +644,15 @@ mod tests {
         let req = parse_body(Route::Responses, raw).unwrap();
         let v: Value = serde_json::from_slice(&clamp_body(Route::Responses, &req, 64).unwrap()).unwrap();
         assert_eq!(v["max_output_tokens"], 64);
+        // None named: the field each route's current models take.
+        let raw = br#"{"model":"o3-mini","messages":[]}"#;
+        let req = parse_body(Route::ChatCompletions, raw).unwrap();
+        let v: Value = serde_json::from_slice(&clamp_body(Route::ChatCompletions, &req, 64).unwrap()).unwrap();
+        assert_eq!((&v["max_completion_tokens"], v.get("max_tokens")), (&json!(64), None));
+        let raw = br#"{"model":"m","prompt":"x"}"#;
+        let req = parse_body(Route::Completions, raw).unwrap();
+        let v: Value = serde_json::from_slice(&clamp_body(Route::Completions, &req, 64).unwrap()).unwrap();
+        assert_eq!(v["max_tokens"], 64);
     }
 
     #[test]
@@ -692,6 +711,15 @@ mod tests {
             let req = parse_body(Route::ChatCompletions, raw.as_bytes()).unwrap();
             let out = inject_include_usage(Route::ChatCompletions, &req, raw.as_bytes()).unwrap();
             assert_eq!(String::from_utf8_lossy(&out), want);
+        }
+        // `include_usage` there but not a boolean: set to true (re-serialised).
+        for odd in ["null", "\"false\"", "0"] {
+            let raw =
+                format!(r#"{{"model":"m","messages":[],"stream":true,"stream_options":{{"include_usage":{odd}}}}}"#);
+            let req = parse_body(Route::ChatCompletions, raw.as_bytes()).unwrap();
+            let out = inject_include_usage(Route::ChatCompletions, &req, raw.as_bytes()).expect(odd);
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true, "{odd}");
         }
         // A key written with an escape is not found as written: re-serialised, still correct.
         let raw = br#"{"model":"m","messages":[],"stream":true,"stream\u005foptions":{"a":1}}"#;

@@ -347,7 +347,8 @@ mod oracle {
                 out.extend_from_slice(&original[brace + 1..]);
                 Some(Bytes::from(out))
             }
-            Some(Value::Object(so)) if so.contains_key("include_usage") => None,
+            // Changed since: only a boolean is the client's choice (`null` and others get `true`).
+            Some(Value::Object(so)) if so.get("include_usage").is_some_and(Value::is_boolean) => None,
             _ => {
                 let mut obj: Map<String, Value> = obj.clone();
                 let mut so = match obj.remove("stream_options") {
@@ -379,12 +380,17 @@ mod oracle {
             }
         }
         if !any {
-            let field = if route == Route::Responses { "max_output_tokens" } else { "max_tokens" };
+            // Changed since: chat gets `max_completion_tokens` (o-series and gpt-5 refuse `max_tokens`).
+            let field = match route {
+                Route::Responses => "max_output_tokens",
+                Route::ChatCompletions => "max_completion_tokens",
+                _ => "max_tokens",
+            };
             obj.insert(field.to_string(), Value::from(max_output));
         }
         if req.stream
             && route.wants_include_usage()
-            && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none())
+            && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none_or(|v| !v.is_boolean()))
         {
             let mut so = match obj.remove("stream_options") {
                 Some(Value::Object(m)) => m,

@@ -857,6 +857,9 @@ impl PreauthProxy {
         mut add: impl FnMut(&'static str, &str),
     ) {
         add("host", &self.upstream_host_header);
+        // Usage is read from plain bytes: a request without the header allows any coding (RFC
+        // 9110 §12.5.3), and a gzipped answer would settle as almost free.
+        add("accept-encoding", "identity");
         if let (Some(bearer), Some(key)) = (&self.upstream_bearer, &self.state.config.upstream_api_key) {
             add("authorization", bearer);
             if caller_sent_api_key {
