@@ -59,10 +59,15 @@ pub struct RequestCtx {
     /// from there. `Some` once `conclude` ran (settled, lease released, counted), which then does
     /// nothing the next time.
     pub staged_since: Option<u64>,
-    /// The client went away after the request was written to the gateway and before its answer
-    /// began: settled as a cut stream (the estimated prompt), not released.
-    pub client_left_after_forward: bool,
-    /// pingora's path (h2c): the request's last body bytes went to the gateway.
+    /// The exchange ended after the request was written to the gateway and before its answer
+    /// began — the client went away, or the gateway did not answer within
+    /// `PREAUTH_UPSTREAM_TIMEOUT_SECONDS`: settled as a cut stream (the estimated prompt), not
+    /// released (the gateway may bill the call).
+    pub unanswered_after_forward: bool,
+    /// ... because the gateway did not answer within `PREAUTH_UPSTREAM_TIMEOUT_SECONDS`.
+    pub upstream_timed_out: bool,
+    /// The request's last body bytes went to the gateway (h2c: pingora's body filter; HTTP/1:
+    /// set from the driver when the exchange fails).
     pub body_forwarded: bool,
     /// Counts this request as in flight for the drain (h2c; the HTTP/1 driver holds its count
     /// beside the context, until `finish` is done).
@@ -103,7 +108,8 @@ impl RequestCtx {
             estimated_cost: None,
             fingerprint: None,
             staged_since: None,
-            client_left_after_forward: false,
+            unanswered_after_forward: false,
+            upstream_timed_out: false,
             body_forwarded: false,
             counted: None,
         }

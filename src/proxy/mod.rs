@@ -950,6 +950,12 @@ impl PreauthProxy {
     /// What to answer for a request that failed after `inspect` (`answered`: a final response
     /// header was already written, so nothing can be): the deferred refusal, the 400, or the 502.
     pub(crate) fn failure_answer(&self, e: &Error, ctx: &mut RequestCtx, answered: bool) -> Option<Rendered> {
+        // The gateway had the request and did not answer in time: it may bill the call (settled
+        // as unanswered), and a retry would send that work again.
+        if ctx.body_forwarded && !answered && matches!(e.etype(), ReadTimedout) {
+            ctx.upstream_timed_out = true;
+            ctx.unanswered_after_forward = true;
+        }
         match ctx.pending_refusal.take() {
             Some(r) => Some(*r),
             None if answered => None,
@@ -966,7 +972,8 @@ impl PreauthProxy {
 
     /// The 502 for a request the upstream failed: `ALLOW` when it had been admitted.
     fn unreachable(&self, ctx: &RequestCtx) -> Rendered {
-        self.refusal(&Refusal::UpstreamUnavailable { admitted: ctx.verdict == Some(Verdict::Allow) }, ctx)
+        let admitted = ctx.verdict == Some(Verdict::Allow);
+        self.refusal(&Refusal::UpstreamUnavailable { admitted, timed_out: ctx.upstream_timed_out }, ctx)
     }
 
     /// pingora's path: writes [`Self::failure_answer`]; returns the status written (0 = none).
@@ -1011,8 +1018,8 @@ impl PreauthProxy {
                 self.state.hold_gate_lease(&r.id, t).await;
             }
         } else if let Some(mut s) = ctx.spend.take() {
-            let left = ctx.client_left_after_forward;
-            spend::settle(&self.state, &mut s, ctx.upstream_status, left, &mut ctx.ticket).await;
+            let unanswered = ctx.unanswered_after_forward;
+            spend::settle(&self.state, &mut s, ctx.upstream_status, unanswered, &mut ctx.ticket).await;
         }
         // Whatever lease the settlement did not take along.
         if let Some(ticket) = ctx.ticket.take() {
@@ -1166,7 +1173,7 @@ impl ProxyHttp for PreauthProxy {
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         // Gone (a stream reset, a closed connection) after its request reached the gateway, as
         // the HTTP/1 driver judges it: the call may be billed all the same.
-        ctx.client_left_after_forward |=
+        ctx.unanswered_after_forward |=
             ctx.body_forwarded && e.is_some_and(|e| matches!(e.esource(), ErrorSource::Downstream));
         self.finish(ctx).await;
     }

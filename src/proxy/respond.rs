@@ -24,7 +24,9 @@ pub enum Refusal {
     /// 502: the upstream could not be reached or broke the protocol. `admitted`: the request
     /// was allowed and forwarded (the answer then says `ALLOW`, the decision the ledger holds;
     /// the failure was the gateway's, not a refusal).
-    UpstreamUnavailable { admitted: bool },
+    /// `timed_out`: the gateway had the request and did not answer within
+    /// `PREAUTH_UPSTREAM_TIMEOUT_SECONDS` (charged the estimated prompt; not to be retried).
+    UpstreamUnavailable { admitted: bool, timed_out: bool },
     /// Any other sidecar answer (gate API): status, code and message.
     Other { status: u16, code: &'static str, message: String },
 }
@@ -183,15 +185,15 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
             details.insert("reason".into(), json!(code));
             (*status, *code, message.clone(), Verdict::Deny, None)
         }
-        Refusal::UpstreamUnavailable { admitted } => {
+        Refusal::UpstreamUnavailable { admitted, timed_out } => {
             details.insert("reason".into(), json!("upstream_unavailable"));
-            (
-                502,
-                "upstream_unavailable",
-                "The LLM gateway could not be reached or broke the protocol.".into(),
-                if *admitted { Verdict::Allow } else { Verdict::Deny },
-                None,
-            )
+            let message = if *timed_out {
+                "The LLM gateway did not answer within PREAUTH_UPSTREAM_TIMEOUT_SECONDS. It had the request \
+                 and may bill it: it is charged the estimated prompt, and should not be retried as is."
+            } else {
+                "The LLM gateway could not be reached or broke the protocol."
+            };
+            (502, "upstream_unavailable", message.into(), if *admitted { Verdict::Allow } else { Verdict::Deny }, None)
         }
         Refusal::Decision { decision, policy_version, extra } => {
             let (status, code, message) = decision_status(decision);
@@ -236,7 +238,8 @@ pub fn render_stamped(r: &Refusal, request_id: &str, stamp: Option<(Mode, u64)>)
     // A lasting refusal (the kill switch until an operator lifts it, a request larger than its
     // tenant's token rate) does not clear by waiting: its `Retry-After` is a polling hint, and an
     // SDK waiting it out twice would hang every caller for two minutes.
-    let until_lifted = matches!(r, Refusal::Decision { decision, .. } if decision.lasting);
+    let until_lifted = matches!(r, Refusal::Decision { decision, .. } if decision.lasting)
+        || matches!(r, Refusal::UpstreamUnavailable { timed_out: true, .. });
     Rendered {
         status,
         code,
@@ -322,7 +325,13 @@ mod tests {
         assert_eq!(render(&Refusal::RouteNotFound, "x").code, "route_not_found");
         assert_eq!(render(&Refusal::TooLarge { limit: 10 }, "x").status, 413);
         assert_eq!(render(&Refusal::InvalidRequest("bad".into()), "x").status, 400);
-        assert_eq!(render(&Refusal::UpstreamUnavailable { admitted: false }, "x").status, 502);
+        assert_eq!(render(&Refusal::UpstreamUnavailable { admitted: false, timed_out: false }, "x").status, 502);
+        let timed_out = render(&Refusal::UpstreamUnavailable { admitted: true, timed_out: true }, "x");
+        assert_eq!(
+            (timed_out.status, timed_out.should_retry),
+            (502, Some(false)),
+            "sent again, the work is billed twice"
+        );
     }
 
     #[test]
@@ -332,7 +341,7 @@ mod tests {
             Refusal::RouteNotFound,
             Refusal::TooLarge { limit: 10 },
             Refusal::InvalidRequest("bad".into()),
-            Refusal::UpstreamUnavailable { admitted: false },
+            Refusal::UpstreamUnavailable { admitted: false, timed_out: false },
         ] {
             let v = parse(&render_stamped(&r, "x", Some((Mode::Soft, 9))));
             let d = &v["error"]["details"];
@@ -344,7 +353,7 @@ mod tests {
             );
         }
         // The gateway failing an admitted request is not a refusal: the answer keeps its ALLOW.
-        let r = render(&Refusal::UpstreamUnavailable { admitted: true }, "x");
+        let r = render(&Refusal::UpstreamUnavailable { admitted: true, timed_out: false }, "x");
         assert_eq!((r.status, r.verdict), (502, Verdict::Allow));
         assert_eq!(parse(&r)["error"]["details"]["decision"], json!("ALLOW"));
         // A decision keeps its own mode and version.

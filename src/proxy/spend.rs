@@ -97,7 +97,7 @@ pub async fn settle(
     state: &Arc<AppState>,
     spend: &mut SpendCtx,
     upstream_status: Option<u16>,
-    client_left_after_forward: bool,
+    unanswered_after_forward: bool,
     lease: &mut Option<Ticket>,
 ) {
     let now = state.clock.now_ms();
@@ -107,7 +107,7 @@ pub async fn settle(
     // before its usage — the estimated prompt — not released (short client timeouts would
     // otherwise make every forwarded call free).
     let ok = upstream_status.is_some_and(|s| (200..300).contains(&s))
-        || (upstream_status.is_none() && client_left_after_forward);
+        || (upstream_status.is_none() && unanswered_after_forward);
     let reservation = spend.reservation.take();
     if !ok {
         let Some(r) = reservation else { return };

@@ -788,3 +788,38 @@ async fn a_client_gone_before_the_answer_is_charged_its_prompt() {
     }
     s.stop().await;
 }
+
+/// A gateway that has the request and does not answer within `PREAUTH_UPSTREAM_TIMEOUT_SECONDS`
+/// may bill it all the same: charged the estimated prompt like a client that gave up, answered
+/// 502 with `x-should-retry: false` (an SDK retry would send the work again).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_that_times_out_is_charged_its_prompt_and_not_retried() {
+    let s = start(&[("PREAUTH_UPSTREAM_TIMEOUT_SECONDS", "1")]).await;
+    let body =
+        json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "word ".repeat(2000)}]});
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(20)).build().unwrap();
+    for (tenant, c) in [("slowgw", client()), ("slowgw-h2", h2c)] {
+        let r = c
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(token(tenant, "pro"))
+            .header("x-mock-delay-ms", "2500")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 502, "{tenant}");
+        assert_eq!(r.headers()["x-should-retry"], "false", "{tenant}");
+        let v = json_of(r).await;
+        assert!(v["error"]["message"].as_str().unwrap().contains("PREAUTH_UPSTREAM_TIMEOUT_SECONDS"), "{v}");
+        let ledger = format!("/api/v1/enforcement/ledger?tenant_id={tenant}&event_type=reservation_settled");
+        let settled = || async { s.admin_get(&ledger).await["items"][0].clone() };
+        wait_for("the settlement", || async { settled().await.is_object() }).await;
+        let e = settled().await;
+        assert_eq!(e["usage_source"], json!("estimated"), "{e}");
+        let prompt = e["usage"]["prompt_tokens"].as_u64().unwrap();
+        let want = price_cost("gpt-4o", Usage { prompt_tokens: prompt, ..Usage::default() });
+        let view = tenant_view(&s, tenant).await;
+        assert_eq!((usd(&view["spent_usd"]), usd(&view["reserved_usd"])), (want, Micros(0)), "{view}");
+    }
+    s.stop().await;
+}

@@ -155,8 +155,10 @@ impl LeanH1 {
             let mut ctx = RequestCtx::new();
             if let Err(e) = self.exchange(&mut c, &mut ctx).await {
                 c.close = true;
-                // Gone after its request reached the gateway: the call may be billed all the same.
-                ctx.client_left_after_forward = c.forwarded && matches!(e.esource(), ErrorSource::Downstream);
+                // Gone after its request reached the gateway: the call may be billed all the same
+                // (`failure_answer` treats a gateway that timed out alike).
+                ctx.body_forwarded = c.forwarded;
+                ctx.unanswered_after_forward = c.forwarded && matches!(e.esource(), ErrorSource::Downstream);
                 let refusal = ctx.pending_refusal.is_some() || matches!(e.etype(), HTTPStatus(_));
                 let answer = self.core.failure_answer(&e, &mut ctx, c.answered);
                 let status = answer.as_ref().map_or(0, |r| r.status);
