@@ -57,7 +57,8 @@ use super::usage_types::Usage;
 use memchr::memmem::Finder;
 use std::sync::LazyLock;
 
-/// Longest SSE line kept; a longer line is dropped and counted as unparsable.
+/// Longest SSE line kept whole; of a longer one only its last [`JSON_TAIL_BYTES`] are kept, and
+/// an OpenAI-shaped usage object is read from them (the line is counted as unparsable).
 pub const MAX_SSE_LINE_BYTES: usize = 1 << 20;
 /// Largest JSON body buffered for parsing whole; beyond it only its last [`JSON_TAIL_BYTES`] are
 /// kept, and the usage object is read from them (OpenAI shapes end with it).
@@ -1214,8 +1215,7 @@ impl UsageScanner {
         match self.kind {
             BodyKind::Sse => {
                 if self.overflow {
-                    self.unparsable += 1;
-                    self.overflow = false;
+                    self.end_long_line(&[]);
                 } else if !self.buf.is_empty() {
                     // A last line without its newline.
                     let line = std::mem::take(&mut self.buf);
@@ -1336,12 +1336,8 @@ impl UsageScanner {
             let Some(nl) = nl else { break };
             let (head, rest) = (&chunk[..nl], &chunk[nl + 1..]);
             chunk = rest;
-            if self.overflow {
-                self.overflow = false;
-                self.unparsable += 1;
-            } else if self.buf.len() + head.len() > MAX_SSE_LINE_BYTES {
-                self.buf.clear();
-                self.unparsable += 1;
+            if self.overflow || self.buf.len() + head.len() > MAX_SSE_LINE_BYTES {
+                self.end_long_line(head);
             } else if self.buf.is_empty() {
                 if !head.is_empty() {
                     self.sse_line(head);
@@ -1357,12 +1353,16 @@ impl UsageScanner {
                 }
             }
         }
-        if chunk.is_empty() || self.overflow {
+        if chunk.is_empty() {
             return;
         }
-        if self.buf.len() + chunk.len() > MAX_SSE_LINE_BYTES {
+        if self.overflow {
+            self.keep_tail(chunk);
+        } else if self.buf.len() + chunk.len() > MAX_SSE_LINE_BYTES {
+            // Too long to keep: only its end, where an OpenAI-shaped event has its usage.
             self.overflow = true;
-            self.buf = Vec::new();
+            self.keep_tail(chunk);
+            self.buf.shrink_to(2 * JSON_TAIL_BYTES);
         } else {
             if self.buf.capacity() == 0 {
                 // Room for the rest of a typical event line, so that it does not move again.
@@ -1370,6 +1370,21 @@ impl UsageScanner {
             }
             self.buf.extend_from_slice(chunk);
         }
+    }
+
+    /// The end of an SSE line too long to keep whole (`head`: its last piece; `buf` holds the
+    /// end of what came before): counted as unparsable, and an OpenAI-shaped event — a Responses
+    /// `response.completed` carrying a large output (a generated image), a big chat chunk — still
+    /// gives its usage, read from the line's last `JSON_TAIL_BYTES` as for an oversized JSON body.
+    fn end_long_line(&mut self, head: &[u8]) {
+        self.overflow = false;
+        self.unparsable += 1;
+        if self.route != Route::Messages {
+            self.keep_tail(head);
+            let tail = std::mem::take(&mut self.buf);
+            self.tail_usage(&tail);
+        }
+        self.buf = Vec::new();
     }
 
     fn sse_line(&mut self, line: &[u8]) {
@@ -2011,6 +2026,19 @@ mod tests {
         // in one chunk, and as the last line without newline
         let (r, bad) = scan(Route::ChatCompletions, BodyKind::Sse, &[big.as_bytes()]);
         assert_eq!((r.usage, bad), (None, 1));
+
+        // A Responses `response.completed` carrying a 1.5 MB generated image: its usage is read
+        // from the end of the line (in pieces and whole, with or without a final newline).
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"type\":\"image_generation_call\",\"result\":\"{}\"}}],\"usage\":{{\"input_tokens\":1000,\"output_tokens\":5000}}}}}}\n\n",
+            "A".repeat(1_500_000)
+        );
+        for pieces in [completed.as_bytes().chunks(64 * 1024).collect::<Vec<_>>(), vec![completed.as_bytes()]] {
+            let (r, bad) = scan(Route::Responses, BodyKind::Sse, &pieces);
+            assert_eq!((r.usage, bad), (Some(u(1000, 5000, 0, 0)), 1));
+        }
+        let (r, _) = scan(Route::Responses, BodyKind::Sse, &[completed.trim_end().as_bytes()]);
+        assert_eq!(r.usage, Some(u(1000, 5000, 0, 0)));
         let (_, bad) = scan(Route::ChatCompletions, BodyKind::Sse, &[big.trim_end().as_bytes()]);
         assert_eq!(bad, 1);
 
