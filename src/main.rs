@@ -165,6 +165,13 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
         eprintln!("rebuild-spend needs PREAUTH_REDIS_URL (the store to restore) and a postgres:// PREAUTH_LEDGER_URL");
         return ExitCode::from(EXIT_CONFIG as u8);
     };
+    if !(ledger.starts_with("postgres://") || ledger.starts_with("postgresql://")) {
+        eprintln!(
+            "rebuild-spend reads the central ledger table: PREAUTH_LEDGER_URL must be its postgres:// URL (an \
+             HTTP ledger cannot be queried)"
+        );
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
     let timeout = std::time::Duration::from_millis(config.store_timeout_ms.max(1000));
     let store = match preauth_sidecar::store::redis::RedisStore::connect_blocking(
         &redis_url,
@@ -187,7 +194,10 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result: Result<Vec<(String, Micros, Micros)>, String> = rt.block_on(async {
         let (client, conn) = tokio_postgres::connect(&ledger, tokio_postgres::NoTls).await.map_err(|e| {
-            format!("cannot connect to the ledger at PREAUTH_LEDGER_URL: {e}; check the address and credentials")
+            format!(
+                "cannot connect to the ledger at PREAUTH_LEDGER_URL: {}; check the address, database and credentials",
+                pg_cause(&e)
+            )
         })?;
         tokio::spawn(conn);
         let start = preauth_sidecar::decide::time::rfc3339_seconds(month.start());
@@ -210,7 +220,14 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
                 &[&start, &end],
             )
             .await
-            .map_err(|e| format!("ledger query: {e}"))?;
+            .map_err(|e| {
+                let hint = if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+                    " (no enforcement_ledger table: run `preauth-sidecar migrate` with this PREAUTH_LEDGER_URL)"
+                } else {
+                    ""
+                };
+                format!("ledger query: {}{hint}", pg_cause(&e))
+            })?;
         let mut out = Vec::new();
         let key = month.to_string();
         for row in rows {
@@ -252,6 +269,21 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What a Postgres error says, down to its cause (its own text is often just "db error").
+fn pg_cause(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// `mint-approval`: signs an approval token offline with the primary secret.
@@ -370,10 +402,16 @@ fn init_logging(format: LogFormat) {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // pingora's trace lines print whole request heads (`Authorization: Bearer <admin key>` on
-    // the admin listener, the upstream key on the TLS path): never logged, whatever RUST_LOG says.
+    // pingora's trace lines, and the debug lines of its proxy and HTTP clients, print whole
+    // request and response heads and bodies (`Authorization: Bearer <admin key>` on the admin
+    // listener, the upstream key and prompts on the h2c path): never logged, whatever RUST_LOG
+    // says.
     let no_pingora_trace = tracing_subscriber::filter::filter_fn(|meta| {
-        !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+        let (level, target) = (*meta.level(), meta.target());
+        let proxy_or_client = target.starts_with("pingora_proxy")
+            || (target.starts_with("pingora_core::protocols::http::") && target.ends_with("::client"));
+        let quiet = level == tracing::Level::TRACE || (level == tracing::Level::DEBUG && proxy_or_client);
+        !(quiet && target.starts_with("pingora"))
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     let _ = match format {
@@ -498,6 +536,17 @@ fn demo() -> ExitCode {
         );
     }
     let per_minute = overlay.get("LLM_FAIR_USE_PER_MINUTE_CAP").unwrap_or_default();
+    let fair_use_on = overlay
+        .get("LLM_FAIR_USE_GUARDS_ENABLED")
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+    let example_4 = if fair_use_on {
+        format!(
+            "  # 4. denied: more than {per_minute} calls in a minute for one tenant (LLM_FAIR_USE_PER_MINUTE_CAP={per_minute};\n  \
+             #    the demo's default is 5) -> 429 once the tenant's minute is full (examples 1 and 2 used two)"
+        )
+    } else {
+        "  # 4. (fair use is off: LLM_FAIR_USE_GUARDS_ENABLED in your environment; these all answer 200)".to_string()
+    };
     let listen = overlay.get("PREAUTH_LISTEN_ADDR").unwrap_or_default();
     let admin = overlay.get("PREAUTH_ADMIN_ADDR").unwrap_or_else(|| "127.0.0.1:9090".into());
     let now = (SystemClock.now_ms() / 1000) as i64;
@@ -537,8 +586,7 @@ Try these in another terminal:
     -H "authorization: Bearer $FREE" -H 'content-type: application/json' \
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done
 
-  # 4. denied: more than {per_minute} calls in a minute for one tenant (LLM_FAIR_USE_PER_MINUTE_CAP={per_minute};
-  #    the demo's default is 5) -> 429 once the tenant's minute is full (examples 1 and 2 used two)
+{example_4}
   for i in $(seq 6); do curl -s -o /dev/null -w '%{{http_code}} ' http://{listen}/v1/chat/completions \
     -H "authorization: Bearer $PRO" -H 'content-type: application/json' \
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done; echo

@@ -265,7 +265,7 @@ impl AdminApp {
                         ));
                     }
                 }
-                let answer = |status: u16| {
+                let answer = |status: u16, warnings: &[String]| {
                     let mut body = view.clone();
                     if !warnings.is_empty() {
                         body["warnings"] = json!(warnings);
@@ -274,7 +274,16 @@ impl AdminApp {
                 };
                 match lifted {
                     // 202: accepted here, not yet for the fleet.
-                    Ok(_) => answer(if unshared { 202 } else { 200 }),
+                    Ok(_) => answer(if unshared { 202 } else { 200 }, &warnings),
+                    // The store is down: the change stands here (202); the block is lifted by the
+                    // same PATCH sent again once the store answers.
+                    Err(e) if unshared => {
+                        warnings.push(format!(
+                            "The global block in force could not be lifted ({e}): send this PATCH again once the \
+                             state store answers."
+                        ));
+                        answer(202, &warnings)
+                    }
                     Err(e) => admin_error(
                         503,
                         "store_unavailable",

@@ -57,7 +57,15 @@ impl Upstream {
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, p) = v6.split_once(']').ok_or_else(|| format!("`{shown}`: unclosed IPv6 bracket"))?;
-            (h.to_string(), p.strip_prefix(':'))
+            let port = match p {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| format!("`{shown}`: `{p}` after the IPv6 address"))?),
+            };
+            let addr = h.split_once('%').map_or(h, |(a, _zone)| a);
+            if addr.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("`{shown}`: `{h}` is not an IPv6 address"));
+            }
+            (h.to_string(), port)
         } else {
             match authority.rsplit_once(':') {
                 Some((h, p)) => (h.to_string(), Some(p)),
@@ -70,10 +78,15 @@ impl Upstream {
         let v6 = authority.starts_with('[');
         let host_char =
             |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') || (v6 && matches!(c, ':' | '%'));
-        if !host.chars().all(host_char) {
+        // A name's labels are not empty (`..`, `.x`); one final dot is the DNS root.
+        let empty_label = !v6 && host.strip_suffix('.').unwrap_or(&host).split('.').any(str::is_empty);
+        if !host.chars().all(host_char) || empty_label {
             return Err(format!("`{shown}`: `{host}` is not a host name or IP address"));
         }
         let port = match port {
+            Some(p) if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(format!("`{shown}`: port `{p}` is not a port number"));
+            }
             Some(p) => match p.parse::<u16>() {
                 Ok(0) => return Err(format!("`{shown}`: port 0 is not a port a gateway listens on")),
                 Ok(n) => n,

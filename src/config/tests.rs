@@ -160,7 +160,17 @@ fn source_modes_parse() {
 
 #[test]
 fn upstream_hosts_and_ports_are_checked() {
-    for bad in ["http://ho st:80", "http://127.0.0.1:0", "http://gw\u{0}x", "https://gw,b:443"] {
+    for bad in [
+        "http://ho st:80",
+        "http://127.0.0.1:0",
+        "http://gw\u{0}x",
+        "https://gw,b:443",
+        "http://[::1]x:4000",
+        "http://[zz]:80",
+        "http://..:80",
+        "http://gw:+80",
+        "http://gw:",
+    ] {
         assert!(Upstream::parse(bad).is_err(), "{bad}");
     }
     for good in ["http://gw_1.internal:4000", "http://[::1]:4000", "http://[fe80::1%eth0]:80", "https://GW-2"] {

@@ -320,10 +320,17 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
         // text seen); `null` or another type is not a choice, and gets `true`.
         Some(so) if so.get("include_usage").is_some_and(|v| v.as_bool().is_some()) => None,
         Some(so) => {
-            if so.get("include_usage").is_none() {
-                if let Some(spliced) = splice_into_stream_options(original) {
-                    return Some(Bytes::from(spliced));
-                }
+            let spliced = match so.get("include_usage") {
+                None => splice_into_stream_options(original),
+                Some(_) => set_include_usage_in_place(original),
+            };
+            // Checked by a full read (a rare path): a key written with an escape elsewhere in the
+            // body could make the bytes found here not the ones a reader keeps.
+            let read = |b: &[u8]| serde_json::from_slice::<Value>(b).ok();
+            if let Some(out) = spliced.filter(|out| {
+                read(out).is_some_and(|v| v.pointer("/stream_options/include_usage") == Some(&Value::Bool(true)))
+            }) {
+                return Some(Bytes::from(out));
             }
             let mut obj = body_object(req)?;
             let mut so = match obj.remove("stream_options") {
@@ -335,6 +342,20 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
             serde_json::to_vec(&obj).ok().map(Bytes::from)
         }
     }
+}
+
+/// `original` (a valid JSON object whose `stream_options` object has an `include_usage` that is
+/// not a boolean) with that value replaced by `true`, every other byte kept. `None` when either
+/// member is not found as written.
+fn set_include_usage_in_place(original: &[u8]) -> Option<Vec<u8>> {
+    let (so_start, so_end) = top_level_member(original, b"stream_options")?;
+    let (start, end) = top_level_member(&original[so_start..so_end], b"include_usage")?;
+    let (start, end) = (so_start + start, so_start + end);
+    let mut out = Vec::with_capacity(original.len());
+    out.extend_from_slice(&original[..start]);
+    out.extend_from_slice(b"true");
+    out.extend_from_slice(&original[end..]);
+    Some(out)
 }
 
 /// `original` (a valid JSON object whose `stream_options` is an object without
@@ -712,14 +733,25 @@ mod tests {
             let out = inject_include_usage(Route::ChatCompletions, &req, raw.as_bytes()).unwrap();
             assert_eq!(String::from_utf8_lossy(&out), want);
         }
-        // `include_usage` there but not a boolean: set to true (re-serialised).
-        for odd in ["null", "\"false\"", "0"] {
-            let raw =
-                format!(r#"{{"model":"m","messages":[],"stream":true,"stream_options":{{"include_usage":{odd}}}}}"#);
+        // `include_usage` there but not a boolean: replaced by `true` in place (the last of
+        // duplicates: the one a reader keeps), every other byte kept.
+        let head = r#"{"model":"m","seed":123456789012345678901234567890,"messages":[],"stream":true,"#;
+        for (so, want) in [
+            (
+                r#""stream_options":{"a":1, "include_usage" : null }}"#,
+                r#""stream_options":{"a":1, "include_usage" : true }}"#,
+            ),
+            (r#""stream_options":{"include_usage":"false"}}"#, r#""stream_options":{"include_usage":true}}"#),
+            (r#""stream_options":{"include_usage":{"x":[1]}}}"#, r#""stream_options":{"include_usage":true}}"#),
+            (
+                r#""stream_options":{"include_usage":true,"include_usage":0}}"#,
+                r#""stream_options":{"include_usage":true,"include_usage":true}}"#,
+            ),
+        ] {
+            let raw = format!("{head}{so}");
             let req = parse_body(Route::ChatCompletions, raw.as_bytes()).unwrap();
-            let out = inject_include_usage(Route::ChatCompletions, &req, raw.as_bytes()).expect(odd);
-            let v: Value = serde_json::from_slice(&out).unwrap();
-            assert_eq!(v["stream_options"]["include_usage"], true, "{odd}");
+            let out = inject_include_usage(Route::ChatCompletions, &req, raw.as_bytes()).expect(so);
+            assert_eq!(String::from_utf8_lossy(&out), format!("{head}{want}"));
         }
         // A key written with an escape is not found as written: re-serialised, still correct.
         let raw = br#"{"model":"m","messages":[],"stream":true,"stream\u005foptions":{"a":1}}"#;

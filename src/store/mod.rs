@@ -273,8 +273,9 @@ pub trait PolicyStore: Send + Sync {
     fn current(&self) -> Arc<Policy>;
     /// Applies `patch` to the current snapshot, bumps `version`, publishes the result.
     async fn update(&self, patch: PolicyPatch) -> Result<Arc<Policy>, StoreError>;
-    /// Whether this replica runs runtime changes that the fleet's shared store has not taken yet
-    /// (fleet mode, store unavailable when they were made): they apply here only until it has.
+    /// Whether this replica runs changes that the fleet's shared store has not taken yet (fleet
+    /// mode, store unavailable when they were made: runtime settings, which apply here only until
+    /// it has, or a reload whose version bump is still to come).
     fn unshared(&self) -> bool {
         false
     }

@@ -216,7 +216,12 @@ impl Reloader {
             .collect();
         let changes = serde_json::json!({ "files_reloaded": files });
         let version = self.state.policy.current().version;
-        self.state.record_runtime_change(version, REASON, changes, serde_json::Map::new());
+        let mut extra = serde_json::Map::new();
+        if self.state.policy.unshared() {
+            // Fleet mode with the store down: the fleet's version moves once it answers.
+            extra.insert("scope".into(), serde_json::json!("replica"));
+        }
+        self.state.record_runtime_change(version, REASON, changes, extra);
     }
 
     /// `reload`, logged and counted in `preauth_config_reloads_total{result}`.

@@ -20,7 +20,7 @@
 //!   kill switch acts whatever else is wrong), and the next update writes the repaired document.
 //! - A patch that changes only local parts (a `SIGHUP` directory reload) is applied locally and
 //!   bumps the document's version (same knobs), so that a version never names two policies; with
-//!   Redis down it is applied without the bump, so reloads work all the same.
+//!   Redis down it is applied all the same and the bump follows once Redis answers.
 //! - A patch of knobs that Redis cannot take (down, timing out) is applied to this replica at
 //!   once and kept as pending (`unshared`); the 2 s re-read writes it to the document when Redis
 //!   answers again, and documents adopted meanwhile keep the pending knobs on top. An operator
@@ -131,6 +131,9 @@ struct Shared {
     /// Knobs changed here that Redis could not take yet: they apply on this replica and are
     /// written to the document by the re-read once Redis answers.
     pending: Mutex<Map<String, Json>>,
+    /// A local change (a `SIGHUP` reload) made while Redis was unavailable: the document's
+    /// version is still to be bumped (with the pending knobs, if any).
+    bump_pending: std::sync::atomic::AtomicBool,
     /// Serialises this replica's updates (the CAS serialises the fleet's).
     write: tokio::sync::Mutex<()>,
 }
@@ -155,6 +158,7 @@ impl RedisStore {
             local: Mutex::new(local.clone()),
             epoch: Mutex::new(String::new()),
             pending: Mutex::new(Map::new()),
+            bump_pending: std::sync::atomic::AtomicBool::new(false),
             write: tokio::sync::Mutex::new(()),
         });
         match shared.refresh().await {
@@ -300,6 +304,7 @@ impl Shared {
             };
             if self.cas(expected, &doc).await? {
                 self.pending.lock().clear();
+                self.bump_pending.store(false, std::sync::atomic::Ordering::Relaxed);
                 self.adopt(&doc);
                 return Ok(Some(self.current.read().clone()));
             }
@@ -311,7 +316,7 @@ impl Shared {
     async fn push_pending(&self) -> Result<(), StoreError> {
         let _w = self.write.lock().await;
         let pending = self.pending.lock().clone();
-        if pending.is_empty() {
+        if pending.is_empty() && !self.bump_pending.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         if let Some(p) = self.write_knobs(&pending).await? {
@@ -377,7 +382,7 @@ impl PolicyStore for RedisPolicy {
         }
         if changed.is_empty() && local_changed {
             // Local only (directory reload): applied here at once, and the document's version
-            // bumped (same knobs) — not with Redis down, where the reload applies all the same.
+            // bumped (same knobs) — with Redis down, once it answers again.
             let mut next = after;
             k0.apply(&mut next);
             let next = Arc::new(next);
@@ -385,7 +390,11 @@ impl PolicyStore for RedisPolicy {
             let pending = sh.pending.lock().clone();
             return match sh.write_knobs(&pending).await {
                 Ok(Some(p)) => Ok(p),
-                Ok(None) | Err(_) => Ok(next),
+                Ok(None) | Err(_) => {
+                    // Bumped by the re-read once Redis answers (`push_pending`).
+                    sh.bump_pending.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok(next)
+                }
             };
         }
         // Knobs Redis has not taken yet go with this change.
@@ -413,7 +422,7 @@ impl PolicyStore for RedisPolicy {
     }
 
     fn unshared(&self) -> bool {
-        !self.shared.pending.lock().is_empty()
+        !self.shared.pending.lock().is_empty() || self.shared.bump_pending.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

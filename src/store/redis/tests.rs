@@ -801,12 +801,29 @@ async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_wh
     let v = pb.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
     assert!(v.kill_switch && pb.unshared(), "applied on this replica at once, marked unshared");
     assert_eq!(v.version, version, "no version of its own while unshared");
+    // A reload meanwhile (local only) applies too; its version bump follows Redis.
+    let dir = Arc::new(
+        crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 3\n"), None).unwrap(),
+    );
+    let v = pb.update(Box::new(move |p| p.directory = dir)).await.unwrap();
+    assert_eq!((v.version, v.directory.daily_quota("x", Tier::Free)), (version, Some(3)));
     assert!(!pa.current().kill_switch, "the fleet has not got it yet");
-    let _relay = Relay::start(port).await;
+    relay = Relay::start(port).await;
     let reached = wait_until(Duration::from_secs(10), || pa.current().kill_switch).await;
     assert!(reached.is_some(), "written for the fleet once Redis answers");
     assert!(wait_until(Duration::from_secs(2), || !pb.unshared()).await.is_some());
     assert!(pb.current().kill_switch && pb.current().version > version);
+    // A reload alone while Redis is down: its version bump reaches the fleet afterwards.
+    let before = pa.current().version;
+    relay.cut();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let dir = Arc::new(
+        crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 4\n"), None).unwrap(),
+    );
+    pb.update(Box::new(move |p| p.directory = dir)).await.unwrap();
+    assert!(pb.unshared() && pb.current().version == before);
+    let _relay = Relay::start(port).await;
+    assert!(wait_until(Duration::from_secs(10), || pa.current().version == before + 1).await.is_some());
     drop((pa, pb));
     cleanup(&a).await;
 }
