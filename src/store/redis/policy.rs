@@ -35,6 +35,7 @@
 //! serialisation the embedded runtime-policy file shares). Imports: `store::redis` core,
 //! `store::knobs`, `decide::policy`, serde_json, tokio, futures-util, parking_lot.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -133,7 +134,7 @@ struct Shared {
     pending: Mutex<Map<String, Json>>,
     /// A local change (a `SIGHUP` reload) made while Redis was unavailable: the document's
     /// version is still to be bumped (with the pending knobs, if any).
-    bump_pending: std::sync::atomic::AtomicBool,
+    bump_pending: AtomicBool,
     /// Serialises this replica's updates (the CAS serialises the fleet's).
     write: tokio::sync::Mutex<()>,
 }
@@ -158,7 +159,7 @@ impl RedisStore {
             local: Mutex::new(local.clone()),
             epoch: Mutex::new(String::new()),
             pending: Mutex::new(Map::new()),
-            bump_pending: std::sync::atomic::AtomicBool::new(false),
+            bump_pending: AtomicBool::new(false),
             write: tokio::sync::Mutex::new(()),
         });
         match shared.refresh().await {
@@ -304,7 +305,7 @@ impl Shared {
             };
             if self.cas(expected, &doc).await? {
                 self.pending.lock().clear();
-                self.bump_pending.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.bump_pending.store(false, Ordering::Relaxed);
                 self.adopt(&doc);
                 return Ok(Some(self.current.read().clone()));
             }
@@ -316,7 +317,7 @@ impl Shared {
     async fn push_pending(&self) -> Result<(), StoreError> {
         let _w = self.write.lock().await;
         let pending = self.pending.lock().clone();
-        if pending.is_empty() && !self.bump_pending.load(std::sync::atomic::Ordering::Relaxed) {
+        if pending.is_empty() && !self.bump_pending.load(Ordering::Relaxed) {
             return Ok(());
         }
         if let Some(p) = self.write_knobs(&pending).await? {
@@ -392,7 +393,7 @@ impl PolicyStore for RedisPolicy {
                 Ok(Some(p)) => Ok(p),
                 Ok(None) | Err(_) => {
                     // Bumped by the re-read once Redis answers (`push_pending`).
-                    sh.bump_pending.store(true, std::sync::atomic::Ordering::Relaxed);
+                    sh.bump_pending.store(true, Ordering::Relaxed);
                     Ok(next)
                 }
             };
@@ -422,7 +423,7 @@ impl PolicyStore for RedisPolicy {
     }
 
     fn unshared(&self) -> bool {
-        !self.shared.pending.lock().is_empty() || self.shared.bump_pending.load(std::sync::atomic::Ordering::Relaxed)
+        !self.shared.pending.lock().is_empty() || self.shared.bump_pending.load(Ordering::Relaxed)
     }
 }
 
