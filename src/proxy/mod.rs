@@ -1040,7 +1040,8 @@ impl PreauthProxy {
     pub(crate) fn peer(&self) -> HttpPeer {
         let mut peer = HttpPeer::new(self.upstream_addr, self.upstream_tls, self.upstream_sni.clone());
         let timeout = Duration::from_secs(self.state.config.upstream_timeout_seconds);
-        peer.options.connection_timeout = Some(h1::CONNECT_TIMEOUT);
+        // A connection attempt is part of the exchange: never longer than its timeout.
+        peer.options.connection_timeout = Some(h1::CONNECT_TIMEOUT.min(timeout));
         peer.options.read_timeout = Some(timeout);
         peer.options.write_timeout = Some(timeout);
         peer
