@@ -789,12 +789,13 @@ impl PreauthProxy {
             }
             return Ok(false);
         }
+        // The Gate API takes both as the proxy path does (CONTRACT §3, §10).
+        ctx.source_header = d.header(names::SOURCE).map(str::to_string);
+        ctx.approval_token = d.header(names::APPROVAL_TOKEN).map(str::to_string);
         if let Some(g) = gate {
             Box::pin(self.serve_gate(d, ctx, g)).await?; // boxed: a large, rarer future
             return Ok(true);
         }
-        ctx.source_header = d.header(names::SOURCE).map(str::to_string);
-        ctx.approval_token = d.header(names::APPROVAL_TOKEN).map(str::to_string);
 
         let limit = self.state.config.max_body_bytes;
         let content_length = d.header("content-length").and_then(|v| v.parse::<u64>().ok());

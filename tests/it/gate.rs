@@ -148,3 +148,48 @@ async fn a_route_that_is_not_a_string_is_refused() {
     assert_eq!(json_of(r).await["decision"], "ALLOW");
     s.stop().await;
 }
+
+/// The Gate API takes `x-approval-token` and `x-preauth-source` as the proxy path does
+/// (CONTRACT §10, §3): an approved request is admitted and its token used up; a source's mode
+/// applies. Before, both headers were ignored on the gate: a request above the approval
+/// threshold could never be admitted there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gate_takes_approval_tokens_and_sources() {
+    let s = start(&[
+        ("PREAUTH_REQUIRE_APPROVAL_ABOVE_USD", "0.05"),
+        ("ENFORCEMENT_APPROVAL_TOKEN_SECRET", "gate-approval-secret-0123456789abcdef0123"),
+        ("PREAUTH_SOURCE_MODES", "ev=shadow,b=soft"),
+    ])
+    .await;
+    let with = |headers: Vec<(&'static str, String)>| {
+        let big = json!({"route": "/v1/chat/completions",
+                         "request": {"model": "gpt-4o", "max_tokens": 10000, "messages": []}});
+        let mut r = client().post(s.url("/api/v1/enforcement/gate/llm")).bearer_auth(token("acme", "enterprise"));
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        async move { r.json(&big).send().await.unwrap() }
+    };
+    let v = json_of(with(vec![]).await).await;
+    assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("REQUIRE_APPROVAL"), Some("hard")));
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    let r = s.admin_post(&format!("/api/v1/enforcement/approvals/{id}/approve"), json!({})).await;
+    let approval = json_of(r).await["approval_token"].as_str().unwrap().to_string();
+    let v = json_of(with(vec![("x-approval-token", approval.clone())]).await).await;
+    assert_eq!(v["decision"], "ALLOW", "{v}");
+    assert!(v["reservation_id"].is_string(), "and holds its cost: {v}");
+    // A token refused is a decision too (HTTP 200, DENY with the proxy path's reason).
+    for (t, reason) in [(approval, "approval_token_replayed"), ("garbage".to_string(), "approval_token_invalid")] {
+        let r = with(vec![("x-approval-token", t)]).await;
+        assert_eq!(r.status(), 200);
+        let v = json_of(r).await;
+        assert_eq!((v["decision"].as_str(), v["reasons"][0].as_str()), (Some("DENY"), Some(reason)), "{v}");
+    }
+    // Sources: shadow lets it through (nothing held), soft escalates.
+    let v = json_of(with(vec![("x-preauth-source", "ev".into())]).await).await;
+    assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("ALLOW"), Some("shadow")), "{v}");
+    assert!(v["reservation_id"].is_null());
+    let v = json_of(with(vec![("x-preauth-source", "b".into())]).await).await;
+    assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("REQUIRE_APPROVAL"), Some("soft")), "{v}");
+    s.stop().await;
+}
