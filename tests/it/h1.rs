@@ -238,3 +238,39 @@ async fn fields_named_by_connection_are_not_forwarded() {
     assert!(!has("x-drop-me") && has("x-keep-me"), "{:?}", seen.headers);
     s.stop().await;
 }
+
+/// A request refused before its body is read (413 declared too large, 401, 404) is answered and
+/// the connection closed *lingering*: what the client still sends is read and dropped, so a
+/// client that writes its whole body before reading (Node's fetch, no `Expect: 100-continue`)
+/// gets the answer instead of a reset (EPIPE / ECONNRESET, then SDK retries re-uploading it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_still_sending_a_refused_body_gets_the_answer() {
+    let s = start(&[("PREAUTH_MAX_BODY_BYTES", "1048576")]).await;
+    let big = vec![b'a'; 4 << 20];
+    let small = vec![b'a'; 900 << 10];
+    let unauthenticated = |body: &[u8]| {
+        let head = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
+        [head.as_bytes(), body].concat()
+    };
+    let not_found = |body: &[u8]| {
+        let head = format!(
+            "POST /v1/files HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-length: {}\r\n\r\n",
+            token("acme", "pro"),
+            body.len()
+        );
+        [head.as_bytes(), body].concat()
+    };
+    for (what, bytes, want) in [
+        ("too large", request("/v1/chat/completions", "1.1", "", &big), "413"),
+        ("unauthenticated", unauthenticated(&small), "401"),
+        ("no such route", not_found(&small), "404"),
+    ] {
+        let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+        // The whole request first, as such clients do; only then the answer.
+        sock.write_all(&bytes).await.unwrap_or_else(|e| panic!("{what}: the upload was cut: {e}"));
+        let got = read_to_close(&mut sock).await;
+        assert!(got.starts_with(&format!("HTTP/1.1 {want} ")), "{what}: {got}");
+        assert!(got.contains("\"error\""), "{what}: the error JSON: {got}");
+    }
+    s.stop().await;
+}

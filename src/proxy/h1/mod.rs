@@ -68,6 +68,35 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_PIPELINED: usize = MAX_HEAD_BYTES;
 /// The HTTP/2 connection preface (RFC 9113 §3.4): such connections go to pingora.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Lingering close (as nginx's `lingering_timeout` / `lingering_time`): after an answer sent
+/// before the request's body was read, what the client still sends is read and dropped until it
+/// closes, pauses this long, or [`LINGER_MAX`] has passed.
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
+/// Closes a connection whose client may still be sending (a request answered before its body
+/// was read: 401, 404, 413, a malformed head). Closing with unread bytes would make the kernel
+/// reset the connection, and a client that writes its whole body before it reads (Node's fetch,
+/// any client without `Expect: 100-continue`) would lose the answer already sent. So: stop
+/// writing (FIN), then read and drop what arrives until the client closes, pauses
+/// [`LINGER_IDLE`], [`LINGER_MAX`] passes, or the server shuts down.
+async fn linger(io: &mut Stream, shutdown: &mut ShutdownWatch) {
+    if io.shutdown().await.is_err() || *shutdown.borrow() {
+        return;
+    }
+    let end = Instant::now() + LINGER_MAX;
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        let pause = end.saturating_duration_since(Instant::now()).min(LINGER_IDLE);
+        tokio::select! {
+            read = tokio::time::timeout(pause, io.read(&mut sink)) => match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
 
 /// Whether field `name` (lowercase) is among those a `Connection` header value names (hop-by-hop
 /// for this hop only, RFC 9110 §7.6.1); `connection` is `""` when it names none.
@@ -144,6 +173,7 @@ impl LeanH1 {
                     let (ctx, r) = self.core.malformed();
                     c.close = true;
                     let _ = self.core.respond(&mut c, &ctx, &r).await;
+                    linger(&mut c.io, &mut shutdown).await;
                     return;
                 }
             }
@@ -178,7 +208,11 @@ impl LeanH1 {
             self.core.finish(&mut ctx).await;
             drop(in_flight);
             if c.close || !c.body_done || !c.head.keep_alive {
-                let _ = c.io.shutdown().await;
+                if c.body_done {
+                    let _ = c.io.shutdown().await;
+                } else {
+                    linger(&mut c.io, &mut shutdown).await;
+                }
                 return;
             }
             c.next_request();
