@@ -85,7 +85,8 @@ async fn linger(io: &mut Stream, shutdown: &mut ShutdownWatch) {
         return;
     }
     let end = Instant::now() + LINGER_MAX;
-    let mut sink = vec![0u8; 16 * 1024];
+    // Small, as nginx's lingering buffer: many connections may linger at once.
+    let mut sink = [0u8; 4096];
     loop {
         let pause = end.saturating_duration_since(Instant::now()).min(LINGER_IDLE);
         tokio::select! {
