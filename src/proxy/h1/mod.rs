@@ -85,8 +85,9 @@ async fn linger(io: &mut Stream, shutdown: &mut ShutdownWatch) {
         return;
     }
     let end = Instant::now() + LINGER_MAX;
-    // Small, as nginx's lingering buffer: many connections may linger at once.
-    let mut sink = [0u8; 4096];
+    // Small, as nginx's lingering buffer (many connections may linger at once), and on the heap
+    // only while lingering: in the task it would enlarge every connection's future.
+    let mut sink = vec![0u8; 4096];
     loop {
         let pause = end.saturating_duration_since(Instant::now()).min(LINGER_IDLE);
         tokio::select! {
