@@ -243,6 +243,9 @@ pub fn build_with(config: Config, parts: Parts) -> Result<Built, String> {
     // nginx's default: one connection cannot open streams without bound.
     let mut h2_options = pingora::protocols::http::v2::server::H2Options::new();
     h2_options.max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS);
+    // Request heads as large as the HTTP/1 driver takes, not h2's default 16 MiB (HPACK lets a
+    // few kilobytes on the wire decode to that).
+    h2_options.max_header_list_size(crate::proxy::h1::wire::MAX_HEAD_BYTES as u32);
     h2.h2_options = Some(h2_options);
     let mut svc = Service::new("preauth proxy".to_string(), LeanH1::new(h2, proxy));
     // Unbuffered: the HTTP/1 driver keeps its own buffers (pingora's default 64 KiB read buffer

@@ -13,6 +13,10 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 
+/// Longest wait for each piece of a request body on pingora's path (h2c), as the HTTP/1
+/// driver's read timeout.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// One client request and the connection it arrived on.
 pub(crate) trait Downstream: Send {
     fn method(&self) -> &Method;
@@ -86,7 +90,14 @@ impl Downstream for ServerSession {
         }
         self.enable_retry_buffering();
         let mut body = Vec::new();
-        while let Some(chunk) = self.read_request_body().await? {
+        // Each read within the HTTP/1 driver's read timeout: an h2c stream whose body never
+        // comes would otherwise be held (and counted in flight) for good.
+        loop {
+            let chunk = match tokio::time::timeout(BODY_READ_TIMEOUT, self.read_request_body()).await {
+                Ok(r) => r?,
+                Err(_) => return Error::e_explain(ReadTimedout, "reading the request body").map_err(|e| e.into_down()),
+            };
+            let Some(chunk) = chunk else { break };
             if body.len() as u64 + chunk.len() as u64 > limit {
                 return Ok(None);
             }

@@ -274,3 +274,41 @@ async fn a_client_still_sending_a_refused_body_gets_the_answer() {
     }
     s.stop().await;
 }
+
+/// h2c: the connection preface may arrive in pieces (it is read whole before pingora's h2
+/// handshake, which has no deadline of its own); the server's SETTINGS follow.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2c_preface_in_pieces_is_served() {
+    let s = start(&[]).await;
+    let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+    sock.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The rest of the preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+    sock.write_all(b"\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let mut frame = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut frame)).await.expect("an answer").unwrap();
+    assert_eq!(frame[3], 4, "the server's SETTINGS frame: {frame:?}");
+    s.stop().await;
+}
+
+/// h2c request heads are limited as HTTP/1 heads are (64 KiB), not by h2's default 16 MiB:
+/// a larger one never reaches the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_h2c_head_over_64_kib_is_refused() {
+    let s = start(&[]).await;
+    let h2c = reqwest::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(10)).build().unwrap();
+    let send = |extra: usize| {
+        h2c.post(s.url("/v1/chat/completions"))
+            .bearer_auth(token("acme", "pro"))
+            .header("x-pad", "p".repeat(extra))
+            .json(&chat("gpt-4o-mini"))
+            .send()
+    };
+    assert_eq!(send(1000).await.unwrap().status(), 200);
+    // Refused by the h2 layer itself (431): no decision made, nothing forwarded. Before, the
+    // sidecar decided ALLOW and wrote the head to the gateway (whose own 431 came back).
+    let r = send(100 * 1024).await.unwrap();
+    assert_eq!(r.status(), 431);
+    assert!(r.headers().get("x-preauth-decision").is_none(), "never decided: {:?}", r.headers());
+    s.stop().await;
+}

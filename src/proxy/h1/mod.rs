@@ -89,7 +89,13 @@ async fn linger(io: &mut Stream, shutdown: &mut ShutdownWatch) {
     // only while lingering: in the task it would enlarge every connection's future.
     let mut sink = vec![0u8; 4096];
     loop {
-        let pause = end.saturating_duration_since(Instant::now()).min(LINGER_IDLE);
+        // Checked here, not by the read's timeout: a read that is always ready (a client sending
+        // without pause) would never reach its timer.
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let pause = left.min(LINGER_IDLE);
         tokio::select! {
             read = tokio::time::timeout(pause, io.read(&mut sink)) => match read {
                 Ok(Ok(n)) if n > 0 => {}
@@ -169,6 +175,16 @@ impl LeanH1 {
                 Head::Closed => return,
                 Head::Malformed(why) => {
                     if first && H2_PREFACE.starts_with(&c.buf[..c.buf.len().min(H2_PREFACE.len())]) {
+                        // The whole preface first (within the read timeout): pingora's h2
+                        // handshake waits for it with no deadline of its own.
+                        while c.buf.len() < H2_PREFACE.len() {
+                            if c.read_more().await.is_err() {
+                                return;
+                            }
+                        }
+                        if !c.buf.starts_with(H2_PREFACE) {
+                            return;
+                        }
                         return self.hand_to_h2(c, &shutdown).await;
                     }
                     tracing::debug!(why, "malformed request head");
