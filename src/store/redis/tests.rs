@@ -783,6 +783,7 @@ async fn a_kill_switch_or_freeze_in_the_environment_applies_whatever_the_documen
     assert!(a.read_policy(&forced).await.unwrap().approval_issuance_frozen);
     assert!(!a.read_policy(&Policy::for_test()).await.unwrap().approval_issuance_frozen);
     drop((pa, pb));
+    tokio::time::sleep(Duration::from_millis(100)).await; // a re-read under way ends first
     cleanup(&a).await;
 }
 
@@ -825,6 +826,7 @@ async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_wh
     let _relay = Relay::start(port).await;
     assert!(wait_until(Duration::from_secs(10), || pa.current().version == before + 1).await.is_some());
     drop((pa, pb));
+    tokio::time::sleep(Duration::from_millis(100)).await; // a re-read under way ends first
     cleanup(&a).await;
 }
 
@@ -839,6 +841,7 @@ async fn policy_document_lost_is_recreated_from_the_running_policy() {
     let pb = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
     assert!(pb.current().kill_switch, "the kill switch survived the flush");
     drop((pa, pb));
+    tokio::time::sleep(Duration::from_millis(100)).await; // a re-read under way ends first
     cleanup(&a).await;
 }
 
