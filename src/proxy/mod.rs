@@ -340,7 +340,7 @@ impl PreauthProxy {
                     model: req.model.clone(),
                     request_fingerprint: fp.clone(),
                     estimated_cost,
-                    reasons,
+                    reasons: reasons.clone(),
                     now,
                     expires_at: now + self.state.config.approvals.ttl_seconds * 1000,
                 })
@@ -354,7 +354,9 @@ impl PreauthProxy {
                     let mut e = event_of(EventType::ApprovalRequested);
                     e.request_fingerprint = Some(fp.clone());
                     e.approval_id = Some(a.approval_id.clone());
-                    e.reasons = a.reasons.clone();
+                    // This request's reasons, as its decision's (a pending approval asked for
+                    // again keeps the reasons it was first asked with).
+                    e.reasons = reasons;
                     self.state.emit(&e);
                     ctx.approval_id = Some(a.approval_id);
                 }

@@ -464,3 +464,40 @@ async fn approval_events_all_carry_tier_model_and_cost() {
     }
     s.stop().await;
 }
+
+/// An `approval_requested` event names the reasons of the request that asked (as its decision
+/// event does), also when it asks again for an approval still pending from an earlier request
+/// decided under another mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn approval_requested_carries_the_reasons_of_the_request_that_asked() {
+    let mut e = env(KEY_NEW, "");
+    e.push(("PREAUTH_SOURCE_MODES", "b=soft"));
+    let s = start(&e).await;
+    let body = expensive();
+    assert_error(send(&s, "again", &body, None).await, 403, "approval_required").await;
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(crate::support::token("again", "enterprise"))
+        .header("content-type", "application/json")
+        .header("x-preauth-source", "b")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 403, "approval_required").await;
+    let items = s.admin_get("/api/v1/enforcement/ledger?tenant_id=again").await["items"].clone();
+    let reasons = |t: &str| -> Vec<String> {
+        let mut v: Vec<String> = items
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event_type"] == t)
+            .map(|e| e["reasons"][0].as_str().unwrap_or("").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(reasons("decision"), ["approval_required", "soft_mode_approval_required"]);
+    assert_eq!(reasons("approval_requested"), reasons("decision"), "{items}");
+    s.stop().await;
+}
