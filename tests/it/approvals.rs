@@ -475,15 +475,8 @@ async fn approval_requested_carries_the_reasons_of_the_request_that_asked() {
     let s = start(&e).await;
     let body = expensive();
     assert_error(send(&s, "again", &body, None).await, 403, "approval_required").await;
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(crate::support::token("again", "enterprise"))
-        .header("content-type", "application/json")
-        .header("x-preauth-source", "b")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let same: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let r = post_with(&s, "/v1/chat/completions", "again", "enterprise", &same, &[("x-preauth-source", "b")]).await;
     assert_error(r, 403, "approval_required").await;
     let items = s.admin_get("/api/v1/enforcement/ledger?tenant_id=again").await["items"].clone();
     let reasons = |t: &str| -> Vec<String> {

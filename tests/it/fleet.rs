@@ -663,20 +663,25 @@ async fn a_settlement_refused_while_redis_is_gone_lands_when_it_is_back() {
     let ledger = format!("/api/v1/enforcement/ledger?reservation_id={rid}&event_type=reservation_settled");
     let event = s.admin_get(&ledger).await;
     let actual = event["items"][0]["actual_cost_usd"].as_str().expect("the settlement is in the ledger").to_string();
-    // Background attempts 1, 3, 7, 15 and 30 s after the failure.
+    // The concurrency lease, refused with the settlement, is given back in the background too.
+    spend_catches_up(&s, "later", &actual, |v| v["active_reservations"] == 0 && v["in_flight"] == 0).await;
+    s.stop().await;
+    redis_cleanup(&p).await;
+}
+
+/// Waits until `tenant`'s spend is `actual` (what its settlement event says) and `also` holds of
+/// its view, through the background retries (1, 3, 7, 15 and 30 s after a refused store step).
+/// The view is asked again while it answers 503 (the store still unusable right after its return).
+async fn spend_catches_up(s: &Sidecar, tenant: &str, actual: &str, also: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(32);
     loop {
-        // 503 while the store is still unusable right after its return: asked again.
-        let v = s.admin_get("/api/v1/enforcement/tenants/later").await;
-        // The concurrency lease, refused with the settlement, is given back in the background too.
-        if v["spent_usd"] == actual.as_str() && v["active_reservations"] == 0 && v["in_flight"] == 0 {
-            break;
+        let v = s.admin_get(&format!("/api/v1/enforcement/tenants/{tenant}")).await;
+        if v["spent_usd"] == actual && also(&v) {
+            return;
         }
         assert!(Instant::now() < deadline, "spend never caught up with the ledger ({actual}): {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    s.stop().await;
-    redis_cleanup(&p).await;
 }
 
 /// Shadow-mode usage (nothing held) the store refused is charged in the background once Redis is
@@ -688,14 +693,8 @@ async fn shadow_usage_refused_while_redis_is_gone_is_charged_when_it_is_back() {
     let url = format!("redis://127.0.0.1:{}", sw.port);
     let s = start_fleet(&[("PREAUTH_STORE_TIMEOUT_MS", "50"), ("PREAUTH_ENFORCEMENT_MODE", "shadow")], &url, &p).await;
     sw.up.store(false, Ordering::SeqCst);
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("shade", "pro"))
-        .header("x-mock-completion-tokens", "500")
-        .json(&chat("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap();
+    let mock = [("x-mock-completion-tokens", "500")];
+    let r = post_with(&s, "/v1/chat/completions", "shade", "pro", &chat("gpt-4o-mini"), &mock).await;
     assert_eq!(r.status(), 200, "shadow mode fails open");
     let rid = r.headers()["x-preauth-request-id"].to_str().unwrap().to_string();
     r.bytes().await.unwrap();
@@ -712,16 +711,7 @@ async fn shadow_usage_refused_while_redis_is_gone_is_charged_when_it_is_back() {
     assert_ne!(actual, "0.000000");
     tokio::time::sleep(Duration::from_millis(300)).await;
     sw.up.store(true, Ordering::SeqCst);
-    // Background attempts 1, 3, 7, 15 and 30 s after the failure.
-    let deadline = Instant::now() + Duration::from_secs(32);
-    loop {
-        let v = s.admin_get("/api/v1/enforcement/tenants/shade").await;
-        if v["spent_usd"] == actual.as_str() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "spend never caught up with the ledger ({actual}): {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    spend_catches_up(&s, "shade", &actual, |_| true).await;
     s.stop().await;
     redis_cleanup(&p).await;
 }

@@ -161,35 +161,31 @@ async fn the_gate_takes_approval_tokens_and_sources() {
         ("PREAUTH_SOURCE_MODES", "ev=shadow,b=soft"),
     ])
     .await;
-    let with = |headers: Vec<(&'static str, String)>| {
-        let big = json!({"route": "/v1/chat/completions",
-                         "request": {"model": "gpt-4o", "max_tokens": 10000, "messages": []}});
-        let mut r = client().post(s.url("/api/v1/enforcement/gate/llm")).bearer_auth(token("acme", "enterprise"));
-        for (k, v) in headers {
-            r = r.header(k, v);
-        }
-        async move { r.json(&big).send().await.unwrap() }
+    let big =
+        json!({"route": "/v1/chat/completions", "request": {"model": "gpt-4o", "max_tokens": 10000, "messages": []}});
+    let with = async |headers: &[(&str, &str)]| {
+        post_with(&s, "/api/v1/enforcement/gate/llm", "acme", "enterprise", &big, headers).await
     };
-    let v = json_of(with(vec![]).await).await;
+    let v = json_of(with(&[]).await).await;
     assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("REQUIRE_APPROVAL"), Some("hard")));
     let id = v["approval_id"].as_str().unwrap().to_string();
     let r = s.admin_post(&format!("/api/v1/enforcement/approvals/{id}/approve"), json!({})).await;
     let approval = json_of(r).await["approval_token"].as_str().unwrap().to_string();
-    let v = json_of(with(vec![("x-approval-token", approval.clone())]).await).await;
+    let v = json_of(with(&[("x-approval-token", &approval)]).await).await;
     assert_eq!(v["decision"], "ALLOW", "{v}");
     assert!(v["reservation_id"].is_string(), "and holds its cost: {v}");
     // A token refused is a decision too (HTTP 200, DENY with the proxy path's reason).
-    for (t, reason) in [(approval, "approval_token_replayed"), ("garbage".to_string(), "approval_token_invalid")] {
-        let r = with(vec![("x-approval-token", t)]).await;
+    for (t, reason) in [(approval.as_str(), "approval_token_replayed"), ("garbage", "approval_token_invalid")] {
+        let r = with(&[("x-approval-token", t)]).await;
         assert_eq!(r.status(), 200);
         let v = json_of(r).await;
         assert_eq!((v["decision"].as_str(), v["reasons"][0].as_str()), (Some("DENY"), Some(reason)), "{v}");
     }
     // Sources: shadow lets it through (nothing held), soft escalates.
-    let v = json_of(with(vec![("x-preauth-source", "ev".into())]).await).await;
+    let v = json_of(with(&[("x-preauth-source", "ev")]).await).await;
     assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("ALLOW"), Some("shadow")), "{v}");
     assert!(v["reservation_id"].is_null());
-    let v = json_of(with(vec![("x-preauth-source", "b".into())]).await).await;
+    let v = json_of(with(&[("x-preauth-source", "b")]).await).await;
     assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("REQUIRE_APPROVAL"), Some("soft")), "{v}");
     s.stop().await;
 }

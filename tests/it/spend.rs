@@ -273,8 +273,7 @@ async fn racing_refusals_are_counted_for_the_cap_that_refused_them() {
     assert_eq!(v["error"]["details"]["reason"], "daily_tenant_limit_exceeded");
     // The budget tenant's two admitted requests were settled; three estimates still fit minus
     // what they cost, so one more worst case is admitted.
-    let r = client().post(s.url("/v1/chat/completions")).bearer_auth(token("budget", "enterprise")).json(&body);
-    assert_eq!(r.send().await.unwrap().status(), 200);
+    assert_eq!(post(&s, "/v1/chat/completions", "budget", "enterprise", &body).await.status(), 200);
     s.stop().await;
 }
 

@@ -670,6 +670,21 @@ fn now_ms() -> UnixMillis {
 // ------------------------------------------------------------------------------------------------
 // Runtime policy
 
+/// A `SIGHUP` reload's patch (local only): the free tier's daily request quota set to `quota`.
+fn reload_free_quota(quota: u64) -> crate::store::PolicyPatch {
+    let toml = format!("[tiers.free]\ndaily_request_quota = {quota}\n");
+    let dir = Arc::new(crate::decide::policy::Directory::from_files(Some(&toml), None).unwrap());
+    Box::new(move |p| p.directory = dir)
+}
+
+/// Drops `policies` (their re-reads stop; one under way ends first: it could re-create the
+/// document), then deletes the prefix's keys.
+async fn clean_after<T>(a: &RedisStore, policies: T) {
+    drop(policies);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cleanup(a).await;
+}
+
 async fn wait_until(deadline: Duration, f: impl Fn() -> bool) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < deadline {
@@ -738,10 +753,7 @@ async fn policy_update_on_one_replica_is_seen_by_all_within_a_second() {
     // A local-only change (directory reload) stays local, and bumps the fleet's version (the
     // same knobs): a version never names two policies.
     let before = pa.current().version;
-    let dir = Arc::new(
-        crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 3\n"), None).unwrap(),
-    );
-    let v = pa.update(Box::new(move |p| p.directory = dir)).await.unwrap();
+    let v = pa.update(reload_free_quota(3)).await.unwrap();
     assert_eq!(v.version, before + 1);
     assert!(wait_until(Duration::from_secs(1), || pb.current().version == before + 1).await.is_some());
     assert_eq!(v.directory.daily_quota("x", Tier::Free), Some(3));
@@ -754,8 +766,7 @@ async fn policy_update_on_one_replica_is_seen_by_all_within_a_second() {
     // A replica starting later adopts the stored knobs.
     let pd = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
     assert_eq!((pd.current().global.block_seconds, pd.current().version), (300, 7));
-    drop((pa, pb, pc, pd)); // stop the re-reads (they would re-create the document)
-    cleanup(&a).await;
+    clean_after(&a, (pa, pb, pc, pd)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -782,9 +793,7 @@ async fn a_kill_switch_or_freeze_in_the_environment_applies_whatever_the_documen
     // Tools (mint-approval) read the same: frozen for b's environment.
     assert!(a.read_policy(&forced).await.unwrap().approval_issuance_frozen);
     assert!(!a.read_policy(&Policy::for_test()).await.unwrap().approval_issuance_frozen);
-    drop((pa, pb));
-    tokio::time::sleep(Duration::from_millis(100)).await; // a re-read under way ends first
-    cleanup(&a).await;
+    clean_after(&a, (pa, pb)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -803,10 +812,7 @@ async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_wh
     assert!(v.kill_switch && pb.unshared(), "applied on this replica at once, marked unshared");
     assert_eq!(v.version, version, "no version of its own while unshared");
     // A reload meanwhile (local only) applies too; its version bump follows Redis.
-    let dir = Arc::new(
-        crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 3\n"), None).unwrap(),
-    );
-    let v = pb.update(Box::new(move |p| p.directory = dir)).await.unwrap();
+    let v = pb.update(reload_free_quota(3)).await.unwrap();
     assert_eq!((v.version, v.directory.daily_quota("x", Tier::Free)), (version, Some(3)));
     assert!(!pa.current().kill_switch, "the fleet has not got it yet");
     relay = Relay::start(port).await;
@@ -818,16 +824,11 @@ async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_wh
     let before = pa.current().version;
     relay.cut();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let dir = Arc::new(
-        crate::decide::policy::Directory::from_files(Some("[tiers.free]\ndaily_request_quota = 4\n"), None).unwrap(),
-    );
-    pb.update(Box::new(move |p| p.directory = dir)).await.unwrap();
+    pb.update(reload_free_quota(4)).await.unwrap();
     assert!(pb.unshared() && pb.current().version == before);
     let _relay = Relay::start(port).await;
     assert!(wait_until(Duration::from_secs(10), || pa.current().version == before + 1).await.is_some());
-    drop((pa, pb));
-    tokio::time::sleep(Duration::from_millis(100)).await; // a re-read under way ends first
-    cleanup(&a).await;
+    clean_after(&a, (pa, pb)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -840,9 +841,7 @@ async fn policy_document_lost_is_recreated_from_the_running_policy() {
     tokio::time::sleep(Duration::from_millis(2_500)).await; // the 2 s re-read re-creates it
     let pb = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
     assert!(pb.current().kill_switch, "the kill switch survived the flush");
-    drop((pa, pb));
-    tokio::time::sleep(Duration::from_millis(100)).await; // a re-read under way ends first
-    cleanup(&a).await;
+    clean_after(&a, (pa, pb)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
