@@ -405,12 +405,16 @@ fn init_logging(format: LogFormat) {
     // pingora's trace lines, and the debug lines of its proxy and HTTP clients, print whole
     // request and response heads and bodies (`Authorization: Bearer <admin key>` on the admin
     // listener, the upstream key and prompts on the h2c path): never logged, whatever RUST_LOG
-    // says.
+    // says. Nor is its HTTP server app at any level: its error line for a malformed request head
+    // on the admin listener quotes that head, credentials included (the sidecar's own h2c failure
+    // line replaces pingora's, see `suppress_error_log`).
     let no_pingora_trace = tracing_subscriber::filter::filter_fn(|meta| {
         let (level, target) = (*meta.level(), meta.target());
         let proxy_or_client = target.starts_with("pingora_proxy")
             || (target.starts_with("pingora_core::protocols::http::") && target.ends_with("::client"));
-        let quiet = level == tracing::Level::TRACE || (level == tracing::Level::DEBUG && proxy_or_client);
+        let quiet = level == tracing::Level::TRACE
+            || (level == tracing::Level::DEBUG && proxy_or_client)
+            || target.starts_with("pingora_core::apps::http_app");
         !(quiet && target.starts_with("pingora"))
     });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -493,25 +497,27 @@ fn demo() -> ExitCode {
         }
     };
     fake.set_recording(false);
-    let secret = Env.get("SUPABASE_JWT_SECRET").unwrap_or_else(|| random_hex(32));
-    let admin_key = Env.get("ADMIN_API_KEY").unwrap_or_else(|| random_hex(16));
+    let secret = random_hex(32);
+    let admin_key = random_hex(16);
     // The demo talks to its own fake upstream and keeps all state and events local, even when
     // the shell has a real deployment's variables (a sourced sidecar.env): demo traffic must not
-    // reach a real gateway, Redis or ledger.
+    // reach a real gateway, Redis or ledger. Its secrets are its own too: it prints its admin key
+    // and the tenant tokens it signs, and issues approval tokens — none of which may be valid on
+    // a real deployment.
     let forced: HashMap<&'static str, Option<String>> = HashMap::from([
         ("PREAUTH_UPSTREAM_URL", Some(fake.base_url())),
         ("PREAUTH_UPSTREAM_API_KEY", None),
         ("PREAUTH_REDIS_URL", None),
         ("PREAUTH_LEDGER_URL", None),
+        ("SUPABASE_JWT_SECRET", Some(secret.clone())),
+        ("ADMIN_API_KEY", Some(admin_key.clone())),
+        ("ENFORCEMENT_APPROVAL_TOKEN_SECRET", Some(random_hex(32))),
+        ("ENFORCEMENT_APPROVAL_TOKEN_FALLBACK_SECRETS", None),
     ]);
     let mut ignored: Vec<&str> = forced.keys().copied().filter(|k| Env.get(k).is_some()).collect();
     ignored.sort_unstable();
     let mut defaults: HashMap<&'static str, String> = HashMap::new();
     defaults.insert("PREAUTH_LISTEN_ADDR", "127.0.0.1:8080".into());
-    defaults.insert("SUPABASE_JWT_SECRET", secret.clone());
-    defaults.insert("ADMIN_API_KEY", admin_key.clone());
-    // Approvals work in the demo (POST /api/v1/enforcement/approvals/{id}/approve issues tokens).
-    defaults.insert("ENFORCEMENT_APPROVAL_TOKEN_SECRET", random_hex(32));
     defaults.insert("PREAUTH_LOG_FORMAT", "text".into());
     defaults.insert("LLM_FAIR_USE_GUARDS_ENABLED", "true".into());
     defaults.insert("LLM_FAIR_USE_PER_MINUTE_CAP", "5".into());

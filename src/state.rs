@@ -11,7 +11,7 @@ use crate::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::decide::pricing::PriceTable;
-use crate::decide::Tier;
+use crate::decide::{Tier, UnixMillis};
 use crate::ledger::event::{Event, EventType, Template};
 use crate::ledger::outbox::Outbox;
 use crate::ledger::LedgerSource;
@@ -106,6 +106,9 @@ pub struct AppState {
     ready: AtomicBool,
     /// Set while the state store is failing (`/readyz` answers 503).
     store_unhealthy: AtomicBool,
+    /// The end (ms) of the global block the store last showed this replica, 0 for none: it
+    /// still refuses requests while the store cannot be asked.
+    global_block_seen: std::sync::atomic::AtomicU64,
     /// Paces the store-failure log line (a dead store fails every request).
     store_failure_log: crate::telemetry::EverySecond,
     /// Paces the housekeeper's warnings (one a minute): its sweeps fail on every tick while the
@@ -189,6 +192,7 @@ impl AppState {
             pricing: parking_lot::RwLock::new(pricing),
             ready: AtomicBool::new(false),
             store_unhealthy: AtomicBool::new(false),
+            global_block_seen: std::sync::atomic::AtomicU64::new(0),
             store_failure_log: crate::telemetry::EverySecond::default(),
             housekeeping_log: crate::telemetry::EverySecond::default(),
         }
@@ -322,6 +326,19 @@ impl AppState {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && !self.store_unhealthy.load(Ordering::Relaxed)
+    }
+
+    /// The global block (its end) the store showed, or tripped here; `None`: none in force.
+    pub fn note_global_block(&self, until: Option<UnixMillis>) {
+        let until = until.unwrap_or(0);
+        if self.global_block_seen.load(Ordering::Relaxed) != until {
+            self.global_block_seen.store(until, Ordering::Relaxed);
+        }
+    }
+
+    /// The end of the global block last seen in force, if any.
+    pub fn global_block_seen(&self) -> Option<UnixMillis> {
+        Some(self.global_block_seen.load(Ordering::Relaxed)).filter(|u| *u > 0)
     }
 
     /// Store health as seen by the last operation.

@@ -236,7 +236,11 @@ impl AdminApp {
                 // lifted, and the next request is judged by the new settings.
                 let lifted = match global_changed {
                     false => Ok(false),
-                    true => self.state.counters.clear_global_block().await,
+                    true => {
+                        // Here at once, whether or not the store can be told.
+                        self.state.note_global_block(None);
+                        self.state.counters.clear_global_block().await
+                    }
                 };
                 if let Ok(true) = lifted {
                     m.global_block_active.set(0);

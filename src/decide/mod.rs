@@ -119,6 +119,32 @@ pub fn failsafe(mode: Mode) -> Decision {
     }
 }
 
+/// The failsafe decision, for a replica that last saw a global block in force until
+/// `block_seen_until`: while it lasts, the block refuses every request in every mode, the store
+/// answering or not (CONTRACT §3); otherwise [`failsafe`].
+pub fn undecided(policy: &Policy, mode: Mode, block_seen_until: Option<UnixMillis>, now: UnixMillis) -> Decision {
+    match block_seen_until.filter(|until| policy.global.enabled && *until > now) {
+        Some(until) => Decision {
+            verdict: Verdict::Deny,
+            path: DecisionPath::Failsafe,
+            reason: Some(Reason::GlobalTemporalBlock),
+            retry_after_seconds: Some((until - now).div_ceil(MS_PER_SECOND).max(1)),
+            evaluations: [GateEval { gate: Gate::GlobalAbuse, allowed: false, observed: 0 }].into(),
+            ..Decision::allow(mode)
+        },
+        None => failsafe(mode),
+    }
+}
+
+/// The refusal of a request whose approval token failed a check (step 8). In hard mode a request
+/// above the hard-deny limit is refused for that first (step 7, and no token could admit it).
+pub fn bad_token_refusal(mode: Mode, threshold: Option<Reason>, e: approval::ApprovalError) -> Decision {
+    match threshold {
+        Some(Reason::HardDenyThreshold) if mode == Mode::Hard => violation(mode, Reason::HardDenyThreshold, None),
+        _ => token_refusal(mode, e),
+    }
+}
+
 /// Seconds until `since + window` (rounded up, at least 1).
 fn seconds_until(since: UnixMillis, window_ms: u64, now: UnixMillis) -> u64 {
     let until = since.saturating_add(window_ms);

@@ -273,3 +273,38 @@ fn every_gate_evaluated_is_listed_once_in_order() {
     assert_eq!(all.len(), Gate::ALL.len());
     assert!(GateEvals::default().is_empty());
 }
+
+#[test]
+fn a_global_block_seen_before_the_store_failed_still_refuses_in_every_mode() {
+    let mut p = Policy::for_test();
+    let now = at("2026-11-25T10:00:00Z");
+    for mode in [Mode::Hard, Mode::Soft, Mode::Shadow] {
+        let d = undecided(&p, mode, Some(now + 30_500), now);
+        assert_eq!(
+            (d.verdict, d.reason_label(), d.retry_after_seconds, d.path),
+            (Verdict::Deny, Some("global_abuse_temporal_block"), Some(31), DecisionPath::Failsafe)
+        );
+        // Over, or none seen: the mode's failsafe answer.
+        assert_eq!(undecided(&p, mode, Some(now), now), failsafe(mode));
+        assert_eq!(undecided(&p, mode, None, now), failsafe(mode));
+    }
+    p.global.enabled = false;
+    assert_eq!(undecided(&p, Mode::Shadow, Some(now + 30_500), now), failsafe(Mode::Shadow));
+}
+
+#[test]
+fn a_bad_token_on_a_request_above_the_hard_limit_is_refused_for_the_limit_in_hard_mode() {
+    let expired = || approval::ApprovalError::Expired;
+    let d = bad_token_refusal(Mode::Hard, Some(Reason::HardDenyThreshold), expired());
+    assert_eq!((d.verdict, d.reason_label()), (Verdict::Deny, Some("hard_deny_threshold_exceeded")));
+    // Where a token could have admitted the request, what is wrong with the token is the answer.
+    for (mode, threshold) in [
+        (Mode::Hard, Some(Reason::ApprovalRequired)),
+        (Mode::Hard, None),
+        (Mode::Soft, Some(Reason::HardDenyThreshold)),
+        (Mode::Shadow, Some(Reason::HardDenyThreshold)),
+    ] {
+        let d = bad_token_refusal(mode, threshold, expired());
+        assert_eq!((d.verdict, d.reason_label()), (Verdict::Deny, Some("approval_token_expired")), "{mode:?}");
+    }
+}

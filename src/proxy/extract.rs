@@ -295,12 +295,13 @@ fn body_object(req: &LlmRequest<'_>) -> Option<Map<String, Value>> {
     }
 }
 
-/// For streaming OpenAI-shape requests without `stream_options.include_usage`, returns the body
-/// with `"stream_options":{"include_usage":true}` added, so the stream reports usage, every
-/// original byte kept: when the body has no `stream_options`, the field is spliced in after the
-/// opening brace; when it has one (an object, or `null`), `"include_usage":true` goes into it.
-/// Only a `stream_options` that cannot be found in the bytes as written (an escaped key) makes
-/// the object re-serialised.
+/// For streaming OpenAI-shape requests without `stream_options.include_usage: true`, returns
+/// the body with `"stream_options":{"include_usage":true}` added, so the stream reports usage,
+/// every original byte kept: when the body has no `stream_options`, the field is spliced in after
+/// the opening brace; when it has one (an object, or `null`), `"include_usage":true` goes into it
+/// (replacing a `false`, a `null` or another value). Only a `stream_options` that cannot be found
+/// in the bytes as written (an escaped key) makes the object re-serialised. A client that said
+/// `false` does not see the usage chunk ([`refuses_usage`], `strip`).
 pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8]) -> Option<Bytes> {
     if !req.stream || !route.wants_include_usage() {
         return None;
@@ -316,9 +317,7 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
             out.extend_from_slice(&original[brace + 1..]);
             Some(Bytes::from(out))
         }
-        // An explicit boolean is the client's choice (`false`: no usage chunk, charged from the
-        // text seen); `null` or another type is not a choice, and gets `true`.
-        Some(so) if so.get("include_usage").is_some_and(|v| v.as_bool().is_some()) => None,
+        Some(so) if so.get("include_usage").and_then(|v| v.as_bool()) == Some(true) => None,
         Some(so) => {
             let spliced = match so.get("include_usage") {
                 None => splice_into_stream_options(original),
@@ -344,8 +343,18 @@ pub fn inject_include_usage(route: Route, req: &LlmRequest<'_>, original: &[u8])
     }
 }
 
+/// Whether a streaming OpenAI-shape request said `stream_options.include_usage: false`: it goes
+/// to the gateway with `true` (its usage is what it is charged from; reasoning tokens never show
+/// in the text), and the usage chunk is taken out of the answer on its way to the client.
+pub fn refuses_usage(route: Route, req: &LlmRequest<'_>) -> bool {
+    req.stream
+        && route.wants_include_usage()
+        && req.json.root().get("stream_options").and_then(|so| so.get("include_usage")).and_then(|v| v.as_bool())
+            == Some(false)
+}
+
 /// `original` (a valid JSON object whose `stream_options` object has an `include_usage` that is
-/// not a boolean) with that value replaced by `true`, every other byte kept. `None` when either
+/// not `true`) with that value replaced by `true`, every other byte kept. `None` when either
 /// member is not found as written.
 fn set_include_usage_in_place(original: &[u8]) -> Option<Vec<u8>> {
     let (so_start, so_end) = top_level_member(original, b"stream_options")?;
@@ -484,7 +493,7 @@ pub fn clamp_body(route: Route, req: &LlmRequest<'_>, max_output: u64) -> Option
     }
     if req.stream
         && route.wants_include_usage()
-        && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none_or(|v| !v.is_boolean()))
+        && obj.get("stream_options").is_none_or(|so| so.get("include_usage").and_then(Value::as_bool) != Some(true))
     {
         let mut so = match obj.remove("stream_options") {
             Some(Value::Object(m)) => m,
@@ -685,9 +694,32 @@ mod tests {
             &out[..],
             &br#"  {"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#[..]
         );
-        let raw = br#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage":false}}"#;
+        // `false` goes to the gateway as `true` (the answer's usage chunk is taken out again).
+        let raw = br#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage": false}}"#;
         let req = parse_body(Route::ChatCompletions, raw).unwrap();
-        assert!(inject_include_usage(Route::ChatCompletions, &req, raw).is_none(), "explicit choice kept");
+        assert!(refuses_usage(Route::ChatCompletions, &req));
+        assert_eq!(
+            &inject_include_usage(Route::ChatCompletions, &req, raw).unwrap()[..],
+            &br#"{"model":"m","stream":true,"messages":[],"stream_options":{"include_usage": true}}"#[..]
+        );
+        for (route, raw) in [
+            (
+                Route::ChatCompletions,
+                &br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#[..],
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","messages":[],"stream":false,"stream_options":{"include_usage":false}}"#,
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":null}}"#,
+            ),
+            (Route::Responses, br#"{"model":"m","input":"x","stream":true,"stream_options":{"include_usage":false}}"#),
+        ] {
+            let req = parse_body(route, raw).unwrap();
+            assert!(!refuses_usage(route, &req), "{}", String::from_utf8_lossy(raw));
+        }
         let raw = br#"{"model":"m","stream":true,"messages":[],"stream_options":{}}"#;
         let req = parse_body(Route::ChatCompletions, raw).unwrap();
         let v: Value =

@@ -347,8 +347,9 @@ mod oracle {
                 out.extend_from_slice(&original[brace + 1..]);
                 Some(Bytes::from(out))
             }
-            // Changed since: only a boolean is the client's choice (`null` and others get `true`).
-            Some(Value::Object(so)) if so.get("include_usage").is_some_and(Value::is_boolean) => None,
+            // Changed since: only `true` is left alone (`false` is set too, its usage chunk
+            // taken out of the answer; `null` and others get `true`).
+            Some(Value::Object(so)) if so.get("include_usage") == Some(&Value::Bool(true)) => None,
             _ => {
                 let mut obj: Map<String, Value> = obj.clone();
                 let mut so = match obj.remove("stream_options") {
@@ -390,7 +391,7 @@ mod oracle {
         }
         if req.stream
             && route.wants_include_usage()
-            && obj.get("stream_options").is_none_or(|so| so.get("include_usage").is_none_or(|v| !v.is_boolean()))
+            && obj.get("stream_options").is_none_or(|so| so.get("include_usage") != Some(&Value::Bool(true)))
         {
             let mut so = match obj.remove("stream_options") {
                 Some(Value::Object(m)) => m,

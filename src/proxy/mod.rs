@@ -27,6 +27,7 @@ pub mod gate;
 pub mod h1;
 pub mod respond;
 pub mod spend;
+pub mod strip;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -184,6 +185,8 @@ impl PreauthProxy {
             reservation: None,
             charge_only: false,
             scanner: None,
+            strip_usage: false,
+            strip: None,
             event: None,
         });
         let facts = Facts {
@@ -239,6 +242,7 @@ impl PreauthProxy {
                 ReserveOutcome::Insufficient { .. } => Held::Insufficient,
             });
             if let Some(until) = d.trip_global_block_until {
+                self.state.note_global_block(Some(until));
                 if let Err(e) = self.state.counters.set_global_block(until).await {
                     self.store_failed("set_global_block", e);
                 }
@@ -253,7 +257,8 @@ impl PreauthProxy {
                     approval = Some(claims);
                 }
                 Some(Err(e)) => {
-                    let refusal = Decision { evaluations: d.evaluations, ..decide::token_refusal(mode, e) };
+                    let refusal =
+                        Decision { evaluations: d.evaluations, ..decide::bad_token_refusal(mode, threshold, e) };
                     return Ok((refusal, None, None));
                 }
                 None => {}
@@ -299,11 +304,11 @@ impl PreauthProxy {
                     StoreError::Unavailable(_) => "store_error",
                 };
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
-                (decide::failsafe(mode), None, None)
+                (decide::undecided(&policy, mode, self.state.global_block_seen(), now), None, None)
             }
             Err(_) => {
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
-                (decide::failsafe(mode), None, None)
+                (decide::undecided(&policy, mode, self.state.global_block_seen(), now), None, None)
             }
         };
         // A refused admission leaves every counter, and its hold the budget, before anything
@@ -434,6 +439,7 @@ impl PreauthProxy {
                 Some(n) => extract::clamp_body(route, &req, n),
                 None => extract::inject_include_usage(route, &req, body),
             };
+            spend.strip_usage = extract::refuses_usage(route, &req);
             ctx.spend = Some(spend);
             return Ok(());
         }
@@ -614,6 +620,7 @@ impl PreauthProxy {
         let (ticket, view, held) = match answered {
             Ok(Ok(v)) => {
                 self.state.set_store_healthy(true);
+                self.state.note_global_block(v.1.global.block_until);
                 v
             }
             Ok(Err(e)) => return Err(self.store_failed("admit", e)),
@@ -1144,6 +1151,10 @@ impl ProxyHttp for PreauthProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.spend.as_ref().is_some_and(|s| s.strip.is_some()) {
+            // The body changes on the way (`strip`): its length is not the gateway's.
+            resp.remove_header("content-length");
+        }
         self.decorate_response(resp, ctx)
     }
 
@@ -1151,10 +1162,18 @@ impl ProxyHttp for PreauthProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
         self.on_response_chunk(body.as_deref().unwrap_or_default(), ctx)?;
+        if let Some(strip) = ctx.spend.as_mut().and_then(|s| s.strip.as_mut()) {
+            let mut kept = Vec::new();
+            strip.push(body.as_deref().unwrap_or_default(), &mut kept);
+            if end_of_stream {
+                strip.finish(&mut kept);
+            }
+            *body = (!kept.is_empty()).then(|| Bytes::from(kept));
+        }
         Ok(None)
     }
 
@@ -1171,7 +1190,19 @@ impl ProxyHttp for PreauthProxy {
             tracing::debug!(error = %error, request_id = %ctx.request_id, "client went away");
             return true;
         }
-        ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_))
+        if ctx.pending_refusal.is_some() || matches!(error.etype(), HTTPStatus(_)) {
+            return true;
+        }
+        // pingora's own line quotes the error's context: a malformed gateway head as received
+        // (whatever the gateway reflected, keys included) and the request path with its query.
+        // This one names the failure only.
+        tracing::warn!(
+            request_id = %ctx.request_id,
+            error_type = %error.etype().as_str(),
+            source = ?error.esource(),
+            "h2c exchange failed"
+        );
+        true
     }
 
     async fn logging(&self, _session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -68,6 +68,10 @@ pub struct SpendCtx {
     /// No hold, but settle the real usage into spend (shadow mode, fail-open).
     pub charge_only: bool,
     pub scanner: Option<UsageScanner>,
+    /// The client asked for no usage chunk (`include_usage: false`); the gateway was asked for
+    /// one, and `strip` takes it out of a streamed answer.
+    pub strip_usage: bool,
+    pub strip: Option<super::strip::UsageChunkStrip>,
     /// The decision event, the template of this request's settlement or release event.
     pub event: Option<Template>,
 }
@@ -75,7 +79,11 @@ pub struct SpendCtx {
 impl SpendCtx {
     /// Starts scanning a 2xx response whose content type is `content_type`.
     pub fn start_scan(&mut self, content_type: Option<&str>) {
-        self.scanner = Some(UsageScanner::new(self.route, BodyKind::from_content_type(content_type)));
+        let kind = BodyKind::from_content_type(content_type);
+        self.scanner = Some(UsageScanner::new(self.route, kind));
+        if self.strip_usage && kind == BodyKind::Sse {
+            self.strip = Some(Default::default());
+        }
     }
 }
 

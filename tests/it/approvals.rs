@@ -333,6 +333,16 @@ async fn soft_mode_hard_limit_escalation_is_lifted_by_its_approval() {
     let t = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &claims("acme", &fp, "5.00", "hl-1"), KEY_NEW);
     let v = assert_error(send(&s, "acme", &body, Some(&t)).await, 402, "budget_exceeded").await;
     assert_eq!(v["error"]["details"]["reason"], "hard_deny_threshold_exceeded");
+    // A token that fails its checks changes nothing: the limit refuses first (step 7 before 8),
+    // not the token — a new approval could never admit this request.
+    let mut old = claims("acme", &fp, "5.00", "hl-2");
+    old["exp"] = json!(now_s() - 60);
+    let expired = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &old, KEY_NEW);
+    let other = raw_token(&json!({"alg": "HS256", "typ": "JWT"}), &claims("other", &fp, "5.00", "hl-3"), KEY_NEW);
+    for bad in [expired.as_str(), "not.a.token", other.as_str()] {
+        let v = assert_error(send(&s, "acme", &body, Some(bad)).await, 402, "budget_exceeded").await;
+        assert_eq!(v["error"]["details"]["reason"], "hard_deny_threshold_exceeded", "{bad}");
+    }
     s.stop().await;
 }
 

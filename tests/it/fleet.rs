@@ -405,6 +405,63 @@ async fn redis_outage_fails_safe_per_mode_and_recovers() {
     redis_cleanup(&p).await;
 }
 
+/// CONTRACT §3: "The kill switch and the global block apply in every mode" — also while Redis,
+/// perhaps overloaded by the very burst that tripped the block, cannot be asked: the replica
+/// keeps the block it last saw. A `PATCH` of the guard lifts it here at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_global_block_in_force_outlasts_a_redis_outage_in_every_mode() {
+    let p = redis_prefix();
+    let sw = switchable_redis().await;
+    let url = format!("redis://127.0.0.1:{}", sw.port);
+    let s = start_fleet(
+        &[
+            ("PREAUTH_SOURCE_MODES", "evals=shadow"),
+            ("PREAUTH_STORE_TIMEOUT_MS", "50"),
+            ("LLM_GLOBAL_ABUSE_PER_MINUTE_CAP", "3"),
+            ("LLM_GLOBAL_ABUSE_UNIQUE_TENANTS_THRESHOLD", "1"),
+            ("LLM_GLOBAL_ABUSE_BLOCK_SECONDS", "60"),
+        ],
+        &url,
+        &p,
+    )
+    .await;
+    let body = json!({"model": "text-embedding-3-small", "input": "x"});
+    let hard = || post(&s, "/v1/embeddings", "acme", "enterprise", &body);
+    let shadow = || post_with(&s, "/v1/embeddings", "acme", "enterprise", &body, &[("x-preauth-source", "evals")]);
+    for _ in 0..3 {
+        assert_eq!(hard().await.status(), 200);
+    }
+    let v = assert_error(hard().await, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "global_abuse_triggered");
+
+    sw.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for r in [shadow().await, hard().await, shadow().await] {
+        let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "seconds left in the block: {retry}");
+        let v = assert_error(r, 429, "llm_fair_use_exceeded").await;
+        assert_eq!(v["error"]["details"]["reason"], "global_abuse_temporal_block");
+    }
+    let m = metrics(&s).await;
+    assert!(
+        m.contains(
+            "valdrics_ops_enforcement_gate_decisions_total{decision=\"DENY\",path=\"failsafe\",source=\"evals\"} 2"
+        ),
+        "{m}"
+    );
+
+    // The operator lifts the block (here: turns the guard off) while Redis is still gone: this
+    // replica stops applying it at once, and the outage is failed safe per mode again.
+    let r = patch_runtime(&s, json!({"global_abuse_guards_enabled": false, "reason": "false positive"})).await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(shadow().await.status(), 200, "shadow fails open");
+    let v = assert_error(hard().await, 503, "enforcement_unavailable").await;
+    assert_eq!(v["error"]["details"]["reason"], "hard_mode_fail_closed");
+    sw.up.store(true, Ordering::SeqCst);
+    s.stop().await;
+    redis_cleanup(&p).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     let p = redis_prefix();

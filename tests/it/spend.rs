@@ -822,3 +822,91 @@ async fn a_gateway_that_times_out_is_charged_its_prompt_and_not_retried() {
     }
     s.stop().await;
 }
+
+/// A client that says `include_usage: false` is still charged what the gateway reports —
+/// reasoning tokens included, which never show in the streamed text — and gets the stream it
+/// asked for: no usage chunk, every other event as the gateway sent it. Over HTTP/1.1 (chunked),
+/// HTTP/1.0 (to the close) and h2c.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_refusing_the_usage_chunk_is_charged_the_reported_usage_and_does_not_see_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(&[]).await;
+    let mock =
+        [("x-mock-prompt-tokens", "10"), ("x-mock-completion-tokens", "1990"), ("x-mock-reasoning-tokens", "1900")];
+    let body = |include_usage: bool| {
+        json!({"model": "o3-mini", "max_completion_tokens": 2000, "stream": true,
+               "stream_options": {"include_usage": include_usage},
+               "messages": [{"role": "user", "content": "think"}]})
+    };
+    let events = |text: &str| -> Vec<String> {
+        text.split("\n\n").filter(|e| !e.trim().is_empty()).map(|e| e.replace("\r", "")).collect()
+    };
+    // What the gateway streams when asked for usage (the same bytes the client that refuses it
+    // gets, less one event).
+    let full = post_with(&s, "/v1/chat/completions", "asks", "pro", &body(true), &mock).await.text().await.unwrap();
+    let full = events(&full);
+    let usage_chunk = full.iter().position(|e| e.contains("\"choices\":[]")).expect("a usage chunk");
+    let mut want = full.clone();
+    want.remove(usage_chunk);
+
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    for (tenant, how) in [("h11", "HTTP/1.1"), ("h10", "HTTP/1.0"), ("h2c", "h2c")] {
+        let text = match how {
+            "HTTP/1.1" => {
+                let r = post_with(&s, "/v1/chat/completions", tenant, "pro", &body(false), &mock).await;
+                assert_eq!(r.status(), 200);
+                assert!(r.headers().get("content-length").is_none());
+                r.text().await.unwrap()
+            }
+            "h2c" => {
+                let mut req =
+                    h2.post(s.url("/v1/chat/completions")).bearer_auth(token(tenant, "pro")).json(&body(false));
+                for (k, v) in mock {
+                    req = req.header(k, v);
+                }
+                let r = req.send().await.unwrap();
+                assert_eq!((r.status().as_u16(), r.version()), (200, reqwest::Version::HTTP_2));
+                r.text().await.unwrap()
+            }
+            _ => {
+                let raw = serde_json::to_vec(&body(false)).unwrap();
+                let extra: String = mock.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+                let head = format!(
+                    "POST /v1/chat/completions HTTP/1.0\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}\r\n",
+                    token(tenant, "pro"),
+                    raw.len()
+                );
+                let mut sock = tokio::net::TcpStream::connect(s.proxy).await.unwrap();
+                sock.write_all(&[head.as_bytes(), &raw].concat()).await.unwrap();
+                let mut got = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got)).await.unwrap().unwrap();
+                let got = String::from_utf8(got).unwrap();
+                let (head, body) = got.split_once("\r\n\r\n").unwrap();
+                let head = head.to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 200") && head.contains("connection: close"), "{head}");
+                assert!(!head.contains("content-length") && !head.contains("transfer-encoding"), "{head}");
+                body.to_string()
+            }
+        };
+        let got = events(&text);
+        assert_eq!(got.len(), want.len(), "{how}: {text}");
+        for (g, w) in got.iter().zip(&want) {
+            // Ids and timestamps differ between the two calls; the shape of each event does not.
+            let shape = |e: &str| e.contains("\"choices\":[]") || e.contains("[DONE]");
+            assert_eq!(shape(g), shape(w), "{how}: {g} / {w}");
+        }
+        assert!(!text.contains("\"choices\":[]") && text.trim_end().ends_with("data: [DONE]"), "{how}: {text}");
+        assert_eq!(s.upstream.last_request().unwrap().json().unwrap()["stream_options"]["include_usage"], true);
+
+        let settled = || async {
+            s.admin_get(&format!("/api/v1/enforcement/ledger?tenant_id={tenant}&event_type=reservation_settled")).await
+                ["items"][0]
+                .clone()
+        };
+        wait_for("the settlement", || async { settled().await.is_object() }).await;
+        let e = settled().await;
+        assert_eq!(e["usage_source"], "reported", "{how}: {e}");
+        assert_eq!((&e["usage"]["completion_tokens"], &e["usage"]["reasoning_tokens"]), (&json!(1990), &json!(1900)));
+    }
+    s.stop().await;
+}

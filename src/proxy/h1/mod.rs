@@ -417,8 +417,16 @@ impl LeanH1 {
         let head = &up.head;
         let content_type = head.fields.get(&up.buf, "content-type");
         self.core.on_upstream_response(head.status, content_type, ctx);
-        let (framing, te_line) = Framing::choose(head.body, c.head.http10);
-        let keep_client = c.head.keep_alive && !c.close && framing.keeps_client(head.body);
+        // A stream whose usage chunk the client did not ask for is changed on the way: its data
+        // is framed here (chunked to an HTTP/1.1 client, to the close to an HTTP/1.0 one).
+        let stripping = ctx.spend.as_ref().is_some_and(|s| s.strip.is_some());
+        let (framing, te_line) = if stripping {
+            Framing::data_only(head.body, c.head.http10)
+        } else {
+            Framing::choose(head.body, c.head.http10)
+        };
+        let keeps = if stripping { !c.head.http10 } else { framing.keeps_client(head.body) };
+        let keep_client = c.head.keep_alive && !c.close && keeps;
 
         let out = &mut c.out;
         out.clear();
@@ -435,7 +443,8 @@ impl LeanH1 {
             n_own += 1;
         });
         let own = &own[..n_own];
-        let framed_by_length = matches!(head.body, wire::ResponseBody::Length(_) | wire::ResponseBody::Empty);
+        let framed_by_length =
+            !stripping && matches!(head.body, wire::ResponseBody::Length(_) | wire::ResponseBody::Empty);
         // Fields the gateway's `Connection` header names are hop-by-hop too (RFC 9110 §7.6.1).
         let named =
             if head.connection_names_fields { head.fields.get(&up.buf, "connection").unwrap_or("") } else { "" };
@@ -468,16 +477,40 @@ impl LeanH1 {
         let mut relay = Relay::new(head.body, framing);
         let head_len = head.len;
         let mut spill = false;
-        let mut scanner = ctx.spend.as_mut().and_then(|s| s.scanner.as_mut());
+        let (mut scanner, mut strip) = match ctx.spend.as_deref_mut() {
+            Some(s) => (s.scanner.as_mut(), s.strip.as_mut()),
+            None => (None, None),
+        };
+        let (mut data, mut kept) = (Vec::new(), Vec::new());
         let mut feed = |relay: &mut Relay, input: &[u8], out: &mut Vec<u8>| -> Result<()> {
+            let to = if strip.is_some() { &mut data } else { &mut *out };
             let used = relay
-                .feed(input, out, |d| {
+                .feed(input, to, |d| {
                     if let Some(s) = scanner.as_mut() {
                         s.feed(d);
                     }
                 })
                 .map_err(|why| Error::explain(InvalidHTTPHeader, why).into_up())?;
             spill |= used < input.len();
+            if let Some(s) = strip.as_mut() {
+                s.push(&data, &mut kept);
+                data.clear();
+                if relay.is_done() {
+                    s.finish(&mut kept);
+                }
+                if te_line.is_some() {
+                    wire::push_chunk(out, &kept);
+                    if relay.is_done() {
+                        out.extend_from_slice(b"0\r\n\r\n");
+                    }
+                } else {
+                    out.extend_from_slice(&kept);
+                }
+                kept.clear();
+                if relay.is_done() {
+                    strip = None;
+                }
+            }
             Ok(())
         };
         feed(&mut relay, &up.buf[head_len..], &mut c.out)?;
@@ -496,7 +529,11 @@ impl LeanH1 {
             }
             up.buf.clear();
             match c.read_upstream(&mut up).await? {
-                Ok(0) => relay.eof(&mut c.out).map_err(|why| Error::explain(ConnectionClosed, why).into_up())?,
+                Ok(0) => {
+                    relay.eof(&mut c.out).map_err(|why| Error::explain(ConnectionClosed, why).into_up())?;
+                    // The end of a close-delimited body, for a body changed on the way.
+                    feed(&mut relay, &[], &mut c.out)?;
+                }
                 Ok(_) => feed(&mut relay, &up.buf, &mut c.out)?,
                 Err(e) => return Err(Error::because(ReadError, "reading the answer", e).into_up()),
             }

@@ -544,6 +544,13 @@ impl Framing {
         }
     }
 
+    /// The framing that shows the caller the body's data only, for a body the caller frames
+    /// itself after changing it (chunked to an HTTP/1.1 client, to the close to an HTTP/1.0 one).
+    pub fn data_only(body: ResponseBody, client_http10: bool) -> (Framing, Option<&'static [u8]>) {
+        let framing = if body == ResponseBody::Chunked { Framing::Dechunk } else { Framing::AsIs };
+        (framing, (!client_http10).then_some(b"transfer-encoding: chunked\r\n".as_slice()))
+    }
+
     /// Whether the client connection can carry another request after such an answer.
     pub fn keeps_client(self, body: ResponseBody) -> bool {
         !matches!((self, body), (Framing::Dechunk, _) | (Framing::AsIs, ResponseBody::Close))
@@ -606,11 +613,7 @@ impl Relay {
             ResponseBody::Close => {
                 if !input.is_empty() {
                     if self.framing == Framing::Rechunk {
-                        let mut size = [0u8; 16];
-                        out.extend_from_slice(hex_len(input.len(), &mut size));
-                        out.extend_from_slice(b"\r\n");
-                        out.extend_from_slice(input);
-                        out.extend_from_slice(b"\r\n");
+                        push_chunk(out, input);
                     } else {
                         out.extend_from_slice(input);
                     }
@@ -636,6 +639,18 @@ impl Relay {
         self.done = true;
         Ok(())
     }
+}
+
+/// Appends `data` to `out` as one chunk (nothing for empty `data`: that is the last chunk).
+pub fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    let mut size = [0u8; 16];
+    out.extend_from_slice(hex_len(data.len(), &mut size));
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn hex_len(n: usize, buf: &mut [u8; 16]) -> &[u8] {
