@@ -122,6 +122,13 @@ pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), Str
                 p.source_modes = match v {
                     Value::String(s) => parse_source_modes(s)?,
                     Value::Object(m) => {
+                        // The object is read through the env syntax (`batch=soft,evals=shadow`):
+                        // a key or mode holding that syntax's separators would name other sources.
+                        if let Some((s, _)) = m.iter().find(|(s, mode)| {
+                            s.contains(['=', ',']) || mode.as_str().is_some_and(|m| m.contains(['=', ',']))
+                        }) {
+                            return Err(format!("`{k}`: source name `{s}` or its mode contains `=` or `,`"));
+                        }
                         let joined: Vec<String> =
                             m.iter().map(|(s, mode)| format!("{s}={}", mode.as_str().unwrap_or("?"))).collect();
                         parse_source_modes(&joined.join(","))?
@@ -181,6 +188,8 @@ mod tests {
             json!({"audit_sample_rate": 3}),
             json!({"nonsense": 1}),
             json!({"source_modes": {"default": "soft"}}),
+            json!({"source_modes": {"batch=shadow,evil": "hard"}}),
+            json!({"source_modes": {"batch": "hard,evil=shadow"}}),
         ] {
             assert!(apply_patch(&mut p, &patch(bad.clone())).is_err(), "{bad}");
         }

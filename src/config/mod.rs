@@ -102,8 +102,10 @@ impl Upstream {
 /// `url` with any `user:password@` of its authority replaced by `<redacted>@`.
 fn redact_userinfo(url: &str) -> String {
     let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    // Up to the last `@` of the whole URL, not of the authority as a strict parser ends it: a
+    // password with a raw `/`, `?` or `#` (common in generated ones) is taken whole by the
+    // Postgres and Redis drivers. An `@` in a path or query redacts a little more; never less.
+    match url[start..].rfind('@') {
         Some(at) => format!("{}<redacted>{}", &url[..start], &url[start + at..]),
         None => url.to_string(),
     }

@@ -233,12 +233,19 @@ fn describe_redacts_credentials_in_url_query_strings() {
             "https://u:p@ledger.example/ingest?key=k#frag",
             "https://<redacted>@ledger.example/ingest?key=<redacted>#frag",
         ),
+        // Generated passwords with a raw `/`, `?` or `#`: the drivers take them whole.
+        ("postgres://app:pw5ecret/x1@db:5432/ledger", "postgres://<redacted>@db:5432/ledger"),
+        ("postgres://app:pw5ecret#x1@db/ledger", "postgres://<redacted>@db/ledger"),
+        ("postgres://app:pw5ecret?x1@db/ledger", "postgres://<redacted>@db/ledger"),
     ] {
         let c = parse(&env(&[("PREAUTH_LEDGER_URL", url)]), Purpose::Run).unwrap();
         let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
         assert!(!text.contains("pw5ecret") && !text.contains("qtok123") && !text.contains("key=k"), "{text}");
         assert!(text.contains(&format!("PREAUTH_LEDGER_URL={shown}\n")), "{text}");
     }
+    let bad = parse(&env(&[("PREAUTH_UPSTREAM_URL", "http://u:pw5ecret/x1@gw:80")]), Purpose::Run).err();
+    let said = format!("{bad:?}");
+    assert!(said.contains("give only scheme, host and port") && !said.contains("pw5ecret"), "{said}");
     let c = parse(&env(&[("PREAUTH_REDIS_URL", "redis://db:6379/0?password=rpw")]), Purpose::Run).unwrap();
     let text: String = describe(&c).iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     assert!(!text.contains("rpw"), "{text}");
