@@ -144,7 +144,7 @@ pub struct LeanH1 {
     core: PreauthProxy,
     peer: HttpPeer,
     connector: TransportConnector,
-    pool: UpstreamPool,
+    pool: Arc<UpstreamPool>,
 }
 
 impl LeanH1 {

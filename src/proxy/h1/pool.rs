@@ -1,5 +1,7 @@
 //! Idle connections to the gateway, most recently used first out, each with the buffers it
-//! keeps between requests.
+//! keeps between requests. Connections idle for [`POOL_IDLE`] are closed by a sweep every
+//! second, also while no request comes (a gateway that closed them would otherwise leave them
+//! in CLOSE_WAIT until the next request).
 //!
 //! Owns: `Upstream`, `UpIo`, `UpstreamPool`. Imports: pingora's stream, tokio's TCP stream and
 //! I/O traits, the wire format.
@@ -7,6 +9,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,8 @@ const POOL_IDLE: Duration = Duration::from_secs(4);
 /// system call (has the runtime seen the gateway's FIN?); under load connections come back
 /// within milliseconds and skip the read.
 const CHECK_IDLE_AFTER: Duration = Duration::from_millis(100);
+/// How often idle connections past [`POOL_IDLE`] are closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Read buffer of a gateway connection; larger buffers are not kept in the pool.
 pub const READ_BUF: usize = 16 * 1024;
 
@@ -122,8 +127,28 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    pub fn new() -> UpstreamPool {
-        UpstreamPool { idle: parking_lot::Mutex::new(Vec::with_capacity(POOL_SIZE)) }
+    /// A pool, swept every [`SWEEP_EVERY`] by a thread of its own while the pool lives.
+    pub fn new() -> Arc<UpstreamPool> {
+        let pool = Arc::new(UpstreamPool { idle: parking_lot::Mutex::new(Vec::with_capacity(POOL_SIZE)) });
+        let weak = Arc::downgrade(&pool);
+        let _ = std::thread::Builder::new().name("upstream-pool".into()).spawn(move || loop {
+            std::thread::sleep(SWEEP_EVERY);
+            match weak.upgrade() {
+                Some(pool) => pool.sweep(),
+                None => return,
+            }
+        });
+        pool
+    }
+
+    /// Closes the connections idle for [`POOL_IDLE`] or longer (the oldest come first).
+    pub fn sweep(&self) {
+        let expired: Vec<(Upstream, Instant)> = {
+            let mut idle = self.idle.lock();
+            let fresh = idle.iter().position(|(_, since)| since.elapsed() < POOL_IDLE).unwrap_or(idle.len());
+            idle.drain(..fresh).collect()
+        };
+        drop(expired); // closed outside the lock
     }
 
     /// The most recently used connection if it has been idle for less than `POOL_IDLE` and is
@@ -156,5 +181,30 @@ impl UpstreamPool {
         if idle.len() < POOL_SIZE {
             idle.push((up, Instant::now()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn a_sweep_closes_connections_idle_too_long_and_keeps_the_others() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = UpstreamPool::new();
+        let mut far_ends = Vec::new();
+        for idle_for in [POOL_IDLE + Duration::from_secs(1), Duration::ZERO] {
+            let near = TcpStream::connect(addr).await.unwrap();
+            far_ends.push(listener.accept().await.unwrap().0);
+            pool.idle.lock().push((Upstream::new(UpIo::Tcp(near)), Instant::now() - idle_for));
+        }
+        pool.sweep();
+        assert_eq!(pool.idle.lock().len(), 1, "the fresh connection stays");
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), far_ends[0].read(&mut byte)).await.unwrap().unwrap();
+        assert_eq!(closed, 0, "the old connection was closed");
+        assert!(pool.take().is_some());
     }
 }
