@@ -109,6 +109,8 @@ pub struct AppState {
     /// The end (ms) of the global block the store last showed this replica, 0 for none: it
     /// still refuses requests while the store cannot be asked.
     global_block_seen: std::sync::atomic::AtomicU64,
+    /// Reservations an admin reconcile or a Gate API settle is settling on this replica.
+    settling: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Paces the store-failure log line (a dead store fails every request).
     store_failure_log: crate::telemetry::EverySecond,
     /// Paces the housekeeper's warnings (one a minute): its sweeps fail on every tick while the
@@ -193,6 +195,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             store_unhealthy: AtomicBool::new(false),
             global_block_seen: std::sync::atomic::AtomicU64::new(0),
+            settling: parking_lot::Mutex::new(std::collections::HashSet::new()),
             store_failure_log: crate::telemetry::EverySecond::default(),
             housekeeping_log: crate::telemetry::EverySecond::default(),
         }
@@ -336,6 +339,20 @@ impl AppState {
         }
     }
 
+    /// Waits until no other manual or Gate API settlement of reservation `id` is under way on
+    /// this replica, and holds the turn until the returned claim is dropped. A settlement event
+    /// is written before the store settles (it must be durable first): without turns, a
+    /// reconcile racing a Gate API settle of the same hold both wrote one, though only one
+    /// settled. The caller reads the hold's state after taking its turn.
+    pub async fn settlement_turn(&self, id: &str) -> SettlementTurn<'_> {
+        loop {
+            if self.settling.lock().insert(id.to_string()) {
+                return SettlementTurn { state: self, id: id.to_string() };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// The end of the global block last seen in force, if any.
     pub fn global_block_seen(&self) -> Option<UnixMillis> {
         Some(self.global_block_seen.load(Ordering::Relaxed)).filter(|u| *u > 0)
@@ -361,6 +378,18 @@ impl AppState {
             );
         }
         e
+    }
+}
+
+/// A turn to settle one reservation (see [`AppState::settlement_turn`]); ends when dropped.
+pub struct SettlementTurn<'a> {
+    state: &'a AppState,
+    id: String,
+}
+
+impl Drop for SettlementTurn<'_> {
+    fn drop(&mut self) {
+        self.state.settling.lock().remove(&self.id);
     }
 }
 

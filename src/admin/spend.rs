@@ -181,6 +181,7 @@ pub async fn reconcile(state: &AppState, memo: &ReconcileMemo, id: &str, body: &
             return replay(state, prev, actual, notes.as_ref());
         }
     }
+    let _turn = state.settlement_turn(id).await;
     let now = state.clock.now_ms();
     // The settlement reaches the outbox before the hold is released.
     let active = match state.budgets.get(id).await {

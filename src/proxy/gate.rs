@@ -127,6 +127,7 @@ impl PreauthProxy {
             .map_err(|e| Refusal::InvalidRequest(format!("Settle body is not valid JSON: {e}")))?;
         let tenant = ctx.caller.as_ref().map(|c| c.tenant.to_string()).unwrap_or_default();
         let not_found = || other(404, "reservation_not_found", "No such reservation for this tenant.");
+        let _turn = self.state.settlement_turn(id).await;
         let reservation = match self.state.budgets.get(id).await {
             Ok(Some((r, ReservationState::Active))) => r,
             Ok(Some((r, _))) if *r.tenant == *tenant => {

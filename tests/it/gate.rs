@@ -189,3 +189,37 @@ async fn the_gate_takes_approval_tokens_and_sources() {
     assert_eq!((v["decision"].as_str(), v["mode"].as_str()), (Some("REQUIRE_APPROVAL"), Some("soft")), "{v}");
     s.stop().await;
 }
+
+/// A reconcile racing a Gate API settle of the same hold: one of them settles it, the other
+/// answers 409, and the ledger has exactly one settlement, the winner's (audit: 9 of 60 holds
+/// had two `reservation_settled` events, so the ledger summed more than the tenant's spend).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconcile_racing_a_gate_settle_leaves_one_settlement() {
+    const HOLDS: usize = 300;
+    let s = start(&[]).await;
+    let body = json!({"route": "/v1/chat/completions",
+                      "request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}});
+    for _ in 0..HOLDS {
+        let id = json_of(gate(&s, "racy", &body).await).await["reservation_id"].as_str().unwrap().to_string();
+        let reconcile = format!("/api/v1/enforcement/reservations/{id}/reconcile");
+        let manual = s.admin_post(&reconcile, json!({"actual_cost_usd": "0.000070"}));
+        let settle = s.url(&format!("/api/v1/enforcement/reservations/{id}/settle"));
+        let caller = client()
+            .post(settle)
+            .bearer_auth(token("racy", "enterprise"))
+            .json(&json!({"actual_cost_usd": "0.000030"}))
+            .send();
+        let (manual, caller) = tokio::join!(manual, caller);
+        let mut statuses = [manual.status().as_u16(), caller.unwrap().status().as_u16()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 409]);
+    }
+    let settled =
+        s.admin_get("/api/v1/enforcement/ledger?tenant_id=racy&event_type=reservation_settled&limit=1000").await;
+    let items = settled["items"].as_array().unwrap();
+    assert_eq!(items.len(), HOLDS, "one settlement per hold");
+    let ledger: f64 = items.iter().map(|e| e["actual_cost_usd"].as_str().unwrap().parse::<f64>().unwrap()).sum();
+    let spent: f64 = tenant_view(&s, "racy").await["spent_usd"].as_str().unwrap().parse().unwrap();
+    assert!((ledger - spent).abs() < 1e-9, "ledger {ledger} = spend {spent}");
+    s.stop().await;
+}
