@@ -497,27 +497,30 @@ fn demo() -> ExitCode {
         }
     };
     fake.set_recording(false);
-    let secret = random_hex(32);
-    let admin_key = random_hex(16);
+    // Secrets from the environment apply (tests drive the demo with their own), but what is
+    // printed is never derived from one: a shell that sourced a real deployment's env file must
+    // not print its admin key, nor tenant tokens signed with its JWT secret.
+    let own_secret = Env.get("SUPABASE_JWT_SECRET").is_none();
+    let own_admin_key = Env.get("ADMIN_API_KEY").is_none();
+    let secret = Env.get("SUPABASE_JWT_SECRET").unwrap_or_else(|| random_hex(32));
+    let admin_key = Env.get("ADMIN_API_KEY").unwrap_or_else(|| random_hex(16));
     // The demo talks to its own fake upstream and keeps all state and events local, even when
     // the shell has a real deployment's variables (a sourced sidecar.env): demo traffic must not
-    // reach a real gateway, Redis or ledger. Its secrets are its own too: it prints its admin key
-    // and the tenant tokens it signs, and issues approval tokens — none of which may be valid on
-    // a real deployment.
+    // reach a real gateway, Redis or ledger.
     let forced: HashMap<&'static str, Option<String>> = HashMap::from([
         ("PREAUTH_UPSTREAM_URL", Some(fake.base_url())),
         ("PREAUTH_UPSTREAM_API_KEY", None),
         ("PREAUTH_REDIS_URL", None),
         ("PREAUTH_LEDGER_URL", None),
-        ("SUPABASE_JWT_SECRET", Some(secret.clone())),
-        ("ADMIN_API_KEY", Some(admin_key.clone())),
-        ("ENFORCEMENT_APPROVAL_TOKEN_SECRET", Some(random_hex(32))),
-        ("ENFORCEMENT_APPROVAL_TOKEN_FALLBACK_SECRETS", None),
     ]);
     let mut ignored: Vec<&str> = forced.keys().copied().filter(|k| Env.get(k).is_some()).collect();
     ignored.sort_unstable();
     let mut defaults: HashMap<&'static str, String> = HashMap::new();
     defaults.insert("PREAUTH_LISTEN_ADDR", "127.0.0.1:8080".into());
+    defaults.insert("SUPABASE_JWT_SECRET", secret.clone());
+    defaults.insert("ADMIN_API_KEY", admin_key.clone());
+    // Approvals work in the demo (POST /api/v1/enforcement/approvals/{id}/approve issues tokens).
+    defaults.insert("ENFORCEMENT_APPROVAL_TOKEN_SECRET", random_hex(32));
     defaults.insert("PREAUTH_LOG_FORMAT", "text".into());
     defaults.insert("LLM_FAIR_USE_GUARDS_ENABLED", "true".into());
     defaults.insert("LLM_FAIR_USE_PER_MINUTE_CAP", "5".into());
@@ -556,15 +559,20 @@ fn demo() -> ExitCode {
     let listen = overlay.get("PREAUTH_LISTEN_ADDR").unwrap_or_default();
     let admin = overlay.get("PREAUTH_ADMIN_ADDR").unwrap_or_else(|| "127.0.0.1:9090".into());
     let now = (SystemClock.now_ms() / 1000) as i64;
-    let pro = mint_tenant_jwt(&secret, "acme", "pro", now, 86_400);
-    let free = mint_tenant_jwt(&secret, "tiny-co", "free", now, 86_400);
+    let (pro, free) = if own_secret {
+        (mint_tenant_jwt(&secret, "acme", "pro", now, 86_400), mint_tenant_jwt(&secret, "tiny-co", "free", now, 86_400))
+    } else {
+        let not_printed = "<not printed: SUPABASE_JWT_SECRET comes from your environment; sign your own>";
+        (not_printed.to_string(), not_printed.to_string())
+    };
+    let admin_shown = if own_admin_key { admin_key.clone() } else { "$ADMIN_API_KEY".to_string() };
     println!(
         r#"
 preauth-sidecar demo
 ====================
 fake LLM upstream : {upstream}
 sidecar (proxy)   : http://{listen}
-admin API         : http://{admin}   (ADMIN_API_KEY={admin_key})
+admin API         : http://{admin}   (ADMIN_API_KEY={admin_shown})
 state             : {data_dir}   (fresh each run unless PREAUTH_DATA_DIR is set)
 
 Tenant JWTs (HS256, valid 24 h):
@@ -598,9 +606,9 @@ Try these in another terminal:
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hi"}}]}}'; done; echo
 
   # 5. the kill switch, flipped at runtime by the on-call engineer (and back)
-  curl -s -X PATCH http://{admin}/api/v1/enforcement/runtime -H "authorization: Bearer {admin_key}" \
+  curl -s -X PATCH http://{admin}/api/v1/enforcement/runtime -H "authorization: Bearer {admin_shown}" \
     -d '{{"kill_switch": true, "reason": "demo: incident drill"}}'
-  curl -s -X PATCH http://{admin}/api/v1/enforcement/runtime -H "authorization: Bearer {admin_key}" \
+  curl -s -X PATCH http://{admin}/api/v1/enforcement/runtime -H "authorization: Bearer {admin_shown}" \
     -d '{{"kill_switch": false, "reason": "demo: drill over"}}'
 
   # 6. metrics
