@@ -85,6 +85,37 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     s.stop().await;
 }
 
+/// A request refused before its body was read (401, 404) whose body had already arrived whole
+/// keeps the connection: the requests pipelined after it are answered, as nginx does.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_pipelined_after_an_early_refusal_are_answered() {
+    let s = start(&[]).await;
+    let body = chat_body(false);
+    let anonymous = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    for refused in [[anonymous.as_bytes(), &body].concat(), request("/v1/nope", "1.1", "", &body)] {
+        let mut sock = TcpStream::connect(s.proxy).await.unwrap();
+        let all = [
+            request("/v1/chat/completions", "1.1", "", &body),
+            refused,
+            request("/v1/chat/completions", "1.1", "", &body),
+        ]
+        .concat();
+        sock.write_all(&all).await.unwrap();
+        let mut pending = Vec::new();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let (head, _) = read_answer(&mut sock, &mut pending).await;
+            got.push(head.lines().next().unwrap().to_string());
+        }
+        assert!(got[0].starts_with("HTTP/1.1 200") && got[2].starts_with("HTTP/1.1 200"), "{got:?}");
+        assert!(got[1].starts_with("HTTP/1.1 401") || got[1].starts_with("HTTP/1.1 404"), "{got:?}");
+    }
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_http10_client_gets_a_streamed_answer_unchunked_then_the_close() {
     let s = start(&[]).await;

@@ -830,8 +830,19 @@ impl Downstream for Client {
 
     async fn answer(&mut self, status: u16, headers: &[(&'static str, &str)], body: &[u8]) -> Result<()> {
         if !self.body_done {
-            // The unread body would be taken for the next request.
-            self.close = true;
+            // A request refused for who sent it or where (401, 404) whose body has already
+            // arrived whole: the body is skipped, and the connection stays for the requests
+            // pipelined after it (as nginx answers them). A body still on its way would be taken
+            // for the next request, and a 400 or 413 questions the framing itself: the
+            // connection closes, lingering.
+            if let (RequestBody::Length(n), 401 | 404) = (self.head.body, status) {
+                let end = usize::try_from(n).ok().and_then(|n| n.checked_add(self.head.len));
+                if let Some(end) = end.filter(|end| *end <= self.buf.len()) {
+                    self.used = end;
+                    self.body_done = true;
+                }
+            }
+            self.close |= !self.body_done;
         }
         let out = &mut self.out;
         out.clear();
