@@ -68,6 +68,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_PIPELINED: usize = MAX_HEAD_BYTES;
 /// The HTTP/2 connection preface (RFC 9113 §3.4): such connections go to pingora.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Bodies up to this size go out in the same write as the request head; larger ones in a write
+/// of their own (no copy of them after the head).
+const INLINE_BODY: usize = 64 * 1024;
+
 /// Lingering close (as nginx's `lingering_timeout` / `lingering_time`): after an answer sent
 /// before the request's body was read, what the client still sends is read and dropped until it
 /// closes, pauses this long, or [`LINGER_MAX`] has passed.
@@ -268,9 +272,12 @@ impl LeanH1 {
             }
         };
         let mut wire = std::mem::take(&mut c.wire);
-        self.upstream_request(c, ctx, &body, &mut wire);
+        // A large body goes out as a second write rather than copied after the head: one copy
+        // less of it in memory while it is in flight.
+        let tail: &[u8] = if body.len() > INLINE_BODY { &body } else { &[] };
+        self.upstream_request(c, ctx, &body, tail.is_empty(), &mut wire);
         c.deadline.as_mut().reset(self.upstream_deadline(ctx));
-        let sent = self.send(c, &wire, c.head.method.is_idempotent()).await;
+        let sent = self.send(c, &wire, tail, c.head.method.is_idempotent()).await;
         c.wire = wire;
         let up = sent?;
         self.relay(c, ctx, up).await
@@ -278,10 +285,10 @@ impl LeanH1 {
 
     /// The forwarded request, head and body, as it goes on the wire: the caller's request line
     /// and headers less `replaced_upstream` and hop-by-hop ones, then `own_upstream_headers` and
-    /// `content-length` (the body is complete by now).
-    fn upstream_request(&self, c: &Client, ctx: &RequestCtx, body: &[u8], wire: &mut Vec<u8>) {
+    /// `content-length` (the body is complete by now), then the body when `inline`.
+    fn upstream_request(&self, c: &Client, ctx: &RequestCtx, body: &[u8], inline: bool, wire: &mut Vec<u8>) {
         wire.clear();
-        wire.reserve(512 + body.len());
+        wire.reserve(512 + if inline { body.len() } else { 0 });
         let head = &c.head;
         wire.extend_from_slice(head.method.as_str().as_bytes());
         wire.push(b' ');
@@ -316,13 +323,15 @@ impl LeanH1 {
             header_line(wire, b"content-length", n.format(body.len()).as_bytes());
         }
         wire.extend_from_slice(b"\r\n");
-        wire.extend_from_slice(body);
+        if inline {
+            wire.extend_from_slice(body);
+        }
     }
 
     /// Sends the request on a pooled connection and reads the answer's head, watching the client
     /// meanwhile. A pooled connection that turns out closed is retried once on a new one when
     /// nothing reached the gateway (the write failed), or when the request is `idempotent`.
-    async fn send(&self, c: &mut Client, wire: &[u8], idempotent: bool) -> Result<Upstream> {
+    async fn send(&self, c: &mut Client, wire: &[u8], tail: &[u8], idempotent: bool) -> Result<Upstream> {
         let mut reused = self.pool.take();
         loop {
             let was_reused = reused.is_some();
@@ -338,7 +347,7 @@ impl LeanH1 {
                     Upstream::new(io)
                 }
             };
-            match self.attempt(c, &mut up, wire).await {
+            match self.attempt(c, &mut up, wire, tail).await {
                 Ok(()) => return Ok(up),
                 Err(Attempt::Unsent(_)) if was_reused => continue,
                 Err(Attempt::Unanswered(_)) if was_reused && idempotent => continue,
@@ -365,9 +374,18 @@ impl LeanH1 {
     }
 
     /// One try: the request out, the answer's head in (1xx answers skipped).
-    async fn attempt(&self, c: &mut Client, up: &mut Upstream, wire: &[u8]) -> std::result::Result<(), Attempt> {
+    async fn attempt(
+        &self,
+        c: &mut Client,
+        up: &mut Upstream,
+        wire: &[u8],
+        tail: &[u8],
+    ) -> std::result::Result<(), Attempt> {
         let write = async {
             up.io.write_all(wire).await?;
+            if !tail.is_empty() {
+                up.io.write_all(tail).await?;
+            }
             up.io.flush().await
         };
         match c.watch(write).await.map_err(Attempt::Failed)? {
@@ -781,6 +799,9 @@ impl Downstream for Client {
                 }
                 let end = start + n as usize;
                 if self.buf.len() < end {
+                    // Room for the whole declared body at once (and the read slack), not grown
+                    // by halves past it.
+                    self.buf.reserve_exact((end + 1024).saturating_sub(self.buf.len()));
                     self.continue_if_expected().await?;
                     while self.buf.len() < end {
                         self.read_more().await?;
