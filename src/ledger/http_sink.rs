@@ -80,6 +80,33 @@ impl HttpSink {
         Ok(HttpSink { client, url, source: format!("preauth-sidecar/{instance_id}") })
     }
 
+    /// `text` (what the receiver answered, logged and kept with a parked batch) with every
+    /// credential of the URL replaced by `<redacted>`: its password, as sent (`Basic` base64 of
+    /// `user:password`) and as written, and its query values — a receiver that echoes the
+    /// request it refused must not put them in the sidecar's log.
+    fn scrub(&self, text: &str) -> String {
+        use base64::Engine;
+        let decode = |s: &str| percent_decode(s);
+        let mut secrets: Vec<String> = Vec::new();
+        if let Some(password) = self.url.password() {
+            let user = decode(self.url.username());
+            let pass = decode(password);
+            secrets.push(base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
+            secrets.push(password.to_string());
+            secrets.push(pass);
+        }
+        if let Some(query) = self.url.query() {
+            for value in query.split('&').filter_map(|pair| pair.split_once('=').map(|(_, v)| v)) {
+                secrets.push(value.to_string());
+                secrets.push(decode(value));
+            }
+        }
+        // Values too short to be credentials would redact ordinary words.
+        secrets.retain(|s| s.len() >= 6);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.iter().fold(text.to_string(), |t, s| t.replace(s.as_str(), "<redacted>"))
+    }
+
     /// Scheme, host, port and path only (credentials and the query string are never logged).
     pub fn endpoint(&self) -> String {
         let port = self.url.port().map(|p| format!(":{p}")).unwrap_or_default();
@@ -129,12 +156,33 @@ impl Sink for HttpSink {
             None => Ok(()),
             Some(retryable) => {
                 let text = resp.text().await.unwrap_or_default();
-                let snippet: String = text.chars().take(300).collect();
+                let snippet: String = self.scrub(&text).chars().take(300).collect();
                 let msg = format!("{} answered {status}{}: {snippet}", self.endpoint(), status_hint(status));
                 Err(if retryable { SinkError::Retryable(msg) } else { SinkError::Rejected(msg) })
             }
         }
     }
+}
+
+/// `s` with `%XX` escapes decoded (`+` kept); invalid escapes and bytes left as they are.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -165,5 +213,16 @@ mod tests {
         assert_eq!(classify_status(401), Some(true));
         assert_eq!(classify_status(404), Some(true));
         assert_eq!(classify_status(301), Some(true));
+    }
+
+    #[test]
+    fn what_a_receiver_echoes_of_the_urls_credentials_is_not_logged() {
+        use base64::Engine;
+        let sink = HttpSink::new("http://ledger:p%40ss-w0rd@127.0.0.1:9/ingest?token=tok-123456&x=1", "i").unwrap();
+        let basic = base64::engine::general_purpose::STANDARD.encode("ledger:p@ss-w0rd");
+        let echoed = format!("you sent Basic {basic}, p%40ss-w0rd or p@ss-w0rd, to /ingest?token=tok-123456&x=1");
+        let out = sink.scrub(&echoed);
+        assert!(!out.contains(&basic) && !out.contains("ss-w0rd") && !out.contains("tok-123456"), "{out}");
+        assert!(out.contains("x=1") && out.contains("you sent Basic <redacted>"), "{out}");
     }
 }
