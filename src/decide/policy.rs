@@ -150,7 +150,7 @@ impl Directory {
         let mut tiers =
             std::array::from_fn(|_| TierDefaults { monthly_budget: Micros::ZERO, daily_request_quota: None });
         for text in std::iter::once(BUILTIN_TIERS_TOML).chain(tiers_toml) {
-            let file: TiersFile = toml::from_str(text).map_err(|e| format!("tiers file: {e}"))?;
+            let file: TiersFile = toml::from_str(text).map_err(|e| format!("tiers file: {}", toml_error(text, &e)))?;
             for (name, entry) in file.tiers {
                 let tier = Tier::parse(&name).ok_or_else(|| {
                     format!(
@@ -176,7 +176,8 @@ impl Directory {
         }
         let mut tenants = super::FastMap::default();
         if let Some(text) = tenants_toml {
-            let file: TenantsFile = toml::from_str(text).map_err(|e| format!("tenants file: {e}"))?;
+            let file: TenantsFile =
+                toml::from_str(text).map_err(|e| format!("tenants file: {}", toml_error(text, &e)))?;
             for (id, e) in file.tenants {
                 let tier = match e.tier.as_deref() {
                     None => None,
@@ -434,6 +435,21 @@ impl Policy {
     }
 }
 
+/// A TOML error as `line L, column C: message`, without the excerpt of the offending line the
+/// parser's own text quotes: a variable pointed at the wrong file (an env file full of secrets)
+/// must not have its lines printed.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message().trim())
+        }
+        None => e.message().trim().to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +484,11 @@ mod tests {
         assert!(err.contains("daily_request_quota must not be negative"), "{err}");
         let err = Directory::from_files(None, Some("[tenants.neg]\ndaily_request_quota = -1\n")).unwrap_err();
         assert!(err.contains("daily_request_quota must not be negative"), "{err}");
+        // PREAUTH_TENANTS_FILE pointed at an env file: where and what, not the line (a secret).
+        let env_file = "# deployment\nPREAUTH_UPSTREAM_URL=http://gw:4000\nSUPABASE_JWT_SECRET=s3cret-s3cret\n";
+        let err = Directory::from_files(None, Some(env_file)).unwrap_err();
+        assert!(err.starts_with("tenants file: line 2, column "), "{err}");
+        assert!(!err.contains("gw:4000") && !err.contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn de_price<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Micros>, D:
 }
 
 fn parse_raw(text: &str) -> Result<RawFile, PricingError> {
-    toml::from_str::<RawFile>(text).map_err(|e| PricingError::Parse(e.to_string().trim().into()))
+    toml::from_str::<RawFile>(text).map_err(|e| PricingError::Parse(super::policy::toml_error(text, &e)))
 }
 
 /// Builds a complete entry from a raw one, taking missing fields from `base` (an override of a
