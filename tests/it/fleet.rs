@@ -405,6 +405,35 @@ async fn redis_outage_fails_safe_per_mode_and_recovers() {
     redis_cleanup(&p).await;
 }
 
+/// CONTRACT §8: a runtime change "applies at once (all replicas in fleet mode)". The `PATCH`
+/// answers once the other replicas run the new document: the request an operator (or a client)
+/// sends to another replica right after the answer meets it (audit: 3 in 100 did not, a request
+/// admitted after the operator had been told the kill switch was on).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_answers_once_every_replica_runs_it() {
+    let p = redis_prefix();
+    // The second replica hears from Redis 40 ms late (a busy network): the change reaches it
+    // after the first one has written it.
+    let late = slow_redis(Arc::new(AtomicU64::new(40))).await;
+    let env = [("PREAUTH_STORE_TIMEOUT_MS", "1000"), ("PREAUTH_GATE_TIMEOUT_MS", "2000")];
+    let fleet = [start_fleet(&env, REDIS, &p).await, start_fleet(&env, &format!("redis://127.0.0.1:{late}"), &p).await];
+    let body = json!({"model": "text-embedding-3-small", "input": "x"});
+    for i in 0..10 {
+        let on = i % 2 == 0;
+        let r = patch_runtime(&fleet[0], json!({"kill_switch": on, "reason": format!("drill {i}")})).await;
+        assert_eq!(r.status(), 200);
+        let version = json_of(r).await["policy_version"].as_u64().unwrap();
+        let seen = fleet[1].admin_get("/api/v1/enforcement/runtime").await;
+        assert_eq!(seen["policy_version"].as_u64(), Some(version), "{seen}");
+        let status = post(&fleet[1], "/v1/embeddings", "acme", "enterprise", &body).await.status();
+        assert_eq!(status, if on { 429 } else { 200 }, "change {i} (kill switch {on}) on the other replica");
+    }
+    for s in fleet {
+        s.stop().await;
+    }
+    redis_cleanup(&p).await;
+}
+
 /// CONTRACT §3: "The kill switch and the global block apply in every mode" — also while Redis,
 /// perhaps overloaded by the very burst that tripped the block, cannot be asked: the replica
 /// keeps the block it last saw. A `PATCH` of the guard lifts it here at once.

@@ -10,6 +10,11 @@
 //! - Every replica subscribes to that channel on a dedicated connection (reconnecting on error)
 //!   and also re-reads the document every 2 s as a safety net, so a change on one replica is
 //!   visible on all within milliseconds, at worst ~2 s after a lost message.
+//! - Every replica says which document it runs in the hash `P{global}:policy_seen` (its field:
+//!   `epoch:version:expires_ms`), when it adopts one and every [`ACK_EVERY`]. An `update` (an
+//!   operator's `PATCH`) answers once every live replica (a field not expired) runs the new
+//!   document, or after [`FLEET_WAIT`]: the request an operator sends to any replica right after
+//!   the answer meets the change (CONTRACT §8: "applies at once, all replicas").
 //! - On start, a missing document is initialised from the local configuration (`SET NX`); an
 //!   existing one overrides the local knobs. A document that disappears (Redis lost its data) is
 //!   re-created from the replica's current knobs, so a kill switch survives a flush.
@@ -53,6 +58,10 @@ use crate::store::{PolicyPatch, PolicyStore, StoreError};
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
 /// Compare-and-set attempts before `update` gives up.
 const CAS_ATTEMPTS: usize = 16;
+/// How often a replica repeats which document it runs; its word lasts three times as long.
+const ACK_EVERY: Duration = Duration::from_secs(2);
+/// The longest an `update` waits for the other live replicas to run the new document.
+const FLEET_WAIT: Duration = Duration::from_secs(1);
 
 /// What a replica's environment forces whatever the document says, towards the safe side only
 /// (see the module docs).
@@ -137,6 +146,12 @@ struct Shared {
     bump_pending: AtomicBool,
     /// Serialises this replica's updates (the CAS serialises the fleet's).
     write: tokio::sync::Mutex<()>,
+    /// This replica's field in `seen_key` (random per process).
+    instance: String,
+    /// The hash where each replica says which document it runs.
+    seen_key: String,
+    /// Wakes the task that says so, after an adoption.
+    adopted: Arc<tokio::sync::Notify>,
 }
 
 /// The fleet's runtime policy as seen by one replica (see the module docs).
@@ -161,6 +176,9 @@ impl RedisStore {
             pending: Mutex::new(Map::new()),
             bump_pending: AtomicBool::new(false),
             write: tokio::sync::Mutex::new(()),
+            instance: crate::ids::v7(),
+            seen_key: self.inner.keys.global("policy_seen"),
+            adopted: Arc::new(tokio::sync::Notify::new()),
         });
         match shared.refresh().await {
             Ok(()) => {
@@ -185,6 +203,7 @@ impl RedisStore {
         }
         let weak = Arc::downgrade(&shared);
         self.inner.handle.spawn(refresh_task(weak.clone()));
+        self.inner.handle.spawn(ack_task(weak.clone(), shared.adopted.clone()));
         self.inner.handle.spawn(subscribe_task(weak, self.inner.target.clone()));
         Arc::new(RedisPolicy { shared })
     }
@@ -271,6 +290,72 @@ impl Shared {
         }
         *epoch = doc.epoch.clone();
         *self.current.write() = Arc::new(next);
+        self.adopted.notify_one();
+    }
+
+    /// Says in `seen_key` which document this replica runs (for `ACK_EVERY` × 3), and forgets
+    /// replicas silent for a minute.
+    async fn ack(&self) -> Result<(), StoreError> {
+        let version = self.current.read().version;
+        let now = now_ms();
+        let word = format!("{}:{version}:{}", self.epoch.lock(), now + 3 * ACK_EVERY.as_millis() as u64);
+        let (key, field) = (self.seen_key.clone(), self.instance.clone());
+        let seen = self
+            .store
+            .exec("policy_ack", 1, |mut c| async move {
+                redis::pipe()
+                    .hset(&key, &field, word)
+                    .ignore()
+                    .hgetall(&key)
+                    .query_async::<(std::collections::HashMap<String, String>,)>(&mut c)
+                    .await
+            })
+            .await?
+            .0;
+        let gone: Vec<String> = seen
+            .into_iter()
+            .filter(|(_, w)| Seen::parse(w).is_none_or(|s| s.expires + 60_000 < now))
+            .map(|(f, _)| f)
+            .collect();
+        if !gone.is_empty() {
+            let key = self.seen_key.clone();
+            self.store
+                .exec("policy_ack", 1, |mut c| async move {
+                    redis::cmd("HDEL").arg(&key).arg(&gone).query_async::<()>(&mut c).await
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every other live replica runs document `epoch`/`version` (or later), at
+    /// most [`FLEET_WAIT`]; returns how many did not in time.
+    async fn await_fleet(&self, epoch: &str, version: u64) -> usize {
+        let deadline = tokio::time::Instant::now() + FLEET_WAIT;
+        loop {
+            let key = self.seen_key.clone();
+            let seen = self
+                .store
+                .exec("policy_seen", 1, |mut c| async move {
+                    redis::cmd("HGETALL")
+                        .arg(&key)
+                        .query_async::<std::collections::HashMap<String, String>>(&mut c)
+                        .await
+                })
+                .await;
+            let Ok(seen) = seen else { return 0 };
+            let now = now_ms();
+            let lagging = seen
+                .iter()
+                .filter(|(field, _)| **field != self.instance)
+                .filter_map(|(_, w)| Seen::parse(w))
+                .filter(|s| s.expires > now && !(s.epoch == epoch && s.version >= version))
+                .count();
+            if lagging == 0 || tokio::time::Instant::now() >= deadline {
+                return lagging;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     /// `p` with the knobs Redis has not taken yet and the environment's floor.
@@ -402,7 +487,20 @@ impl PolicyStore for RedisPolicy {
         let mut changes = sh.pending.lock().clone();
         changes.extend(changed.clone());
         match sh.write_knobs(&changes).await {
-            Ok(Some(p)) => Ok(p),
+            Ok(Some(p)) => {
+                // Answered once the other replicas run it too (or after FLEET_WAIT).
+                let epoch = sh.epoch.lock().clone();
+                let lagging = sh.await_fleet(&epoch, p.version).await;
+                if lagging > 0 {
+                    tracing::warn!(
+                        version = p.version,
+                        replicas = lagging,
+                        "runtime policy: replicas still run an older document after 1 s; they catch up within 2 s \
+                         (pub/sub or the periodic re-read) unless they cannot reach the shared store"
+                    );
+                }
+                Ok(p)
+            }
             Ok(None) => Err(StoreError::Unavailable("runtime policy: too many concurrent updates; retry".into())),
             Err(e) => {
                 // Applied here now, written to the document once Redis answers (`push_pending`).
@@ -424,6 +522,36 @@ impl PolicyStore for RedisPolicy {
 
     fn unshared(&self) -> bool {
         !self.shared.pending.lock().is_empty() || self.shared.bump_pending.load(Ordering::Relaxed)
+    }
+}
+
+/// One replica's word in `policy_seen`: `epoch:version:expires_ms`.
+struct Seen<'a> {
+    epoch: &'a str,
+    version: u64,
+    expires: u64,
+}
+
+impl<'a> Seen<'a> {
+    fn parse(word: &'a str) -> Option<Seen<'a>> {
+        let mut parts = word.rsplitn(3, ':');
+        let expires = parts.next()?.parse().ok()?;
+        let version = parts.next()?.parse().ok()?;
+        Some(Seen { epoch: parts.next()?, version, expires })
+    }
+}
+
+/// Says which document this replica runs: after each adoption and every [`ACK_EVERY`].
+async fn ack_task(weak: Weak<Shared>, adopted: Arc<tokio::sync::Notify>) {
+    loop {
+        tokio::select! {
+            _ = adopted.notified() => {}
+            _ = tokio::time::sleep(ACK_EVERY) => {}
+        }
+        let Some(sh) = weak.upgrade() else { return };
+        if let Err(e) = sh.ack().await {
+            tracing::debug!(error = %e, "runtime policy: could not say which document this replica runs");
+        }
     }
 }
 
