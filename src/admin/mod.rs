@@ -15,11 +15,12 @@
 //! | GET | `/api/v1/enforcement/ledger?limit=&start_at=&end_at=&tenant_id=&event_type=&reservation_id=` | bearer — newest first |
 //! | POST | `/api/v1/enforcement/approvals/{id}/approve` | bearer — `{approval_token, expires_at}`; 423 while frozen |
 //! | POST | `/api/v1/enforcement/approvals/{id}/deny` | bearer — `{reason?}` |
+//! | POST | `/api/v1/enforcement/reload` | bearer — re-reads the tenants, tiers and pricing files as `SIGHUP` does, answers once they apply |
 //!
 //! Without `ADMIN_API_KEY` every authenticated route answers 403 `admin_disabled`: mutating
 //! routes are off unless configured.
 //!
-//! Owns: `AdminApp`. Imports: state, store traits, telemetry, `admin::runtime`.
+//! Owns: `AdminApp`. Imports: state, store traits, telemetry, `admin::runtime`, the reloader.
 
 pub mod approvals;
 pub mod runtime;
@@ -68,6 +69,21 @@ impl AdminApp {
                 },
                 Err(e) => (400, json!({"error": {"message": e, "type": "admin_error", "code": "invalid_request"}})),
             },
+            (&Method::POST, ["reload"]) => {
+                let reloader = crate::worker::Reloader { state: self.state.clone() };
+                match reloader.reload_and_count("admin API").await {
+                    Ok(()) => (
+                        200,
+                        json!({"reloaded": reloader.files(), "policy_version": self.state.policy.current().version,
+                               "scope": "replica"}),
+                    ),
+                    Err(e) => (
+                        400,
+                        json!({"error": {"message": format!("Nothing was reloaded, the previous tables stay: {e}"),
+                                         "type": "admin_error", "code": "reload_failed"}}),
+                    ),
+                }
+            }
             (&Method::POST, ["approvals", id, "approve"]) => approvals::approve(&self.state, id).await,
             (&Method::POST, ["approvals", id, "deny"]) => match read_json(s).await {
                 Ok(v) => approvals::deny(&self.state, id, &v).await,

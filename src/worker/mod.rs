@@ -204,16 +204,21 @@ impl Reloader {
         Ok(())
     }
 
-    /// A successful reload changes the policy like a `PATCH` does: an audit line and a
-    /// `runtime_changed` event naming the files, so the change is on record.
-    fn record_reload(&self) {
-        const REASON: &str = "SIGHUP: tenants, tiers and pricing files reloaded";
+    /// The files a reload reads (those configured).
+    pub fn files(&self) -> Vec<String> {
         let c = &self.state.config;
-        let files: Vec<String> = [&c.tenants_file, &c.tiers_file, &c.pricing_file]
+        [&c.tenants_file, &c.tiers_file, &c.pricing_file]
             .into_iter()
             .flatten()
             .map(|f| f.display().to_string())
-            .collect();
+            .collect()
+    }
+
+    /// A successful reload changes the policy like a `PATCH` does: an audit line and a
+    /// `runtime_changed` event naming the files, so the change is on record.
+    fn record_reload(&self, trigger: &str) {
+        let reason = format!("{trigger}: tenants, tiers and pricing files reloaded");
+        let files = self.files();
         let changes = serde_json::json!({ "files_reloaded": files });
         let version = self.state.policy.current().version;
         let mut extra = serde_json::Map::new();
@@ -221,15 +226,16 @@ impl Reloader {
             // Fleet mode with the store down: the fleet's version moves once it answers.
             extra.insert("scope".into(), serde_json::json!("replica"));
         }
-        self.state.record_runtime_change(version, REASON, changes, extra);
+        self.state.record_runtime_change(version, &reason, changes, extra);
     }
 
-    /// `reload`, logged and counted in `preauth_config_reloads_total{result}`.
-    pub async fn reload_and_count(&self) -> Result<(), String> {
+    /// `reload`, logged and counted in `preauth_config_reloads_total{result}`; `trigger` names
+    /// what asked for it (`SIGHUP`, the admin API).
+    pub async fn reload_and_count(&self, trigger: &str) -> Result<(), String> {
         let r = self.reload().await;
         match &r {
-            Ok(()) => self.record_reload(),
-            Err(e) => tracing::error!(error = %e, "SIGHUP: reload failed; keeping the previous tables"),
+            Ok(()) => self.record_reload(trigger),
+            Err(e) => tracing::error!(error = %e, trigger, "reload failed; keeping the previous tables"),
         }
         let result = if r.is_ok() { "ok" } else { "error" };
         self.state.metrics.config_reloads.with_label_values(&[result]).inc();
@@ -248,7 +254,7 @@ impl BackgroundService for Reloader {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = hup.recv() => {
-                    let _ = self.reload_and_count().await;
+                    let _ = self.reload_and_count("SIGHUP").await;
                 }
             }
         }

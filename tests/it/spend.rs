@@ -664,7 +664,7 @@ async fn sighup_reload_swaps_prices_and_keeps_them_on_a_bad_file() {
     std::fs::write(&pricing, "[models.\"house-model\"]\nprovider = \"house\"\ninput_per_mtok = \"1.00\"\ncached_input_per_mtok = \"0.50\"\noutput_per_mtok = \"20.00\"\ndefault_max_output_tokens = 100\nmax_output_tokens = 1000\n").unwrap();
     std::fs::write(&tenants, "[tenants.\"acme\"]\ntier = \"enterprise\"\n").unwrap();
     let reloader = Reloader { state: s.state() };
-    reloader.reload_and_count().await.unwrap();
+    reloader.reload_and_count("SIGHUP").await.unwrap();
     let after = usd(&gate(body.clone()).await["estimated_cost_usd"]);
     assert!(after.0 > before.0 * 5, "new prices in force: {before} -> {after}");
     assert_eq!(tenant_view(&s, "acme").await["tier"], "enterprise", "tenants file reloaded");
@@ -677,7 +677,7 @@ async fn sighup_reload_swaps_prices_and_keeps_them_on_a_bad_file() {
     assert!(files.contains(&json!(tenants.display().to_string())), "{changes}");
     assert!(files.contains(&json!(pricing.display().to_string())), "{changes}");
     std::fs::write(&pricing, "[models.\"house-model\"]\nunknown_key = 1\n").unwrap();
-    assert!(reloader.reload_and_count().await.is_err());
+    assert!(reloader.reload_and_count("SIGHUP").await.is_err());
     assert_eq!(usd(&gate(body).await["estimated_cost_usd"]), after, "a bad file keeps the old table");
     let m = metrics(&s).await;
     assert!(
@@ -908,5 +908,40 @@ async fn a_client_refusing_the_usage_chunk_is_charged_the_reported_usage_and_doe
         assert_eq!(e["usage_source"], "reported", "{how}: {e}");
         assert_eq!((&e["usage"]["completion_tokens"], &e["usage"]["reasoning_tokens"]), (&json!(1990), &json!(1900)));
     }
+    s.stop().await;
+}
+
+/// The runbook's false-positive relief without a signal: `POST /api/v1/enforcement/reload`
+/// re-reads the files and answers once they apply, so the operator knows the next request meets
+/// them (audit: after `kill -HUP` the first request still met the old table). A bad file is
+/// refused with its reason and the previous tables stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_reloads_the_files_and_answers_once_they_apply() {
+    let dir = temp_dir();
+    let tenants = dir.join("tenants.toml");
+    std::fs::write(&tenants, "[tenants.\"known-good\"]\ntier = \"starter\"\ndaily_request_quota = 1\n").unwrap();
+    let s =
+        start_in(&[("PREAUTH_TENANTS_FILE", tenants.to_str().unwrap())], Arc::new(MemoryCounters::new()), &dir).await;
+    let body = json!({"model": "text-embedding-3-small", "input": "x"});
+    let call = || post(&s, "/v1/embeddings", "known-good", "starter", &body);
+    assert_eq!(call().await.status(), 200);
+    assert_error(call().await, 402, "budget_exceeded").await;
+
+    std::fs::write(&tenants, "[tenants.\"known-good\"]\ntier = \"starter\"\ndaily_request_quota = 1000\n").unwrap();
+    let r = s.admin_post("/api/v1/enforcement/reload", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert_eq!(v["reloaded"], json!([tenants.display().to_string()]), "{v}");
+    assert_eq!(call().await.status(), 200, "the very next request meets the new table");
+
+    std::fs::write(&tenants, "[tenants.\"known-good\"]\ndaily_request_quota = \"lots\"\n").unwrap();
+    let r = s.admin_post("/api/v1/enforcement/reload", json!({})).await;
+    assert_eq!(r.status(), 400);
+    let v = json_of(r).await;
+    assert_eq!(v["error"]["code"], "reload_failed", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("PREAUTH_TENANTS_FILE"), "{v}");
+    assert_eq!(call().await.status(), 200, "the previous tables stay");
+    let changes = s.admin_get("/api/v1/enforcement/ledger?event_type=runtime_changed").await;
+    assert_eq!(changes["items"][0]["details"]["reason"], "admin API: tenants, tiers and pricing files reloaded");
     s.stop().await;
 }
