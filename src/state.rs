@@ -111,6 +111,9 @@ pub struct AppState {
     global_block_seen: std::sync::atomic::AtomicU64,
     /// Reservations an admin reconcile or a Gate API settle is settling on this replica.
     settling: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Held (shared) by every settlement turn, and alone by the overdue sweep's release: a
+    /// hold the sweep releases is never one a turn has read as active and is settling.
+    sweeping: tokio::sync::RwLock<()>,
     /// Paces the store-failure log line (a dead store fails every request).
     store_failure_log: crate::telemetry::EverySecond,
     /// Paces the housekeeper's warnings (one a minute): its sweeps fail on every tick while the
@@ -196,6 +199,7 @@ impl AppState {
             store_unhealthy: AtomicBool::new(false),
             global_block_seen: std::sync::atomic::AtomicU64::new(0),
             settling: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            sweeping: tokio::sync::RwLock::new(()),
             store_failure_log: crate::telemetry::EverySecond::default(),
             housekeeping_log: crate::telemetry::EverySecond::default(),
         }
@@ -347,10 +351,17 @@ impl AppState {
     pub async fn settlement_turn(&self, id: &str) -> SettlementTurn<'_> {
         loop {
             if self.settling.lock().insert(id.to_string()) {
-                return SettlementTurn { state: self, id: id.to_string() };
+                let sweep = self.sweeping.read().await;
+                return SettlementTurn { state: self, id: id.to_string(), _sweep: sweep };
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+    }
+
+    /// The overdue sweep's turn: waits for the settlement turns under way and holds new ones
+    /// back while it lasts.
+    pub async fn sweep_turn(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.sweeping.write().await
     }
 
     /// The end of the global block last seen in force, if any.
@@ -385,6 +396,7 @@ impl AppState {
 pub struct SettlementTurn<'a> {
     state: &'a AppState,
     id: String,
+    _sweep: tokio::sync::RwLockReadGuard<'a, ()>,
 }
 
 impl Drop for SettlementTurn<'_> {

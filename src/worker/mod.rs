@@ -112,7 +112,12 @@ pub async fn release_overdue(
 ) -> Result<Vec<crate::store::budget::Reservation>, crate::store::StoreError> {
     let m = &state.metrics;
     let cutoff = now.saturating_sub(older_than_seconds * 1000);
-    let expired = state.budgets.expire(cutoff, now).await;
+    let expired = {
+        // Not a hold a reconcile or a Gate API settle on this replica is settling (it wrote its
+        // settlement event already; releasing it here would leave that event uncharged).
+        let _turn = state.sweep_turn().await;
+        state.budgets.expire(cutoff, now).await
+    };
     state.group.flush();
     let released = match expired {
         Ok(r) => r,

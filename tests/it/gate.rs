@@ -190,16 +190,18 @@ async fn the_gate_takes_approval_tokens_and_sources() {
     s.stop().await;
 }
 
-/// A reconcile racing a Gate API settle of the same hold: one of them settles it, the other
-/// answers 409, and the ledger has exactly one settlement, the winner's (audit: 9 of 60 holds
-/// had two `reservation_settled` events, so the ledger summed more than the tenant's spend).
+/// A reconcile racing a Gate API settle of the same hold, and the overdue sweep racing both:
+/// one of them ends the hold, the others answer 409 (or find nothing to release), and the ledger
+/// has exactly one ending event per hold, the winner's (audits: 9 of 60 racing pairs left two
+/// `reservation_settled` events, and 3 of 300 holds raced by the sweep a settlement and a
+/// release, so the ledger summed more than the tenant's spend).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reconcile_racing_a_gate_settle_leaves_one_settlement() {
+async fn a_reconcile_racing_a_gate_settle_and_the_sweep_leaves_one_ending() {
     const HOLDS: usize = 300;
     let s = start(&[]).await;
     let body = json!({"route": "/v1/chat/completions",
                       "request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}});
-    for _ in 0..HOLDS {
+    for i in 0..HOLDS {
         let id = json_of(gate(&s, "racy", &body).await).await["reservation_id"].as_str().unwrap().to_string();
         let reconcile = format!("/api/v1/enforcement/reservations/{id}/reconcile");
         let manual = s.admin_post(&reconcile, json!({"actual_cost_usd": "0.000070"}));
@@ -209,17 +211,31 @@ async fn a_reconcile_racing_a_gate_settle_leaves_one_settlement() {
             .bearer_auth(token("racy", "enterprise"))
             .json(&json!({"actual_cost_usd": "0.000030"}))
             .send();
-        let (manual, caller) = tokio::join!(manual, caller);
+        let sweep = async {
+            // Every third hold also meets the sweep.
+            if i % 3 == 0 {
+                let r = s
+                    .admin_post("/api/v1/enforcement/reservations/reconcile-overdue", json!({"older_than_seconds": 0}));
+                Some(json_of(r.await).await["released_count"].as_u64().unwrap())
+            } else {
+                None
+            }
+        };
+        let (manual, caller, swept) = tokio::join!(manual, caller, sweep);
         let mut statuses = [manual.status().as_u16(), caller.unwrap().status().as_u16()];
         statuses.sort_unstable();
-        assert_eq!(statuses, [200, 409]);
+        let want = if swept == Some(1) { [409, 409] } else { [200, 409] };
+        assert_eq!(statuses, want, "hold {i}, swept {swept:?}");
     }
-    let settled =
-        s.admin_get("/api/v1/enforcement/ledger?tenant_id=racy&event_type=reservation_settled&limit=1000").await;
-    let items = settled["items"].as_array().unwrap();
-    assert_eq!(items.len(), HOLDS, "one settlement per hold");
-    let ledger: f64 = items.iter().map(|e| e["actual_cost_usd"].as_str().unwrap().parse::<f64>().unwrap()).sum();
+    let ledger = |kind: &'static str| {
+        let url = format!("/api/v1/enforcement/ledger?tenant_id=racy&event_type={kind}&limit=1000");
+        let s = &s;
+        async move { s.admin_get(&url).await["items"].as_array().unwrap().clone() }
+    };
+    let (settled, released) = (ledger("reservation_settled").await, ledger("reservation_released").await);
+    assert_eq!(settled.len() + released.len(), HOLDS, "one ending per hold");
+    let charged: f64 = settled.iter().map(|e| e["actual_cost_usd"].as_str().unwrap().parse::<f64>().unwrap()).sum();
     let spent: f64 = tenant_view(&s, "racy").await["spent_usd"].as_str().unwrap().parse().unwrap();
-    assert!((ledger - spent).abs() < 1e-9, "ledger {ledger} = spend {spent}");
+    assert!((charged - spent).abs() < 1e-9, "ledger {charged} = spend {spent}");
     s.stop().await;
 }
