@@ -114,6 +114,8 @@ pub struct AppState {
     /// Held (shared) by every settlement turn, and alone by the overdue sweep's release: a
     /// hold the sweep releases is never one a turn has read as active and is settling.
     sweeping: tokio::sync::RwLock<()>,
+    /// One file reload at a time (`SIGHUP`, the admin API).
+    reloading: tokio::sync::Mutex<()>,
     /// Paces the store-failure log line (a dead store fails every request).
     store_failure_log: crate::telemetry::EverySecond,
     /// Paces the housekeeper's warnings (one a minute): its sweeps fail on every tick while the
@@ -200,6 +202,7 @@ impl AppState {
             global_block_seen: std::sync::atomic::AtomicU64::new(0),
             settling: parking_lot::Mutex::new(std::collections::HashSet::new()),
             sweeping: tokio::sync::RwLock::new(()),
+            reloading: tokio::sync::Mutex::new(()),
             store_failure_log: crate::telemetry::EverySecond::default(),
             housekeeping_log: crate::telemetry::EverySecond::default(),
         }
@@ -356,6 +359,11 @@ impl AppState {
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+    }
+
+    /// A file reload's turn (one at a time, in the order asked).
+    pub async fn reload_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reloading.lock().await
     }
 
     /// The overdue sweep's turn: waits for the settlement turns under way and holds new ones

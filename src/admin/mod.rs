@@ -72,11 +72,15 @@ impl AdminApp {
             (&Method::POST, ["reload"]) => {
                 let reloader = crate::worker::Reloader { state: self.state.clone() };
                 match reloader.reload_and_count("admin API").await {
-                    Ok(()) => (
-                        200,
-                        json!({"reloaded": reloader.files(), "policy_version": self.state.policy.current().version,
-                               "scope": "replica"}),
-                    ),
+                    Ok(warnings) => {
+                        let mut body = json!({"reloaded": reloader.files(),
+                                              "policy_version": self.state.policy.current().version,
+                                              "scope": "replica"});
+                        if !warnings.is_empty() {
+                            body["warnings"] = json!(warnings);
+                        }
+                        (200, body)
+                    }
                     Err(e) => (
                         400,
                         json!({"error": {"message": format!("Nothing was reloaded, the previous tables stay: {e}"),

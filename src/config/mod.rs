@@ -475,10 +475,17 @@ pub fn load_pricing(config: &Config) -> Result<PriceTable, String> {
 fn read_pricing(path: Option<&std::path::Path>) -> Result<PriceTable, String> {
     match path {
         None => Ok(PriceTable::builtin()),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-            PriceTable::builtin_with_overrides(&text).map_err(|e| e.to_string())
-        }
+        Some(p) => PriceTable::builtin_with_overrides(&read_regular(p)?).map_err(|e| e.to_string()),
+    }
+}
+
+/// The text of the regular file at `p`. A FIFO, a device or a directory is refused before it is
+/// opened (reading a FIFO would wait for a writer, for ever).
+fn read_regular(p: &std::path::Path) -> Result<String, String> {
+    match std::fs::metadata(p) {
+        Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", p.display())),
+        Ok(_) => std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
     }
 }
 
@@ -490,8 +497,7 @@ pub fn load_directory(
     tenants: Option<&std::path::Path>,
 ) -> Result<Directory, Vec<(&'static str, String)>> {
     let read = |var: &'static str, p: Option<&std::path::Path>| -> Result<Option<String>, (&'static str, String)> {
-        p.map(|p| std::fs::read_to_string(p).map_err(|e| (var, format!("cannot read {}: {e}", p.display()))))
-            .transpose()
+        p.map(|p| read_regular(p).map_err(|e| (var, e))).transpose()
     };
     let (tiers_text, tenants_text) = (read(ENV_TIERS_FILE, tiers), read(ENV_TENANTS_FILE, tenants));
     let mut errors = Vec::new();
@@ -580,8 +586,22 @@ fn unusable_dir(dir: &std::path::Path) -> Option<String> {
 
 /// Settings that are valid but leave a feature unusable: logged as warnings at start and printed
 /// by `check-config`, each saying what to set.
+/// A tenants file that names no tenant: legal, but every tenant then gets its tier's defaults —
+/// after a truncated copy or a wrong file, every per-tenant budget and cap (a tenant stopped with
+/// `monthly_budget_usd = "0"`) would lapse without a word.
+pub fn directory_warnings(tenants_file: Option<&std::path::Path>, directory: &Directory) -> Vec<String> {
+    match tenants_file {
+        Some(p) if directory.tenant_count() == 0 => vec![format!(
+            "{ENV_TENANTS_FILE} ({}) names no tenant: every tenant gets its tier's defaults (no per-tenant budget, \
+             quota or cap applies); check the file if it should hold [tenants.\"<id>\"] entries",
+            p.display()
+        )],
+        _ => Vec::new(),
+    }
+}
+
 pub fn warnings(c: &Config) -> Vec<String> {
-    let mut w = Vec::new();
+    let mut w = directory_warnings(c.tenants_file.as_deref(), &c.policy.directory);
     if c.approvals.secret.is_none() {
         w.push(format!(
             "{ENV_APPROVAL_SECRET} is not set: requests estimated above {ENV_REQUIRE_APPROVAL_ABOVE} ({}) and \

@@ -192,21 +192,30 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Re-reads the files; returns what was reloaded or why not.
-    pub async fn reload(&self) -> Result<(), String> {
-        let c = &self.state.config;
-        let directory = load_directory(c.tiers_file.as_deref(), c.tenants_file.as_deref())
-            .map_err(|errors| errors.iter().map(|(var, e)| format!("{var}: {e}")).collect::<Vec<_>>().join("; "))?;
-        let pricing = match &c.pricing_file {
-            None => None,
-            Some(_) => Some(load_pricing(c)?),
-        };
+    /// Re-reads the files and applies them; returns the warnings about what was read, or why
+    /// nothing was applied. The files are read and parsed off the caller's thread (the admin
+    /// listener answers meanwhile). The caller holds the reload turn.
+    async fn reload(&self) -> Result<Vec<String>, String> {
+        let state = self.state.clone();
+        let (directory, pricing) = tokio::task::spawn_blocking(move || {
+            let c = &state.config;
+            let directory = load_directory(c.tiers_file.as_deref(), c.tenants_file.as_deref())
+                .map_err(|errors| errors.iter().map(|(var, e)| format!("{var}: {e}")).collect::<Vec<_>>().join("; "))?;
+            let pricing = match &c.pricing_file {
+                None => None,
+                Some(_) => Some(load_pricing(c)?),
+            };
+            Ok::<_, String>((directory, pricing))
+        })
+        .await
+        .map_err(|e| format!("the reload stopped: {e}"))??;
+        let warnings = crate::config::directory_warnings(self.state.config.tenants_file.as_deref(), &directory);
         let directory = Arc::new(directory);
         self.state.policy.update(Box::new(move |p| p.directory = directory)).await.map_err(|e| e.to_string())?;
         if let Some(t) = pricing {
             self.state.set_pricing(Arc::new(t));
         }
-        Ok(())
+        Ok(warnings)
     }
 
     /// The files a reload reads (those configured).
@@ -234,12 +243,20 @@ impl Reloader {
         self.state.record_runtime_change(version, &reason, changes, extra);
     }
 
-    /// `reload`, logged and counted in `preauth_config_reloads_total{result}`; `trigger` names
-    /// what asked for it (`SIGHUP`, the admin API).
-    pub async fn reload_and_count(&self, trigger: &str) -> Result<(), String> {
+    /// Re-reads the files (one reload at a time: a slow one asked for earlier must not put
+    /// older tables back after a later one), logged, on record and counted in
+    /// `preauth_config_reloads_total{result}`; `trigger` names what asked for it (`SIGHUP`, the
+    /// admin API). `Ok`: the warnings about what was read.
+    pub async fn reload_and_count(&self, trigger: &str) -> Result<Vec<String>, String> {
+        let _one_at_a_time = self.state.reload_turn().await;
         let r = self.reload().await;
         match &r {
-            Ok(()) => self.record_reload(trigger),
+            Ok(warnings) => {
+                self.record_reload(trigger);
+                for w in warnings {
+                    tracing::warn!(trigger, "{w}");
+                }
+            }
             Err(e) => tracing::error!(error = %e, trigger, "reload failed; keeping the previous tables"),
         }
         let result = if r.is_ok() { "ok" } else { "error" };

@@ -941,6 +941,22 @@ async fn the_admin_api_reloads_the_files_and_answers_once_they_apply() {
     assert_eq!(v["error"]["code"], "reload_failed", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("PREAUTH_TENANTS_FILE"), "{v}");
     assert_eq!(call().await.status(), 200, "the previous tables stay");
+    // A FIFO (or a device, a directory) is refused without being opened: reading one would wait
+    // for a writer for ever.
+    std::fs::remove_file(&tenants).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(&tenants).status().unwrap().success());
+    let r = s.admin_post("/api/v1/enforcement/reload", json!({})).await;
+    assert_eq!(r.status(), 400);
+    let v = json_of(r).await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("is not a regular file"), "{v}");
+    // A file that names no tenant is applied (it is valid), with a warning: every per-tenant
+    // setting lapses.
+    std::fs::remove_file(&tenants).unwrap();
+    std::fs::write(&tenants, "").unwrap();
+    let r = s.admin_post("/api/v1/enforcement/reload", json!({})).await;
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert!(v["warnings"][0].as_str().unwrap().contains("names no tenant"), "{v}");
     let changes = s.admin_get("/api/v1/enforcement/ledger?event_type=runtime_changed").await;
     assert_eq!(changes["items"][0]["details"]["reason"], "admin API: tenants, tiers and pricing files reloaded");
     s.stop().await;
