@@ -109,6 +109,10 @@ pub struct AppState {
     /// The end (ms) of the global block the store last showed this replica, 0 for none: it
     /// still refuses requests while the store cannot be asked.
     global_block_seen: std::sync::atomic::AtomicU64,
+    /// The global guard's settings when that block was seen: a block tripped under other
+    /// settings is not applied (a `PATCH` of them lifts it, fleet-wide, even when this replica
+    /// cannot ask the store).
+    global_block_settings: parking_lot::Mutex<Option<crate::decide::policy::GlobalAbuse>>,
     /// Reservations an admin reconcile or a Gate API settle is settling on this replica.
     settling: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Held (shared) by every settlement turn, and alone by the overdue sweep's release: a
@@ -200,6 +204,7 @@ impl AppState {
             ready: AtomicBool::new(false),
             store_unhealthy: AtomicBool::new(false),
             global_block_seen: std::sync::atomic::AtomicU64::new(0),
+            global_block_settings: parking_lot::Mutex::new(None),
             settling: parking_lot::Mutex::new(std::collections::HashSet::new()),
             sweeping: tokio::sync::RwLock::new(()),
             reloading: tokio::sync::Mutex::new(()),
@@ -339,11 +344,18 @@ impl AppState {
     }
 
     /// The global block (its end) the store showed, or tripped here; `None`: none in force.
-    pub fn note_global_block(&self, until: Option<UnixMillis>) {
+    /// `settings`: the global guard's settings it was seen under.
+    pub fn note_global_block(&self, until: Option<UnixMillis>, settings: &crate::decide::policy::GlobalAbuse) {
         let until = until.unwrap_or(0);
         if self.global_block_seen.load(Ordering::Relaxed) != until {
+            *self.global_block_settings.lock() = Some(settings.clone());
             self.global_block_seen.store(until, Ordering::Relaxed);
         }
+    }
+
+    /// Forgets the global block seen (an operator lifted it here).
+    pub fn forget_global_block(&self) {
+        self.global_block_seen.store(0, Ordering::Relaxed);
     }
 
     /// Waits until no other manual or Gate API settlement of reservation `id` is under way on
@@ -373,8 +385,10 @@ impl AppState {
     }
 
     /// The end of the global block last seen in force, if any.
-    pub fn global_block_seen(&self) -> Option<UnixMillis> {
-        Some(self.global_block_seen.load(Ordering::Relaxed)).filter(|u| *u > 0)
+    /// Only one seen under `settings` (the guard's settings in force now).
+    pub fn global_block_seen(&self, settings: &crate::decide::policy::GlobalAbuse) -> Option<UnixMillis> {
+        let until = Some(self.global_block_seen.load(Ordering::Relaxed)).filter(|u| *u > 0)?;
+        (self.global_block_settings.lock().as_ref() == Some(settings)).then_some(until)
     }
 
     /// Store health as seen by the last operation.

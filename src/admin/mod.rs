@@ -258,7 +258,7 @@ impl AdminApp {
                     false => Ok(false),
                     true => {
                         // Here at once, whether or not the store can be told.
-                        self.state.note_global_block(None);
+                        self.state.forget_global_block();
                         self.state.counters.clear_global_block().await
                     }
                 };
@@ -279,6 +279,13 @@ impl AdminApp {
                          answers again, then it is written for the whole fleet. Until then, send it to every replica."
                             .to_string(),
                     );
+                }
+                let lagging = self.state.policy.lagging();
+                if lagging > 0 {
+                    warnings.push(format!(
+                        "{lagging} replica(s) still ran an older policy after 1 s (slow or cut from the state store): \
+                         they adopt this one within 2 s of reaching it; check their /readyz."
+                    ));
                 }
                 let view = runtime::view(&p);
                 for k in asked_off {
@@ -303,8 +310,8 @@ impl AdminApp {
                     // same PATCH sent again once the store answers.
                     Err(e) if unshared => {
                         warnings.push(format!(
-                            "The global block in force could not be lifted ({e}): send this PATCH again once the \
-                             state store answers."
+                            "The global block no longer applies on this replica; the fleet's (kept in the state \
+                             store) could not be lifted ({e}): send this PATCH again once the state store answers."
                         ));
                         answer(202, &warnings)
                     }

@@ -242,7 +242,7 @@ impl PreauthProxy {
                 ReserveOutcome::Insufficient { .. } => Held::Insufficient,
             });
             if let Some(until) = d.trip_global_block_until {
-                self.state.note_global_block(Some(until));
+                self.state.note_global_block(Some(until), &policy.global);
                 if let Err(e) = self.state.counters.set_global_block(until).await {
                     self.store_failed("set_global_block", e);
                 }
@@ -304,11 +304,11 @@ impl PreauthProxy {
                     StoreError::Unavailable(_) => "store_error",
                 };
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, failure]).inc();
-                (decide::undecided(&policy, mode, self.state.global_block_seen(), now), None, None)
+                (decide::undecided(&policy, mode, self.state.global_block_seen(&policy.global), now), None, None)
             }
             Err(_) => {
                 self.state.metrics.gate_failures.with_label_values(&[&ctx.source, "gate_timeout"]).inc();
-                (decide::undecided(&policy, mode, self.state.global_block_seen(), now), None, None)
+                (decide::undecided(&policy, mode, self.state.global_block_seen(&policy.global), now), None, None)
             }
         };
         // A refused admission leaves every counter, and its hold the budget, before anything
@@ -620,7 +620,7 @@ impl PreauthProxy {
         let (ticket, view, held) = match answered {
             Ok(Ok(v)) => {
                 self.state.set_store_healthy(true);
-                self.state.note_global_block(v.1.global.block_until);
+                self.state.note_global_block(v.1.global.block_until, &policy.global);
                 v
             }
             Ok(Err(e)) => return Err(self.store_failed("admit", e)),

@@ -279,6 +279,11 @@ pub trait PolicyStore: Send + Sync {
     fn unshared(&self) -> bool {
         false
     }
+    /// How many other replicas still ran an older policy when the last `update` here answered
+    /// (fleet mode: it waits a bounded time for them).
+    fn lagging(&self) -> usize {
+        0
+    }
 }
 
 /// Runs `step` after each of `waits` until it succeeds: a store step retried where nobody waits

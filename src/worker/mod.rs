@@ -57,6 +57,8 @@ impl Housekeeper {
         }
         if let Ok(g) = self.state.counters.global_view(now).await {
             m.global_block_active.set(i64::from(g.block_until.is_some_and(|u| u > now)));
+            // Kept for a store outage also by a replica that serves no request meanwhile.
+            self.state.note_global_block(g.block_until, &self.state.policy.current().global);
         }
         self.release_overdue(now).await;
         if let Ok(n) = self.state.approvals.backlog(now).await {

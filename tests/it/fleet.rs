@@ -414,7 +414,8 @@ async fn a_patch_answers_once_every_replica_runs_it() {
     let p = redis_prefix();
     // The second replica hears from Redis 40 ms late (a busy network): the change reaches it
     // after the first one has written it.
-    let late = slow_redis(Arc::new(AtomicU64::new(40))).await;
+    let delay = Arc::new(AtomicU64::new(40));
+    let late = slow_redis(delay.clone()).await;
     let env = [("PREAUTH_STORE_TIMEOUT_MS", "1000"), ("PREAUTH_GATE_TIMEOUT_MS", "2000")];
     let fleet = [start_fleet(&env, REDIS, &p).await, start_fleet(&env, &format!("redis://127.0.0.1:{late}"), &p).await];
     let body = json!({"model": "text-embedding-3-small", "input": "x"});
@@ -428,9 +429,68 @@ async fn a_patch_answers_once_every_replica_runs_it() {
         let status = post(&fleet[1], "/v1/embeddings", "acme", "enterprise", &body).await.status();
         assert_eq!(status, if on { 429 } else { 200 }, "change {i} (kill switch {on}) on the other replica");
     }
-    for s in fleet {
-        s.stop().await;
+    // A replica too slow to follow within the 1 s wait: the answer says so.
+    delay.store(1500, Ordering::SeqCst);
+    let r =
+        patch_runtime(&fleet[0], json!({"kill_switch": false, "fair_use_per_minute_cap": 7, "reason": "slow"})).await;
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    assert!(v["warnings"][0].as_str().unwrap().contains("1 replica(s) still ran an older policy"), "{v}");
+    delay.store(0, Ordering::SeqCst);
+    // A replica that stops says so: the next PATCH does not wait for it.
+    let [first, second] = fleet;
+    second.stop().await;
+    let t0 = Instant::now();
+    let r = patch_runtime(&first, json!({"fair_use_per_minute_cap": 8, "reason": "after a stop"})).await;
+    assert_eq!(r.status(), 200);
+    assert!(t0.elapsed() < Duration::from_millis(500), "no wait for a stopped replica: {:?}", t0.elapsed());
+    first.stop().await;
+    redis_cleanup(&p).await;
+}
+
+/// The kept block is the fleet's: a replica that only read it (its housekeeper, no request
+/// served) keeps it through an outage too, and a block lifted on another replica (a `PATCH` of
+/// the guard's settings) is not applied by a replica that saw it once its link is cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kept_global_block_is_the_one_the_fleet_has() {
+    let p = redis_prefix();
+    let sw = switchable_redis().await;
+    let env = [
+        ("PREAUTH_SOURCE_MODES", "evals=shadow"),
+        ("PREAUTH_STORE_TIMEOUT_MS", "50"),
+        ("LLM_GLOBAL_ABUSE_PER_MINUTE_CAP", "3"),
+        ("LLM_GLOBAL_ABUSE_UNIQUE_TENANTS_THRESHOLD", "1"),
+        ("LLM_GLOBAL_ABUSE_BLOCK_SECONDS", "60"),
+    ];
+    let a = start_fleet(&env, REDIS, &p).await;
+    let b = start_fleet(&env, &format!("redis://127.0.0.1:{}", sw.port), &p).await;
+    let body = json!({"model": "text-embedding-3-small", "input": "x"});
+    for _ in 0..3 {
+        assert_eq!(post(&a, "/v1/embeddings", "acme", "enterprise", &body).await.status(), 200);
     }
+    assert_error(post(&a, "/v1/embeddings", "acme", "enterprise", &body).await, 429, "llm_fair_use_exceeded").await;
+    let shadow = || post_with(&b, "/v1/embeddings", "acme", "enterprise", &body, &[("x-preauth-source", "evals")]);
+    // B served nothing; its housekeeper (every second) reads the block.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sw.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let v = assert_error(shadow().await, 429, "llm_fair_use_exceeded").await;
+    assert_eq!(v["error"]["details"]["reason"], "global_abuse_temporal_block");
+
+    sw.up.store(true, Ordering::SeqCst);
+    wait_for("B back", || async { client().get(b.admin_url("/readyz")).send().await.unwrap().status() == 200 }).await;
+    // Lifted on A: the PATCH answers once B runs the new settings too.
+    let r = patch_runtime(&a, json!({"global_abuse_per_minute_cap": 1000, "reason": "false positive"})).await;
+    assert_eq!(r.status(), 200);
+    sw.up.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(shadow().await.status(), 200, "shadow fails open: no block");
+    let v = assert_error(post(&b, "/v1/embeddings", "acme", "enterprise", &body).await, 503, "enforcement_unavailable")
+        .await;
+    assert_eq!(v["error"]["details"]["reason"], "hard_mode_fail_closed");
+    sw.up.store(true, Ordering::SeqCst);
+    a.stop().await;
+    b.stop().await;
     redis_cleanup(&p).await;
 }
 

@@ -152,6 +152,8 @@ struct Shared {
     seen_key: String,
     /// Wakes the task that says so, after an adoption.
     adopted: Arc<tokio::sync::Notify>,
+    /// Replicas still behind when the last `update` answered.
+    lagging: std::sync::atomic::AtomicUsize,
 }
 
 /// The fleet's runtime policy as seen by one replica (see the module docs).
@@ -179,6 +181,7 @@ impl RedisStore {
             instance: crate::ids::v7(),
             seen_key: self.inner.keys.global("policy_seen"),
             adopted: Arc::new(tokio::sync::Notify::new()),
+            lagging: std::sync::atomic::AtomicUsize::new(0),
         });
         match shared.refresh().await {
             Ok(()) => {
@@ -491,6 +494,7 @@ impl PolicyStore for RedisPolicy {
                 // Answered once the other replicas run it too (or after FLEET_WAIT).
                 let epoch = sh.epoch.lock().clone();
                 let lagging = sh.await_fleet(&epoch, p.version).await;
+                sh.lagging.store(lagging, Ordering::Relaxed);
                 if lagging > 0 {
                     tracing::warn!(
                         version = p.version,
@@ -522,6 +526,27 @@ impl PolicyStore for RedisPolicy {
 
     fn unshared(&self) -> bool {
         !self.shared.pending.lock().is_empty() || self.shared.bump_pending.load(Ordering::Relaxed)
+    }
+
+    fn lagging(&self) -> usize {
+        self.shared.lagging.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RedisPolicy {
+    /// A replica that stops says so: `PATCH`es elsewhere stop waiting for it at once, not after
+    /// its word in `policy_seen` expires.
+    fn drop(&mut self) {
+        let (store, key, field) =
+            (self.shared.store.clone(), self.shared.seen_key.clone(), self.shared.instance.clone());
+        let handle = store.inner.handle.clone();
+        handle.spawn(async move {
+            let _ = store
+                .exec("policy_ack", 1, |mut c| async move {
+                    redis::cmd("HDEL").arg(&key).arg(&field).query_async::<()>(&mut c).await
+                })
+                .await;
+        });
     }
 }
 
