@@ -1331,8 +1331,14 @@ impl UsageScanner {
 
     fn feed_sse(&mut self, mut chunk: &[u8]) {
         loop {
-            // Events end with a blank line: a newline right away is common, skip the search.
-            let nl = if chunk.first() == Some(&b'\n') { Some(0) } else { memchr::memchr(b'\n', chunk) };
+            // Lines end with `\n`, `\r\n` or a lone `\r` (the SSE spec allows all three; the
+            // empty "line" between `\r` and `\n` is skipped as blank lines are). Events end with
+            // a blank line: a line end right away is common, skip the search.
+            let nl = if matches!(chunk.first(), Some(b'\n' | b'\r')) {
+                Some(0)
+            } else {
+                memchr::memchr2(b'\n', b'\r', chunk)
+            };
             let Some(nl) = nl else { break };
             let (head, rest) = (&chunk[..nl], &chunk[nl + 1..]);
             chunk = rest;
@@ -2003,6 +2009,9 @@ mod tests {
             let want = whole(route, BodyKind::Sse, body);
             let crlf = body.replace('\n', "\r\n");
             assert_eq!(assert_split_invariant(route, BodyKind::Sse, &crlf), want);
+            // A lone `\r` ends a line too (the SSE spec allows it).
+            let cr = body.replace('\n', "\r");
+            assert_eq!(assert_split_invariant(route, BodyKind::Sse, &cr), want);
             let tight = body.replace("data: ", "data:");
             assert_eq!(whole(route, BodyKind::Sse, &tight), want);
             // no final newline

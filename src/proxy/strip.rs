@@ -26,9 +26,6 @@ enum Scan {
     InLine,
     /// After the `\r` that ended a non-empty line (a `\n` may follow).
     AfterCr,
-    /// After the `\r` that ended an empty line: the event has ended, and a `\n` may still
-    /// belong to it.
-    EmptyCr,
 }
 
 /// Removes usage-only events from an SSE body, event by event. Feed it the body's data (not
@@ -39,6 +36,10 @@ pub struct UsageChunkStrip {
     held: Vec<u8>,
     /// The state of the scan at the end of `held`.
     scan: Scan,
+    /// The last event ended with a `\r` (an empty line ended by a lone `\r`, relayed or dropped
+    /// at once so that it is not held for the next byte): a `\n` right after it is its own, and
+    /// goes where it went (`Some(true)`: relayed).
+    lf_after: Option<bool>,
     /// The event in progress grew past [`MAX_HELD`]: relayed as it comes, not inspected.
     oversized: bool,
     /// Events dropped so far.
@@ -51,26 +52,32 @@ impl UsageChunkStrip {
     pub fn push(&mut self, data: &[u8], out: &mut Vec<u8>) {
         let mut rest = data;
         while !rest.is_empty() {
-            if self.oversized {
-                // Relay the oversized event's bytes as they come, up to its end.
-                match self.event_end(rest) {
-                    Some(n) => {
-                        out.extend_from_slice(&rest[..n]);
-                        rest = &rest[n..];
-                        self.oversized = false;
+            if let Some(kept) = self.lf_after.take() {
+                if rest[0] == b'\n' {
+                    if kept {
+                        out.push(b'\n');
                     }
-                    None => {
-                        out.extend_from_slice(rest);
-                        return;
-                    }
+                    rest = &rest[1..];
+                    continue;
                 }
-                continue;
             }
             match self.event_end(rest) {
-                Some(n) => {
+                Some((n, on_cr)) if self.oversized => {
+                    // The rest of an oversized event, relayed as it comes, up to its end.
+                    out.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    self.oversized = false;
+                    self.lf_after = on_cr.then_some(true);
+                }
+                Some((n, on_cr)) => {
                     self.held.extend_from_slice(&rest[..n]);
                     rest = &rest[n..];
-                    self.emit_held(out);
+                    let kept = self.emit_held(out);
+                    self.lf_after = on_cr.then_some(kept);
+                }
+                None if self.oversized => {
+                    out.extend_from_slice(rest);
+                    return;
                 }
                 None => {
                     self.held.extend_from_slice(rest);
@@ -93,36 +100,31 @@ impl UsageChunkStrip {
         }
     }
 
-    /// The held bytes are one whole event: relayed, unless it is a usage-only one.
-    fn emit_held(&mut self, out: &mut Vec<u8>) {
-        if is_usage_only(&self.held) {
-            self.dropped += 1;
-        } else {
+    /// The held bytes are one whole event: relayed (`true`), unless it is a usage-only one.
+    fn emit_held(&mut self, out: &mut Vec<u8>) -> bool {
+        let kept = !is_usage_only(&self.held);
+        if kept {
             out.extend_from_slice(&self.held);
+        } else {
+            self.dropped += 1;
         }
         self.held.clear();
+        kept
     }
 
-    /// Scans `input` (the bytes after those held) for the end of the event in progress: the
-    /// number of its bytes that end it, or `None` when it goes on. A `\r` ending an empty line
-    /// at the very end of `input` waits for the next byte (a `\n` there is the event's too).
-    fn event_end(&mut self, input: &[u8]) -> Option<usize> {
+    /// Scans `input` (the bytes after those held) for the end of the event in progress: how many
+    /// of its bytes end it, and whether the last is a `\r` (a `\n` may still follow); `None`
+    /// when it goes on.
+    fn event_end(&mut self, input: &[u8]) -> Option<(usize, bool)> {
         for (i, &b) in input.iter().enumerate() {
             self.scan = match (self.scan, b) {
-                (Scan::EmptyCr, b'\n') => {
+                // An empty line: the event ends.
+                (Scan::LineStart, b'\n') => return Some((i + 1, false)),
+                (Scan::LineStart, b'\r') | (Scan::AfterCr, b'\r') => {
                     self.scan = Scan::LineStart;
-                    return Some(i + 1);
+                    return Some((i + 1, true));
                 }
-                (Scan::EmptyCr, _) => {
-                    // The event ended with that `\r`; this byte starts the next one.
-                    self.scan = Scan::LineStart;
-                    return Some(i);
-                }
-                (Scan::LineStart, b'\n') => return Some(i + 1),
-                (Scan::LineStart, b'\r') => Scan::EmptyCr,
                 (Scan::AfterCr, b'\n') | (Scan::InLine, b'\n') => Scan::LineStart,
-                // `\r\r`: the second one ends an empty line.
-                (Scan::AfterCr, b'\r') => Scan::EmptyCr,
                 (Scan::InLine, b'\r') => Scan::AfterCr,
                 _ => Scan::InLine,
             };
@@ -131,29 +133,39 @@ impl UsageChunkStrip {
     }
 }
 
-/// Whether `event` (one SSE event) is a usage-only chunk: its data is a JSON object with
-/// `"choices": []` and a `usage` object.
+/// Whether `event` (one SSE event) is a usage-only chunk: its data — on one line, as the usage
+/// scanner reads it — is a JSON object with `"choices": []` and a `usage` object.
 fn is_usage_only(event: &[u8]) -> bool {
-    // Cheap test first: most events do not mention a usage object at all.
-    if !event.windows(8).any(|w| w == b"\"usage\":") && !event.windows(9).any(|w| w == b"\"usage\" :") {
+    // Cheap test first: content chunks (every one carries `"usage":null` when usage is asked
+    // for) have choices.
+    if !has_empty_choices(event) {
         return false;
     }
-    let mut data = Vec::new();
-    for line in event.split(|b| *b == b'\n' || *b == b'\r') {
-        if let Some(v) = line.strip_prefix(b"data:") {
-            if !data.is_empty() {
-                data.push(b'\n');
-            }
-            data.extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
-        }
-    }
-    match serde_json::from_slice::<Value>(&data) {
+    let mut data_lines = event
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .map(|v| v.strip_prefix(b" ").unwrap_or(v));
+    let (Some(data), None) = (data_lines.next(), data_lines.next()) else {
+        return false;
+    };
+    match serde_json::from_slice::<Value>(data) {
         Ok(Value::Object(o)) => {
             o.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty())
                 && o.get("usage").is_some_and(Value::is_object)
         }
         _ => false,
     }
+}
+
+/// Whether `event` holds `"choices"`, a colon and an empty array (any JSON whitespace between).
+fn has_empty_choices(event: &[u8]) -> bool {
+    let blank = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    memchr::memmem::find_iter(event, b"\"choices\"").any(|at| {
+        let mut rest = event[at + 9..].iter().skip_while(|b| blank(b));
+        rest.next() == Some(&b':')
+            && rest.by_ref().find(|b| !blank(b)) == Some(&b'[')
+            && rest.find(|b| !blank(b)) == Some(&b']')
+    })
 }
 
 #[cfg(test)]
@@ -238,10 +250,35 @@ mod tests {
     }
 
     #[test]
-    fn multi_line_data_is_joined_before_it_is_read() {
+    fn usage_data_over_several_lines_is_kept_as_the_usage_scanner_cannot_charge_it() {
         let split = "data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":1}}\n\n";
         let (out, dropped) = run(&[split.as_bytes(), DONE.as_bytes()]);
-        assert_eq!(String::from_utf8(out).unwrap(), DONE);
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{split}{DONE}"));
+        assert_eq!(dropped, 0);
+    }
+
+    #[test]
+    fn json_whitespace_does_not_hide_a_usage_chunk() {
+        let spaced = "data: {\"id\": \"c\", \"choices\" : [ ], \"usage\"  : {\"prompt_tokens\": 3}}\n\n";
+        let (out, dropped) = run(&[CONTENT.as_bytes(), spaced.as_bytes(), DONE.as_bytes()]);
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{CONTENT}{DONE}"));
         assert_eq!(dropped, 1);
+    }
+
+    #[test]
+    fn an_event_ended_by_a_lone_cr_is_relayed_at_once() {
+        let mut s = UsageChunkStrip::default();
+        let mut out = Vec::new();
+        s.push(b"data: {\"choices\":[{\"delta\":{}}]}\r\r", &mut out);
+        assert_eq!(out, b"data: {\"choices\":[{\"delta\":{}}]}\r\r", "not held for the next byte");
+        // A `\n` after it was its own (`\r\r\n`): it follows it out.
+        s.push(b"\ndata: [DONE]\r\r", &mut out);
+        assert_eq!(out, b"data: {\"choices\":[{\"delta\":{}}]}\r\r\ndata: [DONE]\r\r");
+        // A dropped one takes its `\n` along.
+        let mut s = UsageChunkStrip::default();
+        let mut out = Vec::new();
+        s.push(b"data: {\"choices\":[],\"usage\":{}}\r\r", &mut out);
+        s.push(b"\ndata: [DONE]\n\n", &mut out);
+        assert_eq!((out.as_slice(), s.dropped), (&b"data: [DONE]\n\n"[..], 1));
     }
 }
