@@ -384,8 +384,8 @@ impl AppState {
         self.sweeping.write().await
     }
 
-    /// The end of the global block last seen in force, if any.
-    /// Only one seen under `settings` (the guard's settings in force now).
+    /// The end of the global block last seen in force, if it was seen under `settings` (the
+    /// guard's settings in force now).
     pub fn global_block_seen(&self, settings: &crate::decide::policy::GlobalAbuse) -> Option<UnixMillis> {
         let until = Some(self.global_block_seen.load(Ordering::Relaxed)).filter(|u| *u > 0)?;
         (self.global_block_settings.lock().as_ref() == Some(settings)).then_some(until)
