@@ -273,17 +273,10 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
 
 /// What a Postgres error says, down to its cause (its own text is often just "db error").
 fn pg_cause(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return format!("{} ({})", db.message(), db.code().code());
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => preauth_sidecar::ledger::sink::error_chain(e),
     }
-    let mut text = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// `mint-approval`: signs an approval token offline with the primary secret.
@@ -545,9 +538,8 @@ fn demo() -> ExitCode {
         );
     }
     let per_minute = overlay.get("LLM_FAIR_USE_PER_MINUTE_CAP").unwrap_or_default();
-    let fair_use_on = overlay
-        .get("LLM_FAIR_USE_GUARDS_ENABLED")
-        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
+    // Read as the configuration reads it (a bad value is reported by `run` below).
+    let fair_use_on = config::env::Reader::new(&overlay).bool("LLM_FAIR_USE_GUARDS_ENABLED", false);
     let example_4 = if fair_use_on {
         format!(
             "  # 4. denied: more than {per_minute} calls in a minute for one tenant (LLM_FAIR_USE_PER_MINUTE_CAP={per_minute};\n  \

@@ -1168,10 +1168,7 @@ impl ProxyHttp for PreauthProxy {
         self.on_response_chunk(body.as_deref().unwrap_or_default(), ctx)?;
         if let Some(strip) = ctx.spend.as_mut().and_then(|s| s.strip.as_mut()) {
             let mut kept = Vec::new();
-            strip.push(body.as_deref().unwrap_or_default(), &mut kept);
-            if end_of_stream {
-                strip.finish(&mut kept);
-            }
+            strip.feed(body.as_deref().unwrap_or_default(), end_of_stream, &mut kept);
             *body = (!kept.is_empty()).then(|| Bytes::from(kept));
         }
         Ok(None)

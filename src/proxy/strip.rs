@@ -92,6 +92,14 @@ impl UsageChunkStrip {
         }
     }
 
+    /// [`push`](Self::push), then [`finish`](Self::finish) when `end` (the body's last bytes).
+    pub fn feed(&mut self, data: &[u8], end: bool, out: &mut Vec<u8>) {
+        self.push(data, out);
+        if end {
+            self.finish(out);
+        }
+    }
+
     /// The body ended: whatever is held goes out (a last event without its blank line is
     /// inspected like any other).
     pub fn finish(&mut self, out: &mut Vec<u8>) {

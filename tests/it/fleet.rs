@@ -329,6 +329,14 @@ async fn switchable_redis() -> Switch {
     Switch { port, up }
 }
 
+impl Switch {
+    /// Redis gone: new connections are refused and open ones cut (the relay looks every 10 ms).
+    async fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_fails_safe_per_mode_and_recovers() {
     let p = redis_prefix();
@@ -342,8 +350,7 @@ async fn redis_outage_fails_safe_per_mode_and_recovers() {
             .status(),
         200
     );
-    sw.up.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sw.cut().await;
     // Trip the breaker, then every hard-mode request fails closed fast.
     for _ in 0..10 {
         let _ =
@@ -472,8 +479,7 @@ async fn the_kept_global_block_is_the_one_the_fleet_has() {
     let shadow = || post_with(&b, "/v1/embeddings", "acme", "enterprise", &body, &[("x-preauth-source", "evals")]);
     // B served nothing; its housekeeper (every second) reads the block.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    sw.up.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sw.cut().await;
     let v = assert_error(shadow().await, 429, "llm_fair_use_exceeded").await;
     assert_eq!(v["error"]["details"]["reason"], "global_abuse_temporal_block");
 
@@ -482,8 +488,7 @@ async fn the_kept_global_block_is_the_one_the_fleet_has() {
     // Lifted on A: the PATCH answers once B runs the new settings too.
     let r = patch_runtime(&a, json!({"global_abuse_per_minute_cap": 1000, "reason": "false positive"})).await;
     assert_eq!(r.status(), 200);
-    sw.up.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sw.cut().await;
     assert_eq!(shadow().await.status(), 200, "shadow fails open: no block");
     let v = assert_error(post(&b, "/v1/embeddings", "acme", "enterprise", &body).await, 503, "enforcement_unavailable")
         .await;
@@ -523,8 +528,7 @@ async fn a_global_block_in_force_outlasts_a_redis_outage_in_every_mode() {
     let v = assert_error(hard().await, 429, "llm_fair_use_exceeded").await;
     assert_eq!(v["error"]["details"]["reason"], "global_abuse_triggered");
 
-    sw.up.store(false, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    sw.cut().await;
     for r in [shadow().await, hard().await, shadow().await] {
         let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
         assert!((1..=60).contains(&retry), "seconds left in the block: {retry}");

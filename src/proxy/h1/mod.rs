@@ -71,6 +71,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Bodies up to this size go out in the same write as the request head; larger ones in a write
 /// of their own (no copy of them after the head).
 const INLINE_BODY: usize = 64 * 1024;
+/// A read is given at least this much room; less and the buffer grows first.
+const READ_SLACK: usize = 1024;
 
 /// Lingering close (as nginx's `lingering_timeout` / `lingering_time`): after an answer sent
 /// before the request's body was read, what the client still sends is read and dropped until it
@@ -511,21 +513,19 @@ impl LeanH1 {
                 .map_err(|why| Error::explain(InvalidHTTPHeader, why).into_up())?;
             spill |= used < input.len();
             if let Some(s) = strip.as_mut() {
-                s.push(&data, &mut kept);
+                let done = relay.is_done();
+                s.feed(&data, done, &mut kept);
                 data.clear();
-                if relay.is_done() {
-                    s.finish(&mut kept);
-                }
                 if te_line.is_some() {
                     wire::push_chunk(out, &kept);
-                    if relay.is_done() {
-                        out.extend_from_slice(b"0\r\n\r\n");
+                    if done {
+                        out.extend_from_slice(wire::LAST_CHUNK);
                     }
                 } else {
                     out.extend_from_slice(&kept);
                 }
                 kept.clear();
-                if relay.is_done() {
+                if done {
                     strip = None;
                 }
             }
@@ -801,7 +801,7 @@ impl Downstream for Client {
                 if self.buf.len() < end {
                     // Room for the whole declared body at once (and the read slack), not grown
                     // by halves past it.
-                    self.buf.reserve_exact((end + 1024).saturating_sub(self.buf.len()));
+                    self.buf.reserve_exact((end + READ_SLACK).saturating_sub(self.buf.len()));
                     self.continue_if_expected().await?;
                     while self.buf.len() < end {
                         self.read_more().await?;
@@ -915,7 +915,7 @@ fn poll_read<T: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
     cx: &mut Context<'_>,
 ) -> Poll<std::io::Result<usize>> {
-    if buf.capacity() - buf.len() < 1024 {
+    if buf.capacity() - buf.len() < READ_SLACK {
         buf.reserve(READ_BUF.max(buf.len() / 2));
     }
     pin!(io.read_buf(buf)).poll(cx)

@@ -532,14 +532,19 @@ pub enum Framing {
     Rechunk,
 }
 
+/// The header line that announces a chunked answer.
+pub const CHUNKED: &[u8] = b"transfer-encoding: chunked\r\n";
+/// The last chunk (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
 impl Framing {
     /// The client framing for a gateway body, and the header line that announces it (the
     /// gateway's own `content-length` is forwarded as it is).
     pub fn choose(body: ResponseBody, client_http10: bool) -> (Framing, Option<&'static [u8]>) {
         match (body, client_http10) {
-            (ResponseBody::Chunked, false) => (Framing::AsIs, Some(b"transfer-encoding: chunked\r\n")),
+            (ResponseBody::Chunked, false) => (Framing::AsIs, Some(CHUNKED)),
             (ResponseBody::Chunked, true) => (Framing::Dechunk, None),
-            (ResponseBody::Close, false) => (Framing::Rechunk, Some(b"transfer-encoding: chunked\r\n")),
+            (ResponseBody::Close, false) => (Framing::Rechunk, Some(CHUNKED)),
             _ => (Framing::AsIs, None),
         }
     }
@@ -548,7 +553,7 @@ impl Framing {
     /// itself after changing it (chunked to an HTTP/1.1 client, to the close to an HTTP/1.0 one).
     pub fn data_only(body: ResponseBody, client_http10: bool) -> (Framing, Option<&'static [u8]>) {
         let framing = if body == ResponseBody::Chunked { Framing::Dechunk } else { Framing::AsIs };
-        (framing, (!client_http10).then_some(b"transfer-encoding: chunked\r\n".as_slice()))
+        (framing, (!client_http10).then_some(CHUNKED))
     }
 
     /// Whether the client connection can carry another request after such an answer.
@@ -634,7 +639,7 @@ impl Relay {
             return Err("the gateway closed the connection before the end of the answer");
         }
         if self.framing == Framing::Rechunk {
-            out.extend_from_slice(b"0\r\n\r\n");
+            out.extend_from_slice(LAST_CHUNK);
         }
         self.done = true;
         Ok(())
