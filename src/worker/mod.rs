@@ -102,7 +102,8 @@ impl Housekeeper {
     }
 }
 
-/// The sweep: releases every active reservation older than `older_than_seconds`. `trigger` labels
+/// The sweep: releases every active reservation at least `older_than_seconds` old (every one
+/// with `0`). `trigger` labels
 /// the reconciliations metric: `auto` for the housekeeper's, `manual` for an operator's
 /// `reconcile-overdue` (so the sweep-release alert counts only the holds nobody settled). `Err`
 /// when the store could not be swept (nothing was released).
@@ -113,7 +114,13 @@ pub async fn release_overdue(
     trigger: &'static str,
 ) -> Result<Vec<crate::store::budget::Reservation>, crate::store::StoreError> {
     let m = &state.metrics;
-    let cutoff = now.saturating_sub(older_than_seconds * 1000);
+    // Holds at least `older_than_seconds` old (the store releases those created strictly before
+    // the cutoff, hence the + 1). `0` means every active hold: one created in this millisecond,
+    // or stamped a little ahead by another replica's clock, included.
+    let cutoff = match older_than_seconds {
+        0 => u64::MAX,
+        s => now.saturating_sub(s.saturating_mul(1000)).saturating_add(1),
+    };
     let expired = {
         // Not a hold a reconcile or a Gate API settle on this replica is settling (it wrote its
         // settlement event already; releasing it here would leave that event uncharged).

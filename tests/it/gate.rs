@@ -132,6 +132,26 @@ async fn released_or_reconciled_gate_holds_give_their_concurrency_slot_back() {
     s.stop().await;
 }
 
+/// `reconcile-overdue` with `older_than_seconds: 0` releases every active hold, also one made in
+/// the same millisecond as the call (audit: such a hold was skipped, the sweep's cutoff being
+/// strictly before now).
+#[tokio::test(flavor = "multi_thread")]
+async fn reconcile_overdue_with_zero_releases_a_hold_made_just_before() {
+    let s = start(&[]).await;
+    let body = json!({"route": "/v1/chat/completions",
+                      "request": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}});
+    for i in 0..100 {
+        let v = json_of(gate(&s, "fresh", &body).await).await;
+        assert_eq!(v["decision"], "ALLOW", "{v}");
+        let r =
+            s.admin_post("/api/v1/enforcement/reservations/reconcile-overdue", json!({"older_than_seconds": 0})).await;
+        let r = json_of(r).await;
+        assert_eq!(r["released_count"], 1, "round {i}: {r}");
+        assert_eq!(r["reservation_ids"][0], v["reservation_id"], "round {i}");
+    }
+    s.stop().await;
+}
+
 /// A `route` that is not a string is a 400, not silently the chat route (whose fingerprint and
 /// required fields the caller did not ask for).
 #[tokio::test(flavor = "multi_thread")]
