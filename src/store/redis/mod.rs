@@ -53,7 +53,10 @@
 //! Redis is down; a background task on the store's own runtime pings every 500 ms (probing the
 //! half-open breaker, so recovery is noticed without traffic) and replaces the connection once
 //! per breaker opening (a connection wedged by a silent network loss cannot survive). The
-//! connection manager reconnects on I/O errors on its own. [`RedisStore::healthy`] feeds
+//! connection manager reconnects on I/O errors on its own, and only on those: a caller's own
+//! connection whose reconnect failed otherwise (`WRONGPASS` while a password changes) is set
+//! aside at its first such error and the health task has every caller connect afresh once the
+//! breaker is closed. [`RedisStore::healthy`] feeds
 //! readiness; [`RedisStore::error_counts`] counts failures per operation.
 //!
 //! The store owns a small tokio runtime (one worker, `preauth-redis`) that hosts the shared
@@ -354,6 +357,10 @@ pub(crate) struct Inner {
     /// Bumped by every replacement of the single-node connection: the callers' own
     /// connections ([`RedisStore::caller_conn`]) made before it are dropped and made anew.
     generation: AtomicU64,
+    /// A caller's own connection is stuck: its manager failed to reconnect with an error it does
+    /// not retry on its own (`WRONGPASS` after a password change, say). The health task then
+    /// bumps `generation` once the breaker is closed, so every caller connects afresh.
+    own_stuck: AtomicBool,
     /// Commands sent, for measuring round trips (a script call is one).
     commands: AtomicU64,
     /// [`RedisOptions::max_finished`].
@@ -511,6 +518,7 @@ impl RedisStore {
             errors: ErrorCounts::default(),
             reset_openings: AtomicU64::new(0),
             generation: AtomicU64::new(0),
+            own_stuck: AtomicBool::new(false),
             commands: AtomicU64::new(0),
             max_finished: opts.max_finished.max(1),
             handle: runtime.handle().clone(),
@@ -654,7 +662,7 @@ impl RedisStore {
             self.inner.errors.add(op);
             return Err(StoreError::Unavailable("circuit open".into()));
         };
-        let Some(conn) = self.caller_conn() else {
+        let Some((conn, own_ready)) = self.caller_conn() else {
             permit.failure();
             self.inner.errors.add(op);
             return Err(StoreError::Unavailable("not connected".into()));
@@ -669,6 +677,12 @@ impl RedisStore {
                 self.inner.errors.add(op);
                 if is_connectivity(&e) {
                     permit.failure();
+                    if let Some(ready) = own_ready.filter(|_| stuck(&e)) {
+                        // This thread takes the shared connection until the health task has
+                        // every caller connect afresh.
+                        ready.store(false, Ordering::Release);
+                        self.inner.own_stuck.store(true, Ordering::Release);
+                    }
                 } else {
                     // Redis answered (a script or data error): not a reason to stop talking to it.
                     permit.success();
@@ -737,8 +751,9 @@ impl RedisStore {
     /// waking the store's thread (two cross-thread wake-ups per round trip otherwise). It is made
     /// on the thread's first command and connects in the background ([`warm_up`]); until it
     /// answers, commands take the shared connection, so no request waits for a connect. Cluster,
-    /// or on the store's runtime: the shared connection. `None`: not connected.
-    fn caller_conn(&self) -> Option<Conn> {
+    /// or on the store's runtime: the shared connection. `None`: not connected. With it, the
+    /// `ready` flag of the caller's own connection when that is the one returned.
+    fn caller_conn(&self) -> Option<(Conn, Option<Arc<AtomicBool>>)> {
         /// This thread's connection to one store: made on `runtime`, for connection `generation`.
         struct Own {
             store: Weak<Inner>,
@@ -751,7 +766,7 @@ impl RedisStore {
             static OWN: std::cell::RefCell<Vec<Own>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         // Read (a lock and a clone) only when it is the answer.
-        let shared = || self.inner.conn.read().clone();
+        let shared = || self.inner.conn.read().clone().map(|c| (c, None));
         let Target::Single(client) = &self.inner.target else { return shared() };
         let runtime = match tokio::runtime::Handle::try_current() {
             Ok(h) if h.id() != self.inner.handle.id() => h,
@@ -764,7 +779,11 @@ impl RedisStore {
             if let Some(i) = slot {
                 let o = &own[i];
                 if o.runtime == runtime.id() && o.generation == generation {
-                    return if o.ready.load(Ordering::Acquire) { Some(o.conn.clone()) } else { shared() };
+                    return if o.ready.load(Ordering::Acquire) {
+                        Some((o.conn.clone(), Some(o.ready.clone())))
+                    } else {
+                        shared()
+                    };
                 }
                 // Replaced, or made on a runtime this thread no longer runs.
                 own.swap_remove(i);
@@ -790,7 +809,7 @@ impl RedisStore {
     /// node only.
     pub async fn delete_all_keys(&self) -> Result<u64, StoreError> {
         let pattern = format!("{}*", glob_escape(&self.inner.keys.prefix));
-        let mut conn = self.caller_conn().ok_or_else(|| unavailable("not connected"))?;
+        let (mut conn, _) = self.caller_conn().ok_or_else(|| unavailable("not connected"))?;
         let mut cursor: u64 = 0;
         let mut deleted = 0;
         loop {
@@ -856,18 +875,34 @@ fn is_connectivity(e: &RedisError) -> bool {
         )
 }
 
+/// Whether a connection manager that gave `e` is stuck: its reconnect failed with an error
+/// it does not retry on its own (only I/O errors trigger another attempt), so every command on
+/// it fails the same way until it is replaced.
+fn stuck(e: &RedisError) -> bool {
+    is_connectivity(e) && !e.is_io_error() && !e.is_connection_dropped() && !e.is_timeout()
+}
+
 /// Connects a caller's own connection ([`RedisStore::caller_conn`]) and marks it `ready` once it
 /// answers a PING; retries every [`HEALTH_INTERVAL`] while its store lives and has not replaced
 /// its connections since.
 async fn warm_up(store: Weak<Inner>, generation: u64, mut conn: ConnectionManager, ready: Arc<AtomicBool>) {
     loop {
         let ping = redis::cmd("PING");
-        if let Ok(Ok(())) = tokio::time::timeout(CONNECT_TIMEOUT, ping.query_async::<()>(&mut conn)).await {
+        let answer = tokio::time::timeout(CONNECT_TIMEOUT, ping.query_async::<()>(&mut conn)).await;
+        if let Ok(Ok(())) = answer {
             ready.store(true, Ordering::Release);
             return;
         }
         match store.upgrade() {
-            Some(inner) if inner.generation.load(Ordering::Acquire) == generation => {}
+            Some(inner) if inner.generation.load(Ordering::Acquire) == generation => {
+                if let Ok(Err(e)) = &answer {
+                    if stuck(e) {
+                        // This manager will not connect again: a new generation will.
+                        inner.own_stuck.store(true, Ordering::Release);
+                        return;
+                    }
+                }
+            }
             _ => return,
         }
         tokio::time::sleep(HEALTH_INTERVAL).await;
@@ -894,6 +929,11 @@ async fn health_task(weak: Weak<Inner>) {
         }
         if store.inner.breaker.state() == BreakerState::Open {
             continue;
+        }
+        if store.inner.breaker.is_closed() && store.inner.own_stuck.swap(false, Ordering::AcqRel) {
+            // Callers' own connections that will not reconnect by themselves: all made anew
+            // (they take the shared connection, which answers, until theirs does).
+            store.inner.generation.fetch_add(1, Ordering::Release);
         }
         let _ = store.exec("ping", 0, |mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await }).await;
     }

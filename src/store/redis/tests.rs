@@ -1200,3 +1200,58 @@ async fn callers_use_a_connection_of_their_own_until_the_shared_one_is_replaced(
     assert_eq!(client_id(&s).await, renewed);
     cleanup(&s).await;
 }
+
+/// A caller's own connection whose reconnect failed authentication (the password changed, then
+/// was put back) never reconnects by itself: redis' connection manager retries only after I/O
+/// errors. The thread takes the shared connection at once, and the health task has every caller
+/// connect afresh (audit: a replica stayed on the failsafe path for up to 27 s after the password
+/// was restored, until the breaker happened to open again).
+#[tokio::test]
+async fn an_own_connection_stuck_on_a_failed_login_is_replaced() {
+    let Some(admin) = store_at(&prefix()).await else { return };
+    let user = format!("preauth-test-{}", uuid::Uuid::new_v4().simple());
+    let acl = |args: Vec<String>| {
+        let admin = admin.clone();
+        async move {
+            let mut c = admin.inner.conn.read().clone().unwrap();
+            redis::cmd("ACL").arg(args).query_async::<()>(&mut c).await.unwrap();
+        }
+    };
+    acl(vec!["SETUSER".into(), user.clone(), "on".into(), ">pw1".into(), "~*".into(), "&*".into(), "+@all".into()])
+        .await;
+    let (host_port, p) = (url().trim_start_matches("redis://").trim_end_matches('/').to_string(), prefix());
+    // Many failures before the breaker opens: this test is about the connection, not the breaker.
+    let opts = RedisOptions {
+        breaker: BreakerConfig { failure_threshold: 1000, ..BreakerConfig::default() },
+        ..RedisOptions::default()
+    };
+    let s = RedisStore::connect_with(&format!("redis://{user}:pw1@{host_port}"), &p, Duration::from_millis(500), opts)
+        .await
+        .unwrap();
+    let own = own_id(&s).await;
+    // The password changes and this thread's own connection is cut: its reconnect fails.
+    acl(vec!["SETUSER".into(), user.clone(), "resetpass".into(), ">pw2".into()]).await;
+    {
+        let mut c = admin.inner.conn.read().clone().unwrap();
+        redis::cmd("CLIENT").arg("KILL").arg("ID").arg(own).query_async::<()>(&mut c).await.unwrap();
+    }
+    let ping = || s.exec("ping", 1, |mut c| async move { redis::cmd("PING").query_async::<()>(&mut c).await });
+    let t = Instant::now();
+    loop {
+        match ping().await {
+            Err(StoreError::Unavailable(e)) if e.contains("uthentication") => break,
+            _ => {}
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the own connection never failed its login");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The password is back: the next command is served (on the shared connection)...
+    acl(vec!["SETUSER".into(), user.clone(), "resetpass".into(), ">pw1".into()]).await;
+    ping().await.expect("served right after the password is back");
+    // ...and the thread soon has an own connection again, a new one.
+    let renewed = own_id(&s).await;
+    assert_ne!(renewed, own);
+    ping().await.unwrap();
+    cleanup(&s).await;
+    acl(vec!["DELUSER".into(), user]).await;
+}
