@@ -2,8 +2,9 @@
 //! and runtime change. Money fields are decimal strings with six places; timestamps RFC 3339 UTC
 //! with microseconds. Field names are the contract's; never rename, only add.
 //!
-//! Owns: `Event`, `EventType`. Imports: decide (money, usage, time), serde.
+//! Owns: `Event`, `EventType`, `EventLine`. Imports: decide (money, usage, time), serde.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -125,6 +126,66 @@ impl Event {
             upstream_status: None,
             details: None,
         }
+    }
+}
+
+/// One outbox line as the relay hands it to a sink: the event object as it was written (one
+/// line of JSON, CONTRACT §7) and the fields the sinks index, read from it without building an
+/// [`Event`] — parsing every line into an event only to write it out again was ≈ 16% of a busy
+/// sidecar's CPU with a Postgres ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventLine {
+    pub event_id: String,
+    pub event_type: EventType,
+    pub occurred_at: String,
+    pub tenant_id: Option<String>,
+    pub reservation_id: Option<String>,
+    pub decision: Option<String>,
+    /// The event object (no newline).
+    pub json: String,
+}
+
+impl EventLine {
+    /// The outbox line `line` (without its newline); `None` when it is not one JSON object with
+    /// an event's `event_id`, `event_type` and `occurred_at` (the whole line is checked).
+    pub fn parse(line: &[u8]) -> Option<EventLine> {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow)]
+            event_id: Cow<'a, str>,
+            event_type: EventType,
+            #[serde(borrow)]
+            occurred_at: Cow<'a, str>,
+            #[serde(borrow, default)]
+            tenant_id: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            reservation_id: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            decision: Option<Cow<'a, str>>,
+        }
+        let json = std::str::from_utf8(line).ok()?;
+        let h: Head<'_> = serde_json::from_str(json).ok()?;
+        Some(EventLine {
+            event_id: h.event_id.into_owned(),
+            event_type: h.event_type,
+            occurred_at: h.occurred_at.into_owned(),
+            tenant_id: h.tenant_id.map(Cow::into_owned),
+            reservation_id: h.reservation_id.map(Cow::into_owned),
+            decision: h.decision.map(Cow::into_owned),
+            json: json.to_owned(),
+        })
+    }
+
+    /// `e` as the outbox writes it.
+    pub fn of(e: &Event) -> EventLine {
+        let mut line = Vec::with_capacity(1024);
+        e.write_json(&mut line);
+        EventLine::parse(&line).expect("an event's own JSON is an event line")
+    }
+
+    /// The whole event (tests, tools): `None` when the line is not a v1 event.
+    pub fn event(&self) -> Option<Event> {
+        serde_json::from_str(&self.json).ok()
     }
 }
 
@@ -316,6 +377,39 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_line_keeps_the_line_and_reads_the_indexed_fields() {
+        let mut e = Event::new(EventType::Decision, "i-1", 1_795_600_000_000_001, 7);
+        e.tenant_id = Some("t\"é\\1".into()); // escaped in the line: read into an owned string
+        e.reservation_id = Some("r-1".to_string());
+        e.decision = Some("ALLOW".into());
+        let line = EventLine::of(&e);
+        let mut written = Vec::new();
+        e.write_json(&mut written);
+        assert_eq!(line.json.as_bytes(), written, "the line as written");
+        assert_eq!((line.event_id.as_str(), line.event_type), (e.event_id.as_str(), EventType::Decision));
+        assert_eq!(line.occurred_at, e.occurred_at);
+        assert_eq!(line.tenant_id.as_deref(), Some("t\"é\\1"));
+        assert_eq!((line.reservation_id.as_deref(), line.decision.as_deref()), (Some("r-1"), Some("ALLOW")));
+        assert_eq!(line.event(), Some(e.clone()));
+        // Fields left null or out: none.
+        let bare =
+            EventLine::parse(br#"{"event_id":"x","event_type":"runtime_changed","occurred_at":"t","decision":null}"#)
+                .unwrap();
+        assert_eq!((bare.tenant_id, bare.reservation_id, bare.decision), (None, None, None));
+        // Not an event: a cut line, another type, a missing id, invalid UTF-8, trailing bytes.
+        let cut = &written[..written.len() - 3];
+        for bad in [
+            cut,
+            br#"{"event_id":"x","event_type":"nope","occurred_at":"t"}"#.as_slice(),
+            br#"{"event_type":"decision","occurred_at":"t"}"#.as_slice(),
+            b"{\"event_id\":\"\xff\",\"event_type\":\"decision\",\"occurred_at\":\"t\"}".as_slice(),
+            br#"{"event_id":"x","event_type":"decision","occurred_at":"t"} {}"#.as_slice(),
+        ] {
+            assert_eq!(EventLine::parse(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn write_json_is_byte_for_byte_serde() {

@@ -16,46 +16,38 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
 
-use crate::ledger::event::Event;
+use crate::jsonw::json_str;
+use crate::ledger::event::EventLine;
 use crate::ledger::sink::{error_chain, Sink, SinkError};
 
 pub const CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One CloudEvents 1.0 envelope (structured JSON).
-#[derive(Serialize)]
-pub struct CloudEvent<'a> {
-    pub specversion: &'static str,
-    pub id: &'a str,
-    pub source: &'a str,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub time: &'a str,
-    pub datacontenttype: &'static str,
-    pub data: &'a Event,
-}
-
-impl<'a> CloudEvent<'a> {
-    pub fn of(e: &'a Event, source: &'a str) -> CloudEvent<'a> {
-        CloudEvent {
-            specversion: "1.0",
-            id: &e.event_id,
-            source,
-            kind: format!("dev.preauth.{}", e.event_type.as_str()),
-            time: &e.occurred_at,
-            datacontenttype: "application/json",
-            data: e,
+/// The JSON body of one batch POST: a CloudEvents 1.0 envelope per event (structured JSON, the
+/// fields in the order of the module doc), `data` the event object as the outbox holds it.
+pub fn batch_body(batch: &[EventLine], source: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(batch.iter().map(|e| e.json.len() + 256).sum::<usize>() + 2);
+    out.push(b'[');
+    for (i, e) in batch.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
+        out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
+        json_str(&mut out, &e.event_id);
+        out.extend_from_slice(b",\"source\":");
+        json_str(&mut out, source);
+        out.extend_from_slice(b",\"type\":\"dev.preauth.");
+        out.extend_from_slice(e.event_type.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"time\":");
+        json_str(&mut out, &e.occurred_at);
+        out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
+        out.extend_from_slice(e.json.as_bytes());
+        out.push(b'}');
     }
-}
-
-/// The JSON body of one batch POST.
-pub fn batch_body(batch: &[Event], source: &str) -> Vec<u8> {
-    let envelopes: Vec<CloudEvent<'_>> = batch.iter().map(|e| CloudEvent::of(e, source)).collect();
-    serde_json::to_vec(&envelopes).expect("events serialise")
+    out.push(b']');
+    out
 }
 
 pub struct HttpSink {
@@ -138,7 +130,7 @@ fn status_hint(status: u16) -> &'static str {
 
 #[async_trait]
 impl Sink for HttpSink {
-    async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError> {
+    async fn deliver(&self, batch: &[EventLine]) -> Result<(), SinkError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -188,13 +180,18 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::event::EventType;
+    use crate::ledger::event::{Event, EventType};
 
     #[test]
     fn envelope_fields() {
         let mut e = Event::new(EventType::ReservationSettled, "i-1", 1_795_600_000_123_456, 3);
         e.actual_cost_usd = Some(crate::decide::Micros(1_500));
-        let v: serde_json::Value = serde_json::from_slice(&batch_body(&[e.clone()], "preauth-sidecar/i-1")).unwrap();
+        let body = batch_body(&[EventLine::of(&e), EventLine::of(&e)], "preauth-sidecar/i-\"1");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(2));
+        assert_eq!(v[1]["source"], "preauth-sidecar/i-\"1");
+        let body = batch_body(&[EventLine::of(&e)], "preauth-sidecar/i-1");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let ce = &v[0];
         assert_eq!(ce["specversion"], "1.0");
         assert_eq!(ce["id"], e.event_id.as_str());

@@ -82,7 +82,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, OutboxFullPolicy};
 use crate::decide::time::parse_rfc3339;
-use crate::ledger::event::{Event, EventType};
+use crate::ledger::event::{Event, EventLine, EventType};
 
 /// Segments roll past this size.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -916,7 +916,7 @@ impl Outbox {
 
     /// Up to `max` undelivered events from the cursor, with the position to acknowledge each.
     /// Reading again without an `ack` returns the same events.
-    pub fn read_batch(&self, max: usize) -> io::Result<Vec<(Position, Event)>> {
+    pub fn read_batch(&self, max: usize) -> io::Result<Vec<(Position, EventLine)>> {
         let mut r = self.reader.lock();
         r.last_read.clear();
         if max == 0 {
@@ -925,18 +925,18 @@ impl Outbox {
         loop {
             let bounds = self.bounds();
             let from = bounds.normalize(r.cursor);
-            let mut out: Vec<(Position, Event)> = Vec::new();
+            let mut out: Vec<(Position, EventLine)> = Vec::new();
             let mut corrupt: Vec<(Position, Vec<u8>)> = Vec::new();
             let Reader { cache, .. } = &mut *r;
             walk(&self.dir, cache, &bounds, from, max.saturating_mul(1024), |p, line| {
-                match serde_json::from_slice::<Event>(line) {
-                    Ok(e) => {
+                match EventLine::parse(line) {
+                    Some(e) => {
                         out.push((p, e));
                         out.len() < max
                     }
                     // Stop before it: it is consumed (and parked) at the head of a later batch.
-                    Err(_) if !out.is_empty() => false,
-                    Err(_) => {
+                    None if !out.is_empty() => false,
+                    None => {
                         corrupt.push((p, line.to_vec()));
                         true
                     }
@@ -979,7 +979,7 @@ impl Outbox {
 
     /// Writes a batch the sink rejected for good to `parked/` (with `reason`), then moves the
     /// cursor past it. Returns the parked file.
-    pub fn park(&self, last: Position, events: &[Event], reason: &str) -> io::Result<PathBuf> {
+    pub fn park(&self, last: Position, events: &[EventLine], reason: &str) -> io::Result<PathBuf> {
         let mut r = self.reader.lock();
         let first: String = events
             .first()
@@ -988,9 +988,9 @@ impl Outbox {
         let base = format!("parked-{}-{}", now_ms(), if first.is_empty() { "batch" } else { &first });
         let parked = self.dir.join(PARKED_DIR);
         let path = parked.join(format!("{base}.ndjson"));
-        let mut buf = Vec::with_capacity(events.len() * 768);
+        let mut buf = Vec::with_capacity(events.len() * 1024);
         for e in events {
-            serde_json::to_writer(&mut buf, e).map_err(io::Error::other)?;
+            buf.extend_from_slice(e.json.as_bytes());
             buf.push(b'\n');
         }
         let mut f = File::create(&path)?;
@@ -1345,7 +1345,7 @@ pub(crate) mod tests {
         loop {
             let b = o.read_batch(7).unwrap();
             let Some(&(last, _)) = b.last() else { break };
-            all.extend(b.into_iter().map(|(_, e)| e));
+            all.extend(b.into_iter().map(|(_, e)| e.event().unwrap()));
             o.ack(last).unwrap();
         }
         all
@@ -1366,8 +1366,12 @@ pub(crate) mod tests {
         // An immediate append carries what was staged before it.
         o.stage(&event(3)).unwrap();
         o.append(&event(4)).unwrap();
-        let ids: Vec<String> =
-            o.read_batch(10).unwrap().into_iter().map(|(_, e)| e.request_id.unwrap().to_string()).collect();
+        let ids: Vec<String> = o
+            .read_batch(10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.event().unwrap().request_id.unwrap().to_string())
+            .collect();
         assert_eq!(ids, ["req-1", "req-2", "req-3", "req-4"]);
         o.flush_staged().unwrap();
         assert_eq!(o.depth(), 4);
@@ -1421,7 +1425,7 @@ pub(crate) mod tests {
                 o.append(&event(i)).unwrap();
             }
             let b = o.read_batch(10).unwrap();
-            let events: Vec<Event> = b.iter().map(|(_, e)| e.clone()).collect();
+            let events: Vec<EventLine> = b.iter().map(|(_, e)| e.clone()).collect();
             let path = o.park(b.last().unwrap().0, &events, "receiver said 422").unwrap();
             o.append(&event(3)).unwrap();
             assert_eq!(o.stats().parked, 3);
@@ -1446,7 +1450,11 @@ pub(crate) mod tests {
             assert_eq!(o.depth(), 10);
             assert!(o.stats().oldest_undelivered_ms.is_some());
             let b = o.read_batch(4).unwrap();
-            assert_eq!(b.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(), events[..4].to_vec());
+            assert_eq!(b.iter().map(|(_, e)| e.event().unwrap()).collect::<Vec<_>>(), events[..4].to_vec());
+            assert_eq!(
+                b.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+                events[..4].iter().map(EventLine::of).collect::<Vec<_>>()
+            );
             // Reading again without an ack returns the same events.
             assert_eq!(o.read_batch(4).unwrap().len(), 4);
             o.ack(b[3].0).unwrap();

@@ -29,7 +29,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::decide::time::rfc3339_micros;
-use crate::ledger::event::Event;
+use crate::ledger::event::{Event, EventLine};
 use crate::ledger::sink::{Sink, SinkError};
 use crate::ledger::LedgerFilter;
 
@@ -238,7 +238,7 @@ impl PostgresSink {
     }
 
     /// Inserts `batch`; returns the rows actually added (duplicates of stored ids are skipped).
-    pub async fn insert(&self, batch: &[Event]) -> Result<u64, PgError> {
+    pub async fn insert(&self, batch: &[EventLine]) -> Result<u64, PgError> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -253,11 +253,8 @@ impl PostgresSink {
             tenants.push(e.tenant_id.as_deref());
             reservations.push(e.reservation_id.as_deref());
             decisions.push(e.decision.as_deref());
-            // The outbox's own writer (the same JSON the outbox holds), not serde's: a third of
-            // the relay's CPU went to serialising payloads.
-            let mut json = Vec::with_capacity(1024);
-            e.write_json(&mut json);
-            payloads.push(String::from_utf8(json).map_err(|e| PgError::Payload(e.to_string()))?);
+            // The line as the outbox holds it (no event built and written again).
+            payloads.push(e.json.as_str());
         }
         let mut guard = self.slot().await;
         let result = match self.ensure(&mut guard).await {
@@ -320,7 +317,7 @@ fn classify(e: PgError) -> SinkError {
 
 #[async_trait]
 impl Sink for PostgresSink {
-    async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError> {
+    async fn deliver(&self, batch: &[EventLine]) -> Result<(), SinkError> {
         self.insert(batch).await.map(|_| ()).map_err(classify)
     }
 }

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
-use crate::ledger::event::Event;
+use crate::ledger::event::EventLine;
 use crate::ledger::outbox::{Outbox, Position};
 use crate::ledger::sink::{Sink, SinkError};
 
@@ -137,7 +137,7 @@ impl Relay {
             }
         };
         let Some(&(last, _)) = batch.last() else { return Step::Idle };
-        let events: Vec<Event> = batch.into_iter().map(|(_, e)| e).collect();
+        let events: Vec<EventLine> = batch.into_iter().map(|(_, e)| e).collect();
         let n = events.len();
         match self.sink.deliver(&events).await {
             Ok(()) => {
@@ -152,7 +152,7 @@ impl Relay {
         }
     }
 
-    async fn park(&self, last: Position, events: Vec<Event>, reason: String) -> Step {
+    async fn park(&self, last: Position, events: Vec<EventLine>, reason: String) -> Step {
         let n = events.len();
         let (first, last_id) = (events.first().map(|e| e.event_id.clone()), events.last().map(|e| e.event_id.clone()));
         let why = reason.clone();

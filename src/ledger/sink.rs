@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::ledger::event::Event;
+use crate::ledger::event::EventLine;
 
 /// Why a batch was not delivered.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -29,7 +29,7 @@ pub enum SinkError {
 /// A ledger receiver. `deliver` returns `Ok` only once every event of `batch` is stored.
 #[async_trait]
 pub trait Sink: Send + Sync {
-    async fn deliver(&self, batch: &[Event]) -> Result<(), SinkError>;
+    async fn deliver(&self, batch: &[EventLine]) -> Result<(), SinkError>;
 }
 
 /// `e` and each of its causes, `: `-separated ("error sending request: client error (Connect):

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_postgres::NoTls;
 
-use super::event::Event;
+use super::event::{Event, EventLine};
 use super::http_sink::HttpSink;
 use super::outbox::tests::{event, TempDir};
 use super::outbox::{Outbox, OutboxOptions};
@@ -112,9 +112,10 @@ async fn postgres_migrate_idempotent_inserts_append_only_and_queries() {
 
     let sink = PostgresSink::new(&db.url).unwrap();
     let events: Vec<Event> = (0..15).map(event).collect();
-    assert_eq!(sink.insert(&events[..10]).await.unwrap(), 10);
-    assert_eq!(sink.insert(&events[..10]).await.unwrap(), 0, "a replayed batch adds nothing");
-    sink.deliver(&events[5..]).await.unwrap();
+    let lines: Vec<EventLine> = events.iter().map(EventLine::of).collect();
+    assert_eq!(sink.insert(&lines[..10]).await.unwrap(), 10);
+    assert_eq!(sink.insert(&lines[..10]).await.unwrap(), 0, "a replayed batch adds nothing");
+    sink.deliver(&lines[5..]).await.unwrap();
     assert_eq!(count(&c, "SELECT count(*) FROM enforcement_ledger").await, 15);
     assert_eq!(count(&c, "SELECT count(DISTINCT event_id) FROM enforcement_ledger").await, 15);
 
@@ -239,7 +240,7 @@ async fn postgres_sink_sustained_throughput() {
         outbox.append(&event(i)).unwrap();
     }
     let sink: Arc<dyn Sink> = Arc::new(PostgresSink::new(&db.url).unwrap());
-    sink.deliver(&[event(n + 1)]).await.unwrap(); // connect and prepare outside the timing
+    sink.deliver(&[EventLine::of(&event(n + 1))]).await.unwrap(); // connect and prepare outside the timing
     let relay = Arc::new(Relay::with_config(outbox.clone(), sink, fast_relay()));
     let start = Instant::now();
     let o = outbox.clone();
@@ -431,18 +432,18 @@ async fn relay_resumes_from_the_cursor_after_a_restart() {
 async fn sink_errors_name_their_cause_and_what_to_do() {
     let port = closed_port();
     let http = HttpSink::new(&format!("http://user:pw@127.0.0.1:{port}/ingest?token=qtok"), "i-test").unwrap();
-    let msg = http.deliver(&[event(1)]).await.unwrap_err().to_string();
+    let msg = http.deliver(&[EventLine::of(&event(1))]).await.unwrap_err().to_string();
     assert!(msg.to_ascii_lowercase().contains("connection refused"), "{msg}");
     assert!(msg.contains(&format!("http://127.0.0.1:{port}/ingest")), "{msg}");
     assert!(!msg.contains("pw") && !msg.contains("qtok"), "{msg}");
 
     let pg = PostgresSink::new(&format!("postgres://postgres:pgpw@127.0.0.1:{port}/x")).unwrap();
-    let msg = pg.deliver(&[event(1)]).await.unwrap_err().to_string();
+    let msg = pg.deliver(&[EventLine::of(&event(1))]).await.unwrap_err().to_string();
     assert!(msg.to_ascii_lowercase().contains("connection refused"), "{msg}");
     assert!(!msg.contains("pgpw"), "{msg}");
 
     let db = TestDb::new().await;
-    let err = PostgresSink::new(&db.url).unwrap().deliver(&[event(1)]).await.unwrap_err();
+    let err = PostgresSink::new(&db.url).unwrap().deliver(&[EventLine::of(&event(1))]).await.unwrap_err();
     assert!(matches!(err, super::sink::SinkError::Retryable(_)), "{err:?}");
     assert!(err.to_string().contains("preauth-sidecar migrate"), "{err}");
 }
