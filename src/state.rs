@@ -16,7 +16,7 @@ use crate::ledger::event::{Event, EventType, Template};
 use crate::ledger::outbox::Outbox;
 use crate::ledger::LedgerSource;
 use crate::store::approvals::Approvals;
-use crate::store::budget::Budgets;
+use crate::store::budget::{Budgets, Claim};
 use crate::store::{Counters, Gatekeeper, PolicyStore};
 use crate::telemetry::Metrics;
 
@@ -115,6 +115,8 @@ pub struct AppState {
     global_block_settings: parking_lot::Mutex<Option<crate::decide::policy::GlobalAbuse>>,
     /// Reservations an admin reconcile or a Gate API settle is settling on this replica.
     settling: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// This process's name on a settlement claim in a shared store (unique per start).
+    claim_owner: Arc<str>,
     /// Held (shared) by every settlement turn, and alone by the overdue sweep's release: a
     /// hold the sweep releases is never one a turn has read as active and is settling.
     sweeping: tokio::sync::RwLock<()>,
@@ -185,6 +187,7 @@ impl AppState {
         let p = policy.current();
         metrics.policy_version.set(p.version as i64);
         metrics.kill_switch_enabled.set(i64::from(p.kill_switch));
+        let claim_owner = format!("{}/{}", config.instance_id, uuid::Uuid::new_v4().simple()).into();
         AppState {
             instance: config.instance_id.as_str().into(),
             config,
@@ -206,6 +209,7 @@ impl AppState {
             global_block_seen: std::sync::atomic::AtomicU64::new(0),
             global_block_settings: parking_lot::Mutex::new(None),
             settling: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            claim_owner,
             sweeping: tokio::sync::RwLock::new(()),
             reloading: tokio::sync::Mutex::new(()),
             store_failure_log: crate::telemetry::EverySecond::default(),
@@ -363,14 +367,37 @@ impl AppState {
     /// is written before the store settles (it must be durable first): without turns, a
     /// reconcile racing a Gate API settle of the same hold both wrote one, though only one
     /// settled. The caller reads the hold's state after taking its turn.
+    ///
+    /// With a shared store the turn is the fleet's: the hold is also claimed in the store for
+    /// [`CLAIM_TTL_MS`] (waiting while another replica's claim is in force), so a reconcile on
+    /// one replica and a Gate API settle on another write one settlement between them, and the
+    /// overdue sweep of any replica leaves the hold alone meanwhile. A store failure does not
+    /// hold the turn back: the caller's read of the hold then fails the same way.
     pub async fn settlement_turn(&self, id: &str) -> SettlementTurn<'_> {
         loop {
             if self.settling.lock().insert(id.to_string()) {
-                let sweep = self.sweeping.read().await;
-                return SettlementTurn { state: self, id: id.to_string(), _sweep: sweep };
+                break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
+        // Built now, so that a cancelled wait below still ends the local turn.
+        let mut turn = SettlementTurn { state: self, id: id.to_string(), claimed: false, _sweep: None };
+        let started = self.clock.now_ms();
+        loop {
+            let now = self.clock.now_ms();
+            match self.budgets.claim(id, &self.claim_owner, CLAIM_TTL_MS, now).await {
+                Ok(Claim::Busy) if now.saturating_sub(started) < 2 * CLAIM_TTL_MS => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await
+                }
+                Ok(Claim::Claimed) => {
+                    turn.claimed = true;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        turn._sweep = Some(self.sweeping.read().await);
+        turn
     }
 
     /// A file reload's turn (one at a time, in the order asked).
@@ -414,16 +441,32 @@ impl AppState {
     }
 }
 
+/// How long a replica's claim on a hold it is settling lasts at most (it is given back when the
+/// settlement is done; the TTL only matters for a replica that died meanwhile).
+pub const CLAIM_TTL_MS: u64 = 10_000;
+
 /// A turn to settle one reservation (see [`AppState::settlement_turn`]); ends when dropped.
 pub struct SettlementTurn<'a> {
     state: &'a AppState,
     id: String,
-    _sweep: tokio::sync::RwLockReadGuard<'a, ()>,
+    /// Claimed in the shared store: given back at the end.
+    claimed: bool,
+    _sweep: Option<tokio::sync::RwLockReadGuard<'a, ()>>,
 }
 
 impl Drop for SettlementTurn<'_> {
     fn drop(&mut self) {
         self.state.settling.lock().remove(&self.id);
+        if self.claimed {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let (budgets, id, owner) =
+                    (self.state.budgets.clone(), self.id.clone(), self.state.claim_owner.clone());
+                runtime.spawn(async move {
+                    // Left to its TTL when this fails.
+                    let _ = budgets.unclaim(&id, &owner).await;
+                });
+            }
+        }
     }
 }
 

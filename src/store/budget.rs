@@ -189,6 +189,18 @@ fn shared_tier(tier: &str) -> Arc<str> {
     crate::intern::shared(&TIERS, tier)
 }
 
+/// What [`Budgets::claim`] answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The store lives in this process: nothing to claim beyond its own turns.
+    Local,
+    /// Claimed for the caller (or nothing left to claim: the reservation is unknown or ended,
+    /// which the caller's read of it then shows). Give it back with [`Budgets::unclaim`].
+    Claimed,
+    /// Another replica's claim is in force: it is settling this reservation now.
+    Busy,
+}
+
 /// The per-request steps of [`Budgets`] for a store in this process: answered at once, nothing
 /// to await.
 pub trait BudgetsNow: Send + Sync {
@@ -224,6 +236,17 @@ pub trait Budgets: Send + Sync {
     async fn active(&self, limit: usize) -> Result<Vec<Reservation>, StoreError>;
     /// A reservation and its state. Settled and released ones are remembered for at least 24 h.
     async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError>;
+    /// The fleet-wide half of a settlement turn ([`crate::state::AppState::settlement_turn`]):
+    /// claims reservation `id` for `owner` until `now + ttl_ms`, so that one replica at a time
+    /// writes a settlement for it, and the overdue sweep leaves it alone meanwhile. A store in
+    /// this process answers `Local`: the process's own turns suffice.
+    async fn claim(&self, _id: &str, _owner: &str, _ttl_ms: u64, _now: UnixMillis) -> Result<Claim, StoreError> {
+        Ok(Claim::Local)
+    }
+    /// Gives `owner`'s claim on `id` back (a claim also ends with its TTL).
+    async fn unclaim(&self, _id: &str, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// How many reservations are active (the `preauth_reservations_active` gauge).
     async fn active_count(&self) -> Result<u64, StoreError> {
         Ok(self.active(usize::MAX).await?.len() as u64)

@@ -20,7 +20,7 @@ use super::{as_array, as_i64, as_map, as_string, proto, RedisStore};
 use crate::decide::time::{Month, MS_PER_DAY};
 use crate::decide::{Micros, Tier, UnixMillis};
 use crate::store::budget::{
-    Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
+    Budgets, Claim, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
 use crate::store::StoreError;
 
@@ -107,6 +107,20 @@ impl RedisStore {
             .arg(now);
         self.finish_limits(&mut inv);
         inv
+    }
+
+    /// The claim script (`ttl_ms` 0: give the claim back). `true`: claimed (or nothing to claim).
+    async fn run_claim(
+        &self,
+        op: &'static str,
+        id: &str,
+        owner: &str,
+        ttl_ms: u64,
+        now: UnixMillis,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.inner.scripts.claim.prepare_invoke();
+        inv.key(self.active_key()).arg(self.inner.keys.budget_base()).arg(id).arg(owner).arg(now).arg(ttl_ms);
+        self.exec(op, 1, |mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await.map(|n| n == 1)
     }
 
     /// The trailing arguments of every script that finishes reservations (`finish`, `expire`):
@@ -318,6 +332,16 @@ impl Budgets for RedisStore {
             rows.into_iter().map(|r| reservation(&as_array(r)?)).collect()
         })
         .await
+    }
+
+    async fn claim(&self, id: &str, owner: &str, ttl_ms: u64, now: UnixMillis) -> Result<Claim, StoreError> {
+        let ttl_ms = ttl_ms.max(1);
+        let claimed = self.run_claim("claim", id, owner, ttl_ms, now).await?;
+        Ok(if claimed { Claim::Claimed } else { Claim::Busy })
+    }
+
+    async fn unclaim(&self, id: &str, owner: &str) -> Result<(), StoreError> {
+        self.run_claim("unclaim", id, owner, 0, 0).await.map(|_| ())
     }
 
     async fn get(&self, id: &str) -> Result<Option<(Reservation, ReservationState)>, StoreError> {

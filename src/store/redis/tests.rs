@@ -433,6 +433,29 @@ async fn expire_releases_only_old_ones_oldest_first() {
     cleanup(&b).await;
 }
 
+#[tokio::test]
+async fn a_settlement_claim_holds_off_other_replicas_and_the_sweep_until_given_back_or_expired() {
+    use crate::store::budget::Claim;
+    let Some(b) = store_at(&prefix()).await else { return };
+    let now = t0();
+    let r = reserved(b.reserve(&rreq("acme", now, BUDGET, 10, None)).await.unwrap());
+    assert_eq!(b.claim(&r.id, "a", 1_000, now).await.unwrap(), Claim::Claimed);
+    assert_eq!(b.claim(&r.id, "a", 1_000, now + 1).await.unwrap(), Claim::Claimed, "its owner again");
+    assert_eq!(b.claim(&r.id, "b", 1_000, now + 2).await.unwrap(), Claim::Busy);
+    assert!(b.expire(now + 10, now + 3).await.unwrap().is_empty(), "the sweep leaves a claimed hold");
+    b.unclaim(&r.id, "b").await.unwrap(); // not b's: nothing happens
+    assert_eq!(b.claim(&r.id, "b", 1_000, now + 4).await.unwrap(), Claim::Busy);
+    b.unclaim(&r.id, "a").await.unwrap();
+    assert_eq!(b.claim(&r.id, "b", 1_000, now + 5).await.unwrap(), Claim::Claimed, "given back");
+    // b's claim runs out (b died): another replica may claim, and the sweep releases.
+    assert_eq!(b.claim(&r.id, "c", 1_000, now + 1_006).await.unwrap(), Claim::Claimed);
+    assert_eq!(b.expire(now + 10, now + 2_007).await.unwrap(), vec![r.clone()], "claim expired");
+    // Nothing left to claim: the caller's read says why.
+    assert_eq!(b.claim(&r.id, "d", 1_000, now + 2_008).await.unwrap(), Claim::Claimed);
+    assert_eq!(b.claim("no-such-id", "d", 1_000, now).await.unwrap(), Claim::Claimed);
+    cleanup(&b).await;
+}
+
 /// A store on a fresh prefix that remembers at most `max_finished` finished reservations.
 async fn store_remembering(max_finished: u64) -> RedisStore {
     let opts = RedisOptions { max_finished, ..RedisOptions::default() };
