@@ -885,24 +885,27 @@ fn stuck(e: &RedisError) -> bool {
 }
 
 /// Connects a caller's own connection ([`RedisStore::caller_conn`]) and marks it `ready` once it
-/// answers a PING; retries every [`HEALTH_INTERVAL`] while its store lives and has not replaced
-/// its connections since.
+/// answers a PING (retried every [`HEALTH_INTERVAL`]), then keeps it alive with a PING every
+/// [`HEALTH_INTERVAL`]: a Redis `timeout` or a NAT / load balancer idle timer would otherwise close
+/// a quiet replica's connections, and the first request after the quiet spell would meet the
+/// closed one and take the failsafe path. Ends when its store goes or replaces its connections.
 async fn warm_up(store: Weak<Inner>, generation: u64, mut conn: ConnectionManager, ready: Arc<AtomicBool>) {
     loop {
         let ping = redis::cmd("PING");
         let answer = tokio::time::timeout(CONNECT_TIMEOUT, ping.query_async::<()>(&mut conn)).await;
         if let Ok(Ok(())) = answer {
             ready.store(true, Ordering::Release);
-            return;
         }
         match store.upgrade() {
             Some(inner) if inner.generation.load(Ordering::Acquire) == generation => {
                 if let Ok(Err(e)) = &answer {
                     if stuck(e) {
                         // This manager will not connect again: a new generation will.
+                        ready.store(false, Ordering::Release);
                         inner.own_stuck.store(true, Ordering::Release);
                         return;
                     }
+                    // Otherwise (an I/O error) the manager reconnects by itself.
                 }
             }
             _ => return,

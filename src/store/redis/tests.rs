@@ -941,6 +941,57 @@ async fn unreachable_redis_fails_without_network_once_the_breaker_is_open() {
     assert!(s.error_counts().iter().any(|(op, n)| *op == "admit" && *n == 1000));
 }
 
+/// A TCP relay to the real Redis that closes a connection on which the client sent nothing for
+/// `idle` (Redis' `timeout`, a NAT or load balancer idle timer). Its port.
+async fn idle_closing_relay(idle: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else { return };
+            let target = target.clone();
+            tokio::spawn(async move {
+                let Ok(out) = tokio::net::TcpStream::connect(&target).await else { return };
+                let ((mut ci, mut co), (mut si, mut so)) = (inbound.into_split(), out.into_split());
+                let back = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut si, &mut co).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                // Both halves dropped on return: the client sees its connection closed.
+                while let Ok(Ok(n)) = tokio::time::timeout(idle, ci.read(&mut buf)).await {
+                    if n == 0 || so.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                back.abort();
+            });
+        }
+    });
+    port
+}
+
+/// Connections kept alive: a quiet spell longer than an idle timer on the way to Redis does not
+/// make the next request meet a closed connection (audit: with Redis' `timeout` at 4 s, the first
+/// request on each proxy thread after 7 quiet seconds took the failsafe path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_spell_longer_than_an_idle_timeout_does_not_fail_the_next_request() {
+    if store_at(&prefix()).await.is_none() {
+        return;
+    }
+    let port = idle_closing_relay(Duration::from_millis(1_200)).await;
+    let s =
+        RedisStore::connect(&format!("redis://127.0.0.1:{port}"), &prefix(), Duration::from_millis(500)).await.unwrap();
+    own_id(&s).await; // this thread's own connection is up
+    let now = t0();
+    for i in 0..2 {
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        s.admit(&req("a", now + i, None)).await.unwrap_or_else(|e| panic!("after quiet spell {i}: {e}"));
+    }
+    cleanup(&s).await;
+}
+
 /// A TCP relay to the real Redis that can be cut and restored (Redis "dies" and "comes back").
 struct Relay {
     port: u16,
