@@ -17,7 +17,10 @@
 //!   the answer meets the change (CONTRACT §8: "applies at once, all replicas").
 //! - On start, a missing document is initialised from the local configuration (`SET NX`); an
 //!   existing one overrides the local knobs. A document that disappears (Redis lost its data) is
-//!   re-created from the replica's current knobs, so a kill switch survives a flush.
+//!   re-created from the replica's current knobs, so a kill switch survives a flush. A document
+//!   re-created by another replica (another epoch) below the version this replica runs — one
+//!   started during the loss wrote its environment's policy — is not adopted: this replica
+//!   writes its own knobs over it at a higher version, and the fleet follows.
 //! - Each document carries an `epoch` (random, set when it is created): a replica applies a
 //!   document of a newer version, or any document of another epoch (a re-created one).
 //! - A stored field of the wrong type or out of the admin API's range (written by hand) keeps the
@@ -266,11 +269,20 @@ impl Shared {
             .map(|r| r == 1)
     }
 
+    /// Whether `doc` was created anew (another epoch) at a version below the one this replica
+    /// runs: the store lost its data and a replica that did not know the fleet's policy (one
+    /// started meanwhile) created the document from its environment. Adopting it would undo the
+    /// fleet's runtime changes (an incident's kill switch) everywhere; [`Shared::refresh`] writes
+    /// this replica's policy over it instead.
+    fn is_lost_newer(&self, epoch: &str, doc: &Doc) -> bool {
+        !epoch.is_empty() && epoch != doc.epoch && doc.version < self.current.read().version
+    }
+
     /// Adopts `doc` if it is newer (or from another epoch) than what this replica runs.
     fn adopt(&self, doc: &Doc) {
         let mut epoch = self.epoch.lock();
         let cur = self.current.read().clone();
-        if *epoch == doc.epoch && doc.version <= cur.version {
+        if (*epoch == doc.epoch && doc.version <= cur.version) || self.is_lost_newer(&epoch, doc) {
             return;
         }
         let (mut next, rejected) = doc.over(&self.local.lock());
@@ -419,10 +431,12 @@ impl Shared {
         Ok(())
     }
 
-    /// Reads the document and adopts it; creates it from the current knobs if it is absent.
+    /// Reads the document and adopts it; creates it from the current knobs if it is absent, and
+    /// restores them over one created anew below this replica's version.
     async fn refresh(&self) -> Result<(), StoreError> {
         match self.get_doc().await? {
             Some(text) => match Doc::parse(&text) {
+                Some(doc) if self.is_lost_newer(&self.epoch.lock().clone(), &doc) => self.restore_over(&doc).await?,
                 Some(doc) => self.adopt(&doc),
                 None => {
                     tracing::error!(key = %self.doc_key, "runtime policy document is unreadable; keeping the current policy")
@@ -437,6 +451,36 @@ impl Shared {
                     self.adopt(&doc);
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Writes this replica's runtime knobs over `lost` (see [`Shared::is_lost_newer`]) at a
+    /// version above both, in `lost`'s epoch: every replica, the one that created it included,
+    /// adopts the restored policy at its next read (within 2 s).
+    async fn restore_over(&self, lost: &Doc) -> Result<(), StoreError> {
+        let _w = self.write.lock().await;
+        let cur = self.current.read().clone();
+        let doc = Doc {
+            version: cur.version.max(lost.version) + 1,
+            epoch: lost.epoch.clone(),
+            updated_at_ms: now_ms(),
+            knobs: Knobs::of(&cur).to_map(),
+        };
+        if self.cas(lost.version as i64, &doc).await? {
+            tracing::warn!(
+                found_version = lost.version,
+                running_version = cur.version,
+                restored_version = doc.version,
+                kill_switch = cur.kill_switch,
+                "runtime policy: the shared store's document was re-created below the version this replica runs \
+                 (the store lost its data, and a replica started meanwhile wrote its environment's policy); \
+                 restored this replica's runtime policy for the fleet. Check GET /api/v1/enforcement/runtime, and \
+                 give Redis persistence"
+            );
+            self.adopt(&doc);
         }
         Ok(())
     }

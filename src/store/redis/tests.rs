@@ -867,6 +867,48 @@ async fn policy_document_lost_is_recreated_from_the_running_policy() {
     clean_after(&a, (pa, pb)).await;
 }
 
+/// Redis lost its data and a replica started meanwhile created the document from its
+/// environment (a new epoch, version 1, no kill switch): the replicas that ran the fleet's policy
+/// (a kill switch at version 2) do not adopt it but write theirs back above it, and every replica
+/// runs the kill switch again (audit: the kill switch was lifted fleet-wide, version going back
+/// from 3 to 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_re_created_below_the_running_version_is_overwritten_not_adopted() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let pa = a.policy_store(Policy::for_test()).await;
+    pa.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+    let running = pa.current().version;
+    let key = a.inner.keys.global("policy");
+    let mut conn = a.inner.conn.read().clone().unwrap();
+    let text: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+    let mut fresh: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fresh["version"] = 1.into();
+    fresh["epoch"] = "fresh-replica".into();
+    fresh["knobs"]["kill_switch"] = false.into();
+    redis::cmd("SET").arg(&key).arg(fresh.to_string()).query_async::<()>(&mut conn).await.unwrap();
+    // Within one re-read (2 s) the running policy is written back above both versions...
+    let started = Instant::now();
+    loop {
+        let text: String = redis::cmd("GET").arg(&key).query_async(&mut conn).await.unwrap();
+        let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if d["epoch"] == "fresh-replica" && d["version"].as_u64() > Some(running) && d["knobs"]["kill_switch"] == true {
+            break;
+        }
+        assert!(pa.current().kill_switch, "this replica adopted the lost document");
+        assert!(started.elapsed() < Duration::from_secs(5), "the running policy was not written back: {d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...while this replica never ran the lost document's kill switch off.
+    assert!(pa.current().kill_switch && pa.current().version > running);
+    let pb = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
+    assert!(pb.current().kill_switch, "a replica started now runs the restored kill switch");
+    // Changes go on as usual from there (same epoch, higher version).
+    pb.update(Box::new(|p| p.kill_switch = false)).await.unwrap();
+    assert!(wait_until(Duration::from_secs(3), || !pa.current().kill_switch).await.is_some());
+    clean_after(&a, (pa, pb)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_document_with_bad_fields_still_applies_its_kill_switch() {
     let p = prefix();
