@@ -230,6 +230,7 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
             })?;
         let mut out = Vec::new();
         let key = month.to_string();
+        let run = uuid::Uuid::new_v4().simple();
         for row in rows {
             let tenant: String = row.get(0);
             let ledger_total = Micros(row.get::<_, i64>(1));
@@ -237,7 +238,13 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
             let current = store.tenant_spend(&tenant, &key).await.map_err(|e| format!("store: {e}"))?.spent;
             if ledger_total > current {
                 store
-                    .charge(&tenant, &key, Micros(ledger_total.0 - current.0), SystemClock.now_ms())
+                    .charge(
+                        &format!("rebuild:{run}:{tenant}"),
+                        &tenant,
+                        &key,
+                        Micros(ledger_total.0 - current.0),
+                        SystemClock.now_ms(),
+                    )
                     .await
                     .map_err(|e| format!("store: {e}"))?;
                 // The tier the tenant view shows comes with the spend (its latest settlement's).

@@ -207,11 +207,13 @@ pub async fn settle(
         },
         None => {
             let month = crate::store::budget::month_key(now);
-            if let (Err(e), _) = retrying(|| state.budgets.charge(&spend.tenant, &month, actual, now)).await {
+            // One id for every attempt: a timed-out attempt that lands late is not added twice.
+            let id = crate::ids::v7();
+            if let (Err(e), _) = retrying(|| state.budgets.charge(&id, &spend.tenant, &month, actual, now)).await {
                 m.store_errors.with_label_values(&["charge"]).inc();
                 tracing::warn!(error = %e, tenant_id = %spend.tenant, actual = %actual, "charging shadow-mode usage failed; retried in the background");
                 let tenant = spend.tenant.clone();
-                tokio::spawn(charge_later(state.clone(), tenant, month, actual, now, SpendLabels::of(spend)));
+                tokio::spawn(charge_later(state.clone(), id, tenant, month, actual, now, SpendLabels::of(spend)));
                 return;
             }
         }
@@ -289,13 +291,14 @@ async fn settle_later(state: Arc<AppState>, r: Reservation, actual: Micros, now:
 /// [`settle_later`]: its settlement event is in the ledger already, and the spend should show it.
 async fn charge_later(
     state: Arc<AppState>,
+    id: String,
     tenant: Arc<str>,
     month: String,
     actual: Micros,
     now: UnixMillis,
     labels: SpendLabels,
 ) {
-    match crate::store::after_each(&LATER_WAITS, || state.budgets.charge(&tenant, &month, actual, now)).await {
+    match crate::store::after_each(&LATER_WAITS, || state.budgets.charge(&id, &tenant, &month, actual, now)).await {
         Some(Ok(())) => {
             labels.record(&state, actual);
             tracing::info!(tenant_id = %tenant, actual = %actual, "shadow-mode usage charged in the background");
@@ -339,7 +342,8 @@ async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: Uni
             return false;
         }
     }
-    if let (Err(e), _) = retrying(|| state.budgets.charge(&r.tenant, &r.month, actual, now)).await {
+    let id = format!("late:{}", r.id); // one late charge per hold
+    if let (Err(e), _) = retrying(|| state.budgets.charge(&id, &r.tenant, &r.month, actual, now)).await {
         m.store_errors.with_label_values(&["charge"]).inc();
         tracing::error!(error = %e, reservation_id = %r.id, actual = %actual, "charging a settlement after the sweep released its hold failed");
         return false;

@@ -189,6 +189,10 @@ fn shared_tier(tier: &str) -> Arc<str> {
     crate::intern::shared(&TIERS, tier)
 }
 
+/// How long a shared store remembers a charge id ([`Budgets::charge`]): past the last background
+/// retry of a charge (≈ 9 minutes).
+pub const CHARGE_ID_TTL_MS: u64 = 15 * 60 * 1000;
+
 /// What [`Budgets::claim`] answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -228,8 +232,17 @@ pub trait Budgets: Send + Sync {
     /// returns them; each one is returned by exactly one call, also under concurrency.
     async fn expire(&self, older_than: UnixMillis, now: UnixMillis) -> Result<Vec<Reservation>, StoreError>;
     /// Adds spend without a reservation (shadow mode, admin adjustments). `month` must be
-    /// `YYYY-MM` (else `Unavailable`), usually [`month_key`]`(now)`.
-    async fn charge(&self, tenant: &str, month: &str, amount: Micros, now: UnixMillis) -> Result<(), StoreError>;
+    /// `YYYY-MM` (else `Unavailable`), usually [`month_key`]`(now)`. `id` names this charge: its
+    /// retries pass the same one, and a shared store adds it once although an attempt that timed
+    /// out may still land (for [`CHARGE_ID_TTL_MS`]; a store in this process never answers late).
+    async fn charge(
+        &self,
+        id: &str,
+        tenant: &str,
+        month: &str,
+        amount: Micros,
+        now: UnixMillis,
+    ) -> Result<(), StoreError>;
     /// The tenant's month (`YYYY-MM`). Unknown tenant or month: zeros.
     async fn tenant_spend(&self, tenant: &str, month: &str) -> Result<SpendView, StoreError>;
     /// Up to `limit` active reservations, oldest first.

@@ -1154,7 +1154,14 @@ impl Budgets for MemoryBudgets {
         self.expire_now(older_than, now)
     }
 
-    async fn charge(&self, tenant: &str, month: &str, amount: Micros, now: UnixMillis) -> Result<(), StoreError> {
+    async fn charge(
+        &self,
+        _id: &str,
+        tenant: &str,
+        month: &str,
+        amount: Micros,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         self.charge_now(tenant, month, amount, now)
     }
 

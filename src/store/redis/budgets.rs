@@ -20,7 +20,8 @@ use super::{as_array, as_i64, as_map, as_string, proto, RedisStore};
 use crate::decide::time::{Month, MS_PER_DAY};
 use crate::decide::{Micros, Tier, UnixMillis};
 use crate::store::budget::{
-    Budgets, Claim, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
+    Budgets, Claim, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement,
+    SpendView, CHARGE_ID_TTL_MS,
 };
 use crate::store::StoreError;
 
@@ -277,26 +278,30 @@ impl Budgets for RedisStore {
         }
     }
 
-    async fn charge(&self, tenant: &str, month: &str, amount: Micros, _now: UnixMillis) -> Result<(), StoreError> {
+    async fn charge(
+        &self,
+        id: &str,
+        tenant: &str,
+        month: &str,
+        amount: Micros,
+        _now: UnixMillis,
+    ) -> Result<(), StoreError> {
         if Month::parse(month).is_none() {
             return Err(StoreError::Unavailable(format!("budget charge: month {month:?} is not YYYY-MM")));
         }
         if amount.0 <= 0 {
             return Ok(());
         }
-        let key = self.spend_key(tenant, month);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HINCRBY")
-            .arg(&key)
-            .arg("spent")
+        let mut inv = self.inner.scripts.charge.prepare_invoke();
+        inv.key(self.active_key())
+            .arg(self.inner.keys.budget_base())
+            .arg(id)
+            .arg(tenant)
+            .arg(month)
             .arg(amount.0)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
             .arg(SPEND_TTL_MS)
-            .ignore();
-        self.exec("charge", 1, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await
+            .arg(CHARGE_ID_TTL_MS);
+        self.exec("charge", 1, |mut c| async move { inv.invoke_async::<i64>(&mut c).await }).await.map(|_| ())
     }
 
     async fn active_count(&self) -> Result<u64, StoreError> {

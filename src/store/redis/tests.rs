@@ -360,13 +360,15 @@ async fn budget_arithmetic_clamp_settle_release() {
         ReserveOutcome::Insufficient { spent: Micros(0), reserved: Micros(800), remaining: Micros(200) }
     );
     // Overspent: nothing fits, not even zero; charge rejects bad months.
-    b.charge("o", "2026-11", Micros(1_200_000), now).await.unwrap();
-    b.charge("o", "2026-11", Micros(-5), now).await.unwrap();
+    b.charge("c1", "o", "2026-11", Micros(1_200_000), now).await.unwrap();
+    b.charge("c2", "o", "2026-11", Micros(-5), now).await.unwrap();
+    // A retry of charge c1 (its first attempt timed out, yet landed) adds nothing.
+    b.charge("c1", "o", "2026-11", Micros(1_200_000), now).await.unwrap();
     assert_eq!(
         b.reserve(&rreq("o", now, BUDGET, 0, None)).await.unwrap(),
         ReserveOutcome::Insufficient { spent: Micros(1_200_000), reserved: Micros(0), remaining: Micros(0) }
     );
-    assert!(matches!(b.charge("o", "November", Micros(1), now).await, Err(StoreError::Unavailable(_))));
+    assert!(matches!(b.charge("c3", "o", "November", Micros(1), now).await, Err(StoreError::Unavailable(_))));
     // A reservation settled after the month ended charges its own month.
     let late = parse_rfc3339("2026-11-30T23:59:59Z").unwrap();
     let r = reserved(b.reserve(&rreq("m", late, BUDGET, 500, None)).await.unwrap());
@@ -1032,6 +1034,70 @@ async fn a_quiet_spell_longer_than_an_idle_timeout_does_not_fail_the_next_reques
         s.admit(&req("a", now + i, None)).await.unwrap_or_else(|e| panic!("after quiet spell {i}: {e}"));
     }
     cleanup(&s).await;
+}
+
+/// A TCP relay to the real Redis that holds every chunk a client sends for `delay_ms` (a stalled
+/// Redis: commands land after their sender gave up on them). Its port.
+async fn delaying_relay(delay_ms: Arc<std::sync::atomic::AtomicU64>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = listener.accept().await else { return };
+            let (target, delay_ms) = (target.clone(), delay_ms.clone());
+            tokio::spawn(async move {
+                let Ok(out) = tokio::net::TcpStream::connect(&target).await else { return };
+                let ((mut ci, mut co), (mut si, mut so)) = (inbound.into_split(), out.into_split());
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut si, &mut co).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = ci.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::Relaxed))).await;
+                    if so.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A charge retried after timeouts is added once, although every attempt reaches Redis late
+/// (audit: shadow-mode spend 1.5–1.7× the ledger after short Redis stalls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_retried_after_timeouts_that_all_landed_is_added_once() {
+    let Some(direct) = store_at(&prefix()).await else { return };
+    let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let port = delaying_relay(delay_ms.clone()).await;
+    let p = prefix();
+    // The health pings time out too: keep the breaker out of it.
+    let opts = RedisOptions {
+        breaker: BreakerConfig { failure_threshold: 1000, ..BreakerConfig::default() },
+        ..RedisOptions::default()
+    };
+    let s = RedisStore::connect_with(&format!("redis://127.0.0.1:{port}"), &p, Duration::from_millis(20), opts)
+        .await
+        .unwrap();
+    own_id(&s).await; // connected, this thread's own connection too
+    let now = t0();
+    // The script is loaded (an EVALSHA that finds it missing is resent by a caller long gone).
+    s.charge("warm", "other", "2026-11", Micros(1), now).await.unwrap();
+    delay_ms.store(150, Ordering::Relaxed);
+    let (out, retried) =
+        crate::proxy::spend::retrying(|| s.charge("shadow-1", "acme", "2026-11", Micros(1_000), now)).await;
+    assert!(retried && out == Err(StoreError::Timeout), "every attempt timed out: {out:?}");
+    tokio::time::sleep(Duration::from_millis(1_000)).await; // all of them have landed by now
+    let d = RedisStore::connect(&url(), &p, Duration::from_millis(500)).await.unwrap();
+    assert_eq!(d.tenant_spend("acme", "2026-11").await.unwrap().spent, Micros(1_000));
+    cleanup(&d).await;
+    cleanup(&direct).await;
 }
 
 /// A TCP relay to the real Redis that can be cut and restored (Redis "dies" and "comes back").
