@@ -66,7 +66,7 @@
 //! per request on the Redis row of the load benchmark). A breaker opening replaces them all.
 //!
 //! Owns: `RedisStore`, key layout, Lua scripts (`scripts/`). Imports: store traits, `decide`
-//! types, redis, tokio, parking_lot, serde_json, uuid, tracing.
+//! types, `telemetry::EverySecond` (log pacing), redis, tokio, parking_lot, serde_json, uuid, tracing.
 
 mod approvals;
 pub mod breaker;
@@ -365,6 +365,9 @@ pub(crate) struct Inner {
     /// not retry on its own (`WRONGPASS` after a password change, say). The health task then
     /// bumps `generation` once the breaker is closed, so every caller connects afresh.
     own_stuck: AtomicBool,
+    /// Paces the log line of commands Redis refused (`NOPERM`, `OOM`…): every request may fail
+    /// so, one line a second says how many it stands for.
+    refused_log: crate::telemetry::EverySecond,
     /// Commands sent, for measuring round trips (a script call is one).
     commands: AtomicU64,
     /// [`RedisOptions::max_finished`].
@@ -523,6 +526,7 @@ impl RedisStore {
             reset_openings: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             own_stuck: AtomicBool::new(false),
+            refused_log: crate::telemetry::EverySecond::default(),
             commands: AtomicU64::new(0),
             max_finished: opts.max_finished.max(1),
             handle: runtime.handle().clone(),
@@ -690,7 +694,17 @@ impl RedisStore {
                 } else {
                     // Redis answered (a script or data error): not a reason to stop talking to it.
                     permit.success();
-                    tracing::error!(op, error = %e, "state store command failed");
+                    let now_s =
+                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    if let Some(not_logged) = self.inner.refused_log.pass(now_s) {
+                        tracing::error!(
+                            op,
+                            error = %e,
+                            not_logged,
+                            "state store command refused by Redis (every failure: preauth_store_errors_total{{op}}); \
+                             check the ACL user's permissions and Redis' memory (maxmemory)"
+                        );
+                    }
                 }
                 Err(if e.is_timeout() { StoreError::Timeout } else { unavailable(format!("{op}: {e}")) })
             }
