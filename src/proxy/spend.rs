@@ -268,7 +268,10 @@ async fn settle_later(state: Arc<AppState>, r: Reservation, actual: Micros, now:
             true
         }
         Some(Ok(SettleOutcome::NotActive)) => charge_late(&state, &r, actual, now).await,
-        Some(Ok(SettleOutcome::NotFound)) => false,
+        Some(Ok(SettleOutcome::NotFound)) => {
+            forgotten(&r, actual);
+            false
+        }
         Some(Err(_)) | None => {
             m.store_errors.with_label_values(&["settle"]).inc();
             tracing::error!(
@@ -327,13 +330,12 @@ async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: Uni
     let m = &state.metrics;
     match state.budgets.get(&r.id).await {
         Ok(Some((_, ReservationState::Released))) => {}
-        Ok(found) => {
-            let settled = matches!(found, Some((_, ReservationState::Settled { .. })));
-            tracing::warn!(
-                reservation_id = %r.id,
-                "reservation no longer active at settlement ({}); not charged again",
-                if settled { "already settled or reconciled" } else { "forgotten" }
-            );
+        Ok(Some(_)) => {
+            tracing::warn!(reservation_id = %r.id, "reservation already settled or reconciled; not charged again");
+            return false;
+        }
+        Ok(None) => {
+            forgotten(r, actual);
             return false;
         }
         Err(e) => {
@@ -355,6 +357,20 @@ async fn charge_late(state: &AppState, r: &Reservation, actual: Micros, now: Uni
     );
     m.record_settlement("usage", Micros(actual.0 - r.amount.0));
     true
+}
+
+/// A settlement whose hold the store no longer knows: Redis lost its data (or the hold ended
+/// long ago and its record was trimmed). Its cost is not charged here — it cannot be told from a
+/// hold an operator reconciled — but the ledger has the settlement.
+fn forgotten(r: &Reservation, actual: Micros) {
+    tracing::warn!(
+        reservation_id = %r.id,
+        tenant_id = %r.tenant,
+        actual = %actual,
+        "the state store no longer knows this reservation at its settlement (Redis lost its data, or the hold \
+         ended long ago); its cost was not charged to the tenant's spend. The ledger has the settlement: \
+         preauth-sidecar rebuild-spend restores spend from a Postgres ledger"
+    );
 }
 
 /// Settles `id` and releases `lease` (taken) through the gatekeeper: one store step, whose
