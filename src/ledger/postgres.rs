@@ -38,6 +38,9 @@ pub const POOL_SIZE: usize = 2;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on one insert or query round trip.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The server-side `statement_timeout` of the sink's sessions (unless the URL sets `options`),
+/// shorter than [`STATEMENT_TIMEOUT`]: the server cancels what the sink would stop waiting for.
+pub const SERVER_STATEMENT_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Idempotent schema. Serialised by an advisory lock so concurrent `migrate`s do not race.
 const MIGRATION: &str = r#"
@@ -97,13 +100,19 @@ pub enum PgError {
     Payload(String),
 }
 
-fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
+pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
     let mut c = tokio_postgres::Config::from_str(url).map_err(|e| PgError::Url(e.to_string()))?;
     if c.get_connect_timeout().is_none() {
         c.connect_timeout(CONNECT_TIMEOUT);
     }
     if c.get_application_name().is_none() {
         c.application_name("preauth-sidecar");
+    }
+    if c.get_options().is_none() {
+        // The server gives up on a statement before this sink does: a statement the sink stopped
+        // waiting for (a table lock held for minutes) must not stay queued on the server behind
+        // the lock while the sink opens another connection, one more every attempt.
+        c.options(&format!("-c statement_timeout={}", SERVER_STATEMENT_TIMEOUT.as_millis()));
     }
     Ok(c)
 }

@@ -466,3 +466,15 @@ async fn http_sink_retries_auth_and_routing_failures_instead_of_parking() {
         assert_eq!(recv.accepted_ids().into_iter().collect::<HashSet<_>>().len(), 750, "{status}");
     }
 }
+
+/// The sink's sessions carry a server-side statement timeout below its own (a statement it gave
+/// up on is cancelled by the server instead of waiting behind a lock while the sink reconnects:
+/// audit, one more stuck connection per 30 s of a table lock), unless the URL sets options.
+#[test]
+fn sink_sessions_time_out_on_the_server_first() {
+    let c = postgres::parse_url("postgres://u@127.0.0.1/db").unwrap();
+    assert_eq!(c.get_options(), Some("-c statement_timeout=25000"));
+    assert!(postgres::SERVER_STATEMENT_TIMEOUT < postgres::STATEMENT_TIMEOUT);
+    let own = postgres::parse_url("postgres://u@127.0.0.1/db?options=-c%20search_path%3Dledger").unwrap();
+    assert_eq!(own.get_options(), Some("-c search_path=ledger"));
+}
