@@ -582,6 +582,8 @@ impl Writer {
 enum AckKind {
     Delivered,
     Parked,
+    /// This many parked, the rest delivered (a batch the sink took but for a few events).
+    PartlyParked(u64),
 }
 
 thread_local! {
@@ -977,8 +979,9 @@ impl Outbox {
         self.ack_locked(&mut r, pos, AckKind::Delivered)
     }
 
-    /// Writes a batch the sink rejected for good to `parked/` (with `reason`), then moves the
-    /// cursor past it. Returns the parked file.
+    /// Writes `events`, which the sink rejected for good, to `parked/` (with `reason`), then moves
+    /// the cursor past `last`: the batch read up to `last` is either `events` (all rejected) or
+    /// delivered but for `events`. Returns the parked file.
     pub fn park(&self, last: Position, events: &[EventLine], reason: &str) -> io::Result<PathBuf> {
         let mut r = self.reader.lock();
         let first: String = events
@@ -998,7 +1001,7 @@ impl Outbox {
         f.sync_all()?;
         fs::write(parked.join(format!("{base}.reason")), format!("{reason}\n"))?;
         sync_dir(&parked)?;
-        self.ack_locked(&mut r, last, AckKind::Parked)?;
+        self.ack_locked(&mut r, last, AckKind::PartlyParked(events.len() as u64))?;
         Ok(path)
     }
 
@@ -1047,6 +1050,10 @@ impl Outbox {
         match kind {
             AckKind::Delivered => self.delivered.fetch_add(n, Ordering::Relaxed),
             AckKind::Parked => self.parked.fetch_add(n, Ordering::Relaxed),
+            AckKind::PartlyParked(k) => {
+                self.delivered.fetch_add(n.saturating_sub(k), Ordering::Relaxed);
+                self.parked.fetch_add(k.min(n), Ordering::Relaxed)
+            }
         };
         store_cursor(&self.dir, new)?;
         if self.opts.retention.is_none() {

@@ -20,6 +20,7 @@
 //!
 //! Owns: the ledger schema and its SQL. Imports: event, sink, LedgerFilter, tokio-postgres.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -112,7 +113,7 @@ pub(crate) fn parse_url(url: &str) -> Result<tokio_postgres::Config, PgError> {
         // The server gives up on a statement before this sink does: a statement the sink stopped
         // waiting for (a table lock held for minutes) must not stay queued on the server behind
         // the lock while the sink opens another connection, one more every attempt.
-        c.options(&format!("-c statement_timeout={}", SERVER_STATEMENT_TIMEOUT.as_millis()));
+        c.options(format!("-c statement_timeout={}", SERVER_STATEMENT_TIMEOUT.as_millis()));
     }
     Ok(c)
 }
@@ -259,11 +260,11 @@ impl PostgresSink {
             ids.push(e.event_id.as_str());
             types.push(e.event_type.as_str());
             times.push(e.occurred_at.as_str());
-            tenants.push(e.tenant_id.as_deref());
-            reservations.push(e.reservation_id.as_deref());
-            decisions.push(e.decision.as_deref());
+            tenants.push(e.tenant_id.as_deref().map(no_nul));
+            reservations.push(e.reservation_id.as_deref().map(no_nul));
+            decisions.push(e.decision.as_deref().map(no_nul));
             // The line as the outbox holds it (no event built and written again).
-            payloads.push(e.json.as_str());
+            payloads.push(json_no_nul(&e.json));
         }
         let mut guard = self.slot().await;
         let result = match self.ensure(&mut guard).await {
@@ -286,6 +287,29 @@ impl PostgresSink {
         result
     }
 
+    /// A batch Postgres refused for its data: the events inserted one by one, so that only the
+    /// ones it refuses are parked (one event's bad field took its whole batch, other tenants'
+    /// events with it, and the batch failed the same way when replayed). Events inserted before
+    /// a transient failure are skipped as duplicates when the batch is retried.
+    async fn isolate(&self, batch: &[EventLine], mut reason: String) -> Result<(), SinkError> {
+        let mut rejected = Vec::new();
+        for (i, e) in batch.iter().enumerate() {
+            match self.insert(std::slice::from_ref(e)).await.map_err(classify) {
+                Ok(_) => {}
+                Err(SinkError::Rejected(r)) => {
+                    rejected.push(i);
+                    reason = r;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        match rejected.len() {
+            0 => Ok(()),
+            n if n == batch.len() => Err(SinkError::Rejected(reason)),
+            _ => Err(SinkError::PartlyRejected { reason, rejected }),
+        }
+    }
+
     /// Ledger query on the pool.
     pub async fn query(&self, filter: &LedgerFilter) -> Result<Vec<Event>, PgError> {
         let mut guard = self.slot().await;
@@ -300,6 +324,41 @@ impl PostgresSink {
         }
         result
     }
+}
+
+/// `s` with each NUL (which Postgres text cannot hold: a tenant claim or a model name sent with
+/// `\u0000`) replaced by U+FFFD.
+fn no_nul(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') {
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+/// The JSON text `json` with each `\u0000` escape (which `jsonb` refuses: 22P05) written as
+/// `\ufffd`; other escapes, an escaped backslash before `u0000` included, kept.
+fn json_no_nul(json: &str) -> Cow<'_, str> {
+    if !json.contains("\\u0000") {
+        return Cow::Borrowed(json);
+    }
+    let b = json.as_bytes();
+    let mut out = String::with_capacity(json.len());
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+        } else if b[i + 1..].starts_with(b"u0000") {
+            out.push_str(&json[copied..i]);
+            out.push_str("\\ufffd");
+            i += 6;
+            copied = i;
+        } else {
+            i += 2; // an escape: the backslash and the character it escapes
+        }
+    }
+    out.push_str(&json[copied..]);
+    Cow::Owned(out)
 }
 
 /// Retryable unless the server refused the data itself (SQLSTATE class 22 data exception or 23
@@ -327,6 +386,27 @@ fn classify(e: PgError) -> SinkError {
 #[async_trait]
 impl Sink for PostgresSink {
     async fn deliver(&self, batch: &[EventLine]) -> Result<(), SinkError> {
-        self.insert(batch).await.map(|_| ()).map_err(classify)
+        match self.insert(batch).await.map_err(classify) {
+            Err(SinkError::Rejected(reason)) if batch.len() > 1 => self.isolate(batch, reason).await,
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_escapes_become_replacement_characters_and_nothing_else_changes() {
+        let line = r#"{"m":"a\u0000b\u0000","n":"c\\u0000d","o":"\\\u0000","p":"\u00000"}"#;
+        assert_eq!(json_no_nul(line), r#"{"m":"a\ufffdb\ufffd","n":"c\\u0000d","o":"\\\ufffd","p":"\ufffd0"}"#);
+        let v: serde_json::Value = serde_json::from_str(&json_no_nul(line)).unwrap();
+        assert_eq!(v["m"], "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(v["n"], "c\\u0000d", "an escaped backslash, then the text u0000");
+        assert_eq!(v["o"], "\\\u{FFFD}");
+        assert_eq!(v["p"], "\u{FFFD}0");
+        assert!(matches!(json_no_nul(r#"{"q":"plain"}"#), Cow::Borrowed(_)));
+        assert_eq!(no_nul("t\0"), "t\u{FFFD}");
     }
 }

@@ -149,6 +149,14 @@ impl Relay {
             }
             Err(SinkError::Retryable(msg)) => Step::Failed(msg),
             Err(SinkError::Rejected(msg)) => self.park(last, events, msg).await,
+            Err(SinkError::PartlyRejected { reason, rejected }) => {
+                let refused: Vec<EventLine> = rejected.iter().filter_map(|&i| events.get(i).cloned()).collect();
+                match self.park(last, refused, reason).await {
+                    // The rest of the batch was delivered (the cursor moved past all of it).
+                    Step::Parked(_) => Step::Delivered(n),
+                    other => other,
+                }
+            }
         }
     }
 

@@ -24,6 +24,10 @@ pub enum SinkError {
     /// `outbox/parked/`, logs an error and moves on instead of looping.
     #[error("rejected: {0}")]
     Rejected(String),
+    /// The receiver refused these events of the batch (their indices) for good and stored the
+    /// others: the relay parks only those and moves on.
+    #[error("rejected {} events: {reason}", rejected.len())]
+    PartlyRejected { reason: String, rejected: Vec<usize> },
 }
 
 /// A ledger receiver. `deliver` returns `Ok` only once every event of `batch` is stored.

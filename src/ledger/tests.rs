@@ -478,3 +478,51 @@ fn sink_sessions_time_out_on_the_server_first() {
     let own = postgres::parse_url("postgres://u@127.0.0.1/db?options=-c%20search_path%3Dledger").unwrap();
     assert_eq!(own.get_options(), Some("-c search_path=ledger"));
 }
+
+/// One event Postgres refuses for its data no longer takes its batch with it: the others are
+/// stored and only it is parked (audit: 3 requests with a bad model name parked 110 events of
+/// four tenants, and the replayed batch failed the same way). A NUL sent in a model name or a
+/// tenant claim (which `jsonb` and `text` cannot hold) is stored as U+FFFD.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_parks_only_the_event_it_refuses_and_stores_a_nul_as_a_replacement_character() {
+    let db = TestDb::new().await;
+    postgres::migrate(&db.url).await.unwrap();
+    let dir = TempDir::new("relay-pg-poison");
+    let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
+    let sink: Arc<dyn Sink> = Arc::new(PostgresSink::new(&db.url).unwrap());
+    let relay = Relay::with_config(outbox.clone(), sink, fast_relay());
+    let mut events: Vec<Event> = (0..10).map(event).collect();
+    events[3].model = Some("gpt-4o-mini\u{0}x".into());
+    events[4].tenant_id = Some("tenant-\u{0}".into());
+    events[6].occurred_at = "not a time".to_string(); // refused by Postgres (22007)
+    for e in &events {
+        outbox.append(e).unwrap();
+    }
+    let step = relay.step().await;
+    assert!(matches!(step, super::relay::Step::Delivered(10)), "{step:?}");
+    let stats = outbox.stats();
+    assert_eq!((stats.delivered, stats.parked, outbox.depth()), (9, 1, 0));
+    let c = db.client().await;
+    assert_eq!(count(&c, "SELECT count(*) FROM enforcement_ledger").await, 9);
+    let row = c
+        .query_one(
+            "SELECT payload->>'model', tenant_id FROM enforcement_ledger WHERE event_id = $1::text::uuid",
+            &[&events[3].event_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "gpt-4o-mini\u{FFFD}x");
+    let row = c
+        .query_one("SELECT tenant_id FROM enforcement_ledger WHERE event_id = $1::text::uuid", &[&events[4].event_id])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "tenant-\u{FFFD}");
+    // The parked file holds the refused event alone, as written.
+    let parked = std::fs::read_dir(dir.0.join("parked"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "ndjson") && !p.ends_with("corrupt.ndjson"))
+        .unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(parked).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(lines, [EventLine::of(&events[6]).json]);
+}
