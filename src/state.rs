@@ -130,17 +130,18 @@ pub struct AppState {
 }
 
 /// Whether the outbox took `e`; logs the loss otherwise (a full outbox logs it itself, once a
-/// second: under sustained traffic every request meets it).
-fn recorded(e: &Event, r: Result<(), crate::ledger::outbox::OutboxError>) -> bool {
+/// second: under sustained traffic every request meets it). `ids`: the event whose request,
+/// tenant and reservation `e` is about (`e` itself, or the decision a follow-up leaves them to).
+fn recorded(e: &Event, ids: &Event, r: Result<(), crate::ledger::outbox::OutboxError>) -> bool {
     match &r {
         Err(crate::ledger::outbox::OutboxError::Full { .. }) if crate::ledger::outbox::takes_headroom(e.event_type) => {
             // Past the follow-up headroom too: what the ledger will miss, for a manual entry.
             tracing::error!(
                 event_type = e.event_type.as_str(),
                 event_id = %e.event_id,
-                request_id = e.request_id.as_deref().unwrap_or(""),
-                tenant_id = e.tenant_id.as_deref().unwrap_or(""),
-                reservation_id = e.reservation_id.as_deref().unwrap_or(""),
+                request_id = ids.request_id.as_deref().unwrap_or(""),
+                tenant_id = ids.tenant_id.as_deref().unwrap_or(""),
+                reservation_id = ids.reservation_id.as_deref().unwrap_or(""),
                 actual_cost_usd = %e.actual_cost_usd.map(|m| m.to_string()).unwrap_or_default(),
                 "ledger event lost: the outbox is full beyond the follow-up headroom (counted in \
                  preauth_outbox_events_total{{state=\"dropped\"}}); the state store has the change, the ledger will not"
@@ -266,7 +267,7 @@ impl AppState {
     /// not be recorded (outbox full under the `failsafe` policy, disk error): the caller takes
     /// the failsafe path for decisions; other events are logged as lost.
     pub fn emit(&self, e: &Event) -> bool {
-        recorded(e, self.outbox.append(e))
+        recorded(e, e, self.outbox.append(e))
     }
 
     /// A runtime change on record (a `PATCH`, a `SIGHUP` reload, a runtime policy restored at
@@ -292,7 +293,7 @@ impl AppState {
     /// Stages `e` for the group commit (`group.commit` writes it before the request goes on).
     /// `false` when it cannot be recorded (outbox full under the `failsafe` policy).
     pub fn stage(&self, e: &Event) -> bool {
-        recorded(e, self.outbox.stage(e))
+        recorded(e, e, self.outbox.stage(e))
     }
 
     /// [`AppState::stage`] of a request's decision event, kept as the template of its
@@ -302,12 +303,12 @@ impl AppState {
         let event_type = e.event_type;
         let staged = self.outbox.stage_written(event_type, |line| template = Some(Template::write(e, line)));
         let template = template.expect("the line was written");
-        (recorded(template.event(), staged), template)
+        (recorded(template.event(), template.event(), staged), template)
     }
 
     /// [`AppState::stage`] of `e`, a follow-up made by [`Template::follow_up`].
     pub fn stage_follow_up(&self, template: &Template, e: &Event) -> bool {
-        recorded(e, self.outbox.stage_written(e.event_type, |line| template.write_follow_up(e, line)))
+        recorded(e, template.event(), self.outbox.stage_written(e.event_type, |line| template.write_follow_up(e, line)))
     }
 
     /// Writes what was staged since `since` now (paths that answer without batching: admin,
