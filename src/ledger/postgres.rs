@@ -56,9 +56,29 @@ CREATE TABLE IF NOT EXISTS enforcement_ledger (
     decision       text,
     payload        jsonb       NOT NULL
 );
-CREATE INDEX IF NOT EXISTS enforcement_ledger_tenant_occurred_idx ON enforcement_ledger (tenant_id, occurred_at);
-CREATE INDEX IF NOT EXISTS enforcement_ledger_reservation_idx ON enforcement_ledger (reservation_id);
-CREATE INDEX IF NOT EXISTS enforcement_ledger_occurred_idx ON enforcement_ledger (occurred_at);
+-- Each index on this table, whatever holds its usual name (a table renamed aside keeps its
+-- indexes and their names: CREATE INDEX IF NOT EXISTS would then skip the new table's).
+DO $do$
+DECLARE
+    ix record;
+    ix_name text;
+BEGIN
+    FOR ix IN SELECT * FROM (VALUES
+        ('enforcement_ledger_tenant_occurred_idx', '(tenant_id, occurred_at)'),
+        ('enforcement_ledger_reservation_idx', '(reservation_id)'),
+        ('enforcement_ledger_occurred_idx', '(occurred_at)')) AS v(base, cols)
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = current_schema()
+                       AND tablename = 'enforcement_ledger' AND starts_with(indexname, ix.base)) THEN
+            ix_name := ix.base;
+            IF to_regclass(quote_ident(current_schema()) || '.' || quote_ident(ix_name)) IS NOT NULL THEN
+                ix_name := ix.base || '_' || to_char(clock_timestamp(), 'YYYYMMDDHH24MISSUS');
+            END IF;
+            EXECUTE format('CREATE INDEX %I ON enforcement_ledger %s', ix_name, ix.cols);
+        END IF;
+    END LOOP;
+END
+$do$;
 CREATE OR REPLACE FUNCTION enforcement_ledger_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
 BEGIN
     RAISE EXCEPTION 'enforcement_ledger is append-only: % is not allowed', TG_OP

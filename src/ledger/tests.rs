@@ -526,3 +526,27 @@ async fn postgres_parks_only_the_event_it_refuses_and_stores_a_nul_as_a_replacem
     let lines: Vec<String> = std::fs::read_to_string(parked).unwrap().lines().map(str::to_string).collect();
     assert_eq!(lines, [EventLine::of(&events[6]).json]);
 }
+
+/// `migrate` after the table was renamed aside creates the new table with all its indexes
+/// (audit: the renamed table kept the index names, and `CREATE INDEX IF NOT EXISTS` skipped them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_after_a_rename_gives_the_new_table_its_indexes() {
+    let db = TestDb::new().await;
+    postgres::migrate(&db.url).await.unwrap();
+    let c = db.client().await;
+    c.batch_execute("ALTER TABLE enforcement_ledger RENAME TO enforcement_ledger_old").await.unwrap();
+    postgres::migrate(&db.url).await.unwrap();
+    postgres::migrate(&db.url).await.expect("and again: nothing more to do");
+    let on = |table: &'static str| {
+        let c = &c;
+        async move {
+            let q = format!("SELECT count(*) FROM pg_indexes WHERE tablename = '{table}'");
+            count(c, &q).await
+        }
+    };
+    assert_eq!(
+        (on("enforcement_ledger").await, on("enforcement_ledger_old").await),
+        (4, 4),
+        "3 indexes + the key each"
+    );
+}
