@@ -118,6 +118,16 @@ pub fn classify_status(status: u16) -> Option<bool> {
     }
 }
 
+/// The pause a 429 or 503 asks for with `Retry-After` in seconds (the HTTP-date form is not
+/// read: backoff applies).
+fn retry_after(status: u16, headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if !matches!(status, 429 | 503) {
+        return None;
+    }
+    let secs: u64 = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
 /// What the operator can do about a retried status that will not pass by itself.
 fn status_hint(status: u16) -> &'static str {
     match status {
@@ -147,10 +157,15 @@ impl Sink for HttpSink {
         match classify_status(status) {
             None => Ok(()),
             Some(retryable) => {
+                let after = retry_after(status, resp.headers());
                 let text = resp.text().await.unwrap_or_default();
                 let snippet: String = self.scrub(&text).chars().take(300).collect();
                 let msg = format!("{} answered {status}{}: {snippet}", self.endpoint(), status_hint(status));
-                Err(if retryable { SinkError::Retryable(msg) } else { SinkError::Rejected(msg) })
+                Err(match (retryable, after) {
+                    (false, _) => SinkError::Rejected(msg),
+                    (true, Some(after)) => SinkError::RetryAfter(msg, after),
+                    (true, None) => SinkError::Retryable(msg),
+                })
             }
         }
     }

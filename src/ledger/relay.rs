@@ -29,7 +29,7 @@ use pingora::services::background::BackgroundService;
 
 use crate::ledger::event::EventLine;
 use crate::ledger::outbox::{Outbox, Position};
-use crate::ledger::sink::{Sink, SinkError};
+use crate::ledger::sink::{Sink, SinkError, MAX_RETRY_AFTER};
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -101,6 +101,8 @@ pub enum Step {
     Parked(usize),
     /// Not delivered; retry later.
     Failed(String),
+    /// Not delivered; retry no sooner than this (the receiver's `Retry-After`).
+    FailedFor(String, Duration),
 }
 
 pub struct Relay {
@@ -148,6 +150,7 @@ impl Relay {
                 Step::Delivered(n)
             }
             Err(SinkError::Retryable(msg)) => Step::Failed(msg),
+            Err(SinkError::RetryAfter(msg, after)) => Step::FailedFor(msg, after.min(MAX_RETRY_AFTER)),
             Err(SinkError::Rejected(msg)) => self.park(last, events, msg).await,
             Err(SinkError::PartlyRejected { reason, rejected }) => {
                 let refused: Vec<EventLine> = rejected.iter().filter_map(|&i| events.get(i).cloned()).collect();
@@ -205,19 +208,8 @@ impl Relay {
                     Some(self.config.linger)
                 }
                 Step::Idle => None,
-                Step::Failed(msg) => {
-                    let d = backoff.next_delay();
-                    if backoff.failures() % 10 == 1 {
-                        tracing::warn!(
-                            error = %msg,
-                            failures = backoff.failures(),
-                            retry_in_ms = d.as_millis() as u64,
-                            depth = self.outbox.depth(),
-                            "ledger delivery failed; retrying with backoff"
-                        );
-                    }
-                    Some(d)
-                }
+                Step::Failed(msg) => Some(self.wait_after_failure(&mut backoff, &msg, Duration::ZERO)),
+                Step::FailedFor(msg, after) => Some(self.wait_after_failure(&mut backoff, &msg, after)),
             };
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { break },
@@ -230,6 +222,22 @@ impl Relay {
             }
         }
         self.drain().await;
+    }
+
+    /// The wait before the next attempt after a failed one (`at_least`: the receiver's
+    /// `Retry-After`); logs the failure on the first and then every 10th.
+    fn wait_after_failure(&self, backoff: &mut Backoff, msg: &str, at_least: Duration) -> Duration {
+        let d = backoff.next_delay().max(at_least);
+        if backoff.failures() % 10 == 1 {
+            tracing::warn!(
+                error = %msg,
+                failures = backoff.failures(),
+                retry_in_ms = d.as_millis() as u64,
+                depth = self.outbox.depth(),
+                "ledger delivery failed; retrying with backoff"
+            );
+        }
+        d
     }
 
     /// Delivers what it can within `drain_timeout`; stops at the first failure.

@@ -20,6 +20,10 @@ pub enum SinkError {
     /// 401/403/404, database unavailable): retried with backoff until it succeeds.
     #[error("retryable: {0}")]
     Retryable(String),
+    /// Retryable, and the receiver asked for this long a pause first (`Retry-After` on a 429 or
+    /// 503): the relay waits at least that long (at most [`MAX_RETRY_AFTER`]).
+    #[error("retryable in {}s: {}", .1.as_secs(), .0)]
+    RetryAfter(String, std::time::Duration),
     /// The receiver refuses this batch for good (400, 409, 413, 422, invalid data): the relay parks the batch in
     /// `outbox/parked/`, logs an error and moves on instead of looping.
     #[error("rejected: {0}")]
@@ -29,6 +33,9 @@ pub enum SinkError {
     #[error("rejected {} events: {reason}", rejected.len())]
     PartlyRejected { reason: String, rejected: Vec<usize> },
 }
+
+/// The longest `Retry-After` the relay honours.
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// A ledger receiver. `deliver` returns `Ok` only once every event of `batch` is stored.
 #[async_trait]
