@@ -4,7 +4,8 @@
 //! "type":"dev.preauth.<event_type>","time":<occurred_at>,"datacontenttype":"application/json",
 //! "data":<the CONTRACT §7 event object>}`.
 //!
-//! Outcome: 2xx acknowledges the batch. 400, 409, 413 and 422 (the receiver refuses this
+//! Outcome: 2xx acknowledges the batch. 413 splits it in halves, sent one after the other, until
+//! the parts pass (an event refused alone is parked by itself). 400, 409, 413 and 422 (the receiver refuses this
 //! batch's content) reject it: it is parked, never looped on. Every other status (5xx, 408, 429,
 //! and the configuration failures 3xx — redirects are not followed, configure the final URL —,
 //! 401, 403, 404, …), connection errors and timeouts are retryable: the relay backs off and the
@@ -140,7 +141,38 @@ fn status_hint(status: u16) -> &'static str {
 
 #[async_trait]
 impl Sink for HttpSink {
+    /// One POST of `batch`. 413 (the receiver's body limit) splits it in halves until the parts
+    /// pass; an event refused alone is parked by itself, the rest delivered.
     async fn deliver(&self, batch: &[EventLine]) -> Result<(), SinkError> {
+        let mut parts = vec![(0, batch.len())];
+        let (mut rejected, mut reason) = (Vec::new(), String::new());
+        while let Some((a, b)) = parts.pop() {
+            match self.post(&batch[a..b]).await {
+                Ok(()) => {}
+                Err((413, _)) if b - a > 1 => {
+                    let mid = a + (b - a) / 2;
+                    parts.push((mid, b));
+                    parts.push((a, mid));
+                }
+                Err((_, SinkError::Rejected(msg))) => {
+                    rejected.extend(a..b);
+                    reason = msg;
+                }
+                // Retried whole: the receiver deduplicates what parts it already took.
+                Err((_, other)) => return Err(other),
+            }
+        }
+        match rejected.len() {
+            0 => Ok(()),
+            n if n == batch.len() => Err(SinkError::Rejected(reason)),
+            _ => Err(SinkError::PartlyRejected { reason, rejected }),
+        }
+    }
+}
+
+impl HttpSink {
+    /// POSTs `batch` as one CloudEvents batch; a failure comes with the status (0: none).
+    async fn post(&self, batch: &[EventLine]) -> Result<(), (u16, SinkError)> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -152,7 +184,9 @@ impl Sink for HttpSink {
             .body(body)
             .send()
             .await
-            .map_err(|e| SinkError::Retryable(format!("{}: {}", self.endpoint(), error_chain(&e.without_url()))))?;
+            .map_err(|e| {
+                (0, SinkError::Retryable(format!("{}: {}", self.endpoint(), error_chain(&e.without_url()))))
+            })?;
         let status = resp.status().as_u16();
         match classify_status(status) {
             None => Ok(()),
@@ -161,11 +195,14 @@ impl Sink for HttpSink {
                 let text = resp.text().await.unwrap_or_default();
                 let snippet: String = self.scrub(&text).chars().take(300).collect();
                 let msg = format!("{} answered {status}{}: {snippet}", self.endpoint(), status_hint(status));
-                Err(match (retryable, after) {
-                    (false, _) => SinkError::Rejected(msg),
-                    (true, Some(after)) => SinkError::RetryAfter(msg, after),
-                    (true, None) => SinkError::Retryable(msg),
-                })
+                Err((
+                    status,
+                    match (retryable, after) {
+                        (false, _) => SinkError::Rejected(msg),
+                        (true, Some(after)) => SinkError::RetryAfter(msg, after),
+                        (true, None) => SinkError::Retryable(msg),
+                    },
+                ))
             }
         }
     }
