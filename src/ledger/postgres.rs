@@ -144,7 +144,13 @@ async fn connect(config: &tokio_postgres::Config) -> Result<Client, PgError> {
         .map_err(|_| PgError::Timeout(CONNECT_TIMEOUT))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "ledger postgres connection closed");
+            // The cause is in the source chain ("db error" alone said nothing: 57P01 is an
+            // administrator's pg_terminate_backend, 57P02/57P03 a restart or shutdown).
+            tracing::warn!(
+                error = %crate::ledger::sink::error_chain(&e),
+                sqlstate = e.code().map_or("", |c| c.code()),
+                "ledger postgres connection closed; the next insert reconnects"
+            );
         }
     });
     Ok(client)

@@ -8,7 +8,8 @@
 //! (or [`RelayConfig::idle_poll`]).
 //! - `Retryable`: exponential backoff with jitter, 100 ms doubling to a 30 s cap (each wait is
 //!   drawn from [d/2, d]); the same batch is retried until the sink is back, then the backlog
-//!   drains at full speed. Logged as a warning on the first failure and then every 10th.
+//!   drains at full speed. Logged as a warning on the first failure and then at most once a
+//!   minute.
 //! - `Rejected`: the batch is written to `outbox/parked/` with the reason, logged as an error
 //!   (`outbox_events_total{state="parked"}` counts it) and the relay moves on.
 //! - Shutdown: stops waiting, then keeps delivering for at most [`RelayConfig::drain_timeout`]
@@ -30,6 +31,10 @@ use pingora::services::background::BackgroundService;
 use crate::ledger::event::EventLine;
 use crate::ledger::outbox::{Outbox, Position};
 use crate::ledger::sink::{Sink, SinkError, MAX_RETRY_AFTER};
+
+/// While deliveries keep failing, the warning is repeated at most this often (the backoff reaches
+/// 30 s, and every 10th failure was ≈ 5 minutes apart).
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -189,6 +194,7 @@ impl Relay {
     /// Runs until `shutdown` turns true (or its sender is dropped), then drains.
     pub async fn run(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = Backoff::new(self.config.backoff_min, self.config.backoff_max);
+        let mut warned = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -202,14 +208,15 @@ impl Relay {
                         );
                     }
                     backoff.reset();
+                    warned = None;
                     if n >= self.config.batch_max || self.config.linger.is_zero() {
                         continue; // a backlog: drain at full speed
                     }
                     Some(self.config.linger)
                 }
                 Step::Idle => None,
-                Step::Failed(msg) => Some(self.wait_after_failure(&mut backoff, &msg, Duration::ZERO)),
-                Step::FailedFor(msg, after) => Some(self.wait_after_failure(&mut backoff, &msg, after)),
+                Step::Failed(msg) => Some(self.wait_after_failure(&mut backoff, &mut warned, &msg, Duration::ZERO)),
+                Step::FailedFor(msg, after) => Some(self.wait_after_failure(&mut backoff, &mut warned, &msg, after)),
             };
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { break },
@@ -225,10 +232,19 @@ impl Relay {
     }
 
     /// The wait before the next attempt after a failed one (`at_least`: the receiver's
-    /// `Retry-After`); logs the failure on the first and then every 10th.
-    fn wait_after_failure(&self, backoff: &mut Backoff, msg: &str, at_least: Duration) -> Duration {
+    /// `Retry-After`); logs the failure on the first and then at most once a minute (`warned`:
+    /// when it last did).
+    fn wait_after_failure(
+        &self,
+        backoff: &mut Backoff,
+        warned: &mut Option<tokio::time::Instant>,
+        msg: &str,
+        at_least: Duration,
+    ) -> Duration {
         let d = backoff.next_delay().max(at_least);
-        if backoff.failures() % 10 == 1 {
+        let now = tokio::time::Instant::now();
+        if backoff.failures() == 1 || warned.is_none_or(|t| now - t >= WARN_EVERY) {
+            *warned = Some(now);
             tracing::warn!(
                 error = %msg,
                 failures = backoff.failures(),
