@@ -132,7 +132,8 @@ impl Parts {
         let timeout = std::time::Duration::from_millis(config.store_timeout_ms);
         let rs = RedisStore::connect_blocking(url, &config.redis_key_prefix, timeout)
             .map_err(|e| format!("PREAUTH_REDIS_URL: {e}"))?;
-        let policy: Arc<dyn PolicyStore> = rs.policy_store_blocking(config.policy.clone());
+        let policy: Arc<dyn PolicyStore> =
+            rs.policy_store_blocking(config.policy.clone(), Some(config.data_dir.clone()));
         let probe = rs.clone();
         Ok(Parts {
             clock: Arc::new(SystemClock),

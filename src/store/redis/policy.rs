@@ -15,8 +15,10 @@
 //!   operator's `PATCH`) answers once every live replica (a field not expired) runs the new
 //!   document, or after [`FLEET_WAIT`]: the request an operator sends to any replica right after
 //!   the answer meets the change (CONTRACT §8: "applies at once, all replicas").
-//! - On start, a missing document is initialised from the local configuration (`SET NX`); an
-//!   existing one overrides the local knobs. A document that disappears (Redis lost its data) is
+//! - On start, a missing document is initialised from the local configuration (`SET NX`) — or
+//!   from the fleet's policy this replica last ran, kept in `PREAUTH_DATA_DIR` each time it
+//!   adopts one (which is also what it runs while Redis is unreachable); an existing one
+//!   overrides the local knobs. A document that disappears (Redis lost its data) is
 //!   re-created from the replica's current knobs, so a kill switch survives a flush. A document
 //!   re-created by another replica (another epoch) below the version this replica runs — one
 //!   started during the loss wrote its environment's policy — is not adopted: this replica
@@ -149,6 +151,10 @@ struct Shared {
     bump_pending: AtomicBool,
     /// Serialises this replica's updates (the CAS serialises the fleet's).
     write: tokio::sync::Mutex<()>,
+    /// Where the policy adopted last is kept for a restart (`None`: not kept).
+    save_dir: Option<std::path::PathBuf>,
+    /// The environment's knobs (the saved file's `base`).
+    base: Knobs,
     /// This replica's field in `seen_key` (random per process).
     instance: String,
     /// The hash where each replica says which document it runs.
@@ -170,11 +176,31 @@ impl RedisStore {
     /// and starts the 2 s re-read. Never fails: with Redis down it starts from `local` and
     /// catches up once Redis answers.
     pub async fn policy_store(&self, local: Policy) -> Arc<RedisPolicy> {
+        self.policy_store_saved(local, None).await
+    }
+
+    /// [`policy_store`](Self::policy_store) that also keeps the fleet's policy it runs in
+    /// `save_dir` (`runtime-policy.json`, the embedded format) each time it adopts one, and
+    /// starts from that file: a replica restarted while Redis is down, or after Redis lost its
+    /// data, runs the fleet's last policy (an incident's kill switch) instead of its environment's.
+    /// The environment wins for a setting changed there since (as in embedded mode).
+    pub async fn policy_store_saved(&self, local: Policy, save_dir: Option<std::path::PathBuf>) -> Arc<RedisPolicy> {
+        let saved = save_dir.as_deref().and_then(|d| match crate::store::runtime_policy::peek(d, &local) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "runtime policy: the fleet policy saved here cannot be read; starting from the configuration");
+                None
+            }
+        });
+        let mut start = saved.clone().unwrap_or_else(|| local.clone());
+        Floor::of(&local).apply(&mut start);
         let shared = Arc::new(Shared {
             store: self.clone(),
             doc_key: self.inner.keys.global("policy"),
             channel: self.inner.keys.policy_channel(),
-            current: RwLock::new(Arc::new(local.clone())),
+            current: RwLock::new(Arc::new(start)),
+            save_dir,
+            base: Knobs::of(&local),
             floor: Floor::of(&local),
             local: Mutex::new(local.clone()),
             epoch: Mutex::new(String::new()),
@@ -202,10 +228,19 @@ impl RedisStore {
                     );
                 }
             }
-            Err(e) => tracing::warn!(
-                error = %e,
-                "runtime policy: shared store not reachable; using the local configuration until it is"
-            ),
+            Err(e) => match &saved {
+                Some(p) => tracing::warn!(
+                    error = %e,
+                    version = p.version,
+                    kill_switch = p.kill_switch,
+                    "runtime policy: shared store not reachable; running the fleet's policy this replica last ran \
+                     (saved in PREAUTH_DATA_DIR) until it is"
+                ),
+                None => tracing::warn!(
+                    error = %e,
+                    "runtime policy: shared store not reachable; using the local configuration until it is"
+                ),
+            },
         }
         let weak = Arc::downgrade(&shared);
         self.inner.handle.spawn(refresh_task(weak.clone()));
@@ -238,9 +273,9 @@ impl RedisStore {
     }
 
     /// [`policy_store`](Self::policy_store) for synchronous callers (not from inside a task).
-    pub fn policy_store_blocking(&self, local: Policy) -> Arc<RedisPolicy> {
+    pub fn policy_store_blocking(&self, local: Policy, save_dir: Option<std::path::PathBuf>) -> Arc<RedisPolicy> {
         let s = self.clone();
-        self.block_on(async move { s.policy_store(local).await })
+        self.block_on(async move { s.policy_store_saved(local, save_dir).await })
             .expect("the redis runtime runs while the store exists")
     }
 
@@ -304,6 +339,15 @@ impl Shared {
             );
         }
         *epoch = doc.epoch.clone();
+        if let Some(dir) = &self.save_dir {
+            if let Err(e) = crate::store::runtime_policy::write(dir, next.version, &Knobs::of(&next), &self.base) {
+                tracing::warn!(
+                    error = %e,
+                    "runtime policy: could not keep the fleet's policy in PREAUTH_DATA_DIR (a restart while Redis is \
+                     unreachable would run the configuration's); check the data volume"
+                );
+            }
+        }
         *self.current.write() = Arc::new(next);
         self.adopted.notify_one();
     }

@@ -911,6 +911,39 @@ async fn a_document_re_created_below_the_running_version_is_overwritten_not_adop
     clean_after(&a, (pa, pb)).await;
 }
 
+/// A replica keeps the fleet's policy it runs in its data directory and starts from it: restarted
+/// after Redis lost its data it re-creates the document with the kill switch, and started while
+/// Redis is unreachable it runs the kill switch until Redis answers (audit: a replica restarted
+/// during the loss wrote its environment's policy, kill switch off, for the fleet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_after_redis_lost_its_data_runs_the_fleets_last_policy() {
+    let p = prefix();
+    let Some(a) = store_at(&p).await else { return };
+    let dir = crate::ledger::outbox::tests::TempDir::new("fleet-policy-saved");
+    let pa = a.policy_store_saved(Policy::for_test(), Some(dir.0.clone())).await;
+    pa.update(Box::new(|p| p.kill_switch = true)).await.unwrap();
+    let version = pa.current().version;
+    drop(pa);
+    cleanup(&a).await; // Redis lost its data while the replica restarted
+    let pb = a.policy_store_saved(Policy::for_test(), Some(dir.0.clone())).await;
+    assert!(pb.current().kill_switch && pb.current().version >= version, "{:?}", pb.current().version);
+    let fresh = store_at(&p).await.unwrap().policy_store(Policy::for_test()).await;
+    assert!(fresh.current().kill_switch, "the document was re-created with the fleet's kill switch");
+    drop((pb, fresh));
+    // Redis unreachable at the start: the saved policy runs until it answers.
+    let url = format!("redis://127.0.0.1:{}", closed_port());
+    let opts = RedisOptions { connect_wait: Duration::from_millis(100), ..RedisOptions::default() };
+    let down = RedisStore::connect_with(&url, &prefix(), Duration::from_millis(20), opts).await.unwrap();
+    let pd = down.policy_store_saved(Policy::for_test(), Some(dir.0.clone())).await;
+    assert!(pd.current().kill_switch);
+    assert!(
+        !down.policy_store(Policy::for_test()).await.current().kill_switch,
+        "without the file: the configuration's"
+    );
+    drop(pd);
+    clean_after(&a, ()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_document_with_bad_fields_still_applies_its_kill_switch() {
     let p = prefix();
