@@ -127,6 +127,9 @@ pub struct AppState {
     /// Paces the housekeeper's warnings (one a minute): its sweeps fail on every tick while the
     /// store is down.
     pub housekeeping_log: crate::telemetry::EverySecond,
+    /// Paces the warning of a settlement or charge the store refused (retried in the background):
+    /// while it refuses, every request meets it.
+    pub spend_failure_log: crate::telemetry::EverySecond,
 }
 
 /// Whether the outbox took `e`; logs the loss otherwise (a full outbox logs it itself, once a
@@ -215,6 +218,7 @@ impl AppState {
             reloading: tokio::sync::Mutex::new(()),
             store_failure_log: crate::telemetry::EverySecond::default(),
             housekeeping_log: crate::telemetry::EverySecond::default(),
+            spend_failure_log: crate::telemetry::EverySecond::default(),
         }
     }
 

@@ -200,7 +200,9 @@ pub async fn settle(
             }
             (Err(e), _) => {
                 m.store_errors.with_label_values(&["settle"]).inc();
-                tracing::warn!(error = %e, reservation_id = %r.id, actual = %actual, "settlement failed; retried in the background");
+                if let Some(not_logged) = state.spend_failure_log.pass(now / 1000) {
+                    tracing::warn!(error = %e, reservation_id = %r.id, actual = %actual, not_logged, "settlement failed; retried in the background");
+                }
                 tokio::spawn(settle_later(state.clone(), r, actual, now, SpendLabels::of(spend)));
                 return;
             }
@@ -211,7 +213,9 @@ pub async fn settle(
             let id = crate::ids::v7();
             if let (Err(e), _) = retrying(|| state.budgets.charge(&id, &spend.tenant, &month, actual, now)).await {
                 m.store_errors.with_label_values(&["charge"]).inc();
-                tracing::warn!(error = %e, tenant_id = %spend.tenant, actual = %actual, "charging shadow-mode usage failed; retried in the background");
+                if let Some(not_logged) = state.spend_failure_log.pass(now / 1000) {
+                    tracing::warn!(error = %e, tenant_id = %spend.tenant, actual = %actual, not_logged, "charging shadow-mode usage failed; retried in the background");
+                }
                 let tenant = spend.tenant.clone();
                 tokio::spawn(charge_later(state.clone(), id, tenant, month, actual, now, SpendLabels::of(spend)));
                 return;

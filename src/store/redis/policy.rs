@@ -498,9 +498,7 @@ impl Shared {
         }
         Ok(())
     }
-}
 
-impl Shared {
     /// Writes this replica's runtime knobs over `lost` (see [`Shared::is_lost_newer`]) at a
     /// version above both, in `lost`'s epoch: every replica, the one that created it included,
     /// adopts the restored policy at its next read (within 2 s).
