@@ -162,11 +162,7 @@ impl Sink for HttpSink {
                 Err((_, other)) => return Err(other),
             }
         }
-        match rejected.len() {
-            0 => Ok(()),
-            n if n == batch.len() => Err(SinkError::Rejected(reason)),
-            _ => Err(SinkError::PartlyRejected { reason, rejected }),
-        }
+        SinkError::outcome(batch.len(), rejected, reason)
     }
 }
 

@@ -329,11 +329,7 @@ impl PostgresSink {
                 Err(other) => return Err(other),
             }
         }
-        match rejected.len() {
-            0 => Ok(()),
-            n if n == batch.len() => Err(SinkError::Rejected(reason)),
-            _ => Err(SinkError::PartlyRejected { reason, rejected }),
-        }
+        SinkError::outcome(batch.len(), rejected, reason)
     }
 
     /// Ledger query on the pool.

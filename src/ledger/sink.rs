@@ -34,6 +34,18 @@ pub enum SinkError {
     PartlyRejected { reason: String, rejected: Vec<usize> },
 }
 
+impl SinkError {
+    /// The outcome of a batch of `len` events delivered event by event or part by part: those at
+    /// `rejected` refused for good (the last one for `reason`), the others stored.
+    pub fn outcome(len: usize, rejected: Vec<usize>, reason: String) -> Result<(), SinkError> {
+        match rejected.len() {
+            0 => Ok(()),
+            n if n == len => Err(SinkError::Rejected(reason)),
+            _ => Err(SinkError::PartlyRejected { reason, rejected }),
+        }
+    }
+}
+
 /// The longest `Retry-After` the relay honours.
 pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 

@@ -66,7 +66,8 @@
 //! per request on the Redis row of the load benchmark). A breaker opening replaces them all.
 //!
 //! Owns: `RedisStore`, key layout, Lua scripts (`scripts/`). Imports: store traits, `decide`
-//! types, `telemetry::EverySecond` (log pacing), redis, tokio, parking_lot, serde_json, uuid, tracing.
+//! types, `telemetry::EverySecond` and `clock::SystemClock` (log pacing), redis, tokio, parking_lot,
+//! serde_json, uuid, tracing.
 
 mod approvals;
 pub mod breaker;
@@ -694,8 +695,7 @@ impl RedisStore {
                 } else {
                     // Redis answered (a script or data error): not a reason to stop talking to it.
                     permit.success();
-                    let now_s =
-                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    let now_s = crate::clock::Clock::now_ms(&crate::clock::SystemClock) / 1000;
                     if let Some(not_logged) = self.inner.refused_log.pass(now_s) {
                         tracing::error!(
                             op,
