@@ -295,45 +295,12 @@ async fn a_reconcile_and_a_gate_settle_on_two_replicas_write_one_settlement() {
             .await
             .unwrap();
         let id = json_of(hold).await["reservation_id"].as_str().unwrap().to_string();
-        // The two sides alternate between the replicas.
+        // The two sides alternate between the replicas; every third hold also meets the sweep,
+        // on the reconciling replica's peer.
         let (manual_on, caller_on) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let reconcile = format!("/api/v1/enforcement/reservations/{id}/reconcile");
-        let manual = manual_on.admin_post(&reconcile, json!({"actual_cost_usd": "0.000070"}));
-        let caller = client()
-            .post(caller_on.url(&format!("/api/v1/enforcement/reservations/{id}/settle")))
-            .bearer_auth(token("racy", "enterprise"))
-            .json(&json!({"actual_cost_usd": "0.000030"}))
-            .send();
-        let sweep = async {
-            // Every third hold also meets the sweep, on the reconciling replica's peer.
-            if i % 3 == 0 {
-                let r = caller_on
-                    .admin_post("/api/v1/enforcement/reservations/reconcile-overdue", json!({"older_than_seconds": 0}));
-                Some(json_of(r.await).await["released_count"].as_u64().unwrap())
-            } else {
-                None
-            }
-        };
-        let (manual, caller, swept) = tokio::join!(manual, caller, sweep);
-        let mut statuses = [manual.status().as_u16(), caller.unwrap().status().as_u16()];
-        statuses.sort_unstable();
-        let want = if swept == Some(1) { [409, 409] } else { [200, 409] };
-        assert_eq!(statuses, want, "hold {i}, swept {swept:?}");
+        race_to_end_a_hold(manual_on, caller_on, &id, i % 3 == 0, i).await;
     }
-    async fn ledger(s: &Sidecar, kind: &str) -> Vec<serde_json::Value> {
-        let url = format!("/api/v1/enforcement/ledger?tenant_id=racy&event_type={kind}&limit=1000");
-        s.admin_get(&url).await["items"].as_array().unwrap().clone()
-    }
-    let mut settled = ledger(&a, "reservation_settled").await;
-    settled.extend(ledger(&b, "reservation_settled").await);
-    let mut released = ledger(&a, "reservation_released").await;
-    released.extend(ledger(&b, "reservation_released").await);
-    let ended: std::collections::HashSet<&str> =
-        settled.iter().chain(&released).map(|e| e["reservation_id"].as_str().unwrap()).collect();
-    assert_eq!((settled.len() + released.len(), ended.len()), (HOLDS, HOLDS), "one ending per hold");
-    let charged: f64 = settled.iter().map(|e| e["actual_cost_usd"].as_str().unwrap().parse::<f64>().unwrap()).sum();
-    let spent: f64 = tenant_view(&a, "racy").await["spent_usd"].as_str().unwrap().parse().unwrap();
-    assert!((charged - spent).abs() < 1e-9, "ledger {charged} = spend {spent}");
+    assert_one_ending_per_hold(&[&a, &b], HOLDS).await;
     a.stop().await;
     b.stop().await;
     redis_cleanup(&p).await;

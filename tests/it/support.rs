@@ -216,6 +216,51 @@ pub async fn tenant_view(s: &Sidecar, tenant: &str) -> serde_json::Value {
     json_of(r).await
 }
 
+/// One Gate API hold of tenant `racy` (`id`) raced three ways: an operator's reconcile on
+/// `manual_on`, its caller's settle on `caller_on` and, with `sweep`, the overdue sweep on
+/// `caller_on`. Exactly one ends it: the other two answer 409 (or release nothing). `round`
+/// names the race in a failure.
+pub async fn race_to_end_a_hold(manual_on: &Sidecar, caller_on: &Sidecar, id: &str, sweep: bool, round: usize) {
+    let reconcile = format!("/api/v1/enforcement/reservations/{id}/reconcile");
+    let manual = manual_on.admin_post(&reconcile, serde_json::json!({"actual_cost_usd": "0.000070"}));
+    let caller = client()
+        .post(caller_on.url(&format!("/api/v1/enforcement/reservations/{id}/settle")))
+        .bearer_auth(token("racy", "enterprise"))
+        .json(&serde_json::json!({"actual_cost_usd": "0.000030"}))
+        .send();
+    let sweeper = async {
+        if !sweep {
+            return None;
+        }
+        let body = serde_json::json!({"older_than_seconds": 0});
+        let r = caller_on.admin_post("/api/v1/enforcement/reservations/reconcile-overdue", body).await;
+        Some(json_of(r).await["released_count"].as_u64().unwrap())
+    };
+    let (manual, caller, swept) = tokio::join!(manual, caller, sweeper);
+    let mut statuses = [manual.status().as_u16(), caller.unwrap().status().as_u16()];
+    statuses.sort_unstable();
+    let want = if swept == Some(1) { [409, 409] } else { [200, 409] };
+    assert_eq!(statuses, want, "hold {round}, swept {swept:?}");
+}
+
+/// The ledgers of `replicas` hold exactly one ending event (settled or released) for each of
+/// tenant `racy`'s `holds`, and what they charged is the tenant's spend.
+pub async fn assert_one_ending_per_hold(replicas: &[&Sidecar], holds: usize) {
+    let (mut settled, mut released) = (Vec::new(), Vec::new());
+    for s in replicas {
+        for (kind, into) in [("reservation_settled", &mut settled), ("reservation_released", &mut released)] {
+            let url = format!("/api/v1/enforcement/ledger?tenant_id=racy&event_type={kind}&limit=1000");
+            into.extend(s.admin_get(&url).await["items"].as_array().unwrap().clone());
+        }
+    }
+    let ended: std::collections::HashSet<&str> =
+        settled.iter().chain(&released).map(|e| e["reservation_id"].as_str().unwrap()).collect();
+    assert_eq!((settled.len() + released.len(), ended.len()), (holds, holds), "one ending per hold");
+    let charged: f64 = settled.iter().map(|e| e["actual_cost_usd"].as_str().unwrap().parse::<f64>().unwrap()).sum();
+    let spent: f64 = tenant_view(replicas[0], "racy").await["spent_usd"].as_str().unwrap().parse().unwrap();
+    assert!((charged - spent).abs() < 1e-9, "ledger {charged} = spend {spent}");
+}
+
 /// The sum of the samples in a Prometheus text exposition whose series starts with `series`
 /// (a name, or a name with its opening labels such as `name{op="admit"`); 0 when none.
 pub fn metric_sum(exposition: &str, series: &str) -> f64 {

@@ -1018,17 +1018,34 @@ async fn unreachable_redis_fails_without_network_once_the_breaker_is_open() {
     assert!(s.error_counts().iter().any(|(op, n)| *op == "admit" && *n == 1000));
 }
 
-/// A TCP relay to the real Redis that closes a connection on which the client sent nothing for
-/// `idle` (Redis' `timeout`, a NAT or load balancer idle timer). Its port.
-async fn idle_closing_relay(idle: Duration) -> u16 {
+/// `host:port` of the real Redis.
+fn redis_addr() -> String {
+    url().trim_start_matches("redis://").trim_end_matches('/').to_string()
+}
+
+/// A store at `url` whose breaker never opens in a test's time (the test is about connections or
+/// timeouts, not the breaker).
+async fn store_without_breaker(url: &str, prefix: &str, op_timeout: Duration) -> RedisStore {
+    let opts = RedisOptions {
+        breaker: BreakerConfig { failure_threshold: 1000, ..BreakerConfig::default() },
+        ..RedisOptions::default()
+    };
+    RedisStore::connect_with(url, prefix, op_timeout, opts).await.unwrap()
+}
+
+/// A TCP relay to the real Redis that shapes what clients send: each chunk is held for
+/// `delay_ms` (a stalled Redis: commands land after their sender gave up on them), and with
+/// `idle` a connection on which the client sent nothing for that long is closed (Redis'
+/// `timeout`, a NAT or load balancer idle timer). Its port.
+async fn shaping_relay(idle: Option<Duration>, delay_ms: Arc<std::sync::atomic::AtomicU64>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let target = url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+    let target = redis_addr();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
             let Ok((inbound, _)) = listener.accept().await else { return };
-            let target = target.clone();
+            let (target, delay_ms) = (target.clone(), delay_ms.clone());
             tokio::spawn(async move {
                 let Ok(out) = tokio::net::TcpStream::connect(&target).await else { return };
                 let ((mut ci, mut co), (mut si, mut so)) = (inbound.into_split(), out.into_split());
@@ -1036,9 +1053,16 @@ async fn idle_closing_relay(idle: Duration) -> u16 {
                     let _ = tokio::io::copy(&mut si, &mut co).await;
                 });
                 let mut buf = vec![0u8; 16 * 1024];
-                // Both halves dropped on return: the client sees its connection closed.
-                while let Ok(Ok(n)) = tokio::time::timeout(idle, ci.read(&mut buf)).await {
-                    if n == 0 || so.write_all(&buf[..n]).await.is_err() {
+                loop {
+                    let read = ci.read(&mut buf);
+                    let n = match idle {
+                        Some(idle) => tokio::time::timeout(idle, read).await.unwrap_or(Ok(0)),
+                        None => read.await,
+                    };
+                    // Both halves dropped on leaving: the client sees its connection closed.
+                    let Ok(n @ 1..) = n else { break };
+                    tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::Relaxed))).await;
+                    if so.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
                 }
@@ -1057,7 +1081,7 @@ async fn a_quiet_spell_longer_than_an_idle_timeout_does_not_fail_the_next_reques
     if store_at(&prefix()).await.is_none() {
         return;
     }
-    let port = idle_closing_relay(Duration::from_millis(1_200)).await;
+    let port = shaping_relay(Some(Duration::from_millis(1_200)), Arc::default()).await;
     let s =
         RedisStore::connect(&format!("redis://127.0.0.1:{port}"), &prefix(), Duration::from_millis(500)).await.unwrap();
     own_id(&s).await; // this thread's own connection is up
@@ -1069,55 +1093,16 @@ async fn a_quiet_spell_longer_than_an_idle_timeout_does_not_fail_the_next_reques
     cleanup(&s).await;
 }
 
-/// A TCP relay to the real Redis that holds every chunk a client sends for `delay_ms` (a stalled
-/// Redis: commands land after their sender gave up on them). Its port.
-async fn delaying_relay(delay_ms: Arc<std::sync::atomic::AtomicU64>) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let target = url().trim_start_matches("redis://").trim_end_matches('/').to_string();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((inbound, _)) = listener.accept().await else { return };
-            let (target, delay_ms) = (target.clone(), delay_ms.clone());
-            tokio::spawn(async move {
-                let Ok(out) = tokio::net::TcpStream::connect(&target).await else { return };
-                let ((mut ci, mut co), (mut si, mut so)) = (inbound.into_split(), out.into_split());
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut si, &mut co).await;
-                });
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = ci.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(delay_ms.load(Ordering::Relaxed))).await;
-                    if so.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 /// A charge retried after timeouts is added once, although every attempt reaches Redis late
 /// (audit: shadow-mode spend 1.5–1.7× the ledger after short Redis stalls).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_charge_retried_after_timeouts_that_all_landed_is_added_once() {
     let Some(direct) = store_at(&prefix()).await else { return };
     let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let port = delaying_relay(delay_ms.clone()).await;
+    let port = shaping_relay(None, delay_ms.clone()).await;
     let p = prefix();
     // The health pings time out too: keep the breaker out of it.
-    let opts = RedisOptions {
-        breaker: BreakerConfig { failure_threshold: 1000, ..BreakerConfig::default() },
-        ..RedisOptions::default()
-    };
-    let s = RedisStore::connect_with(&format!("redis://127.0.0.1:{port}"), &p, Duration::from_millis(20), opts)
-        .await
-        .unwrap();
+    let s = store_without_breaker(&format!("redis://127.0.0.1:{port}"), &p, Duration::from_millis(20)).await;
     own_id(&s).await; // connected, this thread's own connection too
     let now = t0();
     // The script is loaded (an EVALSHA that finds it missing is resent by a caller long gone).
@@ -1141,7 +1126,7 @@ struct Relay {
 
 impl Relay {
     async fn start(port: u16) -> Relay {
-        let target = url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+        let target = redis_addr();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
@@ -1434,15 +1419,9 @@ async fn an_own_connection_stuck_on_a_failed_login_is_replaced() {
     };
     acl(vec!["SETUSER".into(), user.clone(), "on".into(), ">pw1".into(), "~*".into(), "&*".into(), "+@all".into()])
         .await;
-    let (host_port, p) = (url().trim_start_matches("redis://").trim_end_matches('/').to_string(), prefix());
-    // Many failures before the breaker opens: this test is about the connection, not the breaker.
-    let opts = RedisOptions {
-        breaker: BreakerConfig { failure_threshold: 1000, ..BreakerConfig::default() },
-        ..RedisOptions::default()
-    };
-    let s = RedisStore::connect_with(&format!("redis://{user}:pw1@{host_port}"), &p, Duration::from_millis(500), opts)
-        .await
-        .unwrap();
+    let s =
+        store_without_breaker(&format!("redis://{user}:pw1@{}", redis_addr()), &prefix(), Duration::from_millis(500))
+            .await;
     let own = own_id(&s).await;
     // The password changes and this thread's own connection is cut: its reconnect fails.
     acl(vec!["SETUSER".into(), user.clone(), "resetpass".into(), ">pw2".into()]).await;
