@@ -14,10 +14,12 @@
 //!
 //! Owns: the CloudEvents mapping. Imports: event, sink, reqwest.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 
+use crate::clock::{Clock, SystemClock};
 use crate::jsonw::json_str;
 use crate::ledger::event::EventLine;
 use crate::ledger::sink::{error_chain, Sink, SinkError};
@@ -55,6 +57,8 @@ pub struct HttpSink {
     client: reqwest::Client,
     url: reqwest::Url,
     source: String,
+    /// What an HTTP-date `Retry-After` is counted from.
+    clock: Arc<dyn Clock>,
 }
 
 impl HttpSink {
@@ -70,7 +74,12 @@ impl HttpSink {
             .user_agent(concat!("preauth-sidecar/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(HttpSink { client, url, source: format!("preauth-sidecar/{instance_id}") })
+        Ok(HttpSink { client, url, source: format!("preauth-sidecar/{instance_id}"), clock: Arc::new(SystemClock) })
+    }
+
+    /// The same sink counting time on `clock` (tests).
+    pub fn with_clock(self, clock: Arc<dyn Clock>) -> HttpSink {
+        HttpSink { clock, ..self }
     }
 
     /// `text` (what the receiver answered, logged and kept with a parked batch) with every
@@ -119,14 +128,20 @@ pub fn classify_status(status: u16) -> Option<bool> {
     }
 }
 
-/// The pause a 429 or 503 asks for with `Retry-After` in seconds (the HTTP-date form is not
-/// read: backoff applies).
-fn retry_after(status: u16, headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+/// The pause a 429 or 503 asks for with `Retry-After` (RFC 9110 §10.2.3): delay-seconds, or an
+/// HTTP-date counted from `now_ms`. A date already past, or a value that is neither, asks for
+/// nothing (the relay's backoff applies).
+fn retry_after(status: u16, headers: &reqwest::header::HeaderMap, now_ms: u64) -> Option<Duration> {
     if !matches!(status, 429 | 503) {
         return None;
     }
-    let secs: u64 = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs))
+    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?.duration_since(UNIX_EPOCH).ok()?;
+    let now = Duration::from_millis(now_ms);
+    (at > now).then(|| at - now)
 }
 
 /// What the operator can do about a retried status that will not pass by itself.
@@ -187,7 +202,7 @@ impl HttpSink {
         match classify_status(status) {
             None => Ok(()),
             Some(retryable) => {
-                let after = retry_after(status, resp.headers());
+                let after = retry_after(status, resp.headers(), self.clock.now_ms());
                 let text = resp.text().await.unwrap_or_default();
                 let snippet: String = self.scrub(&text).chars().take(300).collect();
                 let msg = format!("{} answered {status}{}: {snippet}", self.endpoint(), status_hint(status));
@@ -258,6 +273,29 @@ mod tests {
         assert_eq!(classify_status(401), Some(true));
         assert_eq!(classify_status(404), Some(true));
         assert_eq!(classify_status(301), Some(true));
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_an_http_date() {
+        let h = |v: &str| {
+            let mut m = reqwest::header::HeaderMap::new();
+            m.insert(reqwest::header::RETRY_AFTER, v.parse().unwrap());
+            m
+        };
+        // Sun, 06 Nov 1994 08:49:37 GMT = 784111777 s.
+        let now_ms = 784_111_777_000 - 90_500;
+        assert_eq!(retry_after(429, &h("120"), now_ms), Some(Duration::from_secs(120)));
+        assert_eq!(retry_after(503, &h(" 7 "), now_ms), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(429, &h("Sun, 06 Nov 1994 08:49:37 GMT"), now_ms), Some(Duration::from_millis(90_500)));
+        // RFC 850 and asctime forms are HTTP-dates too.
+        assert_eq!(retry_after(503, &h("Sunday, 06-Nov-94 08:49:37 GMT"), now_ms), Some(Duration::from_millis(90_500)));
+        assert_eq!(retry_after(503, &h("Sun Nov  6 08:49:37 1994"), now_ms), Some(Duration::from_millis(90_500)));
+        // Past, garbage, negative, or on a status that does not ask for a pause: nothing.
+        assert_eq!(retry_after(429, &h("Sun, 06 Nov 1994 08:49:37 GMT"), 784_111_778_000), None);
+        assert_eq!(retry_after(429, &h("soon"), now_ms), None);
+        assert_eq!(retry_after(429, &h("-5"), now_ms), None);
+        assert_eq!(retry_after(500, &h("120"), now_ms), None);
+        assert_eq!(retry_after(429, &reqwest::header::HeaderMap::new(), now_ms), None);
     }
 
     #[test]

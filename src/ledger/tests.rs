@@ -262,8 +262,8 @@ struct Receiver {
     fail_status: u16,
     ok_status: u16,
     seen: AtomicUsize,
-    /// `Retry-After` (seconds) sent with each failure.
-    retry_after: Option<u64>,
+    /// `Retry-After` sent with each failure.
+    retry_after: Option<&'static str>,
     /// Bodies longer than this are answered 413 (a proxy's body limit in front of the receiver).
     max_body: Option<usize>,
     /// (status answered, content-type, body)
@@ -281,7 +281,7 @@ impl Receiver {
         fail_first: usize,
         fail_status: u16,
         ok_status: u16,
-        retry_after: Option<u64>,
+        retry_after: Option<&'static str>,
         max_body: Option<usize>,
     ) -> (Arc<Receiver>, String) {
         let r = Arc::new(Receiver {
@@ -343,7 +343,7 @@ impl Receiver {
             self.log.lock().push((status, ct, body));
             self.arrived.lock().push(Instant::now());
             let pause = match self.retry_after {
-                Some(secs) if k < self.fail_first => format!("retry-after: {secs}\r\n"),
+                Some(v) if k < self.fail_first => format!("retry-after: {v}\r\n"),
                 _ => String::new(),
             };
             let resp = format!("HTTP/1.1 {status} X\r\n{pause}content-length: 2\r\n\r\nno");
@@ -585,19 +585,30 @@ async fn migrate_after_a_rename_gives_the_new_table_its_indexes() {
 /// with `Retry-After: 120` it retried after 0.12, 0.15, 0.21 … s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_after_on_429_holds_the_next_attempt_back() {
-    let (rx, url) = Receiver::start_with(1, 429, 200, Some(1), None).await;
+    let (rx, url) = Receiver::start_with(1, 429, 200, Some("1"), None).await;
     let sink = HttpSink::new(&url, "i-test").unwrap();
     let err = sink.deliver(&[EventLine::of(&event(0))]).await.unwrap_err();
     assert!(matches!(&err, super::sink::SinkError::RetryAfter(_, d) if *d == Duration::from_secs(1)), "{err:?}");
     let dir = TempDir::new("relay-retry-after");
     let outbox = Arc::new(Outbox::open(&dir.0, 1 << 30, OutboxFullPolicy::Failsafe).unwrap());
     outbox.append(&event(1)).unwrap();
-    let (rx2, url2) = Receiver::start_with(1, 429, 200, Some(1), None).await;
+    let (rx2, url2) = Receiver::start_with(1, 429, 200, Some("1"), None).await;
     assert!(drain_over_http(&outbox, &url2, Duration::from_secs(10)).await);
     let at = rx2.arrived.lock().clone();
     assert_eq!(at.len(), 2, "one refused, then accepted");
     assert!(at[1] - at[0] >= Duration::from_millis(950), "{:?} between attempts", at[1] - at[0]);
     drop(rx);
+}
+
+/// `Retry-After` as an HTTP-date (RFC 9110 §10.2.3) is counted from the sink's clock: the relay
+/// waits until then (before, only delay-seconds were read and the date form was backed off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_date_on_503_is_counted_from_now() {
+    let (_rx, url) = Receiver::start_with(1, 503, 200, Some("Sun, 06 Nov 1994 08:49:37 GMT"), None).await;
+    let clock = Arc::new(crate::clock::ManualClock::new(784_111_777_000 - 42_000));
+    let sink = HttpSink::new(&url, "i-test").unwrap().with_clock(clock);
+    let err = sink.deliver(&[EventLine::of(&event(0))]).await.unwrap_err();
+    assert!(matches!(&err, super::sink::SinkError::RetryAfter(_, d) if *d == Duration::from_secs(42)), "{err:?}");
 }
 
 /// A receiver's body limit (413) splits the batch until the parts pass; an event too large alone
