@@ -103,8 +103,13 @@ pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), Str
             "fair_use_per_tenant_concurrency_cap" | "fair_use_concurrency_cap" => {
                 p.fair_use.concurrency_cap = int_in(v, k, i64::MIN, i64::MAX)?
             }
+            // As the variable: ≤ 0 is the shortest lease (0), not an error.
             "fair_use_concurrency_lease_ttl_seconds" => {
-                p.fair_use.lease_ttl_seconds = count_in(v, k, bounds::LEASE_TTL_SECONDS)?
+                let max = *bounds::LEASE_TTL_SECONDS.end();
+                p.fair_use.lease_ttl_seconds = match v.as_i64() {
+                    Some(n) if n <= max as i64 => n.max(0) as u64,
+                    _ => return Err(format!("`{k}` must be an integer up to {max} (≤ 0: the shortest lease, 30 s)")),
+                }
             }
             "fair_use_pro_daily_soft_cap" => p.fair_use.pro_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?,
             "fair_use_enterprise_daily_soft_cap" => {
@@ -190,8 +195,21 @@ mod tests {
             json!({"source_modes": {"default": "soft"}}),
             json!({"source_modes": {"batch=shadow,evil": "hard"}}),
             json!({"source_modes": {"batch": "hard,evil=shadow"}}),
+            json!({"fair_use_concurrency_lease_ttl_seconds": 86_401}),
+            json!({"fair_use_concurrency_lease_ttl_seconds": "60"}),
         ] {
             assert!(apply_patch(&mut p, &patch(bad.clone())).is_err(), "{bad}");
         }
+    }
+
+    /// The lease TTL, as its variable: ≤ 0 is the shortest lease, not a 400.
+    #[test]
+    fn a_lease_ttl_at_or_below_zero_is_the_shortest_lease() {
+        let mut p = Policy::for_test();
+        for (v, want) in [(json!(-3), 0), (json!(0), 0), (json!(45), 45), (json!(86_400), 86_400)] {
+            apply_patch(&mut p, &patch(json!({"fair_use_concurrency_lease_ttl_seconds": v}))).unwrap();
+            assert_eq!(p.fair_use.lease_ttl_seconds, want);
+        }
+        assert_eq!(p.fair_use.lease_life_ms(), 86_400_000);
     }
 }

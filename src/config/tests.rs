@@ -75,6 +75,24 @@ fn every_bad_variable_is_reported() {
     assert!(!e.iter().any(|e| e.message.contains(SECRET)), "secrets never appear in errors");
 }
 
+/// The lease TTL sits in the contract's fair-use list, where "a value ≤ 0 disables that one
+/// gate": ≤ 0 starts (as the reference system, which applies `max(30, ttl)`), it is not a
+/// configuration error (before: exit 64). The shortest lease and `Retry-After` 5 apply.
+#[test]
+fn a_lease_ttl_at_or_below_zero_is_the_shortest_lease_not_an_error() {
+    for v in ["0", "-5"] {
+        let c = parse(&env(&[("LLM_FAIR_USE_CONCURRENCY_LEASE_TTL_SECONDS", v)]), Purpose::Run).unwrap();
+        assert_eq!(c.policy.fair_use.lease_ttl_seconds, 0, "{v}");
+        assert_eq!(c.policy.fair_use.lease_life_ms(), 30_000, "{v}");
+    }
+    let c = parse(&env(&[("LLM_FAIR_USE_CONCURRENCY_LEASE_TTL_SECONDS", "86400")]), Purpose::Run).unwrap();
+    assert_eq!(c.policy.fair_use.lease_ttl_seconds, 86_400);
+    for v in ["86401", "soon", "1.5"] {
+        let e = parse(&env(&[("LLM_FAIR_USE_CONCURRENCY_LEASE_TTL_SECONDS", v)]), Purpose::Run).unwrap_err();
+        assert!(e.iter().any(|e| e.var == "LLM_FAIR_USE_CONCURRENCY_LEASE_TTL_SECONDS"), "{v}: {e:?}");
+    }
+}
+
 /// A mistyped identity mode does not hide the errors of the jwt settings it most likely meant.
 #[test]
 fn a_bad_identity_mode_still_reports_bad_jwt_settings() {

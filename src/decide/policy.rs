@@ -304,7 +304,9 @@ pub mod bounds {
     pub const GLOBAL_PER_MINUTE_CAP: RangeInclusive<u64> = 1..=100_000;
     pub const GLOBAL_UNIQUE_TENANTS: RangeInclusive<u64> = 1..=10_000;
     pub const GLOBAL_BLOCK_SECONDS: RangeInclusive<u64> = 30..=86_400;
-    pub const LEASE_TTL_SECONDS: RangeInclusive<u64> = 1..=86_400;
+    /// 0 (what a value ≤ 0 in the environment becomes) gives the shortest lease, as the
+    /// reference system's `max(30, ttl)` does.
+    pub const LEASE_TTL_SECONDS: RangeInclusive<u64> = 0..=86_400;
     pub const AUDIT_SAMPLE_RATE: RangeInclusive<f64> = 0.0..=1.0;
 }
 
