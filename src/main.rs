@@ -125,8 +125,15 @@ fn migrate() -> ExitCode {
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(preauth_sidecar::ledger::postgres::migrate(url)) {
-        Ok(()) => {
-            println!("enforcement_ledger schema is up to date");
+        Ok(created) => {
+            println!(
+                "{}",
+                if created {
+                    "enforcement_ledger created (table, indexes, append-only trigger)"
+                } else {
+                    "enforcement_ledger already there; its indexes and append-only trigger are in place"
+                }
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -178,13 +178,14 @@ pub fn check_url(url: &str) -> Result<(), String> {
 }
 
 /// Creates or completes the ledger schema (`preauth-sidecar migrate`). Safe to run again, and
-/// concurrently.
-pub async fn migrate(url: &str) -> Result<(), PgError> {
+/// concurrently. `true` when the table was created by this run.
+pub async fn migrate(url: &str) -> Result<bool, PgError> {
     let mut client = connect(&parse_url(url)?).await?;
     let tx = client.transaction().await?;
+    let existed: bool = timed(tx.query_one("SELECT to_regclass('enforcement_ledger') IS NOT NULL", &[])).await?.get(0);
     timed(tx.batch_execute(MIGRATION)).await?;
     timed(tx.commit()).await?;
-    Ok(())
+    Ok(!existed)
 }
 
 /// One ledger query on a fresh connection (see [`PostgresSink::query`] for the pooled one).

@@ -99,8 +99,8 @@ async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_migrate_idempotent_inserts_append_only_and_queries() {
     let db = TestDb::new().await;
-    postgres::migrate(&db.url).await.unwrap();
-    postgres::migrate(&db.url).await.expect("migrate twice is fine");
+    assert!(postgres::migrate(&db.url).await.unwrap(), "created");
+    assert!(!postgres::migrate(&db.url).await.expect("migrate twice is fine"), "already there");
     let c = db.client().await;
     let idx = count(
         &c,
