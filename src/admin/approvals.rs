@@ -6,16 +6,12 @@
 
 use serde_json::{json, Value};
 
-use super::spend::{query_param, Answer};
+use super::spend::{err, query_param, Answer};
 use crate::decide::approval::{mint, MintRequest};
 use crate::decide::time::rfc3339_seconds;
 use crate::ledger::event::EventType;
 use crate::state::AppState;
 use crate::store::approvals::{ApprovalStatus, ApprovalTransitionError};
-
-fn err(status: u16, code: &str, message: &str) -> Answer {
-    (status, json!({"error": {"message": message, "type": "admin_error", "code": code}}))
-}
 
 fn transition_error(e: ApprovalTransitionError) -> Answer {
     match e {

@@ -62,12 +62,11 @@ impl AdminApp {
             (&Method::GET, ["ledger"]) => match crate::ledger::LedgerFilter::from_query(query) {
                 Ok(f) => match self.state.ledger.query(&f).await {
                     Ok(items) => (200, json!({ "items": items })),
-                    Err(e) => (
-                        503,
-                        json!({"error": {"message": format!("The ledger could not be read: {e}. Retry."), "type": "admin_error", "code": "ledger_unavailable"}}),
-                    ),
+                    Err(e) => {
+                        spend::err(503, "ledger_unavailable", &format!("The ledger could not be read: {e}. Retry."))
+                    }
                 },
-                Err(e) => (400, json!({"error": {"message": e, "type": "admin_error", "code": "invalid_request"}})),
+                Err(e) => spend::err(400, "invalid_request", &e),
             },
             (&Method::POST, ["reload"]) => {
                 let reloader = crate::worker::Reloader { state: self.state.clone() };
@@ -81,10 +80,10 @@ impl AdminApp {
                         }
                         (200, body)
                     }
-                    Err(e) => (
+                    Err(e) => spend::err(
                         400,
-                        json!({"error": {"message": format!("Nothing was reloaded, the previous tables stay: {e}"),
-                                         "type": "admin_error", "code": "reload_failed"}}),
+                        "reload_failed",
+                        &format!("Nothing was reloaded, the previous tables stay: {e}"),
                     ),
                 }
             }
@@ -130,19 +129,30 @@ async fn read_json(s: &mut ServerSession) -> Result<Value, Response<Vec<u8>>> {
     }
 }
 
+/// `v` as the answer; an error (see [`error_body`]) also carries `x-preauth-error` and
+/// `x-preauth-request-id`, as the proxy listener's do.
 fn json_response(status: u16, v: &Value) -> Response<Vec<u8>> {
     let body = serde_json::to_vec(v).expect("JSON value serialises");
-    Response::builder()
+    let mut r = Response::builder()
         .status(status)
         .header("content-type", "application/json")
         .header("cache-control", "no-store")
-        .header("content-length", body.len())
-        .body(body)
-        .expect("static response parts are valid")
+        .header("content-length", body.len());
+    let error = &v["error"];
+    if let (Some(code), Some(id)) = (error["code"].as_str(), error["id"].as_str()) {
+        r = r.header("x-preauth-error", code).header("x-preauth-request-id", id);
+    }
+    r.body(body).expect("static response parts are valid")
+}
+
+/// An admin error in the error shape of the proxy listener (CONTRACT §3): `type`
+/// `preauth_error`, an `id` of its own (admin requests have no other), empty `details`.
+pub fn error_body(code: &str, message: &str) -> Value {
+    json!({"error": {"message": message, "type": "preauth_error", "code": code, "id": crate::ids::v7(), "details": {}}})
 }
 
 fn admin_error(status: u16, code: &str, message: &str) -> Response<Vec<u8>> {
-    json_response(status, &json!({"error": {"message": message, "type": "admin_error", "code": code}}))
+    json_response(status, &error_body(code, message))
 }
 
 /// Constant-time equality of two byte strings (length may leak, content does not).

@@ -17,8 +17,9 @@ use crate::store::budget::{month_key, Reservation, ReservationState, SettleOutco
 /// An admin answer: status and JSON body.
 pub type Answer = (u16, Value);
 
-fn err(status: u16, code: &str, message: &str) -> Answer {
-    (status, json!({"error": {"message": message, "type": "admin_error", "code": code}}))
+/// An error answer in the shape of CONTRACT §3 (see [`super::error_body`]).
+pub fn err(status: u16, code: &str, message: &str) -> Answer {
+    (status, super::error_body(code, message))
 }
 
 fn reservation_json(r: &Reservation, now: u64) -> Value {
