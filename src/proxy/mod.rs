@@ -132,6 +132,34 @@ impl PreauthProxy {
         render_stamped(r, &ctx.request_id, Some((mode, policy.version)))
     }
 
+    /// [`Self::refusal`] of an inspected request's body (`body`: as read, when it was). A body
+    /// refused before the policy steps (413, 400: CONTRACT §3 step 2) is a decision of its own
+    /// and gets its `decision` event (§7: every decision produces one), the refusal's code as its
+    /// reason; later refusals are decisions recorded by `decide_body`. An unauthenticated
+    /// request (401) is not recorded: it names no tenant, and anyone could fill the ledger.
+    fn body_refusal(&self, r: &Refusal, ctx: &RequestCtx, body: Option<&[u8]>) -> Rendered {
+        let rendered = self.refusal(r, ctx);
+        if let (Refusal::TooLarge { .. } | Refusal::InvalidRequest(_), Some(caller), Some(route)) =
+            (r, ctx.caller.as_ref(), ctx.route)
+        {
+            let policy = self.state.policy.current();
+            let source = policy.source_of(ctx.source_header.as_deref());
+            let tier = policy.limits(&caller.tenant).tier(caller.claimed_tier.as_deref());
+            let mut e = self.state.event(EventType::Decision, policy.version);
+            e.request_id = Some(ctx.request_id.clone());
+            e.tenant_id = Some(caller.tenant.clone());
+            e.tenant_tier = Some(event::label(tier.as_str()));
+            e.mode = Some(event::label(policy.mode_for(source).as_str()));
+            e.source = Some(source.into());
+            e.decision = Some(event::label(Verdict::Deny.as_str()));
+            e.reasons = vec![rendered.code.to_string()];
+            e.reserved_usd = Some(Micros::ZERO);
+            e.request_fingerprint = body.map(|b| fingerprint(&caller.tenant, "POST", route.path(), b));
+            self.state.emit(&e);
+        }
+        rendered
+    }
+
     fn now_s(&self) -> i64 {
         (self.state.clock.now_ms() / 1000) as i64
     }
@@ -810,7 +838,7 @@ impl PreauthProxy {
         let content_length = d.header("content-length").and_then(|v| v.parse::<u64>().ok());
         match content_length {
             Some(n) if n > limit => {
-                self.respond(d, ctx, &self.refusal(&Refusal::TooLarge { limit }, ctx)).await?;
+                self.respond(d, ctx, &self.body_refusal(&Refusal::TooLarge { limit }, ctx, None)).await?;
                 Ok(true)
             }
             Some(n) if n <= RETRY_BUFFER_LIMIT || d.forwards_read_body() => self.read_and_decide(d, ctx, limit).await,
@@ -825,7 +853,7 @@ impl PreauthProxy {
     /// Reads the whole body and decides. `Ok(true)` = refused (answered).
     async fn read_and_decide<D: Downstream>(&self, d: &mut D, ctx: &mut RequestCtx, limit: u64) -> Result<bool> {
         let Some(body) = d.read_body(limit).await? else {
-            self.respond(d, ctx, &self.refusal(&Refusal::TooLarge { limit }, ctx)).await?;
+            self.respond(d, ctx, &self.body_refusal(&Refusal::TooLarge { limit }, ctx, None)).await?;
             return Ok(true);
         };
         // Boxed: the decision's future is ~4 KiB; unboxed it would be part of (and moved
@@ -838,7 +866,7 @@ impl PreauthProxy {
                 Ok(false)
             }
             Err(refusal) => {
-                self.respond(d, ctx, &self.refusal(&refusal, ctx)).await?;
+                self.respond(d, ctx, &self.body_refusal(&refusal, ctx, Some(&body))).await?;
                 Ok(true)
             }
         }
@@ -1109,7 +1137,7 @@ impl ProxyHttp for PreauthProxy {
         if let Some(chunk) = body.take() {
             if ctx.held.len() as u64 + chunk.len() as u64 > self.state.config.max_body_bytes {
                 let limit = self.state.config.max_body_bytes;
-                ctx.pending_refusal = Some(Box::new(self.refusal(&Refusal::TooLarge { limit }, ctx)));
+                ctx.pending_refusal = Some(Box::new(self.body_refusal(&Refusal::TooLarge { limit }, ctx, None)));
                 return Error::e_explain(HTTPStatus(413), "request body over PREAUTH_MAX_BODY_BYTES");
             }
             ctx.held.extend_from_slice(&chunk);
@@ -1126,7 +1154,7 @@ impl ProxyHttp for PreauthProxy {
                 Ok(())
             }
             Err(refusal) => {
-                let r = self.refusal(&refusal, ctx);
+                let r = self.body_refusal(&refusal, ctx, Some(&full));
                 let status = r.status;
                 ctx.pending_refusal = Some(Box::new(r));
                 Error::e_explain(HTTPStatus(status), "request refused after reading its body")
