@@ -16,7 +16,17 @@ async fn health_ready_and_auth() {
     }
     let r = c.get(s.admin_url("/api/v1/enforcement/runtime")).send().await.unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(json_of(r).await["error"]["code"], "unauthorized");
+    // The proxy listener's error shape (CONTRACT §3), header included.
+    assert_eq!(r.headers()["x-preauth-error"], "unauthorized");
+    let id = r.headers()["x-preauth-request-id"].to_str().unwrap().to_string();
+    let v = json_of(r).await;
+    let e = &v["error"];
+    assert_eq!(
+        (&e["code"], &e["type"], &e["id"], &e["details"]),
+        (&json!("unauthorized"), &json!("preauth_error"), &json!(id), &json!({})),
+        "{v}"
+    );
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     let r = c.get(s.admin_url("/api/v1/enforcement/runtime")).bearer_auth("wrong").send().await.unwrap();
     assert_eq!(r.status(), 401);
     let r = c.get(s.admin_url("/api/v1/enforcement/runtime")).header("authorization", ADMIN_KEY).send().await.unwrap();
