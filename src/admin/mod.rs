@@ -305,6 +305,13 @@ impl AdminApp {
                              freeze in the environment always applies); remove the variable and restart to turn it off."
                         ));
                     }
+                    let elsewhere = self.state.policy.pinned_elsewhere(k);
+                    if elsewhere > 0 {
+                        warnings.push(format!(
+                            "`{k}` stays on for {elsewhere} other replica(s): their environment sets it (GET \
+                             /api/v1/enforcement/runtime on each shows it); remove the variable there and restart them."
+                        ));
+                    }
                 }
                 let answer = |status: u16, warnings: &[String]| {
                     let mut body = view.clone();

@@ -284,6 +284,11 @@ pub trait PolicyStore: Send + Sync {
     fn lagging(&self) -> usize {
         0
     }
+    /// How many other live replicas keep `knob` (`kill_switch`, `approval_issuance_frozen`)
+    /// on whatever the policy says (their environment sets it), as seen by the last `update` here.
+    fn pinned_elsewhere(&self, _knob: &str) -> usize {
+        0
+    }
 }
 
 /// Runs `step` after each of `waits` until it succeeds: a store step retried where nobody waits

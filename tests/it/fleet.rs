@@ -487,6 +487,39 @@ async fn a_patch_answers_once_every_replica_runs_it() {
     redis_cleanup(&p).await;
 }
 
+/// A kill switch or approval freeze set in one replica's environment stays on there whatever the
+/// fleet's document says: a `PATCH` turning it off sent to another replica says so (runbook drill:
+/// it answered 200 without a word while that replica refused every request).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_turning_off_a_switch_another_replicas_environment_sets_says_so() {
+    let p = redis_prefix();
+    let pinned = [("LLM_GLOBAL_ABUSE_KILL_SWITCH", "true"), ("ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN", "true")];
+    let fleet = [start_fleet(&[], REDIS, &p).await, start_fleet(&pinned, REDIS, &p).await];
+    let r = patch_runtime(
+        &fleet[0],
+        json!({"kill_switch": false, "approval_issuance_frozen": false, "reason": "incident over"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v = json_of(r).await;
+    let warnings: Vec<&str> =
+        v["warnings"].as_array().map_or(vec![], |w| w.iter().filter_map(|w| w.as_str()).collect());
+    for k in ["kill_switch", "approval_issuance_frozen"] {
+        assert!(warnings.iter().any(|w| w.contains(&format!("`{k}` stays on for 1 other replica(s)"))), "{k}: {v}");
+    }
+    let body = json!({"model": "text-embedding-3-small", "input": "x"});
+    assert_eq!(post(&fleet[0], "/v1/embeddings", "acme", "enterprise", &body).await.status(), 200);
+    assert_eq!(post(&fleet[1], "/v1/embeddings", "acme", "enterprise", &body).await.status(), 429, "its environment's");
+    // A switch no replica pins: no such warning.
+    let r = patch_runtime(&fleet[0], json!({"fair_use_per_minute_cap": 9, "reason": "unrelated"})).await;
+    let v = json_of(r).await;
+    assert!(v.get("warnings").is_none(), "{v}");
+    let [a, b] = fleet;
+    a.stop().await;
+    b.stop().await;
+    redis_cleanup(&p).await;
+}
+
 /// The kept block is the fleet's: a replica that only read it (its housekeeper, no request
 /// served) keeps it through an outage too, and a block lifted on another replica (a `PATCH` of
 /// the guard's settings) is not applied by a replica that saw it once its link is cut.

@@ -10,8 +10,10 @@
 //! - Every replica subscribes to that channel on a dedicated connection (reconnecting on error)
 //!   and also re-reads the document every 2 s as a safety net, so a change on one replica is
 //!   visible on all within milliseconds, at worst ~2 s after a lost message.
-//! - Every replica says which document it runs in the hash `P{global}:policy_seen` (its field:
-//!   `epoch:version:expires_ms`), when it adopts one and every [`ACK_EVERY`]. An `update` (an
+//! - Every replica says which document it runs in the hash `P{global}:policy_seen` (its field, a
+//!   random id followed by the marks of its environment's floor, `+kill_switch` /
+//!   `+approval_issuance_frozen`, holds `epoch:version:expires_ms`), when it adopts one and every
+//!   [`ACK_EVERY`]. An `update` (an
 //!   operator's `PATCH`) answers once every live replica (a field not expired) runs the new
 //!   document, or after [`FLEET_WAIT`]: the request an operator sends to any replica right after
 //!   the answer meets the change (CONTRACT §8: "applies at once, all replicas").
@@ -77,8 +79,25 @@ struct Floor {
 }
 
 impl Floor {
+    /// How a replica's field in `policy_seen` names its floor (after its random id), so that a
+    /// `PATCH` elsewhere can say the replicas where turning a switch off does not act.
+    const KILL_SWITCH_MARK: &'static str = "+kill_switch";
+    const FROZEN_MARK: &'static str = "+approval_issuance_frozen";
+
     fn of(configured: &Policy) -> Floor {
         Floor { kill_switch: configured.kill_switch, approval_issuance_frozen: configured.approval_issuance_frozen }
+    }
+
+    /// The marks of this floor, appended to the replica's field.
+    fn marks(self) -> String {
+        let mut m = String::new();
+        if self.kill_switch {
+            m.push_str(Self::KILL_SWITCH_MARK);
+        }
+        if self.approval_issuance_frozen {
+            m.push_str(Self::FROZEN_MARK);
+        }
+        m
     }
 
     fn apply(self, p: &mut Policy) {
@@ -163,6 +182,17 @@ struct Shared {
     adopted: Arc<tokio::sync::Notify>,
     /// Replicas still behind when the last `update` answered.
     lagging: std::sync::atomic::AtomicUsize,
+    /// Other live replicas whose environment sets the kill switch / the approval freeze, as
+    /// seen when the last `update` answered.
+    pinned: Mutex<Pinned>,
+}
+
+/// Other replicas where a switch stays on whatever the document says (their environment's
+/// floor), named by the knob.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pinned {
+    kill_switch: usize,
+    approval_issuance_frozen: usize,
 }
 
 /// The fleet's runtime policy as seen by one replica (see the module docs).
@@ -207,10 +237,11 @@ impl RedisStore {
             pending: Mutex::new(Map::new()),
             bump_pending: AtomicBool::new(false),
             write: tokio::sync::Mutex::new(()),
-            instance: crate::ids::v7(),
+            instance: format!("{}{}", crate::ids::v7(), Floor::of(&local).marks()),
             seen_key: self.inner.keys.global("policy_seen"),
             adopted: Arc::new(tokio::sync::Notify::new()),
             lagging: std::sync::atomic::AtomicUsize::new(0),
+            pinned: Mutex::new(Pinned::default()),
         });
         match shared.refresh().await {
             Ok(()) => {
@@ -404,13 +435,19 @@ impl Shared {
                 .await;
             let Ok(seen) = seen else { return 0 };
             let now = now_ms();
-            let lagging = seen
+            let live: Vec<(&String, Seen)> = seen
                 .iter()
                 .filter(|(field, _)| **field != self.instance)
-                .filter_map(|(_, w)| Seen::parse(w))
-                .filter(|s| s.expires > now && !(s.epoch == epoch && s.version >= version))
-                .count();
+                .filter_map(|(field, w)| Seen::parse(w).map(|s| (field, s)))
+                .filter(|(_, s)| s.expires > now)
+                .collect();
+            let lagging = live.iter().filter(|(_, s)| !(s.epoch == epoch && s.version >= version)).count();
             if lagging == 0 || tokio::time::Instant::now() >= deadline {
+                let marked = |mark: &str| live.iter().filter(|(field, _)| field.contains(mark)).count();
+                *self.pinned.lock() = Pinned {
+                    kill_switch: marked(Floor::KILL_SWITCH_MARK),
+                    approval_issuance_frozen: marked(Floor::FROZEN_MARK),
+                };
                 return lagging;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -616,6 +653,15 @@ impl PolicyStore for RedisPolicy {
 
     fn lagging(&self) -> usize {
         self.shared.lagging.load(Ordering::Relaxed)
+    }
+
+    fn pinned_elsewhere(&self, knob: &str) -> usize {
+        let p = *self.shared.pinned.lock();
+        match knob {
+            "kill_switch" => p.kill_switch,
+            "approval_issuance_frozen" => p.approval_issuance_frozen,
+            _ => 0,
+        }
     }
 }
 
