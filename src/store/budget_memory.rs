@@ -896,7 +896,9 @@ impl MemoryBudgets {
         let remaining = r.monthly_budget.0.saturating_sub(a.spent).saturating_sub(a.reserved);
         let hold = match min {
             _ if amount <= remaining => amount,
-            Some(m) if remaining >= m => remaining,
+            // What is left, or nothing when the tenant is past its budget (an approved
+            // over-budget request, `m` 0, is admitted even then).
+            Some(m) if remaining.max(0) >= m => remaining.max(0),
             _ => {
                 return Ok(ReserveOutcome::Insufficient {
                     spent: Micros(a.spent),

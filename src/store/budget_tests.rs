@@ -145,6 +145,25 @@ fn clamp_holds_what_fits_or_refuses_below_the_minimum() {
     assert_eq!(reserved(b.reserve_now(&req("acme", now, budget, 200, Some(10_000))).unwrap()).amount, Micros(200));
 }
 
+/// Past its budget (spend over a budget lowered since, or a settlement above its hold), a tenant
+/// has less than nothing left: an approved over-budget request (minimum 0) is still admitted,
+/// holding nothing, and a clamp minimum is still refused (runbook drill: soft mode re-asked for
+/// approval forever).
+#[test]
+fn an_approved_request_is_admitted_past_the_budget_holding_nothing() {
+    let b = MemoryBudgets::in_memory();
+    let now = t0();
+    let r = reserved(b.reserve_now(&req("acme", now, Micros(1_000), 1_000, None)).unwrap());
+    b.settle_now(&r.id, Micros(1_500), now).unwrap();
+    let over = reserved(b.reserve_now(&req("acme", now, Micros(1_000), 300, Some(0))).unwrap());
+    assert_eq!(over.amount, Micros(0));
+    assert_eq!(view(&b, "acme", "2026-11"), (1_500, 0, 1));
+    assert_eq!(
+        b.reserve_now(&req("acme", now, Micros(1_000), 300, Some(10))).unwrap(),
+        ReserveOutcome::Insufficient { spent: Micros(1_500), reserved: Micros(0), remaining: Micros(0) }
+    );
+}
+
 #[test]
 fn settle_charges_actual_releases_the_rest_and_reports_drift() {
     let b = MemoryBudgets::in_memory();

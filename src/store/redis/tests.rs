@@ -314,6 +314,23 @@ async fn spend(b: &RedisStore, tenant: &str, month: &str) -> (i64, i64, u64) {
     (v.spent.0, v.reserved.0, v.active_reservations)
 }
 
+/// Mirror of `an_approved_request_is_admitted_past_the_budget_holding_nothing` (reserve.lua).
+#[tokio::test]
+async fn an_approved_request_is_admitted_past_the_budget_holding_nothing() {
+    let Some(b) = store_at(&prefix()).await else { return };
+    let now = t0();
+    let r = reserved(b.reserve(&rreq("acme", now, Micros(1_000), 1_000, None)).await.unwrap());
+    b.settle(&r.id, Micros(1_500), now).await.unwrap();
+    let over = reserved(b.reserve(&rreq("acme", now, Micros(1_000), 300, Some(0))).await.unwrap());
+    assert_eq!(over.amount, Micros(0));
+    assert_eq!(spend(&b, "acme", "2026-11").await, (1_500, 0, 1));
+    assert_eq!(
+        b.reserve(&rreq("acme", now, Micros(1_000), 300, Some(10))).await.unwrap(),
+        ReserveOutcome::Insufficient { spent: Micros(1_500), reserved: Micros(0), remaining: Micros(0) }
+    );
+    cleanup(&b).await;
+}
+
 #[tokio::test]
 async fn budget_arithmetic_clamp_settle_release() {
     let Some(b) = store_at(&prefix()).await else { return };

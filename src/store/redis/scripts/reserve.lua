@@ -12,8 +12,9 @@ local remaining = budget - spent - reserved
 local hold
 if amount <= remaining then
   hold = amount
-elseif min >= 0 and remaining >= min then
-  hold = remaining
+elseif min >= 0 and math.max(remaining, 0) >= min then
+  -- What is left, or nothing past the budget (an approved over-budget request, min 0).
+  hold = math.max(remaining, 0)
 else
   if remaining < 0 then remaining = 0 end
   return {0, spent, reserved, remaining}
