@@ -276,6 +276,12 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
                 };
                 println!("{tenant}\tstore {before}\tledger {ledger_total}\t{note}");
             }
+            // A settlement still in a replica's outbox is in neither total it can restore.
+            eprintln!(
+                "note: settlements still in a replica's outbox (preauth_outbox_depth > 0, e.g. after a ledger outage) \
+                 are not in the ledger yet; run rebuild-spend again once every replica's outbox has drained (it only \
+                 raises spend to the ledger's total, so a second run completes the restore and never charges twice)"
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
