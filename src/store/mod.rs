@@ -284,6 +284,12 @@ pub trait PolicyStore: Send + Sync {
     fn lagging(&self) -> usize {
         0
     }
+    /// Changes this replica made while the shared store was unavailable that have since become
+    /// the fleet's (the document's version, the settings written; empty for a version bump of a
+    /// local reload), each returned once: a `runtime_changed` event is due for each.
+    fn take_shared_changes(&self) -> Vec<(u64, serde_json::Map<String, serde_json::Value>)> {
+        Vec::new()
+    }
     /// How many other live replicas keep `knob` (`kill_switch`, `approval_issuance_frozen`)
     /// on whatever the policy says (their environment sets it), as seen by the last `update` here.
     fn pinned_elsewhere(&self, _knob: &str) -> usize {

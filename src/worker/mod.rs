@@ -72,6 +72,18 @@ impl Housekeeper {
             m.store_errors.with_label_values(&["sync"]).inc();
             tracing::error!(error = %e, "budget journal fsync failed");
         }
+        // A change made here during a store outage, now the fleet's at a version of its own
+        // (CONTRACT §7: every runtime change produces an event).
+        for (version, changes) in self.state.policy.take_shared_changes() {
+            let mut extra = serde_json::Map::new();
+            extra.insert("scope".into(), "fleet".into());
+            self.state.record_runtime_change(
+                version,
+                "changes made on this replica while the state store was unavailable, now the fleet's",
+                serde_json::Value::Object(changes),
+                extra,
+            );
+        }
         let p = self.state.policy.current();
         m.kill_switch_enabled.set(i64::from(p.kill_switch));
         m.policy_version.set(p.version as i64);

@@ -185,6 +185,9 @@ struct Shared {
     /// Other live replicas whose environment sets the kill switch / the approval freeze, as
     /// seen when the last `update` answered.
     pinned: Mutex<Pinned>,
+    /// Changes made here while Redis was unavailable that became the fleet's since the last
+    /// `take_shared_changes`: (the document's version, the settings written).
+    shared_since: Mutex<Vec<(u64, Map<String, Json>)>>,
 }
 
 /// Other replicas where a switch stays on whatever the document says (their environment's
@@ -242,6 +245,7 @@ impl RedisStore {
             adopted: Arc::new(tokio::sync::Notify::new()),
             lagging: std::sync::atomic::AtomicUsize::new(0),
             pinned: Mutex::new(Pinned::default()),
+            shared_since: Mutex::new(Vec::new()),
         });
         match shared.refresh().await {
             Ok(()) => {
@@ -502,6 +506,7 @@ impl Shared {
             return Ok(());
         }
         if let Some(p) = self.write_knobs(&pending).await? {
+            self.shared_since.lock().push((p.version, pending.clone()));
             tracing::warn!(
                 version = p.version,
                 settings = ?pending.keys().collect::<Vec<_>>(),
@@ -653,6 +658,10 @@ impl PolicyStore for RedisPolicy {
 
     fn lagging(&self) -> usize {
         self.shared.lagging.load(Ordering::Relaxed)
+    }
+
+    fn take_shared_changes(&self) -> Vec<(u64, Map<String, Json>)> {
+        std::mem::take(&mut *self.shared.shared_since.lock())
     }
 
     fn pinned_elsewhere(&self, knob: &str) -> usize {

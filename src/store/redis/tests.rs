@@ -862,6 +862,13 @@ async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_wh
     assert!(reached.is_some(), "written for the fleet once Redis answers");
     assert!(wait_until(Duration::from_secs(2), || !pb.unshared()).await.is_some());
     assert!(pb.current().kill_switch && pb.current().version > version);
+    // Each such change is handed out once for its runtime_changed event, at the fleet's version.
+    let mut shared = pb.take_shared_changes();
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    let (at, changes) = shared.remove(0);
+    assert_eq!(at, pb.current().version);
+    assert_eq!(changes.get("kill_switch"), Some(&serde_json::json!(true)), "{changes:?}");
+    assert!(pb.take_shared_changes().is_empty() && pa.take_shared_changes().is_empty());
     // A reload alone while Redis is down: its version bump reaches the fleet afterwards.
     let before = pa.current().version;
     relay.cut();
@@ -870,6 +877,9 @@ async fn a_change_made_while_redis_is_down_applies_here_and_reaches_the_fleet_wh
     assert!(pb.unshared() && pb.current().version == before);
     let _relay = Relay::start(port).await;
     assert!(wait_until(Duration::from_secs(10), || pa.current().version == before + 1).await.is_some());
+    assert!(wait_until(Duration::from_secs(2), || !pb.unshared()).await.is_some());
+    let shared = pb.take_shared_changes();
+    assert_eq!(shared.iter().map(|(v, c)| (*v, c.len())).collect::<Vec<_>>(), [(before + 1, 0)], "a bump alone");
     clean_after(&a, (pa, pb)).await;
 }
 
