@@ -27,7 +27,7 @@ USAGE:
                                  print an approval token signed with ENFORCEMENT_APPROVAL_TOKEN_SECRET
                                  (exit 1 while ENFORCEMENT_APPROVAL_ISSUANCE_FROZEN=true)
     preauth-sidecar migrate      create/update the enforcement_ledger schema at PREAUTH_LEDGER_URL (Postgres)
-    preauth-sidecar rebuild-spend [--month YYYY-MM]
+    preauth-sidecar rebuild-spend [--month YYYY-MM] [--wait-seconds N]
                                  restore each tenant's month spend in Redis from the Postgres ledger
 
 Configuration is environment only; see README.md and config/*.env.example.
@@ -143,27 +143,44 @@ fn migrate() -> ExitCode {
     }
 }
 
+/// How long `rebuild-spend` waits by default for the fleet's outboxes to deliver the
+/// settlements written before it started.
+const REBUILD_WAIT_SECONDS: u64 = 120;
+
 /// `rebuild-spend`: after the shared store lost data, restores each tenant's month spend from
 /// the settlements in the Postgres ledger. Only raises spend (a store ahead of the ledger, e.g.
-/// events not yet delivered, is left alone and reported).
+/// events not yet delivered, is left alone and reported). First waits until every live replica
+/// says its outbox holds no settlement written before the run started (they are in neither
+/// total otherwise: a restore made meanwhile would stay short of them).
 fn rebuild_spend(args: &[String]) -> ExitCode {
     use preauth_sidecar::decide::time::Month;
     use preauth_sidecar::decide::Micros;
     use preauth_sidecar::store::budget::Budgets;
-    let month = match args {
-        [] => Month::of(SystemClock.now_ms()),
-        [flag, m] if flag == "--month" => match Month::parse(m) {
-            Some(m) => m,
-            None => {
-                eprintln!("--month `{m}` is not YYYY-MM");
+    const USAGE: &str = "usage: preauth-sidecar rebuild-spend [--month YYYY-MM] [--wait-seconds N]";
+    let (mut month, mut wait_seconds) = (Month::of(SystemClock.now_ms()), REBUILD_WAIT_SECONDS);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        match (flag.as_str(), rest.next()) {
+            ("--month", Some(m)) => match Month::parse(m) {
+                Some(m) => month = m,
+                None => {
+                    eprintln!("--month `{m}` is not YYYY-MM");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            },
+            ("--wait-seconds", Some(n)) => match n.parse::<u64>() {
+                Ok(n) => wait_seconds = n,
+                Err(_) => {
+                    eprintln!("--wait-seconds `{n}` is not a whole number of seconds");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            },
+            _ => {
+                eprintln!("{USAGE}");
                 return ExitCode::from(EXIT_CONFIG as u8);
             }
-        },
-        _ => {
-            eprintln!("usage: preauth-sidecar rebuild-spend [--month YYYY-MM]");
-            return ExitCode::from(EXIT_CONFIG as u8);
         }
-    };
+    }
     let config = match parse_or_report(&Env, Purpose::Tool) {
         Ok(c) => c,
         Err(code) => return code,
@@ -200,6 +217,7 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let result: Result<Vec<(String, Micros, Micros)>, String> = rt.block_on(async {
+        await_outboxes(&store, wait_seconds).await?;
         let (client, conn) = tokio_postgres::connect(&ledger, tokio_postgres::NoTls).await.map_err(|e| {
             format!(
                 "cannot connect to the ledger at PREAUTH_LEDGER_URL: {}; check the address, database and credentials",
@@ -276,18 +294,71 @@ fn rebuild_spend(args: &[String]) -> ExitCode {
                 };
                 println!("{tenant}\tstore {before}\tledger {ledger_total}\t{note}");
             }
-            // A settlement still in a replica's outbox is in neither total it can restore.
-            eprintln!(
-                "note: settlements still in a replica's outbox (preauth_outbox_depth > 0, e.g. after a ledger outage) \
-                 are not in the ledger yet; run rebuild-spend again once every replica's outbox has drained (it only \
-                 raises spend to the ledger's total, so a second run completes the restore and never charges twice)"
-            );
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("rebuild-spend failed: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Waits (at most `wait_seconds`, at least [`PRESENCE_SETTLES`]) until no live replica's outbox
+/// holds a settlement written before now for the ledger (each says so every 2 s with its fleet
+/// presence, which Redis may just have lost: the wait covers one round of them). `Err`: still
+/// waiting at the deadline — nothing is changed. With 0 it does not wait, and warns.
+async fn await_outboxes(store: &preauth_sidecar::store::redis::RedisStore, wait_seconds: u64) -> Result<(), String> {
+    /// Every live replica has said what its outbox holds since a moment within this.
+    const PRESENCE_SETTLES: std::time::Duration = std::time::Duration::from_secs(3);
+    let since = SystemClock.now_ms();
+    let start = std::time::Instant::now();
+    let deadline = start + std::time::Duration::from_secs(wait_seconds).max(PRESENCE_SETTLES);
+    let mut said = false;
+    loop {
+        let (behind, silent) =
+            store.outboxes_behind(since, SystemClock.now_ms()).await.map_err(|e| format!("store: {e}"))?;
+        let settled = start.elapsed() >= PRESENCE_SETTLES;
+        if behind.is_empty() && (settled || wait_seconds == 0) {
+            if silent > 0 {
+                eprintln!(
+                    "note: {silent} live replica(s) say nothing of their outbox (no PREAUTH_LEDGER_URL, or an older \
+                     version): settlements they still hold are not in the ledger's total; run rebuild-spend again once \
+                     their preauth_outbox_depth is 0 (it only raises spend: a second run completes the restore)"
+                );
+            }
+            return Ok(());
+        }
+        let oldest = behind.iter().map(|b| b.oldest_ms).filter(|t| *t > 1).min();
+        let what = format!(
+            "{} replica(s) still hold settlements for the ledger from before this run{}",
+            behind.len(),
+            oldest
+                .map(|t| format!(" (oldest written {})", preauth_sidecar::decide::time::rfc3339_seconds(t)))
+                .unwrap_or_default()
+        );
+        if wait_seconds == 0 {
+            eprintln!(
+                "warning: {what}; restoring what the ledger has now — run rebuild-spend again once their \
+                 preauth_outbox_depth is 0 (it only raises spend: a second run completes the restore)"
+            );
+            return Ok(());
+        }
+        if behind.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{what} after {wait_seconds} s (is the ledger reachable? see preauth_outbox_depth and the replicas' \
+                 logs); nothing was changed. Run it again once they have delivered, or with --wait-seconds 0 to \
+                 restore what the ledger has now and again later"
+            ));
+        }
+        if !said {
+            eprintln!("waiting (at most {wait_seconds} s) until {what} have delivered them");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 

@@ -284,6 +284,10 @@ pub trait PolicyStore: Send + Sync {
     fn lagging(&self) -> usize {
         0
     }
+    /// What this replica's outbox holds for the central ledger: when its oldest undelivered
+    /// event was written (Unix ms, 0: nothing undelivered), as of `now_ms`. A fleet says it with
+    /// its presence, for `rebuild-spend` to wait for the settlements still on their way.
+    fn note_outbox(&self, _oldest_undelivered_ms: u64, _now_ms: u64) {}
     /// Changes this replica made while the shared store was unavailable that have since become
     /// the fleet's (the document's version, the settings written; empty for a version bump of a
     /// local reload), each returned once: a `runtime_changed` event is due for each.

@@ -72,6 +72,12 @@ impl Housekeeper {
             m.store_errors.with_label_values(&["sync"]).inc();
             tracing::error!(error = %e, "budget journal fsync failed");
         }
+        // What the outbox still holds for the central ledger (said with the fleet presence, for
+        // `rebuild-spend`); 1 ("long ago") when undelivered events have no known time.
+        if self.state.config.ledger_url.is_some() {
+            let s = self.state.outbox.stats();
+            self.state.policy.note_outbox(s.oldest_undelivered_ms.unwrap_or(u64::from(s.depth > 0)), now);
+        }
         // A change made here during a store outage, now the fleet's at a version of its own
         // (CONTRACT §7: every runtime change produces an event).
         for (version, changes) in self.state.policy.take_shared_changes() {

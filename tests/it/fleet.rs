@@ -694,6 +694,45 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     let fresh = start_fleet(&[("PREAUTH_LEDGER_URL", &ledger_url)], REDIS, &p).await;
     assert_eq!(view(&fresh).await["tier"], "enterprise");
     fresh.stop().await;
+
+    // Redis loses its data again while the ledger is behind (runbook drill: a restore then fell
+    // short of the settlements still in the outbox, for good): the rebuild waits for them, and
+    // gives up without changing anything when they do not come.
+    let mut locker = crate::ledger::db_client(&db).await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE enforcement_ledger IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .bearer_auth(token("acme", "enterprise"))
+        .header("x-mock-prompt-tokens", "1000")
+        .header("x-mock-completion-tokens", "500")
+        .json(&chat("gpt-4o-mini"))
+        .send()
+        .await
+        .unwrap();
+    r.bytes().await.unwrap();
+    let with_late = view(&s).await["spent_usd"].as_str().unwrap().to_string();
+    assert_ne!(with_late, want);
+    redis_cleanup(&p).await;
+    let rebuild = |wait: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_preauth-sidecar"))
+            .args(["rebuild-spend", "--wait-seconds", wait])
+            .env("PREAUTH_REDIS_URL", REDIS)
+            .env("PREAUTH_REDIS_KEY_PREFIX", &p)
+            .env("PREAUTH_LEDGER_URL", &ledger_url)
+            .output()
+            .unwrap()
+    };
+    let out = rebuild("4");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 replica(s) still hold settlements") && err.contains("nothing was changed"), "{err}");
+    assert_eq!(view(&s).await["spent_usd"], "0.000000", "nothing restored while the ledger is behind");
+    lock.rollback().await.unwrap();
+    crate::ledger::wait_rows(&db, 9, Duration::from_secs(20)).await;
+    let out = rebuild("30");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(view(&s).await["spent_usd"].as_str().unwrap(), with_late, "every settlement, once");
     s.stop().await;
     redis_cleanup(&p).await;
     crate::ledger::drop_db(&db).await;

@@ -91,7 +91,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Script, Value};
 
 pub use breaker::{Breaker, BreakerConfig, BreakerState};
-pub use policy::RedisPolicy;
+pub use policy::{OutboxBehind, RedisPolicy};
 
 use super::StoreError;
 

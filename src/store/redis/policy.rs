@@ -188,6 +188,23 @@ struct Shared {
     /// Changes made here while Redis was unavailable that became the fleet's since the last
     /// `take_shared_changes`: (the document's version, the settings written).
     shared_since: Mutex<Vec<(u64, Map<String, Json>)>>,
+    /// What this replica's outbox holds for the central ledger (see `note_outbox`), said with
+    /// each ack in `outbox_key`: `(oldest undelivered event ms or 0, as of ms)`.
+    outbox: Mutex<Option<(u64, u64)>>,
+    /// The hash where each replica (same field as in `seen_key`) says what its outbox holds.
+    outbox_key: String,
+}
+
+/// A live replica whose outbox still held, when it last said so, events from before a moment
+/// (see [`RedisStore::outboxes_behind`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxBehind {
+    /// The replica's field in `policy_seen` (a random id per process).
+    pub replica: String,
+    /// When its oldest undelivered event was written (Unix ms; 0: it said nothing since).
+    pub oldest_ms: u64,
+    /// When it said so (Unix ms).
+    pub as_of_ms: u64,
 }
 
 /// Other replicas where a switch stays on whatever the document says (their environment's
@@ -204,6 +221,39 @@ pub struct RedisPolicy {
 }
 
 impl RedisStore {
+    /// The live replicas (their word in `policy_seen` not expired at `now_ms`) whose outbox, when
+    /// they last said so, still held events for the central ledger written at or before
+    /// `since_ms`, or that have not said so since then; and how many live replicas say nothing
+    /// of their outbox (no ledger sink, or a version that does not).
+    pub async fn outboxes_behind(&self, since_ms: u64, now_ms: u64) -> Result<(Vec<OutboxBehind>, usize), StoreError> {
+        type Hash = std::collections::HashMap<String, String>;
+        let (seen_key, outbox_key) = (self.inner.keys.global("policy_seen"), self.inner.keys.global("outbox_seen"));
+        let (seen, outboxes) = self
+            .exec("policy_seen", 1, |mut c| async move {
+                redis::pipe().hgetall(&seen_key).hgetall(&outbox_key).query_async::<(Hash, Hash)>(&mut c).await
+            })
+            .await?;
+        let (mut behind, mut silent) = (Vec::new(), 0);
+        for (replica, word) in &seen {
+            if Seen::parse(word).is_none_or(|s| s.expires <= now_ms) {
+                continue;
+            }
+            let said = outboxes.get(replica).and_then(|w| {
+                let (oldest, as_of) = w.split_once(':')?;
+                Some((oldest.parse::<u64>().ok()?, as_of.parse::<u64>().ok()?))
+            });
+            match said {
+                None => silent += 1,
+                Some((oldest, as_of)) if as_of < since_ms || (oldest != 0 && oldest <= since_ms) => {
+                    behind.push(OutboxBehind { replica: replica.clone(), oldest_ms: oldest, as_of_ms: as_of })
+                }
+                Some(_) => {}
+            }
+        }
+        behind.sort_by(|a, b| a.replica.cmp(&b.replica));
+        Ok((behind, silent))
+    }
+
     /// The runtime policy shared through this store, starting from the local configuration's
     /// policy: initialises the document if absent (else adopts its knobs), subscribes to changes
     /// and starts the 2 s re-read. Never fails: with Redis down it starts from `local` and
@@ -246,6 +296,8 @@ impl RedisStore {
             lagging: std::sync::atomic::AtomicUsize::new(0),
             pinned: Mutex::new(Pinned::default()),
             shared_since: Mutex::new(Vec::new()),
+            outbox: Mutex::new(None),
+            outbox_key: self.inner.keys.global("outbox_seen"),
         });
         match shared.refresh().await {
             Ok(()) => {
@@ -394,15 +446,16 @@ impl Shared {
         let now = now_ms();
         let word = format!("{}:{version}:{}", self.epoch.lock(), now + 3 * ACK_EVERY.as_millis() as u64);
         let (key, field) = (self.seen_key.clone(), self.instance.clone());
+        let outbox = self.outbox.lock().map(|(oldest, as_of)| (self.outbox_key.clone(), format!("{oldest}:{as_of}")));
         let seen = self
             .store
             .exec("policy_ack", 1, |mut c| async move {
-                redis::pipe()
-                    .hset(&key, &field, word)
-                    .ignore()
-                    .hgetall(&key)
-                    .query_async::<(std::collections::HashMap<String, String>,)>(&mut c)
-                    .await
+                let mut pipe = redis::pipe();
+                pipe.hset(&key, &field, word).ignore();
+                if let Some((outbox_key, said)) = &outbox {
+                    pipe.hset(outbox_key, &field, said).ignore();
+                }
+                pipe.hgetall(&key).query_async::<(std::collections::HashMap<String, String>,)>(&mut c).await
             })
             .await?
             .0;
@@ -412,10 +465,16 @@ impl Shared {
             .map(|(f, _)| f)
             .collect();
         if !gone.is_empty() {
-            let key = self.seen_key.clone();
+            let (key, outbox_key) = (self.seen_key.clone(), self.outbox_key.clone());
             self.store
                 .exec("policy_ack", 1, |mut c| async move {
-                    redis::cmd("HDEL").arg(&key).arg(&gone).query_async::<()>(&mut c).await
+                    redis::pipe()
+                        .hdel(&key, &gone)
+                        .ignore()
+                        .hdel(&outbox_key, &gone)
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
                 })
                 .await?;
         }
@@ -660,6 +719,10 @@ impl PolicyStore for RedisPolicy {
         self.shared.lagging.load(Ordering::Relaxed)
     }
 
+    fn note_outbox(&self, oldest_undelivered_ms: u64, now_ms: u64) {
+        *self.shared.outbox.lock() = Some((oldest_undelivered_ms, now_ms));
+    }
+
     fn take_shared_changes(&self) -> Vec<(u64, Map<String, Json>)> {
         std::mem::take(&mut *self.shared.shared_since.lock())
     }
@@ -680,11 +743,18 @@ impl Drop for RedisPolicy {
     fn drop(&mut self) {
         let (store, key, field) =
             (self.shared.store.clone(), self.shared.seen_key.clone(), self.shared.instance.clone());
+        let outbox_key = self.shared.outbox_key.clone();
         let handle = store.inner.handle.clone();
         handle.spawn(async move {
             let _ = store
                 .exec("policy_ack", 1, |mut c| async move {
-                    redis::cmd("HDEL").arg(&key).arg(&field).query_async::<()>(&mut c).await
+                    redis::pipe()
+                        .hdel(&key, &field)
+                        .ignore()
+                        .hdel(&outbox_key, &field)
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
                 })
                 .await;
         });
