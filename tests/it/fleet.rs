@@ -627,7 +627,7 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     let ledger_url = crate::ledger::url_for(&db, 5432);
     crate::ledger::migrate(&ledger_url);
     let s = start_fleet(&[("PREAUTH_LEDGER_URL", &ledger_url)], REDIS, &p).await;
-    for _ in 0..3 {
+    let billed = || async {
         let r = client()
             .post(s.url("/v1/chat/completions"))
             .bearer_auth(token("acme", "enterprise"))
@@ -638,6 +638,9 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
             .await
             .unwrap();
         r.bytes().await.unwrap();
+    };
+    for _ in 0..3 {
+        billed().await;
     }
     crate::ledger::wait_rows(&db, 6, Duration::from_secs(20)).await;
     let view = |s: &Sidecar| {
@@ -701,16 +704,7 @@ async fn rebuild_spend_restores_a_lost_store_from_the_ledger() {
     let mut locker = crate::ledger::db_client(&db).await;
     let lock = locker.transaction().await.unwrap();
     lock.batch_execute("LOCK TABLE enforcement_ledger IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    let r = client()
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "enterprise"))
-        .header("x-mock-prompt-tokens", "1000")
-        .header("x-mock-completion-tokens", "500")
-        .json(&chat("gpt-4o-mini"))
-        .send()
-        .await
-        .unwrap();
-    r.bytes().await.unwrap();
+    billed().await;
     let with_late = view(&s).await["spent_usd"].as_str().unwrap().to_string();
     assert_ne!(with_late, want);
     redis_cleanup(&p).await;

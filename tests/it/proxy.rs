@@ -148,66 +148,17 @@ async fn h2c_downstream_works() {
     s.stop().await;
 }
 
-/// A body refused before the policy steps (400, 413: CONTRACT §3 step 2) is a decision and has
-/// its `decision` event (§7), the refusal's code as its reason and, when the body was read, its
-/// fingerprint; an unauthenticated request (no tenant) has none. Before, none of them did.
-#[tokio::test(flavor = "multi_thread")]
-async fn refused_bodies_are_decisions_in_the_ledger() {
-    let s = start(&[("PREAUTH_MAX_BODY_BYTES", "300000")]).await;
-    let c = client();
-    let id = |v: &serde_json::Value| v["error"]["id"].as_str().unwrap().to_string();
-    let r = c
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "pro"))
-        .header("content-type", "application/json")
-        .body("{nope")
-        .send()
-        .await
-        .unwrap();
-    let not_json = id(&assert_error(r, 400, "invalid_request").await);
-    let big = json!({"model": "m", "messages": [{"role": "user", "content": "a".repeat(400_000)}]});
-    let r = post(&s, "/v1/chat/completions", "acme", "pro", &big).await;
-    let declared = id(&assert_error(r, 413, "request_too_large").await);
-    let bytes = serde_json::to_vec(&big).unwrap();
-    let parts: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(50_000).map(|c| Ok(c.to_vec())).collect();
-    let r = c
-        .post(s.url("/v1/chat/completions"))
-        .bearer_auth(token("acme", "pro"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(parts)))
-        .send()
-        .await
-        .unwrap();
-    let streamed = id(&assert_error(r, 413, "request_too_large").await);
-    let r = c.post(s.url("/v1/chat/completions")).json(&chat("m")).send().await.unwrap();
-    let anonymous = id(&assert_error(r, 401, "unauthenticated").await);
-
-    let events = s.admin_get("/api/v1/enforcement/ledger?event_type=decision&limit=1000").await;
-    let events = events["items"].as_array().unwrap();
-    let of = |rid: &str| events.iter().filter(|e| e["request_id"] == rid).cloned().collect::<Vec<_>>();
-    let fp = preauth_sidecar::proxy::fingerprint("acme", "POST", "/v1/chat/completions", b"{nope");
-    for (rid, code, fingerprint) in [
-        (&not_json, "invalid_request", json!(fp)),
-        (&declared, "request_too_large", json!(null)),
-        (&streamed, "request_too_large", json!(null)),
-    ] {
-        let e = of(rid);
-        assert_eq!(e.len(), 1, "one decision event for {code} {rid}: {events:?}");
-        let e = &e[0];
-        assert_eq!((&e["decision"], &e["reasons"], &e["tenant_id"]), (&json!("DENY"), &json!([code]), &json!("acme")));
-        assert_eq!((&e["tenant_tier"], &e["mode"], &e["source"]), (&json!("pro"), &json!("hard"), &json!("default")));
-        assert_eq!((&e["reserved_usd"], &e["request_fingerprint"]), (&json!("0.000000"), &fingerprint), "{e}");
-    }
-    assert!(of(&anonymous).is_empty(), "no tenant, no event");
-    s.stop().await;
-}
-
+/// Also: a body refused before the policy steps (400, 413: CONTRACT §3 step 2) is a decision and
+/// has its `decision` event (§7), the refusal's code as its reason and, when the body was read,
+/// its fingerprint; an unauthenticated request (no tenant) has none (before, none of them did).
 #[tokio::test(flavor = "multi_thread")]
 async fn request_errors_have_codes_statuses_and_json() {
     let s = start(&[("PREAUTH_MAX_BODY_BYTES", "300000")]).await;
     let c = client();
+    let id = |v: &serde_json::Value| v["error"]["id"].as_str().unwrap().to_string();
     // 401: missing, malformed, wrong key, expired.
     let r = c.post(s.url("/v1/chat/completions")).json(&chat("m")).send().await.unwrap();
-    assert_error(r, 401, "unauthenticated").await;
+    let anonymous = id(&assert_error(r, 401, "unauthenticated").await);
     let r = c.post(s.url("/v1/chat/completions")).bearer_auth("not.a.jwt").json(&chat("m")).send().await.unwrap();
     assert_error(r, 401, "unauthenticated").await;
     let wrong =
@@ -234,14 +185,14 @@ async fn request_errors_have_codes_statuses_and_json() {
         .send()
         .await
         .unwrap();
-    assert_error(r, 400, "invalid_request").await;
+    let not_json = id(&assert_error(r, 400, "invalid_request").await);
     let r = post(&s, "/v1/messages", "acme", "pro", &json!({"model": "claude-3-5-haiku", "messages": []})).await;
     let v = assert_error(r, 400, "invalid_request").await;
     assert!(v["error"]["message"].as_str().unwrap().contains("max_tokens"));
     // 413: declared and streamed (chunked) bodies over the limit.
     let big = json!({"model": "m", "messages": [{"role": "user", "content": "a".repeat(400_000)}]});
     let r = post(&s, "/v1/chat/completions", "acme", "pro", &big).await;
-    assert_error(r, 413, "request_too_large").await;
+    let declared = id(&assert_error(r, 413, "request_too_large").await);
     let bytes = serde_json::to_vec(&big).unwrap();
     let parts: Vec<Result<Vec<u8>, std::io::Error>> = bytes.chunks(50_000).map(|c| Ok(c.to_vec())).collect();
     let r = c
@@ -251,7 +202,24 @@ async fn request_errors_have_codes_statuses_and_json() {
         .send()
         .await
         .unwrap();
-    assert_error(r, 413, "request_too_large").await;
+    let streamed = id(&assert_error(r, 413, "request_too_large").await);
+    let events = s.admin_get("/api/v1/enforcement/ledger?event_type=decision&limit=1000").await;
+    let events = events["items"].as_array().unwrap();
+    let of = |rid: &str| events.iter().filter(|e| e["request_id"] == rid).cloned().collect::<Vec<_>>();
+    let fp = preauth_sidecar::proxy::fingerprint("acme", "POST", "/v1/chat/completions", b"{nope");
+    for (rid, code, fingerprint) in [
+        (&not_json, "invalid_request", json!(fp)),
+        (&declared, "request_too_large", json!(null)),
+        (&streamed, "request_too_large", json!(null)),
+    ] {
+        let e = of(rid);
+        assert_eq!(e.len(), 1, "one decision event for {code} {rid}: {events:?}");
+        let e = &e[0];
+        assert_eq!((&e["decision"], &e["reasons"], &e["tenant_id"]), (&json!("DENY"), &json!([code]), &json!("acme")));
+        assert_eq!((&e["tenant_tier"], &e["mode"], &e["source"]), (&json!("pro"), &json!("hard"), &json!("default")));
+        assert_eq!((&e["reserved_usd"], &e["request_fingerprint"]), (&json!("0.000000"), &fingerprint), "{e}");
+    }
+    assert!(of(&anonymous).is_empty(), "no tenant, no event");
     // GET /v1/models passes through after identity.
     let r = c.get(s.url("/v1/models")).bearer_auth(token("acme", "pro")).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -465,18 +465,7 @@ impl Shared {
             .map(|(f, _)| f)
             .collect();
         if !gone.is_empty() {
-            let (key, outbox_key) = (self.seen_key.clone(), self.outbox_key.clone());
-            self.store
-                .exec("policy_ack", 1, |mut c| async move {
-                    redis::pipe()
-                        .hdel(&key, &gone)
-                        .ignore()
-                        .hdel(&outbox_key, &gone)
-                        .ignore()
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await?;
+            forget_replicas(&self.store, [self.seen_key.clone(), self.outbox_key.clone()], gone).await?;
         }
         Ok(())
     }
@@ -741,24 +730,28 @@ impl Drop for RedisPolicy {
     /// A replica that stops says so: `PATCH`es elsewhere stop waiting for it at once, not after
     /// its word in `policy_seen` expires.
     fn drop(&mut self) {
-        let (store, key, field) =
-            (self.shared.store.clone(), self.shared.seen_key.clone(), self.shared.instance.clone());
-        let outbox_key = self.shared.outbox_key.clone();
+        let sh = &self.shared;
+        let (store, keys) = (sh.store.clone(), [sh.seen_key.clone(), sh.outbox_key.clone()]);
+        let field = vec![sh.instance.clone()];
         let handle = store.inner.handle.clone();
         handle.spawn(async move {
-            let _ = store
-                .exec("policy_ack", 1, |mut c| async move {
-                    redis::pipe()
-                        .hdel(&key, &field)
-                        .ignore()
-                        .hdel(&outbox_key, &field)
-                        .ignore()
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
+            let _ = forget_replicas(&store, keys, field).await;
         });
     }
+}
+
+/// Removes `replicas` (their fields) from the presence hashes `keys` (`policy_seen`,
+/// `outbox_seen`).
+async fn forget_replicas(store: &RedisStore, keys: [String; 2], replicas: Vec<String>) -> Result<(), StoreError> {
+    store
+        .exec("policy_ack", 1, |mut c| async move {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.hdel(key, &replicas).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
 }
 
 /// One replica's word in `policy_seen`: `epoch:version:expires_ms`.
