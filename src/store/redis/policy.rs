@@ -16,7 +16,10 @@
 //!   [`ACK_EVERY`]. An `update` (an
 //!   operator's `PATCH`) answers once every live replica (a field not expired) runs the new
 //!   document, or after [`FLEET_WAIT`]: the request an operator sends to any replica right after
-//!   the answer meets the change (CONTRACT §8: "applies at once, all replicas").
+//!   the answer meets the change (CONTRACT §8: "applies at once, all replicas"). With the same
+//!   field, a replica with a ledger sink says in `P{global}:outbox_seen` when its oldest event
+//!   not yet delivered was written (`oldest_ms:as_of_ms`, 0 for none), for `rebuild-spend` to
+//!   wait for the settlements still on their way ([`RedisStore::outboxes_behind`]).
 //! - On start, a missing document is initialised from the local configuration (`SET NX`) — or
 //!   from the fleet's policy this replica last ran, kept in `PREAUTH_DATA_DIR` each time it
 //!   adopts one (which is also what it runs while Redis is unreachable); an existing one
@@ -201,7 +204,8 @@ struct Shared {
 pub struct OutboxBehind {
     /// The replica's field in `policy_seen` (a random id per process).
     pub replica: String,
-    /// When its oldest undelivered event was written (Unix ms; 0: it said nothing since).
+    /// When its oldest undelivered event was written (Unix ms; 0: none was undelivered when it
+    /// last said so — which was before the moment).
     pub oldest_ms: u64,
     /// When it said so (Unix ms).
     pub as_of_ms: u64,
