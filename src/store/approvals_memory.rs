@@ -43,7 +43,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::approvals::{Approval, ApprovalStatus, ApprovalTransitionError, Approvals, ConsumeOutcome, NewApproval};
-use super::journal::{create_append, push_line, sync_dir, Journal};
+use super::journal::{create_append, push_line, sync_dir, Journal, Unreadable};
 use super::StoreError;
 use crate::decide::time::MS_PER_DAY;
 use crate::decide::UnixMillis;
@@ -150,16 +150,17 @@ impl State {
     }
 
     /// Rebuilds a state from journal bytes; unreadable lines are skipped and counted.
-    fn replay(bytes: &[u8], opts: ApprovalsOptions) -> (State, usize) {
+    fn replay(bytes: &[u8], opts: ApprovalsOptions) -> (State, Unreadable) {
         let mut state = State::new(opts);
-        let mut skipped = 0;
+        let mut unreadable = Unreadable::default();
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
-            match serde_json::from_slice::<Entry>(line) {
-                Ok(e) => state.apply(e),
-                Err(_) => skipped += 1,
+            let entry = serde_json::from_slice::<Entry>(line);
+            unreadable.line(entry.is_ok());
+            if let Ok(e) = entry {
+                state.apply(e);
             }
         }
-        (state, skipped)
+        (state, unreadable)
     }
 
     fn forget_at(&self, a: &Approval) -> UnixMillis {
@@ -357,10 +358,8 @@ impl MemoryApprovals {
             Err(e) => return Err(e),
         };
         let compact_above = opts.compact_above_bytes;
-        let (mut state, skipped) = State::replay(&bytes, opts);
-        if skipped > 0 {
-            tracing::warn!(skipped, path = %path.display(), "approvals journal: ignored unreadable lines (torn last write?)");
-        }
+        let (mut state, unreadable) = State::replay(&bytes, opts);
+        unreadable.check(&path, "approvals and consumed approval tokens")?;
         drop(bytes);
         if let Some(now) = now {
             state.advance(now);
@@ -750,6 +749,23 @@ mod tests {
         assert_eq!(s.backlog(T0 + 3).await.unwrap(), 1);
         assert_eq!(s.list(None, T0 + 3, 10).await.unwrap().len(), 3);
         drop(s);
+
+        // A line lost before the tail is damage, not a torn write: no start, the file kept.
+        {
+            let path = dir.0.join(JOURNAL_FILE);
+            let good = fs::read(&path).unwrap();
+            let mut damaged = b"{\"op\":\"consume\",\"jti\":".to_vec();
+            damaged.extend_from_slice(b"\n");
+            damaged.extend_from_slice(&good);
+            fs::write(&path, &damaged).unwrap();
+            let err = MemoryApprovals::open(&dir.0).err().expect("refused");
+            assert!(
+                err.to_string().contains("line 1 of") && err.to_string().contains("consumed approval tokens"),
+                "{err}"
+            );
+            assert_eq!(fs::read(&path).unwrap(), damaged, "kept as it is");
+            fs::write(&path, &good).unwrap();
+        }
 
         // A third generation, with the running compaction in between.
         let s = MemoryApprovals::open(&dir.0).unwrap();

@@ -70,7 +70,7 @@ use super::budget::{
     Budgets, Reservation, ReservationState, ReserveOutcome, ReserveRequest, SettleOutcome, Settlement, SpendView,
 };
 use super::compact::{Id, IdRing, LabelTable, Labels};
-use super::journal::{create_append, sync_dir, Journal};
+use super::journal::{create_append, sync_dir, Journal, Unreadable};
 use super::StoreError;
 use crate::commit::{StageCounter, Staged};
 use crate::decide::time::{Month, MS_PER_DAY};
@@ -451,15 +451,16 @@ impl State {
     /// Rebuilds a state from journal bytes; unreadable lines are skipped and counted.
     #[cfg(test)]
     fn replay(bytes: &[u8], opts: &BudgetsOptions) -> (State, u64) {
-        Self::replay_from(bytes, opts).expect("reading a slice cannot fail")
+        let (st, unreadable) = Self::replay_from(bytes, opts).expect("reading a slice cannot fail");
+        (st, unreadable.skipped)
     }
 
     /// The state a journal read from `journal` describes, line by line (a journal of up to the
     /// compaction threshold is never held whole: it would double the memory of a start), and
-    /// how many lines could not be read (a torn last write).
-    fn replay_from(mut journal: impl io::BufRead, opts: &BudgetsOptions) -> io::Result<(State, u64)> {
+    /// which lines could not be read.
+    fn replay_from(mut journal: impl io::BufRead, opts: &BudgetsOptions) -> io::Result<(State, Unreadable)> {
         let mut st = State::new(opts);
-        let mut skipped = 0;
+        let mut unreadable = Unreadable::default();
         let mut line = Vec::with_capacity(1024);
         loop {
             line.clear();
@@ -469,12 +470,13 @@ impl State {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            match serde_json::from_slice::<Entry<'_>>(&line) {
-                Ok(e) => st.apply(&e),
-                Err(_) => skipped += 1,
+            let entry = serde_json::from_slice::<Entry<'_>>(&line);
+            unreadable.line(entry.is_ok());
+            if let Ok(e) = entry {
+                st.apply(&e);
             }
         }
-        Ok((st, skipped))
+        Ok((st, unreadable))
     }
 
     fn acct(&self, tenant: &str, month: &str) -> Acct {
@@ -822,14 +824,12 @@ impl MemoryBudgets {
     pub fn open_with(dir: &Path, opts: BudgetsOptions) -> io::Result<MemoryBudgets> {
         fs::create_dir_all(dir)?;
         let path = dir.join(JOURNAL_FILE);
-        let (state, skipped) = match File::open(&path) {
+        let (state, unreadable) = match File::open(&path) {
             Ok(f) => State::replay_from(io::BufReader::with_capacity(256 * 1024, f), &opts)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => State::replay_from(io::empty(), &opts)?,
             Err(e) => return Err(e),
         };
-        if skipped > 0 {
-            tracing::warn!(skipped, path = %path.display(), "budget journal: ignored unreadable lines (torn last write?)");
-        }
+        unreadable.check(&path, "month spend and holds")?;
         let mut snap = Vec::new();
         state.snapshot().write_to(&mut snap)?;
         let journal = Journal::install(dir, TMP_FILE, &path, &snap, opts.compact_above_bytes)?;

@@ -812,6 +812,28 @@ fn a_torn_or_garbage_last_line_is_ignored() {
     }
 }
 
+/// A line lost in the middle (a disk error, a hand edit) is not a torn last write: the store
+/// refuses to start from it and leaves the file as it is (durability audit: one bad line reset a
+/// tenant's month spend to 0, and the start's compaction erased the evidence).
+#[test]
+fn a_damaged_line_before_the_tail_refuses_the_start_and_keeps_the_file() {
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    populate(&b);
+    drop(b);
+    let path = dir.0.join(JOURNAL_FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "{text}");
+    let damaged = text.replacen(lines[1], &lines[1].replacen('{', "{x", 1), 1);
+    fs::write(&path, &damaged).unwrap();
+    let err = MemoryBudgets::open(&dir.0).err().expect("refused");
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    let msg = err.to_string();
+    assert!(msg.contains("line 2 of") && msg.contains("Nothing was changed") && msg.contains(JOURNAL_FILE), "{msg}");
+    assert_eq!(fs::read_to_string(&path).unwrap(), damaged, "the file is kept as it is");
+}
+
 #[test]
 fn a_leftover_temp_file_is_ignored() {
     let dir = TempDir::new();

@@ -15,6 +15,64 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// What replaying a journal could not read. A crash leaves at most a torn last write (the tail:
+/// skipped, logged); an unreadable line with readable ones after it is damage (a disk error, a
+/// hand edit), and starting from such a journal would silently lose what the line held — a
+/// tenant's month spend, a consumed approval token.
+#[derive(Debug, Default)]
+pub(crate) struct Unreadable {
+    /// Lines that could not be read.
+    pub(crate) skipped: u64,
+    /// Non-blank lines seen.
+    lines: u64,
+    /// The first unreadable line so far (1-based, among non-blank lines).
+    first_bad: Option<u64>,
+    /// The first unreadable line followed by a readable one.
+    damaged_at: Option<u64>,
+}
+
+impl Unreadable {
+    /// Counts one non-blank line, readable or not.
+    pub(crate) fn line(&mut self, readable: bool) {
+        self.lines += 1;
+        if readable {
+            if let Some(bad) = self.first_bad {
+                self.damaged_at.get_or_insert(bad);
+            }
+        } else {
+            self.skipped += 1;
+            self.first_bad.get_or_insert(self.lines);
+        }
+    }
+
+    /// `Err` (nothing changed, the file kept as it is) when a line before the tail was lost;
+    /// else logs a torn last write, if any. `what`: what the journal holds, for the operator.
+    pub(crate) fn check(&self, path: &Path, what: &str) -> io::Result<()> {
+        if let Some(n) = self.damaged_at {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: line {n} of {} cannot be read and is not a torn last write ({} unreadable line(s) in \
+                     all): the {what} it and the lines after it hold cannot be trusted, and starting would lose \
+                     them. Nothing was changed: restore the file from a backup, or repair line {n} (or delete \
+                     it, accepting that what it held is lost), then start again",
+                    path.display(),
+                    self.lines,
+                    self.skipped
+                ),
+            ));
+        }
+        if self.skipped > 0 {
+            tracing::warn!(
+                skipped = self.skipped,
+                path = %path.display(),
+                "journal: ignored its torn last write (a crash during a write; that change was not acknowledged)"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// An open journal file and what is known about its length.
 pub(crate) struct Journal {
     pub(crate) dir: PathBuf,
