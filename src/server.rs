@@ -104,9 +104,43 @@ pub struct Parts {
     pub journal: Option<Arc<MemoryBudgets>>,
 }
 
+/// An embedded data directory whose outbox holds events but whose budget or approvals journal
+/// is missing (every start writes both, empty or not) lost its state (a volume restored in part, a file deleted): month spend
+/// and consumed approval tokens start from nothing. Said loudly at start (durability audit: it
+/// started silently with every tenant at 0).
+fn warn_if_state_is_gone(data_dir: &std::path::Path) {
+    use crate::ledger::outbox::{list_segments, outbox_dir, segment_file_name};
+    let outbox = outbox_dir(data_dir);
+    let held: u64 = list_segments(&outbox)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|id| std::fs::metadata(outbox.join(segment_file_name(*id))).ok())
+        .map(|m| m.len())
+        .sum();
+    if held == 0 {
+        return;
+    }
+    for (file, what) in [
+        (crate::store::budget_memory::JOURNAL_FILE, "month spend and holds start from zero"),
+        (crate::store::approvals_memory::JOURNAL_FILE, "consumed approval tokens can be used again"),
+    ] {
+        let path = data_dir.join(file);
+        if !path.exists() {
+            tracing::error!(
+                path = %path.display(),
+                outbox_bytes = held,
+                "embedded state: this journal is missing while the outbox holds events — the data directory \
+                 lost it: {what}. Restore it from a backup (stop the sidecar first); the local ledger \
+                 (GET /api/v1/enforcement/ledger) still has the settlements"
+            );
+        }
+    }
+}
+
 impl Parts {
     /// System clock and embedded in-process state (one replica), durable in `PREAUTH_DATA_DIR`.
     pub fn embedded(config: &Config) -> Result<Parts, String> {
+        warn_if_state_is_gone(&config.data_dir);
         let budgets = MemoryBudgets::open(&config.data_dir)
             .map_err(|e| format!("PREAUTH_DATA_DIR: cannot open {}: {e}", config.data_dir.display()))?;
         let approvals = MemoryApprovals::open(&config.data_dir)
