@@ -11,7 +11,8 @@
 //!
 //! A failed write is reported to every commit whose lines may have been in it (conservatively:
 //! to any commit that staged since before the failing batch was cut); the proxy then takes the
-//! failsafe path as it does for any store failure.
+//! failsafe path as it does for any store failure. While writes fail (a full or read-only data
+//! volume) the replica is not ready (`failing`), and the failure is logged once a second.
 //!
 //! Owns: `GroupCommit`, `Staged`, `StageCounter`. Imports: std, tokio (yield).
 
@@ -48,12 +49,36 @@ pub struct GroupCommit {
     written: parking_lot::Mutex<u64>,
     /// The end of the last batch whose write failed.
     failed_upto: AtomicU64,
+    /// When a batch last failed and last succeeded (Unix ms, 0: never).
+    failed_at: AtomicU64,
+    succeeded_at: AtomicU64,
+    /// Paces the failure's log line (every request of a full disk meets it).
+    failure_log: crate::telemetry::EverySecond,
 }
+
+/// How long after its last failed write the group commit still counts as failing when nothing
+/// has been written since (no traffic reaches a replica that is not ready: this lets it try).
+pub const FAILING_FOR_MS: u64 = 5_000;
 
 impl GroupCommit {
     /// Commits over `logs`, which stage through `counter`.
     pub fn new(logs: Vec<Arc<dyn Staged>>, counter: Arc<StageCounter>) -> GroupCommit {
-        GroupCommit { logs, counter, written: parking_lot::Mutex::new(0), failed_upto: AtomicU64::new(0) }
+        GroupCommit {
+            logs,
+            counter,
+            written: parking_lot::Mutex::new(0),
+            failed_upto: AtomicU64::new(0),
+            failed_at: AtomicU64::new(0),
+            succeeded_at: AtomicU64::new(0),
+            failure_log: crate::telemetry::EverySecond::default(),
+        }
+    }
+
+    /// Whether the logs cannot be written: the last batch failed, less than [`FAILING_FOR_MS`]
+    /// before `now_ms`, and none was written since (`/readyz` answers 503 meanwhile).
+    pub fn failing(&self, now_ms: u64) -> bool {
+        let failed = self.failed_at.load(Ordering::Relaxed);
+        failed > self.succeeded_at.load(Ordering::Relaxed) && now_ms < failed.saturating_add(FAILING_FOR_MS)
     }
 
     /// Where the staged lines stand now: take it before staging, pass it to [`Self::commit`].
@@ -95,14 +120,25 @@ impl GroupCommit {
         }
         let upto = self.counter.get();
         let mut failed = false;
+        let now_ms = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
         for log in &self.logs {
             if let Err(e) = log.flush_staged() {
-                tracing::error!(error = %e, "writing staged journal/outbox lines failed; their requests take the failsafe path");
+                if let Some(not_logged) = self.failure_log.pass(now_ms / 1000) {
+                    tracing::error!(
+                        error = %e,
+                        not_logged,
+                        "writing staged journal/outbox lines to PREAUTH_DATA_DIR failed (a full or read-only volume?); \
+                         their requests take the failsafe path and /readyz answers 503 until a write succeeds"
+                    );
+                }
                 failed = true;
             }
         }
         if failed {
             self.failed_upto.fetch_max(upto, Ordering::AcqRel);
+            self.failed_at.store(now_ms.max(1), Ordering::Relaxed);
+        } else {
+            self.succeeded_at.store(now_ms.max(1), Ordering::Relaxed);
         }
         *written = upto;
     }
@@ -152,6 +188,29 @@ mod tests {
         let counter = Arc::new(StageCounter::default());
         let log = Arc::new(Log { counter: counter.clone(), ..Log::default() });
         (log.clone(), GroupCommit::new(vec![log], counter))
+    }
+
+    /// A failed write makes the group commit `failing` (the replica not ready) until a batch is
+    /// written, or for FAILING_FOR_MS when nothing is (durability audit: /readyz said ready on a
+    /// full disk while every request was refused).
+    #[test]
+    fn a_failed_write_is_failing_until_one_succeeds_or_a_while_passes() {
+        let (log, g) = group();
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        assert!(!g.failing(now));
+        log.fail.store(true, Ordering::Relaxed);
+        let since = g.mark();
+        log.stage(1);
+        assert!(g.commit_now(since).is_err());
+        let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+        assert!(g.failing(now));
+        assert!(!g.failing(now + FAILING_FOR_MS + 1_000), "tried again after a while");
+        log.fail.store(false, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let since = g.mark();
+        log.stage(2);
+        assert!(g.commit_now(since).is_ok());
+        assert!(!g.failing(crate::clock::Clock::now_ms(&crate::clock::SystemClock)), "a write succeeded");
     }
 
     #[tokio::test(flavor = "current_thread")]

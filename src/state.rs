@@ -348,8 +348,12 @@ impl AppState {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
+    /// Started, not stopping, the state store usable and the data directory writable (a full
+    /// volume: the group commit failing).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.store_unhealthy.load(Ordering::Relaxed)
+        self.ready.load(Ordering::SeqCst)
+            && !self.store_unhealthy.load(Ordering::Relaxed)
+            && !self.group.failing(self.clock.now_ms())
     }
 
     /// The global block (its end) the store showed, or tripped here; `None`: none in force.

@@ -446,6 +446,8 @@ pub struct Outbox {
     delivered: AtomicU64,
     dropped: AtomicU64,
     parked: AtomicU64,
+    /// Paces the "write failed" log line (on a full volume every request meets it).
+    write_log: crate::telemetry::EverySecond,
     /// Paces the "outbox full" log line.
     full_log: crate::telemetry::EverySecond,
     appended_signal: tokio::sync::Notify,
@@ -714,6 +716,7 @@ impl Outbox {
             dropped: AtomicU64::new(0),
             parked: AtomicU64::new(0),
             full_log: crate::telemetry::EverySecond::default(),
+            write_log: crate::telemetry::EverySecond::default(),
             appended_signal: tokio::sync::Notify::new(),
             uncached: Mutex::new(Position { segment: seg, offset: 0 }),
             opts,
@@ -882,7 +885,18 @@ impl Outbox {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, events, "outbox: write failed; these events were not recorded");
+                // Not in the ledger: counted as dropped (the alert on undelivered events fires).
+                self.dropped.fetch_add(events, Ordering::Relaxed);
+                if let Some(not_logged) = self.write_log.pass(now_ms() / 1000) {
+                    tracing::error!(
+                        error = %e,
+                        events,
+                        not_logged,
+                        dir = %self.dir.display(),
+                        "outbox: write failed (a full or read-only volume?); these events were not recorded \
+                         (counted in preauth_outbox_events_total{{state=\"dropped\"}}); decisions take the failsafe path"
+                    );
+                }
                 if self.opts.relay {
                     self.undelivered_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 }
