@@ -353,7 +353,8 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
             && !self.store_unhealthy.load(Ordering::Relaxed)
-            && !self.group.failing(self.clock.now_ms())
+            // The group commit stamps its writes with the system clock (not the injected one).
+            && !self.group.failing(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
     }
 
     /// The global block (its end) the store showed, or tripped here; `None`: none in force.
