@@ -808,6 +808,9 @@ impl Snapshot {
 struct Shared {
     inner: Mutex<Inner>,
     compacting: AtomicBool,
+    /// A group commit's write failed after its changes were applied here (a full volume): the
+    /// state holds changes the file lacks, so the next `sync` rewrites the journal from it.
+    snapshot_due: AtomicBool,
 }
 
 /// Embedded budgets: in memory, journaled to a data directory (see the module docs).
@@ -850,6 +853,7 @@ impl MemoryBudgets {
             shared: Arc::new(Shared {
                 inner: Mutex::new(Inner { state, journal, staged: None }),
                 compacting: AtomicBool::new(false),
+                snapshot_due: AtomicBool::new(false),
             }),
         }
     }
@@ -864,6 +868,16 @@ impl MemoryBudgets {
     /// Flushes the journal to stable storage (fsync). Call it periodically from a background
     /// worker: it bounds what a power loss can take. No-op without a journal.
     pub fn sync(&self) -> io::Result<()> {
+        // Changes whose group-commit write failed are in the state only: written back as a
+        // snapshot once the volume takes it (a settlement of a request already served would
+        // otherwise be lost at the next start — durability audit).
+        if self.shared.snapshot_due.load(Ordering::Acquire) && !self.shared.compacting.load(Ordering::Acquire) {
+            self.compact()?;
+            self.shared.snapshot_due.store(false, Ordering::Release);
+            tracing::info!(
+                "budget journal: rewritten from memory after failed writes; the changes they carried are durable again"
+            );
+        }
         let file = self.shared.inner.lock().journal.as_ref().map(|j| j.file.clone());
         match file {
             Some(f) => f.sync_data(),
@@ -1028,10 +1042,11 @@ impl MemoryBudgets {
 
 impl Staged for MemoryBudgets {
     fn flush_staged(&self) -> io::Result<()> {
-        let compact = match self.shared.inner.lock().journal.as_mut() {
-            Some(j) => j.flush_staged()?,
-            None => false,
+        let flushed = match self.shared.inner.lock().journal.as_mut() {
+            Some(j) => j.flush_staged(),
+            None => Ok(false),
         };
+        let compact = flushed.inspect_err(|_| self.shared.snapshot_due.store(true, Ordering::Release))?;
         self.after_write(compact);
         Ok(())
     }

@@ -672,6 +672,32 @@ fn a_failed_early_write_of_staged_lines_fails_their_group_commit() {
     b.flush_staged().unwrap();
 }
 
+/// A group commit whose write fails after its lines were applied (a full volume): the next
+/// `sync` that can write rewrites the journal from memory, so a settlement of a request already
+/// served is not lost at the next start (durability audit: it was, and the sweep then released
+/// the hold: served, charged nothing).
+#[test]
+fn changes_whose_group_commit_failed_are_written_back_by_the_next_sync() {
+    use crate::commit::{StageCounter, Staged};
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    b.group_commit(Arc::new(StageCounter::default()));
+    let (open, _) = populate(&b);
+    b.flush_staged().unwrap();
+    let path = dir.0.join(JOURNAL_FILE);
+    let swap = |f: File| std::mem::replace(&mut b.shared.inner.lock().journal.as_mut().unwrap().file, Arc::new(f));
+    settled(b.settle_now(&open.id, Micros(5), t0() + 1).unwrap());
+    let good = swap(File::open(&path).unwrap()); // read-only: the write fails
+    assert!(b.flush_staged().is_err());
+    swap(Arc::try_unwrap(good).unwrap());
+    b.sync().unwrap();
+    let before = b.dump();
+    drop(b);
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    assert_eq!(b.dump(), before, "the settlement survived the failed write");
+    assert_eq!(b.settle_now(&open.id, Micros(5), t0() + 2).unwrap(), SettleOutcome::NotActive);
+}
+
 #[test]
 fn reopen_restores_spend_active_and_finished() {
     let dir = TempDir::new();
