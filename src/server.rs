@@ -105,7 +105,8 @@ pub struct Parts {
 }
 
 /// An embedded data directory whose outbox holds events but whose budget or approvals journal
-/// is missing (every start writes both, empty or not) lost its state (a volume restored in part, a file deleted): month spend
+/// is missing (every start writes both), or whose budget journal is empty (every start writes
+/// a snapshot line into it; an approvals journal may be empty), lost its state (a volume restored in part, a file deleted): month spend
 /// and consumed approval tokens start from nothing. Said loudly at start (durability audit: it
 /// started silently with every tenant at 0).
 fn warn_if_state_is_gone(data_dir: &std::path::Path) {
@@ -120,16 +121,20 @@ fn warn_if_state_is_gone(data_dir: &std::path::Path) {
     if held == 0 {
         return;
     }
-    for (file, what) in [
-        (crate::store::budget_memory::JOURNAL_FILE, "month spend and holds start from zero"),
-        (crate::store::approvals_memory::JOURNAL_FILE, "consumed approval tokens can be used again"),
+    for (file, what, empty_is_loss) in [
+        (crate::store::budget_memory::JOURNAL_FILE, "month spend and holds start from zero", true),
+        (crate::store::approvals_memory::JOURNAL_FILE, "consumed approval tokens can be used again", false),
     ] {
         let path = data_dir.join(file);
-        if !path.exists() {
+        let lost = match std::fs::metadata(&path) {
+            Err(_) => true,
+            Ok(m) => empty_is_loss && m.len() == 0,
+        };
+        if lost {
             tracing::error!(
                 path = %path.display(),
                 outbox_bytes = held,
-                "embedded state: this journal is missing while the outbox holds events — the data directory \
+                "embedded state: this journal is missing (or empty) while the outbox holds events — the data directory \
                  lost it: {what}. Restore it from a backup (stop the sidecar first); the local ledger \
                  (GET /api/v1/enforcement/ledger) still has the settlements"
             );

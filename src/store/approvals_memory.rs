@@ -153,9 +153,9 @@ impl State {
     fn replay(bytes: &[u8], opts: ApprovalsOptions) -> (State, Unreadable) {
         let mut state = State::new(opts);
         let mut unreadable = Unreadable::default();
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+        for line in bytes.split_inclusive(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
             let entry = serde_json::from_slice::<Entry>(line);
-            unreadable.line(entry.is_ok());
+            unreadable.line(entry.is_ok(), line);
             if let Ok(e) = entry {
                 state.apply(e);
             }

@@ -471,7 +471,7 @@ impl State {
                 continue;
             }
             let entry = serde_json::from_slice::<Entry<'_>>(&line);
-            unreadable.line(entry.is_ok());
+            unreadable.line(entry.is_ok(), &line);
             if let Ok(e) = entry {
                 st.apply(&e);
             }

@@ -856,8 +856,15 @@ fn a_damaged_line_before_the_tail_refuses_the_start_and_keeps_the_file() {
     let err = MemoryBudgets::open(&dir.0).err().expect("refused");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     let msg = err.to_string();
-    assert!(msg.contains("line 2 of") && msg.contains("Nothing was changed") && msg.contains(JOURNAL_FILE), "{msg}");
+    assert!(msg.contains("line 2 of") && msg.contains("left as it is") && msg.contains(JOURNAL_FILE), "{msg}");
     assert_eq!(fs::read_to_string(&path).unwrap(), damaged, "the file is kept as it is");
+    // A complete (newline-terminated) last line that cannot be read is no torn write either; a
+    // line of NUL bytes (what a power loss can leave) is.
+    fs::write(&path, format!("{text}{{\"op\":\"settle\",\"id\"x}}\n")).unwrap();
+    let err = MemoryBudgets::open(&dir.0).err().expect("refused");
+    assert!(err.to_string().contains(&format!("line {} of", lines.len() + 1)), "{err}");
+    fs::write(&path, format!("{text}{}\n", "\0".repeat(200))).unwrap();
+    MemoryBudgets::open(&dir.0).expect("a NUL tail is a torn write");
 }
 
 #[test]

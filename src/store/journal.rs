@@ -29,12 +29,18 @@ pub(crate) struct Unreadable {
     first_bad: Option<u64>,
     /// The first unreadable line followed by a readable one.
     damaged_at: Option<u64>,
+    /// The last line was unreadable although complete (newline-terminated, not NUL bytes): not
+    /// what a crash during a write leaves.
+    bad_complete_tail: bool,
 }
 
 impl Unreadable {
-    /// Counts one non-blank line, readable or not.
-    pub(crate) fn line(&mut self, readable: bool) {
+    /// Counts one non-blank line, readable or not (`line`: its bytes, with its newline if it
+    /// had one).
+    pub(crate) fn line(&mut self, readable: bool, line: &[u8]) {
         self.lines += 1;
+        self.bad_complete_tail =
+            !readable && line.ends_with(b"\n") && !line.iter().all(|b| *b == 0 || b.is_ascii_whitespace());
         if readable {
             if let Some(bad) = self.first_bad {
                 self.damaged_at.get_or_insert(bad);
@@ -48,13 +54,13 @@ impl Unreadable {
     /// `Err` (nothing changed, the file kept as it is) when a line before the tail was lost;
     /// else logs a torn last write, if any. `what`: what the journal holds, for the operator.
     pub(crate) fn check(&self, path: &Path, what: &str) -> io::Result<()> {
-        if let Some(n) = self.damaged_at {
+        if let Some(n) = self.damaged_at.or(self.bad_complete_tail.then_some(self.lines)) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
                     "{}: line {n} of {} cannot be read and is not a torn last write ({} unreadable line(s) in \
                      all): the {what} it and the lines after it hold cannot be trusted, and starting would lose \
-                     them. Nothing was changed: restore the file from a backup, or repair line {n} (or delete \
+                     them. This file is left as it is: restore it from a backup, or repair line {n} (or delete \
                      it, accepting that what it held is lost), then start again",
                     path.display(),
                     self.lines,
