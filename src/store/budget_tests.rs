@@ -562,6 +562,15 @@ fn populate(b: &MemoryBudgets) -> (Reservation, Reservation) {
     (open, done)
 }
 
+/// A journaled store in group-commit mode, populated; its directory and the open hold.
+fn group_committed() -> (TempDir, MemoryBudgets, Reservation) {
+    let dir = TempDir::new();
+    let b = MemoryBudgets::open(&dir.0).unwrap();
+    b.group_commit(Arc::new(crate::commit::StageCounter::default()));
+    let (open, _) = populate(&b);
+    (dir, b, open)
+}
+
 #[test]
 fn group_commit_mode_writes_at_the_flush_in_one_piece() {
     use crate::commit::{StageCounter, Staged};
@@ -595,11 +604,8 @@ fn group_commit_mode_writes_at_the_flush_in_one_piece() {
 /// writes them first, so that nothing is in the snapshot and again in the tail (or missing).
 #[test]
 fn compaction_writes_staged_lines_first_and_keeps_the_state() {
-    use crate::commit::{StageCounter, Staged};
-    let dir = TempDir::new();
-    let b = MemoryBudgets::open(&dir.0).unwrap();
-    b.group_commit(Arc::new(StageCounter::default()));
-    let (open, _) = populate(&b);
+    use crate::commit::Staged;
+    let (dir, b, open) = group_committed();
     b.compact().unwrap();
     // Staged after the compaction: still written at the flush, once.
     let later = reserved(b.reserve_now(&req("gamma", t0() + 10, BUDGET, 5, None)).unwrap());
@@ -658,11 +664,8 @@ fn finished_records_are_copied_in_pieces_skipping_those_forgotten_meanwhile() {
 /// fails too (it must not acknowledge lines that are not in the file).
 #[test]
 fn a_failed_early_write_of_staged_lines_fails_their_group_commit() {
-    use crate::commit::{StageCounter, Staged};
-    let dir = TempDir::new();
-    let b = MemoryBudgets::open(&dir.0).unwrap();
-    b.group_commit(Arc::new(StageCounter::default()));
-    populate(&b);
+    use crate::commit::Staged;
+    let (dir, b, _) = group_committed();
     let path = dir.0.join(JOURNAL_FILE);
     let swap = |f: File| std::mem::replace(&mut b.shared.inner.lock().journal.as_mut().unwrap().file, Arc::new(f));
     let good = swap(File::open(&path).unwrap());
@@ -678,11 +681,8 @@ fn a_failed_early_write_of_staged_lines_fails_their_group_commit() {
 /// the hold: served, charged nothing).
 #[test]
 fn changes_whose_group_commit_failed_are_written_back_by_the_next_sync() {
-    use crate::commit::{StageCounter, Staged};
-    let dir = TempDir::new();
-    let b = MemoryBudgets::open(&dir.0).unwrap();
-    b.group_commit(Arc::new(StageCounter::default()));
-    let (open, _) = populate(&b);
+    use crate::commit::Staged;
+    let (dir, b, open) = group_committed();
     b.flush_staged().unwrap();
     let path = dir.0.join(JOURNAL_FILE);
     let swap = |f: File| std::mem::replace(&mut b.shared.inner.lock().journal.as_mut().unwrap().file, Arc::new(f));
