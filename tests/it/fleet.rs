@@ -527,9 +527,12 @@ async fn a_patch_turning_off_a_switch_another_replicas_environment_sets_says_so(
 async fn the_kept_global_block_is_the_one_the_fleet_has() {
     let p = redis_prefix();
     let sw = switchable_redis().await;
+    // 250 ms, not tighter: the PATCH below (two round trips and the fleet wait) must not time out
+    // under a loaded CI machine (it flaked with 50 ms: 202, applied to A only).
     let env = [
         ("PREAUTH_SOURCE_MODES", "evals=shadow"),
-        ("PREAUTH_STORE_TIMEOUT_MS", "50"),
+        ("PREAUTH_STORE_TIMEOUT_MS", "250"),
+        ("PREAUTH_GATE_TIMEOUT_MS", "1000"),
         ("LLM_GLOBAL_ABUSE_PER_MINUTE_CAP", "3"),
         ("LLM_GLOBAL_ABUSE_UNIQUE_TENANTS_THRESHOLD", "1"),
         ("LLM_GLOBAL_ABUSE_BLOCK_SECONDS", "60"),
