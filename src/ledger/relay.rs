@@ -104,10 +104,9 @@ pub enum Step {
     Idle,
     Delivered(usize),
     Parked(usize),
-    /// Not delivered; retry later.
-    Failed(String),
-    /// Not delivered; retry no sooner than this (the receiver's `Retry-After`).
-    FailedFor(String, Duration),
+    /// Not delivered; retry later, no sooner than the duration (the receiver's `Retry-After`;
+    /// zero: the backoff alone).
+    Failed(String, Duration),
 }
 
 pub struct Relay {
@@ -140,7 +139,7 @@ impl Relay {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "relay: cannot read the outbox");
-                return Step::Failed(format!("outbox read: {e}"));
+                return Step::Failed(format!("outbox read: {e}"), Duration::ZERO);
             }
         };
         let Some(&(last, _)) = batch.last() else { return Step::Idle };
@@ -154,8 +153,8 @@ impl Relay {
                 }
                 Step::Delivered(n)
             }
-            Err(SinkError::Retryable(msg)) => Step::Failed(msg),
-            Err(SinkError::RetryAfter(msg, after)) => Step::FailedFor(msg, after.min(MAX_RETRY_AFTER)),
+            Err(SinkError::Retryable(msg)) => Step::Failed(msg, Duration::ZERO),
+            Err(SinkError::RetryAfter(msg, after)) => Step::Failed(msg, after.min(MAX_RETRY_AFTER)),
             Err(SinkError::Rejected(msg)) => self.park(last, events, msg).await,
             Err(SinkError::PartlyRejected { reason, rejected }) => {
                 let refused: Vec<EventLine> = rejected.iter().filter_map(|&i| events.get(i).cloned()).collect();
@@ -186,7 +185,7 @@ impl Relay {
             }
             Err(e) => {
                 tracing::error!(error = %e, reason = %reason, "relay: cannot park a rejected batch; retrying it");
-                Step::Failed(format!("park: {e}"))
+                Step::Failed(format!("park: {e}"), Duration::ZERO)
             }
         }
     }
@@ -215,8 +214,7 @@ impl Relay {
                     Some(self.config.linger)
                 }
                 Step::Idle => None,
-                Step::Failed(msg) => Some(self.wait_after_failure(&mut backoff, &mut warned, &msg, Duration::ZERO)),
-                Step::FailedFor(msg, after) => Some(self.wait_after_failure(&mut backoff, &mut warned, &msg, after)),
+                Step::Failed(msg, after) => Some(self.wait_after_failure(&mut backoff, &mut warned, &msg, after)),
             };
             tokio::select! {
                 r = shutdown.changed() => if r.is_err() { break },
