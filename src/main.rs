@@ -317,8 +317,11 @@ async fn await_outboxes(store: &preauth_sidecar::store::redis::RedisStore, wait_
     loop {
         let (behind, silent) =
             store.outboxes_behind(since, SystemClock.now_ms()).await.map_err(|e| format!("store: {e}"))?;
-        let settled = start.elapsed() >= PRESENCE_SETTLES;
-        if behind.is_empty() && (settled || wait_seconds == 0) {
+        if behind.is_empty() {
+            if wait_seconds > 0 && start.elapsed() < PRESENCE_SETTLES {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
             if silent > 0 {
                 eprintln!(
                     "note: {silent} live replica(s) say nothing of their outbox (no PREAUTH_LEDGER_URL, or an older \
@@ -343,10 +346,6 @@ async fn await_outboxes(store: &preauth_sidecar::store::redis::RedisStore, wait_
             );
             return Ok(());
         }
-        if behind.is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            continue;
-        }
         if std::time::Instant::now() >= deadline {
             return Err(format!(
                 "{what} after {wait_seconds} s (is the ledger reachable? see preauth_outbox_depth and the replicas' \
@@ -355,7 +354,7 @@ async fn await_outboxes(store: &preauth_sidecar::store::redis::RedisStore, wait_
             ));
         }
         if !said {
-            eprintln!("waiting (at most {wait_seconds} s) until {what} have delivered them");
+            eprintln!("{what}: waiting (at most {wait_seconds} s) for them to reach the ledger");
             said = true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

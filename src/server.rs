@@ -106,9 +106,9 @@ pub struct Parts {
 
 /// An embedded data directory whose outbox holds events but whose budget or approvals journal
 /// is missing (every start writes both), or whose budget journal is empty (every start writes
-/// a snapshot line into it; an approvals journal may be empty), lost its state (a volume restored in part, a file deleted): month spend
-/// and consumed approval tokens start from nothing. Said loudly at start (durability audit: it
-/// started silently with every tenant at 0).
+/// a snapshot line into it; an approvals journal may be empty), lost its state (a volume
+/// restored in part, a file deleted): month spend and consumed approval tokens start from
+/// nothing. Said loudly at start (durability audit: it started silently with every tenant at 0).
 fn warn_if_state_is_gone(data_dir: &std::path::Path) {
     use crate::ledger::outbox::{list_segments, outbox_dir, segment_file_name};
     let outbox = outbox_dir(data_dir);
