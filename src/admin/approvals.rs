@@ -6,7 +6,8 @@
 
 use serde_json::{json, Value};
 
-use super::spend::{err, query_param, Answer};
+use super::err;
+use super::spend::{query_param, Answer};
 use crate::decide::approval::{mint, MintRequest};
 use crate::decide::time::rfc3339_seconds;
 use crate::ledger::event::EventType;

@@ -62,11 +62,9 @@ impl AdminApp {
             (&Method::GET, ["ledger"]) => match crate::ledger::LedgerFilter::from_query(query) {
                 Ok(f) => match self.state.ledger.query(&f).await {
                     Ok(items) => (200, json!({ "items": items })),
-                    Err(e) => {
-                        spend::err(503, "ledger_unavailable", &format!("The ledger could not be read: {e}. Retry."))
-                    }
+                    Err(e) => err(503, "ledger_unavailable", &format!("The ledger could not be read: {e}. Retry.")),
                 },
-                Err(e) => spend::err(400, "invalid_request", &e),
+                Err(e) => err(400, "invalid_request", &e),
             },
             (&Method::POST, ["reload"]) => {
                 let reloader = crate::worker::Reloader { state: self.state.clone() };
@@ -80,11 +78,9 @@ impl AdminApp {
                         }
                         (200, body)
                     }
-                    Err(e) => spend::err(
-                        400,
-                        "reload_failed",
-                        &format!("Nothing was reloaded, the previous tables stay: {e}"),
-                    ),
+                    Err(e) => {
+                        err(400, "reload_failed", &format!("Nothing was reloaded, the previous tables stay: {e}"))
+                    }
                 }
             }
             (&Method::POST, ["approvals", id, "approve"]) => approvals::approve(&self.state, id).await,
@@ -149,6 +145,11 @@ fn json_response(status: u16, v: &Value) -> Response<Vec<u8>> {
 /// `preauth_error`, an `id` of its own (admin requests have no other), empty `details`.
 pub fn error_body(code: &str, message: &str) -> Value {
     json!({"error": {"message": message, "type": "preauth_error", "code": code, "id": crate::ids::v7(), "details": {}}})
+}
+
+/// An admin handler's error answer ([`error_body`] with its status).
+pub(crate) fn err(status: u16, code: &str, message: &str) -> spend::Answer {
+    (status, error_body(code, message))
 }
 
 fn admin_error(status: u16, code: &str, message: &str) -> Response<Vec<u8>> {

@@ -8,7 +8,7 @@ use std::ops::RangeInclusive;
 use serde_json::{json, Map, Value};
 
 use crate::config::parse_source_modes;
-use crate::decide::policy::bounds;
+use crate::decide::policy::{bounds, FairUse};
 use crate::decide::{Mode, Policy};
 
 /// Fields `PATCH` accepts (besides the required `reason`).
@@ -103,13 +103,12 @@ pub fn apply_patch(p: &mut Policy, patch: &Map<String, Value>) -> Result<(), Str
             "fair_use_per_tenant_concurrency_cap" | "fair_use_concurrency_cap" => {
                 p.fair_use.concurrency_cap = int_in(v, k, i64::MIN, i64::MAX)?
             }
-            // As the variable: ≤ 0 is the shortest lease (0), not an error.
+            // As the variable: ≤ 0 is the shortest lease, not an error.
             "fair_use_concurrency_lease_ttl_seconds" => {
-                let max = *bounds::LEASE_TTL_SECONDS.end();
-                p.fair_use.lease_ttl_seconds = match v.as_i64() {
-                    Some(n) if n <= max as i64 => n.max(0) as u64,
-                    _ => return Err(format!("`{k}` must be an integer up to {max} (≤ 0: the shortest lease, 30 s)")),
-                }
+                p.fair_use.lease_ttl_seconds = v.as_i64().and_then(FairUse::lease_ttl_of).ok_or_else(|| {
+                    let max = bounds::LEASE_TTL_SECONDS.end();
+                    format!("`{k}` must be an integer up to {max} (≤ 0: the shortest lease, 30 s)")
+                })?
             }
             "fair_use_pro_daily_soft_cap" => p.fair_use.pro_daily_soft_cap = int_in(v, k, i64::MIN, i64::MAX)?,
             "fair_use_enterprise_daily_soft_cap" => {

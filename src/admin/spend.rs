@@ -14,13 +14,10 @@ use crate::ledger::event::EventType;
 use crate::state::AppState;
 use crate::store::budget::{month_key, Reservation, ReservationState, SettleOutcome};
 
+use super::err;
+
 /// An admin answer: status and JSON body.
 pub type Answer = (u16, Value);
-
-/// An error answer in the shape of CONTRACT §3 (see [`super::error_body`]).
-pub fn err(status: u16, code: &str, message: &str) -> Answer {
-    (status, super::error_body(code, message))
-}
 
 fn reservation_json(r: &Reservation, now: u64) -> Value {
     json!({
