@@ -316,23 +316,6 @@ impl<'a, S: Strings + ?Sized> Reader<'a, S> {
         }
     }
 
-    /// A whole number up to `max`; a value ≤ 0 reads as 0.
-    pub fn i64_at_most(&mut self, var: &str, default: u64, max: u64) -> u64 {
-        match self.raw(var).map(|v| (v.parse::<i64>(), v)) {
-            None => default,
-            Some((Ok(n), _)) if n <= 0 => 0,
-            Some((Ok(n), _)) if n as u64 <= max => n as u64,
-            Some((Ok(n), _)) => {
-                self.error(var, format!("{n} is out of range (at most {max})"));
-                default
-            }
-            Some((Err(_), v)) => {
-                self.error(var, format!("`{v}` is not a whole number"));
-                default
-            }
-        }
-    }
-
     /// A signed integer; values ≤ 0 are meaningful (they disable a gate).
     pub fn i64(&mut self, var: &str, default: i64) -> i64 {
         match self.raw(var) {

@@ -294,14 +294,15 @@ pub fn parse(src: &(impl Strings + ?Sized), purpose: Purpose) -> Result<Config, 
         enabled: r.bool(ENV_FAIR_USE_ENABLED, false),
         per_minute_cap: r.i64(ENV_FAIR_USE_PER_MINUTE_CAP, DEFAULT_FAIR_USE_PER_MINUTE_CAP),
         concurrency_cap: r.i64(ENV_FAIR_USE_CONCURRENCY_CAP, DEFAULT_FAIR_USE_CONCURRENCY_CAP),
-        // Not a gate, but listed with them (CONTRACT §2: "≤ 0 disables that one gate"): a value
-        // ≤ 0 is taken, as the reference system takes it, for the shortest lease (30 s;
-        // `Retry-After` 5), never a configuration error.
-        lease_ttl_seconds: r.i64_at_most(
-            ENV_FAIR_USE_LEASE_TTL_SECONDS,
-            DEFAULT_FAIR_USE_LEASE_TTL_SECONDS,
-            *bounds::LEASE_TTL_SECONDS.end(),
-        ),
+        // ≤ 0: the shortest lease (30 s; `Retry-After` 5), never a configuration error.
+        lease_ttl_seconds: {
+            let n = r.i64(ENV_FAIR_USE_LEASE_TTL_SECONDS, DEFAULT_FAIR_USE_LEASE_TTL_SECONDS as i64);
+            FairUse::lease_ttl_of(n).unwrap_or_else(|| {
+                let max = bounds::LEASE_TTL_SECONDS.end();
+                r.error(ENV_FAIR_USE_LEASE_TTL_SECONDS, format!("{n} is out of range (at most {max})"));
+                DEFAULT_FAIR_USE_LEASE_TTL_SECONDS
+            })
+        },
         pro_daily_soft_cap: r.i64(ENV_FAIR_USE_PRO_DAILY, DEFAULT_FAIR_USE_PRO_DAILY),
         enterprise_daily_soft_cap: r.i64(ENV_FAIR_USE_ENTERPRISE_DAILY, DEFAULT_FAIR_USE_ENTERPRISE_DAILY),
         tokens_per_minute,

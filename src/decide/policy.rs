@@ -339,6 +339,14 @@ impl FairUse {
     /// of requests still streaming.
     pub const MIN_LEASE_SECONDS: u64 = 30;
 
+    /// `lease_ttl_seconds` from a value the environment or a `PATCH` gives: ≤ 0 is the shortest
+    /// lease (0; not a gate, but listed with them where "≤ 0 disables", and the reference system
+    /// takes any value); `None` past the end of [`bounds::LEASE_TTL_SECONDS`].
+    pub fn lease_ttl_of(n: i64) -> Option<u64> {
+        let max = *bounds::LEASE_TTL_SECONDS.end();
+        (n <= max as i64).then(|| n.max(0) as u64)
+    }
+
     /// How long a lease lives (ms): `lease_ttl_seconds`, at least [`Self::MIN_LEASE_SECONDS`].
     /// `Retry-After` still says `lease_ttl_seconds` (5..60).
     pub fn lease_life_ms(&self) -> u64 {
