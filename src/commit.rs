@@ -17,7 +17,7 @@
 //! Owns: `GroupCommit`, `Staged`, `StageCounter`. Imports: std, tokio (yield).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A log whose appends can be staged in memory and written later, all at once.
@@ -49,9 +49,9 @@ pub struct GroupCommit {
     written: parking_lot::Mutex<u64>,
     /// The end of the last batch whose write failed.
     failed_upto: AtomicU64,
-    /// When a batch last failed and last succeeded (Unix ms, 0: never).
+    /// When a batch last failed (Unix ms, 0: never), and whether the last batch did.
     failed_at: AtomicU64,
-    succeeded_at: AtomicU64,
+    last_failed: AtomicBool,
     /// Paces the failure's log line (every request of a full disk meets it).
     failure_log: crate::telemetry::EverySecond,
 }
@@ -69,7 +69,7 @@ impl GroupCommit {
             written: parking_lot::Mutex::new(0),
             failed_upto: AtomicU64::new(0),
             failed_at: AtomicU64::new(0),
-            succeeded_at: AtomicU64::new(0),
+            last_failed: AtomicBool::new(false),
             failure_log: crate::telemetry::EverySecond::default(),
         }
     }
@@ -77,8 +77,8 @@ impl GroupCommit {
     /// Whether the logs cannot be written: the last batch failed, less than [`FAILING_FOR_MS`]
     /// before `now_ms`, and none was written since (`/readyz` answers 503 meanwhile).
     pub fn failing(&self, now_ms: u64) -> bool {
-        let failed = self.failed_at.load(Ordering::Relaxed);
-        failed > self.succeeded_at.load(Ordering::Relaxed) && now_ms < failed.saturating_add(FAILING_FOR_MS)
+        self.last_failed.load(Ordering::Relaxed)
+            && now_ms < self.failed_at.load(Ordering::Relaxed).saturating_add(FAILING_FOR_MS)
     }
 
     /// Where the staged lines stand now: take it before staging, pass it to [`Self::commit`].
@@ -120,9 +120,10 @@ impl GroupCommit {
         }
         let upto = self.counter.get();
         let mut failed = false;
-        let now_ms = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
         for log in &self.logs {
             if let Err(e) = log.flush_staged() {
+                let now_ms = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+                self.failed_at.store(now_ms, Ordering::Relaxed);
                 if let Some(not_logged) = self.failure_log.pass(now_ms / 1000) {
                     tracing::error!(
                         error = %e,
@@ -136,10 +137,9 @@ impl GroupCommit {
         }
         if failed {
             self.failed_upto.fetch_max(upto, Ordering::AcqRel);
-            self.failed_at.store(now_ms.max(1), Ordering::Relaxed);
-        } else {
-            self.succeeded_at.store(now_ms.max(1), Ordering::Relaxed);
         }
+        // No clock read on the hot path's success: only a failure is timed.
+        self.last_failed.store(failed, Ordering::Relaxed);
         *written = upto;
     }
 
@@ -206,7 +206,6 @@ mod tests {
         assert!(g.failing(now));
         assert!(!g.failing(now + FAILING_FOR_MS + 1_000), "tried again after a while");
         log.fail.store(false, Ordering::Relaxed);
-        std::thread::sleep(std::time::Duration::from_millis(2));
         let since = g.mark();
         log.stage(2);
         assert!(g.commit_now(since).is_ok());
